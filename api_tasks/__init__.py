@@ -1,0 +1,73 @@
+"""api_tasks: OpenAI-format chat and completion jobs on Celery and Redis.
+
+Producer API::
+
+    from api_tasks import submit_chat
+    job = submit_chat([{"role": "user", "content": "Hello"}], model="gpt-4o-mini")
+    print(job.result(timeout=60)["choices"][0]["message"]["content"])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api_tasks.client import Client, default_client
+from api_tasks.errors import (
+    APIConnectionError,
+    APIStatusError,
+    ApiTasksError,
+    APITimeoutError,
+    BrokerUnavailable,
+    ConfigError,
+    InvalidJob,
+    InvalidResponseError,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    StreamError,
+    UpstreamError,
+)
+from api_tasks.events import EventType, JobStatus
+from api_tasks.jobs import Job
+from api_tasks.merge import merge_payload
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ApiTasksError",
+    "BrokerUnavailable",
+    "Client",
+    "ConfigError",
+    "EventType",
+    "InvalidJob",
+    "InvalidResponseError",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotFound",
+    "JobStatus",
+    "JobTimeout",
+    "StreamError",
+    "UpstreamError",
+    "get_job",
+    "merge_payload",
+    "submit_chat",
+    "submit_completion",
+]
+
+
+def submit_chat(messages: Any, **params: Any) -> Job:
+    """Enqueue a chat job (``model``, ``stream``, ``upstream``, any OpenAI field)."""
+    return default_client().submit_chat(messages, **params)
+
+
+def submit_completion(prompt: Any, **params: Any) -> Job:
+    """Enqueue a completion job; returns at once."""
+    return default_client().submit_completion(prompt, **params)
+
+
+def get_job(job_id: str) -> Job:
+    """Find a submitted job by id (``JobNotFound`` if none)."""
+    return default_client().get_job(job_id)

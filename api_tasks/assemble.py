@@ -1,0 +1,115 @@
+"""Rebuild a whole OpenAI response from streamed chunks.
+
+A streamed job's result has the same shape as a non-streamed one, so a caller
+that only wants the answer never reassembles chunks: content, tool calls and
+reasoning text are concatenated per choice, ``finish_reason`` and ``usage``
+are kept as the upstream sent them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["StreamAssembler"]
+
+_CONCAT = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+@dataclass
+class StreamAssembler:
+    """Accumulates chunks of one stream; ``response()`` gives the final dict."""
+
+    kind: str  # "chat" or "completion"
+    head: dict[str, Any] = field(default_factory=dict)
+    choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        """Fold one parsed chunk in."""
+        if not self.head:
+            self.head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+        if chunk.get("system_fingerprint"):
+            self.head["system_fingerprint"] = chunk["system_fingerprint"]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            self._add_choice(choice)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every choice seen so far has a finish_reason."""
+        return bool(self.choices) and all(c.get("finish_reason") for c in self.choices.values())
+
+    def finish_reason(self) -> str | None:
+        """The first choice's finish_reason (the one callers usually want)."""
+        first = self.choices.get(min(self.choices)) if self.choices else None
+        return first.get("finish_reason") if first else None
+
+    def response(self) -> dict[str, Any]:
+        """The whole response, in the non-streamed shape."""
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        out: dict[str, Any] = {"object": obj, **self.head}
+        out["choices"] = [self._final_choice(i) for i in sorted(self.choices)]
+        if self.usage is not None:
+            out["usage"] = self.usage
+        return out
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        index = int(choice.get("index", 0))
+        state = self.choices.setdefault(index, {"index": index, "finish_reason": None})
+        if choice.get("finish_reason"):
+            state["finish_reason"] = choice["finish_reason"]
+        if choice.get("logprobs") is not None:
+            state.setdefault("logprob_parts", []).append(choice["logprobs"])
+        if self.kind == "chat":
+            self._add_delta(state.setdefault("message", {}), choice.get("delta") or {})
+        elif choice.get("text"):
+            state["text"] = state.get("text", "") + choice["text"]
+
+    def _add_delta(self, message: dict[str, Any], delta: dict[str, Any]) -> None:
+        for key, value in delta.items():
+            if value is None:
+                continue
+            if key in _CONCAT:
+                message[key] = message.get(key, "") + value
+            elif key == "tool_calls":
+                _add_tool_calls(message.setdefault("tool_calls", []), value)
+            else:
+                message[key] = value
+
+    def _final_choice(self, index: int) -> dict[str, Any]:
+        state = self.choices[index]
+        choice: dict[str, Any] = {"index": index}
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": None, **state.get("message", {})}
+            choice["message"] = message
+        else:
+            choice["text"] = state.get("text", "")
+        choice["finish_reason"] = state["finish_reason"]
+        choice["logprobs"] = _merge_logprobs(state.get("logprob_parts"))
+        return choice
+
+
+def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    for delta in deltas:
+        index = int(delta.get("index", len(calls)))
+        while len(calls) <= index:
+            calls.append({"id": None, "type": "function",
+                          "function": {"name": "", "arguments": ""}})
+        call = calls[index]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if delta.get("type"):
+            call["type"] = delta["type"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def _merge_logprobs(parts: list[Any] | None) -> Any:
+    if not parts:
+        return None
+    if all(isinstance(p, dict) and isinstance(p.get("content"), list) for p in parts):
+        return {"content": [item for p in parts for item in p["content"]]}
+    return parts

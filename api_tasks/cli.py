@@ -1,0 +1,163 @@
+"""``python -m api_tasks``: submit, watch, inspect and cancel jobs.
+
+Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad input or
+settings; 3 timed out waiting; 4 Redis unavailable or no such job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from api_tasks.client import Client
+from api_tasks.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InvalidJob,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+)
+from api_tasks.jobs import Job
+
+__all__ = ["main", "parse_param"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value``: the value is JSON when it parses (0.5, null, [..]), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m api_tasks",
+                                     description="Submit and follow OpenAI-format LLM jobs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, what in (("chat", "a user message"), ("complete", "a prompt")):
+        cmd = sub.add_parser(name, help=f"submit a {name} job with {what}")
+        cmd.add_argument("text", help=what)
+        cmd.add_argument("--system", help="a system message (chat only)")
+        cmd.add_argument("--model", "-m")
+        cmd.add_argument("--upstream", "-u", help="a configured upstream name")
+        cmd.add_argument("--queue", choices=("interactive", "bulk"))
+        cmd.add_argument("--stream", "-s", action="store_true", help="print tokens as they come")
+        cmd.add_argument("--param", "-p", action="append", type=parse_param, default=[],
+                         metavar="KEY=VALUE", help="any OpenAI field; JSON values, null removes")
+        cmd.add_argument("--detach", "-d", action="store_true",
+                         help="print the job id and return at once")
+        cmd.add_argument("--json", action="store_true", help="print the whole response")
+        cmd.add_argument("--timeout", type=float, default=600.0)
+    for name, what in (("status", "show a job's status"), ("cancel", "cancel a job"),
+                       ("result", "wait for and print a job's result")):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("job_id")
+        cmd.add_argument("--timeout", type=float, default=600.0)
+        cmd.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        client = Client()
+        return _COMMANDS[args.command](client, args)
+    except (ConfigError, InvalidJob) as err:
+        return _fail(EXIT_USAGE, f"error: {err}")
+    except JobTimeout as err:
+        return _fail(EXIT_TIMEOUT, f"timeout: {err}")
+    except (BrokerUnavailable, JobNotFound) as err:
+        return _fail(EXIT_UNAVAILABLE, f"error: {err}")
+    except JobFailed as err:
+        return _fail(EXIT_FAILED, f"{err}\n{json.dumps(err.error, indent=2)}")
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(code: int, message: str) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = dict(args.param)
+    for name in ("model", "upstream", "queue"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
+    if args.stream:
+        params["stream"] = True
+    if args.command == "chat":
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        job = client.submit_chat([*messages, {"role": "user", "content": args.text}], **params)
+    else:
+        job = client.submit_completion(args.text, **params)
+    print(f"job {job.id} submitted", file=sys.stderr)
+    if args.detach:
+        print(job.id)
+        return EXIT_OK
+    if args.stream and not args.json:
+        return _print_stream(job, args.timeout)
+    return _print_result(job, args)
+
+
+def _print_stream(job: Job, timeout: float) -> int:
+    for chunk in job.stream(timeout=timeout):
+        for choice in chunk.get("choices") or ():
+            piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def _print_result(job: Job, args: argparse.Namespace) -> int:
+    response = job.result(timeout=args.timeout)
+    if response is None:
+        print(f"job {job.id} succeeded (no stored result)", file=sys.stderr)
+    elif args.json:
+        print(json.dumps(response, indent=2, ensure_ascii=False))
+    else:
+        print(_text_of(response))
+    return EXIT_OK
+
+
+def _text_of(response: dict[str, Any]) -> str:
+    choices = response.get("choices") or [{}]
+    first = choices[0]
+    if "message" in first:
+        return str(first["message"].get("content") or "")
+    return str(first.get("text") or "")
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    info = client.get_job(args.job_id).info()
+    print(json.dumps(info, indent=2) if args.json else
+          f"{args.job_id} {info.get('status')} (attempts={info.get('attempts', 0)})")
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.get_job(args.job_id)
+    if job.cancel():
+        print(f"{job.id}: cancel requested")
+        return EXIT_OK
+    print(f"{job.id}: already {job.status().value}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _result(client: Client, args: argparse.Namespace) -> int:
+    return _print_result(client.get_job(args.job_id), args)
+
+
+_COMMANDS = {"chat": _submit, "complete": _submit, "status": _status, "cancel": _cancel,
+             "result": _result}

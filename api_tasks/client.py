@@ -1,0 +1,108 @@
+"""The producer: validate a job, record it, enqueue it, hand back a ``Job``.
+
+``Client`` holds one Redis pool and one Celery app; the module-level
+functions in ``api_tasks`` use a default client built from the environment's
+settings on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from api_tasks.connections import connect
+from api_tasks.errors import BrokerUnavailable
+from api_tasks.jobs import Job
+from api_tasks.keys import Keys
+from api_tasks.routing import resolve_upstream
+from api_tasks.spec import Kind, build_spec
+from api_tasks.store import JobStore
+from api_tasks.tasks import CHAT_TASK, COMPLETION_TASK
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from config.settings import Settings
+
+__all__ = ["Client", "default_client"]
+
+_TASKS = {"chat": CHAT_TASK, "completion": COMPLETION_TASK}
+
+
+class Client:
+    """Submits jobs and finds them again."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        if settings is None:
+            from config.loader import load_settings
+
+            settings = load_settings()
+        self.settings = settings
+        self.redis = connect(settings.redis)
+        self.keys = Keys(settings.redis.prefix)
+        self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
+                              settings.jobs.queued_ttl)
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app used to send tasks (built on first use)."""
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    from worker.celery_app import create_app
+
+                    self._app = create_app(self.settings)
+        return self._app
+
+    def submit_chat(self, messages: Any, **params: Any) -> Job:
+        """Enqueue a chat completion job; returns at once."""
+        return self.submit("chat", messages, params)
+
+    def submit_completion(self, prompt: Any, **params: Any) -> Job:
+        """Enqueue a completion job; returns at once."""
+        return self.submit("completion", prompt, params)
+
+    def submit(self, kind: Kind, first: Any, params: Mapping[str, Any]) -> Job:
+        """Validate, record and enqueue a job (``InvalidJob`` names a bad field)."""
+        spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
+        upstream = resolve_upstream(self.settings, spec)
+        queue = spec.queue or self.settings.jobs.default_queue
+        job_id = str(uuid.uuid4())
+        try:
+            self.store.create(job_id, self.store.record_fields(spec, upstream.name, queue))
+            self.app.send_task(_TASKS[kind], args=[first], kwargs=spec.task_kwargs(),
+                               task_id=job_id, queue=queue)
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+            raise BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}") from err
+        return Job(self, job_id)
+
+    def get_job(self, job_id: str) -> Job:
+        """The job with this id (``JobNotFound`` if there is none)."""
+        job = Job(self, job_id)
+        job.status()
+        return job
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job id without checking that it exists."""
+        return Job(self, job_id)
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client built from the environment's settings."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Client()
+    return _default

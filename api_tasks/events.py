@@ -1,0 +1,79 @@
+"""Job statuses and the one JSON envelope for results and stream events.
+
+Stream entries (``Keys.events``) and pub/sub messages (``Keys.channel``) hold
+one field, ``event``, whose value is one of::
+
+    {"type": "chunk", "seq": 0, "attempt": 1, "data": {...the upstream chunk...}}
+    {"type": "done", "seq": 12, "attempt": 1, "finish_reason": "stop", "usage": {...}}
+    {"type": "error", "seq": 3, "attempt": 1, "error": {...error object...}}
+    {"type": "cancelled", "seq": 5, "attempt": 1, "error": {...}}
+
+Chunks are numbered from 0; the final event's ``seq`` is the number of chunks
+before it. Entry ids are ``<attempt>-<seq + 1>``, chosen by us rather than by
+Redis, so a write retried after a lost reply is refused as a duplicate instead
+of being added twice.
+
+The result key holds the envelope ``{"id", "status", "kind", "response",
+"error", "upstream", "model", "attempts", "created_at", "started_at",
+"finished_at"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["TERMINAL", "EventType", "JobStatus", "chunk_event", "entry_id", "final_event"]
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class EventType(StrEnum):
+    """The kinds of stream event."""
+
+    CHUNK = "chunk"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+FINAL_EVENT = {
+    JobStatus.SUCCEEDED: EventType.DONE,
+    JobStatus.FAILED: EventType.ERROR,
+    JobStatus.CANCELLED: EventType.CANCELLED,
+}
+
+
+def entry_id(attempt: int, seq: int) -> str:
+    """The stream entry id of event ``seq`` of ``attempt``."""
+    return f"{attempt}-{seq + 1}"
+
+
+def chunk_event(seq: int, attempt: int, raw_chunk: str) -> str:
+    """A chunk event as JSON; the upstream's chunk text is embedded, not re-encoded."""
+    return f'{{"type":"chunk","seq":{seq},"attempt":{attempt},"data":{raw_chunk}}}'
+
+
+def final_event(status: JobStatus, seq: int, attempt: int, *,
+                finish_reason: str | None = None, usage: Any = None,
+                error: dict[str, Any] | None = None) -> str:
+    """The last event of a job as JSON."""
+    event: dict[str, Any] = {"type": FINAL_EVENT[status].value, "seq": seq, "attempt": attempt}
+    if status is JobStatus.SUCCEEDED:
+        event["finish_reason"] = finish_reason
+        event["usage"] = usage
+    else:
+        event["error"] = error
+    return json.dumps(event, separators=(",", ":"))

@@ -1,0 +1,268 @@
+"""The OpenAI-format HTTP client: one pooled ``requests`` session per thread.
+
+This is the edge where ``requests``/``urllib3`` errors become the project's
+``UpstreamError`` classes (``raise ... from err``). Redirects are off, bodies
+are read with a size cap, and every connection is attached to the thread's
+``CallHandle`` so the watchdog can close it (cancel, total deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from api_tasks.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    InvalidResponseError,
+    UpstreamError,
+)
+from api_tasks.inflight import CallHandle, current_handle
+from api_tasks.retry import parse_retry_after
+
+__all__ = ["CallRequest", "HttpClient", "decode_json"]
+
+_READ_SIZE = 65536
+_ERROR_BODY_CAP = 65536
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 408: "timeout_error", 409: "conflict_error",
+          422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        handle = current_handle()
+        if handle is not None:
+            handle.attach(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        handle = current_handle()
+        if handle is not None:
+            handle.attach(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedPool(HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTPConnection
+
+
+class _TrackedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPSConnection
+
+
+class _TrackedAdapter(HTTPAdapter):
+    """An adapter whose connections report themselves to the current CallHandle."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _TrackedPool,
+                                                   "https": _TrackedHTTPSPool}
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """Everything one HTTP attempt needs."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    connect_timeout: float
+    read_timeout: float
+    max_response_bytes: int
+    secrets: tuple[str, ...] = ()
+
+
+class HttpClient:
+    """Sends OpenAI-format requests; one session (connection pool) per thread."""
+
+    def __init__(self, pool_size: int = 4) -> None:
+        self._pool_size = pool_size
+        self._local = threading.local()
+
+    def session(self) -> requests.Session:
+        """This thread's session, created on first use."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # no proxies or .netrc from the environment: keys come only from settings
+            session.trust_env = False
+            adapter = _TrackedAdapter(pool_connections=4, pool_maxsize=self._pool_size,
+                                      max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def send(self, handle: CallHandle, call: CallRequest) -> requests.Response:
+        """POST and return the response with its body unread; errors raise ``UpstreamError``."""
+        try:
+            with handle.bound():
+                response = self.session().post(
+                    call.url, data=call.body, headers=call.headers, stream=True,
+                    timeout=(call.connect_timeout, call.read_timeout), allow_redirects=False)
+        except requests.RequestException as err:
+            raise _convert(err, handle, call) from err
+        if response.status_code >= 300:
+            with response:
+                raise self._status_error(handle, response, call)
+        return response
+
+    def read_json(self, handle: CallHandle, response: requests.Response,
+                  call: CallRequest) -> dict[str, Any]:
+        """Read a whole JSON body (capped) and decode it."""
+        with response:
+            body = b"".join(self.reads(handle, response, call, call.max_response_bytes))
+        return decode_json(body, response, call)
+
+    def reads(self, handle: CallHandle, response: requests.Response, call: CallRequest,
+              cap: int | None = None) -> Iterator[bytes]:
+        """Yield the body as it arrives; raise when it passes ``cap`` bytes."""
+        seen = 0
+        while True:
+            try:
+                data = response.raw.read1(_READ_SIZE)
+            except (urllib3.exceptions.HTTPError, OSError) as err:
+                raise _convert(err, handle, call) from err
+            if not data:
+                if handle.reason is not None:
+                    raise _aborted(handle)
+                return
+            seen += len(data)
+            if cap is not None and seen > cap:
+                raise InvalidResponseError(
+                    f"upstream response exceeded the {cap}-byte cap",
+                    code="response_too_large", status=response.status_code)
+            yield data
+
+    def _status_error(self, handle: CallHandle, response: requests.Response,
+                      call: CallRequest) -> UpstreamError:
+        status = response.status_code
+        if status < 400:
+            return InvalidResponseError(
+                f"upstream answered HTTP {status} (redirects are not followed)",
+                code="unexpected_redirect", status=status)
+        try:
+            body = b"".join(self.reads(handle, response, call, _ERROR_BODY_CAP))
+        except InvalidResponseError:
+            body = b""
+        message, etype, code, param = _describe_error(status, body, response)
+        return APIStatusError(
+            _scrub(message, call.secrets), status=status, code=code, param=param,
+            type=etype or _TYPES.get(status, "server_error" if status >= 500 else "api_error"),
+            retry_after=parse_retry_after(response.headers, time.time()))
+
+
+def decode_json(body: bytes, response: requests.Response, call: CallRequest) -> dict[str, Any]:
+    """Parse a JSON body; an HTML page or garbage becomes a clear error."""
+    try:
+        data = json.loads(body)
+    except ValueError as err:
+        raise InvalidResponseError(
+            f"upstream answered HTTP {response.status_code} with {_what(body, response)}, "
+            "not JSON", code="invalid_json", status=response.status_code) from err
+    if not isinstance(data, dict):
+        raise InvalidResponseError("upstream JSON is not an object", code="invalid_json",
+                                   status=response.status_code)
+    if data.get("error") is not None:
+        message, etype, code, param = _describe_error(response.status_code, body, response)
+        raise APIStatusError(_scrub(message, call.secrets), status=response.status_code,
+                             code=code, type=etype or "api_error", param=param)
+    return data
+
+
+def _what(body: bytes, response: requests.Response) -> str:
+    if b"<html" in body[:2048].lower() or "html" in response.headers.get("content-type", ""):
+        title = _TITLE.search(body[:65536])
+        name = title.group(1).decode("utf-8", "replace").strip() if title else "untitled"
+        return f"an HTML page ({name!r})"
+    if not body:
+        return "an empty body"
+    return f"{len(body)} bytes starting {body[:80].decode('utf-8', 'replace')!r}"
+
+
+def _describe_error(status: int, body: bytes,
+                    response: requests.Response) -> tuple[str, str | None, str, str | None]:
+    """(message, type, code, param) from the error body servers actually send."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    error = data.get("error", data) if isinstance(data, dict) else None
+    if isinstance(error, str):
+        error = {"message": error}
+    if isinstance(error, dict) and error.get("message"):
+        code = error.get("code")
+        return (str(error["message"]), _str_or_none(error.get("type")),
+                str(code) if code not in (None, "") else f"http_{status}",
+                _str_or_none(error.get("param")))
+    return f"upstream answered HTTP {status} with {_what(body, response)}", None, \
+        f"http_{status}", None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _aborted(handle: CallHandle) -> UpstreamError:
+    error = handle.error()
+    assert error is not None
+    return error
+
+
+def _convert(err: BaseException, handle: CallHandle, call: CallRequest) -> UpstreamError:
+    """Map a transport exception to the project's error classes."""
+    if handle.reason is not None:
+        return _aborted(handle)
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return APITimeoutError(f"connecting to the upstream timed out after "
+                               f"{call.connect_timeout:g}s", code="connect_timeout")
+    if isinstance(err, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError,
+                        TimeoutError)):
+        return APITimeoutError(f"the upstream sent nothing for {call.read_timeout:g}s",
+                               code="read_timeout")
+    if _caused_by(err, ConnectionRefusedError):
+        return APIConnectionError(f"connection refused by {_host(call.url)}",
+                                  code="connection_refused")
+    if _caused_by(err, ConnectionResetError):
+        return APIConnectionError("the upstream reset the connection", code="connection_reset")
+    return APIConnectionError(f"connection to the upstream failed: {type(err).__name__}: "
+                              f"{_scrub(str(err), call.secrets)[:300]}", code="connection_error")
+
+
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, kind) or any(isinstance(a, kind) for a in seen.args):
+            return True
+        nested = next((a for a in seen.args if isinstance(a, BaseException)), None)
+        seen = seen.__cause__ or seen.__context__ or nested
+    return False
+
+
+def _host(url: str) -> str:
+    return url.split("//", 1)[-1].split("/", 1)[0]

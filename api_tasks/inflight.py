@@ -1,0 +1,174 @@
+"""Calls in flight in this process, and the watchdog that stops them.
+
+A worker thread blocked in ``recv`` cannot check anything, and Celery's
+``revoke(terminate=True)`` does nothing on the threads pool. So every call
+registers a ``CallHandle``; one watchdog thread per process checks, a few
+times a second, every handle's deadline and (in one Redis round trip for all
+of them) its job's cancel flag, and aborts a call by shutting its socket
+down, which wakes the blocked read at once and frees the server's slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from api_tasks.errors import APITimeoutError, CallCancelled, UpstreamError
+from api_tasks.keys import Keys
+
+__all__ = ["CallHandle", "Watchdog", "current_handle"]
+
+log = logging.getLogger(__name__)
+_local = threading.local()
+
+
+class CallHandle:
+    """One job's call: its deadline, its open connection, and why it was stopped."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.deadline = float("inf")
+        self.total = 0.0
+        self.reason: str | None = None
+        self.stopped = threading.Event()
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def start_attempt(self, total: float) -> None:
+        """Arm the whole-call deadline for the next attempt (a past deadline is forgiven)."""
+        with self._lock:
+            if self.reason == "deadline":
+                self.reason = None
+                self.stopped.clear()
+            self._conn = None
+            self.total = total
+            self.deadline = time.monotonic() + total
+
+    def pause(self) -> None:
+        """No deadline while waiting between attempts."""
+        self.deadline = float("inf")
+
+    def attach(self, conn: Any) -> None:
+        """Remember the connection a request is about to use (called by the adapter)."""
+        with self._lock:
+            self._conn = conn
+            if self.reason is not None:
+                _shutdown(conn)
+
+    def abort(self, reason: str) -> None:
+        """Stop the call: record why, wake any wait, close the socket."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            self.stopped.set()
+            _shutdown(self._conn)
+
+    def error(self) -> UpstreamError | None:
+        """The error that explains an abort, if the call was aborted."""
+        if self.reason == "cancelled":
+            return CallCancelled("the job was cancelled")
+        if self.reason == "deadline":
+            return APITimeoutError(
+                f"the call exceeded its total deadline of {self.total:g}s",
+                code="deadline_exceeded",
+            )
+        if self.reason == "shutdown":
+            return APITimeoutError("the worker is shutting down", code="worker_shutdown")
+        return None
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if the call was aborted meanwhile."""
+        return self.stopped.wait(seconds)
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[CallHandle]:
+        """Make this the handle that connections opened in this thread attach to."""
+        previous = getattr(_local, "handle", None)
+        _local.handle = self
+        try:
+            yield self
+        finally:
+            _local.handle = previous
+
+
+def current_handle() -> CallHandle | None:
+    """The handle bound in this thread, if any."""
+    return getattr(_local, "handle", None)
+
+
+def _shutdown(conn: Any) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class Watchdog:
+    """One thread per process enforcing deadlines and cancel flags on all handles."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, interval: float) -> None:
+        self._redis = client
+        self._keys = keys
+        self._interval = interval
+        self._handles: dict[int, CallHandle] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-tasks-watchdog", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (handles are left as they are)."""
+        self._stop.set()
+
+    @contextlib.contextmanager
+    def watching(self, handle: CallHandle) -> Iterator[CallHandle]:
+        """Watch ``handle`` for the duration of the block."""
+        with self._lock:
+            self._handles[id(handle)] = handle
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._handles.pop(id(handle), None)
+
+    def abort_all(self, reason: str) -> int:
+        """Abort every call in flight (used at shutdown); returns how many."""
+        handles = self._snapshot()
+        for handle in handles:
+            handle.abort(reason)
+        return len(handles)
+
+    def _snapshot(self) -> list[CallHandle]:
+        with self._lock:
+            return list(self._handles.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            handles = self._snapshot()
+            if not handles:
+                continue
+            now = time.monotonic()
+            for handle in handles:
+                if now > handle.deadline:
+                    handle.abort("deadline")
+            try:
+                self._check_cancel(handles)
+            except redis.RedisError as err:
+                log.warning("watchdog could not read cancel flags: %s", err)
+
+    def _check_cancel(self, handles: list[CallHandle]) -> None:
+        flags = self._redis.mget([self._keys.cancel(h.job_id) for h in handles])
+        for handle, flag in zip(handles, flags, strict=True):
+            if flag is not None:
+                handle.abort("cancelled")

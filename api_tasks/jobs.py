@@ -1,0 +1,150 @@
+"""``Job``: a handle on a submitted job, usable from any process.
+
+Waiting reads the job's event stream with ``XREAD BLOCK``: nothing polls, a
+reader that comes late still sees every event from the first, and the final
+event (done, error or cancelled) tells it where to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import redis
+
+from api_tasks.connections import BLOCK_SLICE
+from api_tasks.errors import BrokerUnavailable, JobCancelled, JobFailed, JobNotFound, JobTimeout
+from api_tasks.events import EventType, JobStatus
+
+if TYPE_CHECKING:
+    from api_tasks.client import Client
+
+__all__ = ["Job"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_FINAL = {EventType.DONE.value, EventType.ERROR.value, EventType.CANCELLED.value}
+
+
+class Job:
+    """A submitted job, identified by ``id``."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.id = job_id
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobStatus:
+        """The job's current status."""
+        value = _guard(self._client.store.status, self.id)
+        if value is None:
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+        return JobStatus(value)
+
+    def info(self) -> dict[str, Any]:
+        """The job's record: status, kind, upstream, model, timestamps, attempts."""
+        info = _guard(self._client.store.info, self.id)
+        if not info:
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+        return info
+
+    def result(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for the end; return the OpenAI-format response (None if not stored).
+
+        Raises ``JobFailed`` (``.error`` is the error object), ``JobCancelled``,
+        or ``JobTimeout`` when ``timeout`` seconds pass first.
+        """
+        final = self._final_event(timeout)
+        self._raise_for(final)
+        stored: dict[str, Any] | None = _guard(self._client.store.result, self.id)
+        return None if stored is None else stored.get("response")
+
+    def stream(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the upstream's chunks in order from the first, then stop at the end.
+
+        Works wherever the job is: queued, running or finished. Raises like
+        ``result()`` when the job fails, is cancelled or ``timeout`` passes.
+        """
+        for event in self.events(timeout=timeout):
+            if event["type"] == EventType.CHUNK.value:
+                yield event["data"]
+            else:
+                self._raise_for(event)
+
+    def events(self, timeout: float | None = None, after: str = "0-0") -> Iterator[dict[str, Any]]:
+        """Yield every event envelope after stream id ``after``, up to the final one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        key = self._client.keys.events(self.id)
+        self._require_exists()
+        last = after
+        while True:
+            entries = self._read(key, last, deadline)
+            for entry_id, fields in entries:
+                last = entry_id
+                event = json.loads(fields[b"event"])
+                event["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                yield event
+                if event["type"] in _FINAL:
+                    return
+
+    def cancel(self) -> bool:
+        """Ask the job to stop; False if it had already ended."""
+        verdict = _guard(self._client.store.cancel, self.id)
+        if verdict == "missing":
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+        return verdict in ("cancelled", "cancelling")
+
+    def _final_event(self, timeout: float | None) -> dict[str, Any]:
+        key = self._client.keys.events(self.id)
+        pipe = self._client.redis.pipeline(transaction=False)
+        pipe.exists(self._client.keys.job(self.id))
+        pipe.xrevrange(key, count=1)
+        exists, tail = _guard(pipe.execute)
+        if tail:
+            entry_id, fields = tail[0]
+            event = json.loads(fields[b"event"])
+            if event["type"] in _FINAL:
+                return {**event}
+            after = entry_id
+        elif not exists:
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+        else:
+            after = b"0-0"
+        for event in self.events(timeout, after=after.decode()):
+            if event["type"] in _FINAL:
+                return event
+        raise JobTimeout(f"job {self.id} did not finish")  # unreachable: events() ends on final
+
+    def _read(self, key: str, last: str, deadline: float | None) -> list[Any]:
+        while True:
+            left = BLOCK_SLICE if deadline is None else deadline - time.monotonic()
+            wait = min(BLOCK_SLICE, left)
+            if wait <= 0:
+                raise JobTimeout(f"job {self.id} did not finish in time")
+            reply: Any = _guard(self._client.redis.xread, {key: last}, count=500,
+                                block=max(int(wait * 1000), 1))
+            if reply:  # RESP2 shape: [[key, [(id, fields), ...]]]
+                return list(reply[0][1])
+
+    def _require_exists(self) -> None:
+        if not _guard(self._client.redis.exists, self._client.keys.job(self.id)):
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+
+    def _raise_for(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == EventType.ERROR.value:
+            raise JobFailed(self.id, event.get("error") or {})
+        if kind == EventType.CANCELLED.value:
+            raise JobCancelled(self.id, event.get("error") or {"code": "cancelled"})
+
+
+def _guard(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call Redis; a connection failure becomes ``BrokerUnavailable`` with the reason."""
+    try:
+        return fn(*args, **kwargs)
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise BrokerUnavailable(f"Redis is unavailable: {err}") from err

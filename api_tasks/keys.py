@@ -1,0 +1,42 @@
+"""Every Redis key and channel name the project uses, under one prefix.
+
+Documented in the README ("Redis keys"); non-Python consumers rely on them.
+All are plain strings or JSON, and every one is written with a TTL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of a job's keys under ``prefix``."""
+
+    prefix: str = "api_tasks"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's state (status, timestamps, attempts, spec)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def result(self, job_id: str) -> str:
+        """String: the final JSON envelope (response or error)."""
+        return f"{self.prefix}:result:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Stream: every event of the job in order (chunks, then done/error/cancelled)."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        """Pub/sub channel: the same events, live, for fan-out."""
+        return f"{self.prefix}:channel:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        """String: present when the job was asked to stop."""
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def celery_prefix(self) -> str:
+        """Prefix for the broker's own keys (queues, unacked messages)."""
+        return f"{self.prefix}:celery:"

@@ -1,0 +1,74 @@
+"""Retry policy as data, decisions as pure functions.
+
+Retries happen at this one layer (the worker's call loop), never also in
+Celery or urllib3. Retried: connection errors, timeouts, 408, 409, 429 and
+5xx; never another 4xx, and never a stream that already published chunks.
+Waits grow exponentially, capped, with jitter; a server's ``retry-after-ms``
+or ``Retry-After`` (seconds or an HTTP date) wins when it is reasonable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from api_tasks.errors import UpstreamError
+
+__all__ = ["RetryPolicy", "backoff_delay", "parse_retry_after", "retry_delay"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many attempts a call gets and how long to wait between them."""
+
+    max_attempts: int = 3
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    jitter: float = 0.25
+    max_retry_after: float = 60.0
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based); ``rand`` in [0, 1)."""
+    base = min(policy.initial_delay * 2.0 ** (attempt - 1), policy.max_delay)
+    return base * (1 - policy.jitter * rand)
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After``."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    millis = lowered.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(float(millis) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+def retry_delay(
+    policy: RetryPolicy,
+    error: UpstreamError,
+    attempt: int,
+    rand: float,
+    chunks_published: int = 0,
+) -> float | None:
+    """Seconds to wait before the next attempt, or ``None`` when the error is final."""
+    if not error.retryable or chunks_published > 0 or attempt >= policy.max_attempts:
+        return None
+    asked = error.retry_after
+    if asked is not None and asked <= policy.max_retry_after:
+        return asked
+    return backoff_delay(policy, attempt, rand)

@@ -1,0 +1,69 @@
+"""Which upstream a job goes to, and the exact request it sends there."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from api_tasks.errors import InvalidJob
+from api_tasks.http_client import CallRequest
+from api_tasks.merge import merge_payload
+from api_tasks.spec import JobSpec
+
+if TYPE_CHECKING:
+    from config.settings import Settings, Upstream
+
+__all__ = ["build_call", "build_payload", "resolve_upstream"]
+
+_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+def resolve_upstream(settings: Settings, spec: JobSpec) -> Upstream:
+    """The job's upstream: by explicit name, else the first that serves its model."""
+    if spec.upstream is not None:
+        upstream = settings.upstream(spec.upstream)
+        if upstream is None:
+            names = ", ".join(u.name for u in settings.upstreams)
+            raise InvalidJob("upstream", f"unknown upstream {spec.upstream!r} "
+                                         f"(configured: {names})")
+        return upstream
+    upstream = settings.upstream_for_model(spec.model)
+    if upstream is None:
+        raise InvalidJob("model", f"no configured upstream serves model {spec.model!r}")
+    return upstream
+
+
+def build_payload(settings: Settings, upstream: Upstream, spec: JobSpec) -> dict[str, Any]:
+    """Global < upstream < model defaults < the job's own fields (see ``merge_payload``)."""
+    body = spec.body
+    if "model" not in body and upstream.default_model:
+        body = {**body, "model": upstream.default_model}
+    model = body.get("model")
+    payload = merge_payload(settings.defaults, upstream.defaults,
+                            upstream.model_layer(model if isinstance(model, str) else None),
+                            body)
+    if spec.stream and upstream.stream_include_usage and "stream_options" not in spec.body:
+        # usage arrives only if asked for; rate limits and results need it
+        payload["stream_options"] = {"include_usage": True}
+    return payload
+
+
+def build_call(settings: Settings, upstream: Upstream, spec: JobSpec) -> CallRequest:
+    """The HTTP request for this job, with the key from the worker's settings."""
+    headers = {"Content-Type": "application/json", "Accept":
+               "text/event-stream" if spec.stream else "application/json", **upstream.headers}
+    secrets: tuple[str, ...] = ()
+    if upstream.api_key is not None:
+        key = upstream.api_key.get_secret_value()
+        headers["Authorization"] = f"Bearer {key}"
+        secrets = (key,)
+    body = json.dumps(build_payload(settings, upstream, spec), separators=(",", ":"))
+    return CallRequest(
+        url=upstream.base_url + _PATHS[spec.kind],
+        headers=headers,
+        body=body.encode(),
+        connect_timeout=upstream.timeouts.connect,
+        read_timeout=upstream.timeouts.read,
+        max_response_bytes=upstream.max_response_bytes,
+        secrets=secrets,
+    )

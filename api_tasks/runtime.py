@@ -1,0 +1,83 @@
+"""The per-process worker runtime: one Redis pool, writer, watchdog and HTTP client.
+
+Built once from the settings when the worker starts (``install``) and found
+by the tasks with ``current()``; nothing here assumes it is the only process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from api_tasks.connections import connect
+from api_tasks.http_client import HttpClient
+from api_tasks.inflight import Watchdog
+from api_tasks.keys import Keys
+from api_tasks.runner import JobRunner
+from api_tasks.store import JobStore
+from api_tasks.writer import EventWriter
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = ["Runtime", "current", "install"]
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+class Runtime:
+    """Everything a worker process shares between its job threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect(settings.redis)
+        self.keys = Keys(settings.redis.prefix)
+        self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
+                              settings.jobs.queued_ttl)
+        self.writer = EventWriter(self.redis)
+        self.watchdog = Watchdog(self.redis, self.keys, settings.worker.watchdog_interval)
+        self.http = HttpClient()
+        self.runner = JobRunner(settings, self.store, self.writer, self.watchdog, self.http)
+        self._started = False
+
+    def start(self) -> None:
+        """Start the background threads (idempotent)."""
+        if not self._started:
+            self._started = True
+            self.writer.start()
+            self.watchdog.start()
+
+    def stop_calls(self) -> int:
+        """Abort every call in flight so its job is requeued; returns how many."""
+        count = self.watchdog.abort_all("shutdown")
+        if count:
+            log.warning("shutdown grace over: requeueing %d job(s) still in flight", count)
+        return count
+
+    def close(self) -> None:
+        """Flush pending writes and stop the threads."""
+        self.watchdog.stop()
+        self.writer.close()
+
+
+def install(settings: Settings) -> Runtime:
+    """Create and start this process's runtime from the settings."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(settings)
+            _runtime.start()
+        return _runtime
+
+
+def current() -> Runtime:
+    """This process's runtime, built from the environment's settings if not installed."""
+    if _runtime is None:
+        from config.loader import load_settings
+
+        install(load_settings())
+    assert _runtime is not None
+    return _runtime

@@ -1,0 +1,157 @@
+"""What a job is, and the checks that refuse a bad one with the field's name.
+
+The same checks run twice: at submit (so a bad job never reaches the queue)
+and in the worker (a job sent by any Celery client, or altered on the way,
+fails fast with an error object instead of reaching the upstream).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from api_tasks.errors import InvalidJob
+
+__all__ = ["CONTROL_FIELDS", "JobSpec", "Kind", "build_spec"]
+
+Kind = Literal["chat", "completion"]
+QUEUES = ("interactive", "bulk")
+# options for this project, removed before the payload goes upstream
+CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue"})
+# a job must not carry credentials or choose where it is sent
+FORBIDDEN_FIELDS = frozenset({"api_key", "authorization", "base_url", "api_base", "headers"})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job: its kind, the OpenAI body, and the project's options."""
+
+    kind: Kind
+    body: dict[str, Any]
+    upstream: str | None = None
+    store_result: bool = True
+    result_ttl: int | None = None
+    queue: str | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The requested model, if any."""
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def stream(self) -> bool:
+        """Whether the job asked for a streamed response."""
+        return self.body.get("stream") is True
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the Celery task (the first field goes positionally)."""
+        first = "messages" if self.kind == "chat" else "prompt"
+        kwargs = {k: v for k, v in self.body.items() if k != first}
+        for name in CONTROL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not (name == "store_result" and value is True):
+                kwargs[name] = value
+        return kwargs
+
+
+def build_spec(kind: Kind, first: Any, params: Mapping[str, Any],
+               max_bytes: int) -> JobSpec:
+    """Validate a job's fields and return its spec; raise ``InvalidJob`` naming the field."""
+    if kind == "chat":
+        _check_messages(first)
+        body: dict[str, Any] = {"messages": first}
+    else:
+        _check_prompt(first)
+        body = {"prompt": first}
+    options = {k: v for k, v in params.items() if k in CONTROL_FIELDS}
+    body.update((k, v) for k, v in params.items() if k not in CONTROL_FIELDS)
+    _check_fields(body)
+    _check_json(body, max_bytes)
+    return JobSpec(kind, body, **_check_options(options))
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidJob("messages", "must be a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidJob(where, "must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidJob(f"{where}.role", "must be a non-empty string")
+        content = message.get("content")
+        if "content" not in message and not message.get("tool_calls"):
+            raise InvalidJob(f"{where}.content", "is required")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidJob(f"{where}.content", "must be a string or a list of content parts")
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(p, (str, int)) or (isinstance(p, list) and all(isinstance(t, int) for t in p))
+        for p in prompt
+    ):
+        return
+    raise InvalidJob("prompt", "must be a string, a list of strings, or token ids")
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    for name in body:
+        if name.lower() in FORBIDDEN_FIELDS:
+            raise InvalidJob(name, "is not allowed in a job: credentials and upstream URLs "
+                                   "come from the worker's settings")
+    if "model" in body and not isinstance(body["model"], str):
+        raise InvalidJob("model", "must be a string")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidJob("stream", "must be true or false")
+
+
+def _check_json(body: dict[str, Any], max_bytes: int) -> None:
+    try:
+        size = len(json.dumps(body, allow_nan=False, separators=(",", ":")))
+    except (TypeError, ValueError):
+        for name, value in body.items():
+            bad = _non_json(value)
+            if bad is not None:
+                raise InvalidJob(name, f"is not JSON: {bad}") from None
+        raise InvalidJob("params", "is not JSON") from None
+    if size > max_bytes:
+        raise InvalidJob("messages" if "messages" in body else "prompt",
+                         f"the job is {size} bytes of JSON, over the {max_bytes}-byte limit")
+
+
+def _non_json(value: Any) -> str | None:
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value!r} is not a finite number"
+    if isinstance(value, list):
+        return next((bad for bad in map(_non_json, value) if bad), None)
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return "object keys must be strings"
+        return next((bad for bad in map(_non_json, value.values()) if bad), None)
+    return f"a {type(value).__name__} cannot be sent as JSON"
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    upstream = options.get("upstream")
+    if upstream is not None and not isinstance(upstream, str):
+        raise InvalidJob("upstream", "must be the name of a configured upstream")
+    store = options.get("store_result", True)
+    if not isinstance(store, bool):
+        raise InvalidJob("store_result", "must be true or false")
+    ttl = options.get("result_ttl")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
+        raise InvalidJob("result_ttl", "must be a positive number of seconds")
+    queue = options.get("queue")
+    if queue is not None and queue not in QUEUES:
+        raise InvalidJob("queue", f"must be one of {', '.join(QUEUES)}")
+    return {"upstream": upstream, "store_result": store, "result_ttl": ttl, "queue": queue}

@@ -1,0 +1,172 @@
+"""A job's state in Redis: created at submit, claimed by a worker, finished once.
+
+State changes that must not race (claim vs. cancel) are Lua scripts, so they
+hold across any number of worker processes and machines. Every key written
+here gets a TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from api_tasks.events import JobStatus, entry_id, final_event
+from api_tasks.keys import Keys
+from api_tasks.spec import JobSpec
+from api_tasks.writer import Command
+
+__all__ = ["Claim", "JobStore", "envelope"]
+
+_TERMINAL = "local s = redis.call('HGET', KEYS[1], 'status')\n" \
+            "if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s} end\n"
+
+# KEYS: job, cancel. ARGV: now, ttl, then field/value pairs for a job nobody created
+# (sent by a plain Celery client). Returns {verdict, delivery, created_at}.
+_CLAIM = _TERMINAL + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancel', '0', s or ARGV[1]} end
+if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 3)) end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {'run', tostring(n), redis.call('HGET', KEYS[1], 'created_at')}
+"""
+
+# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, entry id.
+_CANCEL = _TERMINAL + """
+if not s then return {'missing'} end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+if s ~= 'queued' then return {'cancelling'} end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+redis.call('XADD', KEYS[4], ARGV[5], 'event', ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+redis.call('PUBLISH', KEYS[5], ARGV[4])
+return {'cancelled'}
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learned when it claimed a job."""
+
+    verdict: str  # "run", "cancel", or the terminal status of a finished job
+    delivery: int
+    created_at: float
+
+
+def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,
+             response: Any = None, error: Any = None) -> str:
+    """The result key's JSON envelope."""
+    return json.dumps({"id": job_id, "status": status.value, "response": response,
+                       "error": error, **meta}, separators=(",", ":"))
+
+
+class JobStore:
+    """Reads and writes job records under one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, result_ttl: int,
+                 queued_ttl: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.result_ttl = result_ttl
+        self.queued_ttl = queued_ttl
+        self._claim = client.register_script(_CLAIM)
+        self._cancel = client.register_script(_CANCEL)
+
+    def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
+        """The job hash fields written at submit (and by a worker for foreign jobs)."""
+        fields = {"kind": spec.kind, "upstream": upstream, "queue": queue,
+                  "model": spec.model or "", "stream": "1" if spec.stream else "0",
+                  "store_result": "1" if spec.store_result else "0"}
+        if spec.result_ttl is not None:
+            fields["result_ttl"] = str(spec.result_ttl)
+        return fields
+
+    def create(self, job_id: str, fields: dict[str, str]) -> None:
+        """Write a new job's record, status queued."""
+        key = self.keys.job(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        record = {**fields, "status": JobStatus.QUEUED.value, "created_at": repr(time.time())}
+        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
+        pipe.expire(key, self.queued_ttl)
+        pipe.execute()
+
+    def claim(self, job_id: str, fields: dict[str, str]) -> Claim:
+        """Mark the job running, unless it is finished or cancelled."""
+        flat = [item for pair in fields.items() for item in pair]
+        verdict, delivery, created = self._claim(
+            keys=[self.keys.job(job_id), self.keys.cancel(job_id)],
+            args=[repr(time.time()), self.queued_ttl, *flat])
+        return Claim(_text(verdict), int(delivery), float(created))
+
+    def finish_commands(self, job_id: str, status: JobStatus, result: str | None,
+                        event: str, event_id: str, ttl: int, attempts: int,
+                        error: Any = None) -> list[Command]:
+        """The writes that end a job: status, result, final event, all with TTLs."""
+        job, events = self.keys.job(job_id), self.keys.events(job_id)
+        fields = ["status", status.value, "finished_at", repr(time.time()),
+                  "attempts", str(attempts)]
+        if error is not None:
+            fields += ["error", json.dumps(error)]
+        commands: list[Command] = [("HSET", job, *fields), ("EXPIRE", job, ttl)]
+        if result is not None:
+            commands.append(("SET", self.keys.result(job_id), result, "EX", ttl))
+        commands += [("XADD", events, event_id, "event", event), ("EXPIRE", events, ttl),
+                     ("PUBLISH", self.keys.channel(job_id), event)]
+        return commands
+
+    def cancel(self, job_id: str) -> str:
+        """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status."""
+        meta = self.meta(job_id)
+        error = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
+                 "message": "the job was cancelled before it started"}
+        result = envelope(job_id, JobStatus.CANCELLED, meta, error=error)
+        event = final_event(JobStatus.CANCELLED, 0, 0, error=error)
+        keys = self.keys
+        verdict = self._cancel(
+            keys=[keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
+                  keys.events(job_id), keys.channel(job_id)],
+            args=[repr(time.time()), self.result_ttl, result, event, entry_id(0, 0)])
+        return _text(verdict[0])
+
+    def requeued(self, job_id: str) -> None:
+        """Mark a job that goes back to its queue (the worker stopped mid-call)."""
+        self.redis.hset(self.keys.job(job_id), "status", JobStatus.QUEUED.value)
+
+    def status(self, job_id: str) -> str | None:
+        """The job's status, or None if there is no such job."""
+        value = self.redis.hget(self.keys.job(job_id), "status")
+        return None if value is None else _text(value)
+
+    def info(self, job_id: str) -> dict[str, str]:
+        """The whole job record (empty if there is none)."""
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def meta(self, job_id: str) -> dict[str, Any]:
+        """The envelope's descriptive fields, from the job record."""
+        return meta_from(self.info(job_id))
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """The stored result envelope, if any."""
+        raw = self.redis.get(self.keys.result(job_id))
+        return None if raw is None else json.loads(raw)
+
+
+def meta_from(info: dict[str, str]) -> dict[str, Any]:
+    """Envelope fields from a job record."""
+    def number(name: str) -> float | None:
+        return float(info[name]) if info.get(name) else None
+    return {"kind": info.get("kind"), "upstream": info.get("upstream"),
+            "model": info.get("model") or None, "attempts": int(info.get("attempts", 0)),
+            "created_at": number("created_at"), "started_at": number("started_at"),
+            "finished_at": number("finished_at")}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

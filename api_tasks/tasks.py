@@ -1,0 +1,57 @@
+"""The two Celery tasks. Thin: decode arguments, run the job, declare the retry policy.
+
+Retries of the upstream call happen inside ``JobRunner`` (``api_tasks.retry``),
+so the tasks never ask Celery to retry; a worker shutting down mid-call
+rejects the message with requeue, and another worker runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Reject
+
+from api_tasks.runner import WorkerStopping
+from api_tasks.runtime import current
+from api_tasks.spec import Kind
+
+__all__ = ["CHAT_TASK", "COMPLETION_TASK", "chat", "completion"]
+
+log = logging.getLogger(__name__)
+CHAT_TASK = "api_tasks.chat"
+COMPLETION_TASK = "api_tasks.completion"
+
+_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "ignore_result": True,  # results go to our own keys, not Celery's backend
+    "acks_late": True,  # a job whose worker dies is delivered again
+    "reject_on_worker_lost": True,
+    "max_retries": 0,  # the retry policy lives in api_tasks.retry, not here
+}
+
+
+def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
+    runtime = current()
+    job_id = task.request.id
+    try:
+        return runtime.runner.run(job_id, kind, first, params)
+    except WorkerStopping:
+        runtime.store.requeued(job_id)
+        raise Reject("worker shutting down", requeue=True) from None
+    except Exception as err:
+        log.exception("job %s: unexpected error", job_id)
+        return runtime.runner.fail_unexpected(job_id, kind, err)
+
+
+@shared_task(name=CHAT_TASK, **_OPTIONS)
+def chat(self: Task, messages: Any = None, **params: Any) -> str:
+    """Run a chat completion job: ``messages`` plus any OpenAI fields."""
+    return _run(self, "chat", messages, params)
+
+
+@shared_task(name=COMPLETION_TASK, **_OPTIONS)
+def completion(self: Task, prompt: Any = None, **params: Any) -> str:
+    """Run a completion job: ``prompt`` plus any OpenAI fields."""
+    return _run(self, "completion", prompt, params)

@@ -1,0 +1,137 @@
+"""Group commit: one thread per process writes every job's events to Redis.
+
+One XADD or PUBLISH per chunk costs a round trip and caps a process at a few
+thousand chunks a second. Instead jobs hand their commands to this writer,
+which takes everything queued since its last flush and sends it as one
+pipeline: under load, chunks that arrive together are written together; when
+idle, a command goes out at once. A single writer also keeps each job's
+commands in the order they were given.
+
+Stream entries carry ids we chose, so re-sending a batch after a connection
+error cannot add an entry twice (Redis refuses the smaller-or-equal id and we
+ignore that refusal).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import redis
+
+__all__ = ["Command", "EventWriter"]
+
+log = logging.getLogger(__name__)
+Command = tuple[Any, ...]
+_DUPLICATE_ID = "equal or smaller than the target stream top item"
+
+
+class EventWriter:
+    """A background thread that pipelines queued Redis commands."""
+
+    def __init__(self, client: redis.Redis, max_batch: int = 2000,
+                 retry_for: float = 120.0) -> None:
+        self._redis = client
+        self._max_batch = max_batch
+        self._retry_for = retry_for
+        self._queue: deque[tuple[Sequence[Command], Future[None] | None]] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def submit(self, commands: Sequence[Command], wait: bool = False) -> Future[None] | None:
+        """Queue commands; with ``wait``, return a future done once they are in Redis."""
+        future: Future[None] | None = Future() if wait else None
+        with self._ready:
+            self._queue.append((commands, future))
+            self._ready.notify()
+        return future
+
+    def write(self, commands: Sequence[Command], timeout: float | None = None) -> None:
+        """Queue commands and block until Redis has them (raises if it never does)."""
+        future = self.submit(commands, wait=True)
+        assert future is not None
+        future.result(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued, then stop."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[tuple[Sequence[Command], Future[None] | None]]:
+        with self._ready:
+            while not self._queue and not self._closed:
+                self._ready.wait()
+            batch = []
+            count = 0
+            while self._queue and count < self._max_batch:
+                item = self._queue.popleft()
+                batch.append(item)
+                count += len(item[0])
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            self._flush(batch)
+
+    def _flush(self, batch: list[tuple[Sequence[Command], Future[None] | None]]) -> None:
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.05
+        while True:
+            try:
+                results = self._execute(batch)
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                if time.monotonic() > deadline:
+                    _fail(batch, err)
+                    return
+                log.warning("event writer: Redis unavailable (%s), retrying", err)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            _settle(batch, results)
+            return
+
+    def _execute(self, batch: list[tuple[Sequence[Command], Future[None] | None]]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for commands, _ in batch:
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return pipe.execute(raise_on_error=False)
+
+
+def _settle(batch: list[tuple[Sequence[Command], Future[None] | None]],
+            results: list[Any]) -> None:
+    offset = 0
+    for commands, future in batch:
+        mine = results[offset:offset + len(commands)]
+        offset += len(commands)
+        error = next((r for r in mine if isinstance(r, Exception)
+                      and _DUPLICATE_ID not in str(r)), None)
+        if error is not None:
+            log.error("event writer: command failed: %s", error)
+        if future is not None:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+def _fail(batch: list[tuple[Sequence[Command], Future[None] | None]], err: Exception) -> None:
+    log.error("event writer: giving up on %d items: %s", len(batch), err)
+    for _, future in batch:
+        if future is not None:
+            future.set_exception(err)

@@ -1,0 +1,219 @@
+"""The typed settings object: built once at start-up, then passed down.
+
+Sources, each laid over the one before: the shipped ``config/defaults.yaml``,
+the file named by ``API_TASKS_CONFIG`` (if any), then a few environment
+variables (see ``ENV_OVERRIDES``). With no upstream configured anywhere,
+``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` define one (zero-config).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+__all__ = [
+    "JobSettings",
+    "RedisSettings",
+    "RetrySettings",
+    "Settings",
+    "Timeouts",
+    "Upstream",
+    "WorkerSettings",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+Payload = dict[str, Any]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Model):
+    """Seconds allowed to connect, between two reads, and for a whole call."""
+
+    connect: float = Field(10.0, gt=0)
+    read: float = Field(600.0, gt=0)
+    total: float = Field(1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _total_covers_parts(self) -> Timeouts:
+        if self.total < self.connect:
+            raise ValueError("total must be at least connect")
+        return self
+
+
+class RetrySettings(_Model):
+    """How often and how patiently a failed call is tried again."""
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    initial_delay: float = Field(0.5, ge=0)
+    max_delay: float = Field(8.0, ge=0)
+    jitter: float = Field(0.25, ge=0, le=1)
+    max_retry_after: float = Field(60.0, ge=0)
+
+
+class Upstream(_Model):
+    """One OpenAI-format server and what it serves."""
+
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    api_key: SecretStr | None = Field(None, exclude=True)
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    default_model: str | None = None
+    timeouts: Timeouts = Timeouts()
+    retry: RetrySettings = RetrySettings()
+    defaults: Payload = Field(default_factory=dict)
+    model_defaults: dict[str, Payload] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
+    stream_include_usage: bool = True
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _normalise_base_url(cls, value: str) -> str:
+        # Users write the base both ways (".../v1" as the OpenAI SDK does, or
+        # the bare host); the client always appends "/v1/...", so strip it.
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        url = value.strip().rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    @field_validator("headers")
+    @classmethod
+    def _no_secret_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        banned = {"authorization", "api-key", "x-api-key"}
+        if banned & {name.lower() for name in value}:
+            raise ValueError("keys go in api_key_env or api_key_file, not in headers")
+        return value
+
+    def serves(self, model: str) -> bool:
+        """Whether a model name matches one of this upstream's globs."""
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def model_layer(self, model: str | None) -> Payload:
+        """The model_defaults layers whose glob matches, in file order, merged."""
+        if model is None:
+            return {}
+        layer: Payload = {}
+        for pattern, values in self.model_defaults.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                layer.update(values)
+        return layer
+
+    def longest_call(self) -> float:
+        """An upper bound on one job's time here: every attempt and every wait."""
+        retry = self.retry
+        waits = (retry.max_attempts - 1) * max(retry.max_delay, retry.max_retry_after)
+        return retry.max_attempts * self.timeouts.total + waits
+
+
+class RedisSettings(_Model):
+    """Where Redis is and how our keys are named."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "api_tasks"
+    socket_connect_timeout: float = Field(5.0, gt=0)
+    health_check_interval: int = Field(15, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-'")
+        return value
+
+
+class JobSettings(_Model):
+    """Lifetimes and size limits of jobs."""
+
+    result_ttl: int = Field(86400, ge=1)
+    queued_ttl: int = Field(7 * 86400, ge=60)
+    default_queue: Literal["interactive", "bulk"] = "interactive"
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+
+class WorkerSettings(_Model):
+    """How a worker process runs its jobs."""
+
+    pool: Literal["threads", "gevent"] = "threads"
+    concurrency: int = Field(200, ge=1, le=10000)
+    shutdown_grace: float = Field(30.0, ge=0)
+    watchdog_interval: float = Field(0.2, gt=0, le=5)
+    visibility_timeout: int | None = Field(None, ge=60)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Model):
+    """Everything the producer and the worker need, validated."""
+
+    defaults: Payload = Field(default_factory=dict)
+    redis: RedisSettings = RedisSettings()
+    jobs: JobSettings = JobSettings()
+    worker: WorkerSettings = WorkerSettings()
+    upstreams: list[Upstream] = Field(min_length=1)
+    sources: list[str] = Field(default_factory=list, exclude=True)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_names(cls, value: list[Upstream]) -> list[Upstream]:
+        names = [upstream.name for upstream in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique: {', '.join(duplicates)}")
+        return value
+
+    @model_validator(mode="after")
+    def _visibility_covers_jobs(self) -> Settings:
+        timeout = self.worker.visibility_timeout
+        if timeout is not None and timeout <= self.longest_job():
+            raise ValueError(
+                f"worker.visibility_timeout ({timeout}s) must exceed the longest job "
+                f"({self.longest_job():.0f}s), or jobs run twice"
+            )
+        return self
+
+    def upstream(self, name: str) -> Upstream | None:
+        """The upstream of that name, if configured."""
+        return next((u for u in self.upstreams if u.name == name), None)
+
+    def upstream_for_model(self, model: str | None) -> Upstream | None:
+        """The first upstream, in file order, that serves this model."""
+        if model is None:
+            return self.upstreams[0]
+        return next((u for u in self.upstreams if u.serves(model)), None)
+
+    def longest_job(self) -> float:
+        """Seconds the slowest configured job may take, all attempts included."""
+        return max(upstream.longest_call() for upstream in self.upstreams)
+
+    def visibility_timeout(self) -> int:
+        """The broker's visibility timeout: above the longest job, at least an hour."""
+        if self.worker.visibility_timeout is not None:
+            return self.worker.visibility_timeout
+        return int(max(3600.0, self.longest_job() * 1.25 + 60))

@@ -1,0 +1,39 @@
+"""A loopback OpenAI-format server with real servers' quirks, for integration tests and benchmarks.
+
+Usage: ``with FakeUpstream() as up: up.script("m", Reply(chunk_delay=0.1), HttpError(429))``.
+"""
+
+from .payloads import DEFAULT_MODEL
+from .server import FakeUpstream, Recorded
+from .steps import (
+    BigBody,
+    BigLine,
+    Close,
+    Drip,
+    Hang,
+    Html,
+    HttpError,
+    InvalidUtf8,
+    Reply,
+    Slow,
+    Step,
+    StreamError,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "BigBody",
+    "BigLine",
+    "Close",
+    "Drip",
+    "FakeUpstream",
+    "Hang",
+    "Html",
+    "HttpError",
+    "InvalidUtf8",
+    "Recorded",
+    "Reply",
+    "Slow",
+    "Step",
+    "StreamError",
+]

@@ -1,0 +1,63 @@
+"""The Celery app, configured from the settings for long, IO-bound LLM calls.
+
+Why each setting (the README explains them for operators):
+- JSON only, both ways: a pickled message is refused, never run.
+- Late ack + requeue on worker loss: a job is acked only after its result is
+  in Redis, so a dead worker's jobs are delivered again.
+- Prefetch of one per slot: a worker reserves only what it can run, so an
+  idle worker elsewhere gets the rest and interactive jobs are not stuck
+  behind a reserved bulk backlog.
+- Queues are read in priority order (``interactive`` before ``bulk``).
+- A visibility timeout above the longest job, or Redis would hand a running
+  job to a second worker.
+- Celery's result backend is off: results go to our own documented keys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
+
+from api_tasks.keys import Keys
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = ["QUEUES", "create_app"]
+
+QUEUES = ("interactive", "bulk")
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for these settings (used by workers and producers alike)."""
+    app = Celery("api_tasks", broker=settings.redis.url, include=["api_tasks.tasks"],
+                 set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.jobs.default_queue,
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        task_create_missing_queues=False,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout(),
+            "queue_order_strategy": "priority",
+            "global_keyprefix": Keys(settings.redis.prefix).celery_prefix(),
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_pool=settings.worker.pool,
+        worker_concurrency=settings.worker.concurrency,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    return app

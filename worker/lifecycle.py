@@ -1,0 +1,49 @@
+"""Worker start and stop: build the runtime once, and bound a graceful shutdown.
+
+On SIGTERM Celery starts a warm shutdown, which on the threads pool waits for
+running tasks with no limit. We give in-flight jobs ``worker.shutdown_grace``
+seconds to finish; then every call still running is aborted and its job is
+rejected with requeue, so another worker runs it and this one exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import after_setup_logger, worker_init, worker_shutdown, worker_shutting_down
+
+from api_tasks import runtime
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = ["connect_signals"]
+
+log = logging.getLogger(__name__)
+
+
+def connect_signals(settings: Settings) -> None:
+    """Hook the runtime into this worker process's life."""
+
+    def on_init(**_: Any) -> None:
+        runtime.install(settings)
+
+    def on_logging(logger: logging.Logger, **_: Any) -> None:
+        logger.setLevel(settings.worker.log_level)
+
+    def on_shutting_down(**_: Any) -> None:
+        grace = settings.worker.shutdown_grace
+        log.info("shutting down: in-flight jobs have %.0fs to finish", grace)
+        timer = threading.Timer(grace, runtime.current().stop_calls)
+        timer.daemon = True
+        timer.start()
+
+    def on_shutdown(**_: Any) -> None:
+        runtime.current().close()
+
+    worker_init.connect(on_init, weak=False)
+    after_setup_logger.connect(on_logging, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
