@@ -1,5 +1,9 @@
 """``Job``: a handle on a submitted job, usable from any process.
 
+``get_job`` checks that a job exists; a ``Job`` itself waits for its events
+even before a worker has seen it (a job sent by a plain Celery client has no
+record until a worker claims it).
+
 Waiting reads the job's event stream with ``XREAD BLOCK``: nothing polls, a
 reader that comes late still sees every event from the first, and the final
 event (done, error or cancelled) tells it where to stop.
@@ -79,7 +83,6 @@ class Job:
         """Yield every event envelope after stream id ``after``, up to the final one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         key = self._client.keys.events(self.id)
-        self._require_exists()
         last = after
         while True:
             entries = self._read(key, last, deadline)
@@ -99,22 +102,17 @@ class Job:
         return verdict in ("cancelled", "cancelling")
 
     def _final_event(self, timeout: float | None) -> dict[str, Any]:
-        key = self._client.keys.events(self.id)
-        pipe = self._client.redis.pipeline(transaction=False)
-        pipe.exists(self._client.keys.job(self.id))
-        pipe.xrevrange(key, count=1)
-        exists, tail = _guard(pipe.execute)
+        # start from the newest entry: a long stream's chunks need not be read again
+        tail: Any = _guard(self._client.redis.xrevrange, self._client.keys.events(self.id),
+                           count=1)
+        after = "0-0"
         if tail:
             entry_id, fields = tail[0]
             event = json.loads(fields[b"event"])
             if event["type"] in _FINAL:
                 return {**event}
-            after = entry_id
-        elif not exists:
-            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
-        else:
-            after = b"0-0"
-        for event in self.events(timeout, after=after.decode()):
+            after = entry_id.decode()
+        for event in self.events(timeout, after=after):
             if event["type"] in _FINAL:
                 return event
         raise JobTimeout(f"job {self.id} did not finish")  # unreachable: events() ends on final
@@ -129,10 +127,6 @@ class Job:
                                 block=max(int(wait * 1000), 1))
             if reply:  # RESP2 shape: [[key, [(id, fields), ...]]]
                 return list(reply[0][1])
-
-    def _require_exists(self) -> None:
-        if not _guard(self._client.redis.exists, self._client.keys.job(self.id)):
-            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
 
     def _raise_for(self, event: dict[str, Any]) -> None:
         kind = event["type"]

@@ -18,6 +18,7 @@ import requests
 
 from api_tasks.assemble import StreamAssembler
 from api_tasks.errors import (
+    APIConnectionError,
     ApiTasksError,
     CallCancelled,
     InvalidJob,
@@ -139,13 +140,19 @@ class JobRunner:
         decoder = SSEDecoder(run.upstream.max_line_bytes)
         assembler = StreamAssembler(run.spec.kind)
         done = False
-        with response:
-            for data in self.http.reads(handle, response, call, call.max_response_bytes):
-                done = self._publish(run, assembler, decoder.feed(data))
-                if done:
-                    break
-            else:
-                done = self._publish(run, assembler, decoder.close())
+        try:
+            with response:
+                for data in self.http.reads(handle, response, call, call.max_response_bytes):
+                    done = self._publish(run, assembler, decoder.feed(data))
+                    if done:
+                        break
+                else:
+                    done = self._publish(run, assembler, decoder.close())
+        except APIConnectionError:
+            # before any chunk the call may be retried; after, it is a truncated stream
+            # (or, past the last finish_reason, a cut that lost nothing)
+            if run.published == 0:
+                raise
         if not done and not assembler.finished:
             raise StreamError(f"the upstream closed the stream after {run.published} chunks "
                               "without a finish_reason or [DONE]", code="stream_truncated",

@@ -235,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Every method goes through the same routing."""
         self._serve()
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
 
     def _serve(self) -> None:
         """Records the request, answers it, and decides whether to keep the connection."""

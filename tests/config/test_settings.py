@@ -1,0 +1,122 @@
+"""Settings: layered sources, zero-config, validation naming the key and the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from api_tasks.errors import ConfigError
+from config.loader import load_settings
+from tests.support.services import ROOT
+
+
+def _write(tmp_path: Path, data: object) -> str:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_shipped_defaults_and_zero_config() -> None:
+    settings = load_settings(env={})
+    assert settings.defaults == {"max_tokens": 8096, "temperature": 0.1, "presence_penalty": 0.5,
+                                 "frequency_penalty": 0.8, "top_p": 0.75}
+    [upstream] = settings.upstreams
+    assert upstream.name == "default" and upstream.base_url == "http://127.0.0.1:20009"
+    assert upstream.api_key is None and settings.redis.url.startswith("redis://")
+
+
+def test_zero_config_from_openai_variables() -> None:
+    settings = load_settings(env={"OPENAI_BASE_URL": "https://api.example.com/v1/",
+                                  "OPENAI_API_KEY": "sk-zero", "REDIS_URL": "redis://r:1/2"})
+    [upstream] = settings.upstreams
+    assert upstream.base_url == "https://api.example.com"
+    assert upstream.api_key is not None and upstream.api_key.get_secret_value() == "sk-zero"
+    assert settings.redis.url == "redis://r:1/2"
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/"])
+def test_base_url_with_or_without_v1(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, {"upstreams": [{"name": "u", "base_url": url}]})
+    assert load_settings(env={}, path=path).upstreams[0].base_url == "http://h:1"
+
+
+def test_file_layers_over_defaults_and_env_over_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"defaults": {"temperature": 0.7, "top_p": None},
+                             "jobs": {"result_ttl": 60},
+                             "upstreams": [{"name": "a", "base_url": "http://a",
+                                            "api_key_env": "A_KEY"}]})
+    settings = load_settings(env={"API_TASKS_CONFIG": path, "API_TASKS_RESULT_TTL": "90",
+                                  "A_KEY": "sk-a"})
+    assert settings.defaults["temperature"] == 0.7 and settings.defaults["max_tokens"] == 8096
+    assert settings.defaults["top_p"] is None  # a null layer removes it when merged
+    assert settings.jobs.result_ttl == 90
+    assert settings.upstreams[0].api_key is not None
+
+
+def test_bad_value_names_the_key_and_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"upstreams": [{"name": "a", "base_url": "http://a",
+                                            "timeouts": {"connect": -1}}]})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, path=path)
+    message = str(caught.value)
+    assert "upstreams[0].timeouts.connect" in message and path in message
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"API_TASKS_CONCURRENCY": "many"})
+    assert "worker.concurrency" in str(caught.value)
+    assert "API_TASKS_CONCURRENCY" in str(caught.value)
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"upstreams": [{"name": "a", "base_url": "ftp://a"}]}, "upstreams[0].base_url"),
+    ({"upstreams": [{"name": "a", "base_url": "http://a", "colour": 1}]}, "upstreams[0].colour"),
+    ({"upstreams": [{"name": "a", "base_url": "http://a"}, {"name": "a", "base_url": "http://b"}]},
+     "unique"),
+    ({"upstreams": [{"name": "a", "base_url": "http://a",
+                     "headers": {"Authorization": "Bearer x"}}]}, "upstreams[0].headers"),
+    ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"worker": {"pool": "prefork"}}, "worker.pool"),
+    ({"worker": {"visibility_timeout": 100}}, "visibility_timeout"),
+    ("upstreams: [unclosed", "not valid YAML"),
+])
+def test_invalid_settings(tmp_path: Path, data: object, needle: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, path=path)
+    assert needle in str(caught.value)
+
+
+def test_missing_file_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"API_TASKS_CONFIG": "/nonexistent/settings.yaml"})
+    assert "/nonexistent/settings.yaml" in str(caught.value)
+
+
+def test_keys_never_serialise(tmp_path: Path) -> None:
+    settings = load_settings(env={"OPENAI_API_KEY": "sk-hidden"})
+    assert "sk-hidden" not in settings.model_dump_json() and "sk-hidden" not in repr(settings)
+
+
+def test_key_from_a_secrets_file(tmp_path: Path) -> None:
+    secret = tmp_path / "key.txt"
+    secret.write_text("sk-file\n")
+    path = _write(tmp_path, {"upstreams": [{"name": "a", "base_url": "http://a",
+                                            "api_key_file": str(secret)}]})
+    key = load_settings(env={}, path=path).upstreams[0].api_key
+    assert key is not None and key.get_secret_value() == "sk-file"
+
+
+def test_worker_with_bad_settings_stops_at_start(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"upstreams": [{"name": "a", "base_url": "nope"}]})
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker"],
+                          cwd=ROOT, env={"API_TASKS_CONFIG": path, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "upstreams[0].base_url" in done.stderr and path in done.stderr
+    assert "Traceback" not in done.stderr

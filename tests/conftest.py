@@ -1,0 +1,104 @@
+"""Session fixtures: one real Redis, one fake upstream, one real Celery worker.
+
+Every test that submits jobs uses models named uniquely for it, so scripted
+upstream behaviour and recorded requests never mix between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from api_tasks.client import Client
+from config.loader import load_settings
+from config.settings import Settings
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.services import RedisServer, WorkerProcess, free_port
+
+SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
+
+
+def upstream_settings(fake_url: str) -> list[dict[str, Any]]:
+    """The upstreams the test worker knows: all on the fake server but one; catch-all last."""
+    quick = {"initial_delay": 0.05, "max_delay": 0.2, "max_retry_after": 3}
+    return [
+        {"name": "tight", "base_url": fake_url, "models": ["tight-*"],
+         "timeouts": {"connect": 1, "read": 1, "total": 2.5},
+         "retry": {"max_attempts": 1}, "max_response_bytes": 1048576,
+         "max_line_bytes": 65536},
+        {"name": "keyed", "base_url": fake_url, "models": ["keyed-*"],
+         "api_key_env": "FAKE_UPSTREAM_KEY", "retry": quick},
+        {"name": "closed", "base_url": f"http://127.0.0.1:{free_port()}", "models": ["closed-*"],
+         "retry": {**quick, "max_attempts": 2}, "timeouts": {"connect": 1, "read": 2, "total": 3}},
+        {"name": "fake", "base_url": fake_url + "/v1", "models": ["*"], "retry": quick,
+         "timeouts": {"connect": 2, "read": 10, "total": 30},
+         "defaults": {"temperature": 0.2},
+         "model_defaults": {"layered-*": {"top_p": 0.5, "presence_penalty": None}}},
+    ]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("api_tasks")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="session")
+def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream) -> dict[str, str]:
+    config = workdir / "settings.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": upstream_settings(fake.base_url),
+                                      "worker": {"shutdown_grace": 3}}))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
+    env.update({"API_TASKS_CONFIG": str(config), "REDIS_URL": redis_server.url,
+                "API_TASKS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "FAKE_UPSTREAM_KEY": SECRET,
+                "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(worker_env: dict[str, str]) -> Settings:
+    producer_env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    return load_settings(env=producer_env)
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env: dict[str, str], workdir: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(worker_env, workdir / "worker.log").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings, worker: WorkerProcess) -> Client:
+    return Client(settings)
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture
+def model() -> str:
+    """A model name unique to the test, so its scripted steps are its own."""
+    return f"m-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,46 @@
+"""docker-compose.yml: valid against the Compose schema, and set up as documented."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.support.services import ROOT
+
+SCHEMA = ROOT.parent / "shared" / "compose-spec.json"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_matches_the_compose_schema(compose: dict[str, Any]) -> None:
+    if not SCHEMA.exists():
+        pytest.skip(f"{SCHEMA} is not on this machine")
+    jsonschema.validate(compose, json.loads(SCHEMA.read_text()))
+
+
+def test_redis_7_with_healthcheck_and_noeviction(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert "noeviction" in redis["command"] and "--appendonly" in redis["command"]
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    assert all(port.startswith("127.0.0.1:") for port in redis["ports"])
+
+
+def test_worker_and_flower(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    worker, flower = services["worker"], services["flower"]
+    assert worker["command"][:4] == ["celery", "-A", "worker", "worker"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert any(arg.startswith("--basic-auth=") for arg in flower["command"])
+    assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
+    assert (ROOT / "Dockerfile").exists()

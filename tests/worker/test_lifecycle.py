@@ -1,0 +1,65 @@
+"""Worker life: graceful SIGTERM finishes or requeues in-flight jobs, none lost."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api_tasks import JobStatus
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.services import WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def own_env(worker_env: dict[str, str]) -> dict[str, str]:
+    """A private prefix: its own queues and keys, so only this test's workers see its jobs."""
+    return {**worker_env, "API_TASKS_PREFIX": f"life{uuid.uuid4().hex[:6]}"}
+
+
+@pytest.fixture
+def own_client(own_env: dict[str, str]) -> Client:
+    return Client(load_settings(env=own_env))
+
+
+@pytest.fixture
+def workers(own_env: dict[str, str], workdir: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    fake.script(model + "-short", Reply(delay=1.0))
+    fake.script(model + "-long", *[Reply(delay=30.0)] * 3, Reply(content="second worker"))
+    first = WorkerProcess(own_env, workdir / f"{model}-a.log", concurrency=8, name="a").start()
+    workers.append(first)
+    short = [own_client.submit_chat(USER, model=model + "-short") for _ in range(3)]
+    long = [own_client.submit_chat(USER, model=model + "-long") for _ in range(3)]
+    fake.wait_for_requests(model + "-long", 3, timeout=10)
+    fake.wait_for_requests(model + "-short", 3, timeout=10)
+    first.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert first.wait(timeout=20) == 0
+    assert time.monotonic() - signalled < 3 + 5  # shutdown_grace is 3 s in the test settings
+    assert all(job.status() is JobStatus.SUCCEEDED for job in short)
+    assert all(job.status() is JobStatus.QUEUED for job in long)
+    second = WorkerProcess(own_env, workdir / f"{model}-b.log", concurrency=8, name="b").start()
+    workers.append(second)
+    for job in long:
+        response = job.result(timeout=30)
+        assert response is not None
+        assert response["choices"][0]["message"]["content"] == "second worker"
+    wait_until(lambda: len(fake.requests(model + "-long")) == 6, 5, "six calls")
