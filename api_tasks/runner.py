@@ -55,12 +55,18 @@ class _Run:
 
     job_id: str
     spec: JobSpec
-    upstream: Upstream
+    upstream: Upstream | None  # None only for a job refused before routing
     delivery: int
     created_at: float
     started_at: float = field(default_factory=time.time)
     attempts: int = 0
     published: int = 0
+
+    @property
+    def target(self) -> Upstream:
+        """The upstream of a routed job."""
+        assert self.upstream is not None, "only a routed job is called"
+        return self.upstream
 
 
 class JobRunner:
@@ -103,15 +109,15 @@ class JobRunner:
                     raise WorkerStopping(run.job_id) from err
                 status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
                 return self._finish(run, status, error=err.to_error(
-                    attempts=run.attempts, upstream=run.upstream.name))
+                    attempts=run.attempts, upstream=run.target.name))
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: _Run, handle: CallHandle) -> dict[str, Any]:
-        call = build_call(self.settings, run.upstream, run.spec)
-        policy = self.policies[run.upstream.name]
+        call = build_call(self.settings, run.target, run.spec)
+        policy = self.policies[run.target.name]
         while True:
             run.attempts += 1
-            handle.start_attempt(run.upstream.timeouts.total)
+            handle.start_attempt(run.target.timeouts.total)
             try:
                 return self._attempt(run, handle, call)
             except UpstreamError as err:
@@ -137,7 +143,7 @@ class JobRunner:
 
     def _stream(self, run: _Run, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
-        decoder = SSEDecoder(run.upstream.max_line_bytes)
+        decoder = SSEDecoder(run.target.max_line_bytes)
         assembler = StreamAssembler(run.spec.kind)
         done = False
         try:
@@ -187,16 +193,16 @@ class JobRunner:
         if claim.verdict in TERMINAL:
             return claim.verdict
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, claim.delivery, claim.created_at)  # type: ignore[arg-type]
+        run = _Run(job_id, spec, None, claim.delivery, claim.created_at)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
     def _finish(self, run: _Run, status: JobStatus, *, response: dict[str, Any] | None = None,
                 error: dict[str, Any] | None = None) -> str:
         finished = time.time()
-        meta: dict[str, Any] = {"kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
-                "model": run.spec.model, "attempts": run.attempts,
-                "created_at": run.created_at, "started_at": run.started_at,
-                "finished_at": finished}
+        meta: dict[str, Any] = {
+            "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
+            "model": run.spec.model, "attempts": run.attempts, "created_at": run.created_at,
+            "started_at": run.started_at, "finished_at": finished}
         result = envelope(run.job_id, status, meta, response=response, error=error) \
             if run.spec.store_result else None
         event = final_event(status, run.published, run.delivery, error=error,
@@ -217,7 +223,7 @@ class JobRunner:
         error = error_object("internal_error", "internal_error",
                              f"the worker hit an unexpected {type(err).__name__}", None)
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, 1, time.time())  # type: ignore[arg-type]
+        run = _Run(job_id, spec, None, 1, time.time())
         return self._finish(run, JobStatus.FAILED, error=error)
 
 

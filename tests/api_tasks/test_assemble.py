@@ -28,7 +28,8 @@ def test_tool_call_arguments_are_concatenated() -> None:
     asm.add(_chat({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}))
     asm.add(_chat({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}, "tool_calls"))
     call = asm.response()["choices"][0]["message"]["tool_calls"][0]
-    assert call == {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    function = {"name": "f", "arguments": '{"a":1}'}
+    assert call == {"id": "t1", "type": "function", "function": function}
 
 
 def test_completion_text_and_unfinished_choices() -> None:

@@ -15,12 +15,12 @@ from tests.support.fake_upstream import (
     BigLine,
     Close,
     Drip,
+    FakeUpstream,
     Hang,
     Html,
     HttpError,
     Reply,
 )
-from tests.support.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]

@@ -176,7 +176,8 @@ def test_streamed_completion_and_tool_calls(client: Client, fake: FakeUpstream, 
     assert json.loads(call["function"]["arguments"])
 
 
-def test_several_choices_are_assembled_apart(client: Client, fake: FakeUpstream, model: str) -> None:
+def test_several_choices_are_assembled_apart(client: Client, fake: FakeUpstream,
+                                             model: str) -> None:
     fake.script(model, Reply(pieces=["a", "b", "c"], n=2))
     response = client.submit_chat(USER, model=model, stream=True, n=2).result(timeout=20)
     assert response is not None

@@ -90,8 +90,12 @@ class WorkerProcess:
     """``celery -A worker worker`` as a child process, logging to a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 50,
-                 queues: str = "interactive,bulk", name: str = "w1") -> None:
+                 queues: str = "interactive,bulk", name: str = "w1", app: str = "worker",
+                 pool: str = "threads", extra: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.app = app
+        self.pool = pool
+        self.extra = extra
         self.log_path = log_path
         self.concurrency = concurrency
         self.queues = queues
@@ -99,9 +103,9 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> WorkerProcess:
-        args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads",
+        args = [sys.executable, "-m", "celery", "-A", self.app, "worker", "-P", self.pool,
                 "-c", str(self.concurrency), "-Q", self.queues, "-n", f"{self.name}@%h",
-                "--without-mingle", "--without-gossip", "--without-heartbeat"]
+                "--without-mingle", "--without-gossip", "--without-heartbeat", *self.extra]
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log,
@@ -118,6 +122,11 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

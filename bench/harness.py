@@ -1,0 +1,92 @@
+"""Benchmark plumbing: services in their own processes, and what a process costs."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory (``VmRSS``) or its peak (``VmHWM``) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of the values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@dataclass
+class Services:
+    """A Redis and the fake upstream, each in its own process."""
+
+    redis: RedisServer
+    upstream_url: str
+    workdir: Path
+
+    def env(self, prefix: str | None = None, **extra: str) -> dict[str, str]:
+        """Environment for a worker or producer of this run."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
+        env.update({"REDIS_URL": self.redis.url, "OPENAI_BASE_URL": self.upstream_url,
+                    "API_TASKS_PREFIX": prefix or f"b{uuid.uuid4().hex[:6]}",
+                    "API_TASKS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)})
+        env.update(extra)
+        return env
+
+    @contextmanager
+    def worker(self, env: dict[str, str], *, app: str = "worker", pool: str = "threads",
+               concurrency: int = 200, name: str = "bench") -> Iterator[WorkerProcess]:
+        """A worker process for the duration of the block."""
+        process = WorkerProcess(env, self.workdir / f"{name}.log", concurrency=concurrency,
+                                app=app, pool=pool, name=name,
+                                extra=("-l", "WARNING") if app != "worker" else ())
+        if app != "worker":
+            process.queues = "celery"
+        process.start(wait=False)  # callers warm it up with a first job
+        try:
+            yield process
+        finally:
+            process.stop()
+
+
+@contextmanager
+def services(workdir: Path) -> Iterator[Services]:
+    """Start Redis and the fake upstream; stop them afterwards."""
+    redis = RedisServer(workdir / "redis").start()
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(port)], cwd=ROOT,
+                                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert upstream.stdout is not None
+        assert upstream.stdout.readline().strip() == b"ready"
+        yield Services(redis, f"http://127.0.0.1:{port}/v1", workdir)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+        redis.stop()
