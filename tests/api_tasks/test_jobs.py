@@ -112,6 +112,7 @@ def test_get_job_finds_it_again(client: Client, model: str) -> None:
         ("chat", USER, {"queue": "fast"}, "queue"),
         ("completion", {"text": 1}, {}, "prompt"),
         ("completion", "x", {"stream": "yes"}, "stream"),
+        ("completion", "x" * (5 * 1024 * 1024), {}, "prompt"),
     ],
 )
 def test_invalid_jobs_are_refused_at_submit(client: Client, redis_client: redis.Redis,

@@ -63,3 +63,21 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "second worker"
     wait_until(lambda: len(fake.requests(model + "-long")) == 6, 5, "six calls")
+
+
+def test_interactive_jobs_are_served_before_a_bulk_backlog(
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    bulk = [own_client.submit_chat(USER, model=model, queue="bulk") for _ in range(20)]
+    urgent = own_client.submit_chat(USER, model=model + "-urgent")
+    assert urgent.info()["queue"] == "interactive" and bulk[0].info()["queue"] == "bulk"
+    single = WorkerProcess(own_env, workdir / f"{model}-p.log", concurrency=1, name="p").start()
+    workers.append(single)
+    urgent.result(timeout=20)
+    for job in bulk:
+        job.result(timeout=20)
+    [urgent_call] = fake.requests(model + "-urgent")
+    bulk_calls = fake.requests(model)
+    assert len(bulk_calls) == 20
+    # one bulk job may already have been taken when the worker started; no more
+    assert sum(call.at < urgent_call.at for call in bulk_calls) <= 1
