@@ -1,0 +1,52 @@
+"""The README's first command, as a new user runs it: install, embedded Redis, worker, a job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.services import ROOT, wait_until
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = [line.removeprefix("export ").split("=", 1)
+             for line in path.read_text().splitlines() if line.startswith("export ")]
+    return dict(pairs)
+
+
+@pytest.mark.timeout(400)
+def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_", "VIRTUAL_ENV"))}
+    env.update({"API_TASKS_VENV": str(tmp_path / "venv"), "API_TASKS_RUN_DIR": str(tmp_path),
+                "PYTHON": sys.executable})
+    log = tmp_path / "serve.log"
+    job_env: dict[str, str] = {}
+    with open(log, "wb") as out:
+        serve = subprocess.Popen(["bash", "scripts/serve", "--demo"], cwd=ROOT, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: serve.poll() is not None or " ready." in log.read_text(), 300,
+                   "the worker to be ready", interval=0.5)
+        assert serve.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "source " in text and "api_tasks chat" in text  # it says how to submit a job
+        job_env.update({**env, **_env_file(tmp_path / "env")})
+        done = subprocess.run([str(tmp_path / "venv/bin/python"), "-m", "api_tasks", "chat",
+                               "Hello", "--stream"], cwd=tmp_path, env=job_env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "echo: Hello\n"
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(60)
+    # the script stops the worker, then Redis, before it returns
+    client = redis.Redis.from_url(job_env["REDIS_URL"], socket_connect_timeout=1)
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
