@@ -26,6 +26,7 @@ from api_tasks.errors import (
     JobNotFound,
     JobTimeout,
     StreamError,
+    StreamRestarted,
     UpstreamError,
 )
 from api_tasks.events import EventType, JobStatus
@@ -50,6 +51,7 @@ __all__ = [
     "JobStatus",
     "JobTimeout",
     "StreamError",
+    "StreamRestarted",
     "UpstreamError",
     "get_job",
     "merge_payload",

@@ -2,4 +2,6 @@
 
 from api_tasks.cli import main
 
+__all__: list[str] = []
+
 raise SystemExit(main())

@@ -34,7 +34,8 @@ class StreamAssembler:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            self._add_choice(choice)
+            if isinstance(choice, dict):  # tolerate junk rather than fail a good stream
+                self._add_choice(choice)
 
     @property
     def finished(self) -> bool:
@@ -62,18 +63,19 @@ class StreamAssembler:
             state["finish_reason"] = choice["finish_reason"]
         if choice.get("logprobs") is not None:
             state.setdefault("logprob_parts", []).append(choice["logprobs"])
-        if self.kind == "chat":
-            self._add_delta(state.setdefault("message", {}), choice.get("delta") or {})
-        elif choice.get("text"):
+        delta = choice.get("delta")
+        if self.kind == "chat" and isinstance(delta, dict):
+            self._add_delta(state.setdefault("message", {}), delta)
+        elif self.kind != "chat" and isinstance(choice.get("text"), str):
             state["text"] = state.get("text", "") + choice["text"]
 
     def _add_delta(self, message: dict[str, Any], delta: dict[str, Any]) -> None:
         for key, value in delta.items():
             if value is None:
                 continue
-            if key in _CONCAT:
+            if key in _CONCAT and isinstance(value, str):
                 message[key] = message.get(key, "") + value
-            elif key == "tool_calls":
+            elif key == "tool_calls" and isinstance(value, list):
                 _add_tool_calls(message.setdefault("tool_calls", []), value)
             else:
                 message[key] = value
@@ -91,8 +93,10 @@ class StreamAssembler:
         return choice
 
 
-def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:
     for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
         index = int(delta.get("index", len(calls)))
         while len(calls) <= index:
             calls.append({"id": None, "type": "function",
@@ -102,7 +106,9 @@ def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -
             call["id"] = delta["id"]
         if delta.get("type"):
             call["type"] = delta["type"]
-        function = delta.get("function") or {}
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            function = {}
         call["function"]["name"] += function.get("name") or ""
         call["function"]["arguments"] += function.get("arguments") or ""
 

@@ -22,6 +22,7 @@ from api_tasks.errors import (
     JobTimeout,
 )
 from api_tasks.jobs import Job
+from api_tasks.spec import QUEUES
 
 __all__ = ["main", "parse_param"]
 
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--system", help="a system message (chat only)")
         cmd.add_argument("--model", "-m")
         cmd.add_argument("--upstream", "-u", help="a configured upstream name")
-        cmd.add_argument("--queue", choices=("interactive", "bulk"))
+        cmd.add_argument("--queue", choices=QUEUES)
         cmd.add_argument("--stream", "-s", action="store_true", help="print tokens as they come")
         cmd.add_argument("--param", "-p", action="append", type=parse_param, default=[],
                          metavar="KEY=VALUE", help="any OpenAI field; JSON values, null removes")

@@ -28,7 +28,9 @@ __all__ = [
     "JobNotFound",
     "JobTimeout",
     "StreamError",
+    "StreamRestarted",
     "UpstreamError",
+    "WorkerStopping",
     "error_object",
 ]
 
@@ -100,6 +102,20 @@ class JobFailed(ApiTasksError):
 
 class JobCancelled(JobFailed):
     """The job was cancelled before it finished."""
+
+
+class StreamRestarted(ApiTasksError):
+    """The job began a new attempt after this reader showed chunks of an earlier one."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        super().__init__(f"job {job_id} restarted as attempt {attempt}: discard what was shown "
+                         "and call stream() again")
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+class WorkerStopping(ApiTasksError):
+    """The worker is shutting down mid-call: the job goes back to its queue."""
 
 
 class UpstreamError(ApiTasksError):

@@ -7,11 +7,14 @@ one field, ``event``, whose value is one of::
     {"type": "done", "seq": 12, "attempt": 1, "finish_reason": "stop", "usage": {...}}
     {"type": "error", "seq": 3, "attempt": 1, "error": {...error object...}}
     {"type": "cancelled", "seq": 5, "attempt": 1, "error": {...}}
+    {"type": "reset", "seq": 0, "attempt": 2}
 
 Chunks are numbered from 0; the final event's ``seq`` is the number of chunks
 before it. Entry ids are ``<attempt>-<seq + 1>``, chosen by us rather than by
 Redis, so a write retried after a lost reply is refused as a duplicate instead
-of being added twice.
+of being added twice. A job delivered again (its worker stopped or died) runs a
+new attempt, announced by a ``reset`` event (id ``<attempt>-0``): what a reader
+showed of earlier attempts is void.
 
 The result key holds the envelope ``{"id", "status", "kind", "response",
 "error", "upstream", "model", "attempts", "created_at", "started_at",
@@ -24,7 +27,18 @@ import json
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["TERMINAL", "EventType", "JobStatus", "chunk_event", "entry_id", "final_event"]
+__all__ = [
+    "EVENT_FIELD",
+    "TERMINAL",
+    "EventType",
+    "JobStatus",
+    "chunk_event",
+    "entry_id",
+    "final_event",
+    "reset_event",
+]
+
+EVENT_FIELD = "event"  # the one field of every stream entry
 
 
 class JobStatus(StrEnum):
@@ -47,6 +61,7 @@ class EventType(StrEnum):
     DONE = "done"
     ERROR = "error"
     CANCELLED = "cancelled"
+    RESET = "reset"
 
 
 FINAL_EVENT = {
@@ -64,6 +79,11 @@ def entry_id(attempt: int, seq: int) -> str:
 def chunk_event(seq: int, attempt: int, raw_chunk: str) -> str:
     """A chunk event as JSON; the upstream's chunk text is embedded, not re-encoded."""
     return f'{{"type":"chunk","seq":{seq},"attempt":{attempt},"data":{raw_chunk}}}'
+
+
+def reset_event(attempt: int) -> str:
+    """The event that opens a new attempt; stream id ``<attempt>-0``."""
+    return f'{{"type":"reset","seq":0,"attempt":{attempt}}}'
 
 
 def final_event(status: JobStatus, seq: int, attempt: int, *,

@@ -32,7 +32,7 @@ from api_tasks.errors import (
 from api_tasks.inflight import CallHandle, current_handle
 from api_tasks.retry import parse_retry_after
 
-__all__ = ["CallRequest", "HttpClient", "decode_json"]
+__all__ = ["CallRequest", "HttpClient", "decode_json", "scrub"]
 
 _READ_SIZE = 65536
 _ERROR_BODY_CAP = 65536
@@ -42,20 +42,32 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           422: "invalid_request_error", 429: "rate_limit_error"}
 
 
-class _TrackedHTTPConnection(HTTPConnection):
+class _Tracked:
+    """Reports its socket to the thread's CallHandle: on connect, and on each reuse."""
+
+    sock: Any
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _attach(self.sock)
+
     def request(self, *args: Any, **kwargs: Any) -> None:
-        handle = current_handle()
-        if handle is not None:
-            handle.attach(self)
-        super().request(*args, **kwargs)
+        _attach(self.sock)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _TrackedHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        handle = current_handle()
-        if handle is not None:
-            handle.attach(self)
-        super().request(*args, **kwargs)
+def _attach(sock: Any) -> None:
+    handle = current_handle()
+    if handle is not None:
+        handle.attach(sock)
+
+
+class _TrackedHTTPConnection(_Tracked, HTTPConnection):
+    pass
+
+
+class _TrackedHTTPSConnection(_Tracked, HTTPSConnection):
+    pass
 
 
 class _TrackedPool(HTTPConnectionPool):
@@ -136,7 +148,8 @@ class HttpClient:
         seen = 0
         while True:
             try:
-                data = response.raw.read1(_READ_SIZE)
+                # decoded: servers behind nginx or Cloudflare may gzip their answers
+                data = response.raw.read1(_READ_SIZE, decode_content=True)
             except (urllib3.exceptions.HTTPError, OSError) as err:
                 raise _convert(err, handle, call) from err
             if not data:
@@ -163,7 +176,7 @@ class HttpClient:
             body = b""
         message, etype, code, param = _describe_error(status, body, response)
         return APIStatusError(
-            _scrub(message, call.secrets), status=status, code=code, param=param,
+            scrub(message, call.secrets), status=status, code=code, param=param,
             type=etype or _TYPES.get(status, "server_error" if status >= 500 else "api_error"),
             retry_after=parse_retry_after(response.headers, time.time()))
 
@@ -181,7 +194,7 @@ def decode_json(body: bytes, response: requests.Response, call: CallRequest) -> 
                                    status=response.status_code)
     if data.get("error") is not None:
         message, etype, code, param = _describe_error(response.status_code, body, response)
-        raise APIStatusError(_scrub(message, call.secrets), status=response.status_code,
+        raise APIStatusError(scrub(message, call.secrets), status=response.status_code,
                              code=code, type=etype or "api_error", param=param)
     return data
 
@@ -219,7 +232,8 @@ def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Replace every secret in ``text`` with ***."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -249,7 +263,7 @@ def _convert(err: BaseException, handle: CallHandle, call: CallRequest) -> Upstr
     if _caused_by(err, ConnectionResetError):
         return APIConnectionError("the upstream reset the connection", code="connection_reset")
     return APIConnectionError(f"connection to the upstream failed: {type(err).__name__}: "
-                              f"{_scrub(str(err), call.secrets)[:300]}", code="connection_error")
+                              f"{scrub(str(err), call.secrets)[:300]}", code="connection_error")
 
 
 def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:

@@ -38,29 +38,36 @@ class CallHandle:
         self.total = 0.0
         self.reason: str | None = None
         self.stopped = threading.Event()
-        self._conn: Any = None
+        self._sock: Any = None
         self._lock = threading.Lock()
 
     def start_attempt(self, total: float) -> None:
-        """Arm the whole-call deadline for the next attempt (a past deadline is forgiven)."""
+        """Arm the whole-call deadline for the next attempt."""
         with self._lock:
-            if self.reason == "deadline":
-                self.reason = None
-                self.stopped.clear()
-            self._conn = None
+            self._sock = None
             self.total = total
             self.deadline = time.monotonic() + total
 
     def pause(self) -> None:
-        """No deadline while waiting between attempts."""
-        self.deadline = float("inf")
-
-    def attach(self, conn: Any) -> None:
-        """Remember the connection a request is about to use (called by the adapter)."""
+        """Between attempts: no deadline, and a past deadline is forgiven."""
         with self._lock:
-            self._conn = conn
+            self.deadline = float("inf")
+            if self.reason == "deadline":
+                self.reason = None
+                self.stopped.clear()
+
+    def attach(self, sock: Any) -> None:
+        """Remember the socket the call uses (called by the adapter's connections).
+
+        The socket itself is kept, not the connection: http.client drops
+        ``conn.sock`` for a response that ends at close, while its socket lives on.
+        """
+        if sock is None:
+            return
+        with self._lock:
+            self._sock = sock
             if self.reason is not None:
-                _shutdown(conn)
+                _shutdown(sock)
 
     def abort(self, reason: str) -> None:
         """Stop the call: record why, wake any wait, close the socket."""
@@ -68,7 +75,7 @@ class CallHandle:
             if self.reason is None:
                 self.reason = reason
             self.stopped.set()
-            _shutdown(self._conn)
+            _shutdown(self._sock)
 
     def error(self) -> UpstreamError | None:
         """The error that explains an abort, if the call was aborted."""
@@ -103,8 +110,7 @@ def current_handle() -> CallHandle | None:
     return getattr(_local, "handle", None)
 
 
-def _shutdown(conn: Any) -> None:
-    sock = getattr(conn, "sock", None)
+def _shutdown(sock: Any) -> None:
     if sock is None:
         return
     with contextlib.suppress(OSError):

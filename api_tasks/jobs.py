@@ -11,6 +11,7 @@ event (done, error or cancelled) tells it where to stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,16 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import redis
 
 from api_tasks.connections import BLOCK_SLICE
-from api_tasks.errors import BrokerUnavailable, JobCancelled, JobFailed, JobNotFound, JobTimeout
-from api_tasks.events import EventType, JobStatus
+from api_tasks.errors import (
+    ApiTasksError,
+    BrokerUnavailable,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    StreamRestarted,
+)
+from api_tasks.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
 
 if TYPE_CHECKING:
     from api_tasks.client import Client
@@ -29,6 +38,16 @@ __all__ = ["Job"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+_FIELD = EVENT_FIELD.encode()
+_MAX_SEQ = 2**64 - 1
+_TERMINAL = {status.value for status in TERMINAL}
+
+
+class _Ended(ApiTasksError):
+    """Internal: the job's record says it ended, but no final event can be read."""
+
+
+
 _FINAL = {EventType.DONE.value, EventType.ERROR.value, EventType.CANCELLED.value}
 
 
@@ -62,22 +81,32 @@ class Job:
         Raises ``JobFailed`` (``.error`` is the error object), ``JobCancelled``,
         or ``JobTimeout`` when ``timeout`` seconds pass first.
         """
-        final = self._final_event(timeout)
-        self._raise_for(final)
-        stored: dict[str, Any] | None = _guard(self._client.store.result, self.id)
-        return None if stored is None else stored.get("response")
+        with contextlib.suppress(_Ended):  # then the stored result tells how it ended
+            self._raise_for(self._final_event(timeout))
+        return self._stored_outcome()
 
     def stream(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield the upstream's chunks in order from the first, then stop at the end.
 
-        Works wherever the job is: queued, running or finished. Raises like
-        ``result()`` when the job fails, is cancelled or ``timeout`` passes.
+        Works wherever the job is: queued, running or finished; a finished job
+        that ran twice shows its last attempt only. Raises like ``result()`` when
+        the job fails, is cancelled or ``timeout`` passes, and ``StreamRestarted``
+        if a new attempt begins after this reader showed chunks of an earlier one.
         """
-        for event in self.events(timeout=timeout):
-            if event["type"] == EventType.CHUNK.value:
-                yield event["data"]
-            else:
-                self._raise_for(event)
+        shown: int | None = None
+        try:
+            for event in self.events(timeout=timeout, after=self._latest_attempt_start()):
+                kind = event["type"]
+                if kind == EventType.CHUNK.value:
+                    shown = event["attempt"]
+                    yield event["data"]
+                elif kind == EventType.RESET.value:
+                    if shown is not None and shown < event["attempt"]:
+                        raise StreamRestarted(self.id, event["attempt"])
+                else:
+                    self._raise_for(event)
+        except _Ended:
+            self._stored_outcome()
 
     def events(self, timeout: float | None = None, after: str = "0-0") -> Iterator[dict[str, Any]]:
         """Yield every event envelope after stream id ``after``, up to the final one."""
@@ -88,7 +117,7 @@ class Job:
             entries = self._read(key, last, deadline)
             for entry_id, fields in entries:
                 last = entry_id
-                event = json.loads(fields[b"event"])
+                event = json.loads(fields[_FIELD])
                 event["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 yield event
                 if event["type"] in _FINAL:
@@ -108,7 +137,7 @@ class Job:
         after = "0-0"
         if tail:
             entry_id, fields = tail[0]
-            event = json.loads(fields[b"event"])
+            event = json.loads(fields[_FIELD])
             if event["type"] in _FINAL:
                 return {**event}
             after = entry_id.decode()
@@ -127,6 +156,25 @@ class Job:
                                 block=max(int(wait * 1000), 1))
             if reply:  # RESP2 shape: [[key, [(id, fields), ...]]]
                 return list(reply[0][1])
+            if _guard(self._client.store.status, self.id) in _TERMINAL:
+                raise _Ended  # ended, but its final event is gone (expired or never written)
+
+    def _latest_attempt_start(self) -> str:
+        """The stream id just before the newest attempt's first entry."""
+        tail: Any = _guard(self._client.redis.xrevrange, self._client.keys.events(self.id),
+                           count=1)
+        attempt = int(tail[0][0].split(b"-")[0]) if tail else 0
+        return f"{attempt - 1}-{_MAX_SEQ}" if attempt > 0 else "0-0"
+
+    def _stored_outcome(self) -> dict[str, Any] | None:
+        """The response from the result key, or the error as an exception."""
+        stored: dict[str, Any] | None = _guard(self._client.store.result, self.id)
+        if stored is None or stored.get("status") == JobStatus.SUCCEEDED.value:
+            return None if stored is None else stored.get("response")
+        error = stored.get("error") or {}
+        if stored.get("status") == JobStatus.CANCELLED.value:
+            raise JobCancelled(self.id, error)
+        raise JobFailed(self.id, error)
 
     def _raise_for(self, event: dict[str, Any]) -> None:
         kind = event["type"]

@@ -4,7 +4,7 @@ Retries happen at this one layer (the worker's call loop), never also in
 Celery or urllib3. Retried: connection errors, timeouts, 408, 409, 429 and
 5xx; never another 4xx, and never a stream that already published chunks.
 Waits grow exponentially, capped, with jitter; a server's ``retry-after-ms``
-or ``Retry-After`` (seconds or an HTTP date) wins when it is reasonable.
+or ``Retry-After`` (seconds or an HTTP date) wins, capped at ``max_retry_after``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def retry_delay(
     """Seconds to wait before the next attempt, or ``None`` when the error is final."""
     if not error.retryable or chunks_published > 0 or attempt >= policy.max_attempts:
         return None
-    asked = error.retry_after
-    if asked is not None and asked <= policy.max_retry_after:
-        return asked
+    if error.retry_after is not None:
+        # the server knows best, but a job never sleeps longer than the policy allows
+        return min(error.retry_after, policy.max_retry_after)
     return backoff_delay(policy, attempt, rand)

@@ -7,7 +7,6 @@ which writes the status, the result envelope and the final event together.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -16,37 +15,32 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from api_tasks.assemble import StreamAssembler
 from api_tasks.errors import (
-    APIConnectionError,
-    ApiTasksError,
     CallCancelled,
     InvalidJob,
     InvalidResponseError,
     StreamError,
     UpstreamError,
+    WorkerStopping,
     error_object,
 )
-from api_tasks.events import TERMINAL, JobStatus, chunk_event, entry_id, final_event
+from api_tasks.events import EVENT_FIELD, TERMINAL, JobStatus, entry_id, final_event, reset_event
 from api_tasks.http_client import CallRequest, HttpClient
 from api_tasks.inflight import CallHandle, Watchdog
 from api_tasks.retry import RetryPolicy, retry_delay
 from api_tasks.routing import build_call, resolve_upstream
 from api_tasks.spec import JobSpec, Kind, build_spec
-from api_tasks.sse import SSEDecoder, SSEEvent
 from api_tasks.store import JobStore, envelope
-from api_tasks.writer import Command, EventWriter
+from api_tasks.streaming import StreamRelay
+from api_tasks.writer import EventWriter
 
 if TYPE_CHECKING:
     from config.settings import Settings, Upstream
 
-__all__ = ["JobRunner", "WorkerStopping"]
+__all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerStopping(ApiTasksError):
-    """The worker is shutting down mid-call: the job must go back to the queue."""
+_WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
 
 
 @dataclass
@@ -94,6 +88,8 @@ class JobRunner:
             log.info("job %s already %s: delivery ignored", job_id, claim.verdict)
             return claim.verdict
         run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at)
+        if run.delivery > 1:
+            self._announce_reset(run)
         if claim.verdict == "cancel":
             return self._finish(run, JobStatus.CANCELLED, error=CallCancelled(
                 "the job was cancelled before it started").to_error())
@@ -110,6 +106,9 @@ class JobRunner:
                 status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
                 return self._finish(run, status, error=err.to_error(
                     attempts=run.attempts, upstream=run.target.name))
+            except Exception as err:  # a bug must end the job, never leave it running
+                log.exception("job %s: unexpected error", run.job_id)
+                return self._finish(run, JobStatus.FAILED, error=_internal(err, run.attempts))
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: _Run, handle: CallHandle) -> dict[str, Any]:
@@ -143,49 +142,44 @@ class JobRunner:
 
     def _stream(self, run: _Run, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
-        decoder = SSEDecoder(run.target.max_line_bytes)
-        assembler = StreamAssembler(run.spec.kind)
-        done = False
+        relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
+                            self.writer, self._ttl(run.spec), run.target.max_line_bytes,
+                            call.secrets)
+        try:
+            self._relay_body(relay, handle, response, call)
+        finally:
+            run.published = relay.published
+        if not relay.complete():
+            raise StreamError(f"the upstream closed the stream after {relay.published} chunks "
+                              "without a finish_reason or [DONE]", code="stream_truncated",
+                              status=response.status_code)
+        return relay.response()
+
+    def _relay_body(self, relay: StreamRelay, handle: CallHandle,
+                    response: requests.Response, call: CallRequest) -> None:
         try:
             with response:
                 for data in self.http.reads(handle, response, call, call.max_response_bytes):
-                    done = self._publish(run, assembler, decoder.feed(data))
-                    if done:
-                        break
-                else:
-                    done = self._publish(run, assembler, decoder.close())
-        except APIConnectionError:
-            # before any chunk the call may be retried; after, it is a truncated stream
-            # (or, past the last finish_reason, a cut that lost nothing)
-            if run.published == 0:
+                    if relay.feed(data):
+                        return
+                relay.close()
+        except UpstreamError as err:
+            # before any chunk the call may be retried; after one, a cut connection is
+            # a truncated stream, never restarted (past the last finish_reason it lost nothing)
+            if relay.published == 0 or not err.retryable or handle.reason is not None:
                 raise
-        if not done and not assembler.finished:
-            raise StreamError(f"the upstream closed the stream after {run.published} chunks "
-                              "without a finish_reason or [DONE]", code="stream_truncated",
-                              status=response.status_code)
-        return assembler.response()
+            if not relay.complete():
+                raise StreamError(f"the stream broke after {relay.published} chunks: "
+                                  f"{err.message}", code="stream_truncated",
+                                  status=response.status_code) from err
 
-    def _publish(self, run: _Run, assembler: StreamAssembler, events: list[SSEEvent]) -> bool:
-        """Parse and publish a batch of events (one pipeline); True once [DONE] is seen."""
-        keys = self.store.keys
-        stream_key, channel = keys.events(run.job_id), keys.channel(run.job_id)
-        commands: list[Command] = []
-        done = False
-        for event in events:
-            if event.data == "[DONE]":
-                done = True
-                break
-            assembler.add(_parse_chunk(event))
-            payload = chunk_event(run.published, run.delivery, event.data)
-            commands.append(("XADD", stream_key, entry_id(run.delivery, run.published),
-                             "event", payload))
-            commands.append(("PUBLISH", channel, payload))
-            if run.published == 0:
-                commands.append(("EXPIRE", stream_key, self._ttl(run.spec)))
-            run.published += 1
-        if commands:
-            self.writer.submit(commands)
-        return done
+    def _announce_reset(self, run: _Run) -> None:
+        """A new attempt of a job delivered before: readers must drop what they had."""
+        events = self.store.keys.events(run.job_id)
+        self.writer.submit([("XADD", events, entry_id(run.delivery, -1), EVENT_FIELD,
+                             reset_event(run.delivery)), ("EXPIRE", events, self._ttl(run.spec)),
+                            ("PUBLISH", self.store.keys.channel(run.job_id),
+                             reset_event(run.delivery))])
 
     def _reject(self, job_id: str, kind: str, err: InvalidJob) -> str:
         log.warning("job %s refused: %s", job_id, err)
@@ -196,8 +190,15 @@ class JobRunner:
         run = _Run(job_id, spec, None, claim.delivery, claim.created_at)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
+    def fail(self, job_id: str, kind: str, err: BaseException) -> str:
+        """Last resort for a bug outside a call: the job ends failed, never hangs."""
+        spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
+        run = _Run(job_id, spec, None, 0, time.time())
+        # "*": an id Redis picks, above any attempt's, so the final event always lands
+        return self._finish(run, JobStatus.FAILED, error=_internal(err, 0), event_id="*")
+
     def _finish(self, run: _Run, status: JobStatus, *, response: dict[str, Any] | None = None,
-                error: dict[str, Any] | None = None) -> str:
+                error: dict[str, Any] | None = None, event_id: str | None = None) -> str:
         finished = time.time()
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
@@ -208,8 +209,8 @@ class JobRunner:
         event = final_event(status, run.published, run.delivery, error=error,
                             **_summary(response))
         self.writer.write(self.store.finish_commands(
-            run.job_id, status, result, event, entry_id(run.delivery, run.published),
-            self._ttl(run.spec), run.attempts, error))
+            run.job_id, status, result, event, event_id or entry_id(run.delivery, run.published),
+            self._ttl(run.spec), run.attempts, error), timeout=_WRITE_TIMEOUT)
         log.info("job %s %s (upstream=%s attempts=%d chunks=%d %.3fs)",
                  run.job_id, status.value, meta["upstream"], run.attempts, run.published,
                  finished - run.started_at)
@@ -218,41 +219,16 @@ class JobRunner:
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl
 
-    def fail_unexpected(self, job_id: str, kind: str, err: BaseException) -> str:
-        """Last resort for a bug: the job ends failed with an internal_error, never hangs."""
-        error = error_object("internal_error", "internal_error",
-                             f"the worker hit an unexpected {type(err).__name__}", None)
-        spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, 1, time.time())
-        return self._finish(run, JobStatus.FAILED, error=error)
 
-
-def _parse_chunk(event: SSEEvent) -> dict[str, Any]:
-    try:
-        chunk = json.loads(event.data)
-    except ValueError as err:
-        raise InvalidResponseError(f"upstream sent an event that is not JSON: "
-                                   f"{event.data[:120]!r}", code="invalid_json") from err
-    if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
-        raise _stream_error(chunk)
-    if not isinstance(chunk, dict):
-        raise InvalidResponseError("upstream sent an event that is not a JSON object",
-                                   code="invalid_json")
-    return chunk
-
-
-def _stream_error(chunk: Any) -> StreamError:
-    error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
-    if not isinstance(error, dict):
-        return StreamError(f"upstream reported an error in the stream: {str(error)[:500]}")
-    code = error.get("code")
-    return StreamError(str(error.get("message") or "upstream reported an error in the stream"),
-                       code=str(code) if code not in (None, "") else "stream_error",
-                       type=str(error.get("type") or "server_error"), status=200)
+def _internal(err: BaseException, attempts: int) -> dict[str, Any]:
+    return error_object("internal_error", "internal_error",
+                        f"the worker hit an unexpected {type(err).__name__}; see its log",
+                        None, attempts=attempts)
 
 
 def _summary(response: dict[str, Any] | None) -> dict[str, Any]:
     if not response:
         return {}
     choices = response.get("choices") or [{}]
-    return {"finish_reason": choices[0].get("finish_reason"), "usage": response.get("usage")}
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    return {"finish_reason": first.get("finish_reason"), "usage": response.get("usage")}

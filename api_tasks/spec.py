@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from api_tasks.errors import InvalidJob
 
-__all__ = ["CONTROL_FIELDS", "JobSpec", "Kind", "build_spec"]
+__all__ = ["CONTROL_FIELDS", "QUEUES", "JobSpec", "Kind", "build_spec"]
 
 Kind = Literal["chat", "completion"]
-QUEUES = ("interactive", "bulk")
+QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue"})
 # a job must not carry credentials or choose where it is sent

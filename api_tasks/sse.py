@@ -34,6 +34,7 @@ class SSEDecoder:
     max_line_bytes: int = 4 * 1024 * 1024
     _buffer: bytearray = field(default_factory=bytearray)
     _skip_lf: bool = False
+    _fresh: bool = True
     _data: list[str] = field(default_factory=list)
     _event: str = ""
     _id: str | None = None
@@ -43,18 +44,28 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False
+        if self._fresh:
+            self._fresh = False
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM may open the stream
         self._buffer += chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            # no line ends here: don't rescan a long partial line on every read
+            self._check_size()
+            return []
         events: list[SSEEvent] = []
         for line in self._take_lines():
             event = self._line(line)
             if event is not None:
                 events.append(event)
+        self._check_size()
+        return events
+
+    def _check_size(self) -> None:
         if len(self._buffer) > self.max_line_bytes:
             raise InvalidResponseError(
                 f"upstream sent an event-stream line longer than {self.max_line_bytes} bytes",
                 code="line_too_long",
             )
-        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a final event that lacked its blank line."""

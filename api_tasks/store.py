@@ -14,36 +14,48 @@ from typing import Any
 
 import redis
 
-from api_tasks.events import JobStatus, entry_id, final_event
+from api_tasks.events import EVENT_FIELD, JobStatus, final_event
 from api_tasks.keys import Keys
 from api_tasks.spec import JobSpec
 from api_tasks.writer import Command
 
 __all__ = ["Claim", "JobStore", "envelope"]
 
-_TERMINAL = "local s = redis.call('HGET', KEYS[1], 'status')\n" \
-            "if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s} end\n"
+_STATUS = """local s = redis.call('HGET', KEYS[1], 'status')
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created} end
+"""
 
 # KEYS: job, cancel. ARGV: now, ttl, then field/value pairs for a job nobody created
-# (sent by a plain Celery client). Returns {verdict, delivery, created_at}.
-_CLAIM = _TERMINAL + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancel', '0', s or ARGV[1]} end
+# (sent by a plain Celery client). Returns {verdict, delivery, created_at}; the
+# delivery counts every claim, so a redelivered job's events get a new attempt number.
+_CLAIM = _STATUS + """
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 3)) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {'run', tostring(n), redis.call('HGET', KEYS[1], 'created_at')}
+local verdict = 'run'
+if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel' end
+return {verdict, tostring(n), created}
 """
 
-# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, entry id.
-_CANCEL = _TERMINAL + """
+# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, field.
+# A queued job ends here and now; its final event follows whatever the stream holds
+# (a job requeued by a stopping worker may have chunks of an earlier attempt).
+_CANCEL = _STATUS + """
 if not s then return {'missing'} end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if s ~= 'queued' then return {'cancelling'} end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
-redis.call('XADD', KEYS[4], ARGV[5], 'event', ARGV[4])
+local id = '0-1'
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+if last then
+  local attempt, seq = string.match(last[1], '(%d+)-(%d+)')
+  id = attempt .. '-' .. (tonumber(seq) + 1)
+end
+redis.call('XADD', KEYS[4], id, ARGV[5], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('PUBLISH', KEYS[5], ARGV[4])
 return {'cancelled'}
@@ -54,7 +66,7 @@ return {'cancelled'}
 class Claim:
     """What a worker learned when it claimed a job."""
 
-    verdict: str  # "run", "cancel", or the terminal status of a finished job
+    verdict: str  # "run", "cancel" (asked to stop), or the final status of a finished job
     delivery: int
     created_at: float
 
@@ -116,7 +128,7 @@ class JobStore:
         commands: list[Command] = [("HSET", job, *fields), ("EXPIRE", job, ttl)]
         if result is not None:
             commands.append(("SET", self.keys.result(job_id), result, "EX", ttl))
-        commands += [("XADD", events, event_id, "event", event), ("EXPIRE", events, ttl),
+        commands += [("XADD", events, event_id, EVENT_FIELD, event), ("EXPIRE", events, ttl),
                      ("PUBLISH", self.keys.channel(job_id), event)]
         return commands
 
@@ -131,7 +143,7 @@ class JobStore:
         verdict = self._cancel(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
                   keys.events(job_id), keys.channel(job_id)],
-            args=[repr(time.time()), self.result_ttl, result, event, entry_id(0, 0)])
+            args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD])
         return _text(verdict[0])
 
     def requeued(self, job_id: str) -> None:

@@ -1,8 +1,9 @@
 """The two Celery tasks. Thin: decode arguments, run the job, declare the retry policy.
 
 Retries of the upstream call happen inside ``JobRunner`` (``api_tasks.retry``),
-so the tasks never ask Celery to retry; a worker shutting down mid-call
-rejects the message with requeue, and another worker runs it.
+so the tasks never ask Celery to retry. A job that cannot finish in this
+process (the worker is stopping, or Redis is unreachable) is rejected with
+requeue, and runs again as a new, announced attempt.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
-from api_tasks.runner import WorkerStopping
+from api_tasks.errors import WorkerStopping
 from api_tasks.runtime import current
 from api_tasks.spec import Kind
 
@@ -36,13 +38,19 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
     runtime = current()
     job_id = task.request.id
     try:
-        return runtime.runner.run(job_id, kind, first, params)
-    except WorkerStopping:
-        runtime.store.requeued(job_id)
-        raise Reject("worker shutting down", requeue=True) from None
-    except Exception as err:
-        log.exception("job %s: unexpected error", job_id)
-        return runtime.runner.fail_unexpected(job_id, kind, err)
+        try:
+            return runtime.runner.run(job_id, kind, first, params)
+        except WorkerStopping:
+            runtime.store.requeued(job_id)
+            raise Reject("worker shutting down", requeue=True) from None
+        except (redis.RedisError, TimeoutError, Reject):
+            raise
+        except Exception as err:
+            log.exception("job %s: unexpected error", job_id)
+            return runtime.runner.fail(job_id, kind, err)
+    except (redis.RedisError, TimeoutError) as err:
+        log.error("job %s: Redis unavailable (%s); requeueing", job_id, err)
+        raise Reject("Redis unavailable", requeue=True) from None
 
 
 @shared_task(name=CHAT_TASK, **_OPTIONS)

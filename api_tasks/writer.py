@@ -86,7 +86,11 @@ class EventWriter:
             batch = self._take()
             if not batch:
                 return
-            self._flush(batch)
+            try:
+                self._flush(batch)
+            except Exception as err:  # the thread must outlive any one bad batch
+                log.exception("event writer: batch failed")
+                _fail(batch, err)
 
     def _flush(self, batch: list[tuple[Sequence[Command], Future[None] | None]]) -> None:
         deadline = time.monotonic() + self._retry_for

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port
 
+__all__ = ["Services", "cpu_seconds", "median", "memory_mb", "percentile", "services"]
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import requests
 from celery import Celery
 
+__all__ = ["app", "post"]
+
 app = Celery("bench_reference", broker=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
              backend=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",

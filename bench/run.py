@@ -16,6 +16,8 @@ from bench import scenarios
 from bench.harness import Services, memory_mb, services
 from bench.scenarios import Row
 
+__all__ = ["main", "run_pool", "table"]
+
 
 def run_pool(svc: Services, pool: str, sizes: dict[str, int]) -> list[Row]:
     """Every scenario on one pool implementation."""

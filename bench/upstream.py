@@ -11,6 +11,8 @@ import time
 
 from tests.support.fake_upstream import FakeUpstream, Reply
 
+__all__ = ["main"]
+
 
 def main() -> None:
     port = int(sys.argv[1])

@@ -208,6 +208,11 @@ class Settings(_Model):
             return self.upstreams[0]
         return next((u for u in self.upstreams if u.serves(model)), None)
 
+    def missing_keys(self) -> list[str]:
+        """Problems with upstream keys a worker needs: a named variable that is unset."""
+        return [f"upstreams[{i}].api_key_env: the environment variable {u.api_key_env} is not set"
+                for i, u in enumerate(self.upstreams) if u.api_key_env and u.api_key is None]
+
     def longest_job(self) -> float:
         """Seconds the slowest configured job may take, all attempts included."""
         return max(upstream.longest_call() for upstream in self.upstreams)

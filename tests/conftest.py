@@ -33,6 +33,8 @@ def upstream_settings(fake_url: str) -> list[dict[str, Any]]:
          "timeouts": {"connect": 1, "read": 1, "total": 2.5},
          "retry": {"max_attempts": 1}, "max_response_bytes": 1048576,
          "max_line_bytes": 65536},
+        {"name": "tight-retry", "base_url": fake_url, "models": [],
+         "timeouts": {"connect": 1, "read": 1, "total": 2}, "retry": quick},
         {"name": "keyed", "base_url": fake_url, "models": ["keyed-*"],
          "api_key_env": "FAKE_UPSTREAM_KEY", "retry": quick},
         {"name": "closed", "base_url": f"http://127.0.0.1:{free_port()}", "models": ["closed-*"],

@@ -39,6 +39,9 @@ def get_app() -> Celery:
 def _build() -> Celery:
     try:
         settings = load_settings()
+        problems = settings.missing_keys()
+        if problems:
+            raise ConfigError("; ".join(problems))
     except ConfigError as err:
         print(f"api-tasks worker: {err}", file=sys.stderr)
         raise SystemExit(2) from None

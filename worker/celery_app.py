@@ -21,13 +21,12 @@ from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from api_tasks.keys import Keys
+from api_tasks.spec import QUEUES
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["QUEUES", "create_app"]
-
-QUEUES = ("interactive", "bulk")
+__all__ = ["create_app"]
 
 
 def create_app(settings: Settings) -> Celery:

@@ -9,15 +9,17 @@ import pytest
 from api_tasks import JobCancelled, JobStatus
 from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
-from tests.support.services import wait_until
+from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "ends-at-close"])
 def test_cancel_a_running_stream_closes_the_upstream_connection(
-        client: Client, fake: FakeUpstream, model: str) -> None:
-    fake.script(model, Reply(pieces=[f"w{i} " for i in range(200)], chunk_delay=0.05))
+        client: Client, fake: FakeUpstream, model: str, chunked: bool) -> None:
+    fake.script(model, Reply(pieces=[f"w{i} " for i in range(200)], chunk_delay=0.05,
+                             chunked=chunked))
     job = client.submit_chat(USER, model=model, stream=True)
     chunks = job.stream(timeout=20)
     next(chunks)
@@ -44,7 +46,7 @@ def test_cancel_while_waiting_for_a_silent_upstream(client: Client, fake: FakeUp
 
 
 def test_cancel_a_queued_job_means_it_never_runs(client: Client, fake: FakeUpstream,
-                                                 model: str) -> None:
+                                                 worker: WorkerProcess, model: str) -> None:
     # fill the queue behind a burst of slow jobs so ours is still queued
     fake.script(model + "-slow", Reply(delay=1.0))
     blockers = [client.submit_chat(USER, model=model + "-slow") for _ in range(60)]
@@ -55,6 +57,11 @@ def test_cancel_a_queued_job_means_it_never_runs(client: Client, fake: FakeUpstr
         job.result(timeout=5)
     for blocker in blockers:
         blocker.result(timeout=30)
+    # the worker took the message later: it must leave the job as it was
+    wait_until(lambda: f"job {job.id} already cancelled" in worker.log(), 10, "the delivery")
+    assert job.status() is JobStatus.CANCELLED
+    events = list(job.events(timeout=5))
+    assert [e["type"] for e in events] == ["cancelled"]
     assert fake.requests(model) == []
 
 

@@ -152,3 +152,20 @@ def test_job_sent_by_a_plain_celery_client_runs(client: Client, model: str) -> N
     sent = client.app.send_task("api_tasks.completion", args=["hi"], kwargs={"model": model})
     response = client.job(sent.id).result(timeout=20)
     assert response is not None and response["choices"][0]["text"] == "echo: hi"
+
+
+def test_gzip_compressed_answer_is_decoded(client: Client, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="squeezed", gzip=True))
+    response = client.submit_chat(USER, model=model).result(timeout=20)
+    assert response is not None
+    assert response["choices"][0]["message"]["content"] == "squeezed"
+
+
+def test_a_missed_deadline_is_retried(client: Client, fake: FakeUpstream) -> None:
+    model = "tight-deadline-then-ok"
+    fake.script(model, Drip(interval=0.3, total=30), Reply(content="on time"))
+    job = client.submit_chat(USER, model=model, upstream="tight-retry")
+    response = job.result(timeout=30)
+    assert response is not None
+    assert response["choices"][0]["message"]["content"] == "on time"
+    assert len(fake.requests(model)) == 2

@@ -57,3 +57,16 @@ def test_line_over_the_cap_raises() -> None:
     with pytest.raises(InvalidResponseError) as caught:
         decoder.feed(b"data: " + b"x" * 2000)
     assert caught.value.code == "line_too_long"
+
+
+def test_a_bom_at_the_start_is_ignored() -> None:
+    assert _feed_all([b"\xef\xbb\xbfdata: a\n\n"]) == [SSEEvent("a")]
+
+
+def test_a_long_line_in_small_reads_is_not_rescanned() -> None:
+    decoder = SSEDecoder(max_line_bytes=8 * 1024 * 1024)
+    piece = b"x" * 1024
+    decoder.feed(b"data: ")
+    for _ in range(4096):  # 4 MiB: quadratic rescanning would take seconds here
+        assert decoder.feed(piece) == []
+    assert decoder.feed(b"\n\n") == [SSEEvent("x" * 4 * 1024 * 1024)]

@@ -120,3 +120,14 @@ def test_worker_with_bad_settings_stops_at_start(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "upstreams[0].base_url" in done.stderr and path in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_worker_stops_when_a_named_key_variable_is_unset(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"upstreams": [{"name": "a", "base_url": "http://a",
+                                            "api_key_env": "NOT_SET_KEY"}]})
+    assert load_settings(env={}, path=path).missing_keys() == [
+        "upstreams[0].api_key_env: the environment variable NOT_SET_KEY is not set"]
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker"],
+                          cwd=ROOT, env={"API_TASKS_CONFIG": path, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "NOT_SET_KEY is not set" in done.stderr

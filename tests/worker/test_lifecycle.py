@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api_tasks import JobStatus
+from api_tasks import JobStatus, StreamRestarted
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
@@ -81,3 +81,32 @@ def test_interactive_jobs_are_served_before_a_bulk_backlog(
     assert len(bulk_calls) == 20
     # one bulk job may already have been taken when the worker started; no more
     assert sum(call.at < urgent_call.at for call in bulk_calls) <= 1
+
+
+def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    fake.script(model, Reply(pieces=[f"old{i} " for i in range(100)], chunk_delay=0.1),
+                Reply(pieces=["fresh ", "answer"]))
+    first = WorkerProcess(own_env, workdir / f"{model}-s1.log", concurrency=4, name="s1").start()
+    workers.append(first)
+    job = own_client.submit_chat(USER, model=model, stream=True)
+    reader = job.stream(timeout=60)
+    shown = [next(reader) for _ in range(3)]
+    assert shown
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout=20) == 0
+    second = WorkerProcess(own_env, workdir / f"{model}-s2.log", concurrency=4, name="s2").start()
+    workers.append(second)
+    with pytest.raises(StreamRestarted) as caught:
+        list(reader)
+    assert caught.value.attempt == 2
+    again = [c["choices"][0]["delta"].get("content", "") for c in job.stream(timeout=30)
+             if c.get("choices")]
+    assert "".join(again) == "fresh answer"
+    response = job.result(timeout=10)
+    assert response is not None
+    assert response["choices"][0]["message"]["content"] == "fresh answer"
+    types = [(e["type"], e["attempt"]) for e in job.events(timeout=5)]
+    assert ("reset", 2) in types and types[-1] == ("done", 2)
+    assert types.index(("reset", 2)) > max(i for i, t in enumerate(types) if t[1] == 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterator
 
@@ -90,8 +91,11 @@ def reply(ex: Exchange, step: Reply) -> None:
         _stream_reply(ex, step, text)
         return
     tools = step.tool_calls and ex.kind == "chat"
-    body = ex.full(text, _finish(step, tools), step.usage, step.n, tools)
-    ex.wire.respond(200, _JSON, dumps(body), step.headers)
+    body = dumps(ex.full(text, _finish(step, tools), step.usage, step.n, tools))
+    headers = dict(step.headers)
+    if step.gzip:
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    ex.wire.respond(200, _JSON, body, headers)
 
 
 def _content_parts(ex: Exchange, step: Reply, text: str, tools: bool) -> list[str] | list[Json]:

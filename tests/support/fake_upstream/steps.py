@@ -29,6 +29,7 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     tool_calls: bool = False
     n: int = 1
+    gzip: bool = False  # compress a JSON body, as nginx or Cloudflare in front of a server do
 
 
 def Slow(delay: float) -> Reply:  # capitalised to read like the other steps

@@ -1,0 +1,112 @@
+"""Relay one upstream event stream: parse, publish in order, assemble the result.
+
+Each network read becomes one batch of writes (one pipeline through the
+``EventWriter``), so chunks that arrive together are written together. A
+batch is handed over even when a later event in it fails, so every chunk
+counted as published really is in Redis before the error event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from api_tasks.assemble import StreamAssembler
+from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
+from api_tasks.events import EVENT_FIELD, chunk_event, entry_id
+from api_tasks.http_client import scrub
+from api_tasks.keys import Keys
+from api_tasks.sse import SSEDecoder, SSEEvent
+from api_tasks.writer import Command, EventWriter
+
+__all__ = ["StreamRelay"]
+
+
+@dataclass
+class StreamRelay:
+    """Publishes one attempt's chunks and folds them into the final response."""
+
+    job_id: str
+    attempt: int
+    kind: str
+    keys: Keys
+    writer: EventWriter
+    ttl: int
+    max_line_bytes: int
+    secrets: tuple[str, ...] = ()
+    published: int = 0
+    done: bool = False
+    assembler: StreamAssembler = field(init=False)
+    decoder: SSEDecoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.assembler = StreamAssembler(self.kind)
+        self.decoder = SSEDecoder(self.max_line_bytes)
+
+    def feed(self, data: bytes) -> bool:
+        """Relay the events completed by ``data``; True once ``[DONE]`` was seen."""
+        return self._relay(self.decoder.feed(data))
+
+    def close(self) -> bool:
+        """End of body: relay a last event that lacked its blank line."""
+        return self._relay(self.decoder.close())
+
+    def complete(self) -> bool:
+        """Whether the stream ended properly ([DONE], or every choice finished)."""
+        return self.done or self.assembler.finished
+
+    def response(self) -> dict[str, Any]:
+        """The assembled response, in the non-streamed shape."""
+        return self.assembler.response()
+
+    def _relay(self, events: Iterable[SSEEvent]) -> bool:
+        commands: list[Command] = []
+        try:
+            for event in events:
+                if event.data == "[DONE]":
+                    self.done = True
+                    break
+                chunk = self._parse(event)
+                self.assembler.add(chunk)
+                commands += self._chunk_commands(event.data)
+        finally:
+            if commands:
+                self.writer.submit(commands)
+        return self.done
+
+    def _chunk_commands(self, raw: str) -> list[Command]:
+        payload = chunk_event(self.published, self.attempt, raw)
+        stream = self.keys.events(self.job_id)
+        commands: list[Command] = [
+            ("XADD", stream, entry_id(self.attempt, self.published), EVENT_FIELD, payload),
+            ("PUBLISH", self.keys.channel(self.job_id), payload)]
+        if self.published == 0:
+            commands.append(("EXPIRE", stream, self.ttl))
+        self.published += 1
+        return commands
+
+    def _parse(self, event: SSEEvent) -> dict[str, Any]:
+        try:
+            chunk = json.loads(event.data)
+        except ValueError as err:
+            raise InvalidResponseError(
+                f"upstream sent an event that is not JSON: "
+                f"{scrub(event.data[:120], self.secrets)!r}", code="invalid_json") from err
+        if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
+            raise self._stream_error(chunk)
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
+            raise InvalidResponseError("upstream sent a chunk that is not an OpenAI chunk "
+                                       "object", code="invalid_chunk")
+        return chunk
+
+    def _stream_error(self, chunk: Any) -> UpstreamError:
+        error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
+        code = error.get("code")
+        message = str(error.get("message") or "upstream reported an error in the stream")
+        return StreamError(scrub(message, self.secrets)[:2000],
+                           code=str(code) if code not in (None, "") else "stream_error",
+                           type=str(error.get("type") or "server_error"), status=200)
