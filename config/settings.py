@@ -165,7 +165,7 @@ class WorkerSettings(_Model):
     concurrency: int = Field(200, ge=1, le=10000)
     shutdown_grace: float = Field(30.0, ge=0)
     watchdog_interval: float = Field(0.2, gt=0, le=5)
-    visibility_timeout: int | None = Field(None, ge=60)
+    visibility_timeout: int | None = Field(None, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

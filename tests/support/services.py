@@ -128,6 +128,11 @@ class WorkerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def kill(self) -> None:
+        """SIGKILL the worker: no shutdown, no acks, as if its machine died."""
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
