@@ -1,11 +1,13 @@
-"""Calls in flight in this process, and the watchdog that stops them.
+"""Jobs in flight in this process, and the watchdog that keeps and stops them.
 
 A worker thread blocked in ``recv`` cannot check anything, and Celery's
-``revoke(terminate=True)`` does nothing on the threads pool. So every call
-registers a ``CallHandle``; one watchdog thread per process checks, a few
-times a second, every handle's deadline and (in one Redis round trip for all
-of them) its job's cancel flag, and aborts a call by shutting its socket
-down, which wakes the blocked read at once and frees the server's slot.
+``revoke(terminate=True)`` does nothing on the threads pool. So every job
+registers a ``CallHandle`` from its claim to its finish; one watchdog thread
+per process checks, a few times a second, every handle's deadline and (in
+one Redis round trip for all of them) its job's cancel flag, and aborts a
+call by shutting its socket down, which wakes the blocked read at once and
+frees the server's slot. Every third of a lease period it also renews the
+leases of all its jobs and the process's heartbeat, in one pipeline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import redis
 
 from api_tasks.errors import APITimeoutError, CallCancelled, UpstreamError
 from api_tasks.keys import Keys
+from api_tasks.leases import LeaseStore
 
 __all__ = ["CallHandle", "Watchdog", "current_handle"]
 
@@ -32,8 +35,9 @@ _local = threading.local()
 class CallHandle:
     """One job's call: its deadline, its open connection, and why it was stopped."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, token: str = "") -> None:
         self.job_id = job_id
+        self.token = token
         self.deadline = float("inf")
         self.total = 0.0
         self.reason: str | None = None
@@ -88,6 +92,8 @@ class CallHandle:
             )
         if self.reason == "shutdown":
             return APITimeoutError("the worker is shutting down", code="worker_shutdown")
+        if self.reason == "lost":
+            return APITimeoutError("another attempt took this job over", code="lease_lost")
         return None
 
     def wait(self, seconds: float) -> bool:
@@ -120,10 +126,15 @@ def _shutdown(sock: Any) -> None:
 class Watchdog:
     """One thread per process enforcing deadlines and cancel flags on all handles."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, interval: float) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, interval: float,
+                 leases: LeaseStore, worker_id: str) -> None:
         self._redis = client
         self._keys = keys
         self._interval = interval
+        self._leases = leases
+        self._worker_id = worker_id
+        self._renew_every = leases.lease_ms / 3000.0
+        self._renewed = 0.0
         self._handles: dict[int, CallHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -162,16 +173,28 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             handles = self._snapshot()
-            if not handles:
-                continue
             now = time.monotonic()
             for handle in handles:
                 if now > handle.deadline:
                     handle.abort("deadline")
             try:
-                self._check_cancel(handles)
+                if handles:
+                    self._check_cancel(handles)
+                if now - self._renewed >= self._renew_every:
+                    self._renew(handles)
+                    self._renewed = now
             except redis.RedisError as err:
-                log.warning("watchdog could not read cancel flags: %s", err)
+                log.warning("watchdog: Redis unavailable (%s)", err)
+
+    def _renew(self, handles: list[CallHandle]) -> None:
+        self._leases.heartbeat(self._worker_id)
+        held = [(h.job_id, h.token) for h in handles if h.token]
+        lost = set(self._leases.renew(held)) if held else set()
+        for handle in handles:
+            if handle.job_id in lost:
+                log.warning("job %s: another attempt took it over; stopping this one",
+                            handle.job_id)
+                handle.abort("lost")
 
     def _check_cancel(self, handles: list[CallHandle]) -> None:
         flags = self._redis.mget([self._keys.cancel(h.job_id) for h in handles])

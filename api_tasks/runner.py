@@ -7,9 +7,11 @@ which writes the status, the result envelope and the final event together.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +26,10 @@ from api_tasks.errors import (
     WorkerStopping,
     error_object,
 )
-from api_tasks.events import EVENT_FIELD, TERMINAL, JobStatus, entry_id, final_event, reset_event
+from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
 from api_tasks.http_client import CallRequest, HttpClient
 from api_tasks.inflight import CallHandle, Watchdog
+from api_tasks.leases import LeaseStore
 from api_tasks.retry import RetryPolicy, retry_delay
 from api_tasks.routing import build_call, resolve_upstream
 from api_tasks.spec import JobSpec, Kind, build_spec
@@ -41,6 +44,7 @@ __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
+_RUNNABLE = frozenset({"run", "cancel", "poison"})  # verdicts after which this attempt owns it
 
 
 @dataclass
@@ -52,6 +56,7 @@ class _Run:
     upstream: Upstream | None  # None only for a job refused before routing
     delivery: int
     created_at: float
+    token: str = ""  # this attempt's; "" finishes whatever attempt holds the job
     started_at: float = field(default_factory=time.time)
     attempts: int = 0
     published: int = 0
@@ -66,49 +71,66 @@ class _Run:
 class JobRunner:
     """Executes jobs in this process; shared by all worker threads."""
 
-    def __init__(self, settings: Settings, store: JobStore, writer: EventWriter,
-                 watchdog: Watchdog, http: HttpClient) -> None:
+    def __init__(self, settings: Settings, store: JobStore, leases: LeaseStore,
+                 writer: EventWriter, watchdog: Watchdog, http: HttpClient,
+                 worker_id: str) -> None:
         self.settings = settings
         self.store = store
+        self.leases = leases
         self.writer = writer
         self.watchdog = watchdog
         self.http = http
+        self.worker_id = worker_id
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> str:
-        """Run a job to its end; return its final status."""
+        """Run a job to its end; return its final status (or why this delivery was dropped)."""
         try:
             spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
             upstream = resolve_upstream(self.settings, spec)
         except InvalidJob as err:
             return self._reject(job_id, kind, err)
         queue = spec.queue or self.settings.jobs.default_queue
-        claim = self.store.claim(job_id, self.store.record_fields(spec, upstream.name, queue))
-        if claim.verdict in TERMINAL:
-            log.info("job %s already %s: delivery ignored", job_id, claim.verdict)
+        token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        claim = self.leases.claim(job_id, token, spec.message(queue),
+                                  self.store.record_fields(spec, upstream.name, queue),
+                                  time.time())
+        if claim.verdict not in _RUNNABLE:
+            log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
             return claim.verdict
-        run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at)
+        run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at, token)
         if run.delivery > 1:
             self._announce_reset(run)
-        if claim.verdict == "cancel":
+        handle = CallHandle(job_id, token)
+        with self.watchdog.watching(handle):
+            return self._start(run, handle, claim.verdict)
+
+    def _start(self, run: _Run, handle: CallHandle, verdict: str) -> str:
+        if verdict == "cancel":
             return self._finish(run, JobStatus.CANCELLED, error=CallCancelled(
                 "the job was cancelled before it started").to_error())
-        return self._execute(run)
+        if verdict == "poison":
+            return self._finish(run, JobStatus.FAILED, error=error_object(
+                "job_error", "poison_job", f"the job was delivered {run.delivery} times without "
+                f"finishing (its worker died each time); stopped at jobs.max_deliveries="
+                f"{self.settings.jobs.max_deliveries}", None, attempts=0))
+        return self._execute(run, handle)
 
-    def _execute(self, run: _Run) -> str:
-        handle = CallHandle(run.job_id)
-        with self.watchdog.watching(handle):
-            try:
-                response = self._call_with_retries(run, handle)
-            except UpstreamError as err:
-                if handle.reason == "shutdown":
-                    raise WorkerStopping(run.job_id) from err
-                status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
-                return self._finish(run, status, error=err.to_error(
-                    attempts=run.attempts, upstream=run.target.name))
-            except Exception as err:  # a bug must end the job, never leave it running
-                log.exception("job %s: unexpected error", run.job_id)
-                return self._finish(run, JobStatus.FAILED, error=_internal(err, run.attempts))
+    def _execute(self, run: _Run, handle: CallHandle) -> str:
+        try:
+            response = self._call_with_retries(run, handle)
+        except UpstreamError as err:
+            if handle.reason == "shutdown":
+                self.leases.release(run.job_id, run.token)
+                raise WorkerStopping(run.job_id) from err
+            if handle.reason == "lost":
+                return "lost"
+            status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
+            return self._finish(run, status, error=err.to_error(
+                attempts=run.attempts, upstream=run.target.name))
+        except Exception as err:  # a bug must end the job, never leave it running
+            log.exception("job %s: unexpected error", run.job_id)
+            return self._finish(run, JobStatus.FAILED, error=_internal(err, run.attempts))
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: _Run, handle: CallHandle) -> dict[str, Any]:
@@ -183,22 +205,23 @@ class JobRunner:
 
     def _reject(self, job_id: str, kind: str, err: InvalidJob) -> str:
         log.warning("job %s refused: %s", job_id, err)
-        claim = self.store.claim(job_id, {"kind": kind, "store_result": "1"})
-        if claim.verdict in TERMINAL:
+        token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        claim = self.leases.claim(job_id, token, {}, {"kind": kind, "store_result": "1"},
+                                  time.time())
+        if claim.verdict not in _RUNNABLE:
             return claim.verdict
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, claim.delivery, claim.created_at)
+        run = _Run(job_id, spec, None, claim.delivery, claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> str:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
         run = _Run(job_id, spec, None, 0, time.time())
-        # "*": an id Redis picks, above any attempt's, so the final event always lands
-        return self._finish(run, JobStatus.FAILED, error=_internal(err, 0), event_id="*")
+        return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))
 
     def _finish(self, run: _Run, status: JobStatus, *, response: dict[str, Any] | None = None,
-                error: dict[str, Any] | None = None, event_id: str | None = None) -> str:
+                error: dict[str, Any] | None = None) -> str:
         finished = time.time()
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
@@ -208,9 +231,17 @@ class JobRunner:
             if run.spec.store_result else None
         event = final_event(status, run.published, run.delivery, error=error,
                             **_summary(response))
-        self.writer.write(self.store.finish_commands(
-            run.job_id, status, result, event, event_id or entry_id(run.delivery, run.published),
-            self._ttl(run.spec), run.attempts, error), timeout=_WRITE_TIMEOUT)
+        fields = ["status", status.value, "finished_at", repr(finished),
+                  "attempts", str(run.attempts)]
+        if error is not None:
+            fields += ["error", json.dumps(error)]
+        [outcome] = self.writer.write([self.leases.finish_command(
+            run.job_id, run.token, self._ttl(run.spec), event,
+            entry_id(run.delivery, run.published), result, fields)], timeout=_WRITE_TIMEOUT)
+        if outcome != b"ok":
+            log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
+                        outcome.decode() if isinstance(outcome, bytes) else outcome)
+            return "lost"
         log.info("job %s %s (upstream=%s attempts=%d chunks=%d %.3fs)",
                  run.job_id, status.value, meta["upstream"], run.attempts, run.published,
                  finished - run.started_at)

@@ -1,4 +1,4 @@
-"""The per-process worker runtime: one Redis pool, writer, watchdog and HTTP client.
+"""The per-process worker runtime: one Redis pool, writer, watchdog, reaper, HTTP client.
 
 Built once from the settings when the worker starts (``install``) and found
 by the tasks with ``current()``; nothing here assumes it is the only process.
@@ -7,13 +7,18 @@ by the tasks with ``current()``; nothing here assumes it is the only process.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-from typing import TYPE_CHECKING
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from api_tasks.connections import connect
 from api_tasks.http_client import HttpClient
 from api_tasks.inflight import Watchdog
 from api_tasks.keys import Keys
+from api_tasks.leases import LeaseStore
+from api_tasks.reaper import Reaper
 from api_tasks.runner import JobRunner
 from api_tasks.store import JobStore
 from api_tasks.writer import EventWriter
@@ -31,16 +36,24 @@ _runtime: Runtime | None = None
 class Runtime:
     """Everything a worker process shares between its job threads."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Any = None) -> None:
         self.settings = settings
+        self.app = app
+        self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.redis = connect(settings.redis)
         self.keys = Keys(settings.redis.prefix)
-        self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
-                              settings.jobs.queued_ttl)
+        jobs, worker = settings.jobs, settings.worker
+        self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl)
+        self.leases = LeaseStore(self.redis, self.keys, jobs.queued_ttl,
+                                 int(worker.lease_ttl * 1000), jobs.max_deliveries)
         self.writer = EventWriter(self.redis)
-        self.watchdog = Watchdog(self.redis, self.keys, settings.worker.watchdog_interval)
+        self.watchdog = Watchdog(self.redis, self.keys, worker.watchdog_interval, self.leases,
+                                 self.worker_id)
+        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
+                             self._send)
         self.http = HttpClient()
-        self.runner = JobRunner(settings, self.store, self.writer, self.watchdog, self.http)
+        self.runner = JobRunner(settings, self.store, self.leases, self.writer, self.watchdog,
+                                self.http, self.worker_id)
         self._started = False
 
     def start(self) -> None:
@@ -49,6 +62,13 @@ class Runtime:
             self._started = True
             self.writer.start()
             self.watchdog.start()
+            if self.app is not None:
+                self.reaper.start()
+
+    def _send(self, job_id: str, message: dict[str, Any]) -> None:
+        """Send a job's task message again (for the reaper)."""
+        self.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
+                           task_id=job_id, queue=message["queue"])
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""
@@ -59,16 +79,17 @@ class Runtime:
 
     def close(self) -> None:
         """Flush pending writes and stop the threads."""
+        self.reaper.stop()
         self.watchdog.stop()
         self.writer.close()
 
 
-def install(settings: Settings) -> Runtime:
-    """Create and start this process's runtime from the settings."""
+def install(settings: Settings, app: Any = None) -> Runtime:
+    """Create and start this process's runtime (with the Celery app, for re-sends)."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime(settings)
+            _runtime = Runtime(settings, app)
             _runtime.start()
         return _runtime
 

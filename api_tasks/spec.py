@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from api_tasks.errors import InvalidJob
 
-__all__ = ["CONTROL_FIELDS", "QUEUES", "JobSpec", "Kind", "build_spec"]
+__all__ = ["CONTROL_FIELDS", "QUEUES", "TASK_NAMES", "JobSpec", "Kind", "build_spec"]
 
 Kind = Literal["chat", "completion"]
+TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue"})
@@ -46,6 +47,12 @@ class JobSpec:
     def stream(self) -> bool:
         """Whether the job asked for a streamed response."""
         return self.body.get("stream") is True
+
+    def message(self, queue: str) -> dict[str, Any]:
+        """The task message that runs this job (kept so a lost job can be sent again)."""
+        first = self.body.get("messages" if self.kind == "chat" else "prompt")
+        return {"task": TASK_NAMES[self.kind], "args": [first], "kwargs": self.task_kwargs(),
+                "queue": queue}
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""

@@ -1,15 +1,14 @@
-"""A job's state in Redis: created at submit, claimed by a worker, finished once.
+"""A job's record in Redis, as producers see it: created at submit, read, cancelled.
 
-State changes that must not race (claim vs. cancel) are Lua scripts, so they
-hold across any number of worker processes and machines. Every key written
-here gets a TTL.
+The worker's side (claim, lease, finish) is ``api_tasks.leases``. State changes
+that must not race are Lua scripts, so they hold across any number of
+processes and machines. Every key written here gets a TTL.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -17,26 +16,12 @@ import redis
 from api_tasks.events import EVENT_FIELD, JobStatus, final_event
 from api_tasks.keys import Keys
 from api_tasks.spec import JobSpec
-from api_tasks.writer import Command
 
-__all__ = ["Claim", "JobStore", "envelope"]
+__all__ = ["JobStore", "envelope", "meta_from"]
 
 _STATUS = """local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created} end
-"""
-
-# KEYS: job, cancel. ARGV: now, ttl, then field/value pairs for a job nobody created
-# (sent by a plain Celery client). Returns {verdict, delivery, created_at}; the
-# delivery counts every claim, so a redelivered job's events get a new attempt number.
-_CLAIM = _STATUS + """
-if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 3)) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local verdict = 'run'
-if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel' end
-return {verdict, tostring(n), created}
 """
 
 # KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, field.
@@ -62,15 +47,6 @@ return {'cancelled'}
 """
 
 
-@dataclass(frozen=True)
-class Claim:
-    """What a worker learned when it claimed a job."""
-
-    verdict: str  # "run", "cancel" (asked to stop), or the final status of a finished job
-    delivery: int
-    created_at: float
-
-
 def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,
              response: Any = None, error: Any = None) -> str:
     """The result key's JSON envelope."""
@@ -87,7 +63,6 @@ class JobStore:
         self.keys = keys
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
-        self._claim = client.register_script(_CLAIM)
         self._cancel = client.register_script(_CANCEL)
 
     def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
@@ -108,30 +83,6 @@ class JobStore:
         pipe.expire(key, self.queued_ttl)
         pipe.execute()
 
-    def claim(self, job_id: str, fields: dict[str, str]) -> Claim:
-        """Mark the job running, unless it is finished or cancelled."""
-        flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created = self._claim(
-            keys=[self.keys.job(job_id), self.keys.cancel(job_id)],
-            args=[repr(time.time()), self.queued_ttl, *flat])
-        return Claim(_text(verdict), int(delivery), float(created))
-
-    def finish_commands(self, job_id: str, status: JobStatus, result: str | None,
-                        event: str, event_id: str, ttl: int, attempts: int,
-                        error: Any = None) -> list[Command]:
-        """The writes that end a job: status, result, final event, all with TTLs."""
-        job, events = self.keys.job(job_id), self.keys.events(job_id)
-        fields = ["status", status.value, "finished_at", repr(time.time()),
-                  "attempts", str(attempts)]
-        if error is not None:
-            fields += ["error", json.dumps(error)]
-        commands: list[Command] = [("HSET", job, *fields), ("EXPIRE", job, ttl)]
-        if result is not None:
-            commands.append(("SET", self.keys.result(job_id), result, "EX", ttl))
-        commands += [("XADD", events, event_id, EVENT_FIELD, event), ("EXPIRE", events, ttl),
-                     ("PUBLISH", self.keys.channel(job_id), event)]
-        return commands
-
     def cancel(self, job_id: str) -> str:
         """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status."""
         meta = self.meta(job_id)
@@ -145,10 +96,6 @@ class JobStore:
                   keys.events(job_id), keys.channel(job_id)],
             args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD])
         return _text(verdict[0])
-
-    def requeued(self, job_id: str) -> None:
-        """Mark a job that goes back to its queue (the worker stopped mid-call)."""
-        self.redis.hset(self.keys.job(job_id), "status", JobStatus.QUEUED.value)
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""

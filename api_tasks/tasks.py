@@ -17,13 +17,13 @@ from celery.exceptions import Reject
 
 from api_tasks.errors import WorkerStopping
 from api_tasks.runtime import current
-from api_tasks.spec import Kind
+from api_tasks.spec import TASK_NAMES, Kind
 
 __all__ = ["CHAT_TASK", "COMPLETION_TASK", "chat", "completion"]
 
 log = logging.getLogger(__name__)
-CHAT_TASK = "api_tasks.chat"
-COMPLETION_TASK = "api_tasks.completion"
+CHAT_TASK = TASK_NAMES["chat"]
+COMPLETION_TASK = TASK_NAMES["completion"]
 
 _OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -40,8 +40,7 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
     try:
         try:
             return runtime.runner.run(job_id, kind, first, params)
-        except WorkerStopping:
-            runtime.store.requeued(job_id)
+        except WorkerStopping:  # the runner gave the job back; the broker gets it again
             raise Reject("worker shutting down", requeue=True) from None
         except (redis.RedisError, TimeoutError, Reject):
             raise

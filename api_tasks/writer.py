@@ -28,6 +28,7 @@ __all__ = ["Command", "EventWriter"]
 
 log = logging.getLogger(__name__)
 Command = tuple[Any, ...]
+_Item = tuple[Sequence[Command], "Future[list[Any]] | None"]
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 
 
@@ -39,7 +40,7 @@ class EventWriter:
         self._redis = client
         self._max_batch = max_batch
         self._retry_for = retry_for
-        self._queue: deque[tuple[Sequence[Command], Future[None] | None]] = deque()
+        self._queue: deque[_Item] = deque()
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
@@ -48,19 +49,19 @@ class EventWriter:
         """Start the thread."""
         self._thread.start()
 
-    def submit(self, commands: Sequence[Command], wait: bool = False) -> Future[None] | None:
+    def submit(self, commands: Sequence[Command], wait: bool = False) -> Future[list[Any]] | None:
         """Queue commands; with ``wait``, return a future done once they are in Redis."""
-        future: Future[None] | None = Future() if wait else None
+        future: Future[list[Any]] | None = Future() if wait else None
         with self._ready:
             self._queue.append((commands, future))
             self._ready.notify()
         return future
 
-    def write(self, commands: Sequence[Command], timeout: float | None = None) -> None:
-        """Queue commands and block until Redis has them (raises if it never does)."""
+    def write(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
+        """Queue commands, block until Redis ran them, return their replies (or raise)."""
         future = self.submit(commands, wait=True)
         assert future is not None
-        future.result(timeout)
+        return future.result(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued, then stop."""
@@ -69,7 +70,7 @@ class EventWriter:
             self._ready.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[tuple[Sequence[Command], Future[None] | None]]:
+    def _take(self) -> list[_Item]:
         with self._ready:
             while not self._queue and not self._closed:
                 self._ready.wait()
@@ -92,7 +93,7 @@ class EventWriter:
                 log.exception("event writer: batch failed")
                 _fail(batch, err)
 
-    def _flush(self, batch: list[tuple[Sequence[Command], Future[None] | None]]) -> None:
+    def _flush(self, batch: list[_Item]) -> None:
         deadline = time.monotonic() + self._retry_for
         delay = 0.05
         while True:
@@ -109,7 +110,7 @@ class EventWriter:
             _settle(batch, results)
             return
 
-    def _execute(self, batch: list[tuple[Sequence[Command], Future[None] | None]]) -> list[Any]:
+    def _execute(self, batch: list[_Item]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for commands, _ in batch:
             for command in commands:
@@ -117,7 +118,7 @@ class EventWriter:
         return pipe.execute(raise_on_error=False)
 
 
-def _settle(batch: list[tuple[Sequence[Command], Future[None] | None]],
+def _settle(batch: list[_Item],
             results: list[Any]) -> None:
     offset = 0
     for commands, future in batch:
@@ -129,12 +130,12 @@ def _settle(batch: list[tuple[Sequence[Command], Future[None] | None]],
             log.error("event writer: command failed: %s", error)
         if future is not None:
             if error is None:
-                future.set_result(None)
+                future.set_result(mine)
             else:
                 future.set_exception(error)
 
 
-def _fail(batch: list[tuple[Sequence[Command], Future[None] | None]], err: Exception) -> None:
+def _fail(batch: list[_Item], err: Exception) -> None:
     log.error("event writer: giving up on %d items: %s", len(batch), err)
     for _, future in batch:
         if future is not None:

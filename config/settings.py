@@ -156,6 +156,7 @@ class JobSettings(_Model):
     queued_ttl: int = Field(7 * 86400, ge=60)
     default_queue: Literal["interactive", "bulk"] = "interactive"
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_deliveries: int = Field(3, ge=1, le=100)
 
 
 class WorkerSettings(_Model):
@@ -166,6 +167,8 @@ class WorkerSettings(_Model):
     shutdown_grace: float = Field(30.0, ge=0)
     watchdog_interval: float = Field(0.2, gt=0, le=5)
     visibility_timeout: int | None = Field(None, ge=1)
+    lease_ttl: float = Field(15.0, ge=1)
+    reap_interval: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

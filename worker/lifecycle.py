@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
-    def on_init(**_: Any) -> None:
-        runtime.install(settings)
+    def on_init(sender: Any = None, **_: Any) -> None:
+        runtime.install(settings, getattr(sender, "app", None))
 
     def on_logging(logger: logging.Logger, **_: Any) -> None:
         logger.setLevel(settings.worker.log_level)

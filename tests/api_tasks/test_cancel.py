@@ -58,7 +58,8 @@ def test_cancel_a_queued_job_means_it_never_runs(client: Client, fake: FakeUpstr
     for blocker in blockers:
         blocker.result(timeout=30)
     # the worker took the message later: it must leave the job as it was
-    wait_until(lambda: f"job {job.id} already cancelled" in worker.log(), 10, "the delivery")
+    dropped = f"job {job.id} is cancelled: delivery dropped"
+    wait_until(lambda: dropped in worker.log(), 10, "the delivery")
     assert job.status() is JobStatus.CANCELLED
     events = list(job.events(timeout=5))
     assert [e["type"] for e in events] == ["cancelled"]

@@ -1,0 +1,131 @@
+"""Dead workers: their jobs are found and run again, each with exactly one outcome."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from api_tasks import JobFailed, JobStatus
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Hang, Reply
+from tests.support.services import WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream) -> dict[str, str]:
+    """A private prefix, short leases and a one-hour visibility timeout."""
+    config = workdir / f"recovery-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump({
+        "worker": {"lease_ttl": 2, "reap_interval": 0.5, "visibility_timeout": 3600,
+                   "shutdown_grace": 3},
+        "jobs": {"max_deliveries": 3},
+        "upstreams": [{"name": "fake", "base_url": fake.base_url,
+                       "timeouts": {"connect": 2, "read": 30, "total": 60}}]}))
+    return {**worker_env, "API_TASKS_CONFIG": str(config),
+            "API_TASKS_PREFIX": f"rec{uuid.uuid4().hex[:6]}"}
+
+
+@pytest.fixture
+def client(env: dict[str, str]) -> Client:
+    return Client(load_settings(env=env))
+
+
+@pytest.fixture
+def workers(env: dict[str, str], workdir: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def _worker(env: dict[str, str], workdir: Path, workers: list[WorkerProcess],
+            name: str, concurrency: int = 120) -> WorkerProcess:
+    process = WorkerProcess(env, workdir / f"{name}-{uuid.uuid4().hex[:4]}.log",
+                            concurrency=concurrency, name=name).start()
+    workers.append(process)
+    return process
+
+
+def _final_events(client: Client, redis_client: redis.Redis, job_id: str) -> int:
+    entries = redis_client.xrange(client.keys.events(job_id))
+    return sum(json.loads(fields[b"event"])["type"] in ("done", "error", "cancelled")
+               for _, fields in entries)
+
+
+def test_sigkill_with_100_jobs_in_flight_loses_none(
+        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], redis_client: redis.Redis, model: str) -> None:
+    fake.script(model, Reply(delay=30))  # the doomed worker's calls never come back
+    doomed = _worker(env, workdir, workers, "doomed")
+    jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(100)]
+    fake.wait_for_requests(model, 100, timeout=30)
+    fake.script(model, Reply(content="recovered"))
+    doomed.kill()
+    started = time.monotonic()
+    _worker(env, workdir, workers, "heir")
+    for job in jobs:
+        response = job.result(timeout=60 - (time.monotonic() - started))
+        assert response is not None
+        assert response["choices"][0]["message"]["content"] == "recovered"
+    recovered_in = time.monotonic() - started
+    assert recovered_in < 60
+    assert all(_final_events(client, redis_client, job.id) == 1 for job in jobs)
+    assert all(job.info()["deliveries"] == "2" for job in jobs)
+    repeated = len(fake.requests(model)) - 100
+    assert repeated == 100  # each in-flight call was made again, once
+    print(f"\nSIGKILL, 100 in flight: recovered in {recovered_in:.1f}s, "
+          f"{repeated} upstream calls repeated")
+
+
+def test_a_second_delivery_of_a_running_job_is_dropped(
+        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    fake.script(model, Reply(delay=2.0, content="once"))
+    worker = _worker(env, workdir, workers, "dup")
+    job = client.submit_chat(USER, model=model)
+    fake.wait_for_requests(model, 1, timeout=10)
+    info = job.info()
+    spec = client.store.info(job.id)  # the worker recorded the task message
+    message = json.loads(spec["spec"])
+    client.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
+                         task_id=job.id, queue=message["queue"])
+    wait_until(lambda: f"job {job.id} is busy: delivery dropped" in worker.log(), 10,
+               "the duplicate to be dropped")
+    assert job.result(timeout=10) is not None
+    client.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
+                         task_id=job.id, queue=message["queue"])
+    wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
+               "the late duplicate to be dropped")
+    assert len(fake.requests(model)) == 1
+    assert info["status"] == "running"
+
+
+def test_a_poison_job_is_stopped_and_others_keep_flowing(
+        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    poison_model, healthy_model = model + "-poison", model + "-ok"
+    fake.script(poison_model, Hang(max_seconds=30))
+    poison = client.submit_chat(USER, model=poison_model)
+    for delivery in range(1, 4):
+        current = _worker(env, workdir, workers, f"p{delivery}")
+        fake.wait_for_requests(poison_model, delivery, timeout=30)
+        healthy = client.submit_chat(USER, model=healthy_model)
+        assert healthy.result(timeout=20) is not None
+        current.kill()  # the poison job "kills" its worker
+    _worker(env, workdir, workers, "p4")
+    with pytest.raises(JobFailed) as caught:
+        poison.result(timeout=30)
+    assert caught.value.error["code"] == "poison_job"
+    assert poison.status() is JobStatus.FAILED
+    assert len(fake.requests(poison_model)) == 3
