@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import redis
@@ -9,7 +11,9 @@ import redis
 if TYPE_CHECKING:
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "connect"]
+__all__ = ["BLOCK_SLICE", "connect", "wait_for_redis"]
+
+log = logging.getLogger(__name__)
 
 # Blocking reads wait in slices this long, well under the socket timeout,
 # so a dead connection is noticed and a caller's deadline is honoured.
@@ -27,3 +31,22 @@ def connect(settings: RedisSettings) -> redis.Redis:
         health_check_interval=settings.health_check_interval,
         decode_responses=False,
     )
+
+
+def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10.0) -> None:
+    """Block until Redis answers, saying so now and then (a worker waits; it never exits).
+
+    Celery's own reconnect backs off to 30 s between tries; polling here lets a
+    worker started before Redis begin consuming within a second of Redis coming up.
+    """
+    said = 0.0
+    while True:
+        try:
+            client.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            now = time.monotonic()
+            if now - said >= say_every:
+                log.warning("waiting for Redis (%s)", err)
+                said = now
+            time.sleep(poll)

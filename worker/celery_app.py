@@ -34,6 +34,7 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("api_tasks", broker=settings.redis.url, include=["api_tasks.tasks"],
                  set_as_current=False)
     app.conf.update(
+        broker_transport="worker.transport:Transport",
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",

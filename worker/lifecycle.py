@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import after_setup_logger, worker_init, worker_shutdown, worker_shutting_down
 
 from api_tasks import runtime
+from api_tasks.connections import wait_for_redis
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -28,7 +29,8 @@ def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
     def on_init(sender: Any = None, **_: Any) -> None:
-        runtime.install(settings, getattr(sender, "app", None))
+        started = runtime.install(settings, getattr(sender, "app", None))
+        wait_for_redis(started.redis)
 
     def on_logging(logger: logging.Logger, **_: Any) -> None:
         logger.setLevel(settings.worker.log_level)

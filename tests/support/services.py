@@ -64,7 +64,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.workdir), "--save", "",
-                "--appendonly", "yes" if self.persist else "no",
+                "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
                 "--maxmemory-policy", "noeviction", "--daemonize", "no"]
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)

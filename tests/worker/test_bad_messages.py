@@ -1,0 +1,83 @@
+"""Bad messages on the queue: refused or failed clearly, no upstream call, no crash."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection
+
+from api_tasks import JobFailed
+from api_tasks.client import Client
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.services import WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+class _Boom:
+    """Unpickling this would create a file: the proof that pickle was never loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def _still_works(client: Client, model: str) -> None:
+    response = client.submit_chat(USER, model=model).result(timeout=20)
+    assert response is not None
+
+
+@pytest.mark.parametrize("garbage", [b"this is not json {", b"\xff\xfe\x00", b"123",
+                                     b'{"body": "x"}', b"[1, 2]"])
+def test_garbage_on_the_queue_is_dropped_and_logged(client: Client, redis_client: redis.Redis,
+                                                    worker: WorkerProcess, model: str,
+                                                    garbage: bytes) -> None:
+    queue = client.keys.celery_prefix() + "interactive"
+    redis_client.lpush(queue, garbage)
+    _still_works(client, model)
+    assert worker.proc is not None and worker.proc.poll() is None
+
+
+def test_a_pickled_message_is_refused_and_never_loaded(
+        client: Client, worker: WorkerProcess, tmp_path: Path, fake: FakeUpstream,
+        model: str) -> None:
+    marker = tmp_path / "pwned"
+    job_id = str(uuid.uuid4())
+    url = client.settings.redis.url
+    with Connection(url, transport_options={"global_keyprefix": client.keys.celery_prefix()}) \
+            as conn:
+        conn.Producer(serializer="pickle").publish(
+            ([[_Boom(marker)]], {"model": model}, {}), routing_key="interactive",
+            headers={"task": "api_tasks.chat", "id": job_id, "lang": "py", "argsrepr": "",
+                     "kwargsrepr": "", "origin": "test"}, exchange="")
+    refused = "Refusing to deserialize untrusted content of type pickle"
+    wait_until(lambda: refused in worker.log() and str(marker) in worker.log(), 20,
+               "the worker to refuse the pickled message")
+    _still_works(client, model)
+    assert not marker.exists()
+    assert fake.requests(model)[0].body["messages"] == USER  # type: ignore[index]
+
+
+def test_an_unknown_task_name_is_refused(client: Client, worker: WorkerProcess,
+                                         model: str) -> None:
+    sent = client.app.send_task("api_tasks.no_such_task", args=[1], queue="interactive")
+    wait_until(lambda: sent.id in worker.log() and "unregistered" in worker.log().lower(), 20,
+               "the worker to refuse the unknown task")
+    _still_works(client, model)
+
+
+def test_an_oversized_prompt_from_a_plain_client_fails_without_a_call(
+        client: Client, fake: FakeUpstream, model: str) -> None:
+    huge = "x" * (client.settings.jobs.max_request_bytes + 1)
+    sent = client.app.send_task("api_tasks.completion", args=[huge], kwargs={"model": model})
+    with pytest.raises(JobFailed) as caught:
+        client.job(sent.id).result(timeout=20)
+    assert caught.value.error["code"] == "invalid_job" and caught.value.error["param"] == "prompt"
+    assert fake.requests(model) == []

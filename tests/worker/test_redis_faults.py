@@ -1,0 +1,82 @@
+"""Redis faults: a restart mid-run, and Redis down when the worker starts."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from api_tasks import BrokerUnavailable
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.services import RedisServer, WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def own_redis(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir / f"redis-{uuid.uuid4().hex[:6]}", persist=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], own_redis: RedisServer) -> dict[str, str]:
+    return {**worker_env, "REDIS_URL": own_redis.url}
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def test_redis_restart_with_jobs_queued_and_running(
+        env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    own_redis.start()
+    fake.script(model, Reply(delay=1.5))
+    workers.append(WorkerProcess(env, workdir / f"{model}.log", concurrency=5).start())
+    client = Client(load_settings(env=env))
+    jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(15)]
+    fake.wait_for_requests(model, 5, timeout=10)
+    own_redis.stop()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        client.submit_chat(USER, model=model)
+    assert time.monotonic() - started < 10  # a clear error, not a hang
+    own_redis.start()
+    for job in jobs:
+        assert job.result(timeout=90) is not None
+    check = redis.Redis.from_url(own_redis.url)
+    for job in jobs:
+        finals = [json.loads(f[b"event"])["type"] for _, f in check.xrange(client.keys.events(
+            job.id)) if json.loads(f[b"event"])["type"] in ("done", "error", "cancelled")]
+        assert finals == ["done"], job.id
+    print(f"\nRedis restart: 15/15 finished, {len(fake.requests(model)) - 15} calls repeated, "
+          f"back in {time.monotonic() - started:.1f}s")
+
+
+def test_worker_started_before_redis_waits_then_consumes(
+        env: dict[str, str], own_redis: RedisServer, workdir: Path,
+        workers: list[WorkerProcess], model: str) -> None:
+    early = WorkerProcess(env, workdir / f"{model}-early.log", concurrency=4).start(wait=False)
+    workers.append(early)
+    wait_until(lambda: "waiting for Redis" in early.log(), 30, "the worker to say it waits")
+    assert early.proc is not None and early.proc.poll() is None
+    own_redis.start()
+    up = time.monotonic()
+    client = Client(load_settings(env=env))
+    assert client.submit_chat(USER, model=model).result(timeout=30) is not None
+    assert time.monotonic() - up < 10
+    assert early.proc.poll() is None
