@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from api_tasks.errors import InvalidJob
 from api_tasks.http_client import CallRequest
@@ -19,7 +20,29 @@ _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 def resolve_upstream(settings: Settings, spec: JobSpec) -> Upstream:
-    """The job's upstream: by explicit name, else the first that serves its model."""
+    """The job's upstream (by name, else by model), its ``base_url`` checked against it."""
+    upstream = _pick_upstream(settings, spec)
+    if spec.base_url is not None:
+        _check_job_url(upstream, spec.base_url)
+    return upstream
+
+
+def _check_job_url(upstream: Upstream, url: str) -> None:
+    """A job may choose its URL only on an upstream that allow-lists the host."""
+    if not upstream.job_base_url_hosts:
+        raise InvalidJob("base_url", f"upstream {upstream.name!r} does not let jobs choose "
+                                     "their URL (settings: job_base_url_hosts)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidJob("base_url", "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise InvalidJob("base_url", "must not carry credentials, a query or a fragment")
+    if not upstream.allows_job_host(parts.hostname):
+        raise InvalidJob("base_url", f"host {parts.hostname!r} is not on upstream "
+                                     f"{upstream.name!r}'s job_base_url_hosts")
+
+
+def _pick_upstream(settings: Settings, spec: JobSpec) -> Upstream:
     if spec.upstream is not None:
         upstream = settings.upstream(spec.upstream)
         if upstream is None:
@@ -58,8 +81,11 @@ def build_call(settings: Settings, upstream: Upstream, spec: JobSpec) -> CallReq
         headers["Authorization"] = f"Bearer {key}"
         secrets = (key,)
     body = json.dumps(build_payload(settings, upstream, spec), separators=(",", ":"))
+    base = upstream.base_url
+    if spec.base_url is not None:  # allow-listed in resolve_upstream
+        base = spec.base_url.rstrip("/").removesuffix("/v1")
     return CallRequest(
-        url=upstream.base_url + _PATHS[spec.kind],
+        url=base + _PATHS[spec.kind],
         headers=headers,
         body=body.encode(),
         connect_timeout=upstream.timeouts.connect,

@@ -21,9 +21,9 @@ Kind = Literal["chat", "completion"]
 TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
-CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue"})
+CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url"})
 # a job must not carry credentials or choose where it is sent
-FORBIDDEN_FIELDS = frozenset({"api_key", "authorization", "base_url", "api_base", "headers"})
+FORBIDDEN_FIELDS = frozenset({"api_key", "authorization", "api_base", "headers"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class JobSpec:
     store_result: bool = True
     result_ttl: int | None = None
     queue: str | None = None
+    base_url: str | None = None  # only where the upstream's job_base_url_hosts allow it
 
     @property
     def model(self) -> str | None:
@@ -112,8 +113,8 @@ def _check_prompt(prompt: Any) -> None:
 def _check_fields(body: dict[str, Any]) -> None:
     for name in body:
         if name.lower() in FORBIDDEN_FIELDS:
-            raise InvalidJob(name, "is not allowed in a job: credentials and upstream URLs "
-                                   "come from the worker's settings")
+            raise InvalidJob(name, "is not allowed in a job: credentials and headers come "
+                                   "from the worker's settings")
     if "model" in body and not isinstance(body["model"], str):
         raise InvalidJob("model", "must be a string")
     if "stream" in body and not isinstance(body["stream"], bool):
@@ -161,4 +162,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     queue = options.get("queue")
     if queue is not None and queue not in QUEUES:
         raise InvalidJob("queue", f"must be one of {', '.join(QUEUES)}")
-    return {"upstream": upstream, "store_result": store, "result_ttl": ttl, "queue": queue}
+    base_url = options.get("base_url")
+    if base_url is not None and not isinstance(base_url, str):
+        raise InvalidJob("base_url", "must be a URL string")
+    return {"upstream": upstream, "store_result": store, "result_ttl": ttl, "queue": queue,
+            "base_url": base_url}

@@ -74,6 +74,7 @@ class Upstream(_Model):
     model_defaults: dict[str, Payload] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
     stream_include_usage: bool = True
+    job_base_url_hosts: list[str] = Field(default_factory=list)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
@@ -104,6 +105,10 @@ class Upstream(_Model):
         if banned & {name.lower() for name in value}:
             raise ValueError("keys go in api_key_env or api_key_file, not in headers")
         return value
+
+    def allows_job_host(self, host: str) -> bool:
+        """Whether a job may send its call to this host (an allow-list of globs)."""
+        return any(fnmatch.fnmatchcase(host.lower(), p.lower()) for p in self.job_base_url_hosts)
 
     def serves(self, model: str) -> bool:
         """Whether a model name matches one of this upstream's globs."""

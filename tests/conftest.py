@@ -20,12 +20,13 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.fault_proxy import FaultProxy
 from tests.support.services import RedisServer, WorkerProcess, free_port
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 
 
-def upstream_settings(fake_url: str) -> list[dict[str, Any]]:
+def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
     """The upstreams the test worker knows: all on the fake server but one; catch-all last."""
     quick = {"initial_delay": 0.05, "max_delay": 0.2, "max_retry_after": 3}
     return [
@@ -33,6 +34,10 @@ def upstream_settings(fake_url: str) -> list[dict[str, Any]]:
          "timeouts": {"connect": 1, "read": 1, "total": 2.5},
          "retry": {"max_attempts": 1}, "max_response_bytes": 1048576,
          "max_line_bytes": 65536},
+        {"name": "open", "base_url": f"http://127.0.0.1:{free_port()}", "models": ["open-*"],
+         "job_base_url_hosts": ["127.0.0.1"], "retry": {"max_attempts": 1}},
+        {"name": "proxied", "base_url": proxy_url, "models": ["proxied-*"], "retry": quick,
+         "timeouts": {"connect": 2, "read": 10, "total": 30}},
         {"name": "tight-retry", "base_url": fake_url, "models": [],
          "timeouts": {"connect": 1, "read": 1, "total": 2}, "retry": quick},
         {"name": "keyed", "base_url": fake_url, "models": ["keyed-*"],
@@ -65,9 +70,18 @@ def fake() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream) -> dict[str, str]:
+def proxy(fake: FakeUpstream) -> Iterator[FaultProxy]:
+    server = FaultProxy(int(fake.base_url.rsplit(":", 1)[1])).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
+               proxy: FaultProxy) -> dict[str, str]:
     config = workdir / "settings.yaml"
-    config.write_text(yaml.safe_dump({"upstreams": upstream_settings(fake.base_url),
+    config.write_text(yaml.safe_dump({"upstreams": upstream_settings(fake.base_url,
+                                                                     proxy.base_url),
                                       "worker": {"shutdown_grace": 3}}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}

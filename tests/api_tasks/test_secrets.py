@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,9 +12,10 @@ import redis
 
 from api_tasks import JobFailed
 from api_tasks.client import Client
+from config.loader import load_settings
 from tests.conftest import SECRET
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import WorkerProcess
+from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -54,3 +58,35 @@ def test_key_reaches_the_upstream_and_nothing_else(client: Client, fake: FakeUps
     assert leaks == []
     assert SECRET not in worker.log()
     assert "DEBUG" in worker.log()  # the log really was at DEBUG level
+
+
+def test_no_key_in_celery_events_that_flower_shows(worker_env: dict[str, str], workdir: Path,
+                                                   fake: FakeUpstream) -> None:
+    env = {**worker_env, "API_TASKS_PREFIX": f"ev{uuid.uuid4().hex[:6]}"}
+    own = Client(load_settings(env={k: v for k, v in env.items() if k != "FAKE_UPSTREAM_KEY"}))
+    events: list[dict[str, Any]] = []
+    app = own.app
+
+    def capture(receiver: Any) -> None:
+        try:
+            receiver.capture(limit=None, timeout=None, wakeup=True)
+        except Exception:  # the connection closes under it when the test ends
+            if not receiver.should_stop:
+                raise
+
+    with app.connection() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": events.append})
+        thread = threading.Thread(target=capture, args=(receiver,), daemon=True)
+        thread.start()
+        worker = WorkerProcess(env, workdir / "events.log", concurrency=2, name="ev",
+                               extra=("-E",)).start()
+        try:
+            fake.script("keyed-events", Reply(pieces=["x"]))
+            own.submit_chat(USER, model="keyed-events", stream=True).result(timeout=20)
+            wait_until(lambda: any(e.get("type") == "task-succeeded" for e in events), 20,
+                       "the task-succeeded event")
+        finally:
+            receiver.should_stop = True
+            worker.stop()
+    assert any(e.get("type") == "task-received" for e in events)
+    assert SECRET not in repr(events) and "Bearer" not in repr(events)

@@ -50,25 +50,28 @@ def redis_binary() -> str:
 class RedisServer:
     """A redis-server on a free loopback port, optionally with AOF persistence."""
 
-    def __init__(self, workdir: Path, persist: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, persist: bool = False, args: tuple[str, ...] = (),
+                 url: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.workdir = workdir
         self.persist = persist
+        self.args = args
+        self._url = url
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._url or f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.workdir), "--save", "",
                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction", "--daemonize", "no"]
+                "--maxmemory-policy", "noeviction", "--daemonize", "no", *self.args]
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis.from_url(self.url)
         wait_until(lambda: _pings(client), 10, f"redis on port {self.port}")
         return self
 
@@ -82,7 +85,7 @@ class RedisServer:
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
-    except redis.ConnectionError:
+    except (redis.ConnectionError, redis.ResponseError):
         return False
 
 

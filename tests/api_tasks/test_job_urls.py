@@ -1,0 +1,50 @@
+"""Jobs choose their URL only where the settings allow it: allow-listed hosts, no redirects."""
+
+from __future__ import annotations
+
+import pytest
+
+from api_tasks import InvalidJob, JobFailed
+from api_tasks.client import Client
+from tests.support.fake_upstream import FakeUpstream, HttpError
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+def test_allow_listed_host_is_used(client: Client, fake: FakeUpstream) -> None:
+    response = client.submit_chat(USER, model="open-a", base_url=fake.base_url + "/v1")
+    assert response.result(timeout=20) is not None
+    [request] = fake.requests("open-a")
+    assert request.path == "/v1/chat/completions" and "base_url" not in (request.body or {})
+
+
+@pytest.mark.parametrize(("model", "url", "why"), [
+    ("open-b", "http://localhost:1/v1", "not on upstream 'open'"),
+    ("open-b", "ftp://127.0.0.1/", "http:// or https://"),
+    ("open-b", "http://user:pw@127.0.0.1:1/", "credentials"),
+    ("plain-b", "http://127.0.0.1:1/", "does not let jobs choose"),
+])
+def test_other_urls_are_refused_at_submit(client: Client, model: str, url: str,
+                                          why: str) -> None:
+    with pytest.raises(InvalidJob) as caught:
+        client.submit_chat(USER, model=model, base_url=url)
+    assert caught.value.param == "base_url" and why in str(caught.value)
+
+
+def test_worker_refuses_a_url_a_plain_client_slipped_in(client: Client,
+                                                        fake: FakeUpstream) -> None:
+    sent = client.app.send_task("api_tasks.chat", args=[USER],
+                                kwargs={"model": "plain-c", "base_url": fake.base_url})
+    with pytest.raises(JobFailed) as caught:
+        client.job(sent.id).result(timeout=20)
+    assert caught.value.error["param"] == "base_url"
+    assert fake.requests("plain-c") == []
+
+
+def test_redirects_are_not_followed(client: Client, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, HttpError(302, body=b"", headers={"Location": "http://example.com/"}))
+    with pytest.raises(JobFailed) as caught:
+        client.submit_chat(USER, model=model).result(timeout=20)
+    assert caught.value.error["code"] == "unexpected_redirect"
+    assert len(fake.requests(model)) == 1
