@@ -21,6 +21,7 @@ from config.loader import load_settings
 from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.fault_proxy import FaultProxy
+from tests.support.figures import Figures
 from tests.support.services import RedisServer, WorkerProcess, free_port
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
@@ -118,3 +119,18 @@ def redis_client(redis_server: RedisServer) -> redis.Redis:
 def model() -> str:
     """A model name unique to the test, so its scripted steps are its own."""
     return f"m-{uuid.uuid4().hex[:10]}"
+
+
+_FIGURES = Figures()
+
+
+@pytest.fixture(scope="session")
+def figures() -> Figures:
+    """Where fault tests record what they measured (printed at the end of the run)."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES.rows:
+        terminalreporter.write_sep("-", "reliability figures (see RELIABILITY.md)")
+        terminalreporter.write_line(_FIGURES.table())

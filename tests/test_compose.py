@@ -32,6 +32,7 @@ def test_redis_7_with_healthcheck_and_noeviction(compose: dict[str, Any]) -> Non
     redis = compose["services"]["redis"]
     assert redis["image"].startswith("redis:7")
     assert "noeviction" in redis["command"] and "--appendonly" in redis["command"]
+    assert "--requirepass" in redis["command"] and "REDISCLI_AUTH" in redis["environment"]
     assert "redis-cli" in redis["healthcheck"]["test"]
     assert all(port.startswith("127.0.0.1:") for port in redis["ports"])
 
@@ -41,7 +42,8 @@ def test_worker_and_flower(compose: dict[str, Any]) -> None:
     worker, flower = services["worker"], services["flower"]
     assert worker["command"][:4] == ["celery", "-A", "worker", "worker"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert worker["environment"]["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert worker["environment"]["REDIS_URL"].endswith("@redis:6379/0")
     assert any(arg.startswith("--basic-auth=") for arg in flower["command"])
     assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
     assert (ROOT / "Dockerfile").exists()

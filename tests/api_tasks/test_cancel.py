@@ -11,7 +11,7 @@ from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
 from tests.support.services import WorkerProcess, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 

@@ -22,7 +22,7 @@ from tests.support.fake_upstream import (
     Reply,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 

@@ -12,7 +12,7 @@ from tests.support.fake_upstream import BigBody, BigLine, FakeUpstream, Reply
 from tests.support.fault_proxy import FaultProxy, Plan
 from tests.support.services import WorkerProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 PIECES = [f"w{i} " for i in range(50)]
 

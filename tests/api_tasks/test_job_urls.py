@@ -8,7 +8,7 @@ from api_tasks import InvalidJob, JobFailed
 from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, HttpError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 

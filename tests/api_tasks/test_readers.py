@@ -10,7 +10,7 @@ import pytest
 from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, Reply
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 PIECES = [f"p{i} " for i in range(40)]
 

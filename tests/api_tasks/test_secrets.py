@@ -17,7 +17,7 @@ from tests.conftest import SECRET
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 from tests.support.services import WorkerProcess, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 

@@ -14,9 +14,10 @@ from api_tasks import JobStatus, StreamRestarted
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.figures import Figures
 from tests.support.services import WorkerProcess, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 
@@ -41,7 +42,7 @@ def workers(own_env: dict[str, str], workdir: Path) -> Iterator[list[WorkerProce
 
 def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
         own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
     fake.script(model + "-short", Reply(delay=1.0))
     fake.script(model + "-long", *[Reply(delay=30.0)] * 3, Reply(content="second worker"))
     first = WorkerProcess(own_env, workdir / f"{model}-a.log", concurrency=8, name="a").start()
@@ -63,6 +64,8 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "second worker"
     wait_until(lambda: len(fake.requests(model + "-long")) == 6, 5, "six calls")
+    figures.add("SIGTERM with 3 short and 3 long jobs in flight (grace 3 s)", 6, 0, 0, 3,
+                time.monotonic() - signalled)
 
 
 def test_interactive_jobs_are_served_before_a_bulk_backlog(
@@ -85,7 +88,7 @@ def test_interactive_jobs_are_served_before_a_bulk_backlog(
 
 def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
         own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
     fake.script(model, Reply(pieces=[f"old{i} " for i in range(100)], chunk_delay=0.1),
                 Reply(pieces=["fresh ", "answer"]))
     first = WorkerProcess(own_env, workdir / f"{model}-s1.log", concurrency=4, name="s1").start()
@@ -110,4 +113,5 @@ def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
     types = [(e["type"], e["attempt"]) for e in job.events(timeout=5)]
     assert ("reset", 2) in types and types[-1] == ("done", 2)
     assert types.index(("reset", 2)) > max(i for i, t in enumerate(types) if t[1] == 1)
+    figures.add("SIGTERM mid-stream: the stream restarts as an announced attempt", 1, 0, 0, 1)
 

@@ -14,7 +14,7 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.services import RedisServer, WorkerProcess, free_port, redis_binary
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 

@@ -15,9 +15,10 @@ from api_tasks import BrokerUnavailable
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.figures import Figures
 from tests.support.services import RedisServer, WorkerProcess, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
 
 
@@ -43,7 +44,7 @@ def workers() -> Iterator[list[WorkerProcess]]:
 
 def test_redis_restart_with_jobs_queued_and_running(
         env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
     own_redis.start()
     fake.script(model, Reply(delay=1.5))
     workers.append(WorkerProcess(env, workdir / f"{model}.log", concurrency=5).start())
@@ -58,18 +59,22 @@ def test_redis_restart_with_jobs_queued_and_running(
     own_redis.start()
     for job in jobs:
         assert job.result(timeout=90) is not None
+    recovered_in = time.monotonic() - started
     check = redis.Redis.from_url(own_redis.url)
+    counts = []
     for job in jobs:
         finals = [json.loads(f[b"event"])["type"] for _, f in check.xrange(client.keys.events(
             job.id)) if json.loads(f[b"event"])["type"] in ("done", "error", "cancelled")]
         assert finals == ["done"], job.id
-    print(f"\nRedis restart: 15/15 finished, {len(fake.requests(model)) - 15} calls repeated, "
-          f"back in {time.monotonic() - started:.1f}s")
+        counts.append(len(finals))
+    figures.add("Redis restarted (AOF on) with 10 jobs queued and 5 running", 15,
+                counts.count(0), sum(c - 1 for c in counts if c > 1),
+                len(fake.requests(model)) - 15, recovered_in)
 
 
 def test_worker_started_before_redis_waits_then_consumes(
         env: dict[str, str], own_redis: RedisServer, workdir: Path,
-        workers: list[WorkerProcess], model: str) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
     early = WorkerProcess(env, workdir / f"{model}-early.log", concurrency=4).start(wait=False)
     workers.append(early)
     wait_until(lambda: "waiting for Redis" in early.log(), 30, "the worker to say it waits")
@@ -80,3 +85,5 @@ def test_worker_started_before_redis_waits_then_consumes(
     assert client.submit_chat(USER, model=model).result(timeout=30) is not None
     assert time.monotonic() - up < 10
     assert early.proc.poll() is None
+    figures.add("Redis down when the worker starts (job done after Redis came up)", 1, 0, 0, 0,
+                time.monotonic() - up)
