@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Client", "default_client"]
 
 _TASKS = {"chat": CHAT_TASK, "completion": COMPLETION_TASK}
+_QUICK_TIMEOUT = 5.0
 
 
 class Client:
@@ -43,7 +44,9 @@ class Client:
 
             settings = load_settings()
         self.settings = settings
-        self.redis = connect(settings.redis)
+        # quick calls fail fast on a hung Redis; blocking reads get their own, longer timeout
+        self.redis = connect(settings.redis, socket_timeout=_QUICK_TIMEOUT)
+        self.blocking = connect(settings.redis)
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl)

@@ -20,13 +20,17 @@ log = logging.getLogger(__name__)
 BLOCK_SLICE = 5.0
 
 
-def connect(settings: RedisSettings) -> redis.Redis:
-    """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL)."""
+def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0) -> redis.Redis:
+    """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL).
+
+    The default timeout suits blocking reads (``BLOCK_SLICE``); pass a shorter one
+    for a client that only makes quick calls, so a hung Redis fails it fast.
+    """
     return redis.Redis.from_url(
         settings.url,
         protocol=2,  # stable reply shapes whatever redis-py's default becomes
         socket_connect_timeout=settings.socket_connect_timeout,
-        socket_timeout=BLOCK_SLICE + 10.0,
+        socket_timeout=socket_timeout,
         socket_keepalive=True,
         health_check_interval=settings.health_check_interval,
         decode_responses=False,

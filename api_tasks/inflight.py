@@ -7,7 +7,8 @@ per process checks, a few times a second, every handle's deadline and (in
 one Redis round trip for all of them) its job's cancel flag, and aborts a
 call by shutting its socket down, which wakes the blocked read at once and
 frees the server's slot. Every third of a lease period it also renews the
-leases of all its jobs and the process's heartbeat, in one pipeline.
+leases of all its jobs, in one pipeline, on a connection of its own with a
+short timeout (so a stuck read elsewhere can't let its leases lapse).
 """
 
 from __future__ import annotations
@@ -127,12 +128,11 @@ class Watchdog:
     """One thread per process enforcing deadlines and cancel flags on all handles."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval: float,
-                 leases: LeaseStore, worker_id: str) -> None:
+                 leases: LeaseStore) -> None:
         self._redis = client
         self._keys = keys
         self._interval = interval
         self._leases = leases
-        self._worker_id = worker_id
         self._renew_every = leases.lease_ms / 3000.0
         self._renewed = 0.0
         self._handles: dict[int, CallHandle] = {}
@@ -187,9 +187,8 @@ class Watchdog:
                 log.warning("watchdog: Redis unavailable (%s)", err)
 
     def _renew(self, handles: list[CallHandle]) -> None:
-        self._leases.heartbeat(self._worker_id)
         held = [(h.job_id, h.token) for h in handles if h.token]
-        lost = set(self._leases.renew(held)) if held else set()
+        lost = set(self._leases.renew(self._redis, held)) if held else set()
         for handle in handles:
             if handle.job_id in lost:
                 log.warning("job %s: another attempt took it over; stopping this one",

@@ -152,7 +152,7 @@ class Job:
             wait = min(BLOCK_SLICE, left)
             if wait <= 0:
                 raise JobTimeout(f"job {self.id} did not finish in time")
-            reply: Any = _guard(self._client.redis.xread, {key: last}, count=500,
+            reply: Any = _guard(self._client.blocking.xread, {key: last}, count=500,
                                 block=max(int(wait * 1000), 1))
             if reply:  # RESP2 shape: [[key, [(id, fields), ...]]]
                 return list(reply[0][1])

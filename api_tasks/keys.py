@@ -41,16 +41,8 @@ class Keys:
         """String: the attempt token of the worker running the job; expires unless renewed."""
         return f"{self.prefix}:lease:{job_id}"
 
-    def leases(self) -> str:
-        """Sorted set: running job ids by lease expiry (ms), where the reaper looks."""
-        return f"{self.prefix}:leases"
-
-    def worker(self, worker_id: str) -> str:
-        """String: present while that worker process is alive (its heartbeat)."""
-        return f"{self.prefix}:worker:{worker_id}"
-
     def reaper_lock(self) -> str:
-        """String: held by the one worker sweeping for orphaned jobs right now."""
+        """String: held by the one worker sweeping for orphaned messages right now."""
         return f"{self.prefix}:reaper"
 
     def celery_prefix(self) -> str:

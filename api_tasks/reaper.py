@@ -1,19 +1,23 @@
-"""Find jobs whose worker died, and send them again.
+"""Find the messages of jobs whose worker died, and give them back to their queue.
 
-Celery's Redis transport gives a dead worker's unacked messages back only
-after the visibility timeout (an hour or more, since it must exceed the
-longest job). Instead, every worker runs a reaper; one at a time (a lock in
-Redis) looks for running jobs whose lease lapsed and whose worker's heartbeat
-is gone, marks them queued and re-sends their task message. When the
-original message comes back later, its claim sees the job finished or held
-and drops it, so the job still has exactly one outcome.
+Celery's Redis transport keeps every delivered, unacked message in Redis and
+hands a dead worker's messages out again only after the visibility timeout
+(an hour or more, since it must exceed the longest job). Instead, every
+worker runs a reaper; one at a time (a lock in Redis) looks at unacked
+messages older than two lease periods. A message whose job holds no lease
+has lost its worker: it goes back to the front of its queue at once (and a
+message of a job that already ended is dropped). A running job's lease is
+renewed by its worker, so a live job is never touched.
+
+This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
+the broker's key prefix) and writes it the way kombu's restore does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -24,19 +28,17 @@ from api_tasks.leases import LeaseStore
 __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
-Send = Callable[[str, dict[str, Any]], None]
 
 
 class Reaper:
-    """A thread that re-sends orphaned jobs every ``interval`` seconds."""
+    """A thread that gives back orphaned messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
-                 interval: float, send: Send) -> None:
+                 interval: float) -> None:
         self._redis = client
         self._keys = keys
         self._leases = leases
         self._interval = interval
-        self._send = send
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-tasks-reaper", daemon=True)
 
@@ -57,27 +59,38 @@ class Reaper:
             except Exception:  # the thread must outlive any one bad sweep
                 log.exception("reaper: sweep failed")
 
-    def sweep(self) -> int:
-        """One pass, if no other worker is sweeping; returns how many jobs were re-sent."""
+    def sweep(self, limit: int = 500) -> int:
+        """One pass, if no other worker is sweeping; returns how many jobs went back."""
         lock_ms = max(int(self._interval * 1000), 1000)
         if not self._redis.set(self._keys.reaper_lock(), "1", nx=True, px=lock_ms):
             return 0
-        sent = 0
-        for job_id in self._leases.expired():
-            message = self._leases.take_orphan(job_id)
-            if message is not None and self._resend(job_id, message):
-                sent += 1
-        return sent
+        seconds, micros = self._redis.time()
+        cutoff = seconds + micros / 1e6 - 2 * self._leases.lease_ms / 1000
+        prefix = self._keys.celery_prefix()
+        tags: list[bytes] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
+            prefix + "unacked_index", "-inf", cutoff, 0, limit))
+        if not tags:
+            return 0
+        entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
+        return sum(self._give_back(tag, raw) for tag, raw in zip(tags, entries, strict=True)
+                   if raw is not None)
 
-    def _resend(self, job_id: str, message: dict[str, Any]) -> bool:
+    def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:
-            self._send(job_id, message)
-        except Exception as err:
-            log.error("reaper: could not re-send job %s (%s); will retry", job_id, err)
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(self._keys.job(job_id), "status", "running")
-            pipe.zadd(self._keys.leases(), {job_id: 0})
-            pipe.execute()
-            return False
-        log.warning("reaper: job %s lost its worker; sent again", job_id)
-        return True
+            payload, _exchange, queue = json.loads(raw)
+            job_id = str(payload["headers"]["id"])
+        except (ValueError, KeyError, TypeError):
+            return False  # not a task message of ours: kombu's own restore will see to it
+        _mark_redelivered(payload)
+        outcome = self._leases.restore(tag.decode(), job_id, str(queue), json.dumps(payload))
+        if outcome == "restored":
+            log.warning("reaper: job %s lost its worker; back on queue %s", job_id, queue)
+        return outcome == "restored"
+
+
+def _mark_redelivered(payload: dict[str, Any]) -> None:
+    """Flag the message as redelivered, as kombu does when it restores one."""
+    payload.setdefault("headers", {})["redelivered"] = True
+    delivery = payload.get("properties", {}).get("delivery_info")
+    if isinstance(delivery, dict):
+        delivery["redelivered"] = True

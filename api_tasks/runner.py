@@ -7,6 +7,7 @@ which writes the status, the result envelope and the final event together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -15,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
 import requests
 
 from api_tasks.errors import (
@@ -92,7 +94,7 @@ class JobRunner:
             return self._reject(job_id, kind, err)
         queue = spec.queue or self.settings.jobs.default_queue
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        claim = self.leases.claim(job_id, token, spec.message(queue),
+        claim = self.leases.claim(job_id, token,
                                   self.store.record_fields(spec, upstream.name, queue),
                                   time.time())
         if claim.verdict not in _RUNNABLE:
@@ -102,8 +104,14 @@ class JobRunner:
         if run.delivery > 1:
             self._announce_reset(run)
         handle = CallHandle(job_id, token)
-        with self.watchdog.watching(handle):
-            return self._start(run, handle, claim.verdict)
+        try:
+            with self.watchdog.watching(handle):
+                return self._start(run, handle, claim.verdict)
+        except redis.RedisError:
+            # the job will be delivered again: let that delivery claim it at once
+            with contextlib.suppress(redis.RedisError):
+                self.leases.release(job_id, token)
+            raise
 
     def _start(self, run: _Run, handle: CallHandle, verdict: str) -> str:
         if verdict == "cancel":
@@ -111,9 +119,9 @@ class JobRunner:
                 "the job was cancelled before it started").to_error())
         if verdict == "poison":
             return self._finish(run, JobStatus.FAILED, error=error_object(
-                "job_error", "poison_job", f"the job was delivered {run.delivery} times without "
-                f"finishing (its worker died each time); stopped at jobs.max_deliveries="
-                f"{self.settings.jobs.max_deliveries}", None, attempts=0))
+                "job_error", "poison_job", f"the job's worker died "
+                f"{self.settings.jobs.max_crashes} times while running it (jobs.max_crashes); "
+                "it is not run again", None, attempts=0))
         return self._execute(run, handle)
 
     def _execute(self, run: _Run, handle: CallHandle) -> str:
@@ -206,7 +214,7 @@ class JobRunner:
     def _reject(self, job_id: str, kind: str, err: InvalidJob) -> str:
         log.warning("job %s refused: %s", job_id, err)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        claim = self.leases.claim(job_id, token, {}, {"kind": kind, "store_result": "1"},
+        claim = self.leases.claim(job_id, token, {"kind": kind, "store_result": "1"},
                                   time.time())
         if claim.verdict not in _RUNNABLE:
             return claim.verdict
@@ -216,6 +224,9 @@ class JobRunner:
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> str:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""
+        if self.leases.redis.exists(self.store.keys.lease(job_id)):
+            log.error("job %s: left to the attempt that holds its lease", job_id)
+            return "busy"
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
         run = _Run(job_id, spec, None, 0, time.time())
         return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from api_tasks.connections import connect
 from api_tasks.http_client import HttpClient
@@ -36,21 +36,20 @@ _runtime: Runtime | None = None
 class Runtime:
     """Everything a worker process shares between its job threads."""
 
-    def __init__(self, settings: Settings, app: Any = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.app = app
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.redis = connect(settings.redis)
         self.keys = Keys(settings.redis.prefix)
         jobs, worker = settings.jobs, settings.worker
         self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl)
         self.leases = LeaseStore(self.redis, self.keys, jobs.queued_ttl,
-                                 int(worker.lease_ttl * 1000), jobs.max_deliveries)
+                                 int(worker.lease_ttl * 1000), jobs.max_crashes)
         self.writer = EventWriter(self.redis)
-        self.watchdog = Watchdog(self.redis, self.keys, worker.watchdog_interval, self.leases,
-                                 self.worker_id)
-        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
-                             self._send)
+        # its own connection, failing fast: leases must be renewed whatever else hangs
+        quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
+        self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
+        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval)
         self.http = HttpClient()
         self.runner = JobRunner(settings, self.store, self.leases, self.writer, self.watchdog,
                                 self.http, self.worker_id)
@@ -62,13 +61,7 @@ class Runtime:
             self._started = True
             self.writer.start()
             self.watchdog.start()
-            if self.app is not None:
-                self.reaper.start()
-
-    def _send(self, job_id: str, message: dict[str, Any]) -> None:
-        """Send a job's task message again (for the reaper)."""
-        self.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
-                           task_id=job_id, queue=message["queue"])
+            self.reaper.start()
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""
@@ -84,12 +77,12 @@ class Runtime:
         self.writer.close()
 
 
-def install(settings: Settings, app: Any = None) -> Runtime:
-    """Create and start this process's runtime (with the Celery app, for re-sends)."""
+def install(settings: Settings) -> Runtime:
+    """Create and start this process's runtime from the settings."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime(settings, app)
+            _runtime = Runtime(settings)
             _runtime.start()
         return _runtime
 

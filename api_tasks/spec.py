@@ -19,6 +19,7 @@ __all__ = ["CONTROL_FIELDS", "QUEUES", "TASK_NAMES", "JobSpec", "Kind", "build_s
 
 Kind = Literal["chat", "completion"]
 TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
+MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiries
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url"})
@@ -48,12 +49,6 @@ class JobSpec:
     def stream(self) -> bool:
         """Whether the job asked for a streamed response."""
         return self.body.get("stream") is True
-
-    def message(self, queue: str) -> dict[str, Any]:
-        """The task message that runs this job (kept so a lost job can be sent again)."""
-        first = self.body.get("messages" if self.kind == "chat" else "prompt")
-        return {"task": TASK_NAMES[self.kind], "args": [first], "kwargs": self.task_kwargs(),
-                "queue": queue}
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""
@@ -157,8 +152,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(store, bool):
         raise InvalidJob("store_result", "must be true or false")
     ttl = options.get("result_ttl")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
-        raise InvalidJob("result_ttl", "must be a positive number of seconds")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)
+                            or not 1 <= ttl <= MAX_TTL):
+        raise InvalidJob("result_ttl", f"must be a number of seconds from 1 to {MAX_TTL}")
     queue = options.get("queue")
     if queue is not None and queue not in QUEUES:
         raise InvalidJob("queue", f"must be one of {', '.join(QUEUES)}")

@@ -73,19 +73,17 @@ class StreamRelay:
                 commands += self._chunk_commands(event.data)
         finally:
             if commands:
-                self.writer.submit(commands)
+                # the TTL follows each batch: a stream longer than its TTL keeps its start
+                stream = self.keys.events(self.job_id)
+                self.writer.submit([*commands, ("EXPIRE", stream, self.ttl)])
         return self.done
 
     def _chunk_commands(self, raw: str) -> list[Command]:
         payload = chunk_event(self.published, self.attempt, raw)
         stream = self.keys.events(self.job_id)
-        commands: list[Command] = [
-            ("XADD", stream, entry_id(self.attempt, self.published), EVENT_FIELD, payload),
-            ("PUBLISH", self.keys.channel(self.job_id), payload)]
-        if self.published == 0:
-            commands.append(("EXPIRE", stream, self.ttl))
         self.published += 1
-        return commands
+        return [("XADD", stream, entry_id(self.attempt, self.published - 1), EVENT_FIELD,
+                 payload), ("PUBLISH", self.keys.channel(self.job_id), payload)]
 
     def _parse(self, event: SSEEvent) -> dict[str, Any]:
         try:

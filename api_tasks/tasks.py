@@ -9,6 +9,7 @@ requeue, and runs again as a new, announced attempt.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -49,6 +50,7 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
             return runtime.runner.fail(job_id, kind, err)
     except (redis.RedisError, TimeoutError) as err:
         log.error("job %s: Redis unavailable (%s); requeueing", job_id, err)
+        time.sleep(1.0)  # a Redis that refuses writes must not become a hot requeue loop
         raise Reject("Redis unavailable", requeue=True) from None
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--pools", default="threads,gevent")
     args = parser.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so the workers, Redis and upstream started here stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = {"latency": 300, "jobs": 5000, "ttfc": 200, "streams": 200, "in_flight": 1000}
     if args.quick:
         sizes = {"latency": 50, "jobs": 500, "ttfc": 30, "streams": 40, "in_flight": 200}

@@ -26,6 +26,7 @@ __all__ = [
     "WorkerSettings",
 ]
 
+MAX_TTL = 365 * 86400  # Redis refuses absurd expiries, halfway through a script
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Payload = dict[str, Any]
 
@@ -157,11 +158,11 @@ class RedisSettings(_Model):
 class JobSettings(_Model):
     """Lifetimes and size limits of jobs."""
 
-    result_ttl: int = Field(86400, ge=1)
-    queued_ttl: int = Field(7 * 86400, ge=60)
+    result_ttl: int = Field(86400, ge=1, le=MAX_TTL)
+    queued_ttl: int = Field(7 * 86400, ge=60, le=MAX_TTL)
     default_queue: Literal["interactive", "bulk"] = "interactive"
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_deliveries: int = Field(3, ge=1, le=100)
+    max_crashes: int = Field(3, ge=1, le=100)
 
 
 class WorkerSettings(_Model):
@@ -175,6 +176,13 @@ class WorkerSettings(_Model):
     lease_ttl: float = Field(15.0, ge=1)
     reap_interval: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _renewals_fit_in_a_lease(self) -> WorkerSettings:
+        if self.watchdog_interval * 3 > self.lease_ttl:
+            raise ValueError("watchdog_interval must be at most a third of lease_ttl, or "
+                             "leases lapse between renewals and live jobs run twice")
+        return self
 
 
 class Settings(_Model):

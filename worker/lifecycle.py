@@ -23,14 +23,14 @@ if TYPE_CHECKING:
 __all__ = ["connect_signals"]
 
 log = logging.getLogger(__name__)
+_EXIT_MARGIN = 1.0  # seconds kept, within the grace, to requeue and exit
 
 
 def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
-    def on_init(sender: Any = None, **_: Any) -> None:
-        started = runtime.install(settings, getattr(sender, "app", None))
-        wait_for_redis(started.redis)
+    def on_init(**_: Any) -> None:
+        wait_for_redis(runtime.install(settings).redis)
 
     def on_logging(logger: logging.Logger, **_: Any) -> None:
         logger.setLevel(settings.worker.log_level)
@@ -38,7 +38,8 @@ def connect_signals(settings: Settings) -> None:
     def on_shutting_down(**_: Any) -> None:
         grace = settings.worker.shutdown_grace
         log.info("shutting down: in-flight jobs have %.0fs to finish", grace)
-        timer = threading.Timer(grace, runtime.current().stop_calls)
+        # stop calls a little before the grace ends: requeueing and exiting take a moment
+        timer = threading.Timer(max(grace - _EXIT_MARGIN, grace / 2), runtime.current().stop_calls)
         timer.daemon = True
         timer.start()
 

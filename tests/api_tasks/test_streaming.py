@@ -153,6 +153,7 @@ def test_error_inside_a_200_stream(client: Client, fake: FakeUpstream, model: st
     assert len(fake.requests(model)) == 1
 
 
+@pytest.mark.faults
 def test_invalid_utf8_is_replaced_not_fatal(client: Client, fake: FakeUpstream, model: str) -> None:
     fake.script(model, InvalidUtf8())
     response = client.submit_chat(USER, model=model, stream=True).result(timeout=20)

@@ -5,9 +5,10 @@ RELIABILITY.md quotes this table; every row comes from a test that asserts it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["Figures"]
+__all__ = ["Figures", "finishes"]
 
 
 @dataclass
@@ -29,3 +30,13 @@ class Figures:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         return "\n".join(lines)
+
+
+def finishes(logs: list[str], job_id: str) -> int:
+    """How many times workers recorded an outcome for the job (their INFO log lines).
+
+    A worker logs ``job <id> <status> (`` only after its finish script was
+    accepted, so more than one means a second result was written.
+    """
+    needle = re.compile(rf"job {re.escape(job_id)} (succeeded|failed|cancelled) \(")
+    return sum(len(needle.findall(text)) for text in logs)

@@ -75,9 +75,10 @@ class RedisServer:
         wait_until(lambda: _pings(client), 10, f"redis on port {self.port}")
         return self
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """Stop Redis: a clean shutdown, or with ``crash`` a SIGKILL (AOF fsync'd each write)."""
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.kill() if crash else self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
 

@@ -40,9 +40,11 @@ def test_garbage_on_the_queue_is_dropped_and_logged(client: Client, redis_client
                                                     worker: WorkerProcess, model: str,
                                                     garbage: bytes) -> None:
     queue = client.keys.celery_prefix() + "interactive"
+    before = worker.log().count("dropped a queue message")
     redis_client.lpush(queue, garbage)
     _still_works(client, model)
     assert worker.proc is not None and worker.proc.poll() is None
+    assert worker.log().count("dropped a queue message") == before + 1
 
 
 def test_a_pickled_message_is_refused_and_never_loaded(
@@ -71,6 +73,25 @@ def test_an_unknown_task_name_is_refused(client: Client, worker: WorkerProcess,
     wait_until(lambda: sent.id in worker.log() and "unregistered" in worker.log().lower(), 20,
                "the worker to refuse the unknown task")
     _still_works(client, model)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "field"), [
+    ([], {}, "messages"),
+    ([[{"role": "user"}]], {}, "messages[0].content"),
+    ([USER], {"model": 7}, "model"),
+    ([USER], {"stream": "yes"}, "stream"),
+    ([USER], {"n": float("inf")}, "n"),
+])
+def test_missing_or_ill_typed_fields_from_a_plain_client(
+        client: Client, fake: FakeUpstream, worker: WorkerProcess, args: list[object],
+        kwargs: dict[str, object], field: str) -> None:
+    sent = client.app.send_task("api_tasks.chat", args=args, kwargs=kwargs)
+    with pytest.raises(JobFailed) as caught:
+        client.job(sent.id).result(timeout=20)
+    error = caught.value.error
+    assert error["code"] == "invalid_job" and error["param"] == field
+    assert f"job {sent.id} refused: {field}" in worker.log()
+    assert worker.proc is not None and worker.proc.poll() is None
 
 
 def test_an_oversized_prompt_from_a_plain_client_fails_without_a_call(

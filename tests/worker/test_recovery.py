@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 
-from api_tasks import JobFailed, JobStatus
+from api_tasks import JobFailed, JobStatus, StreamRestarted
 from api_tasks.client import Client
+from api_tasks.jobs import Job
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
-from tests.support.figures import Figures
+from tests.support.figures import Figures, finishes
 from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -28,9 +27,9 @@ def env(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream) -> dict[s
     """A private prefix, short leases and a one-hour visibility timeout."""
     config = workdir / f"recovery-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(yaml.safe_dump({
-        "worker": {"lease_ttl": 2, "reap_interval": 0.5, "visibility_timeout": 3600,
-                   "shutdown_grace": 3},
-        "jobs": {"max_deliveries": 3},
+        "worker": {"lease_ttl": 2, "reap_interval": 0.5, "watchdog_interval": 0.2,
+                   "visibility_timeout": 3600, "shutdown_grace": 3},
+        "jobs": {"max_crashes": 3},
         "upstreams": [{"name": "fake", "base_url": fake.base_url,
                        "timeouts": {"connect": 2, "read": 30, "total": 60}}]}))
     return {**worker_env, "API_TASKS_CONFIG": str(config),
@@ -58,16 +57,14 @@ def _worker(env: dict[str, str], workdir: Path, workers: list[WorkerProcess],
     return process
 
 
-def _final_events(client: Client, redis_client: redis.Redis, job_id: str) -> int:
-    entries = redis_client.xrange(client.keys.events(job_id))
-    return sum(json.loads(fields[b"event"])["type"] in ("done", "error", "cancelled")
-               for _, fields in entries)
+def _outcomes(workers: list[WorkerProcess], jobs: list[Job]) -> list[int]:
+    logs = [w.log() for w in workers]
+    return [finishes(logs, job.id) for job in jobs]
 
 
 def test_sigkill_with_100_jobs_in_flight_loses_none(
         env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], redis_client: redis.Redis, model: str,
-        figures: Figures) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
     fake.script(model, Reply(delay=30))  # the doomed worker's calls never come back
     doomed = _worker(env, workdir, workers, "doomed")
     jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(100)]
@@ -81,14 +78,40 @@ def test_sigkill_with_100_jobs_in_flight_loses_none(
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "recovered"
     recovered_in = time.monotonic() - started
-    assert recovered_in < 60
-    finals = [_final_events(client, redis_client, job.id) for job in jobs]
-    assert finals == [1] * 100
+    outcomes = _outcomes(workers, jobs)
+    assert recovered_in < 60 and outcomes == [1] * 100
     assert all(job.info()["deliveries"] == "2" for job in jobs)
     repeated = len(fake.requests(model)) - 100
     assert repeated == 100  # each in-flight call was made again, once
     figures.add("SIGKILL a worker with 100 jobs in flight (visibility timeout 1 h)", 100,
-                finals.count(0), sum(f - 1 for f in finals if f > 1), repeated, recovered_in)
+                outcomes.count(0), sum(n - 1 for n in outcomes if n > 1), repeated,
+                recovered_in)
+
+
+def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
+        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
+        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+    old = Reply(pieces=[f"old{i} " for i in range(200)], chunk_delay=0.05)
+    fake.script(model, *[old] * 5, Reply(pieces=["new ", "text"]))
+    doomed = _worker(env, workdir, workers, "mid")
+    jobs = [client.submit_chat(USER, model=model, stream=True) for _ in range(5)]
+    readers = [job.stream(timeout=60) for job in jobs]
+    shown = [next(reader) for reader in readers]  # every stream has published chunks
+    assert all(shown)
+    doomed.kill()
+    started = time.monotonic()
+    _worker(env, workdir, workers, "mid-heir")
+    for job, reader in zip(jobs, readers, strict=True):
+        with pytest.raises(StreamRestarted):
+            list(reader)
+        again = "".join((c["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                        for c in job.stream(timeout=30) if c.get("choices"))
+        assert again == "new text"
+    outcomes = _outcomes(workers, jobs)
+    assert outcomes == [1] * 5
+    figures.add("SIGKILL mid-stream: 5 streams restart as announced attempts", 5,
+                outcomes.count(0), 0, len(fake.requests(model)) - 5,
+                time.monotonic() - started)
 
 
 def test_a_second_delivery_of_a_running_job_is_dropped(
@@ -98,22 +121,21 @@ def test_a_second_delivery_of_a_running_job_is_dropped(
     worker = _worker(env, workdir, workers, "dup")
     job = client.submit_chat(USER, model=model)
     fake.wait_for_requests(model, 1, timeout=10)
-    info = job.info()
-    spec = client.store.info(job.id)  # the worker recorded the task message
-    message = json.loads(spec["spec"])
-    client.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
-                         task_id=job.id, queue=message["queue"])
+    assert job.info()["status"] == "running"
+    again = {"args": [USER], "kwargs": {"model": model}, "task_id": job.id,
+             "queue": "interactive"}
+    client.app.send_task("api_tasks.chat", **again)
     wait_until(lambda: f"job {job.id} is busy: delivery dropped" in worker.log(), 10,
                "the duplicate to be dropped")
     assert job.result(timeout=10) is not None
-    client.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
-                         task_id=job.id, queue=message["queue"])
+    client.app.send_task("api_tasks.chat", **again)
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the late duplicate to be dropped")
     assert len(fake.requests(model)) == 1
-    assert info["status"] == "running"
-    figures.add("the same job delivered again while running, then after it ended", 1, 0, 0,
-                len(fake.requests(model)) - 1)
+    outcomes = _outcomes(workers, [job])
+    assert outcomes == [1]
+    figures.add("the same job delivered again while running, then after it ended", 1, 0,
+                outcomes[0] - 1, len(fake.requests(model)) - 1)
 
 
 def test_a_poison_job_is_stopped_and_others_keep_flowing(
@@ -122,17 +144,21 @@ def test_a_poison_job_is_stopped_and_others_keep_flowing(
     poison_model, healthy_model = model + "-poison", model + "-ok"
     fake.script(poison_model, Hang(max_seconds=30))
     poison = client.submit_chat(USER, model=poison_model)
-    for delivery in range(1, 4):
-        current = _worker(env, workdir, workers, f"p{delivery}")
-        fake.wait_for_requests(poison_model, delivery, timeout=30)
-        healthy = client.submit_chat(USER, model=healthy_model)
-        assert healthy.result(timeout=20) is not None
+    healthy = []
+    for crash in range(1, 4):
+        current = _worker(env, workdir, workers, f"p{crash}")
+        fake.wait_for_requests(poison_model, crash, timeout=30)
+        healthy.append(client.submit_chat(USER, model=healthy_model))
+        assert healthy[-1].result(timeout=20) is not None
         current.kill()  # the poison job "kills" its worker
     _worker(env, workdir, workers, "p4")
     with pytest.raises(JobFailed) as caught:
         poison.result(timeout=30)
     assert caught.value.error["code"] == "poison_job"
-    assert poison.status() is JobStatus.FAILED
+    assert poison.status() is JobStatus.FAILED and poison.info()["crashes"] == "3"
     assert len(fake.requests(poison_model)) == 3
-    figures.add("a poison job that kills its worker on every delivery (max_deliveries 3)", 4,
-                0, 0, len(fake.requests(poison_model)) - 1)
+    outcomes = _outcomes(workers, [poison, *healthy])
+    assert outcomes == [1] * 4
+    figures.add("a poison job that kills its worker on every delivery (max_crashes 3), "
+                "3 healthy jobs beside it", 4, outcomes.count(0), 0,
+                len(fake.requests(poison_model)) - 1)

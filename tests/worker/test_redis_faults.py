@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
 from api_tasks import BrokerUnavailable
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
-from tests.support.figures import Figures
+from tests.support.figures import Figures, finishes
 from tests.support.services import RedisServer, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -30,8 +31,15 @@ def own_redis(workdir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def env(worker_env: dict[str, str], own_redis: RedisServer) -> dict[str, str]:
-    return {**worker_env, "REDIS_URL": own_redis.url}
+def env(worker_env: dict[str, str], own_redis: RedisServer, workdir: Path,
+        fake: FakeUpstream) -> dict[str, str]:
+    """Short leases, so a long outage outlives them."""
+    config = workdir / f"redis-faults-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump({
+        "worker": {"lease_ttl": 2, "reap_interval": 0.5, "watchdog_interval": 0.2},
+        "upstreams": [{"name": "fake", "base_url": fake.base_url,
+                       "timeouts": {"connect": 2, "read": 30, "total": 60}}]}))
+    return {**worker_env, "REDIS_URL": own_redis.url, "API_TASKS_CONFIG": str(config)}
 
 
 @pytest.fixture
@@ -42,20 +50,23 @@ def workers() -> Iterator[list[WorkerProcess]]:
         process.stop()
 
 
-def test_redis_restart_with_jobs_queued_and_running(
+@pytest.mark.parametrize("outage", [0.0, 5.0], ids=["brief", "longer-than-leases"])
+def test_redis_crash_and_restart_with_jobs_queued_and_running(
         env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        workers: list[WorkerProcess], model: str, figures: Figures, outage: float) -> None:
     own_redis.start()
     fake.script(model, Reply(delay=1.5))
-    workers.append(WorkerProcess(env, workdir / f"{model}.log", concurrency=5).start())
+    worker = WorkerProcess(env, workdir / f"{model}.log", concurrency=5).start()
+    workers.append(worker)
     client = Client(load_settings(env=env))
     jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(15)]
     fake.wait_for_requests(model, 5, timeout=10)
-    own_redis.stop()
+    own_redis.stop(crash=True)
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
         client.submit_chat(USER, model=model)
     assert time.monotonic() - started < 10  # a clear error, not a hang
+    time.sleep(max(outage - (time.monotonic() - started), 0))  # Redis stays down this long
     own_redis.start()
     for job in jobs:
         assert job.result(timeout=90) is not None
@@ -67,8 +78,11 @@ def test_redis_restart_with_jobs_queued_and_running(
             job.id)) if json.loads(f[b"event"])["type"] in ("done", "error", "cancelled")]
         assert finals == ["done"], job.id
         counts.append(len(finals))
-    figures.add("Redis restarted (AOF on) with 10 jobs queued and 5 running", 15,
-                counts.count(0), sum(c - 1 for c in counts if c > 1),
+    outcomes = [finishes([worker.log()], job.id) for job in jobs]
+    assert outcomes == [1] * 15
+    figures.add(f"Redis killed (AOF fsync always) and back after {outage or 'a brief'} "
+                f"{'s ' if outage else ''}outage, 10 jobs queued and 5 running", 15,
+                outcomes.count(0), sum(n - 1 for n in outcomes if n > 1),
                 len(fake.requests(model)) - 15, recovered_in)
 
 
