@@ -9,6 +9,7 @@ counted as published really is in Redis before the error event.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,10 @@ class StreamRelay:
                 # the TTL follows each batch: a stream longer than its TTL keeps its start
                 stream = self.keys.events(self.job_id)
                 self.writer.submit([*commands, ("EXPIRE", stream, self.ttl)])
+                if self.published == len(commands) // 2:
+                    # first chunks: let the writer run now rather than when this thread next
+                    # blocks (the GIL), since a reader is waiting for them
+                    time.sleep(0)
         return self.done
 
     def _chunk_commands(self, raw: str) -> list[Command]:
