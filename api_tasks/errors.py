@@ -153,6 +153,8 @@ class APIStatusError(UpstreamError):
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]
+        if self.code == "insufficient_quota":
+            return False  # a 429 that waiting will not cure: the account is out of credit
         return self.status in (408, 409, 429) or (self.status or 0) >= 500
 
 

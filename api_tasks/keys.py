@@ -41,6 +41,10 @@ class Keys:
         """String: the attempt token of the worker running the job; expires unless renewed."""
         return f"{self.prefix}:lease:{job_id}"
 
+    def cooldown(self, upstream: str) -> str:
+        """String: present while the upstream asked everyone to back off (429)."""
+        return f"{self.prefix}:cooldown:{upstream}"
+
     def reaper_lock(self) -> str:
         """String: held by the one worker sweeping for orphaned messages right now."""
         return f"{self.prefix}:reaper"

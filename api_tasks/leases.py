@@ -32,17 +32,19 @@ from api_tasks.writer import Command
 
 __all__ = ["Claim", "LeaseStore"]
 
-# KEYS: job, cancel, lease. ARGV: now, ttl, token, lease_ms, max_crashes, then
-# field/value pairs for a job nobody recorded (sent by a plain Celery client).
+# KEYS: job, cancel, lease, the upstream's cool-down. ARGV: now, ttl, token, lease_ms,
+# max_crashes, then field/value pairs for a job nobody recorded (a plain Celery client's).
+# Returns {verdict, delivery, created_at, cool-down ms left}.
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
-if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created} end
+local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created, cool} end
 local holder = redis.call('GET', KEYS[3])
 if holder == ARGV[3] then
-  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created}
+  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool}
 end
-if holder then return {'busy', '0', created} end
+if holder then return {'busy', '0', created, cool} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 6)) end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
@@ -53,7 +55,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
 elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
   verdict = 'poison'
 end
-return {verdict, tostring(n), created}
+return {verdict, tostring(n), created, cool}
 """
 
 # KEYS: job, lease. ARGV: token, lease_ms. Also re-takes a lease that lapsed while
@@ -129,6 +131,7 @@ class Claim:
     verdict: str  # run | cancel | poison | busy | the final status of a finished job
     delivery: int
     created_at: float
+    cooldown: float = 0.0  # seconds the job's upstream is still cooling down (429)
 
 
 class LeaseStore:
@@ -146,14 +149,16 @@ class LeaseStore:
         self._release = client.register_script(_RELEASE)
         self._restore = client.register_script(_RESTORE)
 
-    def claim(self, job_id: str, token: str, fields: dict[str, str], now: float) -> Claim:
+    def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
+              upstream: str = "") -> Claim:
         """Take the job for attempt ``token``, unless it is finished or held."""
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created = self._claim(
-            keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id)],
+        verdict, delivery, created, cool = self._claim(
+            keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
+                  keys.cooldown(upstream)],
             args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, *flat])
-        return Claim(_text(verdict), int(delivery), float(created))
+        return Claim(_text(verdict), int(delivery), float(created), int(cool) / 1000)
 
     def renew(self, client: redis.Redis, held: list[tuple[str, str]]) -> list[str]:
         """Renew the leases of (job id, token) pairs; return the job ids no longer ours."""

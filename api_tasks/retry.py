@@ -10,12 +10,17 @@ or ``Retry-After`` (seconds or an HTTP date) wins, capped at ``max_retry_after``
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from api_tasks.errors import UpstreamError
 
-__all__ = ["RetryPolicy", "backoff_delay", "parse_retry_after", "retry_delay"]
+__all__ = ["RetryPolicy", "backoff_delay", "parse_duration", "parse_retry_after", "retry_delay"]
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,27 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:
     return base * (1 - policy.jitter * rand)
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds in an OpenAI-style duration such as ``6m0s``, ``1.5s`` or ``20ms``."""
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(number) * _UNIT[unit] for number, unit in parts)
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After``."""
+    """Seconds the server asked us to wait: ``retry-after-ms``, ``Retry-After`` (seconds
+    or an HTTP date), else the longest ``x-ratelimit-reset-*`` (OpenAI sends those)."""
     lowered = {name.lower(): value for name, value in headers.items()}
+    asked = _retry_after(lowered, now)
+    if asked is not None:
+        return asked
+    resets = [parse_duration(lowered[name]) for name in _RESET_HEADERS if name in lowered]
+    known = [seconds for seconds in resets if seconds is not None]
+    return max(known) if known else None
+
+
+def _retry_after(lowered: Mapping[str, str], now: float) -> float | None:
     millis = lowered.get("retry-after-ms")
     if millis is not None:
         try:

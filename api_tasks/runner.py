@@ -32,6 +32,7 @@ from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, rese
 from api_tasks.http_client import CallRequest, HttpClient
 from api_tasks.inflight import CallHandle, Watchdog
 from api_tasks.leases import LeaseStore
+from api_tasks.limits import Cooldowns
 from api_tasks.retry import RetryPolicy, retry_delay
 from api_tasks.routing import build_call, resolve_upstream
 from api_tasks.spec import JobSpec, Kind, build_spec
@@ -59,6 +60,7 @@ class _Run:
     delivery: int
     created_at: float
     token: str = ""  # this attempt's; "" finishes whatever attempt holds the job
+    cooldown: float = 0.0  # the upstream's 429 cool-down left when the job was claimed
     started_at: float = field(default_factory=time.time)
     attempts: int = 0
     published: int = 0
@@ -79,6 +81,7 @@ class JobRunner:
         self.settings = settings
         self.store = store
         self.leases = leases
+        self.cooldowns = Cooldowns(leases.redis, store.keys)
         self.writer = writer
         self.watchdog = watchdog
         self.http = http
@@ -96,11 +99,12 @@ class JobRunner:
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         claim = self.leases.claim(job_id, token,
                                   self.store.record_fields(spec, upstream.name, queue),
-                                  time.time())
+                                  time.time(), upstream.name)
         if claim.verdict not in _RUNNABLE:
             log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
             return claim.verdict
-        run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at, token)
+        run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at, token,
+                   cooldown=claim.cooldown)
         if run.delivery > 1:
             self._announce_reset(run)
         handle = CallHandle(job_id, token)
@@ -146,6 +150,7 @@ class JobRunner:
         policy = self.policies[run.target.name]
         while True:
             run.attempts += 1
+            self._wait_cooldown(run, handle)
             handle.start_attempt(run.target.timeouts.total)
             try:
                 return self._attempt(run, handle, call)
@@ -153,11 +158,22 @@ class JobRunner:
                 delay = retry_delay(policy, err, run.attempts, random.random(), run.published)
                 if delay is None or handle.reason in ("cancelled", "shutdown"):
                     raise
+                if err.status == 429:  # the whole upstream backs off, on every worker
+                    self.cooldowns.start(run.target.name, delay)
                 log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
                          run.job_id, run.attempts, err.code, err.message, delay)
                 handle.pause()
                 if handle.wait(delay):
                     raise handle.error() or err from err
+
+    def _wait_cooldown(self, run: _Run, handle: CallHandle) -> None:
+        """Hold the call while its upstream cools down after a 429 (the claim read it)."""
+        left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
+        if left > 0:
+            log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
+                     run.job_id, left, run.target.name)
+            if handle.wait(left):
+                raise handle.error() or CallCancelled("the job was stopped")
 
     def _attempt(self, run: _Run, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
         response = self.http.send(handle, call)

@@ -60,3 +60,19 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after({"Retry-After": "soon"}, now) is None
     assert parse_retry_after({}, now) is None
     assert parse_retry_after({"retry-after-ms": "x", "retry-after": "2"}, now) == 2.0
+
+
+def test_openai_reset_headers_and_durations() -> None:
+    from api_tasks.retry import parse_duration
+
+    assert parse_duration("6m0s") == 360.0 and parse_duration("1.5s") == 1.5
+    assert parse_duration("20ms") == pytest.approx(0.02) and parse_duration("1h2m") == 3720.0
+    assert parse_duration("soon") is None and parse_duration("5") is None
+    headers = {"x-ratelimit-reset-requests": "120ms", "x-ratelimit-reset-tokens": "2s"}
+    assert parse_retry_after(headers, 0.0) == 2.0
+    assert parse_retry_after({**headers, "Retry-After": "1"}, 0.0) == 1.0
+
+
+def test_insufficient_quota_is_final() -> None:
+    quota = APIStatusError("x", status=429, code="insufficient_quota", retry_after=1.0)
+    assert retry_delay(POLICY, quota, 1, 0.0) is None
