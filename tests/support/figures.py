@@ -6,9 +6,11 @@ RELIABILITY.md quotes this table; every row comes from a test that asserts it.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Figures", "finishes"]
+__all__ = ["Figures", "finishes", "outcomes"]
 
 
 @dataclass
@@ -40,3 +42,15 @@ def finishes(logs: list[str], job_id: str) -> int:
     """
     needle = re.compile(rf"job {re.escape(job_id)} (succeeded|failed|cancelled) \(")
     return sum(len(needle.findall(text)) for text in logs)
+
+
+def outcomes(read_logs: Callable[[], list[str]], job_ids: list[str],
+             timeout: float = 10.0) -> list[int]:
+    """Outcomes per job, once each has one: a worker logs it just after the result lands."""
+    def counts() -> list[int]:
+        logs = read_logs()
+        return [finishes(logs, job_id) for job_id in job_ids]
+    deadline = time.monotonic() + timeout
+    while min(counts(), default=1) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counts()

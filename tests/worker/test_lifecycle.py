@@ -14,7 +14,7 @@ from api_tasks import JobStatus, StreamRestarted
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
-from tests.support.figures import Figures, finishes
+from tests.support.figures import Figures, outcomes
 from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -64,10 +64,10 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "second worker"
     wait_until(lambda: len(fake.requests(model + "-long")) == 6, 5, "six calls")
-    outcomes = [finishes([first.log(), second.log()], job.id) for job in [*short, *long]]
-    assert outcomes == [1] * 6
+    counted = outcomes(lambda: [first.log(), second.log()], [j.id for j in [*short, *long]])
+    assert counted == [1] * 6
     figures.add("SIGTERM with 3 short and 3 long jobs in flight (grace 3 s)", 6,
-                outcomes.count(0), 0, len(fake.requests(model + "-long")) - 3,
+                counted.count(0), 0, len(fake.requests(model + "-long")) - 3,
                 time.monotonic() - signalled)
 
 
@@ -117,8 +117,8 @@ def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
     assert ("reset", 2) in types and types[-1] == ("done", 2)
     assert types.index(("reset", 2)) > max(i for i, t in enumerate(types) if t[1] == 1)
     assert "crashes" not in job.info()  # a clean shutdown is not counted against the job
-    outcomes = [finishes([first.log(), second.log()], job.id)]
-    assert outcomes == [1]
+    counted = outcomes(lambda: [first.log(), second.log()], [job.id])
+    assert counted == [1]
     figures.add("SIGTERM mid-stream: the stream restarts as an announced attempt", 1,
-                outcomes.count(0), 0, len(fake.requests(model)) - 1)
+                counted.count(0), 0, len(fake.requests(model)) - 1)
 

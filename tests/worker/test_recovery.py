@@ -15,7 +15,7 @@ from api_tasks.client import Client
 from api_tasks.jobs import Job
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
-from tests.support.figures import Figures, finishes
+from tests.support.figures import Figures, outcomes
 from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -58,8 +58,7 @@ def _worker(env: dict[str, str], workdir: Path, workers: list[WorkerProcess],
 
 
 def _outcomes(workers: list[WorkerProcess], jobs: list[Job]) -> list[int]:
-    logs = [w.log() for w in workers]
-    return [finishes(logs, job.id) for job in jobs]
+    return outcomes(lambda: [w.log() for w in workers], [job.id for job in jobs])
 
 
 def test_sigkill_with_100_jobs_in_flight_loses_none(
@@ -78,13 +77,13 @@ def test_sigkill_with_100_jobs_in_flight_loses_none(
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "recovered"
     recovered_in = time.monotonic() - started
-    outcomes = _outcomes(workers, jobs)
-    assert recovered_in < 60 and outcomes == [1] * 100
+    counted = _outcomes(workers, jobs)
+    assert recovered_in < 60 and counted == [1] * 100
     assert all(job.info()["deliveries"] == "2" for job in jobs)
     repeated = len(fake.requests(model)) - 100
     assert repeated == 100  # each in-flight call was made again, once
     figures.add("SIGKILL a worker with 100 jobs in flight (visibility timeout 1 h)", 100,
-                outcomes.count(0), sum(n - 1 for n in outcomes if n > 1), repeated,
+                counted.count(0), sum(n - 1 for n in counted if n > 1), repeated,
                 recovered_in)
 
 
@@ -107,10 +106,10 @@ def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
         again = "".join((c["choices"] or [{}])[0].get("delta", {}).get("content") or ""
                         for c in job.stream(timeout=30) if c.get("choices"))
         assert again == "new text"
-    outcomes = _outcomes(workers, jobs)
-    assert outcomes == [1] * 5
+    counted = _outcomes(workers, jobs)
+    assert counted == [1] * 5
     figures.add("SIGKILL mid-stream: 5 streams restart as announced attempts", 5,
-                outcomes.count(0), 0, len(fake.requests(model)) - 5,
+                counted.count(0), 0, len(fake.requests(model)) - 5,
                 time.monotonic() - started)
 
 
@@ -132,10 +131,10 @@ def test_a_second_delivery_of_a_running_job_is_dropped(
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the late duplicate to be dropped")
     assert len(fake.requests(model)) == 1
-    outcomes = _outcomes(workers, [job])
-    assert outcomes == [1]
+    counted = _outcomes(workers, [job])
+    assert counted == [1]
     figures.add("the same job delivered again while running, then after it ended", 1, 0,
-                outcomes[0] - 1, len(fake.requests(model)) - 1)
+                counted[0] - 1, len(fake.requests(model)) - 1)
 
 
 def test_a_poison_job_is_stopped_and_others_keep_flowing(
@@ -150,6 +149,7 @@ def test_a_poison_job_is_stopped_and_others_keep_flowing(
         fake.wait_for_requests(poison_model, crash, timeout=30)
         healthy.append(client.submit_chat(USER, model=healthy_model))
         assert healthy[-1].result(timeout=20) is not None
+        _outcomes([current], healthy[-1:])  # its log line is out before the kill
         current.kill()  # the poison job "kills" its worker
     _worker(env, workdir, workers, "p4")
     with pytest.raises(JobFailed) as caught:
@@ -157,8 +157,8 @@ def test_a_poison_job_is_stopped_and_others_keep_flowing(
     assert caught.value.error["code"] == "poison_job"
     assert poison.status() is JobStatus.FAILED and poison.info()["crashes"] == "3"
     assert len(fake.requests(poison_model)) == 3
-    outcomes = _outcomes(workers, [poison, *healthy])
-    assert outcomes == [1] * 4
+    counted = _outcomes(workers, [poison, *healthy])
+    assert counted == [1] * 4
     figures.add("a poison job that kills its worker on every delivery (max_crashes 3), "
-                "3 healthy jobs beside it", 4, outcomes.count(0), 0,
+                "3 healthy jobs beside it", 4, counted.count(0), 0,
                 len(fake.requests(poison_model)) - 1)

@@ -16,7 +16,7 @@ from api_tasks import BrokerUnavailable
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
-from tests.support.figures import Figures, finishes
+from tests.support.figures import Figures, outcomes
 from tests.support.services import RedisServer, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -78,11 +78,11 @@ def test_redis_crash_and_restart_with_jobs_queued_and_running(
             job.id)) if json.loads(f[b"event"])["type"] in ("done", "error", "cancelled")]
         assert finals == ["done"], job.id
         counts.append(len(finals))
-    outcomes = [finishes([worker.log()], job.id) for job in jobs]
-    assert outcomes == [1] * 15
+    counted = outcomes(lambda: [worker.log()], [job.id for job in jobs])
+    assert counted == [1] * 15
     figures.add(f"Redis killed (AOF fsync always) and back after {outage or 'a brief'} "
                 f"{'s ' if outage else ''}outage, 10 jobs queued and 5 running", 15,
-                outcomes.count(0), sum(n - 1 for n in outcomes if n > 1),
+                counted.count(0), sum(n - 1 for n in counted if n > 1),
                 len(fake.requests(model)) - 15, recovered_in)
 
 
