@@ -27,6 +27,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "JobTimeout",
+    "RequestTooLarge",
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
@@ -186,6 +187,13 @@ class StreamError(UpstreamError):
 
     type = "server_error"
     code = "stream_error"
+
+
+class RequestTooLarge(UpstreamError):
+    """The call needs more tokens than its upstream's per-minute limit allows at all."""
+
+    type = "invalid_request_error"
+    code = "request_too_large"
 
 
 class CallCancelled(UpstreamError):

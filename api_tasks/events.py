@@ -45,6 +45,7 @@ class JobStatus(StrEnum):
     """Where a job is in its life."""
 
     QUEUED = "queued"
+    WAITING = "waiting"  # for a rate or concurrency limit, outside any worker
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"

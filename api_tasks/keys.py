@@ -45,6 +45,26 @@ class Keys:
         """String: present while the upstream asked everyone to back off (429)."""
         return f"{self.prefix}:cooldown:{upstream}"
 
+    def limit(self, scope: str) -> str:
+        """Hash: a limit scope's pacing state (theoretical arrival times, ms)."""
+        return f"{self.prefix}:limit:{scope}"
+
+    def in_flight(self, scope: str) -> str:
+        """Sorted set: job ids calling within a limit scope, by lease expiry (ms)."""
+        return f"{self.prefix}:inflight:{scope}"
+
+    def delayed(self) -> str:
+        """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""
+        return f"{self.prefix}:delayed"
+
+    def delayed_messages(self) -> str:
+        """Hash: the task message of each delayed job, sent again when it is due."""
+        return f"{self.prefix}:delayed:messages"
+
+    def scheduler_lock(self) -> str:
+        """String: held by the one worker sending due waiting jobs right now."""
+        return f"{self.prefix}:scheduler"
+
     def reaper_lock(self) -> str:
         """String: held by the one worker sweeping for orphaned messages right now."""
         return f"{self.prefix}:reaper"

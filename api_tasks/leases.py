@@ -21,6 +21,7 @@ a script that fails halfway.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,19 +33,26 @@ from api_tasks.writer import Command
 
 __all__ = ["Claim", "LeaseStore"]
 
-# KEYS: job, cancel, lease, the upstream's cool-down. ARGV: now, ttl, token, lease_ms,
-# max_crashes, then field/value pairs for a job nobody recorded (a plain Celery client's).
-# Returns {verdict, delivery, created_at, cool-down ms left}.
+# KEYS: job, cancel, lease, the upstream's cool-down, events. ARGV: now, ttl, token,
+# lease_ms, max_crashes, then field/value pairs for a job nobody recorded (a plain Celery
+# client's). Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved
+# turn or '', whether the job's stream has events}.
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
-if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created, cool} end
+local t = redis.call('TIME')
+local turn = redis.call('HGET', KEYS[1], 'turn_at')
+turn = turn and tostring(tonumber(turn) - (t[1] * 1000 + math.floor(t[2] / 1000))) or ''
+local shown = tostring(redis.call('EXISTS', KEYS[5]))
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then
+  return {s, '0', created, cool, turn, shown}
+end
 local holder = redis.call('GET', KEYS[3])
 if holder == ARGV[3] then
-  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool}
+  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown}
 end
-if holder then return {'busy', '0', created, cool} end
+if holder then return {'busy', '0', created, cool, turn, shown} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 6)) end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
@@ -55,7 +63,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
 elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
   verdict = 'poison'
 end
-return {verdict, tostring(n), created, cool}
+redis.call('HDEL', KEYS[1], 'turn_at')
+return {verdict, tostring(n), created, cool, turn, shown}
 """
 
 # KEYS: job, lease. ARGV: token, lease_ms. Also re-takes a lease that lapsed while
@@ -97,6 +106,44 @@ if ended then return 'ended' end
 return 'restored'
 """
 
+# KEYS: job, lease, delayed set, delayed messages. ARGV: token, job id, wait ms, reason,
+# message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
+# to wait for a limit and is sent again ``lead`` before its turn (or when due).
+_PARK = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due / 1000),
+           'waiting_for', ARGV[4])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'turn_at', tostring(now + tonumber(ARGV[7])))
+  due = math.max(now + tonumber(ARGV[7]) - tonumber(ARGV[8]), now)
+else
+  redis.call('HDEL', KEYS[1], 'turn_at')
+end
+redis.call('HDEL', KEYS[1], 'token')
+redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[3], due, ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+return 1
+"""
+
+# KEYS: delayed set, delayed messages. ARGV: limit. Due jobs and their messages.
+_DUE = """
+local t = redis.call('TIME')
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t[1] * 1000 + math.floor(t[2] / 1000),
+                       'LIMIT', 0, ARGV[1])
+local out = {}
+for _, id in ipairs(ids) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[2], id) or '')
+end
+return out
+"""
+
 # KEYS: job, result, events, channel, lease. ARGV: token ('' = whoever holds it, for
 # the last-resort failure), ttl, event, wanted entry id, result ('' for none), then
 # job field/value pairs. A job already ended is never written twice.
@@ -132,6 +179,8 @@ class Claim:
     delivery: int
     created_at: float
     cooldown: float = 0.0  # seconds the job's upstream is still cooling down (429)
+    turn: float | None = None  # seconds to the turn it reserved under its limits, if any
+    has_events: bool = False  # an earlier attempt wrote to the job's stream
 
 
 class LeaseStore:
@@ -148,17 +197,20 @@ class LeaseStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._restore = client.register_script(_RESTORE)
+        self._park = client.register_script(_PARK)
+        self._due = client.register_script(_DUE)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
               upstream: str = "") -> Claim:
         """Take the job for attempt ``token``, unless it is finished or held."""
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created, cool = self._claim(
+        verdict, delivery, created, cool, turn, shown = self._claim(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
-                  keys.cooldown(upstream)],
+                  keys.cooldown(upstream), keys.events(job_id)],
             args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, *flat])
-        return Claim(_text(verdict), int(delivery), float(created), int(cool) / 1000)
+        return Claim(_text(verdict), int(delivery), float(created), int(cool) / 1000,
+                     None if not turn else float(turn) / 1000, _text(shown) == "1")
 
     def renew(self, client: redis.Redis, held: list[tuple[str, str]]) -> list[str]:
         """Renew the leases of (job id, token) pairs; return the job ids no longer ours."""
@@ -180,6 +232,33 @@ class LeaseStore:
         return _text(self._restore(
             keys=[celery + "unacked_index", celery + "unacked", self.keys.job(job_id),
                   self.keys.lease(job_id), celery + queue], args=[tag, message]))
+
+    def park(self, job_id: str, token: str, wait: float, reason: str,
+             message: dict[str, Any], turn: float | None = None, lead: float = 0.0) -> bool:
+        """Take the job out of its worker until a limit lets it run; False if not ours.
+
+        ``turn``: seconds to the turn it reserved (kept in the record); it is sent
+        again ``lead`` seconds before it.
+        """
+        keys = self.keys
+        return bool(self._park(
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages()],
+            args=[token, job_id, max(int(wait * 1000), 1), reason,
+                  json.dumps(message, separators=(",", ":")), self.queued_ttl,
+                  "" if turn is None else int(turn * 1000), int(lead * 1000)]))
+
+    def due(self, limit: int = 500) -> list[tuple[str, dict[str, Any]]]:
+        """Parked jobs whose wait is over, with the messages to send them with."""
+        flat = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()], args=[limit])
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return [(_text(job_id), json.loads(raw)) for job_id, raw in pairs if raw]
+
+    def sent(self, job_id: str) -> None:
+        """A parked job's message went out again."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.delayed(), job_id)
+        pipe.hdel(self.keys.delayed_messages(), job_id)
+        pipe.execute()
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
                        result: str | None, fields: list[str]) -> Command:

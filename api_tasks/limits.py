@@ -1,18 +1,37 @@
-"""Upstream-wide back-off shared by every worker: the 429 cool-down.
+"""Limits shared by every worker: requests and tokens per minute, calls in flight, 429s.
 
-When an upstream answers 429 (rate limited, not out of quota), the wait it
-asked for applies to the whole upstream, not just to the job that got it:
-every worker on every machine holds its next call to that upstream until
-the cool-down key in Redis expires.
+Each limit scope (an upstream, or the models matching a glob) keeps its
+pacing state in Redis, and every admission is one Lua script with the time
+read from Redis, O(1) whatever a call costs:
+
+- requests and tokens per minute use GCRA, a token bucket kept as a
+  theoretical arrival time; a call reserves its estimated tokens
+  (``api_tasks.tokens``) and the reservation is settled with the upstream's
+  reported usage once the call ends;
+- a bucket holds ``burst_seconds`` of budget, and the limiter paces to
+  ``utilization`` of the limit, so a steady backlog never exceeds it;
+- calls in flight are a sorted set of job ids by lease expiry, so a dead
+  worker's calls stop counting on their own;
+- a call whose turn is at most ``worker.reserve_ahead`` away reserves it and
+  waits in its worker; one further away leaves the worker (status
+  ``waiting``) and is sent again when due, without holding a slot;
+- a 429 (rate limited, not out of quota) holds the whole upstream for every
+  worker until the cool-down key in Redis expires.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from api_tasks.keys import Keys
 
-__all__ = ["Cooldowns"]
+if TYPE_CHECKING:
+    from config.settings import Limits
+
+__all__ = ["Admission", "Cooldowns", "Limiter"]
 
 # KEYS: cooldown. ARGV: ms. Only ever lengthens a cool-down, never shortens one.
 _COOL = """
@@ -39,3 +58,137 @@ class Cooldowns:
         """Seconds until calls to ``upstream`` may go again (0 when not cooling down)."""
         millis = int(self.redis.pttl(self.keys.cooldown(upstream)))
         return millis / 1000 if millis > 0 else 0.0
+
+
+_NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+# KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, cost, reserve_ms,
+# horizon_ms, lease_ms, already reserved ('1': only take a slot in flight), scopes, then
+# per scope: request interval ms, token interval ms, request burst ms, token burst ms,
+# max in flight (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means
+# the turn is reserved, that long from now (a slot in flight is taken only if it is
+# within reserve_ms); 'wait' means nothing was reserved (full in flight, or too far).
+_ADMIT = _NOW + """
+local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local reserved = ARGV[6] == '1'
+local wait, reason = 0, ''
+local function arg(i, k) return tonumber(ARGV[7 + (i - 1) * 5 + k]) end
+for i = 1, tonumber(ARGV[7]) do
+  local pace, flight = KEYS[2 * i - 1], KEYS[2 * i]
+  if arg(i, 5) > 0 then
+    redis.call('ZREMRANGEBYSCORE', flight, '-inf', now)
+    if not redis.call('ZSCORE', flight, id) and redis.call('ZCARD', flight) >= arg(i, 5) then
+      return {'wait', '200', 'concurrency'}
+    end
+  end
+  for k, field in ipairs({'req', 'tok'}) do
+    if arg(i, k) > 0 and not reserved then
+      local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
+      if tat - arg(i, k + 2) - now > wait then
+        wait, reason = tat - arg(i, k + 2) - now, field == 'req' and 'requests' or 'tokens'
+      end
+    end
+  end
+end
+-- a token wait is pessimistic (reservations are settled with usage when calls end),
+-- so far token turns are not reserved: the job looks again soon instead
+if wait > tonumber(ARGV[4]) or (reason == 'tokens' and wait > reserve) then
+  return {'wait', tostring(wait), reason}
+end
+for i = 1, tonumber(ARGV[7]) do
+  local pace, flight = KEYS[2 * i - 1], KEYS[2 * i]
+  for k, field in ipairs({'req', 'tok'}) do
+    if arg(i, k) > 0 and not reserved then
+      local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
+      redis.call('HSET', pace, field, tostring(tat + arg(i, k) * (field == 'req' and 1 or cost)))
+      redis.call('PEXPIRE', pace, 3600000)
+    end
+  end
+  if arg(i, 5) > 0 and wait <= reserve then
+    redis.call('ZADD', flight, now + wait + tonumber(ARGV[5]), id)
+    redis.call('PEXPIRE', flight, 3600000)
+  end
+end
+return {'turn', tostring(wait), reason}
+"""
+
+# KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, unused tokens,
+# then per scope the token interval ms. Gives back what a call reserved but did not use.
+_SETTLE = _NOW + """
+for i = 1, #KEYS / 2 do
+  local pace, interval = KEYS[2 * i - 1], tonumber(ARGV[2 + i])
+  redis.call('ZREM', KEYS[2 * i], ARGV[1])
+  local tat = tonumber(redis.call('HGET', pace, 'tok') or '0')
+  if interval > 0 and tat > now then
+    redis.call('HSET', pace, 'tok', tostring(math.max(tat - tonumber(ARGV[2]) * interval, now)))
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The limiter's answer: a turn ``wait`` seconds away (``go``), or none yet."""
+
+    go: bool
+    wait: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Scope:
+    name: str
+    limits: Limits
+
+    def args(self) -> list[float]:
+        rpm = (self.limits.requests_per_minute or 0) * self.limits.utilization
+        tpm = (self.limits.tokens_per_minute or 0) * self.limits.utilization
+        burst = self.limits.burst_seconds * 1000
+        return [60000 / rpm if rpm else 0, 60000 / tpm if tpm else 0, burst, burst,
+                self.limits.max_in_flight or 0]
+
+
+class Limiter:
+    """Admits calls under each scope's limits; all state lives in Redis."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, reserve_ahead: float,
+                 lease_ms: int, horizon: float = 300.0) -> None:
+        self.keys = keys
+        self.reserve_ms = int(reserve_ahead * 1000)
+        self.horizon_ms = int(horizon * 1000)
+        self.lease_ms = lease_ms
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    def admit(self, job_id: str, scopes: list[tuple[str, Limits]], cost: int,
+              reserved: bool = False) -> Admission:
+        """Reserve the call's turn (``go``: its place is kept, ``wait`` seconds away).
+
+        ``reserved``: the job already holds a turn (it waited outside a worker); it
+        only needs its slot in flight.
+        """
+        if not scopes:
+            return Admission(True, 0.0, "")
+        parts = [_Scope(name, limits) for name, limits in scopes]
+        verdict, wait, reason = self._admit(
+            keys=self._keys(parts),
+            args=[job_id, cost, self.reserve_ms, self.horizon_ms, self.lease_ms,
+                  "1" if reserved else "0", len(parts),
+                  *[value for part in parts for value in part.args()]])
+        return Admission(_text(verdict) == "turn", float(wait) / 1000, _text(reason))
+
+    def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int) -> None:
+        """The call ended: free its slot and give back the tokens it did not use."""
+        if scopes:
+            parts = [_Scope(name, limits) for name, limits in scopes]
+            self._settle(keys=self._keys(parts),
+                         args=[job_id, max(unused, 0), *[part.args()[1] for part in parts]])
+
+    def _keys(self, parts: list[_Scope]) -> list[str]:
+        return [key for part in parts
+                for key in (self.keys.limit(part.name), self.keys.in_flight(part.name))]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,4 +1,4 @@
-"""Find the messages of jobs whose worker died, and give them back to their queue.
+"""Give back the messages of jobs whose worker died, and send waiting jobs when due.
 
 Celery's Redis transport keeps every delivered, unacked message in Redis and
 hands a dead worker's messages out again only after the visibility timeout
@@ -11,6 +11,9 @@ renewed by its worker, so a live job is never touched.
 
 This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
 the broker's key prefix) and writes it the way kombu's restore does.
+
+The same thread sends again, a few times a second, the jobs that left their
+worker to wait for a rate limit (``api_tasks.limits``) once their turn is near.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -28,17 +33,20 @@ from api_tasks.leases import LeaseStore
 __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
+Send = Callable[[str, dict[str, Any]], None]
+_TICK = 0.1  # seconds between looks at the waiting jobs
 
 
 class Reaper:
     """A thread that gives back orphaned messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
-                 interval: float) -> None:
+                 interval: float, send: Send | None = None) -> None:
         self._redis = client
         self._keys = keys
         self._leases = leases
         self._interval = interval
+        self._send = send
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-tasks-reaper", daemon=True)
 
@@ -51,9 +59,13 @@ class Reaper:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        next_sweep = time.monotonic() + self._interval
+        while not self._stop.wait(_TICK):
             try:
-                self.sweep()
+                self._send_due()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._interval
+                    self.sweep()
             except redis.RedisError as err:
                 log.warning("reaper: Redis unavailable (%s)", err)
             except Exception:  # the thread must outlive any one bad sweep
@@ -74,6 +86,16 @@ class Reaper:
         entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
         return sum(self._give_back(tag, raw) for tag, raw in zip(tags, entries, strict=True)
                    if raw is not None)
+
+    def _send_due(self) -> None:
+        """Send again the jobs that waited outside any worker for a limit (one worker at a
+        time, a few times a second: a waiting job's turn is rarely far off)."""
+        if self._send is None or not self._redis.set(self._keys.scheduler_lock(), "1",
+                                                     nx=True, px=int(_TICK * 1000)):
+            return
+        for job_id, message in self._leases.due():
+            self._send(job_id, message)
+            self._leases.sent(job_id)
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:

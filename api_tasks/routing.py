@@ -71,7 +71,8 @@ def build_payload(settings: Settings, upstream: Upstream, spec: JobSpec) -> dict
     return payload
 
 
-def build_call(settings: Settings, upstream: Upstream, spec: JobSpec) -> CallRequest:
+def build_call(settings: Settings, upstream: Upstream, spec: JobSpec,
+               payload: dict[str, Any] | None = None) -> CallRequest:
     """The HTTP request for this job, with the key from the worker's settings."""
     headers = {"Content-Type": "application/json", "Accept":
                "text/event-stream" if spec.stream else "application/json", **upstream.headers}
@@ -80,7 +81,9 @@ def build_call(settings: Settings, upstream: Upstream, spec: JobSpec) -> CallReq
         key = upstream.api_key.get_secret_value()
         headers["Authorization"] = f"Bearer {key}"
         secrets = (key,)
-    body = json.dumps(build_payload(settings, upstream, spec), separators=(",", ":"))
+    if payload is None:
+        payload = build_payload(settings, upstream, spec)
+    body = json.dumps(payload, separators=(",", ":"))
     base = upstream.base_url
     if spec.base_url is not None:  # allow-listed in resolve_upstream
         base = spec.base_url.rstrip("/").removesuffix("/v1")

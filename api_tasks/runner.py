@@ -20,9 +20,11 @@ import redis
 import requests
 
 from api_tasks.errors import (
+    ApiTasksError,
     CallCancelled,
     InvalidJob,
     InvalidResponseError,
+    RequestTooLarge,
     StreamError,
     UpstreamError,
     WorkerStopping,
@@ -32,21 +34,23 @@ from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, rese
 from api_tasks.http_client import CallRequest, HttpClient
 from api_tasks.inflight import CallHandle, Watchdog
 from api_tasks.leases import LeaseStore
-from api_tasks.limits import Cooldowns
+from api_tasks.limits import Cooldowns, Limiter
 from api_tasks.retry import RetryPolicy, retry_delay
-from api_tasks.routing import build_call, resolve_upstream
+from api_tasks.routing import build_call, build_payload, resolve_upstream
 from api_tasks.spec import JobSpec, Kind, build_spec
 from api_tasks.store import JobStore, envelope
 from api_tasks.streaming import StreamRelay
+from api_tasks.tokens import estimate_cost
 from api_tasks.writer import EventWriter
 
 if TYPE_CHECKING:
-    from config.settings import Settings, Upstream
+    from config.settings import Limits, Settings, Upstream
 
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
+_RELOOK = 1.0  # seconds a job waits outside before it asks a token or slot limit again
 _RUNNABLE = frozenset({"run", "cancel", "poison"})  # verdicts after which this attempt owns it
 
 
@@ -61,6 +65,8 @@ class _Run:
     created_at: float
     token: str = ""  # this attempt's; "" finishes whatever attempt holds the job
     cooldown: float = 0.0  # the upstream's 429 cool-down left when the job was claimed
+    queue: str = "interactive"
+    turn: float | None = None  # seconds to a turn reserved under its limits, if any
     started_at: float = field(default_factory=time.time)
     attempts: int = 0
     published: int = 0
@@ -77,7 +83,7 @@ class JobRunner:
 
     def __init__(self, settings: Settings, store: JobStore, leases: LeaseStore,
                  writer: EventWriter, watchdog: Watchdog, http: HttpClient,
-                 worker_id: str) -> None:
+                 worker_id: str, limiter: Limiter) -> None:
         self.settings = settings
         self.store = store
         self.leases = leases
@@ -86,6 +92,7 @@ class JobRunner:
         self.watchdog = watchdog
         self.http = http
         self.worker_id = worker_id
+        self.limiter = limiter
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> str:
@@ -104,8 +111,8 @@ class JobRunner:
             log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
             return claim.verdict
         run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at, token,
-                   cooldown=claim.cooldown)
-        if run.delivery > 1:
+                   cooldown=claim.cooldown, queue=queue, turn=claim.turn)
+        if run.delivery > 1 and claim.has_events:
             self._announce_reset(run)
         handle = CallHandle(job_id, token)
         try:
@@ -131,6 +138,8 @@ class JobRunner:
     def _execute(self, run: _Run, handle: CallHandle) -> str:
         try:
             response = self._call_with_retries(run, handle)
+        except _Park as park:
+            return self._park(run, park)
         except UpstreamError as err:
             if handle.reason == "shutdown":
                 self.leases.release(run.job_id, run.token)
@@ -146,14 +155,18 @@ class JobRunner:
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: _Run, handle: CallHandle) -> dict[str, Any]:
-        call = build_call(self.settings, run.target, run.spec)
+        payload = build_payload(self.settings, run.target, run.spec)
+        call = build_call(self.settings, run.target, run.spec, payload)
         policy = self.policies[run.target.name]
+        scopes = run.target.limit_scopes(run.spec.model)
+        cost = estimate_cost(payload) if scopes else 0
         while True:
             run.attempts += 1
             self._wait_cooldown(run, handle)
+            self._admit(run, handle, scopes, cost)
             handle.start_attempt(run.target.timeouts.total)
             try:
-                return self._attempt(run, handle, call)
+                return self._limited_attempt(run, handle, call, scopes, cost)
             except UpstreamError as err:
                 delay = retry_delay(policy, err, run.attempts, random.random(), run.published)
                 if delay is None or handle.reason in ("cancelled", "shutdown"):
@@ -174,6 +187,62 @@ class JobRunner:
                      run.job_id, left, run.target.name)
             if handle.wait(left):
                 raise handle.error() or CallCancelled("the job was stopped")
+
+    def _admit(self, run: _Run, handle: CallHandle, scopes: list[tuple[str, Limits]],
+               cost: int) -> None:
+        """Wait for the call's turn under its limits: here if near, else outside the worker."""
+        if not scopes:
+            return
+        too_big = [name for name, limits in scopes
+                   if limits.tokens_per_minute and cost > limits.tokens_per_minute]
+        if too_big:
+            raise RequestTooLarge(f"the call may use {cost} tokens, more than the "
+                                  f"tokens_per_minute of {too_big[0]} allow at all")
+        ahead = self.settings.worker.reserve_ahead
+        turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
+        if turn is not None and turn > ahead:
+            raise _Park(turn, "limit", turn)  # sent back early: its turn is still ahead
+        waited = 0.0
+        while True:
+            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None)
+            wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
+            if admission.go and wait > ahead:
+                raise _Park(wait, admission.reason, wait)  # its place is kept meanwhile
+            if not admission.go and not (admission.reason == "concurrency"
+                                         and waited + wait <= ahead):
+                # tokens come back as calls settle, slots as calls end: look again soon
+                raise _Park(min(wait, _RELOOK), admission.reason)
+            if wait > 0 and handle.wait(wait):
+                raise handle.error() or CallCancelled("the job was stopped")
+            if admission.go:
+                return
+            waited += wait
+
+    def _limited_attempt(self, run: _Run, handle: CallHandle, call: CallRequest,
+                         scopes: list[tuple[str, Limits]], cost: int) -> dict[str, Any]:
+        """One attempt, its reserved tokens settled with what the upstream reports."""
+        unused = cost
+        try:
+            response = self._attempt(run, handle, call)
+            usage = response.get("usage") or {}
+            unused = cost - int(usage.get("total_tokens") or cost)
+            return response
+        except UpstreamError:
+            if run.published:
+                unused = 0  # it generated tokens we cannot count: keep them reserved
+            raise
+        finally:
+            self.limiter.settle(run.job_id, scopes, unused)
+
+    def _park(self, run: _Run, park: _Park) -> str:
+        """The job leaves this worker to wait for its limit; it is sent again when due."""
+        if self.leases.park(run.job_id, run.token, park.wait, park.reason,
+                            run.spec.message(run.queue), park.turn,
+                            self.settings.worker.reserve_ahead / 2):
+            log.info("job %s waits %.2fs for its %s limit, outside the worker",
+                     run.job_id, park.wait, park.reason)
+            return "waiting"
+        return "lost"
 
     def _attempt(self, run: _Run, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
         response = self.http.send(handle, call)
@@ -276,6 +345,16 @@ class JobRunner:
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl
+
+
+class _Park(ApiTasksError):
+    """Internal: the job's turn under a limit is too far off to wait for in a worker."""
+
+    def __init__(self, wait: float, reason: str, turn: float | None = None) -> None:
+        super().__init__(f"waiting {wait:.2f}s for {reason}")
+        self.wait = wait
+        self.reason = reason
+        self.turn = turn  # seconds to the turn it reserved, if it did
 
 
 def _internal(err: BaseException, attempts: int) -> dict[str, Any]:

@@ -11,13 +11,14 @@ import os
 import socket
 import threading
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from api_tasks.connections import connect
 from api_tasks.http_client import HttpClient
 from api_tasks.inflight import Watchdog
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
+from api_tasks.limits import Limiter
 from api_tasks.reaper import Reaper
 from api_tasks.runner import JobRunner
 from api_tasks.store import JobStore
@@ -36,8 +37,9 @@ _runtime: Runtime | None = None
 class Runtime:
     """Everything a worker process shares between its job threads."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Any = None) -> None:
         self.settings = settings
+        self.app = app
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.redis = connect(settings.redis)
         self.keys = Keys(settings.redis.prefix)
@@ -49,10 +51,13 @@ class Runtime:
         # its own connection, failing fast: leases must be renewed whatever else hangs
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
-        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval)
+        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
+                             self._send if app is not None else None)
+        self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
+                               int(worker.lease_ttl * 1000))
         self.http = HttpClient()
         self.runner = JobRunner(settings, self.store, self.leases, self.writer, self.watchdog,
-                                self.http, self.worker_id)
+                                self.http, self.worker_id, self.limiter)
         self._started = False
 
     def start(self) -> None:
@@ -62,6 +67,11 @@ class Runtime:
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()
+
+    def _send(self, job_id: str, message: dict[str, Any]) -> None:
+        """Send a waiting job's task message again (for the scheduler)."""
+        self.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
+                           task_id=job_id, queue=message["queue"])
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""
@@ -77,12 +87,12 @@ class Runtime:
         self.writer.close()
 
 
-def install(settings: Settings) -> Runtime:
-    """Create and start this process's runtime from the settings."""
+def install(settings: Settings, app: Any = None) -> Runtime:
+    """Create and start this process's runtime (the Celery app sends waiting jobs again)."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime(settings)
+            _runtime = Runtime(settings, app)
             _runtime.start()
         return _runtime
 

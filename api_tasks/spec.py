@@ -50,6 +50,12 @@ class JobSpec:
         """Whether the job asked for a streamed response."""
         return self.body.get("stream") is True
 
+    def message(self, queue: str) -> dict[str, Any]:
+        """The task message that runs this job (to send it again after a wait)."""
+        first = self.body.get("messages" if self.kind == "chat" else "prompt")
+        return {"task": TASK_NAMES[self.kind], "args": [first], "kwargs": self.task_kwargs(),
+                "queue": queue}
+
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""
         first = "messages" if self.kind == "chat" else "prompt"

