@@ -39,6 +39,7 @@ class CallHandle:
     def __init__(self, job_id: str, token: str = "") -> None:
         self.job_id = job_id
         self.token = token
+        self.flights: list[str] = []  # in-flight sets the call holds a slot in
         self.deadline = float("inf")
         self.total = 0.0
         self.reason: str | None = None
@@ -187,7 +188,7 @@ class Watchdog:
                 log.warning("watchdog: Redis unavailable (%s)", err)
 
     def _renew(self, handles: list[CallHandle]) -> None:
-        held = [(h.job_id, h.token) for h in handles if h.token]
+        held = [(h.job_id, h.token, h.flights) for h in handles if h.token]
         lost = set(self._leases.renew(self._redis, held)) if held else set()
         for handle in handles:
             if handle.job_id in lost:

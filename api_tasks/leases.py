@@ -67,11 +67,17 @@ redis.call('HDEL', KEYS[1], 'turn_at')
 return {verdict, tostring(n), created, cool, turn, shown}
 """
 
-# KEYS: job, lease. ARGV: token, lease_ms. Also re-takes a lease that lapsed while
-# Redis was away, as long as the record still names this attempt.
+# KEYS: job, lease, then the in-flight sets the call holds a slot in. ARGV: token,
+# lease_ms, job id. Also re-takes a lease that lapsed while Redis was away, as long as
+# the record still names this attempt; in-flight slots live as long as the lease.
 _RENEW = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if #KEYS > 2 then
+  local t = redis.call('TIME')
+  local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+  for i = 3, #KEYS do redis.call('ZADD', KEYS[i], 'XX', until_ms, ARGV[3]) end
+end
 return 1
 """
 
@@ -131,17 +137,27 @@ redis.call('EXPIRE', KEYS[4], ARGV[6])
 return 1
 """
 
-# KEYS: delayed set, delayed messages. ARGV: limit. Due jobs and their messages.
+# KEYS: delayed set, delayed messages. ARGV: limit. Takes the due jobs out of the set
+# (so no other worker sends them too) and returns them with their messages.
 _DUE = """
 local t = redis.call('TIME')
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t[1] * 1000 + math.floor(t[2] / 1000),
                        'LIMIT', 0, ARGV[1])
 local out = {}
 for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
   table.insert(out, id)
   table.insert(out, redis.call('HGET', KEYS[2], id) or '')
 end
 return out
+"""
+
+# KEYS: delayed set, delayed messages. ARGV: job id, due ms ('' when it was sent). Drops
+# the message unless the job parked again meanwhile; a failed send goes back in the set.
+_SENT = """
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) return 0 end
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('HDEL', KEYS[2], ARGV[1]) end
+return 1
 """
 
 # KEYS: job, result, events, channel, lease. ARGV: token ('' = whoever holds it, for
@@ -199,6 +215,7 @@ class LeaseStore:
         self._restore = client.register_script(_RESTORE)
         self._park = client.register_script(_PARK)
         self._due = client.register_script(_DUE)
+        self._sent = client.register_script(_SENT)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
               upstream: str = "") -> Claim:
@@ -212,14 +229,16 @@ class LeaseStore:
         return Claim(_text(verdict), int(delivery), float(created), int(cool) / 1000,
                      None if not turn else float(turn) / 1000, _text(shown) == "1")
 
-    def renew(self, client: redis.Redis, held: list[tuple[str, str]]) -> list[str]:
-        """Renew the leases of (job id, token) pairs; return the job ids no longer ours."""
+    def renew(self, client: redis.Redis,
+              held: list[tuple[str, str, list[str]]]) -> list[str]:
+        """Renew leases (and slots in flight) of (job id, token, in-flight keys); return
+        the job ids no longer ours."""
         pipe = client.pipeline(transaction=False)
-        for job_id, token in held:
-            self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id)],
-                        args=[token, self.lease_ms], client=pipe)
+        for job_id, token, flights in held:
+            self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id), *flights],
+                        args=[token, self.lease_ms, job_id], client=pipe)
         results = pipe.execute()
-        return [job_id for (job_id, _), ok in zip(held, results, strict=True) if not ok]
+        return [job_id for (job_id, _, _), ok in zip(held, results, strict=True) if not ok]
 
     def release(self, job_id: str, token: str) -> bool:
         """Give a job back (the worker is stopping); True if it was still ours."""
@@ -253,12 +272,11 @@ class LeaseStore:
         pairs = zip(flat[::2], flat[1::2], strict=True)
         return [(_text(job_id), json.loads(raw)) for job_id, raw in pairs if raw]
 
-    def sent(self, job_id: str) -> None:
-        """A parked job's message went out again."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.delayed(), job_id)
-        pipe.hdel(self.keys.delayed_messages(), job_id)
-        pipe.execute()
+    def sent(self, job_id: str, ok: bool = True) -> None:
+        """A due job's message went out again (or, if not ``ok``, it waits once more)."""
+        retry_at = "" if ok else str(int(self.redis.time()[0] * 1000) + 1000)
+        self._sent(keys=[self.keys.delayed(), self.keys.delayed_messages()],
+                   args=[job_id, retry_at])
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
                        result: str | None, fields: list[str]) -> Command:

@@ -8,13 +8,17 @@ read from Redis, O(1) whatever a call costs:
   theoretical arrival time; a call reserves its estimated tokens
   (``api_tasks.tokens``) and the reservation is settled with the upstream's
   reported usage once the call ends;
-- a bucket holds ``burst_seconds`` of budget, and the limiter paces to
-  ``utilization`` of the limit, so a steady backlog never exceeds it;
-- calls in flight are a sorted set of job ids by lease expiry, so a dead
-  worker's calls stop counting on their own;
+- a call goes once its own cost fits in the bucket, which holds
+  ``burst_seconds`` of budget (or the call, if it is bigger), and the limiter
+  paces to ``utilization`` of the limit: past the first burst, a steady
+  backlog stays under it;
+- calls in flight are a sorted set of job ids by lease expiry, renewed with
+  the job's lease, so a dead worker's calls stop counting on their own;
 - a call whose turn is at most ``worker.reserve_ahead`` away reserves it and
-  waits in its worker; one further away leaves the worker (status
-  ``waiting``) and is sent again when due, without holding a slot;
+  waits in its worker; an interactive call further away reserves its turn too,
+  leaves the worker (status ``waiting``) and is sent again just before it; a
+  bulk call never reserves far ahead (so it can't push interactive calls
+  back) and looks again when its turn would have come;
 - a 429 (rate limited, not out of quota) holds the whole upstream for every
   worker until the cool-down key in Redis expires.
 """
@@ -83,10 +87,12 @@ for i = 1, tonumber(ARGV[7]) do
   end
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
+      -- pay before: the call's own cost must fit in the bucket (a call bigger than
+      -- the burst fits once the bucket is full)
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
-      if tat - arg(i, k + 2) - now > wait then
-        wait, reason = tat - arg(i, k + 2) - now, field == 'req' and 'requests' or 'tokens'
-      end
+      local need = arg(i, k) * (field == 'req' and 1 or cost)
+      local late = tat + need - math.max(arg(i, k + 2), need) - now
+      if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
   end
 end
@@ -112,15 +118,19 @@ end
 return {'turn', tostring(wait), reason}
 """
 
-# KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, unused tokens,
-# then per scope the token interval ms. Gives back what a call reserved but did not use.
+# KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, unused tokens
+# (negative when the call used more than it reserved), then per scope the token interval
+# ms. Frees the call's slot, gives back what it did not use, charges what it overran.
 _SETTLE = _NOW + """
+local unused = tonumber(ARGV[2])
 for i = 1, #KEYS / 2 do
   local pace, interval = KEYS[2 * i - 1], tonumber(ARGV[2 + i])
   redis.call('ZREM', KEYS[2 * i], ARGV[1])
   local tat = tonumber(redis.call('HGET', pace, 'tok') or '0')
-  if interval > 0 and tat > now then
-    redis.call('HSET', pace, 'tok', tostring(math.max(tat - tonumber(ARGV[2]) * interval, now)))
+  if interval > 0 and unused > 0 and tat > now then
+    redis.call('HSET', pace, 'tok', tostring(math.max(tat - unused * interval, now)))
+  elseif interval > 0 and unused < 0 then
+    redis.call('HSET', pace, 'tok', tostring(math.max(tat, now) - unused * interval))
   end
 end
 return 1
@@ -161,8 +171,12 @@ class Limiter:
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
 
+    def flights(self, scopes: list[tuple[str, Limits]]) -> list[str]:
+        """The in-flight sets a call under these scopes holds a slot in."""
+        return [self.keys.in_flight(name) for name, limits in scopes if limits.max_in_flight]
+
     def admit(self, job_id: str, scopes: list[tuple[str, Limits]], cost: int,
-              reserved: bool = False) -> Admission:
+              reserved: bool = False, horizon: float | None = None) -> Admission:
         """Reserve the call's turn (``go``: its place is kept, ``wait`` seconds away).
 
         ``reserved``: the job already holds a turn (it waited outside a worker); it
@@ -173,7 +187,8 @@ class Limiter:
         parts = [_Scope(name, limits) for name, limits in scopes]
         verdict, wait, reason = self._admit(
             keys=self._keys(parts),
-            args=[job_id, cost, self.reserve_ms, self.horizon_ms, self.lease_ms,
+            args=[job_id, cost, self.reserve_ms,
+                  self.horizon_ms if horizon is None else int(horizon * 1000), self.lease_ms,
                   "1" if reserved else "0", len(parts),
                   *[value for part in parts for value in part.args()]])
         return Admission(_text(verdict) == "turn", float(wait) / 1000, _text(reason))
@@ -183,7 +198,7 @@ class Limiter:
         if scopes:
             parts = [_Scope(name, limits) for name, limits in scopes]
             self._settle(keys=self._keys(parts),
-                         args=[job_id, max(unused, 0), *[part.args()[1] for part in parts]])
+                         args=[job_id, unused, *[part.args()[1] for part in parts]])
 
     def _keys(self, parts: list[_Scope]) -> list[str]:
         return [key for part in parts

@@ -94,7 +94,12 @@ class Reaper:
                                                      nx=True, px=int(_TICK * 1000)):
             return
         for job_id, message in self._leases.due():
-            self._send(job_id, message)
+            try:
+                self._send(job_id, message)
+            except Exception as err:
+                log.error("scheduler: could not send job %s again (%s); will retry", job_id, err)
+                self._leases.sent(job_id, ok=False)
+                continue
             self._leases.sent(job_id)
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:

@@ -50,7 +50,7 @@ __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
-_RELOOK = 1.0  # seconds a job waits outside before it asks a token or slot limit again
+_RELOOK = 1.0  # seconds a job waits outside at least, before it asks a limit again
 _RUNNABLE = frozenset({"run", "cancel", "poison"})  # verdicts after which this attempt owns it
 
 
@@ -169,10 +169,13 @@ class JobRunner:
                 return self._limited_attempt(run, handle, call, scopes, cost)
             except UpstreamError as err:
                 delay = retry_delay(policy, err, run.attempts, random.random(), run.published)
+                if err.status == 429 and err.retryable:  # the whole upstream backs off
+                    asked = err.retry_after if err.retry_after is not None else delay
+                    self.cooldowns.start(run.target.name,
+                                         min(asked or policy.initial_delay,
+                                             policy.max_retry_after))
                 if delay is None or handle.reason in ("cancelled", "shutdown"):
                     raise
-                if err.status == 429:  # the whole upstream backs off, on every worker
-                    self.cooldowns.start(run.target.name, delay)
                 log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
                          run.job_id, run.attempts, err.code, err.message, delay)
                 handle.pause()
@@ -182,6 +185,8 @@ class JobRunner:
     def _wait_cooldown(self, run: _Run, handle: CallHandle) -> None:
         """Hold the call while its upstream cools down after a 429 (the claim read it)."""
         left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
+        if left > self.settings.worker.reserve_ahead:
+            raise _Park(left, "cooldown")  # long: wait outside, holding no slot
         if left > 0:
             log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
                      run.job_id, left, run.target.name)
@@ -202,17 +207,22 @@ class JobRunner:
         turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
         if turn is not None and turn > ahead:
             raise _Park(turn, "limit", turn)  # sent back early: its turn is still ahead
+        # bulk calls never reserve far ahead, so they can't push interactive ones back
+        horizon = None if run.queue == "interactive" else ahead
         waited = 0.0
         while True:
-            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None)
+            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon)
             wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
             if admission.go and wait > ahead:
                 raise _Park(wait, admission.reason, wait)  # its place is kept meanwhile
             if not admission.go and not (admission.reason == "concurrency"
                                          and waited + wait <= ahead):
-                # tokens come back as calls settle, slots as calls end: look again soon
-                raise _Park(min(wait, _RELOOK), admission.reason)
+                raise _Park(_relook(admission.reason, wait), admission.reason, turn)
+            if admission.go:
+                handle.flights = self.limiter.flights(scopes)
             if wait > 0 and handle.wait(wait):
+                if admission.go:
+                    self.limiter.settle(run.job_id, scopes, cost)  # give the turn back
                 raise handle.error() or CallCancelled("the job was stopped")
             if admission.go:
                 return
@@ -233,6 +243,7 @@ class JobRunner:
             raise
         finally:
             self.limiter.settle(run.job_id, scopes, unused)
+            handle.flights = []
 
     def _park(self, run: _Run, park: _Park) -> str:
         """The job leaves this worker to wait for its limit; it is sent again when due."""
@@ -355,6 +366,15 @@ class _Park(ApiTasksError):
         self.wait = wait
         self.reason = reason
         self.turn = turn  # seconds to the turn it reserved, if it did
+
+
+def _relook(reason: str, wait: float) -> float:
+    """How long a job with no reserved turn waits outside before it asks again."""
+    if reason in ("concurrency", "tokens"):
+        # a slot frees whenever a call ends, and token reservations are settled (mostly
+        # refunded) as calls end, so the computed wait is pessimistic: look again soon
+        return min(wait, _RELOOK) if reason == "tokens" else _RELOOK
+    return max(wait, 0.05)
 
 
 def _internal(err: BaseException, attempts: int) -> dict[str, Any]:

@@ -35,9 +35,10 @@ def estimate_cost(payload: dict[str, Any]) -> int:
     """Tokens to reserve: the prompt's estimate plus the completion's ceiling."""
     ceiling = payload.get("max_completion_tokens") or payload.get("max_tokens")
     completion = int(ceiling) if isinstance(ceiling, (int, float)) else _DEFAULT_COMPLETION
+    completion = max(completion, 0)  # a nonsense negative ceiling must not hand out budget
     n = payload.get("n")
     choices = n if isinstance(n, int) and n > 0 else 1
-    return prompt_tokens(payload) + completion * choices
+    return max(prompt_tokens(payload) + completion * choices, 1)
 
 
 def _text(content: Any) -> str:
