@@ -22,7 +22,7 @@ from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.fault_proxy import FaultProxy
 from tests.support.figures import Figures
-from tests.support.services import RedisServer, WorkerProcess, free_port
+from tests.support.services import RedisServer, Spawn, WorkerProcess, free_port
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 
@@ -113,6 +113,15 @@ def client(settings: Settings, worker: WorkerProcess) -> Client:
 @pytest.fixture(scope="session")
 def redis_client(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture
+def spawn(workdir: Path) -> Iterator[Spawn]:
+    """Start worker processes for one test (``spawn(env, name, concurrency=8)``); all are
+    stopped after it."""
+    spawner = Spawn(workdir)
+    yield spawner
+    spawner.stop_all()
 
 
 @pytest.fixture

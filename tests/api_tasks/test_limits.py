@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,15 @@ from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import WorkerProcess, wait_until
+from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-def limited(worker_env: dict[str, str], workdir: Path,
-            fake: FakeUpstream) -> Iterator[tuple[Client, list[WorkerProcess]]]:
+def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
+            spawn: Spawn) -> tuple[Client, list[WorkerProcess]]:
     """Two worker processes sharing one upstream's limits."""
     config = workdir / f"limits-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(yaml.safe_dump({
@@ -35,11 +34,8 @@ def limited(worker_env: dict[str, str], workdir: Path,
                 "pair-*": {"max_in_flight": 2}}}]}))
     env = {**worker_env, "API_TASKS_CONFIG": str(config),
            "API_TASKS_PREFIX": f"lim{uuid.uuid4().hex[:6]}"}
-    workers = [WorkerProcess(env, workdir / f"lim-{n}-{uuid.uuid4().hex[:4]}.log",
-                             concurrency=8, name=n).start() for n in ("l1", "l2")]
-    yield Client(load_settings(env=env)), workers
-    for worker in workers:
-        worker.stop()
+    workers = [spawn(env, name, concurrency=8) for name in ("l1", "l2")]
+    return Client(load_settings(env=env)), workers
 
 
 def _most_in_window(times: list[float], window: float) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +10,7 @@ from api_tasks import JobFailed
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import WorkerProcess
+from tests.support.services import Spawn, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -38,13 +36,9 @@ def test_openai_reset_headers_set_the_wait(client: Client, fake: FakeUpstream, m
 
 @pytest.fixture
 def two_workers(worker_env: dict[str, str],
-                workdir: Path) -> Iterator[tuple[dict[str, str], list[WorkerProcess]]]:
+                spawn: Spawn) -> tuple[dict[str, str], list[WorkerProcess]]:
     env = {**worker_env, "API_TASKS_PREFIX": f"cool{uuid.uuid4().hex[:6]}"}
-    workers = [WorkerProcess(env, workdir / f"cool-{name}.log", concurrency=3,
-                             name=name).start() for name in ("c1", "c2")]
-    yield env, workers
-    for worker in workers:
-        worker.stop()
+    return env, [spawn(env, name, concurrency=3) for name in ("c1", "c2")]
 
 
 def test_a_429_cools_the_whole_upstream_down_for_every_worker(

@@ -150,3 +150,26 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+
+class Spawn:
+    """Starts worker processes for one test and remembers them, to read and stop them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[WorkerProcess] = []
+
+    def __call__(self, env: dict[str, str], name: str, concurrency: int = 8,
+                 wait: bool = True) -> WorkerProcess:
+        log = self.workdir / f"{name}-{os.urandom(3).hex()}.log"
+        process = WorkerProcess(env, log, concurrency=concurrency, name=name)
+        self.started.append(process)
+        return process.start(wait=wait)
+
+    def logs(self) -> list[str]:
+        """Every started worker's log so far."""
+        return [process.log() for process in self.started]
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,7 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
-from tests.support.services import WorkerProcess, wait_until
+from tests.support.services import Spawn, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -32,21 +30,12 @@ def own_client(own_env: dict[str, str]) -> Client:
     return Client(load_settings(env=own_env))
 
 
-@pytest.fixture
-def workers(own_env: dict[str, str], workdir: Path) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
-        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model + "-short", Reply(delay=1.0))
     fake.script(model + "-long", *[Reply(delay=30.0)] * 3, Reply(content="second worker"))
-    first = WorkerProcess(own_env, workdir / f"{model}-a.log", concurrency=8, name="a").start()
-    workers.append(first)
+    first = spawn(own_env, "a", concurrency=8)
     short = [own_client.submit_chat(USER, model=model + "-short") for _ in range(3)]
     long = [own_client.submit_chat(USER, model=model + "-long") for _ in range(3)]
     fake.wait_for_requests(model + "-long", 3, timeout=10)
@@ -57,8 +46,7 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
     assert time.monotonic() - signalled < 3  # shutdown_grace is 3 s in the test settings
     assert all(job.status() is JobStatus.SUCCEEDED for job in short)
     assert all(job.status() is JobStatus.QUEUED for job in long)
-    second = WorkerProcess(own_env, workdir / f"{model}-b.log", concurrency=8, name="b").start()
-    workers.append(second)
+    second = spawn(own_env, "b", concurrency=8)
     for job in long:
         response = job.result(timeout=30)
         assert response is not None
@@ -72,13 +60,12 @@ def test_sigterm_finishes_short_jobs_and_requeues_long_ones(
 
 
 def test_interactive_jobs_are_served_before_a_bulk_backlog(
-        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str) -> None:
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str) -> None:
     bulk = [own_client.submit_chat(USER, model=model, queue="bulk") for _ in range(20)]
     urgent = own_client.submit_chat(USER, model=model + "-urgent")
     assert urgent.info()["queue"] == "interactive" and bulk[0].info()["queue"] == "bulk"
-    single = WorkerProcess(own_env, workdir / f"{model}-p.log", concurrency=1, name="p").start()
-    workers.append(single)
+    spawn(own_env, "p", concurrency=1)
     urgent.result(timeout=20)
     for job in bulk:
         job.result(timeout=20)
@@ -90,20 +77,18 @@ def test_interactive_jobs_are_served_before_a_bulk_backlog(
 
 
 def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
-        own_env: dict[str, str], own_client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        own_env: dict[str, str], own_client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model, Reply(pieces=[f"old{i} " for i in range(100)], chunk_delay=0.1),
                 Reply(pieces=["fresh ", "answer"]))
-    first = WorkerProcess(own_env, workdir / f"{model}-s1.log", concurrency=4, name="s1").start()
-    workers.append(first)
+    first = spawn(own_env, "s1", concurrency=4)
     job = own_client.submit_chat(USER, model=model, stream=True)
     reader = job.stream(timeout=60)
     shown = [next(reader) for _ in range(3)]
     assert shown
     first.signal(signal.SIGTERM)
     assert first.wait(timeout=20) == 0
-    second = WorkerProcess(own_env, workdir / f"{model}-s2.log", concurrency=4, name="s2").start()
-    workers.append(second)
+    second = spawn(own_env, "s2", concurrency=4)
     with pytest.raises(StreamRestarted) as caught:
         list(reader)
     assert caught.value.attempt == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from api_tasks.jobs import Job
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
 from tests.support.figures import Figures, outcomes
-from tests.support.services import WorkerProcess, wait_until
+from tests.support.services import Spawn, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -41,43 +40,27 @@ def client(env: dict[str, str]) -> Client:
     return Client(load_settings(env=env))
 
 
-@pytest.fixture
-def workers(env: dict[str, str], workdir: Path) -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def _worker(env: dict[str, str], workdir: Path, workers: list[WorkerProcess],
-            name: str, concurrency: int = 120) -> WorkerProcess:
-    process = WorkerProcess(env, workdir / f"{name}-{uuid.uuid4().hex[:4]}.log",
-                            concurrency=concurrency, name=name).start()
-    workers.append(process)
-    return process
-
-
-def _outcomes(workers: list[WorkerProcess], jobs: list[Job]) -> list[int]:
-    return outcomes(lambda: [w.log() for w in workers], [job.id for job in jobs])
+def _outcomes(spawn: Spawn, jobs: list[Job]) -> list[int]:
+    return outcomes(spawn.logs, [job.id for job in jobs])
 
 
 def test_sigkill_with_100_jobs_in_flight_loses_none(
-        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        env: dict[str, str], client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model, Reply(delay=30))  # the doomed worker's calls never come back
-    doomed = _worker(env, workdir, workers, "doomed")
+    doomed = spawn(env, "doomed", concurrency=120)
     jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(100)]
     fake.wait_for_requests(model, 100, timeout=30)
     fake.script(model, Reply(content="recovered"))
     doomed.kill()
     started = time.monotonic()
-    _worker(env, workdir, workers, "heir")
+    spawn(env, "heir", concurrency=120)
     for job in jobs:
         response = job.result(timeout=60 - (time.monotonic() - started))
         assert response is not None
         assert response["choices"][0]["message"]["content"] == "recovered"
     recovered_in = time.monotonic() - started
-    counted = _outcomes(workers, jobs)
+    counted = _outcomes(spawn, jobs)
     assert recovered_in < 60 and counted == [1] * 100
     assert all(job.info()["deliveries"] == "2" for job in jobs)
     repeated = len(fake.requests(model)) - 100
@@ -88,25 +71,25 @@ def test_sigkill_with_100_jobs_in_flight_loses_none(
 
 
 def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
-        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        env: dict[str, str], client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     old = Reply(pieces=[f"old{i} " for i in range(200)], chunk_delay=0.05)
     fake.script(model, *[old] * 5, Reply(pieces=["new ", "text"]))
-    doomed = _worker(env, workdir, workers, "mid")
+    doomed = spawn(env, "mid", concurrency=120)
     jobs = [client.submit_chat(USER, model=model, stream=True) for _ in range(5)]
     readers = [job.stream(timeout=60) for job in jobs]
     shown = [next(reader) for reader in readers]  # every stream has published chunks
     assert all(shown)
     doomed.kill()
     started = time.monotonic()
-    _worker(env, workdir, workers, "mid-heir")
+    spawn(env, "mid-heir", concurrency=120)
     for job, reader in zip(jobs, readers, strict=True):
         with pytest.raises(StreamRestarted):
             list(reader)
         again = "".join((c["choices"] or [{}])[0].get("delta", {}).get("content") or ""
                         for c in job.stream(timeout=30) if c.get("choices"))
         assert again == "new text"
-    counted = _outcomes(workers, jobs)
+    counted = _outcomes(spawn, jobs)
     assert counted == [1] * 5
     figures.add("SIGKILL mid-stream: 5 streams restart as announced attempts", 5,
                 counted.count(0), 0, len(fake.requests(model)) - 5,
@@ -114,10 +97,10 @@ def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
 
 
 def test_a_second_delivery_of_a_running_job_is_dropped(
-        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        env: dict[str, str], client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model, Reply(delay=2.0, content="once"))
-    worker = _worker(env, workdir, workers, "dup")
+    worker = spawn(env, "dup", concurrency=120)
     job = client.submit_chat(USER, model=model)
     fake.wait_for_requests(model, 1, timeout=10)
     assert job.info()["status"] == "running"
@@ -131,33 +114,33 @@ def test_a_second_delivery_of_a_running_job_is_dropped(
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the late duplicate to be dropped")
     assert len(fake.requests(model)) == 1
-    counted = _outcomes(workers, [job])
+    counted = _outcomes(spawn, [job])
     assert counted == [1]
     figures.add("the same job delivered again while running, then after it ended", 1, 0,
                 counted[0] - 1, len(fake.requests(model)) - 1)
 
 
 def test_a_poison_job_is_stopped_and_others_keep_flowing(
-        env: dict[str, str], client: Client, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
+        env: dict[str, str], client: Client, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
     poison_model, healthy_model = model + "-poison", model + "-ok"
     fake.script(poison_model, Hang(max_seconds=30))
     poison = client.submit_chat(USER, model=poison_model)
     healthy = []
     for crash in range(1, 4):
-        current = _worker(env, workdir, workers, f"p{crash}")
+        current = spawn(env, f"p{crash}", concurrency=120)
         fake.wait_for_requests(poison_model, crash, timeout=30)
         healthy.append(client.submit_chat(USER, model=healthy_model))
         assert healthy[-1].result(timeout=20) is not None
-        _outcomes([current], healthy[-1:])  # its log line is out before the kill
+        outcomes(spawn.logs, [healthy[-1].id])  # logged before the kill
         current.kill()  # the poison job "kills" its worker
-    _worker(env, workdir, workers, "p4")
+    spawn(env, "p4", concurrency=120)
     with pytest.raises(JobFailed) as caught:
         poison.result(timeout=30)
     assert caught.value.error["code"] == "poison_job"
     assert poison.status() is JobStatus.FAILED and poison.info()["crashes"] == "3"
     assert len(fake.requests(poison_model)) == 3
-    counted = _outcomes(workers, [poison, *healthy])
+    counted = _outcomes(spawn, [poison, *healthy])
     assert counted == [1] * 4
     figures.add("a poison job that kills its worker on every delivery (max_crashes 3), "
                 "3 healthy jobs beside it", 4, counted.count(0), 0,

@@ -17,7 +17,7 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
-from tests.support.services import RedisServer, WorkerProcess, wait_until
+from tests.support.services import RedisServer, Spawn, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -42,22 +42,13 @@ def env(worker_env: dict[str, str], own_redis: RedisServer, workdir: Path,
     return {**worker_env, "REDIS_URL": own_redis.url, "API_TASKS_CONFIG": str(config)}
 
 
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 @pytest.mark.parametrize("outage", [0.0, 5.0], ids=["brief", "longer-than-leases"])
 def test_redis_crash_and_restart_with_jobs_queued_and_running(
-        env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures, outage: float) -> None:
+        env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures, outage: float) -> None:
     own_redis.start()
     fake.script(model, Reply(delay=1.5))
-    worker = WorkerProcess(env, workdir / f"{model}.log", concurrency=5).start()
-    workers.append(worker)
+    worker = spawn(env, "w", concurrency=5)
     client = Client(load_settings(env=env))
     jobs = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(15)]
     fake.wait_for_requests(model, 5, timeout=10)
@@ -87,10 +78,9 @@ def test_redis_crash_and_restart_with_jobs_queued_and_running(
 
 
 def test_worker_started_before_redis_waits_then_consumes(
-        env: dict[str, str], own_redis: RedisServer, workdir: Path,
-        workers: list[WorkerProcess], model: str, figures: Figures) -> None:
-    early = WorkerProcess(env, workdir / f"{model}-early.log", concurrency=4).start(wait=False)
-    workers.append(early)
+        env: dict[str, str], own_redis: RedisServer,
+        spawn: Spawn, model: str, figures: Figures) -> None:
+    early = spawn(env, "early", concurrency=4, wait=False)
     wait_until(lambda: "waiting for Redis" in early.log(), 30, "the worker to say it waits")
     assert early.proc is not None and early.proc.poll() is None
     own_redis.start()
