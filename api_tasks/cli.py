@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from api_tasks.batch_cli import add_batch_commands, batch_run
 from api_tasks.client import Client
 from api_tasks.errors import (
     BrokerUnavailable,
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="print the job id and return at once")
         cmd.add_argument("--json", action="store_true", help="print the whole response")
         cmd.add_argument("--timeout", type=float, default=600.0)
+    add_batch_commands(sub)
     for name, what in (("status", "show a job's status"), ("cancel", "cancel a job"),
                        ("result", "wait for and print a job's result")):
         cmd = sub.add_parser(name, help=what)
@@ -161,4 +163,4 @@ def _result(client: Client, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"chat": _submit, "complete": _submit, "status": _status, "cancel": _cancel,
-             "result": _result}
+             "result": _result, "batch": batch_run}
