@@ -46,11 +46,14 @@ def _most_in_window(times: list[float], window: float) -> int:
 def test_requests_per_minute_hold_across_worker_processes(
         limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
     client, workers = limited
+    # the upstream's own limit, with a little more burst than ours (as real ones have):
+    # two processes each pacing alone to 600 a minute would get 429s here
+    quota = fake.enforce(model, rpm=600, burst=2.0)
     jobs = [client.submit_chat(USER, model=model) for _ in range(40)]
     for job in jobs:
         assert job.result(timeout=60) is not None
     times = [r.at for r in fake.requests(model)]
-    assert len(times) == 40
+    assert len(times) == 40 and quota.rejected == 0  # not one 429
     # 10 a second, with a one-second burst: never more than 21 in any second
     assert _most_in_window(times, 1.0) <= 21
     assert max(times) - min(times) >= (40 - 11) * 0.1 - 0.05
@@ -119,3 +122,14 @@ def test_a_429_on_the_last_attempt_still_cools_the_upstream_down(
     assert client.submit_chat(USER, model=model + "-b").result(timeout=20) is not None
     [next_call] = fake.requests(model + "-b")
     assert next_call.at - limited_call.at >= 1.9
+
+
+def test_the_fake_upstream_really_enforces_its_limit(fake: FakeUpstream, model: str) -> None:
+    """The control for the test above: calls that ignore the limit do get 429s."""
+    import requests
+
+    quota = fake.enforce(model, rpm=600, burst=1.0)
+    url = fake.base_url + "/v1/chat/completions"
+    codes = [requests.post(url, json={"model": model, "messages": USER}, timeout=5).status_code
+             for _ in range(30)]
+    assert codes.count(429) == quota.rejected > 0

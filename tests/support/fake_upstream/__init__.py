@@ -4,6 +4,7 @@ Usage: ``with FakeUpstream() as up: up.script("m", Reply(chunk_delay=0.1), HttpE
 """
 
 from .payloads import DEFAULT_MODEL
+from .quota import Quota
 from .server import FakeUpstream, Recorded
 from .steps import (
     BigBody,
@@ -31,6 +32,7 @@ __all__ = [
     "Html",
     "HttpError",
     "InvalidUtf8",
+    "Quota",
     "Recorded",
     "Reply",
     "Slow",

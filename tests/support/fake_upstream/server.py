@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .payloads import DEFAULT_MODEL, BadRequest, Exchange, Json, error_body, parse_body
+from .quota import Quota, request_cost
 from .runners import run
 from .steps import Reply, Step
 from .wire import ClientGone, Wire, dumps
@@ -60,6 +61,7 @@ class FakeUpstream:
         self._recorded: list[tuple[str | None, Recorded]] = []
         self._counts: dict[str | None, int] = {}
         self._gone: dict[str | None, int] = {}
+        self._quotas: dict[str, Quota] = {}
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._server: _Server | None = None
@@ -150,6 +152,20 @@ class FakeUpstream:
             self._recorded.clear()
             self._counts.clear()
             self._gone.clear()
+            self._quotas.clear()
+
+    def enforce(self, prefix: str, rpm: float | None = None, tpm: float | None = None,
+                burst: float = 1.0) -> Quota:
+        """Answer 429 to requests for models starting with ``prefix`` past these limits."""
+        quota = Quota(rpm, tpm, burst)
+        with self._cond:
+            self._quotas[prefix] = quota
+        return quota
+
+    def _quota_for(self, model: str | None) -> Quota | None:
+        if not self._quotas or model is None:
+            return None
+        return next((q for p, q in self._quotas.items() if model.startswith(p)), None)
 
     def _next_step(self, model: str | None) -> Step:
         """The step answering a request for `model`; echo when unscripted."""
@@ -298,6 +314,10 @@ def _route(
     elif body is None:
         message = "We could not parse the JSON body of your request."
         wire.respond(400, _JSON, dumps(error_body(message, "invalid_request_error")))
+    elif (limit := _over_quota(upstream, model, body)) is not None:
+        error = error_body(f"Rate limit reached for {limit} per min.", "requests", None,
+                           "rate_limit_exceeded")
+        wire.respond(429, _JSON, dumps(error), {"Retry-After": "1"})
     else:
         try:
             ex = Exchange.build(kind, body, wire)
@@ -306,3 +326,8 @@ def _route(
             wire.respond(400, _JSON, dumps(error))
             return
         run(ex, upstream._next_step(model))
+
+
+def _over_quota(upstream: FakeUpstream, model: str | None, body: Json) -> str | None:
+    quota = upstream._quota_for(model)
+    return None if quota is None else quota.take(request_cost(body))

@@ -1,0 +1,58 @@
+"""Rate limits the fake upstream enforces on itself, as OpenAI does: 429 past the budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .payloads import Json
+
+
+@dataclass
+class Quota:
+    """Token buckets for requests and tokens per minute, each holding ``burst`` seconds."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    burst: float = 1.0
+    rejected: int = 0
+    _requests: float = field(default=0.0, init=False)
+    _tokens: float = field(default=0.0, init=False)
+    _at: float = field(default_factory=time.monotonic, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self._requests = (self.rpm or 0) / 60 * self.burst
+        self._tokens = (self.tpm or 0) / 60 * self.burst
+
+    def take(self, cost: int) -> str | None:
+        """Spend one request and ``cost`` tokens; the exhausted limit's name if refused."""
+        with self._lock:
+            self._refill()
+            if self.rpm and self._requests < 1:
+                self.rejected += 1
+                return "requests"
+            if self.tpm and self._tokens < cost:
+                self.rejected += 1
+                return "tokens"
+            self._requests -= 1
+            self._tokens -= cost
+            return None
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed, self._at = now - self._at, now
+        if self.rpm:
+            full = self.rpm / 60 * self.burst
+            self._requests = min(self._requests + self.rpm / 60 * elapsed, full)
+        if self.tpm:
+            full = self.tpm / 60 * self.burst
+            self._tokens = min(self._tokens + self.tpm / 60 * elapsed, full)
+
+
+def request_cost(body: Json) -> int:
+    """Tokens a request counts against the budget: its prompt plus its max_tokens."""
+    text = str(body.get("messages") or body.get("prompt") or "")
+    ceiling = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+    return len(text) // 4 + int(ceiling)
