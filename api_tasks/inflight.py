@@ -31,6 +31,7 @@ __all__ = ["CallHandle", "Watchdog", "current_handle"]
 
 log = logging.getLogger(__name__)
 _local = threading.local()
+_WARN_EVERY = 10.0  # seconds between two "Redis unavailable" lines
 
 
 class CallHandle:
@@ -136,6 +137,7 @@ class Watchdog:
         self._leases = leases
         self._renew_every = leases.lease_ms / 3000.0
         self._renewed = 0.0
+        self._warned = -_WARN_EVERY
         self._handles: dict[int, CallHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -185,7 +187,9 @@ class Watchdog:
                     self._renew(handles)
                     self._renewed = now
             except redis.RedisError as err:
-                log.warning("watchdog: Redis unavailable (%s)", err)
+                if now - self._warned >= _WARN_EVERY:  # not five lines a second
+                    self._warned = now
+                    log.warning("watchdog: Redis unavailable (%s)", err)
 
     def _renew(self, handles: list[CallHandle]) -> None:
         held = [(h.job_id, h.token, h.flights) for h in handles if h.token]

@@ -35,6 +35,7 @@ __all__ = ["Reaper"]
 log = logging.getLogger(__name__)
 Send = Callable[[str, dict[str, Any]], None]
 _TICK = 0.1  # seconds between looks at the waiting jobs
+_WARN_EVERY = 10.0  # seconds between two "Redis unavailable" lines
 
 
 class Reaper:
@@ -60,6 +61,7 @@ class Reaper:
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self._interval
+        warned = 0.0
         while not self._stop.wait(_TICK):
             try:
                 self._send_due()
@@ -67,7 +69,9 @@ class Reaper:
                     next_sweep = time.monotonic() + self._interval
                     self.sweep()
             except redis.RedisError as err:
-                log.warning("reaper: Redis unavailable (%s)", err)
+                if time.monotonic() - warned >= _WARN_EVERY:  # not ten lines a second
+                    warned = time.monotonic()
+                    log.warning("reaper: Redis unavailable (%s)", err)
             except Exception:  # the thread must outlive any one bad sweep
                 log.exception("reaper: sweep failed")
 

@@ -13,24 +13,23 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
 import requests
 
+from api_tasks.delivery import Delivery
 from api_tasks.errors import (
-    ApiTasksError,
     CallCancelled,
     InvalidJob,
     InvalidResponseError,
-    RequestTooLarge,
     StreamError,
     UpstreamError,
     WorkerStopping,
     error_object,
 )
 from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
+from api_tasks.gate import Gate, Park
 from api_tasks.http_client import CallRequest, HttpClient
 from api_tasks.inflight import CallHandle, Watchdog
 from api_tasks.leases import LeaseStore
@@ -44,38 +43,13 @@ from api_tasks.tokens import estimate_cost
 from api_tasks.writer import EventWriter
 
 if TYPE_CHECKING:
-    from config.settings import Limits, Settings, Upstream
+    from config.settings import Limits, Settings
 
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
-_RELOOK = 1.0  # seconds a job waits outside at least, before it asks a limit again
 _RUNNABLE = frozenset({"run", "cancel", "poison"})  # verdicts after which this attempt owns it
-
-
-@dataclass
-class _Run:
-    """One delivery of one job."""
-
-    job_id: str
-    spec: JobSpec
-    upstream: Upstream | None  # None only for a job refused before routing
-    delivery: int
-    created_at: float
-    token: str = ""  # this attempt's; "" finishes whatever attempt holds the job
-    cooldown: float = 0.0  # the upstream's 429 cool-down left when the job was claimed
-    queue: str = "interactive"
-    turn: float | None = None  # seconds to a turn reserved under its limits, if any
-    started_at: float = field(default_factory=time.time)
-    attempts: int = 0
-    published: int = 0
-
-    @property
-    def target(self) -> Upstream:
-        """The upstream of a routed job."""
-        assert self.upstream is not None, "only a routed job is called"
-        return self.upstream
 
 
 class JobRunner:
@@ -88,6 +62,7 @@ class JobRunner:
         self.store = store
         self.leases = leases
         self.cooldowns = Cooldowns(leases.redis, store.keys)
+        self.gate = Gate(limiter, self.cooldowns, leases, settings.worker.reserve_ahead)
         self.writer = writer
         self.watchdog = watchdog
         self.http = http
@@ -110,7 +85,7 @@ class JobRunner:
         if claim.verdict not in _RUNNABLE:
             log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
             return claim.verdict
-        run = _Run(job_id, spec, upstream, claim.delivery, claim.created_at, token,
+        run = Delivery(job_id, spec, upstream, claim.delivery, claim.created_at, token,
                    cooldown=claim.cooldown, queue=queue, turn=claim.turn)
         if run.delivery > 1 and claim.has_events:
             self._announce_reset(run)
@@ -124,7 +99,7 @@ class JobRunner:
                 self.leases.release(job_id, token)
             raise
 
-    def _start(self, run: _Run, handle: CallHandle, verdict: str) -> str:
+    def _start(self, run: Delivery, handle: CallHandle, verdict: str) -> str:
         if verdict == "cancel":
             return self._finish(run, JobStatus.CANCELLED, error=CallCancelled(
                 "the job was cancelled before it started").to_error())
@@ -135,11 +110,11 @@ class JobRunner:
                 "it is not run again", None, attempts=0))
         return self._execute(run, handle)
 
-    def _execute(self, run: _Run, handle: CallHandle) -> str:
+    def _execute(self, run: Delivery, handle: CallHandle) -> str:
         try:
             response = self._call_with_retries(run, handle)
-        except _Park as park:
-            return self._park(run, park)
+        except Park as park:
+            return self.gate.park(run, park)
         except UpstreamError as err:
             if handle.reason == "shutdown":
                 self.leases.release(run.job_id, run.token)
@@ -154,7 +129,7 @@ class JobRunner:
             return self._finish(run, JobStatus.FAILED, error=_internal(err, run.attempts))
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
-    def _call_with_retries(self, run: _Run, handle: CallHandle) -> dict[str, Any]:
+    def _call_with_retries(self, run: Delivery, handle: CallHandle) -> dict[str, Any]:
         payload = build_payload(self.settings, run.target, run.spec)
         call = build_call(self.settings, run.target, run.spec, payload)
         policy = self.policies[run.target.name]
@@ -162,8 +137,8 @@ class JobRunner:
         cost = estimate_cost(payload) if scopes else 0
         while True:
             run.attempts += 1
-            self._wait_cooldown(run, handle)
-            self._admit(run, handle, scopes, cost)
+            self.gate.cooldown(run, handle)
+            self.gate.admit(run, handle, scopes, cost)
             handle.start_attempt(run.target.timeouts.total)
             try:
                 return self._limited_attempt(run, handle, call, scopes, cost)
@@ -182,53 +157,7 @@ class JobRunner:
                 if handle.wait(delay):
                     raise handle.error() or err from err
 
-    def _wait_cooldown(self, run: _Run, handle: CallHandle) -> None:
-        """Hold the call while its upstream cools down after a 429 (the claim read it)."""
-        left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
-        if left > self.settings.worker.reserve_ahead:
-            raise _Park(left, "cooldown")  # long: wait outside, holding no slot
-        if left > 0:
-            log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
-                     run.job_id, left, run.target.name)
-            if handle.wait(left):
-                raise handle.error() or CallCancelled("the job was stopped")
-
-    def _admit(self, run: _Run, handle: CallHandle, scopes: list[tuple[str, Limits]],
-               cost: int) -> None:
-        """Wait for the call's turn under its limits: here if near, else outside the worker."""
-        if not scopes:
-            return
-        too_big = [name for name, limits in scopes
-                   if limits.tokens_per_minute and cost > limits.tokens_per_minute]
-        if too_big:
-            raise RequestTooLarge(f"the call may use {cost} tokens, more than the "
-                                  f"tokens_per_minute of {too_big[0]} allow at all")
-        ahead = self.settings.worker.reserve_ahead
-        turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
-        if turn is not None and turn > ahead:
-            raise _Park(turn, "limit", turn)  # sent back early: its turn is still ahead
-        # bulk calls never reserve far ahead, so they can't push interactive ones back
-        horizon = None if run.queue == "interactive" else ahead
-        waited = 0.0
-        while True:
-            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon)
-            wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
-            if admission.go and wait > ahead:
-                raise _Park(wait, admission.reason, wait)  # its place is kept meanwhile
-            if not admission.go and not (admission.reason == "concurrency"
-                                         and waited + wait <= ahead):
-                raise _Park(_relook(admission.reason, wait), admission.reason, turn)
-            if admission.go:
-                handle.flights = self.limiter.flights(scopes)
-            if wait > 0 and handle.wait(wait):
-                if admission.go:
-                    self.limiter.settle(run.job_id, scopes, cost)  # give the turn back
-                raise handle.error() or CallCancelled("the job was stopped")
-            if admission.go:
-                return
-            waited += wait
-
-    def _limited_attempt(self, run: _Run, handle: CallHandle, call: CallRequest,
+    def _limited_attempt(self, run: Delivery, handle: CallHandle, call: CallRequest,
                          scopes: list[tuple[str, Limits]], cost: int) -> dict[str, Any]:
         """One attempt, its reserved tokens settled with what the upstream reports."""
         unused = cost
@@ -245,17 +174,7 @@ class JobRunner:
             self.limiter.settle(run.job_id, scopes, unused)
             handle.flights = []
 
-    def _park(self, run: _Run, park: _Park) -> str:
-        """The job leaves this worker to wait for its limit; it is sent again when due."""
-        if self.leases.park(run.job_id, run.token, park.wait, park.reason,
-                            run.spec.message(run.queue), park.turn,
-                            self.settings.worker.reserve_ahead / 2):
-            log.info("job %s waits %.2fs for its %s limit, outside the worker",
-                     run.job_id, park.wait, park.reason)
-            return "waiting"
-        return "lost"
-
-    def _attempt(self, run: _Run, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
+    def _attempt(self, run: Delivery, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
         response = self.http.send(handle, call)
         content_type = response.headers.get("content-type", "")
         if run.spec.stream and content_type.startswith("text/event-stream"):
@@ -266,7 +185,7 @@ class JobRunner:
                                        code="invalid_response", status=response.status_code)
         return data
 
-    def _stream(self, run: _Run, handle: CallHandle, response: requests.Response,
+    def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
         relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
                             self.writer, self._ttl(run.spec), run.target.max_line_bytes,
@@ -299,7 +218,7 @@ class JobRunner:
                                   f"{err.message}", code="stream_truncated",
                                   status=response.status_code) from err
 
-    def _announce_reset(self, run: _Run) -> None:
+    def _announce_reset(self, run: Delivery) -> None:
         """A new attempt of a job delivered before: readers must drop what they had."""
         events = self.store.keys.events(run.job_id)
         self.writer.submit([("XADD", events, entry_id(run.delivery, -1), EVENT_FIELD,
@@ -315,7 +234,7 @@ class JobRunner:
         if claim.verdict not in _RUNNABLE:
             return claim.verdict
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, claim.delivery, claim.created_at, token)
+        run = Delivery(job_id, spec, None, claim.delivery, claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> str:
@@ -324,10 +243,10 @@ class JobRunner:
             log.error("job %s: left to the attempt that holds its lease", job_id)
             return "busy"
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = _Run(job_id, spec, None, 0, time.time())
+        run = Delivery(job_id, spec, None, 0, time.time())
         return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))
 
-    def _finish(self, run: _Run, status: JobStatus, *, response: dict[str, Any] | None = None,
+    def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
                 error: dict[str, Any] | None = None) -> str:
         finished = time.time()
         meta: dict[str, Any] = {
@@ -356,25 +275,6 @@ class JobRunner:
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl
-
-
-class _Park(ApiTasksError):
-    """Internal: the job's turn under a limit is too far off to wait for in a worker."""
-
-    def __init__(self, wait: float, reason: str, turn: float | None = None) -> None:
-        super().__init__(f"waiting {wait:.2f}s for {reason}")
-        self.wait = wait
-        self.reason = reason
-        self.turn = turn  # seconds to the turn it reserved, if it did
-
-
-def _relook(reason: str, wait: float) -> float:
-    """How long a job with no reserved turn waits outside before it asks again."""
-    if reason in ("concurrency", "tokens"):
-        # a slot frees whenever a call ends, and token reservations are settled (mostly
-        # refunded) as calls end, so the computed wait is pessimistic: look again soon
-        return min(wait, _RELOOK) if reason == "tokens" else _RELOOK
-    return max(wait, 0.05)
 
 
 def _internal(err: BaseException, attempts: int) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""The gate a call passes before it goes upstream: the 429 cool-down and the limits.
+
+A call waits here, in its worker, only when its turn is at most
+``worker.reserve_ahead`` away; otherwise ``Park`` takes the job out of the
+worker (status ``waiting``) until the scheduler sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from api_tasks.delivery import Delivery
+from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
+from api_tasks.inflight import CallHandle
+from api_tasks.leases import LeaseStore
+from api_tasks.limits import Cooldowns, Limiter
+
+if TYPE_CHECKING:
+    from config.settings import Limits
+
+__all__ = ["Gate", "Park", "relook"]
+
+log = logging.getLogger(__name__)
+_RELOOK = 1.0  # seconds a job waits outside at least, before it asks a limit again
+
+
+class Gate:
+    """Holds each call until its upstream's cool-down and limits let it go."""
+
+    def __init__(self, limiter: Limiter, cooldowns: Cooldowns, leases: LeaseStore,
+                 reserve_ahead: float) -> None:
+        self.limiter = limiter
+        self.cooldowns = cooldowns
+        self.leases = leases
+        self.ahead = reserve_ahead
+
+    def cooldown(self, run: Delivery, handle: CallHandle) -> None:
+        """Hold the call while its upstream cools down after a 429 (the claim read it)."""
+        left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
+        if left > self.ahead:
+            raise Park(left, "cooldown")  # long: wait outside, holding no slot
+        if left > 0:
+            log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
+                     run.job_id, left, run.target.name)
+            if handle.wait(left):
+                raise handle.error() or CallCancelled("the job was stopped")
+
+    def admit(self, run: Delivery, handle: CallHandle, scopes: list[tuple[str, Limits]],
+              cost: int) -> None:
+        """Wait for the call's turn under its limits: here if near, else outside the worker."""
+        if not scopes:
+            return
+        too_big = [name for name, limits in scopes
+                   if limits.tokens_per_minute and cost > limits.tokens_per_minute]
+        if too_big:
+            raise RequestTooLarge(f"the call may use {cost} tokens, more than the "
+                                  f"tokens_per_minute of {too_big[0]} allow at all")
+        ahead = self.ahead
+        turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
+        if turn is not None and turn > ahead:
+            raise Park(turn, "limit", turn)  # sent back early: its turn is still ahead
+        # bulk calls never reserve far ahead, so they can't push interactive ones back
+        horizon = None if run.queue == "interactive" else ahead
+        waited = 0.0
+        while True:
+            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon)
+            wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
+            if admission.go and wait > ahead:
+                raise Park(wait, admission.reason, wait)  # its place is kept meanwhile
+            if not admission.go and not (admission.reason == "concurrency"
+                                         and waited + wait <= ahead):
+                raise Park(relook(admission.reason, wait), admission.reason, turn)
+            if admission.go:
+                handle.flights = self.limiter.flights(scopes)
+            if wait > 0 and handle.wait(wait):
+                if admission.go:
+                    self.limiter.settle(run.job_id, scopes, cost)  # give the turn back
+                raise handle.error() or CallCancelled("the job was stopped")
+            if admission.go:
+                return
+            waited += wait
+
+    def park(self, run: Delivery, park: Park) -> str:
+        """The job leaves this worker to wait for its limit; it is sent again when due."""
+        if self.leases.park(run.job_id, run.token, park.wait, park.reason,
+                            run.spec.message(run.queue), park.turn,
+                            self.ahead / 2):
+            log.info("job %s waits %.2fs for its %s limit, outside the worker",
+                     run.job_id, park.wait, park.reason)
+            return "waiting"
+        return "lost"
+
+
+class Park(ApiTasksError):
+    """The job's turn under a limit is too far off to wait for in a worker."""
+
+    def __init__(self, wait: float, reason: str, turn: float | None = None) -> None:
+        super().__init__(f"waiting {wait:.2f}s for {reason}")
+        self.wait = wait
+        self.reason = reason
+        self.turn = turn  # seconds to the turn it reserved, if it did
+
+
+def relook(reason: str, wait: float) -> float:
+    """How long a job with no reserved turn waits outside before it asks again."""
+    if reason in ("concurrency", "tokens"):
+        # a slot frees whenever a call ends, and token reservations are settled (mostly
+        # refunded) as calls end, so the computed wait is pessimistic: look again soon
+        return min(wait, _RELOOK) if reason == "tokens" else _RELOOK
+    return max(wait, 0.05)
