@@ -31,7 +31,6 @@ __all__ = ["BatchLine", "BatchSummary", "check_file", "read_batch", "run_batch"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
-_TERMINAL = {status.value for status in TERMINAL}
 Progress = Callable[["BatchSummary"], None]
 
 
@@ -167,7 +166,7 @@ def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: A
         pipe.hget(client.keys.job(job_id), "status")
     statuses = pipe.execute()
     finished = [job_id for job_id, status in zip(list(in_flight), statuses, strict=True)
-                if status is not None and status.decode() in _TERMINAL]
+                if status is not None and status.decode() in TERMINAL]
     for job_id in finished:
         job, line = in_flight.pop(job_id)
         _write(job, line, out, err, summary)

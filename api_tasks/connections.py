@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 if TYPE_CHECKING:
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "connect", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "connect", "text", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +54,8 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
                 log.warning("waiting for Redis (%s)", err)
                 said = now
             time.sleep(poll)
+
+
+def text(value: Any) -> str:
+    """A Redis reply (bytes, as the clients here don't decode) as a string."""
+    return value.decode() if isinstance(value, bytes) else str(value)

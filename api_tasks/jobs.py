@@ -40,7 +40,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 _FIELD = EVENT_FIELD.encode()
 _MAX_SEQ = 2**64 - 1
-_TERMINAL = {status.value for status in TERMINAL}
 
 
 class _Ended(ApiTasksError):
@@ -156,7 +155,7 @@ class Job:
                                 block=max(int(wait * 1000), 1))
             if reply:  # RESP2 shape: [[key, [(id, fields), ...]]]
                 return list(reply[0][1])
-            if _guard(self._client.store.status, self.id) in _TERMINAL:
+            if _guard(self._client.store.status, self.id) in TERMINAL:
                 raise _Ended  # ended, but its final event is gone (expired or never written)
 
     def _latest_attempt_start(self) -> str:

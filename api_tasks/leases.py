@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from api_tasks.connections import text
 from api_tasks.events import EVENT_FIELD
 from api_tasks.keys import Keys
 from api_tasks.writer import Command
@@ -226,8 +227,8 @@ class LeaseStore:
             keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
                   keys.cooldown(upstream), keys.events(job_id)],
             args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, *flat])
-        return Claim(_text(verdict), int(delivery), float(created), int(cool) / 1000,
-                     None if not turn else float(turn) / 1000, _text(shown) == "1")
+        return Claim(text(verdict), int(delivery), float(created), int(cool) / 1000,
+                     None if not turn else float(turn) / 1000, text(shown) == "1")
 
     def renew(self, client: redis.Redis,
               held: list[tuple[str, str, list[str]]]) -> list[str]:
@@ -248,7 +249,7 @@ class LeaseStore:
     def restore(self, tag: str, job_id: str, queue: str, message: str) -> str:
         """Put an unacked message back on its queue if its job's lease lapsed."""
         celery = self.keys.celery_prefix()
-        return _text(self._restore(
+        return text(self._restore(
             keys=[celery + "unacked_index", celery + "unacked", self.keys.job(job_id),
                   self.keys.lease(job_id), celery + queue], args=[tag, message]))
 
@@ -270,7 +271,7 @@ class LeaseStore:
         """Parked jobs whose wait is over, with the messages to send them with."""
         flat = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()], args=[limit])
         pairs = zip(flat[::2], flat[1::2], strict=True)
-        return [(_text(job_id), json.loads(raw)) for job_id, raw in pairs if raw]
+        return [(text(job_id), json.loads(raw)) for job_id, raw in pairs if raw]
 
     def sent(self, job_id: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it waits once more)."""
@@ -286,6 +287,3 @@ class LeaseStore:
                 keys.events(job_id), keys.channel(job_id), keys.lease(job_id),
                 token, ttl, event, event_id, result or "", *fields)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

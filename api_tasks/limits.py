@@ -26,10 +26,11 @@ read from Redis, O(1) whatever a call costs:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
+from api_tasks.connections import text
 from api_tasks.keys import Keys
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Limiter:
                   self.horizon_ms if horizon is None else int(horizon * 1000), self.lease_ms,
                   "1" if reserved else "0", len(parts),
                   *[value for part in parts for value in part.args()]])
-        return Admission(_text(verdict) == "turn", float(wait) / 1000, _text(reason))
+        return Admission(text(verdict) == "turn", float(wait) / 1000, text(reason))
 
     def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int) -> None:
         """The call ended: free its slot and give back the tokens it did not use."""
@@ -204,6 +205,3 @@ class Limiter:
         return [key for part in parts
                 for key in (self.keys.limit(part.name), self.keys.in_flight(part.name))]
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -220,11 +220,10 @@ class JobRunner:
 
     def _announce_reset(self, run: Delivery) -> None:
         """A new attempt of a job delivered before: readers must drop what they had."""
-        events = self.store.keys.events(run.job_id)
-        self.writer.submit([("XADD", events, entry_id(run.delivery, -1), EVENT_FIELD,
-                             reset_event(run.delivery)), ("EXPIRE", events, self._ttl(run.spec)),
-                            ("PUBLISH", self.store.keys.channel(run.job_id),
-                             reset_event(run.delivery))])
+        events, event = self.store.keys.events(run.job_id), reset_event(run.delivery)
+        self.writer.submit([("XADD", events, entry_id(run.delivery, -1), EVENT_FIELD, event),
+                            ("EXPIRE", events, self._ttl(run.spec)),
+                            ("PUBLISH", self.store.keys.channel(run.job_id), event)])
 
     def _reject(self, job_id: str, kind: str, err: InvalidJob) -> str:
         log.warning("job %s refused: %s", job_id, err)

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from api_tasks.connections import text
 from api_tasks.events import EVENT_FIELD, JobStatus, final_event
 from api_tasks.keys import Keys
 from api_tasks.spec import JobSpec
@@ -95,17 +96,17 @@ class JobStore:
             keys=[keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
                   keys.events(job_id), keys.channel(job_id)],
             args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD])
-        return _text(verdict[0])
+        return text(verdict[0])
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""
         value = self.redis.hget(self.keys.job(job_id), "status")
-        return None if value is None else _text(value)
+        return None if value is None else text(value)
 
     def info(self, job_id: str) -> dict[str, str]:
         """The whole job record (empty if there is none)."""
         raw = self.redis.hgetall(self.keys.job(job_id))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     def meta(self, job_id: str) -> dict[str, Any]:
         """The envelope's descriptive fields, from the job record."""
@@ -126,6 +127,3 @@ def meta_from(info: dict[str, str]) -> dict[str, Any]:
             "created_at": number("created_at"), "started_at": number("started_at"),
             "finished_at": number("finished_at")}
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -46,17 +46,14 @@ def load_settings(
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     origins: Origins = {}
-    sources = [str(DEFAULTS_FILE)]
     _lay(data, _read_yaml(DEFAULTS_FILE), str(DEFAULTS_FILE), origins, ())
     chosen = path or env.get("API_TASKS_CONFIG")
     if chosen:
         _lay(data, _read_yaml(Path(chosen)), str(chosen), origins, ())
-        sources.append(str(chosen))
     _lay_env(data, env, origins)
     if not data.get("upstreams"):
         data["upstreams"] = [_zero_config_upstream(env)]
         origins[("upstreams",)] = "OPENAI_BASE_URL"
-    data["sources"] = sources
     return _validate(data, origins, env)
 
 

@@ -220,7 +220,6 @@ class Settings(_Model):
     jobs: JobSettings = JobSettings()
     worker: WorkerSettings = WorkerSettings()
     upstreams: list[Upstream] = Field(min_length=1)
-    sources: list[str] = Field(default_factory=list, exclude=True)
 
     @field_validator("upstreams")
     @classmethod
