@@ -9,16 +9,20 @@ Producer API::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from api_tasks.batches import Batch, BatchStatus
 from api_tasks.client import Client, default_client
 from api_tasks.errors import (
     APIConnectionError,
     APIStatusError,
     ApiTasksError,
     APITimeoutError,
+    BatchNotFound,
     BrokerUnavailable,
     ConfigError,
+    InvalidBatch,
     InvalidJob,
     InvalidResponseError,
     JobCancelled,
@@ -38,10 +42,14 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "ApiTasksError",
+    "Batch",
+    "BatchNotFound",
+    "BatchStatus",
     "BrokerUnavailable",
     "Client",
     "ConfigError",
     "EventType",
+    "InvalidBatch",
     "InvalidJob",
     "InvalidResponseError",
     "Job",
@@ -53,8 +61,10 @@ __all__ = [
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
+    "get_batch",
     "get_job",
     "merge_payload",
+    "submit_batch",
     "submit_chat",
     "submit_completion",
 ]
@@ -73,3 +83,13 @@ def submit_completion(prompt: Any, **params: Any) -> Job:
 def get_job(job_id: str) -> Job:
     """Find a submitted job by id (``JobNotFound`` if none)."""
     return default_client().get_job(job_id)
+
+
+def submit_batch(source: str | Path, *, window: int = 200, queue: str = "bulk") -> Batch:
+    """Hand an OpenAI Batch-format JSONL file to the workers; returns at once."""
+    return default_client().submit_batch(source, window=window, queue=queue)
+
+
+def get_batch(batch_id: str) -> Batch:
+    """Find a detached batch by id (``BatchNotFound`` if none)."""
+    return default_client().get_batch(batch_id)

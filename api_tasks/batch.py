@@ -19,15 +19,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from api_tasks.client import Client
-from api_tasks.errors import InvalidJob, JobCancelled, JobFailed
-from api_tasks.events import TERMINAL
+import redis
+
+from api_tasks.connections import text
+from api_tasks.errors import InvalidJob
+from api_tasks.events import TERMINAL, JobStatus
 from api_tasks.jobs import Job
+from api_tasks.keys import Keys
 from api_tasks.spec import Kind, build_spec
 
-__all__ = ["BatchLine", "BatchSummary", "check_file", "read_batch", "run_batch"]
+if TYPE_CHECKING:
+    from api_tasks.client import Client
+
+__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "line_params", "parse_line",
+           "read_batch", "record_for", "run_batch", "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
@@ -55,11 +62,10 @@ class BatchSummary:
     usage: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
-    def add_usage(self, usage: Any) -> None:
+    def add_usage(self, usage: dict[str, int]) -> None:
         """Sum a response's usage counts in."""
-        for name, value in (usage or {}).items():
-            if isinstance(value, int):
-                self.usage[name] = self.usage.get(name, 0) + value
+        for name, value in usage.items():
+            self.usage[name] = self.usage.get(name, 0) + value
 
 
 def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
@@ -87,6 +93,12 @@ def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
     except InvalidJob as err:
         raise InvalidJob(where, f"body.{err}") from None
     return BatchLine(number, custom_id, kind, body)
+
+
+def line_params(kind: Kind, body: dict[str, Any], queue: str) -> tuple[Any, dict[str, Any]]:
+    """A line's body as a submit's first argument and parameters (results are stored)."""
+    params = {k: v for k, v in body.items() if k != _FIRST[kind]}
+    return body.get(_FIRST[kind]), {**params, "queue": queue, "store_result": True}
 
 
 def read_batch(path: Path, max_bytes: int) -> Iterator[BatchLine]:
@@ -149,9 +161,7 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
                 continue
             while len(in_flight) >= window:
                 _collect(client, in_flight, out, err, summary, progress, poll)
-            job = client.submit(line.kind, line.body.get(_FIRST[line.kind]),
-                                {**{k: v for k, v in line.body.items()
-                                    if k != _FIRST[line.kind]}, "queue": queue})
+            job = client.submit(line.kind, *line_params(line.kind, line.body, queue))
             in_flight[job.id] = (job, line)
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
@@ -160,39 +170,60 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
 
 def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: Any, err: Any,
              summary: BatchSummary, progress: Progress | None, poll: float) -> None:
-    """Write every finished job's line (one round trip for all statuses), or wait a little."""
-    pipe = client.redis.pipeline(transaction=False)
-    for job_id in in_flight:
-        pipe.hget(client.keys.job(job_id), "status")
-    statuses = pipe.execute()
-    finished = [job_id for job_id, status in zip(list(in_flight), statuses, strict=True)
-                if status is not None and status.decode() in TERMINAL]
-    for job_id in finished:
-        job, line = in_flight.pop(job_id)
-        _write(job, line, out, err, summary)
+    """Write every finished job's line (two round trips for all of them), or wait a little."""
+    finished = ended_jobs(client.redis, client.keys, list(in_flight))
+    for job_id, stored in finished.items():
+        _job, line = in_flight.pop(job_id)
+        ok, record = record_for(job_id, line.custom_id, stored)
+        (out if ok else err).write(json.dumps(record) + "\n")
+        if ok:
+            summary.completed += 1
+            summary.add_usage(usage_of(stored))
+        else:
+            summary.failed += 1
+    out.flush()
+    err.flush()
     if finished and progress is not None:
         progress(summary)
     if not finished:
         time.sleep(poll)
 
 
-def _write(job: Job, line: BatchLine, out: Any, err: Any, summary: BatchSummary) -> None:
-    record_id = f"batch_req_{job.id}"
-    try:
-        body = job.result(timeout=30)
-    except (JobFailed, JobCancelled) as failure:
-        error = failure.error
-        response = None if error.get("status") is None else {
-            "status_code": error["status"], "request_id": job.id, "body": {"error": error}}
-        err.write(json.dumps({"id": record_id, "custom_id": line.custom_id, "response": response,
-                              "error": {"code": error.get("code"),
-                                        "message": error.get("message")}}) + "\n")
-        err.flush()
-        summary.failed += 1
-        return
-    out.write(json.dumps({"id": record_id, "custom_id": line.custom_id,
-                          "response": {"status_code": 200, "request_id": job.id, "body": body},
-                          "error": None}) + "\n")
-    out.flush()
-    summary.completed += 1
-    summary.add_usage((body or {}).get("usage"))
+def ended_jobs(client: redis.Redis, keys: Keys,
+               job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The stored envelopes of those jobs that ended (None where none was stored)."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(keys.job(job_id), "status")
+    statuses = pipe.execute()
+    ended = [job_id for job_id, status in zip(job_ids, statuses, strict=True)
+             if status is not None and text(status) in TERMINAL]
+    for job_id in ended:
+        pipe.get(keys.result(job_id))
+    return {job_id: None if raw is None else json.loads(raw)
+            for job_id, raw in zip(ended, pipe.execute() if ended else [], strict=True)}
+
+
+def usage_of(stored: dict[str, Any] | None) -> dict[str, int]:
+    """The integer token counts of a stored response's usage."""
+    usage = ((stored or {}).get("response") or {}).get("usage") or {}
+    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def record_for(job_id: str, custom_id: str,
+               stored: dict[str, Any] | None) -> tuple[bool, dict[str, Any]]:
+    """A finished job's line: (True, output record) or (False, error-file record)."""
+    record_id = f"batch_req_{job_id}"
+    if stored is not None and stored.get("status") == JobStatus.SUCCEEDED.value:
+        return True, {"id": record_id, "custom_id": custom_id, "error": None,
+                      "response": {"status_code": 200, "request_id": job_id,
+                                   "body": stored.get("response")}}
+    error = (stored or {}).get("error") or _NO_RESULT
+    response = None if error.get("status") is None else {
+        "status_code": error["status"], "request_id": job_id, "body": {"error": error}}
+    return False, {"id": record_id, "custom_id": custom_id, "response": response,
+                   "error": {"code": error.get("code"), "message": error.get("message")}}
+
+
+_NO_RESULT = {"code": "result_missing", "status": None,
+              "message": "the job ended but its result is gone (expired, or store_result false)"}

@@ -1,63 +1,133 @@
-"""``python -m api_tasks batch run``: a batch file through the queue, with progress."""
+"""``python -m api_tasks batch ...``: batch files, attached (``run``) or detached.
+
+``run`` drives the file from this process and writes results as they land;
+``submit`` hands it to the workers and returns a batch id for ``status``,
+``cancel`` and ``results``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from api_tasks.batch import BatchSummary, check_file, run_batch
+from api_tasks.batches import ENDED, Batch, submit_batch
 from api_tasks.client import Client
+from api_tasks.errors import InvalidBatch
 from api_tasks.spec import QUEUES
 
-__all__ = ["add_batch_commands", "batch_run"]
+__all__ = ["add_batch_commands", "batch_command"]
 
 _LOG_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_batch_commands(sub: Any) -> None:
-    """The ``batch`` command and its ``run`` subcommand."""
+    """The ``batch`` command and its subcommands."""
     batch = sub.add_parser("batch", help="run an OpenAI Batch-format JSONL file")
     commands = batch.add_subparsers(dest="batch_command", required=True)
     run = commands.add_parser("run", help="submit every line and write results as they land")
     run.add_argument("input", type=Path)
     run.add_argument("-o", "--output", type=Path, required=True)
     run.add_argument("--errors", type=Path, help="failed lines (default: OUTPUT.errors.jsonl)")
-    run.add_argument("--window", type=int, default=200, help="jobs queued at once")
-    run.add_argument("--queue", choices=QUEUES, default="bulk")
+    submit = commands.add_parser("submit", help="hand the file to the workers; prints its id")
+    submit.add_argument("input", type=Path)
+    for cmd in (run, submit):
+        cmd.add_argument("--window", type=int, default=200, help="jobs queued at once")
+        cmd.add_argument("--queue", choices=QUEUES, default="bulk")
+    status = commands.add_parser("status", help="a detached batch's state, counts and usage")
+    cancel = commands.add_parser("cancel", help="stop sending; queued lines are cancelled")
+    results = commands.add_parser("results", help="write a detached batch's output files")
+    for cmd in (status, cancel, results):
+        cmd.add_argument("batch_id")
+    results.add_argument("-o", "--output", type=Path, required=True)
+    results.add_argument("--errors", type=Path, help="failed lines (default: OUTPUT.errors.jsonl)")
+    results.add_argument("--wait", action="store_true", help="wait for the batch to end first")
+    results.add_argument("--timeout", type=float, default=None)
 
 
-def batch_run(client: Client, args: argparse.Namespace) -> int:
+def batch_command(client: Client, args: argparse.Namespace) -> int:
+    """Dispatch ``batch <subcommand>``."""
+    return _SUBCOMMANDS[args.batch_command](client, args)
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
     """Check the whole file, then run it; resumes when the output already has lines."""
     problems = check_file(args.input, client.settings.jobs.max_request_bytes)
     if problems:
-        print(f"{args.input}: {len(problems)} invalid line(s), nothing was sent:",
-              file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        return _refuse(InvalidBatch(str(args.input), problems))
     errors = args.errors or args.output.with_suffix(".errors.jsonl")
-    show = _progress()
+    show = _progress(_count_lines(args.input))
     summary = run_batch(client, args.input, args.output, errors, window=args.window,
                         queue=args.queue, progress=show)
     show(summary, final=True)
     print(f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already "
           f"done; usage {summary.usage}; results in {args.output}, errors in {errors}",
           file=sys.stderr)
-    return 1 if summary.failed else 0
+    return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-def _progress() -> Any:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI, files, pipes)."""
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    try:
+        batch = submit_batch(client, args.input, window=args.window, queue=args.queue)
+    except InvalidBatch as err:
+        return _refuse(err)
+    print(batch.id)
+    return EXIT_OK
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(Batch(client, args.batch_id).status(), indent=2))
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    state = Batch(client, args.batch_id).cancel()
+    print(f"{args.batch_id}: {state}")
+    return EXIT_OK if state == "cancelling" else EXIT_FAILED
+
+
+def _results(client: Client, args: argparse.Namespace) -> int:
+    batch = Batch(client, args.batch_id)
+    state = batch.wait(args.timeout) if args.wait else batch.status()
+    errors = args.errors or args.output.with_suffix(".errors.jsonl")
+    with args.output.open("w", encoding="utf-8") as out, errors.open("w", encoding="utf-8") as err:
+        written, failed = batch.write_results(out, err)
+    note = "" if state["status"] in ENDED else f" so far (the batch is {state['status']})"
+    print(f"{written} result(s) in {args.output}, {failed} error(s) in {errors}{note}",
+          file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _refuse(err: InvalidBatch) -> int:
+    print(f"{len(err.problems)} invalid line(s), nothing was sent:", file=sys.stderr)
+    for problem in err.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+_SUBCOMMANDS = {"run": _run, "submit": _submit, "status": _status, "cancel": _cancel,
+                "results": _results}
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def _progress(total: int) -> Any:
+    """A tqdm bar (done, failed, rate, ETA) on a terminal; plain log lines otherwise."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(unit="job", file=sys.stderr)
+        bar = tqdm(total=total, unit="job", file=sys.stderr)
 
         def draw(summary: BatchSummary, final: bool = False) -> None:
-            bar.n = summary.completed + summary.failed
+            bar.n = summary.skipped + summary.completed + summary.failed
             bar.set_postfix(done=summary.completed, failed=summary.failed, refresh=False)
             bar.refresh()
             if final:
@@ -71,6 +141,9 @@ def _progress() -> Any:
             last[0] = now
             elapsed = max(now - summary.started, 1e-9)
             finished = summary.completed + summary.failed
+            rate = finished / elapsed
+            left = total - summary.skipped - finished
+            eta = f", ETA {left / rate:.0f}s" if rate > 0 and left > 0 else ""
             print(f"batch: {summary.completed} done, {summary.failed} failed, "
-                  f"{finished / elapsed:.1f}/s", file=sys.stderr)
+                  f"{summary.skipped} skipped, {rate:.1f}/s{eta}", file=sys.stderr)
     return log

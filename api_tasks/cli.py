@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from api_tasks.batch_cli import add_batch_commands, batch_run
+from api_tasks.batch_cli import add_batch_commands, batch_command
 from api_tasks.client import Client
 from api_tasks.errors import (
     BrokerUnavailable,
@@ -163,4 +163,4 @@ def _result(client: Client, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"chat": _submit, "complete": _submit, "status": _status, "cancel": _cancel,
-             "result": _result, "batch": batch_run}
+             "result": _result, "batch": batch_command}

@@ -10,19 +10,20 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 from kombu.exceptions import OperationalError
 
+from api_tasks.batches import Batch, submit_batch
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
 from api_tasks.jobs import Job
 from api_tasks.keys import Keys
 from api_tasks.routing import resolve_upstream
-from api_tasks.spec import Kind, build_spec
+from api_tasks.spec import TASK_NAMES, Kind, build_spec
 from api_tasks.store import JobStore
-from api_tasks.tasks import CHAT_TASK, COMPLETION_TASK
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -31,14 +32,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "default_client"]
 
-_TASKS = {"chat": CHAT_TASK, "completion": COMPLETION_TASK}
 _QUICK_TIMEOUT = 5.0
 
 
 class Client:
     """Submits jobs and finds them again."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         if settings is None:
             from config.loader import load_settings
 
@@ -50,7 +50,7 @@ class Client:
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl)
-        self._app: Celery | None = None
+        self._app: Celery | None = app
         self._lock = threading.Lock()
 
     @property
@@ -72,19 +72,38 @@ class Client:
         """Enqueue a completion job; returns at once."""
         return self.submit("completion", prompt, params)
 
-    def submit(self, kind: Kind, first: Any, params: Mapping[str, Any]) -> Job:
-        """Validate, record and enqueue a job (``InvalidJob`` names a bad field)."""
+    def submit(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
+               job_id: str | None = None, fields: Mapping[str, str] | None = None) -> Job:
+        """Validate, record and enqueue a job (``InvalidJob`` names a bad field).
+
+        ``job_id`` fixes the id (a batch line's): sent again, it is a duplicate the
+        workers drop, not a second call. ``fields`` go into the job record.
+        """
         spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
         upstream = resolve_upstream(self.settings, spec)
         queue = spec.queue or self.settings.jobs.default_queue
-        job_id = str(uuid.uuid4())
+        job_id = job_id or str(uuid.uuid4())
+        record = {**self.store.record_fields(spec, upstream.name, queue), **(fields or {})}
         try:
-            self.store.create(job_id, self.store.record_fields(spec, upstream.name, queue))
-            self.app.send_task(_TASKS[kind], args=[first], kwargs=spec.task_kwargs(),
+            # message first: a send that fails leaves no record queued for ever, and a
+            # worker that claims the job before the record is written writes its own
+            self.app.send_task(TASK_NAMES[kind], args=[first], kwargs=spec.task_kwargs(),
                                task_id=job_id, queue=queue)
+            self.store.create(job_id, record)
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
             raise BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}") from err
         return Job(self, job_id)
+
+    def submit_batch(self, source: str | Path, *, window: int = 200,
+                     queue: str = "bulk") -> Batch:
+        """Check an OpenAI Batch-format file and hand it to the workers (``InvalidBatch``)."""
+        return submit_batch(self, Path(source), window=window, queue=queue)
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """The detached batch with this id (``BatchNotFound`` if there is none)."""
+        batch = Batch(self, batch_id)
+        batch.status()
+        return batch
 
     def get_job(self, job_id: str) -> Job:
         """The job with this id (``JobNotFound`` if there is none)."""

@@ -18,9 +18,11 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "ApiTasksError",
+    "BatchNotFound",
     "BrokerUnavailable",
     "CallCancelled",
     "ConfigError",
+    "InvalidBatch",
     "InvalidJob",
     "InvalidResponseError",
     "JobCancelled",
@@ -80,8 +82,21 @@ class InvalidJob(ApiTasksError, ValueError):
         return error_object("invalid_request_error", "invalid_job", str(self), 400, self.param)
 
 
+class InvalidBatch(InvalidJob):
+    """A batch file was refused: ``problems`` lists every bad line, nothing was sent."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        super().__init__("input", f"{path}: {len(problems)} invalid line(s): {shown}")
+        self.problems = problems
+
+
 class JobNotFound(ApiTasksError, LookupError):
     """No job with that id exists (it never did, or it expired)."""
+
+
+class BatchNotFound(JobNotFound):
+    """No batch with that id exists (it never did, or it expired)."""
 
 
 class BrokerUnavailable(ApiTasksError, ConnectionError):

@@ -69,6 +69,34 @@ class Keys:
         """String: held by the one worker sweeping for orphaned messages right now."""
         return f"{self.prefix}:reaper"
 
+    def batch(self, batch_id: str) -> str:
+        """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_input(self, batch_id: str) -> str:
+        """List: the batch's input lines, as uploaded (deleted when the batch ends)."""
+        return f"{self.prefix}:batch:{batch_id}:input"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """Hash: the batch's jobs sent and not yet recorded, job id -> custom_id."""
+        return f"{self.prefix}:batch:{batch_id}:jobs"
+
+    def batch_output(self, batch_id: str) -> str:
+        """List: the batch's output lines (OpenAI Batch format), in the order they ended."""
+        return f"{self.prefix}:batch:{batch_id}:output"
+
+    def batch_errors(self, batch_id: str) -> str:
+        """List: the batch's error-file lines."""
+        return f"{self.prefix}:batch:{batch_id}:errors"
+
+    def batches(self) -> str:
+        """Set: the ids of batches still sending or waiting for jobs."""
+        return f"{self.prefix}:batches"
+
+    def batch_lock(self) -> str:
+        """String: held by the one worker moving batches forward right now."""
+        return f"{self.prefix}:batches:lock"
+
     def celery_prefix(self) -> str:
         """Prefix for the broker's own keys (queues, unacked messages)."""
         return f"{self.prefix}:celery:"

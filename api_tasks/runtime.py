@@ -13,6 +13,8 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from api_tasks.batch_pump import BatchPump
+from api_tasks.client import Client
 from api_tasks.connections import connect
 from api_tasks.http_client import HttpClient
 from api_tasks.inflight import Watchdog
@@ -51,8 +53,9 @@ class Runtime:
         # its own connection, failing fast: leases must be renewed whatever else hangs
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
+        pump = BatchPump(Client(settings, app)).run_once if app is not None else None
         self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
-                             self._send if app is not None else None)
+                             self._send if app is not None else None, pump)
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()

@@ -25,13 +25,18 @@ local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created} end
 """
 
-# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, field.
-# A queued job ends here and now; its final event follows whatever the stream holds
-# (a job requeued by a stopping worker may have chunks of an earlier attempt).
+# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, field,
+# '1' to leave a running job alone. A queued job ends here and now; its final event
+# follows whatever the stream holds (a job requeued by a stopping worker may have
+# chunks of an earlier attempt).
 _CANCEL = _STATUS + """
 if not s then return {'missing'} end
+if s ~= 'queued' and s ~= 'waiting' then
+  if ARGV[6] == '1' then return {'running'} end
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+  return {'cancelling'}
+end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-if s ~= 'queued' and s ~= 'waiting' then return {'cancelling'} end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
@@ -45,6 +50,14 @@ redis.call('XADD', KEYS[4], id, ARGV[5], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('PUBLISH', KEYS[5], ARGV[4])
 return {'cancelled'}
+"""
+
+# KEYS: job. ARGV: ttl, then field/value pairs.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -65,6 +78,7 @@ class JobStore:
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
         self._cancel = client.register_script(_CANCEL)
+        self._create = client.register_script(_CREATE)
 
     def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
         """The job hash fields written at submit (and by a worker for foreign jobs)."""
@@ -75,17 +89,17 @@ class JobStore:
             fields["result_ttl"] = str(spec.result_ttl)
         return fields
 
-    def create(self, job_id: str, fields: dict[str, str]) -> None:
-        """Write a new job's record, status queued."""
-        key = self.keys.job(job_id)
-        pipe = self.redis.pipeline(transaction=False)
+    def create(self, job_id: str, fields: dict[str, str]) -> bool:
+        """Write a new job's record, status queued; False if the id already has one."""
         record = {**fields, "status": JobStatus.QUEUED.value, "created_at": repr(time.time())}
-        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
-        pipe.expire(key, self.queued_ttl)
-        pipe.execute()
+        flat = [item for pair in record.items() for item in pair]
+        return bool(self._create(keys=[self.keys.job(job_id)], args=[self.queued_ttl, *flat]))
 
-    def cancel(self, job_id: str) -> str:
-        """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status."""
+    def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
+        """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status.
+
+        With ``queued_only`` a running job is left to finish ('running').
+        """
         meta = self.meta(job_id)
         error = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
                  "message": "the job was cancelled before it started"}
@@ -95,7 +109,8 @@ class JobStore:
         verdict = self._cancel(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
                   keys.events(job_id), keys.channel(job_id)],
-            args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD])
+            args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
+                  "1" if queued_only else "0"])
         return text(verdict[0])
 
     def status(self, job_id: str) -> str | None:

@@ -1,44 +1,105 @@
 """What a call may cost in tokens, reserved against a tokens-per-minute limit before it runs.
 
-The prompt is estimated (about four characters a token, plus a few tokens of
-framing per chat message); the completion is counted at its ceiling,
-``max_tokens`` (or ``max_completion_tokens``) times ``n``. The reservation is
-reconciled with the usage the upstream reports once the call ends, so an
-estimate only has to be an upper bound in spirit, not exact.
+The prompt is counted with tiktoken where its encoding fits the model and is
+on disk (the ``tokenizer`` extra bundles ``cl100k_base``, the GPT-4 and
+GPT-3.5 encoding, so nothing is downloaded), with OpenAI's recipe for chat
+framing; otherwise it is estimated (about four characters a token, plus the
+same framing). The completion is counted at its ceiling, ``max_tokens`` (or
+``max_completion_tokens``) times ``n``. The reservation is reconciled with the
+usage the upstream reports once the call ends, so an estimate need not be exact.
+
+An upstream's ``tokenizer`` setting: ``auto`` (tiktoken when it fits, the
+default), ``estimate``, or a tiktoken encoding name to use for every model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["estimate_cost", "prompt_tokens"]
+__all__ = ["count_prompt", "estimate_cost", "prompt_tokens"]
+
+log = logging.getLogger(__name__)
+Count = Callable[[str], int]
 
 _CHARS_PER_TOKEN = 4
-_PER_MESSAGE = 4  # role and separators, as OpenAI's own counting recipe adds
+_PER_MESSAGE = 3  # OpenAI's recipe: every message adds 3 tokens of framing...
+_PER_NAME = 1  # ...one more when it has a name...
+_REPLY_PRIMING = 3  # ...and every reply is primed with 3
 _DEFAULT_COMPLETION = 256  # a payload with no max_tokens at all
 
 
-def prompt_tokens(payload: dict[str, Any]) -> int:
-    """An estimate of the prompt's tokens."""
+def _estimate(text: str) -> int:
+    return -(-len(text) // _CHARS_PER_TOKEN)  # rounded up
+
+
+def prompt_tokens(payload: dict[str, Any], count: Count = _estimate) -> int:
+    """The prompt's tokens, each text counted by ``count``."""
     if "messages" in payload:
-        messages = payload.get("messages") or []
-        text = sum(len(_text(m.get("content"))) for m in messages if isinstance(m, dict))
-        return text // _CHARS_PER_TOKEN + _PER_MESSAGE * len(messages) + 3
+        total = _REPLY_PRIMING
+        for message in payload.get("messages") or []:
+            if isinstance(message, dict):
+                total += _PER_MESSAGE + count(_text(message.get("role")))
+                total += count(_text(message.get("content")))
+                total += _PER_NAME + count(_text(message["name"])) if "name" in message else 0
+        return total
     prompt = payload.get("prompt", "")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         return len(prompt)
-    return len(_text(prompt)) // _CHARS_PER_TOKEN + 1
+    return count(_text(prompt)) + 1
 
 
-def estimate_cost(payload: dict[str, Any]) -> int:
-    """Tokens to reserve: the prompt's estimate plus the completion's ceiling."""
+def estimate_cost(payload: dict[str, Any], tokenizer: str = "auto",
+                  model: str | None = None) -> int:
+    """Tokens to reserve: the prompt's count plus the completion's ceiling."""
     ceiling = payload.get("max_completion_tokens") or payload.get("max_tokens")
     completion = int(ceiling) if isinstance(ceiling, (int, float)) else _DEFAULT_COMPLETION
     completion = max(completion, 0)  # a nonsense negative ceiling must not hand out budget
     n = payload.get("n")
     choices = n if isinstance(n, int) and n > 0 else 1
-    return max(prompt_tokens(payload) + completion * choices, 1)
+    count = count_prompt(tokenizer, model or payload.get("model"))
+    return max(prompt_tokens(payload, count) + completion * choices, 1)
+
+
+def count_prompt(tokenizer: str, model: Any) -> Count:
+    """The text counter for this setting and model: a tiktoken encoding or the estimate."""
+    if tokenizer == "estimate":
+        return _estimate
+    name = tokenizer if tokenizer != "auto" else _encoding_for(str(model))
+    encoding = _load(name) if name else None
+    if encoding is None:
+        return _estimate
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
+
+
+@functools.lru_cache(maxsize=512)
+def _encoding_for(model: Any) -> str | None:
+    """The encoding tiktoken names for an OpenAI model, if it is on disk."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    try:
+        name = tiktoken.encoding_name_for_model(str(model))
+    except KeyError:  # not an OpenAI model: its tokenizer is not tiktoken's
+        return None
+    offline = f"{name}_offline"
+    return offline if offline in tiktoken.list_encoding_names() else None
+
+
+@functools.cache
+def _load(name: str) -> Any:
+    """The encoding, loaded once per process; None (and one warning) if it can't be."""
+    try:
+        import tiktoken
+
+        return tiktoken.get_encoding(name)
+    except Exception as err:  # missing package, unknown name, no file and no network
+        log.warning("tokenizer %s unavailable (%s): prompts are estimated", name, err)
+        return None
 
 
 def _text(content: Any) -> str:

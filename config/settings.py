@@ -91,6 +91,7 @@ class Upstream(_Model):
     model_defaults: dict[str, Payload] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
     stream_include_usage: bool = True
+    tokenizer: str = Field("auto", min_length=1)  # auto, estimate, or a tiktoken encoding
     job_base_url_hosts: list[str] = Field(default_factory=list)
     limits: Limits = Limits()
     model_limits: dict[str, Limits] = Field(default_factory=dict)

@@ -109,6 +109,19 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+def prompt_tokens(body: Json) -> int:
+    """The prompt's tokens, as usage reports them: words of every message, or the prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return sum(words(_text_of(m.get("content"))) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)  # token ids
+    if isinstance(prompt, list):  # several prompts: the fake answers the first only
+        prompt = prompt[0] if prompt else ""
+    return words(prompt) if isinstance(prompt, str) else 0
+
+
 @dataclass
 class Exchange:
     """One request being answered, with what every response piece needs."""
@@ -149,7 +162,7 @@ class Exchange:
 
     def usage(self, text: str, n: int = 1) -> Json:
         """Word-count usage for a reply of `text` in `n` choices."""
-        prompt = words(self.prompt)
+        prompt = prompt_tokens(self.body)
         completion = words(text) * n
         return {
             "prompt_tokens": prompt,

