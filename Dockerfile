@@ -4,6 +4,6 @@ COPY pyproject.toml README.md ./
 COPY api_tasks ./api_tasks
 COPY worker ./worker
 COPY config ./config
-RUN pip install --no-cache-dir ".[flower]" && useradd --create-home app
+RUN pip install --no-cache-dir ".[flower,tokenizer]" && useradd --create-home app
 USER app
 CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-l", "INFO"]

@@ -33,8 +33,8 @@ from api_tasks.spec import Kind, build_spec
 if TYPE_CHECKING:
     from api_tasks.client import Client
 
-__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "line_params", "parse_line",
-           "read_batch", "record_for", "run_batch", "usage_of"]
+__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "job_statuses", "line_params",
+           "parse_line", "read_batch", "record_for", "run_batch", "stored_results", "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
@@ -96,8 +96,12 @@ def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
 
 
 def line_params(kind: Kind, body: dict[str, Any], queue: str) -> tuple[Any, dict[str, Any]]:
-    """A line's body as a submit's first argument and parameters (results are stored)."""
-    params = {k: v for k, v in body.items() if k != _FIRST[kind]}
+    """A line's body as a submit's first argument and parameters.
+
+    The batch sets the queue, and keeps every result for the default ``result_ttl``:
+    a line's outcome must outlive the job until the batch has recorded it.
+    """
+    params = {k: v for k, v in body.items() if k not in (_FIRST[kind], "result_ttl")}
     return body.get(_FIRST[kind]), {**params, "queue": queue, "store_result": True}
 
 
@@ -189,19 +193,32 @@ def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: A
         time.sleep(poll)
 
 
-def ended_jobs(client: redis.Redis, keys: Keys,
-               job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-    """The stored envelopes of those jobs that ended (None where none was stored)."""
+def job_statuses(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[str | None]:
+    """Each job's status (None where it has no record), in one round trip."""
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hget(keys.job(job_id), "status")
-    statuses = pipe.execute()
-    ended = [job_id for job_id, status in zip(job_ids, statuses, strict=True)
-             if status is not None and text(status) in TERMINAL]
-    for job_id in ended:
+    return [None if raw is None else text(raw) for raw in pipe.execute()]
+
+
+def stored_results(client: redis.Redis, keys: Keys,
+                   job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """Each job's stored result envelope (None where there is none), in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
         pipe.get(keys.result(job_id))
+    raws = pipe.execute() if job_ids else []
     return {job_id: None if raw is None else json.loads(raw)
-            for job_id, raw in zip(ended, pipe.execute() if ended else [], strict=True)}
+            for job_id, raw in zip(job_ids, raws, strict=True)}
+
+
+def ended_jobs(client: redis.Redis, keys: Keys,
+               job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The stored envelopes of those jobs that ended (None where none was stored)."""
+    statuses = job_statuses(client, keys, job_ids)
+    return stored_results(client, keys, [job_id for job_id, status in
+                                         zip(job_ids, statuses, strict=True)
+                                         if status in TERMINAL])
 
 
 def usage_of(stored: dict[str, Any] | None) -> dict[str, int]:

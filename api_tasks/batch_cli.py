@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from api_tasks.batch import BatchSummary, check_file, run_batch
-from api_tasks.batches import ENDED, Batch, submit_batch
+from api_tasks.batches import ENDED, MAX_WINDOW, Batch, submit_batch
 from api_tasks.client import Client
 from api_tasks.errors import InvalidBatch
 from api_tasks.spec import QUEUES
@@ -37,7 +37,8 @@ def add_batch_commands(sub: Any) -> None:
     submit = commands.add_parser("submit", help="hand the file to the workers; prints its id")
     submit.add_argument("input", type=Path)
     for cmd in (run, submit):
-        cmd.add_argument("--window", type=int, default=200, help="jobs queued at once")
+        cmd.add_argument("--window", type=_window, default=200,
+                         help=f"jobs queued or running at once (1 to {MAX_WINDOW})")
         cmd.add_argument("--queue", choices=QUEUES, default="bulk")
     status = commands.add_parser("status", help="a detached batch's state, counts and usage")
     cancel = commands.add_parser("cancel", help="stop sending; queued lines are cancelled")
@@ -48,6 +49,13 @@ def add_batch_commands(sub: Any) -> None:
     results.add_argument("--errors", type=Path, help="failed lines (default: OUTPUT.errors.jsonl)")
     results.add_argument("--wait", action="store_true", help="wait for the batch to end first")
     results.add_argument("--timeout", type=float, default=None)
+
+
+def _window(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= MAX_WINDOW:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_WINDOW}")
+    return number
 
 
 def batch_command(client: Client, args: argparse.Namespace) -> int:
@@ -88,7 +96,7 @@ def _status(client: Client, args: argparse.Namespace) -> int:
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     state = Batch(client, args.batch_id).cancel()
     print(f"{args.batch_id}: {state}")
-    return EXIT_OK if state == "cancelling" else EXIT_FAILED
+    return EXIT_OK if state in ("cancelling", "cancelled") else EXIT_FAILED
 
 
 def _results(client: Client, args: argparse.Namespace) -> int:

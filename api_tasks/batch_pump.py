@@ -1,35 +1,41 @@
 """The workers' side of detached batches: record what ended, send what's next, close.
 
-One worker at a time (a lock in Redis) steps every active batch a few times a
-second. A step:
+Every worker runs a pump thread; a few times a second it steps each active
+batch that no other worker is stepping (a lock per batch in Redis). A step:
 
 1. records each ended job's line in the output or error list: one Lua script
-   per line that first removes the job from the batch's outstanding set, so a
+   per line that first removes the job from the batch's outstanding hash, so a
    line is recorded once whatever crashes and whoever steps next;
-2. sends again a job whose record is missing (a stepper died between taking
-   the line and sending it): its id is ``<batch id>-<line index>``, so a line
-   sent twice is a duplicate the workers drop, not a second call;
+2. looks after the jobs not ended: a line taken but not marked sent (its
+   stepper died between the two) is sent again; its job id is
+   ``<batch id>-<line index>``, so if it had gone out after all, the second
+   message is a duplicate the workers drop, not a second call. A job marked
+   sent whose record is gone is recorded as failed, never sent again;
 3. in a cancelling batch, cancels the queued jobs (running ones finish);
 4. in a running batch, takes new lines up to the window and sends them;
 5. closes the batch when every line has been recorded (or, cancelled, when
    nothing is outstanding): the input is dropped, the rest expires after
    ``jobs.result_ttl``.
+
+The outstanding hash maps a job id to ``u:<custom_id>`` (taken, not yet sent)
+or ``s:<custom_id>`` (sent).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from api_tasks.batch import ended_jobs, line_params, record_for, usage_of
+from api_tasks.batch import job_statuses, line_params, record_for, stored_results, usage_of
 from api_tasks.connections import text
-from api_tasks.errors import BrokerUnavailable, InvalidJob
-from api_tasks.events import JobStatus
+from api_tasks.errors import InvalidJob, error_object
+from api_tasks.events import TERMINAL, JobStatus
 
 if TYPE_CHECKING:
     from api_tasks.client import Client
@@ -43,22 +49,33 @@ log = logging.getLogger(__name__)
 _TAKE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 if redis.call('HGET', KEYS[1], 'sent') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], 'u:' .. ARGV[i + 1]) end
 redis.call('HINCRBY', KEYS[1], 'sent', (#ARGV - 2) / 2)
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 return 1
 """
 
-# KEYS: batch, jobs, output, errors. ARGV: job id, counter, record, ttl, then usage
-# name/count pairs.
+# KEYS: jobs. ARGV: job ids now sent.
+_MARK = """
+for i = 1, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v and string.sub(v, 1, 2) == 'u:' then
+    redis.call('HSET', KEYS[1], ARGV[i], 's:' .. string.sub(v, 3))
+  end
+end
+"""
+
+# KEYS: batch, jobs, input, output, errors. ARGV: job id, counter, record, ttl, then
+# usage name/count pairs.
 _RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-local list = KEYS[4]
-if ARGV[2] == 'completed' then list = KEYS[3] end
+local list = KEYS[5]
+if ARGV[2] == 'completed' then list = KEYS[4] end
 redis.call('RPUSH', list, ARGV[3])
-redis.call('EXPIRE', list, ARGV[4])
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], 'usage.' .. ARGV[i], ARGV[i + 1]) end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return 1
 """
 
@@ -71,7 +88,9 @@ if s ~= 'in_progress' and s ~= 'cancelling' then
 end
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 local counts = redis.call('HMGET', KEYS[1], 'sent', 'total')
-if s == 'in_progress' and tonumber(counts[1]) < tonumber(counts[2]) then return 0 end
+if s == 'in_progress' and tonumber(counts[1] or '0') < tonumber(counts[2] or '0') then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'status', s == 'in_progress' and 'completed' or 'cancelled',
            'finished_at', ARGV[2])
 redis.call('DEL', KEYS[3])
@@ -85,57 +104,86 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_LOCK_MS = 30_000  # far longer than a step; a stepper that dies leaves it for this long
+_EVERY = 0.2  # seconds between two passes over the active batches
+_LOCK_MS = 60_000  # far longer than a step; a stepper that dies holds its batch this long
+_TAKE_AT_MOST = 500  # lines sent in one step
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
 
 class BatchPump:
-    """Moves every active batch forward; ``run_once`` is called a few times a second."""
+    """A thread that moves every active batch forward, a few times a second."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
         self._redis = client.redis
         self._keys = client.keys
+        self._ttl = client.settings.jobs.queued_ttl
         self._token = uuid.uuid4().hex
-        self._take = self._redis.register_script(_TAKE)
-        self._record = self._redis.register_script(_RECORD)
-        self._close = self._redis.register_script(_CLOSE)
-        self._release = self._redis.register_script(_RELEASE)
+        self._scripts = {name: self._redis.register_script(source) for name, source in
+                         (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
+                          ("close", _CLOSE), ("release", _RELEASE))}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-tasks-batches", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current pass."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        warned = 0.0
+        while not self._stop.wait(_EVERY):
+            try:
+                self.run_once()
+            except Exception as err:  # the thread must outlive any one bad pass
+                if time.monotonic() - warned >= 10.0:  # not five lines a second
+                    warned = time.monotonic()
+                    log.warning("batches: pass failed (%s)", err, exc_info=not isinstance(
+                        err, (redis.ConnectionError, redis.TimeoutError)))
 
     def run_once(self) -> int:
-        """Step every active batch, if no other worker is; returns how many were stepped."""
-        lock = self._keys.batch_lock()
+        """Step every active batch no other worker is stepping; returns how many."""
+        active = self._keys.batches()
+        ids = [text(i) for i in self._redis.smembers(active)]
+        if ids:
+            self._redis.expire(active, self._ttl)
+        return sum(self._step_locked(batch_id) for batch_id in ids)
+
+    def _step_locked(self, batch_id: str) -> bool:
+        lock = self._keys.batch_lock(batch_id)
         if not self._redis.set(lock, self._token, nx=True, px=_LOCK_MS):
-            return 0
+            return False
         try:
-            ids = [text(i) for i in self._redis.smembers(self._keys.batches())]
-            for batch_id in ids:
-                try:
-                    self.step(batch_id)
-                except redis.ConnectionError:
-                    raise
-                except Exception:  # one bad batch must not stop the others
-                    log.exception("batch %s: step failed", batch_id)
-            return len(ids)
+            self.step(batch_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception:  # one bad batch must not stop the others
+            log.exception("batch %s: step failed", batch_id)
         finally:
-            self._release(keys=[lock], args=[self._token])
+            self._scripts["release"](keys=[lock], args=[self._token])
+        return True
 
     def step(self, batch_id: str) -> None:
-        """Record, recover, cancel, send and close, once, for one batch."""
+        """Record, look after, cancel, send and close, once, for one batch."""
         state = {text(k): text(v) for k, v in
                  self._redis.hgetall(self._keys.batch(batch_id)).items()}
         jobs = {text(k): text(v) for k, v in
                 self._redis.hgetall(self._keys.batch_jobs(batch_id)).items()}
-        ended = ended_jobs(self._redis, self._keys, list(jobs))
-        for job_id, stored in ended.items():
-            self._write(batch_id, job_id, jobs.pop(job_id), stored)
-        status = state.get("status")
-        if jobs:
-            self._look_after(batch_id, state, jobs)
-        if status == "in_progress":
+        statuses = dict(zip(jobs, job_statuses(self._redis, self._keys, list(jobs)),
+                            strict=True))
+        ended = [job_id for job_id, status in statuses.items() if status in TERMINAL]
+        for job_id, stored in stored_results(self._redis, self._keys, ended).items():
+            self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
+        for job_id, mark in jobs.items():
+            self._look_after(batch_id, state, job_id, mark, statuses[job_id])
+        if state.get("status") == "in_progress":
             self._send_more(batch_id, state, len(jobs))
-        self._close(keys=[*self._all_keys(batch_id), self._keys.batches()],
-                    args=[batch_id, repr(time.time()), self._client.settings.jobs.result_ttl])
+        self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
+                               args=[batch_id, repr(time.time()),
+                                     self._client.settings.jobs.result_ttl])
 
     def _all_keys(self, batch_id: str) -> list[str]:
         keys = self._keys
@@ -147,32 +195,36 @@ class BatchPump:
         _ok, record = record_for(job_id, custom_id, stored)
         counter = _COUNTERS.get((stored or {}).get("status", ""), "failed")
         usage = [item for pair in usage_of(stored).items() for item in pair]
-        keys = self._all_keys(batch_id)
-        self._record(keys=[keys[0], keys[1], keys[3], keys[4]],
-                     args=[job_id, counter, json.dumps(record, separators=(",", ":")),
-                           self._client.settings.jobs.queued_ttl, *usage])
+        self._scripts["record"](keys=self._all_keys(batch_id),
+                                args=[job_id, counter, json.dumps(record, separators=(",", ":")),
+                                      self._ttl, *usage])
 
-    def _look_after(self, batch_id: str, state: dict[str, str], jobs: dict[str, str]) -> None:
-        """Jobs not ended: send again the lost ones; in a cancelling batch, cancel."""
-        status = state.get("status")
-        pipe = self._redis.pipeline(transaction=False)
-        for job_id in jobs:
-            pipe.hget(self._keys.job(job_id), "status")
-        for job_id, raw in zip(list(jobs), pipe.execute(), strict=True):
-            if status == "cancelling":
-                if raw is None:  # never sent, or sent and not yet claimed: end it here
-                    self._client.store.create(job_id, {"batch": batch_id})
-                self._client.store.cancel(job_id, queued_only=True)
-            elif raw is None:
-                log.warning("batch %s: job %s was never sent; sending it", batch_id, job_id)
-                index = int(job_id.rsplit("-", 1)[1])
-                line = self._redis.lindex(self._keys.batch_input(batch_id), index)
-                if line is not None:
-                    self._send(batch_id, job_id, text(line), state.get("queue", "bulk"))
+    def _look_after(self, batch_id: str, state: dict[str, str], job_id: str, mark: str,
+                    status: str | None) -> None:
+        """A job not ended: send it (again), give it up, or cancel it."""
+        cancelling, sent = state.get("status") == "cancelling", mark.startswith("s:")
+        if sent and status is None:  # expired or deleted: sending it again could call twice
+            self._write(batch_id, job_id, mark[2:], None)
+        elif cancelling and status in (None, "queued", "waiting"):
+            if status is None:  # perhaps sent, not yet claimed: a record ends it here
+                self._client.store.create(job_id, {"batch": batch_id})
+            self._client.store.cancel(job_id, queued_only=True)
+        elif not sent and not cancelling:
+            log.warning("batch %s: job %s was taken but not sent; sending it", batch_id, job_id)
+            self._resend(batch_id, state, job_id, mark[2:])
+
+    def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str) -> None:
+        index = int(job_id.rsplit("-", 1)[1])
+        line = self._redis.lindex(self._keys.batch_input(batch_id), index)
+        if line is None:
+            error = error_object("server_error", "input_missing", "the batch's input is gone")
+            self._write(batch_id, job_id, custom_id, {"status": "failed", "error": error})
+        elif self._send(batch_id, job_id, text(line), state.get("queue", "bulk")):
+            self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
     def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> None:
         sent, total = int(state.get("sent", 0)), int(state.get("total", 0))
-        room = min(int(state.get("window", 1)) - outstanding, total - sent)
+        room = min(int(state.get("window", 1)) - outstanding, total - sent, _TAKE_AT_MOST)
         if room <= 0:
             return
         lines = [text(raw) for raw in self._redis.lrange(
@@ -181,12 +233,15 @@ class BatchPump:
         pairs = [item for job_id, line in taken.items()
                  for item in (job_id, json.loads(line)["custom_id"])]
         keys = self._all_keys(batch_id)[:3]
-        ttl = self._client.settings.jobs.queued_ttl
-        if not pairs or not self._take(keys=keys, args=[state.get("sent", "0"), ttl, *pairs]):
+        if not pairs or not self._scripts["take"](keys=keys, args=[str(sent), self._ttl, *pairs]):
             return
+        done = []
         for job_id, line in taken.items():
             if not self._send(batch_id, job_id, line, state.get("queue", "bulk")):
-                return  # Redis went away: the next step sends the rest again
+                break  # the next step sends the rest
+            done.append(job_id)
+        if done:
+            self._scripts["mark"](keys=[keys[1]], args=done)
 
     def _send(self, batch_id: str, job_id: str, line: str, queue: str) -> bool:
         request = json.loads(line)
@@ -197,7 +252,7 @@ class BatchPump:
         except InvalidJob as err:  # checked at submit, refused here (the routes differ)
             stored = {"status": JobStatus.FAILED.value, "error": err.to_error()}
             self._write(batch_id, job_id, request["custom_id"], stored)
-        except BrokerUnavailable as err:
+        except Exception as err:  # Redis away, or full: the job stays taken, not sent
             log.warning("batch %s: could not send job %s (%s)", batch_id, job_id, err)
             return False
         return True

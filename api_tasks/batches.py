@@ -11,6 +11,9 @@ The producer may exit, and any worker may die: the next one goes on.
 ``Batch.cancel`` stops new sends at once, cancels the batch's queued jobs and
 lets running calls finish; what finished is kept. The Redis side is Lua, so
 it holds across any number of processes and machines.
+
+The whole input lives in Redis until the batch ends (as an uploaded file does
+with OpenAI's Batch API): size Redis for it, with ``noeviction``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from api_tasks.spec import QUEUES
 if TYPE_CHECKING:
     from api_tasks.client import Client
 
-__all__ = ["Batch", "BatchStatus", "submit_batch"]
+__all__ = ["MAX_WINDOW", "Batch", "BatchStatus", "submit_batch"]
 
-_UPLOAD_CHUNK = 500
+_UPLOAD_LINES, _UPLOAD_BYTES = 500, 8 * 1024 * 1024  # per RPUSH: far below Redis's limits
+_UPLOAD_TTL = 3600  # an upload whose producer died is gone after this long
 _READ_CHUNK = 1000
+MAX_WINDOW = 1000
 
 
 class BatchStatus(StrEnum):
@@ -49,32 +54,43 @@ class BatchStatus(StrEnum):
 
 ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED})
 
-# KEYS: batch. ARGV: now. Only a running batch can be cancelled.
+# KEYS: batch. ARGV: now. A batch still uploading has sent nothing: it ends at once.
 _CANCEL = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
-if s ~= 'in_progress' and s ~= 'uploading' then return s end
+if s == 'uploading' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1],
+             'finished_at', ARGV[1])
+  return 'cancelled'
+end
+if s ~= 'in_progress' then return s end
 redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1])
 return 'cancelling'
 """
 
-# KEYS: batch, the set of active batches. ARGV: batch id, total, ttl. A batch cancelled
-# while uploading is handed over too: the workers close it.
+# KEYS: batch, input, the set of active batches. ARGV: batch id, total, ttl, result ttl.
+# Hands the batch to the workers, unless it was cancelled (or expired) while uploading.
 _START = """
-if redis.call('HGET', KEYS[1], 'status') == 'uploading' then
-  redis.call('HSET', KEYS[1], 'status', 'in_progress')
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'uploading' then
+  redis.call('DEL', KEYS[2])
+  if s then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+  return s or 'missing'
 end
-redis.call('HSET', KEYS[1], 'total', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'total', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 'in_progress'
 """
 
 
 def submit_batch(client: Client, source: Path, *, window: int = 200,
                  queue: str = "bulk") -> Batch:
     """Check ``source``, upload it and hand it to the workers (``InvalidBatch`` if bad)."""
-    if window < 1:
-        raise InvalidBatch(str(source), ["window: must be at least 1"])
+    if not 1 <= window <= MAX_WINDOW:
+        raise InvalidBatch(str(source), [f"window: must be 1 to {MAX_WINDOW}"])
     if queue not in QUEUES:
         raise InvalidBatch(str(source), [f"queue: must be one of {', '.join(QUEUES)}"])
     problems = check_file(source, client.settings.jobs.max_request_bytes)
@@ -93,35 +109,41 @@ class Batch:
         self._client = client
         self._keys = client.keys
         self._redis = client.redis
+        self._scripts = {"start": self._redis.register_script(_START),
+                         "cancel": self._redis.register_script(_CANCEL)}
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
 
     def upload(self, source: Path, window: int, queue: str) -> None:
-        """Store the lines of an already checked file, then start the batch."""
-        ttl = self._client.settings.jobs.queued_ttl
+        """Store the lines of an already checked file, then hand the batch to the workers."""
         key, lines = self._keys.batch(self.id), self._keys.batch_input(self.id)
         self._redis.hset(key, mapping={
             "status": BatchStatus.UPLOADING.value, "input_file": source.name,
             "window": window, "queue": queue, "created_at": repr(time.time()),
             "total": 0, "sent": 0, "completed": 0, "failed": 0, "cancelled": 0})
-        self._redis.expire(key, ttl)
-        total, chunk = 0, []
+        self._redis.expire(key, _UPLOAD_TTL)
+        total, chunk, size = 0, [], 0
         for line in read_batch(source, self._client.settings.jobs.max_request_bytes):
             chunk.append(json.dumps({"custom_id": line.custom_id, "kind": line.kind,
                                      "body": line.body}, separators=(",", ":")))
-            if len(chunk) >= _UPLOAD_CHUNK:
-                total += self._push(lines, chunk, ttl)
-        total += self._push(lines, chunk, ttl)
-        self._redis.register_script(_START)(keys=[key, self._keys.batches()],
-                                            args=[self.id, total, ttl])
+            size += len(chunk[-1])
+            if len(chunk) >= _UPLOAD_LINES or size >= _UPLOAD_BYTES:
+                total, size = total + self._push(key, lines, chunk), 0
+        total += self._push(key, lines, chunk)
+        jobs = self._client.settings.jobs
+        started = self._scripts["start"](keys=[key, lines, self._keys.batches()],
+                                         args=[self.id, total, jobs.queued_ttl, jobs.result_ttl])
+        if text(started) == "missing":
+            raise BatchNotFound(f"batch {self.id} expired while its file was uploading")
 
-    def _push(self, key: str, chunk: list[str], ttl: int) -> int:
+    def _push(self, key: str, lines: str, chunk: list[str]) -> int:
         count = len(chunk)
         if chunk:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.rpush(key, *chunk)
-            pipe.expire(key, ttl)
+            pipe.rpush(lines, *chunk)
+            for name in (key, lines):
+                pipe.expire(name, _UPLOAD_TTL)
             pipe.execute()
             chunk.clear()
         return count
@@ -143,8 +165,8 @@ class Batch:
 
     def cancel(self) -> str:
         """Stop new sends and cancel queued jobs; the batch's status after the call."""
-        verdict = text(self._client.redis.register_script(_CANCEL)(
-            keys=[self._keys.batch(self.id)], args=[repr(time.time())]))
+        verdict = text(self._scripts["cancel"](keys=[self._keys.batch(self.id)],
+                                               args=[repr(time.time())]))
         if verdict == "missing":
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
         for job_id in self._redis.hkeys(self._keys.batch_jobs(self.id)):

@@ -7,6 +7,7 @@ settings on first use.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Mapping
@@ -76,21 +77,24 @@ class Client:
                job_id: str | None = None, fields: Mapping[str, str] | None = None) -> Job:
         """Validate, record and enqueue a job (``InvalidJob`` names a bad field).
 
-        ``job_id`` fixes the id (a batch line's): sent again, it is a duplicate the
-        workers drop, not a second call. ``fields`` go into the job record.
+        ``job_id`` fixes the id (a batch line's): submitted again, the record is kept
+        and the second message is a duplicate the workers drop, not a second call.
+        ``fields`` go into the job record.
         """
         spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
         upstream = resolve_upstream(self.settings, spec)
         queue = spec.queue or self.settings.jobs.default_queue
         job_id = job_id or str(uuid.uuid4())
         record = {**self.store.record_fields(spec, upstream.name, queue), **(fields or {})}
+        created = False
         try:
-            # message first: a send that fails leaves no record queued for ever, and a
-            # worker that claims the job before the record is written writes its own
+            created = self.store.create(job_id, record)
             self.app.send_task(TASK_NAMES[kind], args=[first], kwargs=spec.task_kwargs(),
                                task_id=job_id, queue=queue)
-            self.store.create(job_id, record)
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+            if created:  # not sent: no record may wait for a message that never comes
+                with contextlib.suppress(redis.RedisError):
+                    self.store.forget(job_id)
             raise BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}") from err
         return Job(self, job_id)
 

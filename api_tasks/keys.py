@@ -93,9 +93,9 @@ class Keys:
         """Set: the ids of batches still sending or waiting for jobs."""
         return f"{self.prefix}:batches"
 
-    def batch_lock(self) -> str:
-        """String: held by the one worker moving batches forward right now."""
-        return f"{self.prefix}:batches:lock"
+    def batch_lock(self, batch_id: str) -> str:
+        """String: held by the one worker stepping this batch right now."""
+        return f"{self.prefix}:batch:{batch_id}:lock"
 
     def celery_prefix(self) -> str:
         """Prefix for the broker's own keys (queues, unacked messages)."""

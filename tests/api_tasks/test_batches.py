@@ -6,18 +6,20 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from api_tasks import Batch, BatchNotFound, InvalidBatch
+from api_tasks.batch import line_params
 from api_tasks.batch_pump import BatchPump
+from api_tasks.batches import MAX_WINDOW
 from api_tasks.client import Client
 from tests.api_tasks.test_batch import _line
 from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
-from tests.support.services import ROOT, WorkerProcess, wait_until
+from tests.support.services import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -100,30 +102,92 @@ def test_cancel_stops_new_sends_at_once_and_keeps_what_finished(
     assert batch.cancel() == "cancelled"
 
 
-def test_a_line_taken_by_a_stepper_that_died_is_sent_once(
-        client: Client, fake: FakeUpstream, redis_client: redis.Redis, tmp_path: Path,
-        model: str) -> None:
-    lock = client.keys.batch_lock()
-    wait_until(lambda: redis_client.set(lock, "test", nx=True, px=20_000), 10, "the batch lock")
-    try:  # the workers can't step batches: this test plays a stepper that dies mid-send
-        batch = client.submit_batch(
-            _write(tmp_path / "in.jsonl", [_line(f"d-{i}", model) for i in range(6)]), window=3)
-        pump = BatchPump(client)
-        taken = [f"{batch.id}-{i}" for i in range(3)]
-        assert pump._take(keys=[client.keys.batch(batch.id), client.keys.batch_jobs(batch.id),
-                                client.keys.batch_input(batch.id)],
-                          args=["0", 60, *[x for i, job in enumerate(taken)
-                                           for x in (job, f"d-{i}")]])
-        client.submit("chat", [{"role": "user", "content": "d-0"}],
-                      {"model": model, "queue": "bulk"}, job_id=taken[0])  # sent, then died
-    finally:
-        redis_client.delete(lock)
-    state = batch.wait(timeout=30, poll=0.05)
+class _Stepper:
+    """Plays a batch's stepper by hand: holds its lock so no worker steps it meanwhile."""
+
+    def __init__(self, client: Client, tmp_path: Path, lines: list[str]) -> None:
+        self.client = client
+        self.batch = Batch(client, f"batch_{uuid.uuid4().hex}")
+        self.lock = client.keys.batch_lock(self.batch.id)
+        assert client.redis.set(self.lock, "test", px=20_000)
+        self.batch.upload(_write(tmp_path / "in.jsonl", lines), 3, "bulk")
+        self.pump = BatchPump(client)
+
+    def take(self, count: int) -> list[str]:
+        jobs = [f"{self.batch.id}-{i}" for i in range(count)]
+        pairs = [x for i, job in enumerate(jobs) for x in (job, f"d-{i}")]
+        keys = self.client.keys
+        assert self.pump._scripts["take"](
+            keys=[keys.batch(self.batch.id), keys.batch_jobs(self.batch.id),
+                  keys.batch_input(self.batch.id)], args=["0", 60, *pairs])
+        return jobs
+
+    def mark_sent(self, jobs: list[str]) -> None:
+        self.pump._scripts["mark"](keys=[self.client.keys.batch_jobs(self.batch.id)], args=jobs)
+
+    def die(self) -> None:
+        self.client.redis.delete(self.lock)
+
+
+def _prompts(fake: FakeUpstream, model: str) -> list[str]:
+    return sorted(r.body["messages"][0]["content"] for r in fake.requests(model)
+                  if r.body is not None)
+
+
+def test_lines_taken_by_a_stepper_that_died_before_marking_them_sent_are_sent_once(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
+    stepper = _Stepper(client, tmp_path, [_line(f"d-{i}", model) for i in range(6)])
+    taken = stepper.take(3)
+    client.submit("chat", [{"role": "user", "content": "d-0"}],
+                  {"model": model, "queue": "bulk"}, job_id=taken[0])  # sent one, then died
+    stepper.die()
+    state = stepper.batch.wait(timeout=30, poll=0.05)
     assert (state["status"], state["completed"], state["failed"]) == ("completed", 6, 0)
-    prompts = sorted(r.body["messages"][0]["content"] for r in fake.requests(model)
-                     if r.body is not None)
-    assert prompts == [f"d-{i}" for i in range(6)], "each line called once"
-    assert sorted(r["custom_id"] for r in batch.records()) == [f"d-{i}" for i in range(6)]
+    assert _prompts(fake, model) == [f"d-{i}" for i in range(6)], "each line called once"
+    assert sorted(r["custom_id"] for r in stepper.batch.records()) == \
+        [f"d-{i}" for i in range(6)]
+
+
+def test_a_sent_line_whose_job_record_is_gone_fails_and_is_not_sent_again(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
+    stepper = _Stepper(client, tmp_path, [_line(f"d-{i}", model) for i in range(5)])
+    stepper.mark_sent(stepper.take(2))  # as if sent, and their records expired since
+    stepper.die()
+    state = stepper.batch.wait(timeout=30, poll=0.05)
+    assert (state["completed"], state["failed"]) == (3, 2)
+    assert _prompts(fake, model) == ["d-2", "d-3", "d-4"], "no line called twice"
+    codes = {r["custom_id"]: r["error"]["code"] for r in stepper.batch.records(errors=True)}
+    assert codes == {"d-0": "result_missing", "d-1": "result_missing"}
+
+
+def test_a_batch_cancelled_while_uploading_sends_nothing(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("api_tasks.batches._UPLOAD_LINES", 2)
+    batch = Batch(client, f"batch_{uuid.uuid4().hex}")
+    push = Batch._push
+
+    def push_then_cancel(self: Batch, key: str, lines: str, chunk: list[str]) -> int:
+        count = push(self, key, lines, chunk)
+        assert self.cancel() == "cancelled"  # at once: nothing was sent
+        return count
+    monkeypatch.setattr(Batch, "_push", push_then_cancel)
+    batch.upload(_write(tmp_path / "in.jsonl", [_line(f"u-{i}", model) for i in range(5)]),
+                 3, "bulk")
+    state = batch.status()
+    assert (state["status"], state["sent"]) == ("cancelled", 0)
+    assert not client.redis.sismember(client.keys.batches(), batch.id)
+    assert client.redis.exists(client.keys.batch_input(batch.id)) == 0
+    assert fake.requests(model) == []
+
+
+def test_windows_past_the_cap_and_result_ttls_in_lines_are_handled(
+        client: Client, tmp_path: Path, model: str) -> None:
+    source = _write(tmp_path / "in.jsonl", [_line("a", model)])
+    with pytest.raises(InvalidBatch, match="window"):
+        client.submit_batch(source, window=MAX_WINDOW + 1)
+    _first, params = line_params("chat", {"messages": [], "result_ttl": 1, "queue": "x"}, "bulk")
+    assert params == {"queue": "bulk", "store_result": True}
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

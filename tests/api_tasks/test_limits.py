@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,24 @@ def test_the_fake_upstream_really_enforces_its_limit(fake: FakeUpstream, model: 
     codes = [requests.post(url, json={"model": model, "messages": USER}, timeout=5).status_code
              for _ in range(30)]
     assert codes.count(429) == quota.rejected > 0
+
+
+def test_interactive_jobs_go_first_under_a_limit_shared_with_a_bulk_backlog(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited  # one limit for both lanes: 10 calls a second
+    quota = fake.enforce(model, rpm=600, burst=2.0)
+    bulk = [client.submit_chat(USER, model=model, queue="bulk") for _ in range(40)]
+    fake.wait_for_requests(model, 12, timeout=20)  # the backlog is pacing now
+    submitted = time.monotonic()
+    urgent = client.submit_chat([{"role": "user", "content": "urgent"}], model=model,
+                                queue="interactive")
+    assert urgent.result(timeout=30) is not None
+    calls = fake.requests(model)
+    [urgent_call] = [c for c in calls if c.body and c.body["messages"][0]["content"] == "urgent"]
+    overtaken_by = sum(1 for c in calls if submitted < c.at < urgent_call.at)
+    # the bulk backlog still had ~25 calls (2.5 s) to go: the interactive call waits for
+    # the turns already promised, at most a few tenths of a second, not behind them all
+    assert urgent_call.at - submitted < 1.0 and overtaken_by <= 6, overtaken_by
+    for job in bulk:
+        assert job.result(timeout=60) is not None
+    assert quota.rejected == 0

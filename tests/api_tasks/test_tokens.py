@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
-import pytest
 import tiktoken
 
-from api_tasks.tokens import count_prompt, estimate_cost
+from api_tasks.tokens import count_prompt, estimate_cost, offline_encodings
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Count the tokens in this sentence, please.",
@@ -41,13 +38,12 @@ def test_other_models_and_the_estimate_setting_use_four_characters_a_token() -> 
     assert estimate_cost({"model": "m", "prompt": [1, 2, 3], "max_tokens": 0}) == 3
 
 
-def test_an_unavailable_encoding_falls_back_to_the_estimate_with_one_warning(
-        caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        count = count_prompt("no-such-encoding", "gpt-4")
-        count_prompt("no-such-encoding", "gpt-4")
-    assert count("abcdefgh") == 2
-    assert sum("no-such-encoding" in r.message for r in caplog.records) == 1
+def test_a_named_encoding_loads_from_disk_and_an_unknown_one_is_never_downloaded() -> None:
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    text = "Tokenizers split words into pieces."
+    assert count_prompt("cl100k_base", "any-model")(text) == len(encoding.encode(text))
+    assert count_prompt("o200k_base", "gpt-4o")(text) == 9  # not on disk: the estimate
+    assert "cl100k_base_offline" in offline_encodings()
 
 
 def test_a_missing_or_negative_ceiling_is_never_free() -> None:

@@ -81,6 +81,8 @@ def test_bad_env_value_names_the_variable() -> None:
     ({"upstreams": [{"name": "a", "base_url": "http://a",
                      "headers": {"Authorization": "Bearer x"}}]}, "upstreams[0].headers"),
     ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"upstreams": [{"name": "a", "base_url": "http://a", "tokenizer": "o200k_base"}]},
+     "upstreams[0].tokenizer"),
     ({"worker": {"pool": "prefork"}}, "worker.pool"),
     ({"worker": {"visibility_timeout": 100}}, "visibility_timeout"),
     ("upstreams: [unclosed", "not valid YAML"),
@@ -90,6 +92,12 @@ def test_invalid_settings(tmp_path: Path, data: object, needle: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env={}, path=path)
     assert needle in str(caught.value)
+
+
+def test_a_tokenizer_on_disk_is_accepted_by_its_plain_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"upstreams": [{"name": "a", "base_url": "http://a",
+                                            "tokenizer": "cl100k_base"}]})
+    assert load_settings(env={}, path=path).upstreams[0].tokenizer == "cl100k_base"
 
 
 def test_missing_file_is_a_clear_error() -> None:
