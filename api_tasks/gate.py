@@ -60,11 +60,13 @@ class Gate:
         turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
         if turn is not None and turn > ahead:
             raise Park(turn, "limit", turn)  # sent back early: its turn is still ahead
-        # bulk calls never reserve far ahead, so they can't push interactive ones back
+        # bulk calls never reserve far ahead, so they can't push interactive ones back;
+        # they keep their place in line by submit time instead
         horizon = None if run.queue == "interactive" else ahead
         waited = 0.0
         while True:
-            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon)
+            admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon,
+                                           None if horizon is None else run.created_at)
             wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
             if admission.go and wait > ahead:
                 raise Park(wait, admission.reason, wait)  # its place is kept meanwhile

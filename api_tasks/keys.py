@@ -53,6 +53,14 @@ class Keys:
         """Sorted set: job ids calling within a limit scope, by lease expiry (ms)."""
         return f"{self.prefix}:inflight:{scope}"
 
+    def line(self, scope: str) -> str:
+        """Sorted set: jobs waiting for a limit scope without a turn, by submit time (ms)."""
+        return f"{self.prefix}:line:{scope}"
+
+    def line_until(self, scope: str) -> str:
+        """Sorted set: when each job in a scope's line leaves it unless it asks again (ms)."""
+        return f"{self.prefix}:line:{scope}:until"
+
     def delayed(self) -> str:
         """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""
         return f"{self.prefix}:delayed"

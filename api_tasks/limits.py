@@ -18,7 +18,8 @@ read from Redis, O(1) whatever a call costs:
   waits in its worker; an interactive call further away reserves its turn too,
   leaves the worker (status ``waiting``) and is sent again just before it; a
   bulk call never reserves far ahead (so it can't push interactive calls
-  back) and looks again when its turn would have come;
+  back): it keeps its place in the scope's line (a sorted set by submit time)
+  instead, and the budget goes to the older jobs in line first;
 - a 429 (rate limited, not out of quota) holds the whole upstream for every
   worker until the cool-down key in Redis expires.
 """
@@ -67,43 +68,69 @@ class Cooldowns:
 
 _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
-# KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, cost, reserve_ms,
-# horizon_ms, lease_ms, already reserved ('1': only take a slot in flight), scopes, then
-# per scope: request interval ms, token interval ms, request burst ms, token burst ms,
-# max in flight (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means
-# the turn is reserved, that long from now (a slot in flight is taken only if it is
-# within reserve_ms); 'wait' means nothing was reserved (full in flight, or too far).
+# KEYS: per scope, its pacing hash, in-flight set, line and line expiries. ARGV: job id,
+# cost, reserve_ms, horizon_ms, lease_ms, already reserved ('1': only take a slot in
+# flight), scopes, place in line (ms; '' = not in line), line grace ms, then per scope:
+# request interval ms, token interval ms, request burst ms, token burst ms, max in flight
+# (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means the turn is
+# reserved, that long from now (a slot in flight is taken only if it is within
+# reserve_ms); 'wait' means nothing was reserved (full in flight, too far, or older jobs
+# in line first).
 _ADMIT = _NOW + """
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserved = ARGV[6] == '1'
+local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
 local wait, reason = 0, ''
-local function arg(i, k) return tonumber(ARGV[7 + (i - 1) * 5 + k]) end
-for i = 1, tonumber(ARGV[7]) do
-  local pace, flight = KEYS[2 * i - 1], KEYS[2 * i]
+local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
+local function older(i)
+  -- jobs in this scope's line that came before this one (their entries lapse unless
+  -- they come back to ask again)
+  if not place or reserved then return 0 end
+  local line, till = KEYS[4 * i - 1], KEYS[4 * i]
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', till, '-inf', now, 'LIMIT', 0, 100)) do
+    redis.call('ZREM', line, gone)
+    redis.call('ZREM', till, gone)
+  end
+  return redis.call('ZCOUNT', line, '-inf', '(' .. ARGV[8])
+end
+for i = 1, scopes do
+  local pace, flight = KEYS[4 * i - 3], KEYS[4 * i - 2]
   if arg(i, 5) > 0 then
     redis.call('ZREMRANGEBYSCORE', flight, '-inf', now)
     if not redis.call('ZSCORE', flight, id) and redis.call('ZCARD', flight) >= arg(i, 5) then
       return {'wait', '200', 'concurrency'}
     end
   end
+  local ahead = older(i)
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       -- pay before: the call's own cost must fit in the bucket (a call bigger than
-      -- the burst fits once the bucket is full)
+      -- the burst fits once the bucket is full), after the older jobs in line
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
-      local need = arg(i, k) * (field == 'req' and 1 or cost)
-      local late = tat + need - math.max(arg(i, k + 2), need) - now
+      local unit = arg(i, k) * (field == 'req' and 1 or cost)
+      local late = tat + unit * (1 + ahead) - math.max(arg(i, k + 2), unit) - now
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
+    end
+  end
+end
+local function queue_up()
+  if not place or reserved then return end
+  for i = 1, scopes do
+    if arg(i, 1) > 0 or arg(i, 2) > 0 then
+      redis.call('ZADD', KEYS[4 * i - 1], 'NX', place, id)
+      redis.call('ZADD', KEYS[4 * i], now + wait + tonumber(ARGV[9]), id)
+      redis.call('PEXPIRE', KEYS[4 * i - 1], 3600000)
+      redis.call('PEXPIRE', KEYS[4 * i], 3600000)
     end
   end
 end
 -- a token wait is pessimistic (reservations are settled with usage when calls end),
 -- so far token turns are not reserved: the job looks again soon instead
 if wait > tonumber(ARGV[4]) or (reason == 'tokens' and wait > reserve) then
+  queue_up()
   return {'wait', tostring(wait), reason}
 end
-for i = 1, tonumber(ARGV[7]) do
-  local pace, flight = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, scopes do
+  local pace, flight = KEYS[4 * i - 3], KEYS[4 * i - 2]
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
@@ -115,6 +142,8 @@ for i = 1, tonumber(ARGV[7]) do
     redis.call('ZADD', flight, now + wait + tonumber(ARGV[5]), id)
     redis.call('PEXPIRE', flight, 3600000)
   end
+  redis.call('ZREM', KEYS[4 * i - 1], id)
+  redis.call('ZREM', KEYS[4 * i], id)
 end
 return {'turn', tostring(wait), reason}
 """
@@ -136,6 +165,10 @@ for i = 1, #KEYS / 2 do
 end
 return 1
 """
+
+
+_LINE_GRACE_MS = 15_000  # a job in line that does not ask again within its wait and this
+# long has left the line (cancelled, or its message is stuck): the next ones move up
 
 
 @dataclass(frozen=True)
@@ -177,20 +210,26 @@ class Limiter:
         return [self.keys.in_flight(name) for name, limits in scopes if limits.max_in_flight]
 
     def admit(self, job_id: str, scopes: list[tuple[str, Limits]], cost: int,
-              reserved: bool = False, horizon: float | None = None) -> Admission:
+              reserved: bool = False, horizon: float | None = None,
+              place: float | None = None) -> Admission:
         """Reserve the call's turn (``go``: its place is kept, ``wait`` seconds away).
 
         ``reserved``: the job already holds a turn (it waited outside a worker); it
-        only needs its slot in flight.
+        only needs its slot in flight. ``place`` (the job's submit time) puts a job that
+        reserves no turn ahead in line: the budget goes to the older jobs in line first.
         """
         if not scopes:
             return Admission(True, 0.0, "")
         parts = [_Scope(name, limits) for name, limits in scopes]
+        keys = [key for part in parts for key in (
+            self.keys.limit(part.name), self.keys.in_flight(part.name),
+            self.keys.line(part.name), self.keys.line_until(part.name))]
         verdict, wait, reason = self._admit(
-            keys=self._keys(parts),
+            keys=keys,
             args=[job_id, cost, self.reserve_ms,
                   self.horizon_ms if horizon is None else int(horizon * 1000), self.lease_ms,
                   "1" if reserved else "0", len(parts),
+                  "" if place is None else int(place * 1000), _LINE_GRACE_MS,
                   *[value for part in parts for value in part.args()]])
         return Admission(text(verdict) == "turn", float(wait) / 1000, text(reason))
 

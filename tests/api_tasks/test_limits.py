@@ -155,3 +155,18 @@ def test_interactive_jobs_go_first_under_a_limit_shared_with_a_bulk_backlog(
     for job in bulk:
         assert job.result(timeout=60) is not None
     assert quota.rejected == 0
+
+
+def test_bulk_jobs_waiting_for_a_limit_keep_their_place_in_line(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited  # 10 calls a second: 60 jobs wait up to 6 s, most outside a worker
+    jobs = [client.submit_chat([{"role": "user", "content": f"j{i}"}], model=model,
+                               queue="bulk") for i in range(60)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None
+    arrivals = sorted(fake.requests(model), key=lambda r: r.at)
+    order = [int(r.body["messages"][0]["content"][1:]) for r in arrivals if r.body]
+    # the first second's calls reserve their turns in whatever order their threads run;
+    # after that, each goes in submit order (without the line: a random order)
+    assert sorted(order) == list(range(60))
+    assert max(abs(position - i) for position, i in enumerate(order)) <= 8, order
