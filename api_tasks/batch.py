@@ -9,11 +9,14 @@ The whole input is checked first, with line numbers, before anything is sent.
 Then at most ``window`` jobs are queued at once (memory and Redis stay bounded
 whatever the file's size), and each result is written as it lands. A run
 started again with the same output file skips every ``custom_id`` already in
-the output or error file, so an interrupted run resumes without a duplicate.
+the output or error file, so an interrupted run resumes without a duplicate;
+a line's job id is derived from the output file and the line, so a line whose
+job was in flight when the run stopped is collected, not sent again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +36,9 @@ from api_tasks.spec import Kind, build_spec
 if TYPE_CHECKING:
     from api_tasks.client import Client
 
-__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "job_statuses", "line_params",
-           "parse_line", "read_batch", "record_for", "run_batch", "stored_results", "usage_of"]
+__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "job_statuses", "line_job_id",
+           "line_params", "parse_line", "read_batch", "record_for", "run_batch", "stored_results",
+           "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
@@ -165,11 +169,24 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
                 continue
             while len(in_flight) >= window:
                 _collect(client, in_flight, out, err, summary, progress, poll)
-            job = client.submit(line.kind, *line_params(line.kind, line.body, queue))
+            job = client.submit(line.kind, *line_params(line.kind, line.body, queue),
+                                job_id=line_job_id(output, line))
             in_flight[job.id] = (job, line)
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
     return summary
+
+
+def line_job_id(output: Path, line: BatchLine) -> str:
+    """The same job id for the same line and output file, run after run.
+
+    A run interrupted with jobs in flight and started again finds those jobs (ended,
+    or still going) instead of sending their lines a second time.
+    """
+    digest = hashlib.sha256("\0".join([
+        str(output.resolve()), line.custom_id, line.kind,
+        json.dumps(line.body, sort_keys=True, separators=(",", ":"))]).encode())
+    return f"run-{digest.hexdigest()[:32]}"
 
 
 def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: Any, err: Any,

@@ -23,7 +23,7 @@ from api_tasks.spec import QUEUES
 __all__ = ["add_batch_commands", "batch_command"]
 
 _LOG_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_batch_commands(sub: Any) -> None:
@@ -70,8 +70,14 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return _refuse(InvalidBatch(str(args.input), problems))
     errors = args.errors or args.output.with_suffix(".errors.jsonl")
     show = _progress(_count_lines(args.input))
-    summary = run_batch(client, args.input, args.output, errors, window=args.window,
-                        queue=args.queue, progress=show)
+    try:
+        summary = run_batch(client, args.input, args.output, errors, window=args.window,
+                            queue=args.queue, progress=show)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the results so far are in {args.output}; run the same command "
+              "again to resume (jobs still running are collected, not sent again)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     show(summary, final=True)
     print(f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already "
           f"done; usage {summary.usage}; results in {args.output}, errors in {errors}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 
 from api_tasks.batch import check_file, run_batch
 from api_tasks.client import Client
-from tests.support.fake_upstream import FakeUpstream, HttpError
-from tests.support.services import ROOT, WorkerProcess
+from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
+from tests.support.services import ROOT, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -75,8 +76,8 @@ def test_run_writes_openai_batch_results_and_errors(client: Client, fake: FakeUp
     assert failed["response"]["status_code"] == 400
 
 
-def test_an_interrupted_run_resumes_without_duplicates(client: Client, fake: FakeUpstream,
-                                                       tmp_path: Path, model: str) -> None:
+def test_a_run_whose_output_lost_lines_collects_them_again_without_calls(
+        client: Client, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(_line(f"r-{i}", model) for i in range(20)) + "\n")
     output, errors = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
@@ -89,7 +90,33 @@ def test_an_interrupted_run_resumes_without_duplicates(client: Client, fake: Fak
     assert summary.skipped == 8 and summary.completed == 12
     ids = [r["custom_id"] for r in _records(output)]
     assert sorted(ids) == sorted(f"r-{i}" for i in range(20))
-    assert len(fake.requests(model)) - fake_calls == 12
+    assert len(fake.requests(model)) == fake_calls == 20, "the 12 ended jobs were collected"
+
+
+def test_a_run_stopped_with_ctrl_c_resumes_without_a_duplicate_line_or_call(
+        tmp_path: Path, worker_env: dict[str, str], worker: WorkerProcess, fake: FakeUpstream,
+        model: str) -> None:
+    fake.script(model, Slow(0.3))
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(_line(f"c-{i}", model) for i in range(24)) + "\n")
+    output = tmp_path / "out.jsonl"
+    env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    command = [sys.executable, "-m", "api_tasks", "batch", "run", str(source), "-o", str(output),
+               "--window", "6"]
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 6, 30,
+               "some results")
+    run.send_signal(signal.SIGINT)  # with jobs in flight
+    _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 130 and "run the same command again to resume" in stderr
+    first = len(_records(output))
+    assert first < 24
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ids = [r["custom_id"] for r in _records(output)]
+    assert sorted(ids) == sorted(f"c-{i}" for i in range(24)), "every line once"
+    prompts = [r.body["messages"][0]["content"] for r in fake.requests(model) if r.body]
+    assert sorted(prompts) == sorted(f"c-{i}" for i in range(24)), "every line called once"
 
 
 def test_cli_batch_run_logs_progress_when_not_on_a_terminal(
