@@ -79,7 +79,7 @@ _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] 
 _ADMIT = _NOW + """
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
-local wait, reason = 0, ''
+local wait, reason, lates = 0, '', {}
 local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
 local function older(i)
   -- jobs in this scope's line that came before this one (their entries lapse unless
@@ -101,6 +101,7 @@ for i = 1, scopes do
     end
   end
   local ahead = older(i)
+  lates[i] = 0
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       -- pay before: the call's own cost must fit in the bucket (a call bigger than
@@ -108,18 +109,25 @@ for i = 1, scopes do
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       local unit = arg(i, k) * (field == 'req' and 1 or cost)
       local late = tat + unit * (1 + ahead) - math.max(arg(i, k + 2), unit) - now
+      lates[i] = math.max(lates[i], late)
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
   end
 end
 local function queue_up()
+  -- in the line of each scope it waits for, and only those: a job held by one model's
+  -- limit must not hold up the other models under the same upstream
   if not place or reserved then return end
   for i = 1, scopes do
-    if arg(i, 1) > 0 or arg(i, 2) > 0 then
-      redis.call('ZADD', KEYS[4 * i - 1], 'NX', place, id)
-      redis.call('ZADD', KEYS[4 * i], now + wait + tonumber(ARGV[9]), id)
-      redis.call('PEXPIRE', KEYS[4 * i - 1], 3600000)
-      redis.call('PEXPIRE', KEYS[4 * i], 3600000)
+    local line, till = KEYS[4 * i - 1], KEYS[4 * i]
+    if lates[i] > 0 then
+      redis.call('ZADD', line, 'NX', place, id)
+      redis.call('ZADD', till, now + wait + tonumber(ARGV[9]), id)
+      redis.call('PEXPIRE', line, 3600000)
+      redis.call('PEXPIRE', till, 3600000)
+    else
+      redis.call('ZREM', line, id)
+      redis.call('ZREM', till, id)
     end
   end
 end

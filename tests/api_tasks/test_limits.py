@@ -32,7 +32,8 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
             "limits": {"requests_per_minute": 600, "burst_seconds": 1, "utilization": 1.0},
             "model_limits": {
                 "tok-*": {"tokens_per_minute": 6000, "burst_seconds": 1, "utilization": 1.0},
-                "pair-*": {"max_in_flight": 2}}}]}))
+                "pair-*": {"max_in_flight": 2},
+                "one-*": {"requests_per_minute": 60, "burst_seconds": 1, "utilization": 1.0}}}]}))
     env = {**worker_env, "API_TASKS_CONFIG": str(config),
            "API_TASKS_PREFIX": f"lim{uuid.uuid4().hex[:6]}"}
     workers = [spawn(env, name, concurrency=8) for name in ("l1", "l2")]
@@ -170,3 +171,19 @@ def test_bulk_jobs_waiting_for_a_limit_keep_their_place_in_line(
     # after that, each goes in submit order (without the line: a random order)
     assert sorted(order) == list(range(60))
     assert max(abs(position - i) for position, i in enumerate(order)) <= 8, order
+
+
+def test_jobs_held_by_one_models_limit_do_not_hold_up_other_models(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited  # one-*: a call a second, under the upstream's 10 a second
+    held = [client.submit_chat(USER, model="one-" + model, queue="bulk") for _ in range(50)]
+    wait_until(lambda: any(j.status() == JobStatus.WAITING for j in held), 10, "a waiting job")
+    start = time.monotonic()
+    others = [client.submit_chat(USER, model=model, queue="bulk") for _ in range(5)]
+    for job in others:
+        assert job.result(timeout=30) is not None
+    # the upstream's own budget is free: they must not queue behind the one-* jobs
+    # (counted in the upstream's line, 50 of them would hold them up 5 s)
+    assert time.monotonic() - start < 2.0
+    for job in held:
+        job.cancel()
