@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from api_tasks.batch import check_file, read_batch
-from api_tasks.connections import text
+from api_tasks.connections import broker_errors, text
 from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
 from api_tasks.spec import QUEUES
 
@@ -117,6 +117,10 @@ class Batch:
 
     def upload(self, source: Path, window: int, queue: str) -> None:
         """Store the lines of an already checked file, then hand the batch to the workers."""
+        with broker_errors():
+            self._upload(source, window, queue)
+
+    def _upload(self, source: Path, window: int, queue: str) -> None:
         key, lines = self._keys.batch(self.id), self._keys.batch_input(self.id)
         self._redis.hset(key, mapping={
             "status": BatchStatus.UPLOADING.value, "input_file": source.name,
@@ -150,7 +154,8 @@ class Batch:
 
     def status(self) -> dict[str, Any]:
         """State, counts (total, sent, completed, failed, cancelled) and summed usage."""
-        raw = self._redis.hgetall(self._keys.batch(self.id))
+        with broker_errors():
+            raw = self._redis.hgetall(self._keys.batch(self.id))
         if not raw:
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
         state = {text(k): text(v) for k, v in raw.items()}
@@ -165,12 +170,13 @@ class Batch:
 
     def cancel(self) -> str:
         """Stop new sends and cancel queued jobs; the batch's status after the call."""
-        verdict = text(self._scripts["cancel"](keys=[self._keys.batch(self.id)],
-                                               args=[repr(time.time())]))
-        if verdict == "missing":
-            raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
-        for job_id in self._redis.hkeys(self._keys.batch_jobs(self.id)):
-            self._client.store.cancel(text(job_id), queued_only=True)
+        with broker_errors():
+            verdict = text(self._scripts["cancel"](keys=[self._keys.batch(self.id)],
+                                                   args=[repr(time.time())]))
+            if verdict == "missing":
+                raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
+            for job_id in self._redis.hkeys(self._keys.batch_jobs(self.id)):
+                self._client.store.cancel(text(job_id), queued_only=True)
         return verdict
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
@@ -186,7 +192,11 @@ class Batch:
         """The output lines so far (or the error-file lines), oldest first."""
         key = (self._keys.batch_errors if errors else self._keys.batch_output)(self.id)
         start = 0
-        while chunk := self._redis.lrange(key, start, start + _READ_CHUNK - 1):
+        while True:
+            with broker_errors():
+                chunk = self._redis.lrange(key, start, start + _READ_CHUNK - 1)
+            if not chunk:
+                return
             yield from (json.loads(raw) for raw in chunk)
             start += len(chunk)
 

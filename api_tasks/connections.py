@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from api_tasks.errors import BrokerUnavailable
+
 if TYPE_CHECKING:
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "connect", "text", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "text", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +63,12 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
 def text(value: Any) -> str:
     """A Redis reply (bytes, as the clients here don't decode) as a string."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextlib.contextmanager
+def broker_errors() -> Iterator[None]:
+    """Raise a Redis connection failure as ``BrokerUnavailable``, with its reason."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise BrokerUnavailable(f"Redis is unavailable: {err}") from err

@@ -17,12 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import redis
-
-from api_tasks.connections import BLOCK_SLICE
+from api_tasks.connections import BLOCK_SLICE, broker_errors
 from api_tasks.errors import (
     ApiTasksError,
-    BrokerUnavailable,
     JobCancelled,
     JobFailed,
     JobNotFound,
@@ -185,7 +182,5 @@ class Job:
 
 def _guard(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Call Redis; a connection failure becomes ``BrokerUnavailable`` with the reason."""
-    try:
+    with broker_errors():
         return fn(*args, **kwargs)
-    except (redis.ConnectionError, redis.TimeoutError) as err:
-        raise BrokerUnavailable(f"Redis is unavailable: {err}") from err
