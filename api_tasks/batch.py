@@ -24,21 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis
-
-from api_tasks.connections import text
 from api_tasks.errors import InvalidJob
 from api_tasks.events import TERMINAL, JobStatus
-from api_tasks.jobs import Job
-from api_tasks.keys import Keys
 from api_tasks.spec import Kind, build_spec
 
 if TYPE_CHECKING:
     from api_tasks.client import Client
+    from api_tasks.store import JobStore
 
-__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "job_statuses", "line_job_id",
-           "line_params", "parse_line", "read_batch", "record_for", "run_batch", "stored_results",
-           "usage_of"]
+__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "line_job_id", "line_params",
+           "parse_line", "read_batch", "record_for", "run_batch", "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
@@ -160,7 +155,7 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
     summary = BatchSummary()
     done = finished_ids(output, errors)
     lines = read_batch(source, client.settings.jobs.max_request_bytes)
-    in_flight: dict[str, tuple[Job, BatchLine]] = {}
+    in_flight: dict[str, BatchLine] = {}
     with output.open("a", encoding="utf-8") as out, errors.open("a", encoding="utf-8") as err:
         for line in lines:
             summary.total += 1
@@ -171,7 +166,7 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
                 _collect(client, in_flight, out, err, summary, progress, poll)
             job = client.submit(line.kind, *line_params(line.kind, line.body, queue),
                                 job_id=line_job_id(output, line))
-            in_flight[job.id] = (job, line)
+            in_flight[job.id] = line
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
     return summary
@@ -189,12 +184,12 @@ def line_job_id(output: Path, line: BatchLine) -> str:
     return f"run-{digest.hexdigest()[:32]}"
 
 
-def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: Any, err: Any,
+def _collect(client: Client, in_flight: dict[str, BatchLine], out: Any, err: Any,
              summary: BatchSummary, progress: Progress | None, poll: float) -> None:
     """Write every finished job's line (two round trips for all of them), or wait a little."""
-    finished = ended_jobs(client.redis, client.keys, list(in_flight))
+    finished = ended_jobs(client.store, list(in_flight))
     for job_id, stored in finished.items():
-        _job, line = in_flight.pop(job_id)
+        line = in_flight.pop(job_id)
         ok, record = record_for(job_id, line.custom_id, stored)
         (out if ok else err).write(json.dumps(record) + "\n")
         if ok:
@@ -210,32 +205,11 @@ def _collect(client: Client, in_flight: dict[str, tuple[Job, BatchLine]], out: A
         time.sleep(poll)
 
 
-def job_statuses(client: redis.Redis, keys: Keys, job_ids: list[str]) -> list[str | None]:
-    """Each job's status (None where it has no record), in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hget(keys.job(job_id), "status")
-    return [None if raw is None else text(raw) for raw in pipe.execute()]
-
-
-def stored_results(client: redis.Redis, keys: Keys,
-                   job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-    """Each job's stored result envelope (None where there is none), in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.get(keys.result(job_id))
-    raws = pipe.execute() if job_ids else []
-    return {job_id: None if raw is None else json.loads(raw)
-            for job_id, raw in zip(job_ids, raws, strict=True)}
-
-
-def ended_jobs(client: redis.Redis, keys: Keys,
-               job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+def ended_jobs(store: JobStore, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
     """The stored envelopes of those jobs that ended (None where none was stored)."""
-    statuses = job_statuses(client, keys, job_ids)
-    return stored_results(client, keys, [job_id for job_id, status in
-                                         zip(job_ids, statuses, strict=True)
-                                         if status in TERMINAL])
+    statuses = store.statuses(job_ids)
+    return store.results([job_id for job_id, status in zip(job_ids, statuses, strict=True)
+                          if status in TERMINAL])
 
 
 def usage_of(stored: dict[str, Any] | None) -> dict[str, int]:

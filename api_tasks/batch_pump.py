@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from api_tasks.batch import job_statuses, line_params, record_for, stored_results, usage_of
+from api_tasks.batch import line_params, record_for, usage_of
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
 from api_tasks.events import TERMINAL, JobStatus
@@ -105,7 +105,9 @@ return 0
 """
 
 _EVERY = 0.2  # seconds between two passes over the active batches
-_LOCK_MS = 60_000  # far longer than a step; a stepper that dies holds its batch this long
+_WARN_EVERY = 10.0  # seconds between two lines about the same trouble
+_LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
+# scripts keep two steppers at once safe, this only keeps them from doing the work twice)
 _TAKE_AT_MOST = 500  # lines sent in one step
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
@@ -139,7 +141,7 @@ class BatchPump:
             try:
                 self.run_once()
             except Exception as err:  # the thread must outlive any one bad pass
-                if time.monotonic() - warned >= 10.0:  # not five lines a second
+                if time.monotonic() - warned >= _WARN_EVERY:  # not five lines a second
                     warned = time.monotonic()
                     log.warning("batches: pass failed (%s)", err, exc_info=not isinstance(
                         err, (redis.ConnectionError, redis.TimeoutError)))
@@ -172,18 +174,19 @@ class BatchPump:
                  self._redis.hgetall(self._keys.batch(batch_id)).items()}
         jobs = {text(k): text(v) for k, v in
                 self._redis.hgetall(self._keys.batch_jobs(batch_id)).items()}
-        statuses = dict(zip(jobs, job_statuses(self._redis, self._keys, list(jobs)),
-                            strict=True))
+        store = self._client.store
+        statuses = dict(zip(jobs, store.statuses(list(jobs)), strict=True))
         ended = [job_id for job_id, status in statuses.items() if status in TERMINAL]
-        for job_id, stored in stored_results(self._redis, self._keys, ended).items():
+        for job_id, stored in store.results(ended).items():
             self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
-        if state.get("status") == "in_progress":
-            self._send_more(batch_id, state, len(jobs))
-        self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
-                               args=[batch_id, repr(time.time()),
-                                     self._client.settings.jobs.result_ttl])
+        sent = state.get("status") == "in_progress" and self._send_more(batch_id, state,
+                                                                         len(jobs))
+        if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
+            self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
+                                   args=[batch_id, repr(time.time()),
+                                         self._client.settings.jobs.result_ttl])
 
     def _all_keys(self, batch_id: str) -> list[str]:
         keys = self._keys
@@ -222,11 +225,12 @@ class BatchPump:
         elif self._send(batch_id, job_id, text(line), state.get("queue", "bulk")):
             self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
-    def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> None:
+    def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> bool:
+        """Take and send lines up to the window; whether any were taken."""
         sent, total = int(state.get("sent", 0)), int(state.get("total", 0))
         room = min(int(state.get("window", 1)) - outstanding, total - sent, _TAKE_AT_MOST)
         if room <= 0:
-            return
+            return False
         lines = [text(raw) for raw in self._redis.lrange(
             self._keys.batch_input(batch_id), sent, sent + room - 1)]
         taken = {f"{batch_id}-{sent + i}": line for i, line in enumerate(lines)}
@@ -234,7 +238,7 @@ class BatchPump:
                  for item in (job_id, json.loads(line)["custom_id"])]
         keys = self._all_keys(batch_id)[:3]
         if not pairs or not self._scripts["take"](keys=keys, args=[str(sent), self._ttl, *pairs]):
-            return
+            return False
         done = []
         for job_id, line in taken.items():
             if not self._send(batch_id, job_id, line, state.get("queue", "bulk")):
@@ -242,6 +246,7 @@ class BatchPump:
             done.append(job_id)
         if done:
             self._scripts["mark"](keys=[keys[1]], args=done)
+        return True
 
     def _send(self, batch_id: str, job_id: str, line: str, queue: str) -> bool:
         request = json.loads(line)

@@ -169,14 +169,13 @@ class Batch:
                 "queue": state.get("queue"), "input_file": state.get("input_file"), **times}
 
     def cancel(self) -> str:
-        """Stop new sends and cancel queued jobs; the batch's status after the call."""
+        """Stop new sends at once; the workers cancel its queued jobs within a step (running
+        ones finish). Returns the batch's status after the call."""
         with broker_errors():
             verdict = text(self._scripts["cancel"](keys=[self._keys.batch(self.id)],
                                                    args=[repr(time.time())]))
-            if verdict == "missing":
-                raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
-            for job_id in self._redis.hkeys(self._keys.batch_jobs(self.id)):
-                self._client.store.cancel(text(job_id), queued_only=True)
+        if verdict == "missing":
+            raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
         return verdict
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:

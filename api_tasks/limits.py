@@ -79,7 +79,7 @@ _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] 
 _ADMIT = _NOW + """
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
-local wait, reason, lates = 0, '', {}
+local wait, reason, lates, behind = 0, '', {}, false
 local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
 local function older(i)
   -- jobs in this scope's line that came before this one (their entries lapse unless
@@ -97,6 +97,9 @@ for i = 1, scopes do
   if arg(i, 5) > 0 then
     redis.call('ZREMRANGEBYSCORE', flight, '-inf', now)
     if not redis.call('ZSCORE', flight, id) and redis.call('ZCARD', flight) >= arg(i, 5) then
+      for j = 1, scopes do  -- waiting for a slot, it keeps whatever place in line it has
+        redis.call('ZADD', KEYS[4 * j], 'XX', now + 1000 + tonumber(ARGV[9]), id)
+      end
       return {'wait', '200', 'concurrency'}
     end
   end
@@ -110,6 +113,7 @@ for i = 1, scopes do
       local unit = arg(i, k) * (field == 'req' and 1 or cost)
       local late = tat + unit * (1 + ahead) - math.max(arg(i, k + 2), unit) - now
       lates[i] = math.max(lates[i], late)
+      if late > 0 and ahead > 0 then behind = true end
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
   end
@@ -132,8 +136,9 @@ local function queue_up()
   end
 end
 -- a token wait is pessimistic (reservations are settled with usage when calls end),
--- so far token turns are not reserved: the job looks again soon instead
-if wait > tonumber(ARGV[4]) or (reason == 'tokens' and wait > reserve) then
+-- so far token turns are not reserved: the job looks again soon instead; and a job
+-- behind older ones in line books nothing ahead of them
+if wait > tonumber(ARGV[4]) or (reason == 'tokens' and wait > reserve) or behind then
   queue_up()
   return {'wait', tostring(wait), reason}
 end

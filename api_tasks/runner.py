@@ -134,7 +134,8 @@ class JobRunner:
         call = build_call(self.settings, run.target, run.spec, payload)
         policy = self.policies[run.target.name]
         scopes = run.target.limit_scopes(run.spec.model)
-        cost = estimate_cost(payload, run.target.tokenizer, run.spec.model) if scopes else 0
+        counted = any(limits.tokens_per_minute for _, limits in scopes)
+        cost = estimate_cost(payload, run.target.tokenizer, run.spec.model) if counted else 0
         while True:
             run.attempts += 1
             self.gate.cooldown(run, handle)

