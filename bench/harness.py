@@ -14,10 +14,11 @@ from pathlib import Path
 
 from api_tasks.client import Client
 from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
-__all__ = ["Services", "child_env", "cpu_seconds", "median", "memory_mb", "percentile",
-           "services", "start_workers"]
+__all__ = ["Services", "child_env", "cpu_seconds", "local_services", "median", "memory_mb",
+           "percentile", "services", "start_workers"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -82,6 +83,14 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
     env.update({"REDIS_URL": redis_url, "API_TASKS_LOG_LEVEL": "WARNING",
                 "PYTHONPATH": str(ROOT)})
     return {**env, **extra}
+
+
+def local_services(stack: ExitStack, workdir: Path,
+                   record: bool = True) -> tuple[RedisServer, FakeUpstream]:
+    """A Redis of its own and the fake upstream in this process, until ``stack`` closes."""
+    redis = RedisServer(workdir / "redis").start()
+    stack.callback(redis.stop)
+    return redis, stack.enter_context(FakeUpstream(record=record))
 
 
 def start_workers(stack: ExitStack, env: dict[str, str], workdir: Path, count: int,

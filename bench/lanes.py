@@ -18,11 +18,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from api_tasks.client import Client
-from bench.harness import child_env, median, percentile, start_workers
+from bench.harness import child_env, local_services, median, percentile, start_workers
 from bench.run import table
 from bench.scenarios import USER, Row
-from tests.support.fake_upstream import FakeUpstream, Reply
-from tests.support.services import RedisServer
+from tests.support.fake_upstream import Reply
 
 __all__ = ["main"]
 
@@ -79,9 +78,7 @@ def main() -> None:
     backlog = 5000 if args.quick else args.backlog
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        redis = RedisServer(workdir / "redis").start()
-        stack.callback(redis.stop)
-        upstream = stack.enter_context(FakeUpstream(record=False))
+        redis, upstream = local_services(stack, workdir, record=False)
         upstream.script("bulk-1s", Reply(delay=DURATION))
         env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
                         API_TASKS_PREFIX="lanes")

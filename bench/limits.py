@@ -24,12 +24,11 @@ import yaml
 
 from api_tasks.tokens import estimate_cost
 from bench.cookbook import run_cookbook
-from bench.harness import child_env, start_workers
+from bench.harness import child_env, local_services, start_workers
 from bench.run import table
 from bench.scenarios import Row
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.fake_upstream.quota import request_cost
-from tests.support.services import RedisServer
 
 __all__ = ["main"]
 
@@ -143,9 +142,7 @@ def main() -> None:
     n = 2000 if args.quick else args.requests
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        redis = RedisServer(workdir / "redis").start()
-        stack.callback(redis.stop)
-        upstream = stack.enter_context(FakeUpstream())
+        redis, upstream = local_services(stack, workdir)
         started = time.monotonic()
         ours = run_ours(stack, workdir, upstream, redis.url, n, args.workers)
         ref = run_reference(upstream, n)
