@@ -109,6 +109,7 @@ _WARN_EVERY = 10.0  # seconds between two lines about the same trouble
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
 # scripts keep two steppers at once safe, this only keeps them from doing the work twice)
 _TAKE_AT_MOST = 500  # lines sent in one step
+_LOOK_EVERY = 5.0  # seconds between two looks for a batch's long-queued jobs
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
 
@@ -124,6 +125,7 @@ class BatchPump:
         self._scripts = {name: self._redis.register_script(source) for name, source in
                          (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
                           ("close", _CLOSE), ("release", _RELEASE))}
+        self._looked: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-tasks-batches", daemon=True)
 
@@ -181,6 +183,10 @@ class BatchPump:
             self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
+        if state.get("status") == "in_progress" and self._due_for_a_look(batch_id):
+            self._send_again(batch_id, state, {job_id: mark[2:] for job_id, mark in jobs.items()
+                                               if mark.startswith("s:")
+                                               and statuses[job_id] == "queued"})
         sent = state.get("status") == "in_progress" and self._send_more(batch_id, state,
                                                                          len(jobs))
         if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
@@ -215,6 +221,38 @@ class BatchPump:
         elif not sent and not cancelling:
             log.warning("batch %s: job %s was taken but not sent; sending it", batch_id, job_id)
             self._resend(batch_id, state, job_id, mark[2:])
+
+    def _due_for_a_look(self, batch_id: str) -> bool:
+        """At most every few seconds per batch: long-queued jobs are rare, lookups are not."""
+        now = time.monotonic()
+        if now - self._looked.get(batch_id, 0.0) < _LOOK_EVERY:
+            return False
+        if len(self._looked) > 10_000:  # forget batches long closed
+            self._looked.clear()
+        self._looked[batch_id] = now
+        return True
+
+    def _send_again(self, batch_id: str, state: dict[str, str], queued: dict[str, str]) -> None:
+        """Send again the messages of jobs queued for long: one may have been lost.
+
+        kombu pops a message before it records it as unacked, so a worker killed in
+        between loses it. A duplicate of a message that was not lost is dropped by the
+        claim; the wait doubles after each resend, so a long queue gets few of them.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in queued:
+            pipe.hmget(self._keys.job(job_id), "created_at", "resent_at", "resends")
+        after, now = self._client.settings.jobs.batch_resend_after, time.time()
+        for (job_id, custom_id), (created, resent, resends) in zip(queued.items(), pipe.execute(),
+                                                                   strict=True):
+            since = max(float(created or now), float(resent or 0))
+            if now - since < after * 2 ** int(resends or 0):
+                continue
+            log.warning("batch %s: job %s still queued after %.0fs; sending its message again",
+                        batch_id, job_id, now - since)
+            self._redis.hset(self._keys.job(job_id), mapping={"resent_at": repr(now)})
+            self._redis.hincrby(self._keys.job(job_id), "resends", 1)
+            self._resend(batch_id, state, job_id, custom_id)
 
     def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str) -> None:
         index = int(job_id.rsplit("-", 1)[1])

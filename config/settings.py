@@ -204,6 +204,9 @@ class JobSettings(_Model):
     default_queue: Literal["interactive", "bulk"] = "interactive"
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_crashes: int = Field(3, ge=1, le=100)
+    # a detached batch's job still queued this long is sent again, then after twice as long...:
+    # a message lost by a worker killed mid-fetch is run once, a duplicate is dropped
+    batch_resend_after: float = Field(120.0, ge=1.0)
 
 
 class WorkerSettings(_Model):

@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from api_tasks import Batch, BatchNotFound, InvalidBatch
 from api_tasks.batch import line_params
 from api_tasks.batch_pump import BatchPump
 from api_tasks.batches import MAX_WINDOW
 from api_tasks.client import Client
+from config.loader import load_settings
 from tests.api_tasks.test_batch import _line
 from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
-from tests.support.services import ROOT, WorkerProcess
+from tests.support.services import ROOT, Spawn, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -218,3 +220,24 @@ def test_cli_submit_status_results_and_cancel(tmp_path: Path, worker_env: dict[s
     assert bad.returncode == 2 and "line 1" in bad.stderr
     missing = _cli(env, "status", "batch_missing")
     assert missing.returncode == 4 and "no batch" in missing.stderr
+
+
+def test_a_message_lost_by_a_worker_killed_mid_fetch_is_sent_again(
+        worker_env: dict[str, str], workdir: Path, fake: FakeUpstream, spawn: Spawn,
+        tmp_path: Path, model: str) -> None:
+    config = workdir / f"resend-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"name": "fake", "base_url": fake.base_url}],
+                                      "jobs": {"batch_resend_after": 1}}))
+    env = {**worker_env, "API_TASKS_CONFIG": str(config),
+           "API_TASKS_PREFIX": f"rs{uuid.uuid4().hex[:6]}"}
+    spawn(env, "rs1", concurrency=4)
+    client = Client(load_settings(env=env))
+    stepper = _Stepper(client, tmp_path, [_line(f"d-{i}", model) for i in range(4)])
+    [lost] = stepper.take(1)
+    assert client.store.create(lost, {"batch": stepper.batch.id})  # recorded, never delivered
+    stepper.mark_sent([lost])
+    stepper.die()
+    state = stepper.batch.wait(timeout=30, poll=0.1)
+    assert (state["status"], state["completed"]) == ("completed", 4)
+    assert _prompts(fake, model) == [f"d-{i}" for i in range(4)], "each line called once"
+    assert client.store.info(lost)["resends"] == "1"
