@@ -260,7 +260,7 @@ class BatchPump:
         if line is None:
             error = error_object("server_error", "input_missing", "the batch's input is gone")
             self._write(batch_id, job_id, custom_id, {"status": "failed", "error": error})
-        elif self._send(batch_id, job_id, text(line), state.get("queue", "bulk")):
+        elif self._send(batch_id, job_id, json.loads(line), state.get("queue", "bulk")):
             self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
     def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> bool:
@@ -271,23 +271,22 @@ class BatchPump:
             return False
         lines = [text(raw) for raw in self._redis.lrange(
             self._keys.batch_input(batch_id), sent, sent + room - 1)]
-        taken = {f"{batch_id}-{sent + i}": line for i, line in enumerate(lines)}
-        pairs = [item for job_id, line in taken.items()
-                 for item in (job_id, json.loads(line)["custom_id"])]
+        taken = {f"{batch_id}-{sent + i}": json.loads(line) for i, line in enumerate(lines)}
+        pairs = [item for job_id, request in taken.items()
+                 for item in (job_id, request["custom_id"])]
         keys = self._all_keys(batch_id)[:3]
         if not pairs or not self._scripts["take"](keys=keys, args=[str(sent), self._ttl, *pairs]):
             return False
         done = []
-        for job_id, line in taken.items():
-            if not self._send(batch_id, job_id, line, state.get("queue", "bulk")):
+        for job_id, request in taken.items():
+            if not self._send(batch_id, job_id, request, state.get("queue", "bulk")):
                 break  # the next step sends the rest
             done.append(job_id)
         if done:
             self._scripts["mark"](keys=[keys[1]], args=done)
         return True
 
-    def _send(self, batch_id: str, job_id: str, line: str, queue: str) -> bool:
-        request = json.loads(line)
+    def _send(self, batch_id: str, job_id: str, request: dict[str, Any], queue: str) -> bool:
         first, params = line_params(request["kind"], request["body"], queue)
         try:
             self._client.submit(request["kind"], first, params, job_id=job_id,
