@@ -71,8 +71,15 @@ return {verdict, tostring(n), created, cool, turn, shown}
 # KEYS: job, lease, then the in-flight sets the call holds a slot in. ARGV: token,
 # lease_ms, job id. Also re-takes a lease that lapsed while Redis was away, as long as
 # the record still names this attempt; in-flight slots live as long as the lease.
+# Returns 1 (renewed), 0 (this attempt ended the job, or parked it, a moment ago: not a
+# loss) or -1 (another attempt holds it, or it was given back to its queue).
 _RENEW = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local held = redis.call('HGET', KEYS[1], 'token')
+if held ~= ARGV[1] then
+  local s = redis.call('HGET', KEYS[1], 'status')
+  if not held and s ~= 'queued' and s ~= 'running' then return 0 end
+  return -1
+end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if #KEYS > 2 then
   local t = redis.call('TIME')
@@ -233,13 +240,13 @@ class LeaseStore:
     def renew(self, client: redis.Redis,
               held: list[tuple[str, str, list[str]]]) -> list[str]:
         """Renew leases (and slots in flight) of (job id, token, in-flight keys); return
-        the job ids no longer ours."""
+        the job ids another attempt took over (not those this attempt just ended)."""
         pipe = client.pipeline(transaction=False)
         for job_id, token, flights in held:
             self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id), *flights],
                         args=[token, self.lease_ms, job_id], client=pipe)
         results = pipe.execute()
-        return [job_id for (job_id, _, _), ok in zip(held, results, strict=True) if not ok]
+        return [job_id for (job_id, _, _), ok in zip(held, results, strict=True) if ok == -1]
 
     def release(self, job_id: str, token: str) -> bool:
         """Give a job back (the worker is stopping); True if it was still ours."""

@@ -19,7 +19,8 @@ read from Redis, O(1) whatever a call costs:
   leaves the worker (status ``waiting``) and is sent again just before it; a
   bulk call never reserves far ahead (so it can't push interactive calls
   back): it keeps its place in the scope's line (a sorted set by submit time)
-  instead, and the budget goes to the older jobs in line first;
+  instead, and the budget ahead goes to the older jobs in line first (budget free
+  right now goes to whichever job asks: nobody could use it later);
 - a 429 (rate limited, not out of quota) holds the whole upstream for every
   worker until the cool-down key in Redis expires.
 """
@@ -111,9 +112,11 @@ for i = 1, scopes do
       -- the burst fits once the bucket is full), after the older jobs in line
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       local unit = arg(i, k) * (field == 'req' and 1 or cost)
-      local late = tat + unit * (1 + ahead) - math.max(arg(i, k + 2), unit) - now
+      local late = tat + unit - math.max(arg(i, k + 2), unit) - now
+      if late > 0 and ahead > 0 then  -- budget free now goes to whoever asks (or it is
+        late, behind = late + unit * ahead, true  -- lost); budget ahead, to older jobs
+      end
       lates[i] = math.max(lates[i], late)
-      if late > 0 and ahead > 0 then behind = true end
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
   end

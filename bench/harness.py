@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -17,8 +19,8 @@ from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port, wait_until
 
-__all__ = ["Services", "child_env", "cpu_seconds", "local_services", "median", "memory_mb",
-           "percentile", "services", "start_workers"]
+__all__ = ["Services", "child_env", "cpu_seconds", "local_services", "log_warnings", "median",
+           "memory_mb", "percentile", "services", "start_workers"]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -121,3 +123,16 @@ def services(workdir: Path) -> Iterator[Services]:
         upstream.terminate()
         upstream.wait(10)
         redis.stop()
+
+
+def log_warnings(workdir: Path, top: int = 5) -> str:
+    """The workers' warnings and errors, counted by message shape (digits masked)."""
+    shapes: Counter[str] = Counter()
+    for path in sorted(workdir.glob("w*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("[") and ("WARNING/" in line or "ERROR/" in line):
+                shapes[re.sub(r"[0-9a-f]{8,}|\d+(\.\d+)?", "N", line.split("] ", 1)[-1])] += 1
+    lines = [f"worker log: {sum(shapes.values())} warnings and errors"]
+    lines += [f"  {count:6d} x {shape}" for shape, count in shapes.most_common(top)]
+    return "\n".join(lines)
+

@@ -66,7 +66,8 @@ class Limits(_Model):
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     max_in_flight: int | None = Field(None, ge=1)
-    burst_seconds: float = Field(2.0, gt=0, le=60)
+    # 0.98 x (10 s + 0.2 s) < 10 s: any 10 seconds stay within the limit, even after a lull
+    burst_seconds: float = Field(0.2, gt=0, le=60)
     utilization: float = Field(0.98, gt=0, le=1)
 
     @property
