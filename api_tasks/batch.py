@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from api_tasks.errors import InvalidJob
 from api_tasks.events import TERMINAL, JobStatus
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from api_tasks.client import Client
     from api_tasks.store import JobStore
 
-__all__ = ["BatchLine", "BatchSummary", "check_file", "ended_jobs", "line_job_id", "line_params",
-           "parse_line", "read_batch", "record_for", "run_batch", "usage_of"]
+__all__ = ["BatchLine", "BatchSummary", "FileCheck", "check_file", "ended_jobs", "line_job_id",
+           "line_params", "parse_line", "read_batch", "record_for", "run_batch", "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _FIRST = {"chat": "messages", "completion": "prompt"}
@@ -112,13 +112,21 @@ def read_batch(path: Path, max_bytes: int) -> Iterator[BatchLine]:
                 yield parse_line(number, text, max_bytes)
 
 
-def check_file(path: Path, max_bytes: int) -> list[str]:
-    """Every problem in the input, as "line N: ..." (empty when it can run)."""
-    problems, seen = [], set()
+class FileCheck(NamedTuple):
+    """A batch file checked: every problem, as "line N: ...", and how many lines it has."""
+
+    problems: list[str]
+    lines: int
+
+
+def check_file(path: Path, max_bytes: int) -> FileCheck:
+    """Every problem in the input (none when it can run), and its count of lines."""
+    problems, seen, count = [], set(), 0
     with path.open(encoding="utf-8") as lines:
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
+            count += 1
             try:
                 line = parse_line(number, text, max_bytes)
             except InvalidJob as err:
@@ -127,7 +135,7 @@ def check_file(path: Path, max_bytes: int) -> list[str]:
             if line.custom_id in seen:
                 problems.append(f"line {number}: custom_id {line.custom_id!r} appears twice")
             seen.add(line.custom_id)
-    return problems
+    return FileCheck(problems, count)
 
 
 def finished_ids(*paths: Path) -> set[str]:

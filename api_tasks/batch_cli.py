@@ -18,12 +18,12 @@ from api_tasks.batch import BatchSummary, check_file, run_batch
 from api_tasks.batches import ENDED, MAX_WINDOW, Batch, submit_batch
 from api_tasks.client import Client
 from api_tasks.errors import InvalidBatch
+from api_tasks.exit_codes import ExitCode
 from api_tasks.spec import QUEUES
 
 __all__ = ["add_batch_commands", "batch_command"]
 
 _LOG_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_batch_commands(sub: Any) -> None:
@@ -65,11 +65,11 @@ def batch_command(client: Client, args: argparse.Namespace) -> int:
 
 def _run(client: Client, args: argparse.Namespace) -> int:
     """Check the whole file, then run it; resumes when the output already has lines."""
-    problems = check_file(args.input, client.settings.jobs.max_request_bytes)
-    if problems:
-        return _refuse(InvalidBatch(str(args.input), problems))
+    checked = check_file(args.input, client.settings.jobs.max_request_bytes)
+    if checked.problems:
+        return _refuse(InvalidBatch(str(args.input), checked.problems))
     errors = args.errors or args.output.with_suffix(".errors.jsonl")
-    show = _progress(_count_lines(args.input))
+    show = _progress(checked.lines)
     try:
         summary = run_batch(client, args.input, args.output, errors, window=args.window,
                             queue=args.queue, progress=show)
@@ -77,12 +77,12 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         print(f"\ninterrupted: the results so far are in {args.output}; run the same command "
               "again to resume (jobs still running are collected, not sent again)",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     show(summary, final=True)
     print(f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already "
           f"done; usage {summary.usage}; results in {args.output}, errors in {errors}",
           file=sys.stderr)
-    return EXIT_FAILED if summary.failed else EXIT_OK
+    return ExitCode.FAILED if summary.failed else ExitCode.OK
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
@@ -91,18 +91,18 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     except InvalidBatch as err:
         return _refuse(err)
     print(batch.id)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
     print(json.dumps(Batch(client, args.batch_id).status(), indent=2))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     state = Batch(client, args.batch_id).cancel()
     print(f"{args.batch_id}: {state}")
-    return EXIT_OK if state in ("cancelling", "cancelled") else EXIT_FAILED
+    return ExitCode.OK if state in ("cancelling", "cancelled") else ExitCode.FAILED
 
 
 def _results(client: Client, args: argparse.Namespace) -> int:
@@ -114,23 +114,18 @@ def _results(client: Client, args: argparse.Namespace) -> int:
     note = "" if state["status"] in ENDED else f" so far (the batch is {state['status']})"
     print(f"{written} result(s) in {args.output}, {failed} error(s) in {errors}{note}",
           file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def _refuse(err: InvalidBatch) -> int:
     print(f"{len(err.problems)} invalid line(s), nothing was sent:", file=sys.stderr)
     for problem in err.problems:
         print(f"  {problem}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitCode.USAGE
 
 
 _SUBCOMMANDS = {"run": _run, "submit": _submit, "status": _status, "cancel": _cancel,
                 "results": _results}
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as lines:
-        return sum(1 for line in lines if line.strip())
 
 
 def _progress(total: int) -> Any:

@@ -93,7 +93,7 @@ def submit_batch(client: Client, source: Path, *, window: int = 200,
         raise InvalidBatch(str(source), [f"window: must be 1 to {MAX_WINDOW}"])
     if queue not in QUEUES:
         raise InvalidBatch(str(source), [f"queue: must be one of {', '.join(QUEUES)}"])
-    problems = check_file(source, client.settings.jobs.max_request_bytes)
+    problems = check_file(source, client.settings.jobs.max_request_bytes).problems
     if problems:
         raise InvalidBatch(str(source), problems)
     batch = Batch(client, f"batch_{uuid.uuid4().hex}")

@@ -1,7 +1,8 @@
 """``python -m api_tasks``: submit, watch, inspect and cancel jobs.
 
 Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad input or
-settings; 3 timed out waiting; 4 Redis unavailable or no such job.
+settings; 3 timed out waiting; 4 Redis unavailable or no such job; 130
+interrupted (`batch run`). They are `api_tasks.exit_codes.ExitCode`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from api_tasks.errors import (
     JobNotFound,
     JobTimeout,
 )
+from api_tasks.exit_codes import ExitCode
 from api_tasks.jobs import Job
 from api_tasks.spec import QUEUES
 
 __all__ = ["main", "parse_param"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -76,13 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = Client()
         return _COMMANDS[args.command](client, args)
     except (ConfigError, InvalidJob) as err:
-        return _fail(EXIT_USAGE, f"error: {err}")
+        return _fail(ExitCode.USAGE, f"error: {err}")
     except JobTimeout as err:
-        return _fail(EXIT_TIMEOUT, f"timeout: {err}")
+        return _fail(ExitCode.TIMEOUT, f"timeout: {err}")
     except (BrokerUnavailable, JobNotFound) as err:
-        return _fail(EXIT_UNAVAILABLE, f"error: {err}")
+        return _fail(ExitCode.UNAVAILABLE, f"error: {err}")
     except JobFailed as err:
-        return _fail(EXIT_FAILED, f"{err}\n{json.dumps(err.error, indent=2)}")
+        return _fail(ExitCode.FAILED, f"{err}\n{json.dumps(err.error, indent=2)}")
     except KeyboardInterrupt:
         return 130
 
@@ -107,7 +108,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     print(f"job {job.id} submitted", file=sys.stderr)
     if args.detach:
         print(job.id)
-        return EXIT_OK
+        return ExitCode.OK
     if args.stream and not args.json:
         return _print_stream(job, args.timeout)
     return _print_result(job, args)
@@ -120,7 +121,7 @@ def _print_stream(job: Job, timeout: float) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _print_result(job: Job, args: argparse.Namespace) -> int:
@@ -131,7 +132,7 @@ def _print_result(job: Job, args: argparse.Namespace) -> int:
         print(json.dumps(response, indent=2, ensure_ascii=False))
     else:
         print(_text_of(response))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _text_of(response: dict[str, Any]) -> str:
@@ -146,16 +147,16 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     info = client.get_job(args.job_id).info()
     print(json.dumps(info, indent=2) if args.json else
           f"{args.job_id} {info.get('status')} (attempts={info.get('attempts', 0)})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     job = client.get_job(args.job_id)
     if job.cancel():
         print(f"{job.id}: cancel requested")
-        return EXIT_OK
+        return ExitCode.OK
     print(f"{job.id}: already {job.status().value}", file=sys.stderr)
-    return EXIT_FAILED
+    return ExitCode.FAILED
 
 
 def _result(client: Client, args: argparse.Namespace) -> int:

@@ -71,13 +71,11 @@ return {verdict, tostring(n), created, cool, turn, shown}
 # KEYS: job, lease, then the in-flight sets the call holds a slot in. ARGV: token,
 # lease_ms, job id. Also re-takes a lease that lapsed while Redis was away, as long as
 # the record still names this attempt; in-flight slots live as long as the lease.
-# Returns 1 (renewed), 0 (this attempt ended the job, or parked it, a moment ago: not a
-# loss) or -1 (another attempt holds it, or it was given back to its queue).
+# Returns 1 (renewed), 0 (this attempt itself ended, parked or released the job a moment
+# ago: ``ended_by`` names it) or -1 (lost: another attempt took it, or the record is gone).
 _RENEW = """
-local held = redis.call('HGET', KEYS[1], 'token')
-if held ~= ARGV[1] then
-  local s = redis.call('HGET', KEYS[1], 'status')
-  if not held and s ~= 'queued' and s ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
+  if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then return 0 end
   return -1
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -92,7 +90,7 @@ return 1
 # KEYS: job, lease. ARGV: token. The worker stops: the job goes back to its queue.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'ended_by', ARGV[1])
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('DEL', KEYS[2])
 return 1
@@ -136,6 +134,7 @@ if ARGV[7] ~= '' then
 else
   redis.call('HDEL', KEYS[1], 'turn_at')
 end
+redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('DEL', KEYS[2])
 redis.call('ZADD', KEYS[3], due, ARGV[2])
@@ -183,7 +182,7 @@ if last then
   la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
   if wa < la or (wa == la and ws <= ls) then id = la .. '-' .. (ls + 1) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'ended_by', ARGV[1], unpack(ARGV, 6))
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2]) end

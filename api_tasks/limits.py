@@ -20,7 +20,8 @@ read from Redis, O(1) whatever a call costs:
   bulk call never reserves far ahead (so it can't push interactive calls
   back): it keeps its place in the scope's line (a sorted set by submit time)
   instead, and the budget ahead goes to the older jobs in line first (budget free
-  right now goes to whichever job asks: nobody could use it later);
+  right now, beyond a call's worth kept for the head of the line, goes to whichever
+  job asks: unused, it would be lost);
 - a 429 (rate limited, not out of quota) holds the whole upstream for every
   worker until the cool-down key in Redis expires.
 """
@@ -80,7 +81,7 @@ _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] 
 _ADMIT = _NOW + """
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
-local wait, reason, lates, behind = 0, '', {}, false
+local wait, reason, lates, aheads, behind = 0, '', {}, {}, false
 local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
 local function older(i)
   -- jobs in this scope's line that came before this one (their entries lapse unless
@@ -105,20 +106,25 @@ for i = 1, scopes do
     end
   end
   local ahead = older(i)
-  lates[i] = 0
+  lates[i], aheads[i] = 0, ahead
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       -- pay before: the call's own cost must fit in the bucket (a call bigger than
-      -- the burst fits once the bucket is full), after the older jobs in line
+      -- the burst fits once the bucket is full), after the older jobs in line; but
+      -- budget free now, beyond a call's worth kept for the line's head, goes to
+      -- whoever asks: unused, it would be lost
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       local unit = arg(i, k) * (field == 'req' and 1 or cost)
       local late = tat + unit - math.max(arg(i, k + 2), unit) - now
-      if late > 0 and ahead > 0 then  -- budget free now goes to whoever asks (or it is
-        late, behind = late + unit * ahead, true  -- lost); budget ahead, to older jobs
-      end
+      if ahead > 0 and late + unit > 0 then late, behind = late + unit * ahead, true end
       lates[i] = math.max(lates[i], late)
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
+  end
+end
+if wait > 0 then  -- a job that must wait anyway takes no turn ahead of older ones
+  for i = 1, scopes do
+    if aheads[i] > 0 then behind, lates[i] = true, math.max(lates[i], 1) end
   end
 end
 local function queue_up()

@@ -42,7 +42,8 @@ def test_every_bad_line_is_reported_with_its_number_before_anything_is_sent(
         json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}),
         _line("a", model), json.dumps({"custom_id": "d", "url": "/v1/chat/completions",
                                        "body": {"model": model, "messages": []}})]) + "\n")
-    problems = check_file(source, 4 * 1024 * 1024)
+    problems, lines = check_file(source, 4 * 1024 * 1024)
+    assert lines == 6
     assert [p.split(":")[0] for p in problems] == ["line 2", "line 4", "line 5", "line 6"]
     assert "body.messages" in problems[3]
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}

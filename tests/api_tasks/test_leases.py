@@ -26,22 +26,44 @@ def test_a_held_lease_is_renewed(redis_client: redis.Redis) -> None:
     assert redis_client.pttl(keys.lease(job_id)) > 1000
 
 
-def test_a_job_this_attempt_ended_or_parked_is_not_reported_lost(
+def _finish(client: redis.Redis, store: LeaseStore, job_id: str, token: str) -> str:
+    command = store.finish_command(job_id, token, 60, "{}", "1-1", None, ["status", "succeeded"])
+    return client.execute_command(*command).decode()
+
+
+def test_a_job_this_attempt_just_ended_parked_or_released_is_not_lost(
         redis_client: redis.Redis) -> None:
     # the watchdog may renew in the moment between a job's last write and the end of its
     # call: that is no takeover, and warning about it would cry wolf
-    for status in ("succeeded", "failed", "cancelled", "waiting"):
-        store, keys, job_id = _store(redis_client)
-        redis_client.hset(keys.job(job_id), "status", status)
-        redis_client.hdel(keys.job(job_id), "token")
-        assert store.renew(redis_client, [(job_id, "mine", [])]) == [], status
+    store, _, job_id = _store(redis_client)
+    assert _finish(redis_client, store, job_id, "mine") == "ok"
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    store, _, job_id = _store(redis_client)
+    assert store.park(job_id, "mine", 5.0, "requests", {"task": "t"})
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    store, _, job_id = _store(redis_client)
+    assert store.release(job_id, "mine")
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
 
 
-def test_a_job_taken_over_or_given_back_is_reported_lost(redis_client: redis.Redis) -> None:
+def test_a_job_another_attempt_took_is_lost_whatever_it_did_with_it(
+        redis_client: redis.Redis) -> None:
+    store, keys, job_id = _store(redis_client)
+    redis_client.hset(keys.job(job_id), "token", "another")  # claimed again
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.park(job_id, "another", 5.0, "requests", {"task": "t"})  # ... and parked
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")
+    assert _finish(redis_client, store, job_id, "another") == "ok"  # ... and finished
     assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+
+
+def test_a_job_given_back_or_gone_is_lost(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)  # the reaper gave its message back
     redis_client.hset(keys.job(job_id), "status", "queued")
     redis_client.hdel(keys.job(job_id), "token")
+    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    store, keys, job_id = _store(redis_client)  # its record expired or was deleted
+    redis_client.delete(keys.job(job_id))
     assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
