@@ -61,6 +61,10 @@ class Keys:
         """Sorted set: when each job in a scope's line leaves it unless it asks again (ms)."""
         return f"{self.prefix}:line:{scope}:until"
 
+    def line_costs(self, scope: str) -> str:
+        """Hash: the token cost of each job in a scope's line (what its head needs kept)."""
+        return f"{self.prefix}:line:{scope}:costs"
+
     def delayed(self) -> str:
         """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""
         return f"{self.prefix}:delayed"

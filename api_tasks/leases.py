@@ -182,7 +182,8 @@ if last then
   la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
   if wa < la or (wa == la and ws <= ls) then id = la .. '-' .. (ls + 1) end
 end
-redis.call('HSET', KEYS[1], 'ended_by', ARGV[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2]) end

@@ -20,8 +20,8 @@ read from Redis, O(1) whatever a call costs:
   bulk call never reserves far ahead (so it can't push interactive calls
   back): it keeps its place in the scope's line (a sorted set by submit time)
   instead, and the budget ahead goes to the older jobs in line first (budget free
-  right now, beyond a call's worth kept for the head of the line, goes to whichever
-  job asks: unused, it would be lost);
+  right now, beyond what the head of the line needs, goes to whichever job asks:
+  unused, it would be lost);
 - a 429 (rate limited, not out of quota) holds the whole upstream for every
   worker until the cool-down key in Redis expires.
 """
@@ -70,53 +70,63 @@ class Cooldowns:
 
 _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
-# KEYS: per scope, its pacing hash, in-flight set, line and line expiries. ARGV: job id,
-# cost, reserve_ms, horizon_ms, lease_ms, already reserved ('1': only take a slot in
-# flight), scopes, place in line (ms; '' = not in line), line grace ms, then per scope:
-# request interval ms, token interval ms, request burst ms, token burst ms, max in flight
-# (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means the turn is
-# reserved, that long from now (a slot in flight is taken only if it is within
-# reserve_ms); 'wait' means nothing was reserved (full in flight, too far, or older jobs
-# in line first).
+# KEYS: per scope, its pacing hash, in-flight set, line, line expiries and line costs.
+# ARGV: job id, cost, reserve_ms, horizon_ms, lease_ms, already reserved ('1': only take
+# a slot in flight), scopes, place in line (ms; '' = not in line), line grace ms, then
+# per scope: request interval ms, token interval ms, request burst ms, token burst ms,
+# max in flight (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means
+# the turn is reserved, that long from now (a slot in flight is taken only if it is
+# within reserve_ms); 'wait' means nothing was reserved (full in flight, too far, or
+# older jobs in line first).
 _ADMIT = _NOW + """
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
 local wait, reason, lates, aheads, behind = 0, '', {}, {}, false
+local function key(i, n) return KEYS[5 * (i - 1) + n] end  -- n: pace, flight, line, till, costs
 local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
+local function leave(i, who)
+  redis.call('ZREM', key(i, 3), who)
+  redis.call('ZREM', key(i, 4), who)
+  redis.call('HDEL', key(i, 5), who)
+end
 local function older(i)
-  -- jobs in this scope's line that came before this one (their entries lapse unless
-  -- they come back to ask again)
-  if not place or reserved then return 0 end
-  local line, till = KEYS[4 * i - 1], KEYS[4 * i]
-  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', till, '-inf', now, 'LIMIT', 0, 100)) do
-    redis.call('ZREM', line, gone)
-    redis.call('ZREM', till, gone)
+  -- how many jobs in this scope's line came before this one, and the first one's cost
+  -- (entries lapse unless their jobs come back to ask again)
+  if not place or reserved then return 0, 0 end
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', key(i, 4), '-inf', now, 'LIMIT', 0, 100)) do
+    leave(i, gone)
   end
-  return redis.call('ZCOUNT', line, '-inf', '(' .. ARGV[8])
+  local count = redis.call('ZCOUNT', key(i, 3), '-inf', '(' .. ARGV[8])
+  if count == 0 then return 0, 0 end
+  local head = redis.call('ZRANGE', key(i, 3), 0, 0)[1]
+  return count, tonumber(redis.call('HGET', key(i, 5), head) or '0')
 end
 for i = 1, scopes do
-  local pace, flight = KEYS[4 * i - 3], KEYS[4 * i - 2]
+  local pace, flight = key(i, 1), key(i, 2)
   if arg(i, 5) > 0 then
     redis.call('ZREMRANGEBYSCORE', flight, '-inf', now)
     if not redis.call('ZSCORE', flight, id) and redis.call('ZCARD', flight) >= arg(i, 5) then
       for j = 1, scopes do  -- waiting for a slot, it keeps whatever place in line it has
-        redis.call('ZADD', KEYS[4 * j], 'XX', now + 1000 + tonumber(ARGV[9]), id)
+        redis.call('ZADD', key(j, 4), 'XX', now + 1000 + tonumber(ARGV[9]), id)
       end
       return {'wait', '200', 'concurrency'}
     end
   end
-  local ahead = older(i)
+  local ahead, head_cost = older(i)
   lates[i], aheads[i] = 0, ahead
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       -- pay before: the call's own cost must fit in the bucket (a call bigger than
       -- the burst fits once the bucket is full), after the older jobs in line; but
-      -- budget free now, beyond a call's worth kept for the line's head, goes to
-      -- whoever asks: unused, it would be lost
+      -- budget free now, beyond what the head of the line needs, goes to whoever
+      -- asks: unused, it would be lost
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       local unit = arg(i, k) * (field == 'req' and 1 or cost)
+      local kept = arg(i, k) * (field == 'req' and 1 or head_cost)
       local late = tat + unit - math.max(arg(i, k + 2), unit) - now
-      if ahead > 0 and late + unit > 0 then late, behind = late + unit * ahead, true end
+      if ahead > 0 and late + math.max(unit, kept) > 0 then
+        late, behind = late + unit * ahead, true
+      end
       lates[i] = math.max(lates[i], late)
       if late > wait then wait, reason = late, field == 'req' and 'requests' or 'tokens' end
     end
@@ -132,15 +142,13 @@ local function queue_up()
   -- limit must not hold up the other models under the same upstream
   if not place or reserved then return end
   for i = 1, scopes do
-    local line, till = KEYS[4 * i - 1], KEYS[4 * i]
     if lates[i] > 0 then
-      redis.call('ZADD', line, 'NX', place, id)
-      redis.call('ZADD', till, now + wait + tonumber(ARGV[9]), id)
-      redis.call('PEXPIRE', line, 3600000)
-      redis.call('PEXPIRE', till, 3600000)
+      redis.call('ZADD', key(i, 3), 'NX', place, id)
+      redis.call('ZADD', key(i, 4), now + wait + tonumber(ARGV[9]), id)
+      redis.call('HSET', key(i, 5), id, cost)
+      for n = 3, 5 do redis.call('PEXPIRE', key(i, n), 3600000) end
     else
-      redis.call('ZREM', line, id)
-      redis.call('ZREM', till, id)
+      leave(i, id)
     end
   end
 end
@@ -152,7 +160,7 @@ if wait > tonumber(ARGV[4]) or (reason == 'tokens' and wait > reserve) or behind
   return {'wait', tostring(wait), reason}
 end
 for i = 1, scopes do
-  local pace, flight = KEYS[4 * i - 3], KEYS[4 * i - 2]
+  local pace, flight = key(i, 1), key(i, 2)
   for k, field in ipairs({'req', 'tok'}) do
     if arg(i, k) > 0 and not reserved then
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
@@ -164,8 +172,7 @@ for i = 1, scopes do
     redis.call('ZADD', flight, now + wait + tonumber(ARGV[5]), id)
     redis.call('PEXPIRE', flight, 3600000)
   end
-  redis.call('ZREM', KEYS[4 * i - 1], id)
-  redis.call('ZREM', KEYS[4 * i], id)
+  leave(i, id)
 end
 return {'turn', tostring(wait), reason}
 """
@@ -245,7 +252,8 @@ class Limiter:
         parts = [_Scope(name, limits) for name, limits in scopes]
         keys = [key for part in parts for key in (
             self.keys.limit(part.name), self.keys.in_flight(part.name),
-            self.keys.line(part.name), self.keys.line_until(part.name))]
+            self.keys.line(part.name), self.keys.line_until(part.name),
+            self.keys.line_costs(part.name))]
         verdict, wait, reason = self._admit(
             keys=keys,
             args=[job_id, cost, self.reserve_ms,

@@ -12,6 +12,8 @@ from config.settings import Limits
 
 TEN_A_SECOND = Limits(requests_per_minute=600, burst_seconds=1, utilization=1.0)  # 10 in burst
 ONE_A_SECOND = Limits(requests_per_minute=60, burst_seconds=1, utilization=1.0)
+TEN_A_MINUTE = Limits(requests_per_minute=10, burst_seconds=60, utilization=1.0)  # 10 in burst
+THOUSAND_TOKENS = Limits(tokens_per_minute=1000, burst_seconds=60, utilization=1.0)
 BULK = 0.05  # a bulk job books at most this far ahead (reserve_ahead)
 
 
@@ -38,7 +40,7 @@ def test_a_job_behind_older_ones_waits_while_budget_is_short(redis_client: redis
 def test_budget_free_now_goes_to_a_newer_job_but_a_call_is_kept_for_the_head(
         redis_client: redis.Redis) -> None:
     limiter, keys = _limiter(redis_client)
-    scopes = [("u", TEN_A_SECOND)]
+    scopes = [("u", TEN_A_MINUTE)]  # slow refill: the test needs no clock
     _spend(limiter, scopes, 10)
     assert not limiter.admit("old", scopes, 1, horizon=BULK, place=1.0).go  # in line
     redis_client.hset(keys.limit("u"), "req", "0")  # a lull: the bucket is full again
@@ -47,6 +49,20 @@ def test_budget_free_now_goes_to_a_newer_job_but_a_call_is_kept_for_the_head(
              for i in range(10)]
     assert taken == [True] * 9 + [False]
     assert limiter.admit("old", scopes, 1, horizon=BULK, place=1.0).go  # the head's call
+
+
+def test_newer_small_calls_leave_a_big_head_of_the_line_room_for_its_tokens(
+        redis_client: redis.Redis) -> None:
+    limiter, keys = _limiter(redis_client)
+    scopes = [("u", THOUSAND_TOKENS)]
+    _spend(limiter, scopes, 1)  # one 1-token call; then 999 of 1,000 are reserved below
+    assert limiter.admit("filler", scopes, 999).go
+    assert not limiter.admit("old", scopes, 500, horizon=BULK, place=1.0).go  # in line
+    redis_client.hset(keys.limit("u"), "tok", "0")  # a lull: 1,000 tokens free
+    taken = [limiter.admit(f"new{i}", scopes, 100, horizon=BULK, place=2.0 + i).go
+             for i in range(10)]
+    assert taken == [True] * 5 + [False] * 5  # 500 are kept for the head, not just 100
+    assert limiter.admit("old", scopes, 500, horizon=BULK, place=1.0).go
 
 
 def test_a_job_that_must_wait_in_one_scope_takes_no_turn_ahead_of_older_jobs_in_another(
