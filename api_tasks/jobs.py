@@ -45,6 +45,8 @@ class _Ended(ApiTasksError):
 
 
 _FINAL = {EventType.DONE.value, EventType.ERROR.value, EventType.CANCELLED.value}
+_ATTEMPT_FIELDS = frozenset({"token", "ended_by"})  # which attempt holds or ended it: the
+# workers' business, not the caller's
 
 
 class Job:
@@ -69,7 +71,7 @@ class Job:
         info = _guard(self._client.store.info, self.id)
         if not info:
             raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
-        return info
+        return {name: value for name, value in info.items() if name not in _ATTEMPT_FIELDS}
 
     def result(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Wait for the end; return the OpenAI-format response (None if not stored).

@@ -94,6 +94,9 @@ def test_get_job_finds_it_again(client: Client, model: str) -> None:
     again = client.get_job(job.id)
     assert again.status() is JobStatus.SUCCEEDED
     assert again.result(timeout=1) == job.result(timeout=1)
+    info = again.info()
+    assert info["status"] == "succeeded" and info["kind"] == "completion"
+    assert "token" not in info and "ended_by" not in info  # the workers' bookkeeping
     with pytest.raises(JobNotFound):
         client.get_job("no-such-job")
 
