@@ -30,7 +30,6 @@ from api_tasks.spec import QUEUES
 __all__ = ["main", "parse_param"]
 
 
-
 def parse_param(text: str) -> tuple[str, Any]:
     """``key=value``: the value is JSON when it parses (0.5, null, [..]), else a string."""
     key, sep, value = text.partition("=")
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobFailed as err:
         return _fail(ExitCode.FAILED, f"{err}\n{json.dumps(err.error, indent=2)}")
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 def _fail(code: int, message: str) -> int:

@@ -135,4 +135,3 @@ def log_warnings(workdir: Path, top: int = 5) -> str:
     lines = [f"worker log: {sum(shapes.values())} warnings and errors"]
     lines += [f"  {count:6d} x {shape}" for shape, count in shapes.most_common(top)]
     return "\n".join(lines)
-

@@ -49,13 +49,17 @@ def bodies(n: int, model: str) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
-def rates(upstream: FakeUpstream, model: str) -> dict[str, float]:
-    """Realised rates from the upstream's arrival log, as fractions of the limits.
+def arrivals_of(upstream: FakeUpstream, model: str) -> list[tuple[float, int]]:
+    """The upstream's arrival log for ``model``: (time, token cost), in order."""
+    return sorted((r.at, request_cost(r.body or {})) for r in upstream.requests(model))
+
+
+def rates(arrivals: list[tuple[float, int]]) -> dict[str, float]:
+    """Realised rates from an arrival log, as fractions of the limits.
 
     The busiest window is the busiest 10 s starting anywhere after the first 10 s (a
     sliding window: stricter than back-to-back windows).
     """
-    arrivals = sorted((r.at, request_cost(r.body or {})) for r in upstream.requests(model))
     times = [at for at, _ in arrivals]
     tokens = list(itertools.accumulate((cost for _, cost in arrivals), initial=0))
     start, end = times[0], times[-1]
@@ -93,9 +97,9 @@ def run_ours(stack: ExitStack, workdir: Path, upstream: FakeUpstream, redis_url:
     ids = [r["custom_id"] for r in batch.records()]
     failed = [r["custom_id"] for r in batch.records(errors=True)]
     lines = (len(failed), n - len(set(ids) | set(failed)), len(ids) + len(failed) - n)
-    (workdir / "arrivals.json").write_text(json.dumps(
-        sorted((r.at, request_cost(r.body or {})) for r in upstream.requests(model))))
-    return rates(upstream, model), quota.rejected, lines
+    arrivals = arrivals_of(upstream, model)
+    (workdir / "arrivals.json").write_text(json.dumps(arrivals))
+    return rates(arrivals), quota.rejected, lines
 
 
 def _batch_file(path: Path, requests: list[dict[str, Any]]) -> Path:
@@ -113,7 +117,7 @@ def run_reference(upstream: FakeUpstream, n: int) -> Outcome:
     run = run_cookbook(upstream.base_url + "/v1/chat/completions", bodies(n, model), RPM, TPM,
                        estimate_cost)
     lines = (len(run.given_up), n - len(run.results) - len(run.given_up), 0)
-    return rates(upstream, model), quota.rejected, lines
+    return rates(arrivals_of(upstream, model)), quota.rejected, lines
 
 
 def _limited(upstream: FakeUpstream, model: str) -> Any:
