@@ -10,8 +10,8 @@ from api_tasks.keys import Keys
 from api_tasks.limits import Limiter
 from config.settings import Limits
 
-TEN_A_SECOND = Limits(requests_per_minute=600, burst_seconds=1, utilization=1.0)  # 10 in burst
 ONE_A_SECOND = Limits(requests_per_minute=60, burst_seconds=1, utilization=1.0)
+# slow refills (a call every 6 s, a token every 60 ms): no answer below hangs on the clock
 TEN_A_MINUTE = Limits(requests_per_minute=10, burst_seconds=60, utilization=1.0)  # 10 in burst
 THOUSAND_TOKENS = Limits(tokens_per_minute=1000, burst_seconds=60, utilization=1.0)
 BULK = 0.05  # a bulk job books at most this far ahead (reserve_ahead)
@@ -29,8 +29,8 @@ def _spend(limiter: Limiter, scopes: list[tuple[str, Limits]], calls: int) -> No
 
 def test_a_job_behind_older_ones_waits_while_budget_is_short(redis_client: redis.Redis) -> None:
     limiter, _ = _limiter(redis_client)
-    scopes = [("u", TEN_A_SECOND)]
-    _spend(limiter, scopes, 10)  # the burst is gone: the next turn is 0.1 s away
+    scopes = [("u", TEN_A_MINUTE)]
+    _spend(limiter, scopes, 10)  # the burst is gone: the next turn is 6 s away
     old = limiter.admit("old", scopes, 1, horizon=BULK, place=1.0)
     new = limiter.admit("new", scopes, 1, horizon=BULK, place=2.0)
     assert not old.go and not new.go
@@ -40,7 +40,7 @@ def test_a_job_behind_older_ones_waits_while_budget_is_short(redis_client: redis
 def test_budget_free_now_goes_to_a_newer_job_but_a_call_is_kept_for_the_head(
         redis_client: redis.Redis) -> None:
     limiter, keys = _limiter(redis_client)
-    scopes = [("u", TEN_A_MINUTE)]  # slow refill: the test needs no clock
+    scopes = [("u", TEN_A_MINUTE)]
     _spend(limiter, scopes, 10)
     assert not limiter.admit("old", scopes, 1, horizon=BULK, place=1.0).go  # in line
     redis_client.hset(keys.limit("u"), "req", "0")  # a lull: the bucket is full again
@@ -68,7 +68,7 @@ def test_newer_small_calls_leave_a_big_head_of_the_line_room_for_its_tokens(
 def test_a_job_that_must_wait_in_one_scope_takes_no_turn_ahead_of_older_jobs_in_another(
         redis_client: redis.Redis) -> None:
     limiter, keys = _limiter(redis_client)
-    upstream, model = ("u", TEN_A_SECOND), ("m", ONE_A_SECOND)
+    upstream, model = ("u", TEN_A_MINUTE), ("m", ONE_A_SECOND)
     _spend(limiter, [upstream], 10)
     assert not limiter.admit("old", [upstream], 1, horizon=BULK, place=1.0).go
     redis_client.hset(keys.limit("u"), "req", "0")  # the upstream has budget free now
