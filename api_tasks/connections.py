@@ -15,7 +15,7 @@ from api_tasks.errors import BrokerUnavailable
 if TYPE_CHECKING:
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "text", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "pool_size", "text", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,19 @@ log = logging.getLogger(__name__)
 BLOCK_SLICE = 5.0
 
 
-def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0) -> redis.Redis:
+def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
+            max_connections: int = 100) -> redis.Redis:
     """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL).
 
     The default timeout suits blocking reads (``BLOCK_SLICE``); pass a shorter one
-    for a client that only makes quick calls, so a hung Redis fails it fast.
+    for a client that only makes quick calls, so a hung Redis fails it fast. The pool
+    holds ``max_connections``; a thread that finds them all busy waits for one (up to
+    the socket timeout) instead of failing with "Too many connections".
     """
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         settings.url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
         protocol=2,  # stable reply shapes whatever redis-py's default becomes
         socket_connect_timeout=settings.socket_connect_timeout,
         socket_timeout=socket_timeout,
@@ -39,6 +44,12 @@ def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0)
         health_check_interval=settings.health_check_interval,
         decode_responses=False,
     )
+    return redis.Redis(connection_pool=pool)
+
+
+def pool_size(concurrency: int) -> int:
+    """Connections a worker process needs: one per job thread, plus its own threads'."""
+    return concurrency + 16
 
 
 def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10.0) -> None:

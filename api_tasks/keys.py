@@ -73,6 +73,10 @@ class Keys:
         """Hash: the task message of each delayed job, sent again when it is due."""
         return f"{self.prefix}:delayed:messages"
 
+    def running(self) -> str:
+        """Sorted set: jobs a worker claimed, by when their lease lapses (ms)."""
+        return f"{self.prefix}:running"
+
     def scheduler_lock(self) -> str:
         """String: held by the one worker sending due waiting jobs right now."""
         return f"{self.prefix}:scheduler"

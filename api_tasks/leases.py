@@ -34,10 +34,14 @@ from api_tasks.writer import Command
 
 __all__ = ["Claim", "LeaseStore"]
 
-# KEYS: job, cancel, lease, the upstream's cool-down, events. ARGV: now, ttl, token,
-# lease_ms, max_crashes, then field/value pairs for a job nobody recorded (a plain Celery
-# client's). Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved
-# turn or '', whether the job's stream has events}.
+_DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
+
+# KEYS: job, cancel, lease, the upstream's cool-down, events, running index. ARGV: now,
+# ttl, token, lease_ms, max_crashes, the task message ('' = none), job id, then
+# field/value pairs for a job nobody recorded (a plain Celery client's). The message stays
+# in the record while the job runs, so a job whose message is lost can be sent again.
+# Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
+# whether the job's stream has events}.
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
@@ -54,11 +58,14 @@ if holder == ARGV[3] then
   return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown}
 end
 if holder then return {'busy', '0', created, cool, turn, shown} end
-if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 6)) end
+if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'message', ARGV[6]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]), ARGV[7])
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 local verdict = 'run'
 if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
 elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
@@ -68,8 +75,8 @@ redis.call('HDEL', KEYS[1], 'turn_at')
 return {verdict, tostring(n), created, cool, turn, shown}
 """
 
-# KEYS: job, lease, then the in-flight sets the call holds a slot in. ARGV: token,
-# lease_ms, job id. Also re-takes a lease that lapsed while Redis was away, as long as
+# KEYS: job, lease, running index, then the in-flight sets the call holds a slot in.
+# ARGV: token, lease_ms, job id. Also re-takes a lease that lapsed while Redis was away, as long as
 # the record still names this attempt; in-flight slots live as long as the lease.
 # Returns 1 (renewed), 0 (this attempt itself ended, parked or released the job a moment
 # ago: ``ended_by`` names it) or -1 (lost: another attempt took it, or the record is gone).
@@ -79,24 +86,25 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
   return -1
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-if #KEYS > 2 then
-  local t = redis.call('TIME')
-  local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
-  for i = 3, #KEYS do redis.call('ZADD', KEYS[i], 'XX', until_ms, ARGV[3]) end
-end
+local t = redis.call('TIME')
+local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+for i = 3, #KEYS do redis.call('ZADD', KEYS[i], 'XX', until_ms, ARGV[3]) end
 return 1
 """
 
-# KEYS: job, lease. ARGV: token. The worker stops: the job goes back to its queue.
+# KEYS: job, lease, running index. ARGV: token, job id. The worker stops: the job goes
+# back to its queue.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'ended_by', ARGV[1])
-redis.call('HDEL', KEYS[1], 'token')
+redis.call('HDEL', KEYS[1], 'token', 'message')
 redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: unacked index, unacked hash, job, lease, queue. ARGV: delivery tag, message.
+# KEYS: unacked index, unacked hash, job, lease, queue, running index. ARGV: delivery tag,
+# message, job id.
 # Gives a dead worker's unacked message back to its queue, unless a live lease
 # says its job is still running; a message of a finished job is just dropped.
 _RESTORE = """
@@ -108,8 +116,9 @@ if not ended then
   if s == 'running' then
     redis.call('HINCRBY', KEYS[3], 'crashes', 1)
     redis.call('HSET', KEYS[3], 'status', 'queued')
-    redis.call('HDEL', KEYS[3], 'token')
+    redis.call('HDEL', KEYS[3], 'token', 'message')
   end
+  redis.call('ZREM', KEYS[6], ARGV[3])
   redis.call('RPUSH', KEYS[5], ARGV[2])
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -118,7 +127,8 @@ if ended then return 'ended' end
 return 'restored'
 """
 
-# KEYS: job, lease, delayed set, delayed messages. ARGV: token, job id, wait ms, reason,
+# KEYS: job, lease, delayed set, delayed messages, running index. ARGV: token, job id,
+# wait ms, reason,
 # message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
 # to wait for a limit and is sent again ``lead`` before its turn (or when due).
 _PARK = """
@@ -135,8 +145,9 @@ else
   redis.call('HDEL', KEYS[1], 'turn_at')
 end
 redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
-redis.call('HDEL', KEYS[1], 'token')
+redis.call('HDEL', KEYS[1], 'token', 'message')
 redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[5], ARGV[2])
 redis.call('ZADD', KEYS[3], due, ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
@@ -167,9 +178,50 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('HDEL', KEYS[2], A
 return 1
 """
 
-# KEYS: job, result, events, channel, lease. ARGV: token ('' = whoever holds it, for
-# the last-resort failure), ttl, event, wanted entry id, result ('' for none), then
-# job field/value pairs. A job already ended is never written twice.
+# KEYS: job, lease, delayed set, delayed messages. ARGV: job id, message, margin ms, ttl.
+# A delivery that found the job held by another attempt: the job is looked at again when
+# that lease would lapse, so a holder that gave its message back without its lease (a
+# failed give-back) cannot leave the job with no message. Returns 1, or 0 if the lease is
+# already gone (claim again).
+_DEFER = """
+local left = redis.call('PTTL', KEYS[2])
+if left < 0 then return 0 end
+local t = redis.call('TIME')
+local due = t[1] * 1000 + math.floor(t[2] / 1000) + left + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[3], 'NX', due, ARGV[1])
+redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+return 1
+"""
+
+# KEYS: running index, job, lease, delayed set, delayed messages. ARGV: job id, ttl.
+# A job whose lease lapsed a while ago (the unacked sweep had its chance first): if it is
+# still running it lost its message too, so it is queued and sent again from the message
+# its claim recorded. Returns 'alive', 'gone' or 'recovered'.
+_RECOVER = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local left = redis.call('PTTL', KEYS[3])
+if left > 0 then
+  redis.call('ZADD', KEYS[1], 'XX', now + left, ARGV[1])
+  return 'alive'
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local message = redis.call('HGET', KEYS[2], 'message')
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' or not message then return 'gone' end
+redis.call('HSET', KEYS[2], 'status', 'queued')
+redis.call('HDEL', KEYS[2], 'token', 'message')
+redis.call('ZADD', KEYS[4], 'NX', now, ARGV[1])
+redis.call('HSETNX', KEYS[5], ARGV[1], message)
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
+return 'recovered'
+"""
+
+# KEYS: job, result, events, channel, lease, running index. ARGV: token ('' = whoever
+# holds it, for the last-resort failure), ttl, event, wanted entry id, result ('' for
+# none), job id, then job field/value pairs. A job already ended is never written twice.
 _FINISH = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 'ended' end
@@ -182,9 +234,10 @@ if last then
   la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
   if wa < la or (wa == la and ws <= ls) then id = la .. '-' .. (ls + 1) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
-redis.call('HDEL', KEYS[1], 'token')
+redis.call('HDEL', KEYS[1], 'token', 'message')
+redis.call('ZREM', KEYS[6], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2]) end
 redis.call('XADD', KEYS[3], id, '""" + EVENT_FIELD + """', ARGV[3])
@@ -193,6 +246,10 @@ redis.call('PUBLISH', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[5])
 return 'ok'
 """
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -224,16 +281,23 @@ class LeaseStore:
         self._park = client.register_script(_PARK)
         self._due = client.register_script(_DUE)
         self._sent = client.register_script(_SENT)
+        self._defer = client.register_script(_DEFER)
+        self._recover = client.register_script(_RECOVER)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
-              upstream: str = "") -> Claim:
-        """Take the job for attempt ``token``, unless it is finished or held."""
+              upstream: str = "", message: dict[str, Any] | None = None) -> Claim:
+        """Take the job for attempt ``token``, unless it is finished or held.
+
+        ``message`` (the task message) stays in the record while the job runs, so the
+        job can be sent again if its own message is lost.
+        """
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
         verdict, delivery, created, cool, turn, shown = self._claim(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
-                  keys.cooldown(upstream), keys.events(job_id)],
-            args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, *flat])
+                  keys.cooldown(upstream), keys.events(job_id), keys.running()],
+            args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes,
+                  _dumps(message) if message is not None else "", job_id, *flat])
         return Claim(text(verdict), int(delivery), float(created), int(cool) / 1000,
                      None if not turn else float(turn) / 1000, text(shown) == "1")
 
@@ -243,7 +307,8 @@ class LeaseStore:
         the job ids another attempt took over (not those this attempt just ended)."""
         pipe = client.pipeline(transaction=False)
         for job_id, token, flights in held:
-            self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id), *flights],
+            self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id),
+                              self.keys.running(), *flights],
                         args=[token, self.lease_ms, job_id], client=pipe)
         results = pipe.execute()
         return [job_id for (job_id, _, _), ok in zip(held, results, strict=True) if ok == -1]
@@ -251,14 +316,16 @@ class LeaseStore:
     def release(self, job_id: str, token: str) -> bool:
         """Give a job back (the worker is stopping); True if it was still ours."""
         keys = self.keys
-        return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id)], args=[token]))
+        return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id), keys.running()],
+                                  args=[token, job_id]))
 
     def restore(self, tag: str, job_id: str, queue: str, message: str) -> str:
         """Put an unacked message back on its queue if its job's lease lapsed."""
         celery = self.keys.celery_prefix()
         return text(self._restore(
             keys=[celery + "unacked_index", celery + "unacked", self.keys.job(job_id),
-                  self.keys.lease(job_id), celery + queue], args=[tag, message]))
+                  self.keys.lease(job_id), celery + queue, self.keys.running()],
+            args=[tag, message, job_id]))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: dict[str, Any], turn: float | None = None, lead: float = 0.0) -> bool:
@@ -269,9 +336,10 @@ class LeaseStore:
         """
         keys = self.keys
         return bool(self._park(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages()],
-            args=[token, job_id, max(int(wait * 1000), 1), reason,
-                  json.dumps(message, separators=(",", ":")), self.queued_ttl,
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
+                  keys.running()],
+            args=[token, job_id, max(int(wait * 1000), 1), reason, _dumps(message),
+                  self.queued_ttl,
                   "" if turn is None else int(turn * 1000), int(lead * 1000)]))
 
     def due(self, limit: int = 500) -> list[tuple[str, dict[str, Any]]]:
@@ -290,7 +358,32 @@ class LeaseStore:
                        result: str | None, fields: list[str]) -> Command:
         """The one atomic write that ends a job, refused unless ``token`` still owns it."""
         keys = self.keys
-        return ("EVAL", _FINISH, 5, keys.job(job_id), keys.result(job_id),
-                keys.events(job_id), keys.channel(job_id), keys.lease(job_id),
-                token, ttl, event, event_id, result or "", *fields)
+        return ("EVAL", _FINISH, 6, keys.job(job_id), keys.result(job_id),
+                keys.events(job_id), keys.channel(job_id), keys.lease(job_id), keys.running(),
+                token, ttl, event, event_id, result or "", job_id, *fields)
+
+    def defer(self, job_id: str, message: dict[str, Any]) -> bool:
+        """A delivery found the job held: look again when the holder's lease would lapse.
+
+        False if the lease is already gone (the caller claims again).
+        """
+        keys = self.keys
+        return bool(self._defer(
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages()],
+            args=[job_id, _dumps(message), _DEFER_MARGIN_MS, self.queued_ttl]))
+
+    def recover(self, cutoff_ms: int, limit: int = 500) -> list[str]:
+        """Send again the running jobs whose lease lapsed before ``cutoff_ms`` and whose
+        message is gone with their worker; returns their ids."""
+        keys = self.keys
+        ids = [text(i) for i in self.redis.zrangebyscore(
+            keys.running(), "-inf", cutoff_ms, 0, limit)]
+        recovered = []
+        for job_id in ids:
+            outcome = text(self._recover(
+                keys=[keys.running(), keys.job(job_id), keys.lease(job_id), keys.delayed(),
+                      keys.delayed_messages()], args=[job_id, self.queued_ttl]))
+            if outcome == "recovered":
+                recovered.append(job_id)
+        return recovered
 

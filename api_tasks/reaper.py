@@ -86,11 +86,19 @@ class Reaper:
         prefix = self._keys.celery_prefix()
         tags: list[bytes] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
             prefix + "unacked_index", "-inf", cutoff, 0, limit))
-        if not tags:
-            return 0
-        entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
-        return sum(self._give_back(tag, raw) for tag, raw in zip(tags, entries, strict=True)
-                   if raw is not None)
+        given = 0
+        if tags:
+            entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
+            given = sum(self._give_back(tag, raw) for tag, raw
+                        in zip(tags, entries, strict=True) if raw is not None)
+        # a running job with no lease for longer than the unacked sweep needs has no
+        # message left anywhere (a failed give-back, a lost requeue): send it again
+        lapsed = int((cutoff - 2 * self._interval) * 1000)
+        for job_id in self._leases.recover(lapsed, limit):
+            log.warning("reaper: job %s was running with no worker and no message; sent "
+                        "again", job_id)
+            given += 1
+        return given
 
     def _send_due(self) -> None:
         """Send again the jobs that waited outside any worker for a limit (one worker at a

@@ -79,9 +79,18 @@ class JobRunner:
             return self._reject(job_id, kind, err)
         queue = spec.queue or self.settings.jobs.default_queue
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        claim = self.leases.claim(job_id, token,
-                                  self.store.record_fields(spec, upstream.name, queue),
-                                  time.time(), upstream.name)
+        message = spec.message(queue)
+        fields = self.store.record_fields(spec, upstream.name, queue)
+        claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
+        if claim.verdict == "busy":
+            # never just drop it: the holder may have given its message back but not its
+            # lease (a failed give-back), and then this message is the job's only one
+            if self.leases.defer(job_id, message):
+                log.info("job %s is held by another attempt: looked at again when its lease "
+                         "lapses", job_id)
+                return "deferred"
+            claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name,
+                                      message)
         if claim.verdict not in _RUNNABLE:
             log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
             return claim.verdict

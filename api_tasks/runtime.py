@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from api_tasks import tokens
 from api_tasks.batch_pump import BatchPump
 from api_tasks.client import Client
-from api_tasks.connections import connect
+from api_tasks.connections import connect, pool_size
 from api_tasks.http_client import HttpClient
 from api_tasks.inflight import Watchdog
 from api_tasks.keys import Keys
@@ -43,10 +43,11 @@ class Runtime:
     def __init__(self, settings: Settings, app: Any = None) -> None:
         self.settings = settings
         self.app = app
-        self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-        self.redis = connect(settings.redis)
-        self.keys = Keys(settings.redis.prefix)
         jobs, worker = settings.jobs, settings.worker
+        self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        # one connection per job thread, or a shutdown's give-backs fail all at once
+        self.redis = connect(settings.redis, max_connections=pool_size(worker.concurrency))
+        self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl)
         self.leases = LeaseStore(self.redis, self.keys, jobs.queued_ttl,
                                  int(worker.lease_ttl * 1000), jobs.max_crashes)

@@ -11,6 +11,7 @@ Why each setting (the README explains them for operators):
 - A visibility timeout above the longest job, or Redis would hand a running
   job to a second worker.
 - Celery's result backend is off: results go to our own documented keys.
+- The broker's connection pool is sized from the concurrency, like the runtime's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from api_tasks.connections import pool_size
 from api_tasks.keys import Keys
 from api_tasks.spec import QUEUES
 
@@ -52,6 +54,8 @@ def create_app(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout(),
             "queue_order_strategy": "priority",
             "global_keyprefix": Keys(settings.redis.prefix).celery_prefix(),
+            # every job thread acks or requeues its own message, all at once at shutdown
+            "max_connections": pool_size(settings.worker.concurrency),
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from api_tasks import JobFailed, JobStatus, StreamRestarted
@@ -96,7 +97,7 @@ def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
                 time.monotonic() - started)
 
 
-def test_a_second_delivery_of_a_running_job_is_dropped(
+def test_a_second_delivery_of_a_running_job_waits_for_the_lease_then_is_dropped(
         env: dict[str, str], client: Client, fake: FakeUpstream,
         spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model, Reply(delay=2.0, content="once"))
@@ -107,9 +108,12 @@ def test_a_second_delivery_of_a_running_job_is_dropped(
     again = {"args": [USER], "kwargs": {"model": model}, "task_id": job.id,
              "queue": "interactive"}
     client.app.send_task("api_tasks.chat", **again)
-    wait_until(lambda: f"job {job.id} is busy: delivery dropped" in worker.log(), 10,
-               "the duplicate to be dropped")
+    wait_until(lambda: f"job {job.id} is held by another attempt" in worker.log(), 10,
+               "the duplicate to be deferred")
     assert job.result(timeout=10) is not None
+    # deferred, not acked: it comes back when the lease would have lapsed, and is dropped
+    wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
+               "the deferred duplicate to be dropped")
     client.app.send_task("api_tasks.chat", **again)
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the late duplicate to be dropped")
@@ -145,3 +149,32 @@ def test_a_poison_job_is_stopped_and_others_keep_flowing(
     figures.add("a poison job that kills its worker on every delivery (max_crashes 3), "
                 "3 healthy jobs beside it", 4, counted.count(0), 0,
                 len(fake.requests(poison_model)) - 1)
+
+
+def test_a_running_job_whose_message_is_gone_is_sent_again(
+        env: dict[str, str], client: Client, fake: FakeUpstream, spawn: Spawn, model: str,
+        redis_client: redis.Redis, figures: Figures) -> None:
+    """No single lost write may orphan a job: its worker dies and its message is gone
+    from the broker too (as after a failed give-back), yet the job runs again, once."""
+    fake.script(model, Reply(delay=30), Reply(content="recovered"))
+    doomed = spawn(env, "orphan", concurrency=4)
+    job = client.submit_chat(USER, model=model)
+    fake.wait_for_requests(model, 1, timeout=10)
+    doomed.kill()
+    celery = client.keys.celery_prefix()
+    tags = redis_client.hkeys(celery + "unacked")
+    assert len(tags) == 1
+    redis_client.hdel(celery + "unacked", *tags)  # the message is lost with its worker
+    redis_client.zrem(celery + "unacked_index", *tags)
+    assert job.info()["status"] == "running"
+    started = time.monotonic()
+    heir = spawn(env, "orphan-heir", concurrency=4)
+    response = job.result(timeout=30)
+    assert response is not None and response["choices"][0]["message"]["content"] == "recovered"
+    assert "was running with no worker and no message; sent again" in heir.log()
+    assert not redis_client.hexists(client.keys.job(job.id), "message")  # gone with the run
+    counted = _outcomes(spawn, [job])
+    assert counted == [1]
+    figures.add("a running job whose worker died and whose message was lost", 1,
+                counted.count(0), 0, len(fake.requests(model)) - 1,
+                time.monotonic() - started)
