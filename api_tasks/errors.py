@@ -33,6 +33,7 @@ __all__ = [
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
+    "UrlRefused",
     "WorkerStopping",
     "error_object",
 ]
@@ -209,6 +210,13 @@ class RequestTooLarge(UpstreamError):
 
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UrlRefused(UpstreamError):
+    """A job's chosen host resolved to an address its allow-list does not name."""
+
+    type = "invalid_request_error"
+    code = "base_url_refused"
 
 
 class CallCancelled(UpstreamError):

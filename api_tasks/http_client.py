@@ -28,8 +28,10 @@ from api_tasks.errors import (
     APITimeoutError,
     InvalidResponseError,
     UpstreamError,
+    UrlRefused,
 )
 from api_tasks.inflight import CallHandle, current_handle
+from api_tasks.job_urls import AddressGuard, AddressRefused
 from api_tasks.retry import parse_retry_after
 
 __all__ = ["CallRequest", "HttpClient", "decode_json", "scrub"]
@@ -42,10 +44,30 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           422: "invalid_request_error", 429: "rate_limit_error"}
 
 
+_guard = threading.local()  # the AddressGuard of the call this thread is making, if any
+
+
 class _Tracked:
-    """Reports its socket to the thread's CallHandle: on connect, and on each reuse."""
+    """Reports its socket to the thread's CallHandle: on connect, and on each reuse.
+
+    For a job that chose its URL, the host is resolved here and the socket goes to an
+    address the guard allows (the name stays for the Host header and TLS).
+    """
 
     sock: Any
+    _dns_host: str
+    port: int
+
+    def _new_conn(self) -> Any:
+        guard: AddressGuard | None = getattr(_guard, "current", None)
+        if guard is None:
+            return super()._new_conn()  # type: ignore[misc]
+        name = self._dns_host
+        self._dns_host = guard.resolve(name, self.port)
+        try:
+            return super()._new_conn()  # type: ignore[misc]
+        finally:
+            self._dns_host = name
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -98,6 +120,7 @@ class CallRequest:
     read_timeout: float
     max_response_bytes: int
     secrets: tuple[str, ...] = ()
+    guard: AddressGuard | None = None  # set when the job chose its URL
 
 
 class HttpClient:
@@ -123,6 +146,7 @@ class HttpClient:
 
     def send(self, handle: CallHandle, call: CallRequest) -> requests.Response:
         """POST and return the response with its body unread; errors raise ``UpstreamError``."""
+        _guard.current = call.guard
         try:
             with handle.bound():
                 response = self.session().post(
@@ -130,6 +154,8 @@ class HttpClient:
                     timeout=(call.connect_timeout, call.read_timeout), allow_redirects=False)
         except requests.RequestException as err:
             raise _convert(err, handle, call) from err
+        finally:
+            _guard.current = None
         if response.status_code >= 300:
             with response:
                 raise self._status_error(handle, response, call)
@@ -257,6 +283,9 @@ def _convert(err: BaseException, handle: CallHandle, call: CallRequest) -> Upstr
                         TimeoutError)):
         return APITimeoutError(f"the upstream sent nothing for {call.read_timeout:g}s",
                                code="read_timeout")
+    refused = _cause(err, AddressRefused)
+    if refused is not None:
+        return UrlRefused(f"base_url: {refused}", param="base_url")
     if _caused_by(err, ConnectionRefusedError):
         return APIConnectionError(f"connection refused by {_host(call.url)}",
                                   code="connection_refused")
@@ -267,15 +296,23 @@ def _convert(err: BaseException, handle: CallHandle, call: CallRequest) -> Upstr
 
 
 def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    return _cause(err, kind) is not None
+
+
+def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The exception of ``kind`` somewhere in ``err``'s causes or arguments, if any."""
     seen: BaseException | None = err
     for _ in range(8):
         if seen is None:
-            return False
-        if isinstance(seen, kind) or any(isinstance(a, kind) for a in seen.args):
-            return True
+            return None
+        if isinstance(seen, kind):
+            return seen
+        found = next((a for a in seen.args if isinstance(a, kind)), None)
+        if found is not None:
+            return found
         nested = next((a for a in seen.args if isinstance(a, BaseException)), None)
         seen = seen.__cause__ or seen.__context__ or nested
-    return False
+    return None
 
 
 def _host(url: str) -> str:

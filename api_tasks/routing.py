@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from api_tasks.errors import InvalidJob
 from api_tasks.http_client import CallRequest
+from api_tasks.job_urls import AddressGuard, check_job_url
 from api_tasks.merge import merge_payload
 from api_tasks.spec import JobSpec
 
@@ -23,23 +23,8 @@ def resolve_upstream(settings: Settings, spec: JobSpec) -> Upstream:
     """The job's upstream (by name, else by model), its ``base_url`` checked against it."""
     upstream = _pick_upstream(settings, spec)
     if spec.base_url is not None:
-        _check_job_url(upstream, spec.base_url)
+        check_job_url(tuple(upstream.job_base_url_hosts), upstream.name, spec.base_url)
     return upstream
-
-
-def _check_job_url(upstream: Upstream, url: str) -> None:
-    """A job may choose its URL only on an upstream that allow-lists the host."""
-    if not upstream.job_base_url_hosts:
-        raise InvalidJob("base_url", f"upstream {upstream.name!r} does not let jobs choose "
-                                     "their URL (settings: job_base_url_hosts)")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidJob("base_url", "must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise InvalidJob("base_url", "must not carry credentials, a query or a fragment")
-    if not upstream.allows_job_host(parts.hostname):
-        raise InvalidJob("base_url", f"host {parts.hostname!r} is not on upstream "
-                                     f"{upstream.name!r}'s job_base_url_hosts")
 
 
 def _pick_upstream(settings: Settings, spec: JobSpec) -> Upstream:
@@ -84,9 +69,11 @@ def build_call(settings: Settings, upstream: Upstream, spec: JobSpec,
     if payload is None:
         payload = build_payload(settings, upstream, spec)
     body = json.dumps(payload, separators=(",", ":"))
-    base = upstream.base_url
-    if spec.base_url is not None:  # allow-listed in resolve_upstream
-        base = spec.base_url.rstrip("/").removesuffix("/v1")
+    base, guard = upstream.base_url, None
+    if spec.base_url is not None:  # the URL rebuilt from its checked parts, never the raw one
+        entries = tuple(upstream.job_base_url_hosts)
+        base = check_job_url(entries, upstream.name, spec.base_url).url
+        guard = AddressGuard(entries)
     return CallRequest(
         url=base + _PATHS[spec.kind],
         headers=headers,
@@ -95,4 +82,5 @@ def build_call(settings: Settings, upstream: Upstream, spec: JobSpec,
         read_timeout=upstream.timeouts.read,
         max_response_bytes=upstream.max_response_bytes,
         secrets=secrets,
+        guard=guard,
     )

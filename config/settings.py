@@ -133,6 +133,15 @@ class Upstream(_Model):
         url = value.strip().rstrip("/")
         return url[: -len("/v1")] if url.endswith("/v1") else url
 
+    @field_validator("job_base_url_hosts")
+    @classmethod
+    def _check_job_hosts(cls, value: list[str]) -> list[str]:
+        from api_tasks.job_urls import allow_list  # only when an allow-list is set
+
+        if value:
+            allow_list(tuple(value))
+        return value
+
     @field_validator("headers")
     @classmethod
     def _no_secret_headers(cls, value: dict[str, str]) -> dict[str, str]:
@@ -140,10 +149,6 @@ class Upstream(_Model):
         if banned & {name.lower() for name in value}:
             raise ValueError("keys go in api_key_env or api_key_file, not in headers")
         return value
-
-    def allows_job_host(self, host: str) -> bool:
-        """Whether a job may send its call to this host (an allow-list of globs)."""
-        return any(fnmatch.fnmatchcase(host.lower(), p.lower()) for p in self.job_base_url_hosts)
 
     def serves(self, model: str) -> bool:
         """Whether a model name matches one of this upstream's globs."""

@@ -30,13 +30,17 @@ SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
     """The upstreams the test worker knows: all on the fake server but one; catch-all last."""
     quick = {"initial_delay": 0.05, "max_delay": 0.2, "max_retry_after": 3}
+    fake_port = fake_url.rsplit(":", 1)[1]
     return [
         {"name": "tight", "base_url": fake_url, "models": ["tight-*"],
          "timeouts": {"connect": 1, "read": 1, "total": 2.5},
          "retry": {"max_attempts": 1}, "max_response_bytes": 1048576,
          "max_line_bytes": 65536},
         {"name": "open", "base_url": f"http://127.0.0.1:{free_port()}", "models": ["open-*"],
-         "job_base_url_hosts": ["127.0.0.1"], "retry": {"max_attempts": 1}},
+         "job_base_url_hosts": [f"127.0.0.1:{fake_port}", "*.internal"],
+         "retry": {"max_attempts": 1}},
+        {"name": "named", "base_url": f"http://127.0.0.1:{free_port()}", "models": ["named-*"],
+         "job_base_url_hosts": [f"localhost:{fake_port}"], "retry": {"max_attempts": 1}},
         {"name": "proxied", "base_url": proxy_url, "models": ["proxied-*"], "retry": quick,
          "timeouts": {"connect": 2, "read": 10, "total": 30}},
         {"name": "tight-retry", "base_url": fake_url, "models": [],

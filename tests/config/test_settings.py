@@ -84,6 +84,8 @@ def test_bad_env_value_names_the_variable() -> None:
     ({"upstreams": [{"name": "a", "base_url": "http://a", "tokenizer": "o200k_base"}]},
      "upstreams[0].tokenizer"),
     ({"worker": {"pool": "prefork"}}, "worker.pool"),
+    ({"upstreams": [{"name": "a", "base_url": "http://a",
+                     "job_base_url_hosts": ["10.0.*.*"]}]}, "upstreams[0].job_base_url_hosts"),
     ({"worker": {"visibility_timeout": 100}}, "visibility_timeout"),
     ("upstreams: [unclosed", "not valid YAML"),
 ])

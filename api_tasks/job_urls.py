@@ -1,0 +1,240 @@
+"""Where a job may send its call: a strict parse of its ``base_url`` and the allow-list.
+
+A job's URL is parsed here, refusing anything two parsers could read two ways
+(backslashes, userinfo, percent-encoded hosts, control characters, IP
+literals in decimal, octal, hex or short forms), and the call goes to a URL
+rebuilt from the checked parts. Each allow-list entry is ``HOST[:PORT]``:
+HOST a glob of DNS names, an IP address or a CIDR network (IPv6 in
+brackets), PORT a number or ``*`` (80 and 443 when left out). At connect time
+the name is resolved and the call goes to a checked address: a loopback,
+private, link-local or otherwise non-public address only if an entry names
+it (as an address or network), so a DNS name cannot point a job inside.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+from urllib3.util import parse_url
+
+from api_tasks.errors import InvalidJob
+
+__all__ = ["AddressGuard", "AddressRefused", "AllowEntry", "JobUrl", "allow_list",
+           "check_job_url", "parse_allow_entry", "parse_job_url"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_PORTS = frozenset({80, 443})
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_GLOB = re.compile(r"^[a-z0-9_.*?-]+$")
+# a host whose last label is a number is an IPv4 literal to URL parsers (WHATWG), whatever
+# its form: 2130706433, 0x7f000001, 0177.0.0.1 and 127.1 all reach 127.0.0.1
+_NUMBER = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_ADDRESS_GLOB = re.compile(r"^[0-9*?]+$")
+_SCHEMES = {"http": 80, "https": 443}
+
+
+class AddressRefused(OSError):
+    """The job's host resolved to an address the allow-list does not name."""
+
+
+@dataclass(frozen=True)
+class JobUrl:
+    """A job's URL, checked part by part; ``url`` is rebuilt from the parts."""
+
+    scheme: str
+    host: str  # lower-case DNS name, or an IP address in its canonical form
+    port: int
+    path: str
+    ip: IPAddress | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL the call goes to (no credentials, query or fragment)."""
+        host = f"[{self.host}]" if isinstance(self.ip, ipaddress.IPv6Address) else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """One allow-list entry: a name glob, an address or a network, and its ports."""
+
+    glob: str | None
+    network: IPNetwork | None
+    ports: frozenset[int] | None  # None: any port
+
+    def matches(self, url: JobUrl) -> bool:
+        """Whether this entry lets a job call ``url``."""
+        if self.ports is not None and url.port not in self.ports:
+            return False
+        if self.network is not None:
+            return url.ip is not None and _same_family(url.ip, self.network) \
+                and url.ip in self.network
+        return url.ip is None and self.glob is not None and fnmatch.fnmatchcase(url.host,
+                                                                                self.glob)
+
+    def names(self, address: IPAddress) -> bool:
+        """Whether this entry names ``address`` itself (not merely a DNS name for it)."""
+        return self.network is not None and _same_family(address, self.network) \
+            and address in self.network
+
+
+def _refuse(why: str) -> InvalidJob:
+    return InvalidJob("base_url", why)
+
+
+def parse_job_url(url: object) -> JobUrl:
+    """Parse a job's ``base_url`` strictly; ``InvalidJob`` names what is wrong."""
+    if not isinstance(url, str):
+        raise _refuse("must be a URL string")
+    if any(not 0x20 < ord(c) < 0x7f for c in url):
+        raise _refuse("must be printable ASCII, with no spaces or control characters")
+    if "\\" in url:
+        raise _refuse("must not contain a backslash")
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
+        raise _refuse("must be an http:// or https:// URL with a host")
+    if "?" in rest or "#" in rest:
+        raise _refuse("must not carry a query or a fragment")
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        raise _refuse("must not carry credentials (user@host)")
+    if "%" in authority:
+        raise _refuse("must not percent-encode its host")
+    host, port = _split_port(authority, "base_url")
+    name, ip = _host(host)
+    parsed = JobUrl(scheme, name, port if port is not None else _SCHEMES[scheme],
+                    (slash + tail).rstrip("/").removesuffix("/v1"), ip)
+    _agrees_with_urllib3(parsed)
+    return parsed
+
+
+def _split_port(authority: str, what: str) -> tuple[str, int | None]:
+    if authority.startswith("["):
+        host, close, after = authority[1:].partition("]")
+        if not close or (after and not after.startswith(":")):
+            raise _refuse("has a malformed [IPv6] host") if what == "base_url" else \
+                ValueError("malformed [IPv6] address")
+        return "[" + host + "]", _port(after[1:], what) if after else None
+    host, colon, port = authority.rpartition(":")
+    return (host, _port(port, what)) if colon else (authority, None)
+
+
+def _port(text: str, what: str) -> int | None:
+    if what != "base_url" and text == "*":
+        return None
+    if not text.isdigit() or str(int(text)) != text or not 0 < int(text) < 65536:
+        message = f"port {text!r} must be a number from 1 to 65535"
+        raise _refuse(message) if what == "base_url" else ValueError(message)
+    return int(text)
+
+
+def _host(host: str) -> tuple[str, IPAddress | None]:
+    if host.startswith("["):
+        try:
+            ip6 = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise _refuse(f"{host} is not an IPv6 address") from None
+        return ip6.compressed, ip6
+    host = host.lower()
+    if not host:
+        raise _refuse("must be an http:// or https:// URL with a host")
+    if _NUMBER.match(host.rsplit(".", 1)[-1]):
+        try:
+            ip4 = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise _refuse(f"host {host!r} reads as an IP address in an unusual form; "
+                          "write addresses as four decimal numbers") from None
+        if str(ip4) != host:
+            raise _refuse(f"host {host!r} is not in the canonical a.b.c.d form")
+        return host, ip4
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise _refuse(f"host {host!r} is not a valid DNS name (letters, digits, '-', '_'; "
+                      "no trailing dot)")
+    return host, None
+
+
+def _agrees_with_urllib3(url: JobUrl) -> None:
+    """The HTTP library must read the rebuilt URL as the same host and port."""
+    seen = parse_url(url.url)
+    host = (seen.host or "").strip("[]").lower()
+    if host != url.host or (seen.port or _SCHEMES[url.scheme]) != url.port:
+        raise _refuse("is read differently by the HTTP client")
+
+
+def parse_allow_entry(entry: str) -> AllowEntry:
+    """One ``job_base_url_hosts`` entry; ``ValueError`` says what is wrong with it."""
+    text = entry.strip().lower()
+    if not text or any(not 0x20 < ord(c) < 0x7f for c in text) or "\\" in text:
+        raise ValueError(f"{entry!r}: an entry is HOST[:PORT] in printable ASCII")
+    host, port = _split_port(text, "entry")
+    ports = frozenset({port}) if port is not None else (
+        None if text.endswith(":*") else DEFAULT_PORTS)
+    bare = host[1:-1] if host.startswith("[") else host
+    try:
+        return AllowEntry(None, ipaddress.ip_network(bare, strict=True), ports)
+    except ValueError:
+        pass
+    if host.startswith("[") or "/" in host or not _GLOB.match(host):
+        raise ValueError(f"{entry!r}: HOST must be a DNS name glob, an IP address or a CIDR "
+                         "network (IPv6 in brackets)")
+    if all(_ADDRESS_GLOB.match(label) for label in host.split(".")) or \
+            _NUMBER.match(host.rsplit(".", 1)[-1]):
+        raise ValueError(f"{entry!r}: write addresses as an IP address or a CIDR network "
+                         "(10.0.0.0/8), not a glob")
+    return AllowEntry(host, None, ports)
+
+
+@functools.lru_cache(maxsize=64)
+def allow_list(entries: tuple[str, ...]) -> tuple[AllowEntry, ...]:
+    """The parsed entries of an upstream's ``job_base_url_hosts`` (checked at start)."""
+    return tuple(parse_allow_entry(entry) for entry in entries)
+
+
+def check_job_url(entries: tuple[str, ...], upstream: str, url: object) -> JobUrl:
+    """The job's URL if the upstream's allow-list lets it through; else ``InvalidJob``."""
+    if not entries:
+        raise _refuse(f"upstream {upstream!r} does not let jobs choose their URL "
+                      "(settings: job_base_url_hosts)")
+    parsed = parse_job_url(url)
+    if not any(entry.matches(parsed) for entry in allow_list(entries)):
+        raise _refuse(f"host {parsed.host!r} port {parsed.port} is not on upstream "
+                      f"{upstream!r}'s job_base_url_hosts")
+    return parsed
+
+
+def _same_family(address: IPAddress, network: IPNetwork) -> bool:
+    return address.version == network.version
+
+
+def _public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+@dataclass(frozen=True)
+class AddressGuard:
+    """Resolves a job's host at connect time and picks an address the allow-list permits."""
+
+    entries: tuple[str, ...]
+
+    def resolve(self, host: str, port: int) -> str:
+        """An address to connect to; ``AddressRefused`` if every one is off limits."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        allowed = allow_list(self.entries)
+        seen = []
+        for *_, sockaddr in infos:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if _public(address) or any(entry.names(address) for entry in allowed):
+                return str(address)
+            seen.append(str(address))
+        raise AddressRefused(f"{host} resolves to {', '.join(seen) or 'nothing'}: not a "
+                             "public address, and job_base_url_hosts does not name it")
