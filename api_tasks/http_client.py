@@ -1,9 +1,12 @@
 """The OpenAI-format HTTP client: one pooled ``requests`` session per thread.
 
 This is the edge where ``requests``/``urllib3`` errors become the project's
-``UpstreamError`` classes (``raise ... from err``). Redirects are off, bodies
-are read with a size cap, and every connection is attached to the thread's
-``CallHandle`` so the watchdog can close it (cancel, total deadline).
+``UpstreamError`` classes (``raise ... from err``), and the one place every
+upstream byte passes on the way in: the call's secrets are replaced there, so
+no field, excerpt, title, chunk or log line made from a reply can carry them.
+Redirects are off, bodies are read with a size cap, and every connection is
+attached to the thread's ``CallHandle`` so the watchdog can close it (cancel,
+total deadline).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from api_tasks.inflight import CallHandle, current_handle
 from api_tasks.job_urls import AddressGuard, AddressRefused
 from api_tasks.retry import parse_retry_after
 
-__all__ = ["CallRequest", "HttpClient", "decode_json", "scrub"]
+__all__ = ["CallRequest", "HttpClient", "Redactor", "decode_json", "scrub"]
 
 _READ_SIZE = 65536
 _ERROR_BODY_CAP = 65536
@@ -170,8 +173,9 @@ class HttpClient:
 
     def reads(self, handle: CallHandle, response: requests.Response, call: CallRequest,
               cap: int | None = None) -> Iterator[bytes]:
-        """Yield the body as it arrives; raise when it passes ``cap`` bytes."""
+        """Yield the body as it arrives, secrets replaced; raise when it passes ``cap`` bytes."""
         seen = 0
+        redactor = Redactor(call.secrets)
         while True:
             try:
                 # decoded: servers behind nginx or Cloudflare may gzip their answers
@@ -181,13 +185,16 @@ class HttpClient:
             if not data:
                 if handle.reason is not None:
                     raise _aborted(handle)
+                if tail := redactor.close():
+                    yield tail
                 return
             seen += len(data)
             if cap is not None and seen > cap:
                 raise InvalidResponseError(
                     f"upstream response exceeded the {cap}-byte cap",
                     code="response_too_large", status=response.status_code)
-            yield data
+            if data := redactor.feed(data):
+                yield data
 
     def _status_error(self, handle: CallHandle, response: requests.Response,
                       call: CallRequest) -> UpstreamError:
@@ -202,7 +209,7 @@ class HttpClient:
             body = b""
         message, etype, code, param = _describe_error(status, body, response)
         return APIStatusError(
-            scrub(message, call.secrets), status=status, code=code, param=param,
+            message, status=status, code=code, param=param,
             type=etype or _TYPES.get(status, "server_error" if status >= 500 else "api_error"),
             retry_after=parse_retry_after(response.headers, time.time()))
 
@@ -220,7 +227,7 @@ def decode_json(body: bytes, response: requests.Response, call: CallRequest) -> 
                                    status=response.status_code)
     if data.get("error") is not None:
         message, etype, code, param = _describe_error(response.status_code, body, response)
-        raise APIStatusError(scrub(message, call.secrets), status=response.status_code,
+        raise APIStatusError(message, status=response.status_code,
                              code=code, type=etype or "api_error", param=param)
     return data
 
@@ -256,6 +263,46 @@ def _describe_error(status: int, body: bytes,
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+class Redactor:
+    """Replaces secrets in a byte stream, even one split between two reads.
+
+    Only a tail that could begin a secret is held back until the next read, so a
+    stream's events are not delayed unless their last bytes look like a key's start.
+    """
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = [secret.encode() for secret in secrets if secret]
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes that are safe to pass on now."""
+        if not self._secrets:
+            return data
+        data = self._held + data
+        for secret in self._secrets:
+            data = data.replace(secret, b"***")
+        keep = max(_partial(data, secret) for secret in self._secrets)
+        self._held = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep]
+
+    def close(self) -> bytes:
+        """What was held back, at the end of the body (no secret can complete now)."""
+        held, self._held = self._held, b""
+        return held
+
+
+def _partial(data: bytes, secret: bytes) -> int:
+    """The length of the longest end of ``data`` that is a proper start of ``secret``."""
+    first = secret[:1]
+    start = max(len(data) - len(secret) + 1, 0)
+    at = data.find(first, start)
+    while at != -1:
+        if secret.startswith(data[at:]):
+            return len(data) - at
+        at = data.find(first, at + 1)
+    return 0
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -198,8 +198,7 @@ class JobRunner:
     def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
         relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
-                            self.writer, self._ttl(run.spec), run.target.max_line_bytes,
-                            call.secrets)
+                            self.writer, self._ttl(run.spec), run.target.max_line_bytes)
         try:
             self._relay_body(relay, handle, response, call)
         finally:

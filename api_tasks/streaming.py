@@ -1,6 +1,7 @@
 """Relay one upstream event stream: parse, publish in order, assemble the result.
 
-Each network read becomes one batch of writes (one pipeline through the
+Its bytes come through ``HttpClient.reads``, secrets already replaced. Each
+network read becomes one batch of writes (one pipeline through the
 ``EventWriter``), so chunks that arrive together are written together. A
 batch is handed over even when a later event in it fails, so every chunk
 counted as published really is in Redis before the error event.
@@ -17,7 +18,6 @@ from typing import Any
 from api_tasks.assemble import StreamAssembler
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
 from api_tasks.events import EVENT_FIELD, chunk_event, entry_id
-from api_tasks.http_client import scrub
 from api_tasks.keys import Keys
 from api_tasks.sse import SSEDecoder, SSEEvent
 from api_tasks.writer import Command, EventWriter
@@ -36,7 +36,6 @@ class StreamRelay:
     writer: EventWriter
     ttl: int
     max_line_bytes: int
-    secrets: tuple[str, ...] = ()
     published: int = 0
     done: bool = False
     assembler: StreamAssembler = field(init=False)
@@ -96,7 +95,7 @@ class StreamRelay:
         except ValueError as err:
             raise InvalidResponseError(
                 f"upstream sent an event that is not JSON: "
-                f"{scrub(event.data[:120], self.secrets)!r}", code="invalid_json") from err
+                f"{event.data[:120]!r}", code="invalid_json") from err
         if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
             raise self._stream_error(chunk)
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
@@ -110,6 +109,6 @@ class StreamRelay:
             error = {"message": str(error)}
         code = error.get("code")
         message = str(error.get("message") or "upstream reported an error in the stream")
-        return StreamError(scrub(message, self.secrets)[:2000],
+        return StreamError(message[:2000],
                            code=str(code) if code not in (None, "") else "stream_error",
                            type=str(error.get("type") or "server_error"), status=200)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from api_tasks import JobFailed
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.conftest import SECRET
-from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.fake_upstream import FakeUpstream, Html, HttpError, Reply, StreamError
 from tests.support.services import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -58,6 +59,64 @@ def test_key_reaches_the_upstream_and_nothing_else(client: Client, fake: FakeUps
     assert leaks == []
     assert SECRET not in worker.log()
     assert "DEBUG" in worker.log()  # the log really was at DEBUG level
+
+
+def _echoed_everywhere() -> dict[str, tuple[object, bool]]:
+    """Upstream replies that echo the key in every field and form (step, streamed)."""
+    every_field = {"message": f"m {SECRET}", "type": f"t {SECRET}", "code": f"c {SECRET}",
+                   "param": f"p {SECRET}"}
+    return {
+        "error-fields": (HttpError(400, error=every_field), False),
+        "stream-error-event": (StreamError(after=1, error=every_field), True),
+        "stream-error-event-named": (StreamError(after=0, error=every_field, event_line=True),
+                                     True),
+        "text-body-echoing-headers": (HttpError(
+            200, body=f"POST /v1/chat/completions\nAuthorization: Bearer {SECRET}\n".encode(),
+            content_type="text/plain"), False),
+        "json-200-error": (HttpError(200, body=json.dumps({"error": every_field}).encode()),
+                           False),
+        "html-title": (Html(status=502, title=f"Bad key {SECRET}"), False),
+        "html-200": (HttpError(200, body=f"<html><title>{SECRET}</title></html>".encode(),
+                               content_type="text/html"), False),
+        "not-json-event": (HttpError(200, body=f"data: {{{SECRET}\n\n".encode(),
+                                     content_type="text/event-stream"), True),
+        "content": (Reply(content=f"the key is {SECRET}."), False),
+        "streamed-content-split": (Reply(pieces=[f"the key is {SECRET}."], split_writes=True),
+                                   True),
+    }
+
+
+@pytest.mark.parametrize("case", list(_echoed_everywhere()))
+def test_a_key_echoed_by_the_upstream_is_replaced_on_the_way_in(
+        client: Client, fake: FakeUpstream, redis_client: redis.Redis, worker: WorkerProcess,
+        case: str) -> None:
+    step, stream = _echoed_everywhere()[case]
+    model = f"keyed-echo-{case}-{uuid.uuid4().hex[:6]}"
+    fake.script(model, step)  # type: ignore[arg-type]
+    job = client.submit_chat(USER, model=model, stream=stream)
+    try:
+        shown = repr(job.result(timeout=20))
+    except JobFailed as failed:
+        shown = repr(failed.error)
+    assert fake.requests(model)[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in shown and "***" in shown
+    assert SECRET not in repr(list(job.events(timeout=5)))
+    leaks = [key for key in redis_client.scan_iter(count=1000)
+             if SECRET.encode() in _dump(redis_client, key)]
+    assert leaks == []
+    assert SECRET not in worker.log()
+
+
+def test_a_key_in_a_retried_error_never_reaches_the_log(
+        client: Client, fake: FakeUpstream, worker: WorkerProcess, model: str) -> None:
+    model = "keyed-" + model
+    fake.script(model, HttpError(503, error={"message": "overloaded", "code": f"c {SECRET}"}),
+                Reply(content="fine"))
+    assert client.submit_chat(USER, model=model).result(timeout=20) is not None
+    assert len(fake.requests(model)) == 2
+    wait_until(lambda: "attempt 1 failed (c ***: overloaded)" in worker.log(), 5,
+               "the retry's log line")
+    assert SECRET not in worker.log()
 
 
 def test_no_key_in_celery_events_that_flower_shows(worker_env: dict[str, str], workdir: Path,
