@@ -197,8 +197,10 @@ class JobRunner:
 
     def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
+        jobs = self.settings.jobs
         relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
-                            self.writer, self._ttl(run.spec), run.target.max_line_bytes)
+                            self.writer, self._ttl(run.spec), run.target.max_line_bytes,
+                            jobs.max_stream_events, jobs.max_stream_bytes)
         try:
             self._relay_body(relay, handle, response, call)
         finally:

@@ -36,7 +36,10 @@ class StreamRelay:
     writer: EventWriter
     ttl: int
     max_line_bytes: int
+    max_events: int = 100_000  # jobs.max_stream_events
+    max_bytes: int = 32 * 1024 * 1024  # jobs.max_stream_bytes
     published: int = 0
+    stored: int = 0  # bytes of events this attempt wrote to the stream
     done: bool = False
     assembler: StreamAssembler = field(init=False)
     decoder: SSEDecoder = field(init=False)
@@ -84,6 +87,12 @@ class StreamRelay:
 
     def _chunk_commands(self, raw: str) -> list[Command]:
         payload = chunk_event(self.published, self.attempt, raw)
+        if self.published >= self.max_events or self.stored + len(payload) > self.max_bytes:
+            raise StreamError(
+                f"the stream passed what one job may keep in Redis ({self.published} events, "
+                f"{self.stored} bytes; jobs.max_stream_events {self.max_events}, "
+                f"jobs.max_stream_bytes {self.max_bytes})", code="stream_too_large")
+        self.stored += len(payload)
         stream = self.keys.events(self.job_id)
         self.published += 1
         return [("XADD", stream, entry_id(self.attempt, self.published - 1), EVENT_FIELD,

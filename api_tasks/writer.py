@@ -7,6 +7,10 @@ pipeline: under load, chunks that arrive together are written together; when
 idle, a command goes out at once. A single writer also keeps each job's
 commands in the order they were given.
 
+The queue is bounded (``max_pending_bytes``): a job thread that hands over
+more while the writer is behind waits, so a fast upstream slows to what Redis
+takes instead of growing the worker's memory.
+
 Stream entries carry ids we chose, so re-sending a batch after a connection
 error cannot add an entry twice (Redis refuses the smaller-or-equal id and we
 ignore that refusal).
@@ -28,18 +32,21 @@ __all__ = ["Command", "EventWriter"]
 
 log = logging.getLogger(__name__)
 Command = tuple[Any, ...]
-_Item = tuple[Sequence[Command], "Future[list[Any]] | None"]
+_Item = tuple[Sequence[Command], "Future[list[Any]] | None", int]
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
+_MAX_PENDING = 16 * 1024 * 1024  # bytes of commands queued or being written, per process
 
 
 class EventWriter:
     """A background thread that pipelines queued Redis commands."""
 
     def __init__(self, client: redis.Redis, max_batch: int = 2000,
-                 retry_for: float = 120.0) -> None:
+                 retry_for: float = 120.0, max_pending_bytes: int = _MAX_PENDING) -> None:
         self._redis = client
         self._max_batch = max_batch
         self._retry_for = retry_for
+        self._max_pending = max_pending_bytes
+        self._pending = 0  # bytes queued or in the pipeline being written
         self._queue: deque[_Item] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -50,11 +57,19 @@ class EventWriter:
         self._thread.start()
 
     def submit(self, commands: Sequence[Command], wait: bool = False) -> Future[list[Any]] | None:
-        """Queue commands; with ``wait``, return a future done once they are in Redis."""
+        """Queue commands; with ``wait``, return a future done once they are in Redis.
+
+        Blocks while the writer is more than ``max_pending_bytes`` behind.
+        """
         future: Future[list[Any]] | None = Future() if wait else None
+        size = _size(commands)
         with self._ready:
-            self._queue.append((commands, future))
-            self._ready.notify()
+            while self._pending > 0 and self._pending + size > self._max_pending \
+                    and not self._closed:
+                self._ready.wait()
+            self._pending += size
+            self._queue.append((commands, future, size))
+            self._ready.notify_all()
         return future
 
     def write(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
@@ -67,7 +82,7 @@ class EventWriter:
         """Flush what is queued, then stop."""
         with self._ready:
             self._closed = True
-            self._ready.notify()
+            self._ready.notify_all()
         self._thread.join(timeout)
 
     def _take(self) -> list[_Item]:
@@ -92,6 +107,10 @@ class EventWriter:
             except Exception as err:  # the thread must outlive any one bad batch
                 log.exception("event writer: batch failed")
                 _fail(batch, err)
+            finally:
+                with self._ready:
+                    self._pending -= sum(size for _, _, size in batch)
+                    self._ready.notify_all()
 
     def _flush(self, batch: list[_Item]) -> None:
         deadline = time.monotonic() + self._retry_for
@@ -112,7 +131,7 @@ class EventWriter:
 
     def _execute(self, batch: list[_Item]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
-        for commands, _ in batch:
+        for commands, _, _ in batch:
             for command in commands:
                 pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         return pipe.execute(raise_on_error=False)
@@ -121,7 +140,7 @@ class EventWriter:
 def _settle(batch: list[_Item],
             results: list[Any]) -> None:
     offset = 0
-    for commands, future in batch:
+    for commands, future, _ in batch:
         mine = results[offset:offset + len(commands)]
         offset += len(commands)
         error = next((r for r in mine if isinstance(r, Exception)
@@ -137,6 +156,12 @@ def _settle(batch: list[_Item],
 
 def _fail(batch: list[_Item], err: Exception) -> None:
     log.error("event writer: giving up on %d items: %s", len(batch), err)
-    for _, future in batch:
+    for _, future, _ in batch:
         if future is not None:
             future.set_exception(err)
+
+
+def _size(commands: Sequence[Command]) -> int:
+    """Roughly the bytes ``commands`` hold (their string arguments)."""
+    return sum(len(arg) for command in commands for arg in command
+               if isinstance(arg, (str, bytes)))

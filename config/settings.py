@@ -213,6 +213,10 @@ class JobSettings(_Model):
     # a detached batch's job still queued this long is sent again, then after twice as long...:
     # a message lost by a worker killed mid-fetch is run once, a duplicate is dropped
     batch_resend_after: float = Field(120.0, ge=1.0)
+    # what one job's event stream may hold in Redis; past either the job fails
+    # (stream_too_large): a runaway upstream cannot fill Redis
+    max_stream_events: int = Field(100_000, ge=10)
+    max_stream_bytes: int = Field(32 * 1024 * 1024, ge=65536)
 
 
 class WorkerSettings(_Model):
@@ -282,6 +286,11 @@ class Settings(_Model):
     def longest_job(self) -> float:
         """Seconds the slowest configured job may take, all attempts included."""
         return max(upstream.longest_call() for upstream in self.upstreams)
+
+    def max_message_bytes(self) -> int:
+        """The largest task message a worker decodes: a job of ``max_request_bytes`` of
+        JSON, base64-encoded in the message, with room for its headers."""
+        return 2 * self.jobs.max_request_bytes + 65536
 
     def visibility_timeout(self) -> int:
         """The broker's visibility timeout: above the longest job, at least an hour."""

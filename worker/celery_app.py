@@ -56,6 +56,8 @@ def create_app(settings: Settings) -> Celery:
             "global_keyprefix": Keys(settings.redis.prefix).celery_prefix(),
             # every job thread acks or requeues its own message, all at once at shutdown
             "max_connections": pool_size(settings.worker.concurrency),
+            # refused before decoding (worker/transport.py): no job is this large
+            "max_message_bytes": settings.max_message_bytes(),
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

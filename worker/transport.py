@@ -1,20 +1,24 @@
-"""kombu's Redis transport, hardened: a malformed message cannot stop a worker.
+"""kombu's Redis transport, hardened: a malformed or huge message cannot stop a worker.
 
 Stock kombu decodes each popped message with no guard, so one garbage string
 (or JSON that is not a message envelope) pushed onto a queue raises out of
 the event loop and Celery exits with "Unrecoverable error". Here such a
 message is logged and dropped (it was already popped), and the worker goes
-on consuming. Errors from Celery's own handling of a message never reach
-this far: Celery catches them itself.
+on consuming. A message larger than ``max_message_bytes`` (a transport
+option) is dropped the same way before it is decoded: a 50 MB message once
+took a worker to 2.4 GB. Errors from Celery's own handling of a message never
+reach this far: Celery catches them itself.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from queue import Empty
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 __all__ = ["Transport"]
@@ -22,8 +26,47 @@ __all__ = ["Transport"]
 log = logging.getLogger(__name__)
 
 
+class _SizeLimit:
+    """Drops a popped message over ``max_message_bytes`` before anyone decodes it."""
+
+    max_message_bytes = 0
+
+    def __init__(self, *args: Any, max_message_bytes: int = 0, **kwargs: Any) -> None:
+        self.max_message_bytes = max_message_bytes
+        super().__init__(*args, **kwargs)
+
+    def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any:
+        response = super().parse_response(connection, command_name,  # type: ignore[misc]
+                                          **options)
+        limit = self.max_message_bytes
+        if limit and command_name == "BRPOP" and response and len(response[1]) > limit:
+            log.error("dropped a queue message of %d bytes, over the %d-byte limit "
+                      "(jobs.max_request_bytes)", len(response[1]), limit)
+            return None  # kombu reads it as an empty pop
+        return response
+
+
+class _SizedRedis(_SizeLimit, redis.Redis):
+    pass
+
+
+class _SizedPrefixedRedis(_SizeLimit, kombu_redis.PrefixedStrictRedis):
+    pass
+
+
 class Channel(kombu_redis.Channel):
-    """A channel whose BRPOP reader survives undecodable messages."""
+    """A channel whose BRPOP reader survives undecodable and oversized messages."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options, "max_message_bytes")
+    max_message_bytes = 0
+
+    def _get_client(self) -> Any:
+        client = super()._get_client()
+        if isinstance(client, functools.partial):  # kombu's prefixed client, with its prefix
+            return functools.partial(_SizedPrefixedRedis, *client.args,
+                                     max_message_bytes=self.max_message_bytes, **client.keywords)
+        return functools.partial(_SizedRedis, max_message_bytes=self.max_message_bytes)
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

@@ -12,8 +12,10 @@ from kombu import Connection
 
 from api_tasks import JobFailed
 from api_tasks.client import Client
+from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.services import WorkerProcess, wait_until
+from tests.support.figures import Figures
+from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -102,3 +104,39 @@ def test_an_oversized_prompt_from_a_plain_client_fails_without_a_call(
         client.job(sent.id).result(timeout=20)
     assert caught.value.error["code"] == "invalid_job" and caught.value.error["param"] == "prompt"
     assert fake.requests(model) == []
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) / 1024
+
+
+def test_a_huge_message_is_dropped_before_it_is_decoded(
+        worker_env: dict[str, str], spawn: Spawn, redis_client: redis.Redis,
+        fake: FakeUpstream, model: str, figures: Figures) -> None:
+    """50 MB with a bare-string argument once took a worker to 2.4 GB (52 million
+    positional arguments); it is refused unread, and the worker goes on."""
+    env = {**worker_env, "API_TASKS_PREFIX": f"big{uuid.uuid4().hex[:6]}"}
+    own = Client(load_settings(env={k: v for k, v in env.items() if k != "FAKE_UPSTREAM_KEY"}))
+    worker = spawn(env, "big", concurrency=8)
+    _still_works(own, model)
+    before = _peak_rss_mb(worker.pid)
+    job_id = str(uuid.uuid4())
+    with Connection(own.settings.redis.url,
+                    transport_options={"global_keyprefix": own.keys.celery_prefix()}) as conn:
+        conn.Producer(serializer="json").publish(
+            ("x" * 50_000_000, {"model": model}, {}), routing_key="interactive", exchange="",
+            headers={"task": "api_tasks.completion", "id": job_id, "lang": "py",
+                     "argsrepr": "", "kwargsrepr": "", "origin": "test"})
+    wait_until(lambda: "dropped a queue message of" in worker.log(), 30,
+               "the worker to drop the huge message")
+    _still_works(own, model)
+    after = _peak_rss_mb(worker.pid)
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert after - before < 400, f"peak RSS grew from {before:.0f} to {after:.0f} MB"
+    assert fake.requests(model) and all(r.body["prompt"] != "x" for r in fake.requests(model)
+                                        if r.body and "prompt" in r.body)
+    figures.add(f"a 50 MB message with a bare-string argument (worker peak RSS "
+                f"{before:.0f} -> {after:.0f} MB)", 1, 0, 0, 0)

@@ -12,6 +12,7 @@ from .steps import (
     BigLine,
     Close,
     Drip,
+    Endless,
     Hang,
     Html,
     HttpError,
@@ -55,6 +56,8 @@ def run(ex: Exchange, step: Step) -> None:
             big_body(ex, step.size)
         case BigLine():
             big_line(ex, step.size)
+        case Endless():
+            endless(ex, step)
         case InvalidUtf8():
             invalid_utf8(ex)
 
@@ -205,6 +208,19 @@ def big_line(ex: Exchange, size: int) -> None:
         w.write(b"x" * min(_PIECE, size - start))
         w.flush()
     w.end()
+
+
+def endless(ex: Exchange, step: Endless) -> None:
+    """Content chunks, 64 KiB of them per write, until the client leaves or time is up."""
+    w = ex.wire
+    event = _PLAIN.event(dumps(ex.chunk(0, step.piece)))
+    burst = event * max(1, _PIECE // len(event))
+    w.head(200, _SSE, chunked=True)
+    deadline = time.monotonic() + step.max_seconds
+    while time.monotonic() < deadline:
+        w.write(burst)  # raises ClientGone once the client hung up
+        w.flush()
+    w.abort()
 
 
 def invalid_utf8(ex: Exchange) -> None:

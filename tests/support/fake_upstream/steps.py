@@ -102,10 +102,20 @@ class BigLine:
 
 
 @dataclass(frozen=True)
+class Endless:
+    """A 200 event stream of content chunks, as fast as the client reads, that never
+    finishes (a runaway upstream): it stops only when the client leaves or time is up."""
+
+    piece: str = "token "
+    max_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class InvalidUtf8:
     """A reply whose content bytes include \\xff\\xfe inside the JSON string."""
 
 
 Step = (
-    Reply | HttpError | Html | StreamError | Hang | Drip | Close | BigBody | BigLine | InvalidUtf8
+    Reply | HttpError | Html | StreamError | Hang | Drip | Close | BigBody | BigLine | Endless
+    | InvalidUtf8
 )
