@@ -91,11 +91,14 @@ class Client:
             created = self.store.create(job_id, record)
             self.app.send_task(TASK_NAMES[kind], args=[first], kwargs=spec.task_kwargs(),
                                task_id=job_id, queue=queue)
-        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
-            if created:  # not sent: no record may wait for a message that never comes
+        except BaseException as err:
+            if created:  # not sent, whatever the reason: no record may wait for a message
                 with contextlib.suppress(redis.RedisError):
                     self.store.forget(job_id)
-            raise BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}") from err
+            if isinstance(err, (redis.ConnectionError, redis.TimeoutError, OperationalError)):
+                raise BrokerUnavailable(
+                    f"Redis is unavailable, job not submitted: {err}") from err
+            raise
         return Job(self, job_id)
 
     def submit_batch(self, source: str | Path, *, window: int = 200,

@@ -20,6 +20,7 @@ __all__ = ["CONTROL_FIELDS", "QUEUES", "TASK_NAMES", "JobSpec", "Kind", "build_s
 Kind = Literal["chat", "completion"]
 TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
 MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiries
+MAX_DEPTH = 64  # JSON nesting a job may have: deeper is refused, never a RecursionError
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url"})
@@ -124,30 +125,52 @@ def _check_fields(body: dict[str, Any]) -> None:
 
 def _check_json(body: dict[str, Any], max_bytes: int) -> None:
     try:
-        size = len(json.dumps(body, allow_nan=False, separators=(",", ":")))
-    except (TypeError, ValueError):
-        for name, value in body.items():
-            bad = _non_json(value)
-            if bad is not None:
-                raise InvalidJob(name, f"is not JSON: {bad}") from None
-        raise InvalidJob("params", "is not JSON") from None
+        size = len(json.dumps(body, allow_nan=False, ensure_ascii=False,
+                              separators=(",", ":")).encode())
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        where, why = _first_problem(body)
+        raise InvalidJob(where, f"is not JSON: {why}") from None
     if size > max_bytes:
         raise InvalidJob("messages" if "messages" in body else "prompt",
                          f"the job is {size} bytes of JSON, over the {max_bytes}-byte limit")
 
 
-def _non_json(value: Any) -> str | None:
-    if value is None or isinstance(value, (str, bool, int)):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value!r} is not a finite number"
-    if isinstance(value, list):
-        return next((bad for bad in map(_non_json, value) if bad), None)
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            return "object keys must be strings"
-        return next((bad for bad in map(_non_json, value.values()) if bad), None)
-    return f"a {type(value).__name__} cannot be sent as JSON"
+def _first_problem(body: dict[str, Any]) -> tuple[str, str]:
+    """Where and why ``body`` is not JSON, found without recursion (it may be deep)."""
+    stack: list[tuple[str, Any, int]] = [(name, value, 1) for name, value in
+                                         reversed(body.items())]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return where, f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return where, "has a lone surrogate, which is not valid Unicode"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return where, f"{value!r} is not a finite number"
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item, depth + 1)
+                         for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    return where, "object keys must be strings"
+                if not _is_unicode(key):
+                    return where, "a key has a lone surrogate, which is not valid Unicode"
+            stack.extend((f"{where}.{key}", item, depth + 1)
+                         for key, item in reversed(list(value.items())))
+        elif value is not None and not isinstance(value, (bool, int)):
+            return where, f"a {type(value).__name__} cannot be sent as JSON"
+    return "params", "it cannot be encoded"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:

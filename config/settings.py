@@ -230,7 +230,8 @@ class WorkerSettings(_Model):
     lease_ttl: float = Field(15.0, ge=1)
     reserve_ahead: float = Field(1.0, ge=0, le=30)
     reap_interval: float = Field(5.0, gt=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # None: celery's own -l/--loglevel decides (INFO by default); set, it wins and says so
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
 
     @model_validator(mode="after")
     def _renewals_fit_in_a_lease(self) -> WorkerSettings:

@@ -9,6 +9,7 @@ rejected with requeue, so another worker runs it and this one exits.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +27,34 @@ log = logging.getLogger(__name__)
 _EXIT_MARGIN = 1.0  # seconds kept, within the grace, to requeue and exit
 
 
+def _command_line_level(argv: list[str]) -> str | None:
+    """The level given with ``-l``/``--loglevel`` on the worker's command line, if any."""
+    for i, arg in enumerate(argv):
+        for flag in ("--loglevel", "-l"):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1].upper()
+            if arg.startswith(flag + "=") or (flag == "-l" and len(arg) > 2
+                                               and arg.startswith("-l")):
+                return arg[len(flag):].lstrip("=").upper()
+    return None
+
+
 def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
     def on_init(sender: Any = None, **_: Any) -> None:
         wait_for_redis(runtime.install(settings, getattr(sender, "app", None)).redis)
 
-    def on_logging(logger: logging.Logger, **_: Any) -> None:
-        logger.setLevel(settings.worker.log_level)
+    def on_logging(logger: logging.Logger, loglevel: Any = None, **_: Any) -> None:
+        chosen, given = settings.worker.log_level, _command_line_level(sys.argv)
+        if chosen is None:  # -l if given, else INFO (celery's own default is WARNING)
+            logger.setLevel(given or "INFO")
+            return
+        logger.setLevel(chosen)
+        if given is not None and given != chosen:
+            logger.warning("log level %s from worker.log_level (settings file or "
+                           "API_TASKS_LOG_LEVEL) overrides the command line's -l %s",
+                           chosen, given)
 
     def on_shutting_down(**_: Any) -> None:
         grace = settings.worker.shutdown_grace

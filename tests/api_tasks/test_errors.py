@@ -169,3 +169,18 @@ def test_a_missed_deadline_is_retried(client: Client, fake: FakeUpstream) -> Non
     assert response is not None
     assert response["choices"][0]["message"]["content"] == "on time"
     assert len(fake.requests(model)) == 2
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"model": "m-\ud800"}, "model"),
+    ({"model": "m-x", "user": "lone \udfff"}, "user"),
+])
+def test_a_plain_celery_client_job_with_lone_surrogates_fails_naming_the_field(
+        client: Client, fake: FakeUpstream, kwargs: dict[str, str], field: str) -> None:
+    sent = client.app.send_task("api_tasks.chat", args=[[{"role": "user", "content": "x"}]],
+                                kwargs=kwargs)
+    with pytest.raises(JobFailed) as caught:
+        client.job(sent.id).result(timeout=20)
+    assert caught.value.error["code"] == "invalid_job"
+    assert caught.value.error["param"] == field
+    assert fake.requests("m-x") == []

@@ -101,6 +101,16 @@ def test_get_job_finds_it_again(client: Client, model: str) -> None:
         client.get_job("no-such-job")
 
 
+def _nested(depth: int) -> list[object]:
+    """A list nested ``depth`` deep (json.dumps alone raises RecursionError on it)."""
+    outer: list[object] = []
+    inner = outer
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    return outer
+
+
 @pytest.mark.parametrize(
     ("kind", "first", "params", "field"),
     [
@@ -110,7 +120,13 @@ def test_get_job_finds_it_again(client: Client, model: str) -> None:
         ("chat", [{"role": "user", "content": 5}], {}, "messages[0].content"),
         ("chat", USER, {"upstream": "nope"}, "upstream"),
         ("chat", USER, {"temperature": float("nan")}, "temperature"),
-        ("chat", USER, {"metadata": {"when": object()}}, "metadata"),
+        ("chat", USER, {"metadata": {"when": object()}}, "metadata.when"),
+        ("chat", [{"role": "user", "content": "lone \ud800"}], {}, "messages[0].content"),
+        ("completion", "lone \udfff", {}, "prompt"),
+        ("completion", ["ok", "lone \udfff"], {}, "prompt[1]"),
+        ("chat", USER, {"model": "m\ud800"}, "model"),
+        ("chat", USER, {"metadata": {"k\ud800": 1}}, "metadata"),
+        ("chat", USER, {"tools": _nested(100_000)}, "tools" + "[0]" * 64),
         ("chat", USER, {"api_key": "sk-x"}, "api_key"),
         ("chat", USER, {"queue": "fast"}, "queue"),
         ("completion", {"text": 1}, {}, "prompt"),
@@ -127,3 +143,21 @@ def test_invalid_jobs_are_refused_at_submit(client: Client, redis_client: redis.
     assert caught.value.param == field
     assert str(caught.value).startswith(field)
     assert redis_client.dbsize() == before
+
+
+def test_a_failed_send_of_any_kind_leaves_no_record(client: Client, redis_client: redis.Redis,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only a lost connection: any error sending the message removes the new record."""
+    from kombu.exceptions import EncodeError
+
+    sent: list[str] = []
+
+    def refuse(*args: object, task_id: str, **kwargs: object) -> None:
+        sent.append(task_id)
+        raise EncodeError("the serializer refused the message")
+
+    monkeypatch.setattr(client.app, "send_task", refuse)
+    with pytest.raises(EncodeError):
+        client.submit_chat(USER, model="m-unsent")
+    [job_id] = sent
+    assert not redis_client.exists(client.keys.job(job_id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
-from tests.support.services import Spawn, wait_until
+from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -107,3 +108,24 @@ def test_a_stream_requeued_at_shutdown_restarts_as_an_announced_attempt(
     figures.add("SIGTERM mid-stream: the stream restarts as an announced attempt", 1,
                 counted.count(0), 0, len(fake.requests(model)) - 1)
 
+
+
+def test_the_command_lines_log_level_is_honoured_or_overridden_out_loud(
+        own_env: dict[str, str], workdir: Path) -> None:
+    plain = {k: v for k, v in own_env.items() if k != "API_TASKS_LOG_LEVEL"}
+    debug = WorkerProcess(plain, workdir / f"lv-{uuid.uuid4().hex[:6]}.log", concurrency=2,
+                          name="lv1", extra=("-l", "DEBUG")).start()
+    try:
+        wait_until(lambda: "DEBUG/MainProcess]" in debug.log(), 10, "DEBUG lines")
+    finally:
+        debug.stop()
+    quiet = WorkerProcess({**plain, "API_TASKS_LOG_LEVEL": "WARNING"},
+                          workdir / f"lv-{uuid.uuid4().hex[:6]}.log", concurrency=2,
+                          name="lv2", extra=("-l", "DEBUG")).start(wait=False)
+    try:
+        said = "log level WARNING from worker.log_level (settings file or API_TASKS_LOG_LEVEL) " \
+               "overrides the command line's -l DEBUG"
+        wait_until(lambda: said in quiet.log(), 30, "the override to be said")
+        assert "DEBUG/MainProcess]" not in quiet.log().split(said, 1)[1]
+    finally:
+        quiet.stop()
