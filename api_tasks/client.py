@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Client", "default_client"]
 
 _QUICK_TIMEOUT = 5.0
+_MAX_CONNECTIONS = 10_000
 
 
 class Client:
@@ -45,9 +46,11 @@ class Client:
 
             settings = load_settings()
         self.settings = settings
-        # quick calls fail fast on a hung Redis; blocking reads get their own, longer timeout
-        self.redis = connect(settings.redis, socket_timeout=_QUICK_TIMEOUT)
-        self.blocking = connect(settings.redis)
+        # quick calls fail fast on a hung Redis; blocking reads get their own, longer timeout.
+        # Each reader waiting on a stream holds a connection: no small cap (redis-py 8's is 100)
+        self.redis = connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
+                             max_connections=_MAX_CONNECTIONS)
+        self.blocking = connect(settings.redis, max_connections=_MAX_CONNECTIONS)
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl)

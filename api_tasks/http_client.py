@@ -35,9 +35,10 @@ from api_tasks.errors import (
 )
 from api_tasks.inflight import CallHandle, current_handle
 from api_tasks.job_urls import AddressGuard, AddressRefused
+from api_tasks.redact import Redactor, scrub
 from api_tasks.retry import parse_retry_after
 
-__all__ = ["CallRequest", "HttpClient", "Redactor", "decode_json", "scrub"]
+__all__ = ["CallRequest", "HttpClient", "decode_json"]
 
 _READ_SIZE = 65536
 _ERROR_BODY_CAP = 65536
@@ -77,6 +78,13 @@ class _Tracked:
         _attach(self.sock)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
+        guard: AddressGuard | None = getattr(_guard, "current", None)
+        if guard is not None and self.sock is not None:
+            # a connection kept from an earlier call may have gone where this one may not
+            peer = str(self.sock.getpeername()[0]).split("%", 1)[0]
+            if not guard.permits(peer, self.port):
+                raise AddressRefused(f"{self._dns_host} is connected to {peer}, which "
+                                     "job_base_url_hosts does not name")
         _attach(self.sock)
         super().request(*args, **kwargs)  # type: ignore[misc]
 
@@ -207,7 +215,7 @@ class HttpClient:
             body = b"".join(self.reads(handle, response, call, _ERROR_BODY_CAP))
         except InvalidResponseError:
             body = b""
-        message, etype, code, param = _describe_error(status, body, response)
+        message, etype, code, param = _describe_error(status, body, response, call.secrets)
         return APIStatusError(
             message, status=status, code=code, param=param,
             type=etype or _TYPES.get(status, "server_error" if status >= 500 else "api_error"),
@@ -226,7 +234,8 @@ def decode_json(body: bytes, response: requests.Response, call: CallRequest) -> 
         raise InvalidResponseError("upstream JSON is not an object", code="invalid_json",
                                    status=response.status_code)
     if data.get("error") is not None:
-        message, etype, code, param = _describe_error(response.status_code, body, response)
+        message, etype, code, param = _describe_error(response.status_code, body, response,
+                                                      call.secrets)
         raise APIStatusError(message, status=response.status_code,
                              code=code, type=etype or "api_error", param=param)
     return data
@@ -242,9 +251,13 @@ def _what(body: bytes, response: requests.Response) -> str:
     return f"{len(body)} bytes starting {body[:80].decode('utf-8', 'replace')!r}"
 
 
-def _describe_error(status: int, body: bytes,
-                    response: requests.Response) -> tuple[str, str | None, str, str | None]:
-    """(message, type, code, param) from the error body servers actually send."""
+def _describe_error(status: int, body: bytes, response: requests.Response,
+                    secrets: tuple[str, ...]) -> tuple[str, str | None, str, str | None]:
+    """(message, type, code, param) from the error body servers actually send.
+
+    The body's bytes were redacted on the way in; its decoded strings are scrubbed again,
+    since JSON escapes (``\\u0073k-...``) can spell a key the bytes did not show.
+    """
     try:
         data = json.loads(body)
     except ValueError:
@@ -254,63 +267,16 @@ def _describe_error(status: int, body: bytes,
         error = {"message": error}
     if isinstance(error, dict) and error.get("message"):
         code = error.get("code")
-        return (str(error["message"]), _str_or_none(error.get("type")),
-                str(code) if code not in (None, "") else f"http_{status}",
-                _str_or_none(error.get("param")))
+        return (scrub(str(error["message"]), secrets),
+                _str_or_none(error.get("type"), secrets),
+                scrub(str(code), secrets) if code not in (None, "") else f"http_{status}",
+                _str_or_none(error.get("param"), secrets))
     return f"upstream answered HTTP {status} with {_what(body, response)}", None, \
         f"http_{status}", None
 
 
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-class Redactor:
-    """Replaces secrets in a byte stream, even one split between two reads.
-
-    Only a tail that could begin a secret is held back until the next read, so a
-    stream's events are not delayed unless their last bytes look like a key's start.
-    """
-
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        self._secrets = [secret.encode() for secret in secrets if secret]
-        self._held = b""
-
-    def feed(self, data: bytes) -> bytes:
-        """The bytes that are safe to pass on now."""
-        if not self._secrets:
-            return data
-        data = self._held + data
-        for secret in self._secrets:
-            data = data.replace(secret, b"***")
-        keep = max(_partial(data, secret) for secret in self._secrets)
-        self._held = data[len(data) - keep:] if keep else b""
-        return data[:len(data) - keep]
-
-    def close(self) -> bytes:
-        """What was held back, at the end of the body (no secret can complete now)."""
-        held, self._held = self._held, b""
-        return held
-
-
-def _partial(data: bytes, secret: bytes) -> int:
-    """The length of the longest end of ``data`` that is a proper start of ``secret``."""
-    first = secret[:1]
-    start = max(len(data) - len(secret) + 1, 0)
-    at = data.find(first, start)
-    while at != -1:
-        if secret.startswith(data[at:]):
-            return len(data) - at
-        at = data.find(first, at + 1)
-    return 0
-
-
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """Replace every secret in ``text`` with ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+def _str_or_none(value: Any, secrets: tuple[str, ...]) -> str | None:
+    return None if value is None else scrub(str(value), secrets)
 
 
 def _aborted(handle: CallHandle) -> UpstreamError:

@@ -78,10 +78,11 @@ class AllowEntry:
         return url.ip is None and self.glob is not None and fnmatch.fnmatchcase(url.host,
                                                                                 self.glob)
 
-    def names(self, address: IPAddress) -> bool:
-        """Whether this entry names ``address`` itself (not merely a DNS name for it)."""
+    def names(self, address: IPAddress, port: int) -> bool:
+        """Whether this entry names ``address`` and ``port`` itself (not merely a DNS name
+        that resolves there)."""
         return self.network is not None and _same_family(address, self.network) \
-            and address in self.network
+            and address in self.network and (self.ports is None or port in self.ports)
 
 
 def _refuse(why: str) -> InvalidJob:
@@ -179,9 +180,16 @@ def parse_allow_entry(entry: str) -> AllowEntry:
         None if text.endswith(":*") else DEFAULT_PORTS)
     bare = host[1:-1] if host.startswith("[") else host
     try:
-        return AllowEntry(None, ipaddress.ip_network(bare, strict=True), ports)
+        network = ipaddress.ip_network(bare, strict=True)
     except ValueError:
-        pass
+        network = None
+    if network is not None:
+        if network.prefixlen == 0:
+            raise ValueError(f"{entry!r}: a network of every address would let any DNS name "
+                             "reach loopback and private addresses; name the networks")
+        return AllowEntry(None, network, ports)
+    if host in ("*", "?") or set(host) <= {"*", "?", "."}:
+        raise ValueError(f"{entry!r}: a glob of every host allows any name; name the domains")
     if host.startswith("[") or "/" in host or not _GLOB.match(host):
         raise ValueError(f"{entry!r}: HOST must be a DNS name glob, an IP address or a CIDR "
                          "network (IPv6 in brackets)")
@@ -214,10 +222,34 @@ def _same_family(address: IPAddress, network: IPNetwork) -> bool:
     return address.version == network.version
 
 
+# prefixes whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use), SIIT,
+# and the deprecated IPv4-compatible ::a.b.c.d
+_CARRIERS = tuple(ipaddress.IPv6Network(net) for net in
+                  ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64, SIIT...)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in net for net in _CARRIERS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def _public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
+    """A global unicast address, and so is any IPv4 address it carries."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return _public(embedded)
+    return True
 
 
 @dataclass(frozen=True)
@@ -229,12 +261,18 @@ class AddressGuard:
     def resolve(self, host: str, port: int) -> str:
         """An address to connect to; ``AddressRefused`` if every one is off limits."""
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        allowed = allow_list(self.entries)
         seen = []
         for *_, sockaddr in infos:
-            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            if _public(address) or any(entry.names(address) for entry in allowed):
-                return str(address)
-            seen.append(str(address))
+            address = str(sockaddr[0]).split("%", 1)[0]
+            if self.permits(address, port):
+                return address
+            seen.append(address)
         raise AddressRefused(f"{host} resolves to {', '.join(seen) or 'nothing'}: not a "
-                             "public address, and job_base_url_hosts does not name it")
+                             f"public address, and job_base_url_hosts does not name it with "
+                             f"port {port}")
+
+    def permits(self, address: str, port: int) -> bool:
+        """Whether a call may go to ``address``:``port`` (for a connection opened earlier
+        and reused, too)."""
+        ip = ipaddress.ip_address(address)
+        return _public(ip) or any(entry.names(ip, port) for entry in allow_list(self.entries))

@@ -45,9 +45,8 @@ class _Ended(ApiTasksError):
 
 
 _FINAL = {EventType.DONE.value, EventType.ERROR.value, EventType.CANCELLED.value}
-# which attempt holds or ended it, and the message kept while it runs: the workers'
-# business, not the caller's
-_ATTEMPT_FIELDS = frozenset({"token", "ended_by", "message"})
+# which attempt holds or ended it: the workers' business, not the caller's
+_ATTEMPT_FIELDS = frozenset({"token", "ended_by"})
 
 
 class Job:

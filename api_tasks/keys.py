@@ -77,6 +77,10 @@ class Keys:
         """Sorted set: jobs a worker claimed, by when their lease lapses (ms)."""
         return f"{self.prefix}:running"
 
+    def running_messages(self) -> str:
+        """Hash: the task message of each claimed job, to send it again if it is lost."""
+        return f"{self.prefix}:running:messages"
+
     def scheduler_lock(self) -> str:
         """String: held by the one worker sending due waiting jobs right now."""
         return f"{self.prefix}:scheduler"

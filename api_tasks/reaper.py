@@ -10,14 +10,18 @@ message of a job that already ended is dropped). A running job's lease is
 renewed by its worker, so a live job is never touched.
 
 This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
-the broker's key prefix) and writes it the way kombu's restore does.
+the broker's key prefix) and writes it the way kombu's restore does. The same
+sweep then sends again, from the copy kept at claim, any job still running
+whose lease lapsed longer ago than that: its message is gone too.
 
-The same thread sends again, a few times a second, the jobs that left their
-worker to wait for a rate limit (``api_tasks.limits``) once their turn is near.
+The same thread sends again, a few times a second, the jobs waiting outside
+any worker (for a rate limit, ``api_tasks.limits``, or a deferred duplicate)
+once they are due.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -106,14 +110,18 @@ class Reaper:
         if self._send is None or not self._redis.set(self._keys.scheduler_lock(), "1",
                                                      nx=True, px=int(_TICK * 1000)):
             return
-        for job_id, message in self._leases.due():
+        for job_id, message, held in self._leases.due():
             try:
                 self._send(job_id, message)
             except Exception as err:
                 log.error("scheduler: could not send job %s again (%s); will retry", job_id, err)
-                self._leases.sent(job_id, ok=False)
+                with contextlib.suppress(redis.RedisError):  # else it is due when held ends
+                    self._leases.sent(job_id, held, ok=False)
                 continue
-            self._leases.sent(job_id)
+            try:
+                self._leases.sent(job_id, held)
+            except redis.RedisError as err:  # due again when held ends: sent twice at worst
+                log.warning("scheduler: job %s sent, but not marked sent (%s)", job_id, err)
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:

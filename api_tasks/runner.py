@@ -96,11 +96,11 @@ class JobRunner:
             return claim.verdict
         run = Delivery(job_id, spec, upstream, claim.delivery, claim.created_at, token,
                    cooldown=claim.cooldown, queue=queue, turn=claim.turn)
-        if run.delivery > 1 and claim.has_events:
-            self._announce_reset(run)
         handle = CallHandle(job_id, token)
         try:
-            with self.watchdog.watching(handle):
+            with self.watchdog.watching(handle):  # the lease is renewed from here on
+                if run.delivery > 1 and claim.has_events:
+                    self._announce_reset(run)
                 return self._start(run, handle, claim.verdict)
         except redis.RedisError:
             # the job will be delivered again: let that delivery claim it at once
@@ -200,7 +200,7 @@ class JobRunner:
         jobs = self.settings.jobs
         relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
                             self.writer, self._ttl(run.spec), run.target.max_line_bytes,
-                            jobs.max_stream_events, jobs.max_stream_bytes)
+                            jobs.max_stream_events, jobs.max_stream_bytes, call.secrets)
         try:
             self._relay_body(relay, handle, response, call)
         finally:

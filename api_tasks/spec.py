@@ -20,7 +20,9 @@ __all__ = ["CONTROL_FIELDS", "QUEUES", "TASK_NAMES", "JobSpec", "Kind", "build_s
 Kind = Literal["chat", "completion"]
 TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
 MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiries
-MAX_DEPTH = 64  # JSON nesting a job may have: deeper is refused, never a RecursionError
+# nesting deep enough to overflow the JSON encoder is refused naming where it passed this
+# depth, never raised as a RecursionError
+MAX_DEPTH = 64
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url"})

@@ -58,6 +58,14 @@ return 1
 """
 
 
+# KEYS: job. Deletes a queued record no worker has claimed yet.
+_FORGET = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'deliveries') == 1 then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
 def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,
              response: Any = None, error: Any = None) -> str:
     """The result key's JSON envelope."""
@@ -76,6 +84,7 @@ class JobStore:
         self.queued_ttl = queued_ttl
         self._cancel = client.register_script(_CANCEL)
         self._create = client.register_script(_CREATE)
+        self._forget = client.register_script(_FORGET)
 
     def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
         """The job hash fields written at submit (and by a worker for foreign jobs)."""
@@ -92,9 +101,10 @@ class JobStore:
         flat = [item for pair in record.items() for item in pair]
         return bool(self._create(keys=[self.keys.job(job_id)], args=[self.queued_ttl, *flat]))
 
-    def forget(self, job_id: str) -> None:
-        """Delete a record whose message was never sent."""
-        self.redis.delete(self.keys.job(job_id))
+    def forget(self, job_id: str) -> bool:
+        """Delete the record of a job whose message may not have been sent, unless a worker
+        has seen it already (the send did go out); True if deleted."""
+        return bool(self._forget(keys=[self.keys.job(job_id)]))
 
     def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
         """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status.

@@ -19,6 +19,7 @@ from api_tasks.assemble import StreamAssembler
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
 from api_tasks.events import EVENT_FIELD, chunk_event, entry_id
 from api_tasks.keys import Keys
+from api_tasks.redact import scrub
 from api_tasks.sse import SSEDecoder, SSEEvent
 from api_tasks.writer import Command, EventWriter
 
@@ -38,6 +39,7 @@ class StreamRelay:
     max_line_bytes: int
     max_events: int = 100_000  # jobs.max_stream_events
     max_bytes: int = 32 * 1024 * 1024  # jobs.max_stream_bytes
+    secrets: tuple[str, ...] = ()  # scrubbed again from a decoded error event's fields
     published: int = 0
     stored: int = 0  # bytes of events this attempt wrote to the stream
     done: bool = False
@@ -116,8 +118,10 @@ class StreamRelay:
         error = chunk.get("error", chunk) if isinstance(chunk, dict) else chunk
         if not isinstance(error, dict):
             error = {"message": str(error)}
-        code = error.get("code")
+        code, kind = error.get("code"), error.get("type")
         message = str(error.get("message") or "upstream reported an error in the stream")
-        return StreamError(message[:2000],
-                           code=str(code) if code not in (None, "") else "stream_error",
-                           type=str(error.get("type") or "server_error"), status=200)
+        return StreamError(scrub(message, self.secrets)[:2000],
+                           code=scrub(str(code), self.secrets) if code not in (None, "")
+                           else "stream_error",
+                           type=scrub(str(kind), self.secrets) if kind else "server_error",
+                           status=200)

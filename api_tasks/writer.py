@@ -56,17 +56,24 @@ class EventWriter:
         """Start the thread."""
         self._thread.start()
 
-    def submit(self, commands: Sequence[Command], wait: bool = False) -> Future[list[Any]] | None:
+    def submit(self, commands: Sequence[Command], wait: bool = False,
+               timeout: float | None = None) -> Future[list[Any]] | None:
         """Queue commands; with ``wait``, return a future done once they are in Redis.
 
-        Blocks while the writer is more than ``max_pending_bytes`` behind.
+        Blocks while the writer is more than ``max_pending_bytes`` behind (at most
+        ``timeout`` seconds, then ``TimeoutError``; the writer gives up on a down Redis
+        after ``retry_for``, so even without one the wait ends).
         """
         future: Future[list[Any]] | None = Future() if wait else None
         size = _size(commands)
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ready:
             while self._pending > 0 and self._pending + size > self._max_pending \
                     and not self._closed:
-                self._ready.wait()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("the event writer is too far behind")
+                self._ready.wait(left)
             self._pending += size
             self._queue.append((commands, future, size))
             self._ready.notify_all()
@@ -74,9 +81,10 @@ class EventWriter:
 
     def write(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
         """Queue commands, block until Redis ran them, return their replies (or raise)."""
-        future = self.submit(commands, wait=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = self.submit(commands, wait=True, timeout=timeout)
         assert future is not None
-        return future.result(timeout)
+        return future.result(None if deadline is None else max(deadline - time.monotonic(), 0))
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued, then stop."""

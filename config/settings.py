@@ -289,9 +289,13 @@ class Settings(_Model):
         return max(upstream.longest_call() for upstream in self.upstreams)
 
     def max_message_bytes(self) -> int:
-        """The largest task message a worker decodes: a job of ``max_request_bytes`` of
-        JSON, base64-encoded in the message, with room for its headers."""
-        return 2 * self.jobs.max_request_bytes + 65536
+        """The largest task message a worker decodes: room for any job that passes submit.
+
+        A job of ``max_request_bytes`` of UTF-8 JSON grows up to 3x as the message's
+        ASCII-only JSON (an emoji's 4 bytes become a 12-byte surrogate pair escape), then
+        4/3 as base64; 64 KiB more covers the headers.
+        """
+        return 4 * self.jobs.max_request_bytes + 65536
 
     def visibility_timeout(self) -> int:
         """The broker's visibility timeout: above the longest job, at least an hour."""

@@ -27,16 +27,19 @@ log = logging.getLogger(__name__)
 _EXIT_MARGIN = 1.0  # seconds kept, within the grace, to requeue and exit
 
 
-def _command_line_level(argv: list[str]) -> str | None:
-    """The level given with ``-l``/``--loglevel`` on the worker's command line, if any."""
-    for i, arg in enumerate(argv):
-        for flag in ("--loglevel", "-l"):
-            if arg == flag and i + 1 < len(argv):
-                return argv[i + 1].upper()
-            if arg.startswith(flag + "=") or (flag == "-l" and len(arg) > 2
-                                               and arg.startswith("-l")):
-                return arg[len(flag):].lstrip("=").upper()
-    return None
+def _gives_level(argv: list[str]) -> bool:
+    """Whether the worker's command line sets a level (``-l``/``--loglevel``)."""
+    return any(arg in ("-l", "--loglevel") or arg.startswith("--loglevel=")
+               or (arg.startswith("-l") and not arg.startswith("--")) for arg in argv)
+
+
+def _level_name(level: Any) -> str:
+    """Celery's parsed level (a number or a name) as a standard level name."""
+    if isinstance(level, int):
+        return logging.getLevelName(level)
+    name = str(level).upper()
+    number = logging.getLevelName(name)
+    return logging.getLevelName(number) if isinstance(number, int) else name
 
 
 def connect_signals(settings: Settings) -> None:
@@ -46,7 +49,8 @@ def connect_signals(settings: Settings) -> None:
         wait_for_redis(runtime.install(settings, getattr(sender, "app", None)).redis)
 
     def on_logging(logger: logging.Logger, loglevel: Any = None, **_: Any) -> None:
-        chosen, given = settings.worker.log_level, _command_line_level(sys.argv)
+        chosen = settings.worker.log_level
+        given = _level_name(loglevel) if _gives_level(sys.argv) else None
         if chosen is None:  # -l if given, else INFO (celery's own default is WARNING)
             logger.setLevel(given or "INFO")
             return

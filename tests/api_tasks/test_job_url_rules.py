@@ -1,13 +1,17 @@
-"""The allow-list for job-chosen URLs, against the forms attackers use (no services)."""
+"""The allow-list for job-chosen URLs, against the forms attackers use."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 
-from api_tasks.errors import InvalidJob
+from api_tasks.errors import InvalidJob, UrlRefused
+from api_tasks.http_client import CallRequest, HttpClient
+from api_tasks.inflight import CallHandle
 from api_tasks.job_urls import AddressGuard, AddressRefused, check_job_url, parse_allow_entry
+from tests.support.fake_upstream import FakeUpstream
 
 ENTRIES = ("*.internal", "llm-*.corp", "127.0.0.1:8080", "10.0.0.0/8", "[::1]:9000",
            "api.example.com:*")
@@ -76,7 +80,8 @@ def test_an_upstream_without_an_allow_list_refuses_every_url() -> None:
         check_job_url((), "u", "http://a.internal/")
 
 
-@pytest.mark.parametrize("entry", ["127.0.0.*", "10.0.*.*", "*", "2130706433", "::1", "[::1",
+@pytest.mark.parametrize("entry", ["127.0.0.*", "10.0.*.*", "*", "*.*", "0.0.0.0/0", "[::/0]",
+                                   "2130706433", "::1", "[::1",
                                    "a.internal:x", "a.internal:65536", "a/b", "a\\b.internal",
                                    ""])
 def test_bad_allow_list_entries_are_refused(entry: str) -> None:
@@ -87,10 +92,44 @@ def test_bad_allow_list_entries_are_refused(entry: str) -> None:
 def test_a_name_resolving_to_loopback_needs_its_address_listed() -> None:
     with pytest.raises(AddressRefused, match=r"127\.0\.0\.1"):
         AddressGuard(("localhost:8080",)).resolve("localhost", 8080)
-    assert AddressGuard(("localhost:8080", "127.0.0.0/8")).resolve("localhost", 8080) \
+    assert AddressGuard(("localhost:8080", "127.0.0.0/8:8080")).resolve("localhost", 8080) \
         == "127.0.0.1"
 
 
 def test_an_unresolvable_name_is_a_connection_error_not_a_refusal() -> None:
     with pytest.raises(socket.gaierror):
         AddressGuard(("*.invalid",)).resolve("no-such-host.invalid", 80)
+
+
+def test_an_address_entry_names_only_its_own_ports() -> None:
+    guard = AddressGuard(("*.tunnel.example", "10.0.0.5:8000"))
+    assert guard.permits("10.0.0.5", 8000)
+    assert not guard.permits("10.0.0.5", 80)  # a name under the tunnel glob, on port 80
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::a00:5", "64:ff9b::7f00:1", "2002:a00:1::1",
+                                     "::ffff:0:a00:1", "::7f00:1", "::ffff:127.0.0.1",
+                                     "fe80::1", "::1", "169.254.169.254", "100.64.0.1"])
+def test_addresses_that_carry_or_are_private_ones_are_not_public(address: str) -> None:
+    assert not AddressGuard(("*.example",)).permits(address, 443)
+
+
+def test_a_pooled_connection_opened_for_another_call_is_checked_again(
+        fake: FakeUpstream) -> None:
+    """A thread's session keeps connections by host and port: one opened for a configured
+    upstream must not carry a job whose allow-list does not name that address."""
+    http = HttpClient()
+    body = json.dumps({"model": "pool-check", "messages": [{"role": "user", "content": "x"}]})
+
+    def call(guard: AddressGuard | None) -> None:
+        request = CallRequest(fake.base_url + "/v1/chat/completions",
+                              {"Content-Type": "application/json"}, body.encode(), 2, 5,
+                              1 << 20, guard=guard)
+        handle = CallHandle("pool-check")
+        http.read_json(handle, http.send(handle, request), request)
+
+    call(None)  # a configured upstream: no guard
+    with pytest.raises(UrlRefused, match="does not name"):
+        call(AddressGuard(("localhost:*",)))
+    call(AddressGuard(("127.0.0.0/8:*",)))  # named: the same kept connection is fine
+    assert len(fake.requests("pool-check")) == 2

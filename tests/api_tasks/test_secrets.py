@@ -61,6 +61,12 @@ def test_key_reaches_the_upstream_and_nothing_else(client: Client, fake: FakeUps
     assert "DEBUG" in worker.log()  # the log really was at DEBUG level
 
 
+def _escaped(error: dict[str, str]) -> bytes:
+    """An error body whose fields spell the key with a JSON escape (``\\u0073k-...``)."""
+    body = json.dumps({"error": {k: v.replace(SECRET, "@") for k, v in error.items()}})
+    return body.replace("@", "\\u0073" + SECRET[1:]).encode()
+
+
 def _echoed_everywhere() -> dict[str, tuple[object, bool]]:
     """Upstream replies that echo the key in every field and form (step, streamed)."""
     every_field = {"message": f"m {SECRET}", "type": f"t {SECRET}", "code": f"c {SECRET}",
@@ -75,6 +81,10 @@ def _echoed_everywhere() -> dict[str, tuple[object, bool]]:
             content_type="text/plain"), False),
         "json-200-error": (HttpError(200, body=json.dumps({"error": every_field}).encode()),
                            False),
+        # JSON escapes spell the key without its bytes: "\u0073k-..." decodes to "sk-..."
+        "error-fields-escaped": (HttpError(400, body=_escaped(every_field)), False),
+        "stream-error-escaped": (HttpError(200, body=b"data: " + _escaped(every_field)
+                                           + b"\n\n", content_type="text/event-stream"), True),
         "html-title": (Html(status=502, title=f"Bad key {SECRET}"), False),
         "html-200": (HttpError(200, body=f"<html><title>{SECRET}</title></html>".encode(),
                                content_type="text/html"), False),

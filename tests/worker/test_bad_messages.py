@@ -140,3 +140,15 @@ def test_a_huge_message_is_dropped_before_it_is_decoded(
                                         if r.body and "prompt" in r.body)
     figures.add(f"a 50 MB message with a bare-string argument (worker peak RSS "
                 f"{before:.0f} -> {after:.0f} MB)", 1, 0, 0, 0)
+
+
+def test_the_largest_non_ascii_job_submit_allows_still_runs(
+        client: Client, fake: FakeUpstream, model: str) -> None:
+    """The message-size bound must fit any job that passes submit: 4-byte characters grow
+    to 12 bytes of JSON escapes in the message, then 4/3 as base64."""
+    budget = client.settings.jobs.max_request_bytes - 200  # room for the other fields
+    prompt = "\U0001f600" * (budget // 4)
+    job = client.submit_completion(prompt, model=model, max_tokens=1)
+    assert job.result(timeout=60) is not None
+    [call] = fake.requests(model)
+    assert call.body is not None and call.body["prompt"] == prompt
