@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from api_tasks.batches import Batch, BatchStatus
-from api_tasks.client import Client, default_client
+from api_tasks.client import Client, DryRun, default_client
 from api_tasks.errors import (
     APIConnectionError,
     APIStatusError,
@@ -36,6 +36,7 @@ from api_tasks.errors import (
 from api_tasks.events import EventType, JobStatus
 from api_tasks.jobs import Job
 from api_tasks.merge import merge_payload
+from api_tasks.spec import Kind
 
 __all__ = [
     "APIConnectionError",
@@ -48,6 +49,7 @@ __all__ = [
     "BrokerUnavailable",
     "Client",
     "ConfigError",
+    "DryRun",
     "EventType",
     "InvalidBatch",
     "InvalidJob",
@@ -61,6 +63,7 @@ __all__ = [
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
+    "dry_run",
     "get_batch",
     "get_job",
     "merge_payload",
@@ -78,6 +81,12 @@ def submit_chat(messages: Any, **params: Any) -> Job:
 def submit_completion(prompt: Any, **params: Any) -> Job:
     """Enqueue a completion job; returns at once."""
     return default_client().submit_completion(prompt, **params)
+
+
+def dry_run(kind: Kind, first: Any, **params: Any) -> DryRun:
+    """The upstream, URL and JSON body a ``chat`` or ``completion`` job would send; nothing
+    is enqueued."""
+    return default_client().dry_run(kind, first, params)
 
 
 def get_job(job_id: str) -> Job:

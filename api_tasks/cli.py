@@ -24,8 +24,8 @@ from api_tasks.errors import (
     JobTimeout,
 )
 from api_tasks.exit_codes import ExitCode
-from api_tasks.jobs import Job
-from api_tasks.spec import QUEUES
+from api_tasks.jobs import Job, text_of
+from api_tasks.spec import QUEUES, Kind
 
 __all__ = ["main", "parse_param"]
 
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                          metavar="KEY=VALUE", help="any OpenAI field; JSON values, null removes")
         cmd.add_argument("--detach", "-d", action="store_true",
                          help="print the job id and return at once")
+        cmd.add_argument("--dry-run", action="store_true",
+                         help="print the upstream, URL and JSON body the job would send; "
+                              "enqueue nothing")
         cmd.add_argument("--json", action="store_true", help="print the whole response")
         cmd.add_argument("--timeout", type=float, default=600.0)
     add_batch_commands(sub)
@@ -99,11 +102,18 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
             params[name] = getattr(args, name)
     if args.stream:
         params["stream"] = True
-    if args.command == "chat":
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        job = client.submit_chat([*messages, {"role": "user", "content": args.text}], **params)
-    else:
-        job = client.submit_completion(args.text, **params)
+    kind: Kind = "chat" if args.command == "chat" else "completion"
+    first: Any = args.text
+    if kind == "chat":
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        first = [*system, {"role": "user", "content": args.text}]
+    elif args.system is not None:
+        raise InvalidJob("--system", "is for chat jobs; a completion has only its prompt")
+    if args.dry_run:
+        print(json.dumps(client.dry_run(kind, first, params).to_dict(), indent=2,
+                         ensure_ascii=False))
+        return ExitCode.OK
+    job = client.submit(kind, first, params)
     print(f"job {job.id} submitted", file=sys.stderr)
     if args.detach:
         print(job.id)
@@ -114,11 +124,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
 
 
 def _print_stream(job: Job, timeout: float) -> int:
-    for chunk in job.stream(timeout=timeout):
-        for choice in chunk.get("choices") or ():
-            piece = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    for piece in job.text_stream(timeout=timeout):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     return ExitCode.OK
 
@@ -130,16 +138,8 @@ def _print_result(job: Job, args: argparse.Namespace) -> int:
     elif args.json:
         print(json.dumps(response, indent=2, ensure_ascii=False))
     else:
-        print(_text_of(response))
+        print(text_of(response))
     return ExitCode.OK
-
-
-def _text_of(response: dict[str, Any]) -> str:
-    choices = response.get("choices") or [{}]
-    first = choices[0]
-    if "message" in first:
-        return str(first["message"].get("content") or "")
-    return str(first.get("text") or "")
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:

@@ -8,9 +8,11 @@ settings on first use.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import uuid
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
 from api_tasks.jobs import Job
 from api_tasks.keys import Keys
-from api_tasks.routing import resolve_upstream
+from api_tasks.routing import build_call, resolve_upstream
 from api_tasks.spec import TASK_NAMES, Kind, build_spec
 from api_tasks.store import JobStore
 
@@ -31,10 +33,24 @@ if TYPE_CHECKING:
 
     from config.settings import Settings
 
-__all__ = ["Client", "default_client"]
+__all__ = ["Client", "DryRun", "default_client"]
 
 _QUICK_TIMEOUT = 5.0
 _MAX_CONNECTIONS = 10_000
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """The call a job would make: its upstream, queue, URL and exact JSON body."""
+
+    upstream: str
+    queue: str
+    url: str
+    body: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a JSON-ready dict."""
+        return asdict(self)
 
 
 class Client:
@@ -103,6 +119,18 @@ class Client:
                     f"Redis is unavailable, job not submitted: {err}") from err
             raise
         return Job(self, job_id)
+
+    def dry_run(self, kind: Kind, first: Any, params: Mapping[str, Any]) -> DryRun:
+        """What a job would send, after every payload layer, without enqueuing anything.
+
+        Built from this process's settings, as a worker with the same settings would;
+        the upstream's key is never shown.
+        """
+        spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
+        upstream = resolve_upstream(self.settings, spec)
+        call = build_call(self.settings, upstream, spec)
+        return DryRun(upstream.name, spec.queue or self.settings.jobs.default_queue, call.url,
+                      json.loads(call.body))
 
     def submit_batch(self, source: str | Path, *, window: int = 200,
                      queue: str = "bulk") -> Batch:

@@ -31,7 +31,7 @@ from api_tasks.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
 if TYPE_CHECKING:
     from api_tasks.client import Client
 
-__all__ = ["Job"]
+__all__ = ["Job", "text_of"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -105,6 +105,27 @@ class Job:
                     self._raise_for(event)
         except _Ended:
             self._stored_outcome()
+
+    def text_stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Yield the generated text as it arrives: the first choice's content, nothing else.
+
+        Usage chunks (``choices: []``) and role-only deltas are skipped; a job submitted
+        without ``stream=True`` yields its whole text once it is done. Raises like ``stream()``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        streamed = False
+        for chunk in self.stream(timeout):
+            streamed = True
+            for choice in chunk.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                    piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if isinstance(piece, str) and piece:
+                        yield piece
+        if not streamed:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            text = text_of(self.result(left))
+            if text:
+                yield text
 
     def events(self, timeout: float | None = None, after: str = "0-0") -> Iterator[dict[str, Any]]:
         """Yield every event envelope after stream id ``after``, up to the final one."""
@@ -180,6 +201,15 @@ class Job:
             raise JobFailed(self.id, event.get("error") or {})
         if kind == EventType.CANCELLED.value:
             raise JobCancelled(self.id, event.get("error") or {"code": "cancelled"})
+
+
+def text_of(response: dict[str, Any] | None) -> str:
+    """The first choice's text of an OpenAI response (chat or completion), "" if none."""
+    choices = (response or {}).get("choices") or [{}]
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    if isinstance(first.get("message"), dict):
+        return str(first["message"].get("content") or "")
+    return str(first.get("text") or "")
 
 
 def _guard(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

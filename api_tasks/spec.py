@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from api_tasks.errors import InvalidJob
 
-__all__ = ["CONTROL_FIELDS", "QUEUES", "TASK_NAMES", "JobSpec", "Kind", "build_spec"]
+__all__ = ["CONTROL_FIELDS", "FIELD_RULES", "QUEUES", "TASK_NAMES", "JobSpec", "Kind",
+           "build_spec"]
 
 Kind = Literal["chat", "completion"]
 TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
@@ -79,6 +80,9 @@ def build_spec(kind: Kind, first: Any, params: Mapping[str, Any],
     else:
         _check_prompt(first)
         body = {"prompt": first}
+    named = "messages" if kind == "chat" else "prompt"
+    if named in params:
+        raise InvalidJob(named, "is given twice: as the job's own argument and as a parameter")
     options = {k: v for k, v in params.items() if k in CONTROL_FIELDS}
     body.update((k, v) for k, v in params.items() if k not in CONTROL_FIELDS)
     _check_fields(body)
@@ -119,10 +123,80 @@ def _check_fields(body: dict[str, Any]) -> None:
         if name.lower() in FORBIDDEN_FIELDS:
             raise InvalidJob(name, "is not allowed in a job: credentials and headers come "
                                    "from the worker's settings")
-    if "model" in body and not isinstance(body["model"], str):
-        raise InvalidJob("model", "must be a string")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise InvalidJob("stream", "must be true or false")
+    for name, value in body.items():
+        rule = FIELD_RULES.get(name)
+        if rule is not None and value is not None and not rule.accepts(value):
+            raise InvalidJob(name, f"must be {rule.wants}")
+
+
+def _number(low: float | None = None, high: float | None = None, *,
+            integer: bool = False) -> _Rule:
+    what = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        wants = f"{what} from {low:g} to {high:g}"
+    elif low is not None:
+        wants = f"{what} of at least {low:g}"
+    else:
+        wants = what
+
+    def accepts(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return False
+        number = float(value)
+        return math.isfinite(number) and (low is None or number >= low) \
+            and (high is None or number <= high)
+    return _Rule(wants, accepts)
+
+
+def _of(kind: type, wants: str) -> _Rule:
+    return _Rule(wants, lambda value: isinstance(value, kind) and (
+        kind is not int or not isinstance(value, bool)))
+
+
+def _stop(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and 0 < len(value) <= 4 and all(
+        isinstance(item, str) for item in value))
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What a known OpenAI field must hold (``None`` always passes: it removes a default)."""
+
+    wants: str
+    accepts: Callable[[Any], bool]
+
+
+# The OpenAI fields whose types and documented ranges are checked at submit; any other
+# field passes through untouched.
+FIELD_RULES: dict[str, _Rule] = {
+    "model": _of(str, "a string"),
+    "stream": _of(bool, "true or false"),
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "n": _number(1, 128, integer=True),
+    "best_of": _number(1, 20, integer=True),
+    "max_tokens": _number(1, integer=True),
+    "max_completion_tokens": _number(1, integer=True),
+    "seed": _number(integer=True),
+    "top_logprobs": _number(0, 20, integer=True),
+    "logprobs": _Rule("true or false (chat) or an integer from 0 to 5 (completions)",
+                      lambda v: isinstance(v, bool) or (
+                          isinstance(v, int) and 0 <= v <= 5)),
+    "echo": _of(bool, "true or false"),
+    "parallel_tool_calls": _of(bool, "true or false"),
+    "stop": _Rule("a string or a list of up to 4 strings", _stop),
+    "user": _of(str, "a string"),
+    "suffix": _of(str, "a string"),
+    "logit_bias": _of(dict, "an object of token ids to numbers"),
+    "response_format": _of(dict, "an object such as {\"type\": \"json_object\"}"),
+    "stream_options": _of(dict, "an object such as {\"include_usage\": true}"),
+    "tools": _of(list, "a list of tool objects"),
+    "tool_choice": _Rule("a string or a tool object",
+                         lambda v: isinstance(v, (str, dict))),
+    "metadata": _of(dict, "an object of string pairs"),
+}
 
 
 def _check_json(body: dict[str, Any], max_bytes: int) -> None:

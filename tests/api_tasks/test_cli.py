@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -66,6 +67,55 @@ def test_invalid_input_exits_2_naming_the_field(env: dict[str, str]) -> None:
     done = cli(env, "chat", "Hi", "--upstream", "nope")
     assert done.returncode == 2 and done.stderr.startswith("error: upstream:")
     assert cli(env, "status", "no-such-job").returncode == 4
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (("chat", "hi", "--param", "messages=[]"), "messages"),
+    (("complete", "x", "--param", "prompt=y"), "prompt"),
+    (("chat", "hi", "--param", "temperature=nan"), "temperature"),
+    (("chat", "hi", "--param", 'temperature="hot"'), "temperature"),
+    (("chat", "hi", "-p", "top_p=1.5"), "top_p"),
+    (("chat", "hi", "-p", "n=0"), "n"),
+    (("chat", "hi", "-p", "max_tokens=2.5"), "max_tokens"),
+    (("chat", "hi", "-p", "stream=yes"), "stream"),
+    (("chat", "hi", "-p", "stop=7"), "stop"),
+    (("complete", "x", "--system", "be brief"), "--system"),
+])
+def test_bad_params_exit_2_naming_the_field_and_send_nothing(
+        env: dict[str, str], fake: FakeUpstream, model: str, args: tuple[str, ...],
+        field: str) -> None:
+    done = cli(env, *args, "--model", model)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {field}: ") and "Traceback" not in done.stderr
+    assert fake.requests(model) == []
+
+
+def test_unknown_params_pass_through_untouched(env: dict[str, str], fake: FakeUpstream,
+                                              model: str) -> None:
+    done = cli(env, "chat", "hi", "--model", model, "-p", 'extra_body={"top_k": 5}',
+               "-p", "min_p=0.1")
+    assert done.returncode == 0, done.stderr
+    body = fake.requests(model)[0].body
+    assert body is not None and body["extra_body"] == {"top_k": 5} and body["min_p"] == 0.1
+
+
+def test_dry_run_prints_the_merged_call_and_enqueues_nothing(
+        env: dict[str, str], fake: FakeUpstream) -> None:
+    model = f"layered-{uuid.uuid4().hex[:8]}"
+    done = cli(env, "chat", "Hello", "--model", model, "--system", "be brief",
+               "-p", "max_tokens=9", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["upstream"] == "fake" and shown["queue"] == "interactive"
+    assert shown["url"] == fake.base_url + "/v1/chat/completions"
+    body = shown["body"]
+    # every layer: global defaults, the upstream's temperature, the model glob's top_p and
+    # its null that removes presence_penalty, then the job's own fields
+    assert body["temperature"] == 0.2 and body["top_p"] == 0.5 and body["max_tokens"] == 9
+    assert body["frequency_penalty"] == 0.8 and "presence_penalty" not in body
+    assert body["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "Hello"}]
+    assert "submitted" not in done.stderr and fake.requests(model) == []
 
 
 def test_redis_down_is_a_clear_error_not_a_hang(env: dict[str, str]) -> None:

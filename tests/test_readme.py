@@ -1,0 +1,56 @@
+"""Every Python example in the README runs, as written, against the test services."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import ROOT, WorkerProcess
+
+pytestmark = pytest.mark.integration
+_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.M | re.S)
+# what a reader does next with what an example builds, where the example only builds it
+_DRIVERS = {
+    "Flask(": """
+client = app.test_client()
+answer = client.post("/ask", json={"messages": [{"role": "user", "content": "hi"}]})
+assert answer.status_code == 202, answer.status_code
+body = client.get(f"/ask/{answer.get_json()['job_id']}/events").get_data(as_text=True)
+assert body.startswith("data: {") and body.endswith("data: [DONE]\\n\\n"), body
+""",
+    "send_task(": """
+from api_tasks import default_client
+assert default_client().job(sent.id).result(timeout=30)["choices"]
+""",
+}
+_BATCH_LINES = "\n".join(
+    f'{{"custom_id": "r{i}", "method": "POST", "url": "/v1/chat/completions", '
+    f'"body": {{"model": "m-readme", "messages": [{{"role": "user", "content": "{i}"}}]}}}}'
+    for i in range(3)) + "\n"
+
+
+def _examples() -> list[tuple[int, str]]:
+    text = (ROOT / "README.md").read_text()
+    return [(text.count("\n", 0, match.start()) + 1, textwrap.dedent(match.group(2)))
+            for match in _BLOCK.finditer(text)]
+
+
+def test_the_readme_has_python_examples() -> None:
+    assert len(_examples()) >= 4
+
+
+@pytest.mark.parametrize(("line", "code"), _examples(), ids=[f"line{n}" for n, _ in _examples()])
+def test_readme_example_runs(line: int, code: str, worker: WorkerProcess,
+                             worker_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "requests.jsonl").write_text(_BATCH_LINES)
+    script = code + "".join(driver for needle, driver in _DRIVERS.items() if needle in code)
+    env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, f"README line {line}:\n{done.stdout}\n{done.stderr}"
