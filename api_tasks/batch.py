@@ -11,7 +11,8 @@ whatever the file's size), and each result is written as it lands. A run
 started again with the same output file skips every ``custom_id`` already in
 the output or error file, so an interrupted run resumes without a duplicate;
 a line's job id is derived from the output file and the line, so a line whose
-job was in flight when the run stopped is collected, not sent again.
+job was in flight when the run stopped is collected, not sent again (for as
+long as Redis keeps its result). ``fresh`` calls the ended ones again.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class BatchSummary:
     """Counts and token usage of a run so far."""
 
     total: int = 0
-    skipped: int = 0
+    skipped: int = 0  # already in the output or error file
+    collected: int = 0  # whose job an earlier run with this output file had already sent
     completed: int = 0
     failed: int = 0
     usage: dict[str, int] = field(default_factory=dict)
@@ -121,7 +123,9 @@ class FileCheck(NamedTuple):
 
 def check_file(path: Path, max_bytes: int) -> FileCheck:
     """Every problem in the input (none when it can run), and its count of lines."""
-    problems, seen, count = [], set(), 0
+    problems: list[str] = []
+    seen: dict[str, int] = {}  # custom_id -> the line it first appeared on
+    count = 0
     with path.open(encoding="utf-8") as lines:
         for number, text in enumerate(lines, start=1):
             if not text.strip():
@@ -133,8 +137,10 @@ def check_file(path: Path, max_bytes: int) -> FileCheck:
                 problems.append(str(err))
                 continue
             if line.custom_id in seen:
-                problems.append(f"line {number}: custom_id {line.custom_id!r} appears twice")
-            seen.add(line.custom_id)
+                problems.append(f"line {number}: custom_id {line.custom_id!r} is already used "
+                                f"on line {seen[line.custom_id]}")
+            else:
+                seen[line.custom_id] = number
     return FileCheck(problems, count)
 
 
@@ -158,8 +164,13 @@ def _drop_partial_line(path: Path) -> None:
 
 def run_batch(client: Client, source: Path, output: Path, errors: Path, *, window: int = 200,
               queue: str = "bulk", progress: Progress | None = None,
-              poll: float = 0.05) -> BatchSummary:
-    """Run every not-yet-finished line of ``source``, writing results as they land."""
+              poll: float = 0.05, fresh: bool = False) -> BatchSummary:
+    """Run every not-yet-finished line of ``source``, writing results as they land.
+
+    A line whose job an earlier run with this output file sent is collected, not sent
+    again (``summary.collected``); with ``fresh``, an ended one is forgotten and called
+    again (one still queued or running is collected: it is being called now).
+    """
     summary = BatchSummary()
     done = finished_ids(output, errors)
     lines = read_batch(source, client.settings.jobs.max_request_bytes)
@@ -172,9 +183,16 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
                 continue
             while len(in_flight) >= window:
                 _collect(client, in_flight, out, err, summary, progress, poll)
-            job = client.submit(line.kind, *line_params(line.kind, line.body, queue),
-                                job_id=line_job_id(output, line))
-            in_flight[job.id] = line
+            job_id = line_job_id(output, line)
+            earlier = client.store.status(job_id)
+            if fresh and earlier is not None and client.store.discard(job_id):
+                earlier = None
+            if earlier is not None:
+                summary.collected += 1
+            if earlier in (None, JobStatus.QUEUED.value):  # a queued one's message may be lost
+                client.submit(line.kind, *line_params(line.kind, line.body, queue),
+                              job_id=job_id)
+            in_flight[job_id] = line
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
     return summary

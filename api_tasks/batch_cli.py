@@ -34,6 +34,9 @@ def add_batch_commands(sub: Any) -> None:
     run.add_argument("input", type=Path)
     run.add_argument("-o", "--output", type=Path, required=True)
     run.add_argument("--errors", type=Path, help="failed lines (default: OUTPUT.errors.jsonl)")
+    run.add_argument("--fresh", action="store_true",
+                     help="call again the lines an earlier run with this output file finished "
+                          "(their results are still in Redis); lines in the output are kept")
     submit = commands.add_parser("submit", help="hand the file to the workers; prints its id")
     submit.add_argument("input", type=Path)
     for cmd in (run, submit):
@@ -72,16 +75,20 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     show = _progress(checked.lines)
     try:
         summary = run_batch(client, args.input, args.output, errors, window=args.window,
-                            queue=args.queue, progress=show)
+                            queue=args.queue, progress=show, fresh=args.fresh)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the results so far are in {args.output}; run the same command "
               "again to resume (jobs still running are collected, not sent again)",
               file=sys.stderr)
         return ExitCode.INTERRUPTED
     show(summary, final=True)
-    print(f"{summary.completed} completed, {summary.failed} failed, {summary.skipped} already "
-          f"done; usage {summary.usage}; results in {args.output}, errors in {errors}",
-          file=sys.stderr)
+    earlier = ""
+    if summary.collected:
+        earlier = (f" ({summary.collected} of them collected from an earlier run's jobs, not "
+                   "called again; --fresh calls them again)")
+    print(f"{summary.completed} completed, {summary.failed} failed{earlier}, {summary.skipped} "
+          f"already in the output; usage {json.dumps(summary.usage)}; results in "
+          f"{args.output}, errors in {errors}", file=sys.stderr)
     return ExitCode.FAILED if summary.failed else ExitCode.OK
 
 
@@ -142,12 +149,13 @@ def _progress(total: int) -> Any:
             if final:
                 bar.close()
         return draw
-    last = [0.0]
+    last: list[Any] = [0.0, None]  # when the last line was printed, and its counts
 
     def log(summary: BatchSummary, final: bool = False) -> None:
         now = time.monotonic()
-        if final or now - last[0] >= _LOG_EVERY:
-            last[0] = now
+        counts = (summary.completed, summary.failed, summary.skipped)
+        if counts != last[1] and (final or now - last[0] >= _LOG_EVERY):
+            last[0], last[1] = now, counts
             elapsed = max(now - summary.started, 1e-9)
             finished = summary.completed + summary.failed
             rate = finished / elapsed

@@ -13,9 +13,10 @@ batch that no other worker is stepping (a lock per batch in Redis). A step:
    sent whose record is gone is recorded as failed, never sent again;
 3. in a cancelling batch, cancels the queued jobs (running ones finish);
 4. in a running batch, takes new lines up to the window and sends them;
-5. closes the batch when every line has been recorded (or, cancelled, when
-   nothing is outstanding): the input is dropped, the rest expires after
-   ``jobs.result_ttl``.
+5. in a cancelled batch with nothing outstanding, records the lines never
+   sent as cancelled (a chunk a step), so every line ends in one file;
+6. closes the batch when every line has been recorded: the input is dropped,
+   the rest expires after ``jobs.result_ttl``.
 
 The outstanding hash maps a job id to ``u:<custom_id>`` (taken, not yet sent)
 or ``s:<custom_id>`` (sent).
@@ -79,6 +80,19 @@ for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return 1
 """
 
+# KEYS: batch, errors. ARGV: the sent count read, ttl, then error-file records. In a
+# cancelling batch, records lines never sent as cancelled, so every line ends in a file.
+_DRAIN = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'cancelling' then return 0 end
+if redis.call('HGET', KEYS[1], 'sent') ~= ARGV[1] then return 0 end
+local n = #ARGV - 2
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HINCRBY', KEYS[1], 'sent', n)
+redis.call('HINCRBY', KEYS[1], 'cancelled', n)
+for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return 1
+"""
+
 # KEYS: batch, jobs, input, output, errors, active batches. ARGV: batch id, now, ttl.
 _CLOSE = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -88,9 +102,7 @@ if s ~= 'in_progress' and s ~= 'cancelling' then
 end
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 local counts = redis.call('HMGET', KEYS[1], 'sent', 'total')
-if s == 'in_progress' and tonumber(counts[1] or '0') < tonumber(counts[2] or '0') then
-  return 0
-end
+if tonumber(counts[1] or '0') < tonumber(counts[2] or '0') then return 0 end
 redis.call('HSET', KEYS[1], 'status', s == 'in_progress' and 'completed' or 'cancelled',
            'finished_at', ARGV[2])
 redis.call('DEL', KEYS[3])
@@ -124,7 +136,7 @@ class BatchPump:
         self._token = uuid.uuid4().hex
         self._scripts = {name: self._redis.register_script(source) for name, source in
                          (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
-                          ("close", _CLOSE), ("release", _RELEASE))}
+                          ("drain", _DRAIN), ("close", _CLOSE), ("release", _RELEASE))}
         self._looked: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-tasks-batches", daemon=True)
@@ -189,6 +201,8 @@ class BatchPump:
                                                and statuses[job_id] == "queued"})
         sent = state.get("status") == "in_progress" and self._send_more(batch_id, state,
                                                                          len(jobs))
+        if state.get("status") == "cancelling" and not jobs:
+            sent = self._cancel_unsent(batch_id, state)
         if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
             self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
                                    args=[batch_id, repr(time.time()),
@@ -284,6 +298,31 @@ class BatchPump:
             done.append(job_id)
         if done:
             self._scripts["mark"](keys=[keys[1]], args=done)
+        return True
+
+    def _cancel_unsent(self, batch_id: str, state: dict[str, str]) -> bool:
+        """Record lines a cancelled batch never sent as cancelled, a chunk a step; whether
+        any were left."""
+        sent, total = int(state.get("sent", 0)), int(state.get("total", 0))
+        if sent >= total:
+            return False
+        lines = self._redis.lrange(self._keys.batch_input(batch_id), sent,
+                                   min(sent + _TAKE_AT_MOST, total) - 1)
+        error = error_object("cancelled", "cancelled",
+                             "the batch was cancelled before this line was sent")
+        records = [json.dumps(record_for(f"{batch_id}-{sent + i}",
+                                         json.loads(raw)["custom_id"],
+                                         {"status": JobStatus.CANCELLED.value,
+                                          "error": error})[1], separators=(",", ":"))
+                   for i, raw in enumerate(lines)]
+        if len(records) < min(_TAKE_AT_MOST, total - sent):  # the input is gone
+            missing = error_object("server_error", "input_missing", "the batch's input is gone")
+            records += [json.dumps(record_for(f"{batch_id}-{index}", "", {
+                "status": JobStatus.FAILED.value, "error": missing})[1])
+                for index in range(sent + len(records), total)]
+        self._scripts["drain"](keys=[self._keys.batch(batch_id),
+                                     self._keys.batch_errors(batch_id)],
+                               args=[str(sent), self._ttl, *records])
         return True
 
     def _send(self, batch_id: str, job_id: str, request: dict[str, Any], queue: str) -> bool:

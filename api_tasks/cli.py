@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,19 +144,38 @@ def _print_result(job: Job, args: argparse.Namespace) -> int:
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
-    info = client.get_job(args.job_id).info()
-    print(json.dumps(info, indent=2) if args.json else
-          f"{args.job_id} {info.get('status')} (attempts={info.get('attempts', 0)})")
+    view = client.get_job(args.job_id).describe()
+    print(json.dumps(view, indent=2, ensure_ascii=False) if args.json else
+          f"{args.job_id} {view['status']} ({_details(view)})")
     return ExitCode.OK
+
+
+def _details(view: dict[str, Any]) -> str:
+    """One line on where a job is: its attempt, its wait, or how it ended."""
+    now = time.time()
+    status, attempt = view["status"], view["attempt"]
+    if status == "queued":
+        since = now - (view["created_at"] or now)
+        return f"queued {since:.1f}s ago" + (f", attempt {attempt + 1} next" if attempt else "")
+    if status == "waiting":
+        due = max((view["waiting_until"] or now) - now, 0.0)
+        return f"waiting for its {view['waiting_for']} limit, due in {due:.1f}s"
+    if status == "running":
+        return f"attempt {attempt}, started {now - (view['started_at'] or now):.1f}s ago"
+    took = (view["finished_at"] or now) - (view["started_at"] or view["created_at"] or now)
+    calls = view["calls"] or 0
+    ended = f"attempt {attempt}, {calls} call{'s' if calls != 1 else ''}, {took:.1f}s"
+    error = view["error"]
+    return f"{ended}; {error.get('code')}: {error.get('message')}" if error else ended
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     job = client.get_job(args.job_id)
     if job.cancel():
         print(f"{job.id}: cancel requested")
-        return ExitCode.OK
-    print(f"{job.id}: already {job.status().value}", file=sys.stderr)
-    return ExitCode.FAILED
+    else:  # the job is not running either way: nothing to do is not an error
+        print(f"{job.id}: already {job.status().value}; nothing to cancel")
+    return ExitCode.OK
 
 
 def _result(client: Client, args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from api_tasks.errors import (
     StreamRestarted,
 )
 from api_tasks.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
+from api_tasks.store import job_view
 
 if TYPE_CHECKING:
     from api_tasks.client import Client
@@ -72,6 +73,13 @@ class Job:
         if not info:
             raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
         return {name: value for name, value in info.items() if name not in _ATTEMPT_FIELDS}
+
+    def describe(self) -> dict[str, Any]:
+        """The job's state as typed JSON: status, attempt, calls, timestamps, error..."""
+        info = _guard(self._client.store.info, self.id)
+        if not info:
+            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
+        return job_view(self.id, info)
 
     def result(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Wait for the end; return the OpenAI-format response (None if not stored).

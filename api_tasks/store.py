@@ -18,7 +18,7 @@ from api_tasks.events import EVENT_FIELD, JobStatus, final_event
 from api_tasks.keys import Keys
 from api_tasks.spec import JobSpec
 
-__all__ = ["JobStore", "envelope", "meta_from"]
+__all__ = ["JobStore", "envelope", "job_view", "meta_from"]
 
 _STATUS = """local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
@@ -66,6 +66,15 @@ return redis.call('DEL', KEYS[1])
 """
 
 
+# KEYS: job, result, events, cancel. Deletes an ended job's keys, so its id can run anew.
+_DISCARD = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'succeeded' and s ~= 'failed' and s ~= 'cancelled' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 1
+"""
+
+
 def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,
              response: Any = None, error: Any = None) -> str:
     """The result key's JSON envelope."""
@@ -85,6 +94,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._create = client.register_script(_CREATE)
         self._forget = client.register_script(_FORGET)
+        self._discard = client.register_script(_DISCARD)
 
     def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
         """The job hash fields written at submit (and by a worker for foreign jobs)."""
@@ -105,6 +115,13 @@ class JobStore:
         """Delete the record of a job whose message may not have been sent, unless a worker
         has seen it already (the send did go out); True if deleted."""
         return bool(self._forget(keys=[self.keys.job(job_id)]))
+
+    def discard(self, job_id: str) -> bool:
+        """Delete an ended job's record, result and stream (its id may run again); False
+        if it has not ended."""
+        keys = self.keys
+        return bool(self._discard(keys=[keys.job(job_id), keys.result(job_id),
+                                        keys.events(job_id), keys.cancel(job_id)]))
 
     def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
         """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status.
@@ -169,3 +186,28 @@ def meta_from(info: dict[str, str]) -> dict[str, Any]:
             "created_at": number("created_at"), "started_at": number("started_at"),
             "finished_at": number("finished_at")}
 
+
+
+def job_view(job_id: str, info: dict[str, str]) -> dict[str, Any]:
+    """A job record as typed, documented JSON (the README's "Job status" lists the fields)."""
+    def number(name: str) -> float | None:
+        return float(info[name]) if info.get(name) else None
+
+    status = info.get("status")
+    waiting = status == JobStatus.WAITING.value
+    ended = status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
+                       JobStatus.CANCELLED.value)
+    return {
+        "id": job_id, "status": status, "kind": info.get("kind"),
+        "model": info.get("model") or None, "upstream": info.get("upstream") or None,
+        "queue": info.get("queue") or None, "stream": info.get("stream") == "1",
+        "created_at": number("created_at"), "started_at": number("started_at"),
+        "finished_at": number("finished_at"),
+        "attempt": int(info.get("deliveries") or 0),
+        "calls": int(info.get("attempts") or 0) if ended else None,
+        "crashes": int(info.get("crashes") or 0),
+        "waiting_for": info.get("waiting_for") if waiting else None,
+        "waiting_until": number("waiting_until") if waiting else None,
+        "batch": info.get("batch") or None,
+        "error": json.loads(info["error"]) if info.get("error") else None,
+    }

@@ -20,11 +20,35 @@ def _env_file(path: Path) -> dict[str, str]:
     return dict(pairs)
 
 
+def _running(marker: str) -> list[str]:
+    """Command lines of the processes still running whose command line mentions ``marker``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd:
+                found.append(cmd)
+    return found
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One venv for the module: the first run installs into it, the next reuse it."""
+    return tmp_path_factory.mktemp("serve") / "venv"
+
+
+# a terminal's Ctrl-C (the whole group), or a signal to the script's PID alone, as
+# `kill -INT`, `timeout -s INT` or a process supervisor send it
 @pytest.mark.timeout(400)
-def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigint-to-pid", "sigterm-to-pid"])
+def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path, venv: Path,
+                                                  stop: str) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_", "VIRTUAL_ENV"))}
-    env.update({"API_TASKS_VENV": str(tmp_path / "venv"), "API_TASKS_RUN_DIR": str(tmp_path),
+    env.update({"API_TASKS_VENV": str(venv), "API_TASKS_RUN_DIR": str(tmp_path),
                 "PYTHON": sys.executable})
     log = tmp_path / "serve.log"
     job_env: dict[str, str] = {}
@@ -38,15 +62,20 @@ def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path) -> None:
         text = log.read_text()
         assert "source " in text and "api_tasks chat" in text  # it says how to submit a job
         job_env.update({**env, **_env_file(tmp_path / "env")})
-        done = subprocess.run([str(tmp_path / "venv/bin/python"), "-m", "api_tasks", "chat",
+        done = subprocess.run([str(venv / "bin/python"), "-m", "api_tasks", "chat",
                                "Hello", "--stream"], cwd=tmp_path, env=job_env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout == "echo: Hello\n"
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        serve.wait(120)  # generous: on a loaded machine this test once ran out of time
-    # the script stops the worker, then Redis, before it returns
+        if stop == "ctrl-c":
+            os.killpg(serve.pid, signal.SIGINT)
+        else:
+            serve.send_signal(signal.SIGINT if stop == "sigint-to-pid" else signal.SIGTERM)
+        serve.wait(60)  # the grace is 30 s; nothing runs here, so it stops at once
+    # the script stops the worker, then Redis and the demo upstream, before it returns
     client = redis.Redis.from_url(job_env["REDIS_URL"], socket_connect_timeout=1)
     with pytest.raises(redis.ConnectionError):
         client.ping()
+    assert _running(str(tmp_path)) == [] and _running(str(venv / "bin/celery")) == []
+    assert "Warm shutdown" in log.read_text() and "Cold shutdown" not in log.read_text()

@@ -46,6 +46,7 @@ def test_every_bad_line_is_reported_with_its_number_before_anything_is_sent(
     assert lines == 6
     assert [p.split(":")[0] for p in problems] == ["line 2", "line 4", "line 5", "line 6"]
     assert "body.messages" in problems[3]
+    assert problems[2] == "line 5: custom_id 'a' is already used on line 1"
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     done = subprocess.run([sys.executable, "-m", "api_tasks", "batch", "run", str(source), "-o",
                            str(tmp_path / "out.jsonl")], cwd=ROOT, env=env, capture_output=True,
@@ -88,10 +89,37 @@ def test_a_run_whose_output_lost_lines_collects_them_again_without_calls(
     output.write_text("\n".join(kept) + "\n" + kept[0][:20])
     fake_calls = len(fake.requests(model))
     summary = run_batch(client, source, output, errors, window=4)
-    assert summary.skipped == 8 and summary.completed == 12
+    assert summary.skipped == 8 and summary.completed == 12 and summary.collected == 12
     ids = [r["custom_id"] for r in _records(output)]
     assert sorted(ids) == sorted(f"r-{i}" for i in range(20))
     assert len(fake.requests(model)) == fake_calls == 20, "the 12 ended jobs were collected"
+
+
+def test_a_run_again_after_the_output_was_deleted_says_it_collected_and_fresh_calls_again(
+        tmp_path: Path, worker_env: dict[str, str], worker: WorkerProcess, fake: FakeUpstream,
+        model: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(_line(f"f-{i}", model) for i in range(6)) + "\n")
+    output = tmp_path / "out.jsonl"
+    env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    command = [sys.executable, "-m", "api_tasks", "batch", "run", str(source), "-o", str(output)]
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert first.returncode == 0 and "collected" not in first.stderr, first.stderr
+    assert len(fake.requests(model)) == 6
+    output.unlink()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "6 completed, 0 failed (6 of them collected from an earlier run's jobs" in again.stderr
+    assert len(_records(output)) == 6 and len(fake.requests(model)) == 6  # no new call
+    output.unlink()
+    fresh = subprocess.run([*command, "--fresh"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert fresh.returncode == 0 and "collected" not in fresh.stderr, fresh.stderr
+    assert len(_records(output)) == 6 and len(fake.requests(model)) == 12  # each called anew
+    assert fresh.stderr.count("batch: 6 done") == 1  # the last progress line, once
+    assert 'usage {"' in fresh.stderr  # JSON, not a Python dict
 
 
 def test_a_run_stopped_with_ctrl_c_resumes_without_a_duplicate_line_or_call(

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply, Slow
 from tests.support.services import ROOT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,28 @@ def test_complete_json_detach_status_result(env: dict[str, str], model: str) -> 
     assert result.returncode == 0
     assert json.loads(result.stdout)["choices"][0]["text"] == "echo: Say this is a test"
     status = cli(env, "status", job_id, "--json")
-    assert json.loads(status.stdout)["status"] == "succeeded"
-    cancel = cli(env, "cancel", job_id)
-    assert cancel.returncode == 1 and "already succeeded" in cancel.stderr
+    view = json.loads(status.stdout)
+    assert view["status"] == "succeeded" and view["model"] == model and view["stream"] is False
+    assert (view["attempt"], view["calls"], view["crashes"], view["error"]) == (1, 1, 0, None)
+    assert view["finished_at"] >= view["started_at"] >= view["created_at"] > 0
+    assert set(view) == {"id", "status", "kind", "model", "upstream", "queue", "stream",
+                         "created_at", "started_at", "finished_at", "attempt", "calls",
+                         "crashes", "waiting_for", "waiting_until", "batch", "error"}
+    plain = cli(env, "status", job_id)
+    assert plain.stdout.startswith(f"{job_id} succeeded (attempt 1, 1 call, ")
+    cancel = cli(env, "cancel", job_id)  # it is not running either way: not an error
+    assert cancel.returncode == 0 and "already succeeded; nothing to cancel" in cancel.stdout
+
+
+def test_status_of_a_running_job_shows_its_attempt(env: dict[str, str], fake: FakeUpstream,
+                                                   model: str) -> None:
+    fake.script(model, Slow(3.0))
+    job_id = cli(env, "chat", "Hi", "--model", model, "--detach").stdout.strip()
+    fake.wait_for_requests(model, 1, timeout=10)
+    plain = cli(env, "status", job_id)
+    assert plain.stdout.startswith(f"{job_id} running (attempt 1, started ")
+    view = json.loads(cli(env, "status", job_id, "--json").stdout)
+    assert view["status"] == "running" and view["attempt"] == 1 and view["calls"] is None
 
 
 def test_failed_job_exits_1_with_the_error_object(env: dict[str, str], fake: FakeUpstream,
