@@ -5,38 +5,66 @@ Producer API::
     from api_tasks import submit_chat
     job = submit_chat([{"role": "user", "content": "Hello"}], model="gpt-4o-mini")
     print(job.result(timeout=60)["choices"][0]["message"]["content"])
+
+The names below are loaded on first use, so importing one module of the package
+(``api_tasks.sse``, say) loads that module and what it imports, nothing more.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from api_tasks.batches import Batch, BatchStatus
-from api_tasks.client import Client, DryRun, default_client
-from api_tasks.errors import (
-    APIConnectionError,
-    APIStatusError,
-    ApiTasksError,
-    APITimeoutError,
-    BatchNotFound,
-    BrokerUnavailable,
-    ConfigError,
-    InvalidBatch,
-    InvalidJob,
-    InvalidResponseError,
-    JobCancelled,
-    JobFailed,
-    JobNotFound,
-    JobTimeout,
-    StreamError,
-    StreamRestarted,
-    UpstreamError,
-)
-from api_tasks.events import EventType, JobStatus
-from api_tasks.jobs import Job
-from api_tasks.merge import merge_payload
-from api_tasks.spec import Kind
+if TYPE_CHECKING:
+    from api_tasks.batches import Batch, BatchStatus
+    from api_tasks.client import (
+        Client,
+        DryRun,
+        default_client,
+        dry_run,
+        get_batch,
+        get_job,
+        submit_batch,
+        submit_chat,
+        submit_completion,
+    )
+    from api_tasks.errors import (
+        APIConnectionError,
+        APIStatusError,
+        ApiTasksError,
+        APITimeoutError,
+        BatchNotFound,
+        BrokerUnavailable,
+        ConfigError,
+        InvalidBatch,
+        InvalidJob,
+        InvalidResponseError,
+        JobCancelled,
+        JobFailed,
+        JobNotFound,
+        JobTimeout,
+        StreamError,
+        StreamRestarted,
+        UpstreamError,
+    )
+    from api_tasks.events import EventType, JobStatus
+    from api_tasks.jobs import Job
+    from api_tasks.merge import merge_payload
+
+# where each public name lives
+_EXPORTS = {
+    **dict.fromkeys(("Batch", "BatchStatus"), "api_tasks.batches"),
+    **dict.fromkeys(("Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
+                     "submit_batch", "submit_chat", "submit_completion"), "api_tasks.client"),
+    **dict.fromkeys(("APIConnectionError", "APIStatusError", "APITimeoutError", "ApiTasksError",
+                     "BatchNotFound", "BrokerUnavailable", "ConfigError", "InvalidBatch",
+                     "InvalidJob", "InvalidResponseError", "JobCancelled", "JobFailed",
+                     "JobNotFound", "JobTimeout", "StreamError", "StreamRestarted",
+                     "UpstreamError"), "api_tasks.errors"),
+    **dict.fromkeys(("EventType", "JobStatus"), "api_tasks.events"),
+    "Job": "api_tasks.jobs",
+    "merge_payload": "api_tasks.merge",
+}
 
 __all__ = [
     "APIConnectionError",
@@ -63,6 +91,7 @@ __all__ = [
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
+    "default_client",
     "dry_run",
     "get_batch",
     "get_job",
@@ -73,32 +102,15 @@ __all__ = [
 ]
 
 
-def submit_chat(messages: Any, **params: Any) -> Job:
-    """Enqueue a chat job (``model``, ``stream``, ``upstream``, any OpenAI field)."""
-    return default_client().submit_chat(messages, **params)
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'api_tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-def submit_completion(prompt: Any, **params: Any) -> Job:
-    """Enqueue a completion job; returns at once."""
-    return default_client().submit_completion(prompt, **params)
-
-
-def dry_run(kind: Kind, first: Any, **params: Any) -> DryRun:
-    """The upstream, URL and JSON body a ``chat`` or ``completion`` job would send; nothing
-    is enqueued."""
-    return default_client().dry_run(kind, first, params)
-
-
-def get_job(job_id: str) -> Job:
-    """Find a submitted job by id (``JobNotFound`` if none)."""
-    return default_client().get_job(job_id)
-
-
-def submit_batch(source: str | Path, *, window: int = 200, queue: str = "bulk") -> Batch:
-    """Hand an OpenAI Batch-format JSONL file to the workers; returns at once."""
-    return default_client().submit_batch(source, window=window, queue=queue)
-
-
-def get_batch(batch_id: str) -> Batch:
-    """Find a detached batch by id (``BatchNotFound`` if none)."""
-    return default_client().get_batch(batch_id)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -30,7 +30,7 @@ from api_tasks.events import TERMINAL, JobStatus
 from api_tasks.spec import Kind, build_spec
 
 if TYPE_CHECKING:
-    from api_tasks.client import Client
+    from api_tasks.enqueue import Enqueuer
     from api_tasks.store import JobStore
 
 __all__ = ["BatchLine", "BatchSummary", "FileCheck", "check_file", "ended_jobs", "line_job_id",
@@ -162,7 +162,7 @@ def _drop_partial_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def run_batch(client: Client, source: Path, output: Path, errors: Path, *, window: int = 200,
+def run_batch(client: Enqueuer, source: Path, output: Path, errors: Path, *, window: int = 200,
               queue: str = "bulk", progress: Progress | None = None,
               poll: float = 0.05, fresh: bool = False) -> BatchSummary:
     """Run every not-yet-finished line of ``source``, writing results as they land.
@@ -190,8 +190,8 @@ def run_batch(client: Client, source: Path, output: Path, errors: Path, *, windo
             if earlier is not None:
                 summary.collected += 1
             if earlier in (None, JobStatus.QUEUED.value):  # a queued one's message may be lost
-                client.submit(line.kind, *line_params(line.kind, line.body, queue),
-                              job_id=job_id)
+                client.enqueue(line.kind, *line_params(line.kind, line.body, queue),
+                               job_id=job_id)
             in_flight[job_id] = line
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
@@ -210,7 +210,7 @@ def line_job_id(output: Path, line: BatchLine) -> str:
     return f"run-{digest.hexdigest()[:32]}"
 
 
-def _collect(client: Client, in_flight: dict[str, BatchLine], out: Any, err: Any,
+def _collect(client: Enqueuer, in_flight: dict[str, BatchLine], out: Any, err: Any,
              summary: BatchSummary, progress: Progress | None, poll: float) -> None:
     """Write every finished job's line (two round trips for all of them), or wait a little."""
     finished = ended_jobs(client.store, list(in_flight))

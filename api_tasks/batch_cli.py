@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from api_tasks.batch import BatchSummary, check_file, run_batch
-from api_tasks.batches import ENDED, MAX_WINDOW, Batch, submit_batch
+from api_tasks.batches import ENDED, MAX_WINDOW, Batch, upload_batch
 from api_tasks.client import Client
 from api_tasks.errors import InvalidBatch
 from api_tasks.exit_codes import ExitCode
@@ -94,7 +94,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     try:
-        batch = submit_batch(client, args.input, window=args.window, queue=args.queue)
+        batch = upload_batch(client, args.input, window=args.window, queue=args.queue)
     except InvalidBatch as err:
         return _refuse(err)
     print(batch.id)

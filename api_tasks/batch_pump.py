@@ -39,7 +39,7 @@ from api_tasks.errors import InvalidJob, error_object
 from api_tasks.events import TERMINAL, JobStatus
 
 if TYPE_CHECKING:
-    from api_tasks.client import Client
+    from api_tasks.enqueue import Enqueuer
 
 __all__ = ["BatchPump"]
 
@@ -128,7 +128,7 @@ _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: 
 class BatchPump:
     """A thread that moves every active batch forward, a few times a second."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Enqueuer) -> None:
         self._client = client
         self._redis = client.redis
         self._keys = client.keys
@@ -328,8 +328,8 @@ class BatchPump:
     def _send(self, batch_id: str, job_id: str, request: dict[str, Any], queue: str) -> bool:
         first, params = line_params(request["kind"], request["body"], queue)
         try:
-            self._client.submit(request["kind"], first, params, job_id=job_id,
-                                fields={"batch": batch_id})
+            self._client.enqueue(request["kind"], first, params, job_id=job_id,
+                                 fields={"batch": batch_id})
         except InvalidJob as err:  # checked at submit, refused here (the routes differ)
             stored = {"status": JobStatus.FAILED.value, "error": err.to_error()}
             self._write(batch_id, job_id, request["custom_id"], stored)

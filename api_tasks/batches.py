@@ -1,6 +1,6 @@
 """Detached batches: the file goes to Redis, the workers run it, anyone reads it back.
 
-``submit_batch`` checks the whole file (every bad line, by number, before
+``upload_batch`` checks the whole file (every bad line, by number, before
 anything is stored), uploads its lines to a Redis list a chunk at a time (the
 producer's memory stays bounded) and returns a ``Batch``. From then on the
 workers move it forward (``api_tasks.batch_pump``): at most ``window`` of its
@@ -32,9 +32,9 @@ from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
 from api_tasks.spec import QUEUES
 
 if TYPE_CHECKING:
-    from api_tasks.client import Client
+    from api_tasks.enqueue import Enqueuer
 
-__all__ = ["MAX_WINDOW", "Batch", "BatchStatus", "submit_batch"]
+__all__ = ["MAX_WINDOW", "Batch", "BatchStatus", "upload_batch"]
 
 _UPLOAD_LINES, _UPLOAD_BYTES = 500, 8 * 1024 * 1024  # per RPUSH: far below Redis's limits
 _UPLOAD_TTL = 3600  # an upload whose producer died is gone after this long
@@ -86,7 +86,7 @@ return 'in_progress'
 """
 
 
-def submit_batch(client: Client, source: Path, *, window: int = 200,
+def upload_batch(client: Enqueuer, source: Path, *, window: int = 200,
                  queue: str = "bulk") -> Batch:
     """Check ``source``, upload it and hand it to the workers (``InvalidBatch`` if bad)."""
     if not 1 <= window <= MAX_WINDOW:
@@ -104,7 +104,7 @@ def submit_batch(client: Client, source: Path, *, window: int = 200,
 class Batch:
     """A detached batch, identified by ``id``."""
 
-    def __init__(self, client: Client, batch_id: str) -> None:
+    def __init__(self, client: Enqueuer, batch_id: str) -> None:
         self.id = batch_id
         self._client = client
         self._keys = client.keys

@@ -15,7 +15,9 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from redis import Redis
 
 from api_tasks.connections import BLOCK_SLICE, broker_errors
 from api_tasks.errors import (
@@ -27,12 +29,10 @@ from api_tasks.errors import (
     StreamRestarted,
 )
 from api_tasks.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
-from api_tasks.store import job_view
+from api_tasks.keys import Keys
+from api_tasks.store import JobStore, job_view
 
-if TYPE_CHECKING:
-    from api_tasks.client import Client
-
-__all__ = ["Job", "text_of"]
+__all__ = ["Job", "Reader", "text_of"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -50,10 +50,19 @@ _FINAL = {EventType.DONE.value, EventType.ERROR.value, EventType.CANCELLED.value
 _ATTEMPT_FIELDS = frozenset({"token", "ended_by"})
 
 
+class Reader(Protocol):
+    """What a ``Job`` reads and writes through (a ``Client`` is one)."""
+
+    store: JobStore
+    redis: Redis
+    blocking: Redis  # for XREAD BLOCK, with its longer timeout
+    keys: Keys
+
+
 class Job:
     """A submitted job, identified by ``id``."""
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Reader, job_id: str) -> None:
         self.id = job_id
         self._client = client
 

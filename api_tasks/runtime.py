@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from api_tasks import tokens
 from api_tasks.batch_pump import BatchPump
-from api_tasks.client import Client
 from api_tasks.connections import connect, pool_size
+from api_tasks.enqueue import Enqueuer
 from api_tasks.http_client import HttpClient
 from api_tasks.inflight import Watchdog
 from api_tasks.keys import Keys
@@ -58,7 +58,7 @@ class Runtime:
         self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
                              self._send if app is not None else None)
         # only a worker (it has the app) moves detached batches forward
-        self.batches = BatchPump(Client(settings, app)) if app is not None else None
+        self.batches = BatchPump(Enqueuer(settings, app)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()

@@ -1,7 +1,7 @@
 """The worker: ``celery -A worker worker`` finds the app here.
 
 The app is built on first access from the settings (``config``), so importing
-``worker.celery_app`` from a producer never starts anything. A bad setting
+this package never starts anything. A bad setting
 stops the worker at start with one line naming the key and the file.
 """
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 # imported here, not in _build: `celery -A worker` puts the current directory
 # on sys.path only while it imports this module
+from api_tasks.broker import create_app
 from api_tasks.errors import ConfigError
 from config.loader import load_settings
-from worker.celery_app import create_app
 from worker.lifecycle import connect_signals
 
 if TYPE_CHECKING:

@@ -1,4 +1,6 @@
-"""The Celery app, configured from the settings for long, IO-bound LLM calls.
+"""The Celery app that carries jobs, configured for long, IO-bound LLM calls.
+
+Producers send with it and workers consume with it (``worker`` builds the worker's).
 
 Why each setting (the README explains them for operators):
 - JSON only, both ways: a pickled message is refused, never run.
