@@ -48,7 +48,7 @@ class Loop:
         """Start the thread."""
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         """Stop after the current tick, and wait for it (at most ``timeout`` seconds)."""
         self._stopping.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from api_tasks.background import Loop
 from api_tasks.batch import line_params, record_for, usage_of
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
@@ -117,7 +117,6 @@ return 0
 """
 
 _EVERY = 0.2  # seconds between two passes over the active batches
-_WARN_EVERY = 10.0  # seconds between two lines about the same trouble
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
 # scripts keep two steppers at once safe, this only keeps them from doing the work twice)
 _TAKE_AT_MOST = 500  # lines sent in one step
@@ -125,10 +124,11 @@ _LOOK_EVERY = 5.0  # seconds between two looks for a batch's long-queued jobs
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
 
-class BatchPump:
+class BatchPump(Loop):
     """A thread that moves every active batch forward, a few times a second."""
 
     def __init__(self, client: Enqueuer) -> None:
+        super().__init__("api-tasks-batches", _EVERY, log)
         self._client = client
         self._redis = client.redis
         self._keys = client.keys
@@ -138,27 +138,10 @@ class BatchPump:
                          (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
                           ("drain", _DRAIN), ("close", _CLOSE), ("release", _RELEASE))}
         self._looked: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-tasks-batches", daemon=True)
 
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current pass."""
-        self._stop.set()
-
-    def _run(self) -> None:
-        warned = 0.0
-        while not self._stop.wait(_EVERY):
-            try:
-                self.run_once()
-            except Exception as err:  # the thread must outlive any one bad pass
-                if time.monotonic() - warned >= _WARN_EVERY:  # not five lines a second
-                    warned = time.monotonic()
-                    log.warning("batches: pass failed (%s)", err, exc_info=not isinstance(
-                        err, (redis.ConnectionError, redis.TimeoutError)))
+    def tick(self) -> None:
+        """One pass over the active batches."""
+        self.run_once()
 
     def run_once(self) -> int:
         """Step every active batch no other worker is stepping; returns how many."""

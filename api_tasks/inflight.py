@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from api_tasks.background import Loop
 from api_tasks.errors import APITimeoutError, CallCancelled, UpstreamError
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
@@ -31,7 +32,6 @@ __all__ = ["CallHandle", "Watchdog", "current_handle"]
 
 log = logging.getLogger(__name__)
 _local = threading.local()
-_WARN_EVERY = 10.0  # seconds between two "Redis unavailable" lines
 
 
 class CallHandle:
@@ -126,30 +126,19 @@ def _shutdown(sock: Any) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class Watchdog:
+class Watchdog(Loop):
     """One thread per process enforcing deadlines and cancel flags on all handles."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval: float,
                  leases: LeaseStore) -> None:
+        super().__init__("api-tasks-watchdog", interval, log)
         self._redis = client
         self._keys = keys
-        self._interval = interval
         self._leases = leases
         self._renew_every = leases.lease_ms / 3000.0
         self._renewed = 0.0
-        self._warned = -_WARN_EVERY
         self._handles: dict[int, CallHandle] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-tasks-watchdog", daemon=True)
-
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread (handles are left as they are)."""
-        self._stop.set()
 
     @contextlib.contextmanager
     def watching(self, handle: CallHandle) -> Iterator[CallHandle]:
@@ -173,23 +162,18 @@ class Watchdog:
         with self._lock:
             return list(self._handles.values())
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            handles = self._snapshot()
-            now = time.monotonic()
-            for handle in handles:
-                if now > handle.deadline:
-                    handle.abort("deadline")
-            try:
-                if handles:
-                    self._check_cancel(handles)
-                if now - self._renewed >= self._renew_every:
-                    self._renew(handles)
-                    self._renewed = now
-            except redis.RedisError as err:
-                if now - self._warned >= _WARN_EVERY:  # not five lines a second
-                    self._warned = now
-                    log.warning("watchdog: Redis unavailable (%s)", err)
+    def tick(self) -> None:
+        """Enforce deadlines (no Redis needed), then cancel flags, then lease renewals."""
+        handles = self._snapshot()
+        now = time.monotonic()
+        for handle in handles:
+            if now > handle.deadline:
+                handle.abort("deadline")
+        if handles:
+            self._check_cancel(handles)
+        if now - self._renewed >= self._renew_every:
+            self._renew(handles)
+            self._renewed = now
 
     def _renew(self, handles: list[CallHandle]) -> None:
         held = [(h.job_id, h.token, h.flights) for h in handles if h.token]

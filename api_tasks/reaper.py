@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from api_tasks.background import Loop
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
 
@@ -39,50 +39,32 @@ __all__ = ["Reaper"]
 log = logging.getLogger(__name__)
 Send = Callable[[str, dict[str, Any]], None]
 _TICK = 0.1  # seconds between looks at the waiting jobs
-_WARN_EVERY = 10.0  # seconds between two "Redis unavailable" lines
 
 
-class Reaper:
-    """A thread that gives back orphaned messages every ``interval`` seconds."""
+class Reaper(Loop):
+    """A thread that sends due waiting jobs a few times a second and gives back orphaned
+    messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
                  interval: float, send: Send | None = None) -> None:
+        super().__init__("api-tasks-reaper", _TICK, log)
         self._redis = client
         self._keys = keys
         self._leases = leases
-        self._interval = interval
+        self._sweep_every = interval
+        self._next_sweep = time.monotonic() + interval
         self._send = send
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-tasks-reaper", daemon=True)
 
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current sweep."""
-        self._stop.set()
-
-    def _run(self) -> None:
-        next_sweep = time.monotonic() + self._interval
-        warned = 0.0
-        while not self._stop.wait(_TICK):
-            try:
-                self._send_due()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self._interval
-                    self.sweep()
-            except Exception as err:  # the thread must outlive any one bad pass
-                if time.monotonic() - warned >= _WARN_EVERY:  # not ten lines a second
-                    warned = time.monotonic()
-                    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
-                        log.warning("reaper: Redis unavailable (%s)", err)
-                    else:
-                        log.exception("reaper: pass failed")
+    def tick(self) -> None:
+        """Send the due jobs; sweep when a sweep is due."""
+        self._send_due()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self._sweep_every
+            self.sweep()
 
     def sweep(self, limit: int = 500) -> int:
         """One pass, if no other worker is sweeping; returns how many jobs went back."""
-        lock_ms = max(int(self._interval * 1000), 1000)
+        lock_ms = max(int(self._sweep_every * 1000), 1000)
         if not self._redis.set(self._keys.reaper_lock(), "1", nx=True, px=lock_ms):
             return 0
         seconds, micros = self._redis.time()
@@ -97,7 +79,7 @@ class Reaper:
                         in zip(tags, entries, strict=True) if raw is not None)
         # a running job with no lease for longer than the unacked sweep needs has no
         # message left anywhere (a failed give-back, a lost requeue): send it again
-        lapsed = int((cutoff - 2 * self._interval) * 1000)
+        lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
         for job_id in self._leases.recover(lapsed, limit):
             log.warning("reaper: job %s was running with no worker and no message; sent "
                         "again", job_id)
