@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from api_tasks.spec import JobSpec
@@ -11,7 +12,19 @@ from api_tasks.spec import JobSpec
 if TYPE_CHECKING:
     from config.settings import Upstream
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "Outcome"]
+
+
+class Outcome(StrEnum):
+    """What one delivery of a job came to."""
+
+    SUCCEEDED = "succeeded"  # it ended the job, so (its final status)
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    WAITING = "waiting"  # it left the worker to wait for a limit
+    DEFERRED = "deferred"  # another attempt held the job: looked at again later
+    DROPPED = "dropped"  # the job had ended, or is left to the attempt holding it
+    LOST = "lost"  # another attempt took the job over; nothing written
 
 
 @dataclass

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from api_tasks.delivery import Delivery
+from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
 from api_tasks.inflight import CallHandle
 from api_tasks.leases import LeaseStore
-from api_tasks.limits import Cooldowns, Limiter
+from api_tasks.limits import Cooldowns, Hold, Limiter
 
 if TYPE_CHECKING:
     from config.settings import Limits
@@ -39,7 +39,7 @@ class Gate:
         """Hold the call while its upstream cools down after a 429 (the claim read it)."""
         left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
         if left > self.ahead:
-            raise Park(left, "cooldown")  # long: wait outside, holding no slot
+            raise Park(left, Hold.COOLDOWN)  # long: wait outside, holding no slot
         if left > 0:
             log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
                      run.job_id, left, run.target.name)
@@ -59,7 +59,7 @@ class Gate:
         ahead = self.ahead
         turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
         if turn is not None and turn > ahead:
-            raise Park(turn, "limit", turn)  # sent back early: its turn is still ahead
+            raise Park(turn, Hold.TURN, turn)  # sent back early: its turn is still ahead
         # bulk calls never reserve far ahead, so they can't push interactive ones back;
         # they keep their place in line by submit time instead
         horizon = None if run.queue == "interactive" else ahead
@@ -70,7 +70,7 @@ class Gate:
             wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
             if admission.go and wait > ahead:
                 raise Park(wait, admission.reason, wait)  # its place is kept meanwhile
-            if not admission.go and not (admission.reason == "concurrency"
+            if not admission.go and not (admission.reason is Hold.CONCURRENCY
                                          and waited + wait <= ahead):
                 raise Park(relook(admission.reason, wait), admission.reason, turn)
             if admission.go:
@@ -83,31 +83,31 @@ class Gate:
                 return
             waited += wait
 
-    def park(self, run: Delivery, park: Park) -> str:
+    def park(self, run: Delivery, park: Park) -> Outcome:
         """The job leaves this worker to wait for its limit; it is sent again when due."""
         if self.leases.park(run.job_id, run.token, park.wait, park.reason,
                             run.spec.message(run.queue), park.turn,
                             self.ahead / 2):
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)
-            return "waiting"
-        return "lost"
+            return Outcome.WAITING
+        return Outcome.LOST
 
 
 class Park(ApiTasksError):
     """The job's turn under a limit is too far off to wait for in a worker."""
 
-    def __init__(self, wait: float, reason: str, turn: float | None = None) -> None:
+    def __init__(self, wait: float, reason: Hold, turn: float | None = None) -> None:
         super().__init__(f"waiting {wait:.2f}s for {reason}")
         self.wait = wait
         self.reason = reason
         self.turn = turn  # seconds to the turn it reserved, if it did
 
 
-def relook(reason: str, wait: float) -> float:
+def relook(reason: Hold, wait: float) -> float:
     """How long a job with no reserved turn waits outside before it asks again."""
-    if reason in ("concurrency", "tokens"):
+    if reason in (Hold.CONCURRENCY, Hold.TOKENS):
         # a slot frees whenever a call ends, and token reservations are settled (mostly
         # refunded) as calls end, so the computed wait is pessimistic: look again soon
-        return min(wait, _RELOOK) if reason == "tokens" else _RELOOK
+        return min(wait, _RELOOK) if reason is Hold.TOKENS else _RELOOK
     return max(wait, 0.05)

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -28,10 +29,19 @@ from api_tasks.errors import APITimeoutError, CallCancelled, UpstreamError
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
 
-__all__ = ["CallHandle", "Watchdog", "current_handle"]
+__all__ = ["CallHandle", "Stop", "Watchdog", "current_handle"]
 
 log = logging.getLogger(__name__)
 _local = threading.local()
+
+
+class Stop(StrEnum):
+    """Why a call was stopped."""
+
+    CANCELLED = "cancelled"  # its job was cancelled
+    DEADLINE = "deadline"  # it passed its whole-call deadline
+    SHUTDOWN = "shutdown"  # the worker is stopping: the job goes back to its queue
+    LOST = "lost"  # another attempt took the job over
 
 
 class CallHandle:
@@ -43,7 +53,7 @@ class CallHandle:
         self.flights: list[str] = []  # in-flight sets the call holds a slot in
         self.deadline = float("inf")
         self.total = 0.0
-        self.reason: str | None = None
+        self.reason: Stop | None = None
         self.stopped = threading.Event()
         self._sock: Any = None
         self._lock = threading.Lock()
@@ -59,7 +69,7 @@ class CallHandle:
         """Between attempts: no deadline, and a past deadline is forgiven."""
         with self._lock:
             self.deadline = float("inf")
-            if self.reason == "deadline":
+            if self.reason is Stop.DEADLINE:
                 self.reason = None
                 self.stopped.clear()
 
@@ -76,7 +86,7 @@ class CallHandle:
             if self.reason is not None:
                 _shutdown(sock)
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: Stop) -> None:
         """Stop the call: record why, wake any wait, close the socket."""
         with self._lock:
             if self.reason is None:
@@ -86,16 +96,16 @@ class CallHandle:
 
     def error(self) -> UpstreamError | None:
         """The error that explains an abort, if the call was aborted."""
-        if self.reason == "cancelled":
+        if self.reason is Stop.CANCELLED:
             return CallCancelled("the job was cancelled")
-        if self.reason == "deadline":
+        if self.reason is Stop.DEADLINE:
             return APITimeoutError(
                 f"the call exceeded its total deadline of {self.total:g}s",
                 code="deadline_exceeded",
             )
-        if self.reason == "shutdown":
+        if self.reason is Stop.SHUTDOWN:
             return APITimeoutError("the worker is shutting down", code="worker_shutdown")
-        if self.reason == "lost":
+        if self.reason is Stop.LOST:
             return APITimeoutError("another attempt took this job over", code="lease_lost")
         return None
 
@@ -151,7 +161,7 @@ class Watchdog(Loop):
             with self._lock:
                 self._handles.pop(id(handle), None)
 
-    def abort_all(self, reason: str) -> int:
+    def abort_all(self, reason: Stop) -> int:
         """Abort every call in flight (used at shutdown); returns how many."""
         handles = self._snapshot()
         for handle in handles:
@@ -168,7 +178,7 @@ class Watchdog(Loop):
         now = time.monotonic()
         for handle in handles:
             if now > handle.deadline:
-                handle.abort("deadline")
+                handle.abort(Stop.DEADLINE)
         if handles:
             self._check_cancel(handles)
         if now - self._renewed >= self._renew_every:
@@ -182,10 +192,10 @@ class Watchdog(Loop):
             if handle.job_id in lost:
                 log.warning("job %s: another attempt took it over; stopping this one",
                             handle.job_id)
-                handle.abort("lost")
+                handle.abort(Stop.LOST)
 
     def _check_cancel(self, handles: list[CallHandle]) -> None:
         flags = self._redis.mget([self._keys.cancel(h.job_id) for h in handles])
         for handle, flag in zip(handles, flags, strict=True):
             if flag is not None:
-                handle.abort("cancelled")
+                handle.abort(Stop.CANCELLED)

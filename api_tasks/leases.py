@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import redis
 
 from api_tasks.connections import text
-from api_tasks.events import EVENT_FIELD
+from api_tasks.events import EVENT_FIELD, TERMINAL
 from api_tasks.keys import Keys
 from api_tasks.writer import Command
 
-__all__ = ["Claim", "LeaseStore"]
+__all__ = ["Claim", "LeaseStore", "Verdict"]
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -283,16 +284,32 @@ def _dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
+class Verdict(StrEnum):
+    """What a claim found."""
+
+    RUN = "run"  # this attempt holds the job now: call the upstream
+    CANCEL = "cancel"  # this attempt holds it, and it was cancelled before it started
+    POISON = "poison"  # this attempt holds it, and its workers died max_crashes times
+    BUSY = "busy"  # another attempt holds its lease
+    ENDED = "ended"  # it has ended (``Claim.ended`` says how)
+
+    @property
+    def owned(self) -> bool:
+        """Whether this attempt now holds the job (and must end or give it back)."""
+        return self in (Verdict.RUN, Verdict.CANCEL, Verdict.POISON)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a worker learned when it claimed a job."""
 
-    verdict: str  # run | cancel | poison | busy | the final status of a finished job
+    verdict: Verdict
     delivery: int
     created_at: float
     cooldown: float = 0.0  # seconds the job's upstream is still cooling down (429)
     turn: float | None = None  # seconds to the turn it reserved under its limits, if any
     has_events: bool = False  # an earlier attempt wrote to the job's stream
+    ended: str | None = None  # the final status, for ``Verdict.ENDED``
 
 
 class LeaseStore:
@@ -330,8 +347,11 @@ class LeaseStore:
                   keys.running_messages()],
             args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes,
                   _dumps(message) if message is not None else "", job_id, *flat])
-        return Claim(text(verdict), int(delivery), float(created), int(cool) / 1000,
-                     None if not turn else float(turn) / 1000, text(shown) == "1")
+        found = text(verdict)
+        ended = found if found in TERMINAL else None
+        return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
+                     int(cool) / 1000, None if not turn else float(turn) / 1000,
+                     text(shown) == "1", ended)
 
     def renew(self, client: redis.Redis,
               held: list[tuple[str, str, list[str]]]) -> list[str]:

@@ -29,6 +29,7 @@ read from Redis, O(1) whatever a call costs:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import redis
@@ -39,7 +40,7 @@ from api_tasks.keys import Keys
 if TYPE_CHECKING:
     from config.settings import Limits
 
-__all__ = ["Admission", "Cooldowns", "Limiter"]
+__all__ = ["Admission", "Cooldowns", "Hold", "Limiter"]
 
 # KEYS: cooldown. ARGV: ms. Only ever lengthens a cool-down, never shortens one.
 _COOL = """
@@ -200,13 +201,24 @@ _LINE_GRACE_MS = 15_000  # a job in line that does not ask again within its wait
 # long has left the line (cancelled, or its message is stuck): the next ones move up
 
 
+class Hold(StrEnum):
+    """What a call waits for (a waiting job's ``waiting_for``)."""
+
+    NOTHING = ""
+    REQUESTS = "requests"  # a requests-per-minute limit
+    TOKENS = "tokens"  # a tokens-per-minute limit
+    CONCURRENCY = "concurrency"  # a max_in_flight limit
+    COOLDOWN = "cooldown"  # the upstream's cool-down after a 429
+    TURN = "limit"  # the turn it reserved under its limits
+
+
 @dataclass(frozen=True)
 class Admission:
     """The limiter's answer: a turn ``wait`` seconds away (``go``), or none yet."""
 
     go: bool
     wait: float
-    reason: str
+    reason: Hold
 
 
 @dataclass(frozen=True)
@@ -248,7 +260,7 @@ class Limiter:
         reserves no turn ahead in line: the budget goes to the older jobs in line first.
         """
         if not scopes:
-            return Admission(True, 0.0, "")
+            return Admission(True, 0.0, Hold.NOTHING)
         parts = [_Scope(name, limits) for name, limits in scopes]
         keys = [key for part in parts for key in (
             self.keys.limit(part.name), self.keys.in_flight(part.name),
@@ -261,7 +273,7 @@ class Limiter:
                   "1" if reserved else "0", len(parts),
                   "" if place is None else int(place * 1000), _LINE_GRACE_MS,
                   *[value for part in parts for value in part.args()]])
-        return Admission(text(verdict) == "turn", float(wait) / 1000, text(reason))
+        return Admission(text(verdict) == "turn", float(wait) / 1000, Hold(text(reason)))
 
     def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int) -> None:
         """The call ended: free its slot and give back the tokens it did not use."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
-from api_tasks.delivery import Delivery
+from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import (
     CallCancelled,
     InvalidJob,
@@ -31,8 +31,8 @@ from api_tasks.errors import (
 from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
 from api_tasks.gate import Gate, Park
 from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.inflight import CallHandle, Watchdog
-from api_tasks.leases import LeaseStore
+from api_tasks.inflight import CallHandle, Stop, Watchdog
+from api_tasks.leases import LeaseStore, Verdict
 from api_tasks.limits import Cooldowns, Limiter
 from api_tasks.retry import RetryPolicy, retry_delay
 from api_tasks.routing import build_call, build_payload, resolve_upstream
@@ -49,7 +49,6 @@ __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
-_RUNNABLE = frozenset({"run", "cancel", "poison"})  # verdicts after which this attempt owns it
 
 
 class JobRunner:
@@ -70,7 +69,7 @@ class JobRunner:
         self.limiter = limiter
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
-    def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> str:
+    def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
         """Run a job to its end; return its final status (or why this delivery was dropped)."""
         try:
             spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
@@ -82,18 +81,18 @@ class JobRunner:
         message = spec.message(queue)
         fields = self.store.record_fields(spec, upstream.name, queue)
         claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
-        if claim.verdict == "busy":
+        if claim.verdict is Verdict.BUSY:
             # never just drop it: the holder may have given its message back but not its
             # lease (a failed give-back), and then this message is the job's only one
             if self.leases.defer(job_id, message):
                 log.info("job %s is held by another attempt: looked at again when its lease "
                          "lapses", job_id)
-                return "deferred"
+                return Outcome.DEFERRED
             claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name,
                                       message)
-        if claim.verdict not in _RUNNABLE:
-            log.info("job %s is %s: delivery dropped", job_id, claim.verdict)
-            return claim.verdict
+        if not claim.verdict.owned:
+            log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
+            return Outcome.DROPPED
         run = Delivery(job_id, spec, upstream, claim.delivery, claim.created_at, token,
                    cooldown=claim.cooldown, queue=queue, turn=claim.turn)
         handle = CallHandle(job_id, token)
@@ -108,28 +107,28 @@ class JobRunner:
                 self.leases.release(job_id, token)
             raise
 
-    def _start(self, run: Delivery, handle: CallHandle, verdict: str) -> str:
-        if verdict == "cancel":
+    def _start(self, run: Delivery, handle: CallHandle, verdict: Verdict) -> Outcome:
+        if verdict is Verdict.CANCEL:
             return self._finish(run, JobStatus.CANCELLED, error=CallCancelled(
                 "the job was cancelled before it started").to_error())
-        if verdict == "poison":
+        if verdict is Verdict.POISON:
             return self._finish(run, JobStatus.FAILED, error=error_object(
                 "job_error", "poison_job", f"the job's worker died "
                 f"{self.settings.jobs.max_crashes} times while running it (jobs.max_crashes); "
                 "it is not run again", None, attempts=0))
         return self._execute(run, handle)
 
-    def _execute(self, run: Delivery, handle: CallHandle) -> str:
+    def _execute(self, run: Delivery, handle: CallHandle) -> Outcome:
         try:
             response = self._call_with_retries(run, handle)
         except Park as park:
             return self.gate.park(run, park)
         except UpstreamError as err:
-            if handle.reason == "shutdown":
+            if handle.reason is Stop.SHUTDOWN:
                 self.leases.release(run.job_id, run.token)
                 raise WorkerStopping(run.job_id) from err
-            if handle.reason == "lost":
-                return "lost"
+            if handle.reason is Stop.LOST:
+                return Outcome.LOST
             status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
             return self._finish(run, status, error=err.to_error(
                 attempts=run.attempts, upstream=run.target.name))
@@ -159,7 +158,7 @@ class JobRunner:
                     self.cooldowns.start(run.target.name,
                                          min(asked or policy.initial_delay,
                                              policy.max_retry_after))
-                if delay is None or handle.reason in ("cancelled", "shutdown"):
+                if delay is None or handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN):
                     raise
                 log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
                          run.job_id, run.attempts, err.code, err.message, delay)
@@ -236,28 +235,28 @@ class JobRunner:
                             ("EXPIRE", events, self._ttl(run.spec)),
                             ("PUBLISH", self.store.keys.channel(run.job_id), event)])
 
-    def _reject(self, job_id: str, kind: str, err: InvalidJob) -> str:
+    def _reject(self, job_id: str, kind: str, err: InvalidJob) -> Outcome:
         log.warning("job %s refused: %s", job_id, err)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         claim = self.leases.claim(job_id, token, {"kind": kind, "store_result": "1"},
                                   time.time())
-        if claim.verdict not in _RUNNABLE:
-            return claim.verdict
+        if not claim.verdict.owned:
+            return Outcome.DROPPED
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
         run = Delivery(job_id, spec, None, claim.delivery, claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
-    def fail(self, job_id: str, kind: str, err: BaseException) -> str:
+    def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""
         if self.leases.redis.exists(self.store.keys.lease(job_id)):
             log.error("job %s: left to the attempt that holds its lease", job_id)
-            return "busy"
+            return Outcome.DROPPED
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
         run = Delivery(job_id, spec, None, 0, time.time())
         return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))
 
     def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
-                error: dict[str, Any] | None = None) -> str:
+                error: dict[str, Any] | None = None) -> Outcome:
         finished = time.time()
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
@@ -277,11 +276,11 @@ class JobRunner:
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)
-            return "lost"
+            return Outcome.LOST
         log.info("job %s %s (upstream=%s attempts=%d chunks=%d %.3fs)",
                  run.job_id, status.value, meta["upstream"], run.attempts, run.published,
                  finished - run.started_at)
-        return status.value
+        return Outcome(status.value)
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl

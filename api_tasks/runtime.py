@@ -18,7 +18,7 @@ from api_tasks.batch_pump import BatchPump
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
 from api_tasks.http_client import HttpClient
-from api_tasks.inflight import Watchdog
+from api_tasks.inflight import Stop, Watchdog
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
 from api_tasks.limits import Limiter
@@ -86,7 +86,7 @@ class Runtime:
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""
-        count = self.watchdog.abort_all("shutdown")
+        count = self.watchdog.abort_all(Stop.SHUTDOWN)
         if count:
             log.warning("shutdown grace over: requeueing %d job(s) still in flight", count)
         return count
