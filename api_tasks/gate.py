@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from api_tasks.call_handle import CallHandle
 from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
-from api_tasks.inflight import CallHandle
 from api_tasks.leases import LeaseStore
 from api_tasks.limits import Cooldowns, Hold, Limiter
 

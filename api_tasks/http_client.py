@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from api_tasks.call_handle import CallHandle, current_handle
 from api_tasks.errors import (
     APIConnectionError,
     APIStatusError,
@@ -33,7 +34,6 @@ from api_tasks.errors import (
     UpstreamError,
     UrlRefused,
 )
-from api_tasks.inflight import CallHandle, current_handle
 from api_tasks.job_urls import AddressGuard, AddressRefused
 from api_tasks.redact import Redactor, scrub
 from api_tasks.retry import parse_retry_after

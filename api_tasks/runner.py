@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
+from api_tasks.call_handle import CallHandle, Stop
 from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import (
     CallCancelled,
@@ -31,7 +32,7 @@ from api_tasks.errors import (
 from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
 from api_tasks.gate import Gate, Park
 from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.inflight import CallHandle, Stop, Watchdog
+from api_tasks.inflight import Watchdog
 from api_tasks.leases import LeaseStore, Verdict
 from api_tasks.limits import Cooldowns, Limiter
 from api_tasks.retry import RetryPolicy, retry_delay

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from api_tasks import tokens
 from api_tasks.batch_pump import BatchPump
+from api_tasks.call_handle import Stop
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
 from api_tasks.http_client import HttpClient
-from api_tasks.inflight import Stop, Watchdog
+from api_tasks.inflight import Watchdog
 from api_tasks.keys import Keys
 from api_tasks.leases import LeaseStore
 from api_tasks.limits import Limiter

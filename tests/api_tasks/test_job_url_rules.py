@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from api_tasks.call_handle import CallHandle
 from api_tasks.errors import InvalidJob, UrlRefused
 from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.inflight import CallHandle
 from api_tasks.job_urls import AddressGuard, AddressRefused, check_job_url, parse_allow_entry
 from tests.support.fake_upstream import FakeUpstream
 
