@@ -68,6 +68,7 @@ class StreamRelay:
 
     def _relay(self, events: Iterable[SSEEvent]) -> bool:
         commands: list[Command] = []
+        stored = self.stored
         try:
             for event in events:
                 if event.data == "[DONE]":
@@ -80,7 +81,8 @@ class StreamRelay:
             if commands:
                 # the TTL follows each batch: a stream longer than its TTL keeps its start
                 stream = self.keys.events(self.job_id)
-                self.writer.submit([*commands, ("EXPIRE", stream, self.ttl)])
+                self.writer.submit([*commands, ("EXPIRE", stream, self.ttl)],
+                                   size=2 * (self.stored - stored))
                 if self.published == len(commands) // 2:
                     # first chunks: let the writer run now rather than when this thread next
                     # blocks (the GIL), since a reader is waiting for them

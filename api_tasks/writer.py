@@ -48,7 +48,10 @@ class EventWriter:
         self._max_pending = max_pending_bytes
         self._pending = 0  # bytes queued or in the pipeline being written
         self._queue: deque[_Item] = deque()
-        self._ready = threading.Condition()
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # the writer waits here for work
+        self._room = threading.Condition(self._lock)  # job threads wait here for room
+        self._waiting = 0  # job threads waiting for room
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
 
@@ -57,27 +60,38 @@ class EventWriter:
         self._thread.start()
 
     def submit(self, commands: Sequence[Command], wait: bool = False,
-               timeout: float | None = None) -> Future[list[Any]] | None:
+               timeout: float | None = None, size: int | None = None) -> Future[list[Any]] | None:
         """Queue commands; with ``wait``, return a future done once they are in Redis.
 
         Blocks while the writer is more than ``max_pending_bytes`` behind (at most
         ``timeout`` seconds, then ``TimeoutError``; the writer gives up on a down Redis
-        after ``retry_for``, so even without one the wait ends).
+        after ``retry_for``, so even without one the wait ends). ``size``: the bytes the
+        commands hold, if the caller knows (else they are counted).
         """
         future: Future[list[Any]] | None = Future() if wait else None
-        size = _size(commands)
+        if size is None:
+            size = _size(commands)
+        with self._lock:
+            if self._pending > 0 and self._pending + size > self._max_pending:
+                self._wait_for_room(size, timeout)
+            self._pending += size
+            self._queue.append((commands, future, size))
+            self._ready.notify()
+        return future
+
+    def _wait_for_room(self, size: int, timeout: float | None) -> None:
+        """With the lock held: wait until the writer has caught up enough."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._ready:
+        self._waiting += 1
+        try:
             while self._pending > 0 and self._pending + size > self._max_pending \
                     and not self._closed:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("the event writer is too far behind")
-                self._ready.wait(left)
-            self._pending += size
-            self._queue.append((commands, future, size))
-            self._ready.notify_all()
-        return future
+                self._room.wait(left)
+        finally:
+            self._waiting -= 1
 
     def write(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
         """Queue commands, block until Redis ran them, return their replies (or raise)."""
@@ -88,9 +102,10 @@ class EventWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued, then stop."""
-        with self._ready:
+        with self._lock:
             self._closed = True
             self._ready.notify_all()
+            self._room.notify_all()
         self._thread.join(timeout)
 
     def _take(self) -> list[_Item]:
@@ -116,9 +131,10 @@ class EventWriter:
                 log.exception("event writer: batch failed")
                 _fail(batch, err)
             finally:
-                with self._ready:
+                with self._lock:
                     self._pending -= sum(size for _, _, size in batch)
-                    self._ready.notify_all()
+                    if self._waiting:
+                        self._room.notify_all()
 
     def _flush(self, batch: list[_Item]) -> None:
         deadline = time.monotonic() + self._retry_for
