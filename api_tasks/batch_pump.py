@@ -37,6 +37,7 @@ from api_tasks.batch import line_params, record_for, usage_of
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
 from api_tasks.events import TERMINAL, JobStatus
+from api_tasks.scripts import script
 
 if TYPE_CHECKING:
     from api_tasks.enqueue import Enqueuer
@@ -45,76 +46,12 @@ __all__ = ["BatchPump"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: batch, jobs, input. ARGV: the sent count read, ttl, then job id / custom_id
-# pairs. Takes the lines only if no other stepper took them meanwhile.
-_TAKE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
-if redis.call('HGET', KEYS[1], 'sent') ~= ARGV[1] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], 'u:' .. ARGV[i + 1]) end
-redis.call('HINCRBY', KEYS[1], 'sent', (#ARGV - 2) / 2)
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
-return 1
-"""
-
-# KEYS: jobs. ARGV: job ids now sent.
-_MARK = """
-for i = 1, #ARGV do
-  local v = redis.call('HGET', KEYS[1], ARGV[i])
-  if v and string.sub(v, 1, 2) == 'u:' then
-    redis.call('HSET', KEYS[1], ARGV[i], 's:' .. string.sub(v, 3))
-  end
-end
-"""
-
-# KEYS: batch, jobs, input, output, errors. ARGV: job id, counter, record, ttl, then
-# usage name/count pairs.
-_RECORD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-local list = KEYS[5]
-if ARGV[2] == 'completed' then list = KEYS[4] end
-redis.call('RPUSH', list, ARGV[3])
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-for i = 5, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], 'usage.' .. ARGV[i], ARGV[i + 1]) end
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
-return 1
-"""
-
-# KEYS: batch, errors. ARGV: the sent count read, ttl, then error-file records. In a
-# cancelling batch, records lines never sent as cancelled, so every line ends in a file.
-_DRAIN = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'cancelling' then return 0 end
-if redis.call('HGET', KEYS[1], 'sent') ~= ARGV[1] then return 0 end
-local n = #ARGV - 2
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('HINCRBY', KEYS[1], 'sent', n)
-redis.call('HINCRBY', KEYS[1], 'cancelled', n)
-for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
-return 1
-"""
-
-# KEYS: batch, jobs, input, output, errors, active batches. ARGV: batch id, now, ttl.
-_CLOSE = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'in_progress' and s ~= 'cancelling' then
-  redis.call('SREM', KEYS[6], ARGV[1])
-  return 0
-end
-if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
-local counts = redis.call('HMGET', KEYS[1], 'sent', 'total')
-if tonumber(counts[1] or '0') < tonumber(counts[2] or '0') then return 0 end
-redis.call('HSET', KEYS[1], 'status', s == 'in_progress' and 'completed' or 'cancelled',
-           'finished_at', ARGV[2])
-redis.call('DEL', KEYS[3])
-redis.call('SREM', KEYS[6], ARGV[1])
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
-return 1
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+_TAKE = script("batch_take")
+_MARK = script("batch_mark")
+_RECORD = script("batch_record")
+_DRAIN = script("batch_drain")
+_CLOSE = script("batch_close")
+_RELEASE = script("unlock")
 
 _EVERY = 0.2  # seconds between two passes over the active batches
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the

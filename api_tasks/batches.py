@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from api_tasks.batch import check_file, read_batch
 from api_tasks.connections import broker_errors, text
 from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
+from api_tasks.scripts import script
 from api_tasks.spec import QUEUES
 
 if TYPE_CHECKING:
@@ -54,36 +55,8 @@ class BatchStatus(StrEnum):
 
 ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED})
 
-# KEYS: batch. ARGV: now. A batch still uploading has sent nothing: it ends at once.
-_CANCEL = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return 'missing' end
-if s == 'uploading' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1],
-             'finished_at', ARGV[1])
-  return 'cancelled'
-end
-if s ~= 'in_progress' then return s end
-redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1])
-return 'cancelling'
-"""
-
-# KEYS: batch, input, the set of active batches. ARGV: batch id, total, ttl, result ttl.
-# Hands the batch to the workers, unless it was cancelled (or expired) while uploading.
-_START = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'uploading' then
-  redis.call('DEL', KEYS[2])
-  if s then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-  return s or 'missing'
-end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'total', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-return 'in_progress'
-"""
+_CANCEL = script("batch_cancel")
+_START = script("batch_start")
 
 
 def upload_batch(client: Enqueuer, source: Path, *, window: int = 200,

@@ -16,63 +16,15 @@ import redis
 from api_tasks.connections import text
 from api_tasks.events import EVENT_FIELD, JobStatus, final_event
 from api_tasks.keys import Keys
+from api_tasks.scripts import script
 from api_tasks.spec import JobSpec
 
 __all__ = ["JobStore", "envelope", "job_view", "meta_from"]
 
-_STATUS = """local s = redis.call('HGET', KEYS[1], 'status')
-local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
-if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, '0', created} end
-"""
-
-# KEYS: job, cancel, result, events, channel. ARGV: now, ttl, envelope, event, field,
-# '1' to leave a running job alone. A queued job ends here and now; its final event
-# follows whatever the stream holds (a job requeued by a stopping worker may have
-# chunks of an earlier attempt).
-_CANCEL = _STATUS + """
-if not s then return {'missing'} end
-if ARGV[6] == '1' and s ~= 'queued' and s ~= 'waiting' then return {'running'} end
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
-if s ~= 'queued' and s ~= 'waiting' then return {'cancelling'} end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
-local id = '0-1'
-local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
-if last then
-  local attempt, seq = string.match(last[1], '(%d+)-(%d+)')
-  id = attempt .. '-' .. (tonumber(seq) + 1)
-end
-redis.call('XADD', KEYS[4], id, ARGV[5], ARGV[4])
-redis.call('EXPIRE', KEYS[4], ARGV[2])
-redis.call('PUBLISH', KEYS[5], ARGV[4])
-return {'cancelled'}
-"""
-
-# KEYS: job. ARGV: ttl, then field/value pairs.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-
-# KEYS: job. Deletes a queued record no worker has claimed yet.
-_FORGET = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'deliveries') == 1 then return 0 end
-return redis.call('DEL', KEYS[1])
-"""
-
-
-# KEYS: job, result, events, cancel. Deletes an ended job's keys, so its id can run anew.
-_DISCARD = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if s ~= 'succeeded' and s ~= 'failed' and s ~= 'cancelled' then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return 1
-"""
+_CANCEL = script("job_cancel")
+_CREATE = script("job_create")
+_FORGET = script("job_forget")
+_DISCARD = script("job_discard")
 
 
 def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,

@@ -1,0 +1,11 @@
+-- KEYS: batch. ARGV: now. A batch still uploading has sent nothing: it ends at once.
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s == 'uploading' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1],
+             'finished_at', ARGV[1])
+  return 'cancelled'
+end
+if s ~= 'in_progress' then return s end
+redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1])
+return 'cancelling'

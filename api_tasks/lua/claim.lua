@@ -1,0 +1,39 @@
+-- KEYS: job, cancel, lease, the upstream's cool-down, events, running index, running
+-- messages. ARGV: now, ttl, token, lease_ms, max_crashes, the task message ('' = none), job
+-- id, then field/value pairs for a job nobody recorded (a plain Celery client's). The
+-- message is kept while the job runs, so a job whose message is lost can be sent again.
+-- Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
+-- whether the job's stream has events}.
+local s = redis.call('HGET', KEYS[1], 'status')
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
+local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
+local t = redis.call('TIME')
+local turn = redis.call('HGET', KEYS[1], 'turn_at')
+turn = turn and tostring(tonumber(turn) - (t[1] * 1000 + math.floor(t[2] / 1000))) or ''
+local shown = tostring(redis.call('EXISTS', KEYS[5]))
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then
+  return {s, '0', created, cool, turn, shown}
+end
+local holder = redis.call('GET', KEYS[3])
+if holder == ARGV[3] then
+  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown}
+end
+if holder then return {'busy', '0', created, cool, turn, shown} end
+if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
+local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]), ARGV[7])
+redis.call('EXPIRE', KEYS[6], ARGV[2])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[7], ARGV[6])
+  redis.call('EXPIRE', KEYS[7], ARGV[2])
+end
+local verdict = 'run'
+if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
+elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
+  verdict = 'poison'
+end
+redis.call('HDEL', KEYS[1], 'turn_at')
+return {verdict, tostring(n), created, cool, turn, shown}

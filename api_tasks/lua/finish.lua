@@ -1,0 +1,27 @@
+-- KEYS: job, result, events, channel, lease, running index, running messages. ARGV:
+-- token ('' = whoever holds it, for the last-resort failure), ttl, event, wanted entry
+-- id, result ('' for none), job id, then job field/value pairs. A job already ended is
+-- never written twice. Stream entries keep the event in field 'event' (events.EVENT_FIELD).
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 'ended' end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'lost' end
+local id = ARGV[4]
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+if last then
+  local la, ls = string.match(last[1], '(%d+)-(%d+)')
+  local wa, ws = string.match(id, '(%d+)-(%d+)')
+  la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
+  if wa < la or (wa == la and ws <= ls) then id = la .. '-' .. (ls + 1) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
+redis.call('HDEL', KEYS[1], 'token')
+redis.call('ZREM', KEYS[6], ARGV[6])
+redis.call('HDEL', KEYS[7], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2]) end
+redis.call('XADD', KEYS[3], id, 'event', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('PUBLISH', KEYS[4], ARGV[3])
+redis.call('DEL', KEYS[5])
+return 'ok'

@@ -1,0 +1,26 @@
+-- KEYS: job, lease, delayed set, delayed messages, running index, running messages.
+-- ARGV: token, job id, wait ms, reason,
+-- message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
+-- to wait for a limit and is sent again ``lead`` before its turn (or when due).
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due / 1000),
+           'waiting_for', ARGV[4])
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'turn_at', tostring(now + tonumber(ARGV[7])))
+  due = math.max(now + tonumber(ARGV[7]) - tonumber(ARGV[8]), now)
+else
+  redis.call('HDEL', KEYS[1], 'turn_at')
+end
+redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
+redis.call('HDEL', KEYS[1], 'token')
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('HDEL', KEYS[6], ARGV[2])
+redis.call('ZADD', KEYS[3], due, ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+return 1

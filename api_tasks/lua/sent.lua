@@ -1,0 +1,14 @@
+-- KEYS: delayed set, delayed messages. ARGV: job id, the score ``_DUE`` held it at, retry
+-- ms ('' when it was sent). Drops the entry and message unless the job was parked or
+-- deferred again meanwhile (its score moved); a failed send is due again after ``retry``.
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[3]),
+             ARGV[1])
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
