@@ -65,7 +65,6 @@ class Cooldowns:
         return millis / 1000 if millis > 0 else 0.0
 
 
-
 _ADMIT = script("admit")
 _SETTLE = script("settle")
 
