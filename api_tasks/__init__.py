@@ -35,7 +35,6 @@ if TYPE_CHECKING:
         APITimeoutError,
         BatchNotFound,
         BrokerUnavailable,
-        ConfigError,
         InvalidBatch,
         InvalidJob,
         InvalidResponseError,
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
     from api_tasks.events import EventType, JobStatus
     from api_tasks.jobs import Job
     from api_tasks.merge import merge_payload
+    from config.errors import ConfigError
 
 # where each public name lives
 _EXPORTS = {
@@ -57,11 +57,12 @@ _EXPORTS = {
     **dict.fromkeys(("Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
                      "submit_batch", "submit_chat", "submit_completion"), "api_tasks.client"),
     **dict.fromkeys(("APIConnectionError", "APIStatusError", "APITimeoutError", "ApiTasksError",
-                     "BatchNotFound", "BrokerUnavailable", "ConfigError", "InvalidBatch",
+                     "BatchNotFound", "BrokerUnavailable", "InvalidBatch",
                      "InvalidJob", "InvalidResponseError", "JobCancelled", "JobFailed",
                      "JobNotFound", "JobTimeout", "StreamError", "StreamRestarted",
                      "UpstreamError"), "api_tasks.errors"),
     **dict.fromkeys(("EventType", "JobStatus"), "api_tasks.events"),
+    "ConfigError": "config.errors",  # the settings' error, from the layer below
     "Job": "api_tasks.jobs",
     "merge_payload": "api_tasks.merge",
 }

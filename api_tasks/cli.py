@@ -18,7 +18,6 @@ from api_tasks.batch_cli import add_batch_commands, batch_command
 from api_tasks.client import Client
 from api_tasks.errors import (
     BrokerUnavailable,
-    ConfigError,
     InvalidJob,
     JobFailed,
     JobNotFound,
@@ -27,6 +26,7 @@ from api_tasks.errors import (
 from api_tasks.exit_codes import ExitCode
 from api_tasks.jobs import Job, text_of
 from api_tasks.spec import QUEUES, Kind
+from config.errors import ConfigError
 
 __all__ = ["main", "parse_param"]
 

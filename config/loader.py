@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from api_tasks.errors import ConfigError
+from config.errors import ConfigError
 from config.settings import Settings
 
 __all__ = ["DEFAULTS_FILE", "ENV_OVERRIDES", "load_settings"]

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from config.allow_list import allow_list
+
 __all__ = [
     "JobSettings",
     "Limits",
@@ -111,7 +113,7 @@ class Upstream(_Model):
     def _check_tokenizer(cls, value: str) -> str:
         if value in ("auto", "estimate"):
             return value
-        from api_tasks.tokens import offline_encodings, on_disk  # only when one is named
+        from config.tokenizers import offline_encodings, on_disk  # tiktoken: only when named
 
         if on_disk(value) is None:
             have = ", ".join(sorted(offline_encodings())) or \
@@ -136,8 +138,6 @@ class Upstream(_Model):
     @field_validator("job_base_url_hosts")
     @classmethod
     def _check_job_hosts(cls, value: list[str]) -> list[str]:
-        from api_tasks.job_urls import allow_list  # only when an allow-list is set
-
         if value:
             allow_list(tuple(value))
         return value

@@ -74,6 +74,15 @@ def test_no_import_cycles() -> None:
     assert _cycles(graph) == []
 
 
+def test_the_packages_are_layered_config_below_api_tasks_below_worker() -> None:
+    """config imports nothing of the other two, and api_tasks nothing of the worker."""
+    below = {"config": ("api_tasks", "worker"), "api_tasks": ("worker",)}
+    wrong = sorted((module, target) for module, targets in _graph().items()
+                   for target in targets
+                   if target.split(".")[0] in below.get(module.split(".")[0], ()))
+    assert wrong == []
+
+
 def _loaded(statement: str) -> list[str]:
     code = (f"{statement}; import sys; print(' '.join(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('api_tasks', 'config', 'worker', 'redis', 'kombu', "

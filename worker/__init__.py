@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 # imported here, not in _build: `celery -A worker` puts the current directory
 # on sys.path only while it imports this module
 from api_tasks.broker import create_app
-from api_tasks.errors import ConfigError
+from config.errors import ConfigError
 from config.loader import load_settings
 from worker.lifecycle import connect_signals
 

@@ -10,7 +10,8 @@ import pytest
 from api_tasks.call_handle import CallHandle
 from api_tasks.errors import InvalidJob, UrlRefused
 from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.job_urls import AddressGuard, AddressRefused, check_job_url, parse_allow_entry
+from api_tasks.job_urls import AddressGuard, AddressRefused, check_job_url
+from config.allow_list import parse_allow_entry
 from tests.support.fake_upstream import FakeUpstream
 
 ENTRIES = ("*.internal", "llm-*.corp", "127.0.0.1:8080", "10.0.0.0/8", "[::1]:9000",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api_tasks.errors import ConfigError
+from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.services import ROOT
 
