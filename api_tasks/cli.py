@@ -23,6 +23,7 @@ from api_tasks.errors import (
     JobNotFound,
     JobTimeout,
 )
+from api_tasks.events import JobStatus
 from api_tasks.exit_codes import ExitCode
 from api_tasks.jobs import Job, text_of
 from api_tasks.spec import QUEUES, Kind
@@ -154,13 +155,13 @@ def _details(view: dict[str, Any]) -> str:
     """One line on where a job is: its attempt, its wait, or how it ended."""
     now = time.time()
     status, attempt = view["status"], view["attempt"]
-    if status == "queued":
+    if status == JobStatus.QUEUED:
         since = now - (view["created_at"] or now)
         return f"queued {since:.1f}s ago" + (f", attempt {attempt + 1} next" if attempt else "")
-    if status == "waiting":
+    if status == JobStatus.WAITING:
         due = max((view["waiting_until"] or now) - now, 0.0)
         return f"waiting for its {view['waiting_for']} limit, due in {due:.1f}s"
-    if status == "running":
+    if status == JobStatus.RUNNING:
         return f"attempt {attempt}, started {now - (view['started_at'] or now):.1f}s ago"
     took = (view["finished_at"] or now) - (view["started_at"] or view["created_at"] or now)
     calls = view["calls"] or 0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from api_tasks.batches import Batch, upload_batch
 from api_tasks.connections import connect
-from api_tasks.enqueue import Enqueuer
+from api_tasks.enqueue import PRODUCER_POOL, Enqueuer
 from api_tasks.jobs import Job
 from api_tasks.routing import build_call, resolve_upstream
 from api_tasks.spec import Kind, build_spec
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
            "submit_batch", "submit_chat", "submit_completion"]
-
-_MAX_CONNECTIONS = 10_000  # readers waiting on streams each hold one: no small cap
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class Client(Enqueuer):
             settings = load_settings()
         super().__init__(settings, app)
         # blocking reads (XREAD BLOCK) get their own pool, with a longer timeout
-        self.blocking = connect(settings.redis, max_connections=_MAX_CONNECTIONS)
+        self.blocking = connect(settings.redis, max_connections=PRODUCER_POOL)
 
     def submit_chat(self, messages: Any, **params: Any) -> Job:
         """Enqueue a chat completion job; returns at once."""

@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 
     from config.settings import Settings
 
-__all__ = ["Enqueuer"]
+__all__ = ["PRODUCER_POOL", "Enqueuer"]
 
 _QUICK_TIMEOUT = 5.0
-_MAX_CONNECTIONS = 10_000  # readers waiting on streams each hold one: no small cap
+PRODUCER_POOL = 10_000  # a producer's pools: readers waiting on streams each hold one
 
 
 class Enqueuer:
@@ -41,7 +41,7 @@ class Enqueuer:
         self.settings = settings
         # quick calls fail fast on a hung Redis (redis-py 8 caps a pool at 100 by default)
         self.redis = connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
-                             max_connections=_MAX_CONNECTIONS)
+                             max_connections=PRODUCER_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl)

@@ -78,17 +78,18 @@ class Job:
 
     def info(self) -> dict[str, Any]:
         """The job's record: status, kind, upstream, model, timestamps, attempts."""
-        info = _guard(self._client.store.info, self.id)
-        if not info:
-            raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
-        return {name: value for name, value in info.items() if name not in _ATTEMPT_FIELDS}
+        return {name: value for name, value in self._record().items()
+                if name not in _ATTEMPT_FIELDS}
 
     def describe(self) -> dict[str, Any]:
         """The job's state as typed JSON: status, attempt, calls, timestamps, error..."""
+        return job_view(self.id, self._record())
+
+    def _record(self) -> dict[str, str]:
         info = _guard(self._client.store.info, self.id)
         if not info:
             raise JobNotFound(f"no job {self.id!r} (never submitted, or expired)")
-        return job_view(self.id, info)
+        return info
 
     def result(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Wait for the end; return the OpenAI-format response (None if not stored).

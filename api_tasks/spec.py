@@ -149,8 +149,7 @@ def _number(low: float | None = None, high: float | None = None, *,
 
 
 def _of(kind: type, wants: str) -> _Rule:
-    return _Rule(wants, lambda value: isinstance(value, kind) and (
-        kind is not int or not isinstance(value, bool)))
+    return _Rule(wants, lambda value: isinstance(value, kind))
 
 
 def _stop(value: Any) -> bool:

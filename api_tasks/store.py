@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from api_tasks.connections import text
-from api_tasks.events import EVENT_FIELD, JobStatus, final_event
+from api_tasks.events import EVENT_FIELD, TERMINAL, JobStatus, final_event
 from api_tasks.keys import Keys
 from api_tasks.scripts import script
 from api_tasks.spec import JobSpec
@@ -129,10 +129,14 @@ class JobStore:
         return None if raw is None else json.loads(raw)
 
 
+def _number(info: dict[str, str], name: str) -> float | None:
+    return float(info[name]) if info.get(name) else None
+
+
 def meta_from(info: dict[str, str]) -> dict[str, Any]:
     """Envelope fields from a job record."""
     def number(name: str) -> float | None:
-        return float(info[name]) if info.get(name) else None
+        return _number(info, name)
     return {"kind": info.get("kind"), "upstream": info.get("upstream"),
             "model": info.get("model") or None, "attempts": int(info.get("attempts", 0)),
             "created_at": number("created_at"), "started_at": number("started_at"),
@@ -143,12 +147,11 @@ def meta_from(info: dict[str, str]) -> dict[str, Any]:
 def job_view(job_id: str, info: dict[str, str]) -> dict[str, Any]:
     """A job record as typed, documented JSON (the README's "Job status" lists the fields)."""
     def number(name: str) -> float | None:
-        return float(info[name]) if info.get(name) else None
+        return _number(info, name)
 
     status = info.get("status")
     waiting = status == JobStatus.WAITING.value
-    ended = status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
-                       JobStatus.CANCELLED.value)
+    ended = status in TERMINAL
     return {
         "id": job_id, "status": status, "kind": info.get("kind"),
         "model": info.get("model") or None, "upstream": info.get("upstream") or None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,7 +49,8 @@ def redis_proxy(redis_server: RedisServer) -> Iterator[RedisProxy]:
 
 
 def _run(env: dict[str, str], first_env: dict[str, str], fake: FakeUpstream, spawn: Spawn,
-         model: str, during_giveback: object = None) -> tuple[list[str], float, int]:
+         model: str, during_giveback: Callable[[], None] | None = None,
+         ) -> tuple[list[str], float, int]:
     fake.script(model, *[Reply(delay=20.0)] * JOBS, Reply(content="second worker"))
     client = Client(load_settings(env=env))
     first = spawn(first_env, "a", concurrency=JOBS)
@@ -57,7 +58,7 @@ def _run(env: dict[str, str], first_env: dict[str, str], fake: FakeUpstream, spa
     fake.wait_for_requests(model, JOBS, timeout=60)
     first.signal(signal.SIGTERM)
     signalled = time.monotonic()
-    if callable(during_giveback):
+    if during_giveback is not None:
         during_giveback()
     assert first.wait(timeout=30) == 0
     second = spawn(env, "b", concurrency=JOBS)
