@@ -7,7 +7,7 @@ Producer API::
     print(job.result(timeout=60)["choices"][0]["message"]["content"])
 
 The names below are loaded on first use, so importing one module of the package
-(``api_tasks.sse``, say) loads that module and what it imports, nothing more.
+(``api_tasks.stream.sse``, say) loads that module and what it imports, nothing more.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api_tasks.batches import Batch, BatchStatus
+    from api_tasks.batches.detached import Batch, BatchStatus
     from api_tasks.client import (
         Client,
         DryRun,
@@ -46,14 +46,14 @@ if TYPE_CHECKING:
         StreamRestarted,
         UpstreamError,
     )
-    from api_tasks.events import EventType, JobStatus
-    from api_tasks.jobs import Job
-    from api_tasks.merge import merge_payload
+    from api_tasks.record.events import EventType, JobStatus
+    from api_tasks.record.reader import Job
+    from api_tasks.upstream.merge import merge_payload
     from config.errors import ConfigError
 
 # where each public name lives
 _EXPORTS = {
-    **dict.fromkeys(("Batch", "BatchStatus"), "api_tasks.batches"),
+    **dict.fromkeys(("Batch", "BatchStatus"), "api_tasks.batches.detached"),
     **dict.fromkeys(("Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
                      "submit_batch", "submit_chat", "submit_completion"), "api_tasks.client"),
     **dict.fromkeys(("APIConnectionError", "APIStatusError", "APITimeoutError", "ApiTasksError",
@@ -61,10 +61,10 @@ _EXPORTS = {
                      "InvalidJob", "InvalidResponseError", "JobCancelled", "JobFailed",
                      "JobNotFound", "JobTimeout", "StreamError", "StreamRestarted",
                      "UpstreamError"), "api_tasks.errors"),
-    **dict.fromkeys(("EventType", "JobStatus"), "api_tasks.events"),
+    **dict.fromkeys(("EventType", "JobStatus"), "api_tasks.record.events"),
     "ConfigError": "config.errors",  # the settings' error, from the layer below
-    "Job": "api_tasks.jobs",
-    "merge_payload": "api_tasks.merge",
+    "Job": "api_tasks.record.reader",
+    "merge_payload": "api_tasks.upstream.merge",
 }
 
 __all__ = [

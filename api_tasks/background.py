@@ -1,6 +1,6 @@
 """The worker's background threads share one life: start, tick every so often, stop and join.
 
-The watchdog, the reaper (with the scheduler) and the batch pump are each a
+The watchdog, the reaper, the scheduler and the batch pump are each a
 ``Loop``; a tick that fails is logged, at most every ``_WARN_EVERY`` seconds per
 loop (a Redis outage must not write ten lines a second), and the thread goes on.
 """

@@ -24,7 +24,7 @@ from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from api_tasks.connections import pool_size
-from api_tasks.keys import Keys
+from api_tasks.record.keys import Keys
 from api_tasks.spec import QUEUES
 
 if TYPE_CHECKING:

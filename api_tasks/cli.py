@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from api_tasks.batch_cli import add_batch_commands, batch_command
+from api_tasks.batches.cli import add_batch_commands, batch_command
 from api_tasks.client import Client
 from api_tasks.errors import (
     BrokerUnavailable,
@@ -23,9 +23,9 @@ from api_tasks.errors import (
     JobNotFound,
     JobTimeout,
 )
-from api_tasks.events import JobStatus
 from api_tasks.exit_codes import ExitCode
-from api_tasks.jobs import Job, text_of
+from api_tasks.record.events import JobStatus
+from api_tasks.record.reader import Job, text_of
 from api_tasks.spec import QUEUES, Kind
 from config.errors import ConfigError
 

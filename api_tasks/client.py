@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from api_tasks.batches import Batch, upload_batch
+from api_tasks.batches.detached import Batch, upload_batch
 from api_tasks.connections import connect
 from api_tasks.enqueue import PRODUCER_POOL, Enqueuer
-from api_tasks.jobs import Job
-from api_tasks.routing import build_call, resolve_upstream
+from api_tasks.record.reader import Job
 from api_tasks.spec import Kind, build_spec
+from api_tasks.upstream.routing import build_call, resolve_upstream
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -18,10 +18,10 @@ from kombu.exceptions import OperationalError
 from api_tasks.broker import create_app
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
-from api_tasks.keys import Keys
-from api_tasks.routing import resolve_upstream
+from api_tasks.record.keys import Keys
+from api_tasks.record.store import JobStore
 from api_tasks.spec import TASK_NAMES, Kind, build_spec
-from api_tasks.store import JobStore
+from api_tasks.upstream.routing import resolve_upstream
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -13,20 +13,21 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from api_tasks import tokens
-from api_tasks.batch_pump import BatchPump
-from api_tasks.call_handle import Stop
+from api_tasks.batches.pump import BatchPump
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
-from api_tasks.http_client import HttpClient
-from api_tasks.inflight import Watchdog
-from api_tasks.keys import Keys
-from api_tasks.leases import LeaseStore
-from api_tasks.limits import Limiter
-from api_tasks.reaper import Reaper
-from api_tasks.runner import JobRunner
-from api_tasks.store import JobStore
-from api_tasks.writer import EventWriter
+from api_tasks.execution import tokens
+from api_tasks.execution.limits import Limiter
+from api_tasks.execution.reaper import Reaper
+from api_tasks.execution.runner import JobRunner
+from api_tasks.execution.scheduler import Scheduler
+from api_tasks.execution.watchdog import Watchdog
+from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
+from api_tasks.record.store import JobStore
+from api_tasks.record.writer import EventWriter
+from api_tasks.upstream.call_handle import Stop
+from api_tasks.upstream.http_client import HttpClient
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -56,8 +57,10 @@ class Runtime:
         # its own connection, failing fast: leases must be renewed whatever else hangs
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
-        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval,
-                             self._send if app is not None else None)
+        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval)
+        # only a worker (it has the app) sends waiting jobs again
+        self.scheduler = Scheduler(self.redis, self.keys, self.leases,
+                                   self._send) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
         self.batches = BatchPump(Enqueuer(settings, app)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
@@ -77,6 +80,8 @@ class Runtime:
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()
+            if self.scheduler is not None:
+                self.scheduler.start()
             if self.batches is not None:
                 self.batches.start()
 
@@ -95,6 +100,8 @@ class Runtime:
     def close(self) -> None:
         """Flush pending writes and stop the threads."""
         self.reaper.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self.batches is not None:
             self.batches.stop()
         self.watchdog.stop()

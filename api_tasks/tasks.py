@@ -1,6 +1,6 @@
 """The two Celery tasks. Thin: decode arguments, run the job, declare the retry policy.
 
-Retries of the upstream call happen inside ``JobRunner`` (``api_tasks.retry``),
+Retries of the upstream call happen inside ``JobRunner`` (``api_tasks.upstream.retry``),
 so the tasks never ask Celery to retry. A job that cannot finish in this
 process (the worker is stopping, or Redis is unreachable) is rejected with
 requeue, and runs again as a new, announced attempt.
@@ -31,7 +31,7 @@ _OPTIONS: dict[str, Any] = {
     "ignore_result": True,  # results go to our own keys, not Celery's backend
     "acks_late": True,  # a job whose worker dies is delivered again
     "reject_on_worker_lost": True,
-    "max_retries": 0,  # the retry policy lives in api_tasks.retry, not here
+    "max_retries": 0,  # the retry policy lives in api_tasks.upstream.retry, not here
 }
 
 

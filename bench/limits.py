@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from api_tasks.tokens import estimate_cost
+from api_tasks.execution.tokens import estimate_cost
 from bench.cookbook import run_cookbook
 from bench.harness import child_env, local_services, log_warnings, start_workers
 from bench.run import table

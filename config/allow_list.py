@@ -1,7 +1,7 @@
 """What a ``job_base_url_hosts`` entry is: ``HOST[:PORT]``, parsed and checked at start.
 
 HOST is a glob of DNS names, an IP address or a CIDR network (IPv6 in brackets),
-PORT a number or ``*`` (80 and 443 when left out). ``api_tasks.job_urls`` matches
+PORT a number or ``*`` (80 and 443 when left out). ``api_tasks.upstream.job_urls`` matches
 a job's checked URL, and the addresses its host resolves to, against them.
 """
 

@@ -1,5 +1,5 @@
 """Which tokenizer encodings this machine has on disk: what an upstream's ``tokenizer`` may
-name. Nothing is ever downloaded; ``api_tasks.tokens`` loads and uses them."""
+name. Nothing is ever downloaded; ``api_tasks.execution.tokens`` loads and uses them."""
 
 from __future__ import annotations
 

@@ -83,6 +83,35 @@ def test_the_packages_are_layered_config_below_api_tasks_below_worker() -> None:
     assert wrong == []
 
 
+# the subpackages along a job's path, and those each may import: arrows follow the data
+# (producer -> queue -> task -> runner -> upstream HTTP -> stream relay -> Redis record ->
+# reader); batches are a producer of jobs. Top-level modules other than these are the base
+# every layer may use.
+LAYERS = {
+    "execution": {"upstream", "stream", "record"},
+    "upstream": set(),
+    "stream": {"upstream", "record"},
+    "record": set(),
+    "batches": {"record", "enqueue", "client"},
+}
+BASE = {"errors", "spec", "connections", "background", "exit_codes"}
+
+
+def test_the_subpackages_follow_the_data_path() -> None:
+    wrong = []
+    for module, targets in _graph().items():
+        parts = module.split(".")
+        if parts[0] != "api_tasks" or len(parts) < 3 or parts[1] not in LAYERS:
+            continue
+        for target in targets:
+            tparts = target.split(".")
+            if tparts[0] != "api_tasks" or len(tparts) < 2 or tparts[1] == parts[1]:
+                continue
+            if tparts[1] not in LAYERS[parts[1]] | BASE:
+                wrong.append((module, target))
+    assert sorted(wrong) == []
+
+
 def _loaded(statement: str) -> list[str]:
     code = (f"{statement}; import sys; print(' '.join(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('api_tasks', 'config', 'worker', 'redis', 'kombu', "
@@ -94,7 +123,9 @@ def _loaded(statement: str) -> list[str]:
 
 def test_importing_the_package_or_a_pure_module_is_cheap() -> None:
     assert _loaded("import api_tasks") == ["api_tasks"]
-    assert _loaded("import api_tasks.sse") == ["api_tasks", "api_tasks.errors", "api_tasks.sse"]
-    assert _loaded("import api_tasks.merge") == ["api_tasks", "api_tasks.merge"]
+    assert _loaded("import api_tasks.stream.sse") == [
+        "api_tasks", "api_tasks.errors", "api_tasks.stream", "api_tasks.stream.sse"]
+    assert _loaded("import api_tasks.upstream.merge") == [
+        "api_tasks", "api_tasks.upstream", "api_tasks.upstream.merge"]
     spec = _loaded("import api_tasks.spec")
     assert not {"redis", "kombu", "celery", "requests"} & set(spec), spec

@@ -1,6 +1,6 @@
 """Streamed chunks rebuild the non-streamed response shape."""
 
-from api_tasks.assemble import StreamAssembler
+from api_tasks.stream.assemble import StreamAssembler
 
 
 def _chat(delta: dict, finish: str | None = None, index: int = 0) -> dict:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from api_tasks.batch import check_file, run_batch
+from api_tasks.batches.attached import run_batch
+from api_tasks.batches.lines import check_file
 from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
 from tests.support.services import ROOT, WorkerProcess, wait_until

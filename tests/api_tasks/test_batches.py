@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from api_tasks import Batch, BatchNotFound, InvalidBatch
-from api_tasks.batch import line_params
-from api_tasks.batch_pump import BatchPump
-from api_tasks.batches import MAX_WINDOW
+from api_tasks.batches.detached import MAX_WINDOW
+from api_tasks.batches.lines import line_params
+from api_tasks.batches.pump import BatchPump
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.api_tasks.test_batch import _line
@@ -168,7 +168,7 @@ def test_a_sent_line_whose_job_record_is_gone_fails_and_is_not_sent_again(
 def test_a_batch_cancelled_while_uploading_sends_nothing(
         client: Client, fake: FakeUpstream, tmp_path: Path, model: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("api_tasks.batches._UPLOAD_LINES", 2)
+    monkeypatch.setattr("api_tasks.batches.detached._UPLOAD_LINES", 2)
     batch = Batch(client, f"batch_{uuid.uuid4().hex}")
     push = Batch._push
 

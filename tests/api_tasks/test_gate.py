@@ -8,14 +8,14 @@ import uuid
 import pytest
 import redis
 
-from api_tasks.call_handle import CallHandle
-from api_tasks.delivery import Delivery
 from api_tasks.errors import RequestTooLarge
-from api_tasks.gate import Gate, Park
-from api_tasks.keys import Keys
-from api_tasks.leases import LeaseStore
-from api_tasks.limits import Cooldowns, Hold, Limiter
+from api_tasks.execution.delivery import Delivery
+from api_tasks.execution.gate import Gate, Park
+from api_tasks.execution.limits import Cooldowns, Hold, Limiter
+from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
 from api_tasks.spec import JobSpec
+from api_tasks.upstream.call_handle import CallHandle
 from config.settings import Limits, Upstream
 
 AHEAD = 0.3  # worker.reserve_ahead: waits up to this long happen in the worker
@@ -32,7 +32,7 @@ def _run(upstream: Upstream, cooldown: float = 0.0) -> tuple[Delivery, CallHandl
     job_id = uuid.uuid4().hex
     spec = JobSpec("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
     run = Delivery(job_id, spec, upstream, 1, time.time(), "token", cooldown=cooldown)
-    run.attempts = 1
+    run.calls = 1
     return run, CallHandle(job_id, "token")
 
 

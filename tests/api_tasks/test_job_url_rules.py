@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from api_tasks.call_handle import CallHandle
 from api_tasks.errors import InvalidJob, UrlRefused
-from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.job_urls import AddressGuard, AddressRefused, check_job_url
+from api_tasks.upstream.call_handle import CallHandle
+from api_tasks.upstream.http_client import CallRequest, HttpClient
+from api_tasks.upstream.job_urls import AddressGuard, AddressRefused, check_job_url
 from config.allow_list import parse_allow_entry
 from tests.support.fake_upstream import FakeUpstream
 

@@ -7,8 +7,8 @@ import uuid
 
 import redis
 
-from api_tasks.keys import Keys
-from api_tasks.leases import LeaseStore
+from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
 
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:

@@ -6,8 +6,8 @@ import uuid
 
 import redis
 
-from api_tasks.keys import Keys
-from api_tasks.limits import Limiter
+from api_tasks.execution.limits import Limiter
+from api_tasks.record.keys import Keys
 from config.settings import Limits
 
 ONE_A_SECOND = Limits(requests_per_minute=60, burst_seconds=1, utilization=1.0)

@@ -1,6 +1,6 @@
 """merge_payload: later layers win, None removes, unknown fields pass through, shallow."""
 
-from api_tasks.merge import merge_payload
+from api_tasks.upstream.merge import merge_payload
 
 
 def test_later_layers_win() -> None:

@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from api_tasks.errors import StreamError
-from api_tasks.events import EVENT_FIELD
-from api_tasks.keys import Keys
-from api_tasks.streaming import StreamRelay
-from api_tasks.writer import EventWriter
+from api_tasks.record.events import EVENT_FIELD
+from api_tasks.record.keys import Keys
+from api_tasks.record.writer import EventWriter
+from api_tasks.stream.relay import StreamRelay
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from api_tasks.errors import (
     InvalidResponseError,
     StreamError,
 )
-from api_tasks.retry import RetryPolicy, backoff_delay, parse_retry_after, retry_delay
+from api_tasks.upstream.retry import RetryPolicy, backoff_delay, parse_retry_after, retry_delay
 
 POLICY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=4.0, jitter=0.25)
 
@@ -63,7 +63,7 @@ def test_parse_retry_after_forms() -> None:
 
 
 def test_openai_reset_headers_and_durations() -> None:
-    from api_tasks.retry import parse_duration
+    from api_tasks.upstream.retry import parse_duration
 
     assert parse_duration("6m0s") == 360.0 and parse_duration("1.5s") == 1.5
     assert parse_duration("20ms") == pytest.approx(0.02) and parse_duration("1h2m") == 3720.0

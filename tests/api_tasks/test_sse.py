@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api_tasks.errors import InvalidResponseError
-from api_tasks.sse import SSEDecoder, SSEEvent
+from api_tasks.stream.sse import SSEDecoder, SSEEvent
 
 
 def _feed_all(parts: list[bytes]) -> list[SSEEvent]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tiktoken
 
-from api_tasks.tokens import count_prompt, estimate_cost, offline_encodings
+from api_tasks.execution.tokens import count_prompt, estimate_cost, offline_encodings
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Count the tokens in this sentence, please.",

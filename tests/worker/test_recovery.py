@@ -12,7 +12,7 @@ import yaml
 
 from api_tasks import JobFailed, JobStatus, StreamRestarted
 from api_tasks.client import Client
-from api_tasks.jobs import Job
+from api_tasks.record.reader import Job
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Hang, Reply
 from tests.support.figures import Figures, outcomes

@@ -15,13 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api_tasks.assemble import StreamAssembler
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
-from api_tasks.events import EVENT_FIELD, chunk_event, entry_id
-from api_tasks.keys import Keys
-from api_tasks.redact import scrub
-from api_tasks.sse import SSEDecoder, SSEEvent
-from api_tasks.writer import Command, EventWriter
+from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id
+from api_tasks.record.keys import Keys
+from api_tasks.record.writer import Command, EventWriter
+from api_tasks.stream.assemble import StreamAssembler
+from api_tasks.stream.sse import SSEDecoder, SSEEvent
+from api_tasks.upstream.redact import scrub
 
 __all__ = ["StreamRelay"]
 

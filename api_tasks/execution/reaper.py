@@ -1,4 +1,4 @@
-"""Give back the messages of jobs whose worker died, and send waiting jobs when due.
+"""Give back the messages of jobs whose worker died.
 
 Celery's Redis transport keeps every delivered, unacked message in Redis and
 hands a dead worker's messages out again only after the visibility timeout
@@ -13,54 +13,39 @@ This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
 the broker's key prefix) and writes it the way kombu's restore does. The same
 sweep then sends again, from the copy kept at claim, any job still running
 whose lease lapsed longer ago than that: its message is gone too.
-
-The same thread sends again, a few times a second, the jobs waiting outside
-any worker (for a rate limit, ``api_tasks.limits``, or a deferred duplicate)
-once they are due.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from api_tasks.background import Loop
-from api_tasks.keys import Keys
-from api_tasks.leases import LeaseStore
+from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
 
 __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
-Send = Callable[[str, dict[str, Any]], None]
-_TICK = 0.1  # seconds between looks at the waiting jobs
 
 
 class Reaper(Loop):
-    """A thread that sends due waiting jobs a few times a second and gives back orphaned
-    messages every ``interval`` seconds."""
+    """A thread that gives back orphaned messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
-                 interval: float, send: Send | None = None) -> None:
-        super().__init__("api-tasks-reaper", _TICK, log)
+                 interval: float) -> None:
+        super().__init__("api-tasks-reaper", interval, log)
         self._redis = client
         self._keys = keys
         self._leases = leases
         self._sweep_every = interval
-        self._next_sweep = time.monotonic() + interval
-        self._send = send
 
     def tick(self) -> None:
-        """Send the due jobs; sweep when a sweep is due."""
-        self._send_due()
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self._sweep_every
-            self.sweep()
+        """One sweep."""
+        self.sweep()
 
     def sweep(self, limit: int = 500) -> int:
         """One pass, if no other worker is sweeping; returns how many jobs went back."""
@@ -85,25 +70,6 @@ class Reaper(Loop):
                         "again", job_id)
             given += 1
         return given
-
-    def _send_due(self) -> None:
-        """Send again the jobs that waited outside any worker for a limit (one worker at a
-        time, a few times a second: a waiting job's turn is rarely far off)."""
-        if self._send is None or not self._redis.set(self._keys.scheduler_lock(), "1",
-                                                     nx=True, px=int(_TICK * 1000)):
-            return
-        for job_id, message, held in self._leases.due():
-            try:
-                self._send(job_id, message)
-            except Exception as err:
-                log.error("scheduler: could not send job %s again (%s); will retry", job_id, err)
-                with contextlib.suppress(redis.RedisError):  # else it is due when held ends
-                    self._leases.sent(job_id, held, ok=False)
-                continue
-            try:
-                self._leases.sent(job_id, held)
-            except redis.RedisError as err:  # due again when held ends: sent twice at worst
-                log.warning("scheduler: job %s sent, but not marked sent (%s)", job_id, err)
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:

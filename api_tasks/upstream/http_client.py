@@ -25,7 +25,6 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from api_tasks.call_handle import CallHandle, current_handle
 from api_tasks.errors import (
     APIConnectionError,
     APIStatusError,
@@ -34,9 +33,10 @@ from api_tasks.errors import (
     UpstreamError,
     UrlRefused,
 )
-from api_tasks.job_urls import AddressGuard, AddressRefused
-from api_tasks.redact import Redactor, scrub
-from api_tasks.retry import parse_retry_after
+from api_tasks.upstream.call_handle import CallHandle, current_handle
+from api_tasks.upstream.job_urls import AddressGuard, AddressRefused
+from api_tasks.upstream.redact import Redactor, scrub
+from api_tasks.upstream.retry import parse_retry_after
 
 __all__ = ["CallRequest", "HttpClient", "decode_json"]
 

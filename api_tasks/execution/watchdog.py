@@ -2,7 +2,7 @@
 
 A worker thread blocked in ``recv`` cannot check anything, and Celery's
 ``revoke(terminate=True)`` does nothing on the threads pool. So every job
-registers a ``CallHandle`` (``api_tasks.call_handle``) from its claim to its
+registers a ``CallHandle`` (``api_tasks.upstream.call_handle``) from its claim to its
 finish; one watchdog thread
 per process checks, a few times a second, every handle's deadline and (in
 one Redis round trip for all of them) its job's cancel flag, and aborts a
@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import redis
 
 from api_tasks.background import Loop
-from api_tasks.call_handle import CallHandle, Stop
-from api_tasks.keys import Keys
-from api_tasks.leases import LeaseStore
+from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
+from api_tasks.upstream.call_handle import CallHandle, Stop
 
 __all__ = ["Watchdog"]
 

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks.background import Loop
-from api_tasks.batch import line_params, record_for, usage_of
+from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
-from api_tasks.events import TERMINAL, JobStatus
-from api_tasks.scripts import script
+from api_tasks.record.events import TERMINAL, JobStatus
+from api_tasks.record.scripts import script
 
 if TYPE_CHECKING:
     from api_tasks.enqueue import Enqueuer

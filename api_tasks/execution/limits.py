@@ -6,7 +6,7 @@ read from Redis, O(1) whatever a call costs:
 
 - requests and tokens per minute use GCRA, a token bucket kept as a
   theoretical arrival time; a call reserves its estimated tokens
-  (``api_tasks.tokens``) and the reservation is settled with the upstream's
+  (``api_tasks.execution.tokens``) and the reservation is settled with the upstream's
   reported usage once the call ends;
 - a call goes once its own cost fits in the bucket, which holds
   ``burst_seconds`` of budget (or the call, if it is bigger), and the limiter
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 import redis
 
 from api_tasks.connections import text
-from api_tasks.keys import Keys
-from api_tasks.scripts import script
+from api_tasks.record.keys import Keys
+from api_tasks.record.scripts import script
 
 if TYPE_CHECKING:
     from config.settings import Limits

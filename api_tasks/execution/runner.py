@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
-from api_tasks.call_handle import CallHandle, Stop
-from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import (
     CallCancelled,
     InvalidJob,
@@ -29,19 +27,21 @@ from api_tasks.errors import (
     WorkerStopping,
     error_object,
 )
-from api_tasks.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
-from api_tasks.gate import Gate, Park
-from api_tasks.http_client import CallRequest, HttpClient
-from api_tasks.inflight import Watchdog
-from api_tasks.leases import LeaseStore, Verdict
-from api_tasks.limits import Cooldowns, Limiter
-from api_tasks.retry import RetryPolicy, retry_delay
-from api_tasks.routing import build_call, build_payload, resolve_upstream
+from api_tasks.execution.delivery import Delivery, Outcome
+from api_tasks.execution.gate import Gate, Park
+from api_tasks.execution.limits import Cooldowns, Limiter
+from api_tasks.execution.tokens import estimate_cost
+from api_tasks.execution.watchdog import Watchdog
+from api_tasks.record.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
+from api_tasks.record.leases import LeaseStore, Verdict
+from api_tasks.record.store import JobStore, envelope
+from api_tasks.record.writer import EventWriter
 from api_tasks.spec import JobSpec, Kind, build_spec
-from api_tasks.store import JobStore, envelope
-from api_tasks.streaming import StreamRelay
-from api_tasks.tokens import estimate_cost
-from api_tasks.writer import EventWriter
+from api_tasks.stream.relay import StreamRelay
+from api_tasks.upstream.call_handle import CallHandle, Stop
+from api_tasks.upstream.http_client import CallRequest, HttpClient
+from api_tasks.upstream.retry import RetryPolicy, retry_delay
+from api_tasks.upstream.routing import build_call, build_payload, resolve_upstream
 
 if TYPE_CHECKING:
     from config.settings import Limits, Settings
@@ -94,12 +94,12 @@ class JobRunner:
         if not claim.verdict.owned:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
-        run = Delivery(job_id, spec, upstream, claim.delivery, claim.created_at, token,
+        run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
                    cooldown=claim.cooldown, queue=queue, turn=claim.turn)
         handle = CallHandle(job_id, token)
         try:
             with self.watchdog.watching(handle):  # the lease is renewed from here on
-                if run.delivery > 1 and claim.has_events:
+                if run.attempt > 1 and claim.has_events:
                     self._announce_reset(run)
                 return self._start(run, handle, claim.verdict)
         except redis.RedisError:
@@ -132,10 +132,10 @@ class JobRunner:
                 return Outcome.LOST
             status = JobStatus.CANCELLED if isinstance(err, CallCancelled) else JobStatus.FAILED
             return self._finish(run, status, error=err.to_error(
-                attempts=run.attempts, upstream=run.target.name))
+                attempts=run.calls, upstream=run.target.name))
         except Exception as err:  # a bug must end the job, never leave it running
             log.exception("job %s: unexpected error", run.job_id)
-            return self._finish(run, JobStatus.FAILED, error=_internal(err, run.attempts))
+            return self._finish(run, JobStatus.FAILED, error=_internal(err, run.calls))
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: Delivery, handle: CallHandle) -> dict[str, Any]:
@@ -146,14 +146,14 @@ class JobRunner:
         counted = any(limits.tokens_per_minute for _, limits in scopes)
         cost = estimate_cost(payload, run.target.tokenizer, run.spec.model) if counted else 0
         while True:
-            run.attempts += 1
+            run.calls += 1
             self.gate.cooldown(run, handle)
             self.gate.admit(run, handle, scopes, cost)
             handle.start_attempt(run.target.timeouts.total)
             try:
                 return self._limited_attempt(run, handle, call, scopes, cost)
             except UpstreamError as err:
-                delay = retry_delay(policy, err, run.attempts, random.random(), run.published)
+                delay = retry_delay(policy, err, run.calls, random.random(), run.published)
                 if err.status == 429 and err.retryable:  # the whole upstream backs off
                     asked = err.retry_after if err.retry_after is not None else delay
                     self.cooldowns.start(run.target.name,
@@ -162,7 +162,7 @@ class JobRunner:
                 if delay is None or handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN):
                     raise
                 log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
-                         run.job_id, run.attempts, err.code, err.message, delay)
+                         run.job_id, run.calls, err.code, err.message, delay)
                 handle.pause()
                 if handle.wait(delay):
                     raise handle.error() or err from err
@@ -198,7 +198,7 @@ class JobRunner:
     def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:
         jobs = self.settings.jobs
-        relay = StreamRelay(run.job_id, run.delivery, run.spec.kind, self.store.keys,
+        relay = StreamRelay(run.job_id, run.attempt, run.spec.kind, self.store.keys,
                             self.writer, self._ttl(run.spec), run.target.max_line_bytes,
                             jobs.max_stream_events, jobs.max_stream_bytes, call.secrets)
         try:
@@ -231,8 +231,8 @@ class JobRunner:
 
     def _announce_reset(self, run: Delivery) -> None:
         """A new attempt of a job delivered before: readers must drop what they had."""
-        events, event = self.store.keys.events(run.job_id), reset_event(run.delivery)
-        self.writer.submit([("XADD", events, entry_id(run.delivery, -1), EVENT_FIELD, event),
+        events, event = self.store.keys.events(run.job_id), reset_event(run.attempt)
+        self.writer.submit([("XADD", events, entry_id(run.attempt, -1), EVENT_FIELD, event),
                             ("EXPIRE", events, self._ttl(run.spec)),
                             ("PUBLISH", self.store.keys.channel(run.job_id), event)])
 
@@ -244,7 +244,7 @@ class JobRunner:
         if not claim.verdict.owned:
             return Outcome.DROPPED
         spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = Delivery(job_id, spec, None, claim.delivery, claim.created_at, token)
+        run = Delivery(job_id, spec, None, claim.attempt, claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
@@ -261,25 +261,25 @@ class JobRunner:
         finished = time.time()
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
-            "model": run.spec.model, "attempts": run.attempts, "created_at": run.created_at,
+            "model": run.spec.model, "attempts": run.calls, "created_at": run.created_at,
             "started_at": run.started_at, "finished_at": finished}
         result = envelope(run.job_id, status, meta, response=response, error=error) \
             if run.spec.store_result else None
-        event = final_event(status, run.published, run.delivery, error=error,
+        event = final_event(status, run.published, run.attempt, error=error,
                             **_summary(response))
         fields = ["status", status.value, "finished_at", repr(finished),
-                  "attempts", str(run.attempts)]
+                  "attempts", str(run.calls)]
         if error is not None:
             fields += ["error", json.dumps(error)]
         [outcome] = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.delivery, run.published), result, fields)], timeout=_WRITE_TIMEOUT)
+            entry_id(run.attempt, run.published), result, fields)], timeout=_WRITE_TIMEOUT)
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)
             return Outcome.LOST
         log.info("job %s %s (upstream=%s attempts=%d chunks=%d %.3fs)",
-                 run.job_id, status.value, meta["upstream"], run.attempts, run.published,
+                 run.job_id, status.value, meta["upstream"], run.calls, run.published,
                  finished - run.started_at)
         return Outcome(status.value)
 

@@ -1,6 +1,6 @@
 """A job's record in Redis, as producers see it: created at submit, read, cancelled.
 
-The worker's side (claim, lease, finish) is ``api_tasks.leases``. State changes
+The worker's side (claim, lease, finish) is ``api_tasks.record.leases``. State changes
 that must not race are Lua scripts, so they hold across any number of
 processes and machines. Every key written here gets a TTL.
 """
@@ -14,9 +14,9 @@ from typing import Any
 import redis
 
 from api_tasks.connections import text
-from api_tasks.events import EVENT_FIELD, TERMINAL, JobStatus, final_event
-from api_tasks.keys import Keys
-from api_tasks.scripts import script
+from api_tasks.record.events import EVENT_FIELD, TERMINAL, JobStatus, final_event
+from api_tasks.record.keys import Keys
+from api_tasks.record.scripts import script
 from api_tasks.spec import JobSpec
 
 __all__ = ["JobStore", "envelope", "job_view", "meta_from"]

@@ -3,7 +3,7 @@
 ``upload_batch`` checks the whole file (every bad line, by number, before
 anything is stored), uploads its lines to a Redis list a chunk at a time (the
 producer's memory stays bounded) and returns a ``Batch``. From then on the
-workers move it forward (``api_tasks.batch_pump``): at most ``window`` of its
+workers move it forward (``api_tasks.batches.pump``): at most ``window`` of its
 jobs are queued or running at once, each line's outcome lands once in the
 batch's output or error list, counts and summed usage live in the batch hash.
 The producer may exit, and any worker may die: the next one goes on.
@@ -26,10 +26,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from api_tasks.batch import check_file, read_batch
+from api_tasks.batches.lines import check_file, read_batch
 from api_tasks.connections import broker_errors, text
 from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
-from api_tasks.scripts import script
+from api_tasks.record.scripts import script
 from api_tasks.spec import QUEUES
 
 if TYPE_CHECKING:

@@ -34,14 +34,14 @@ class Delivery:
     job_id: str
     spec: JobSpec
     upstream: Upstream | None  # None only for a job refused before routing
-    delivery: int
+    attempt: int  # this delivery's number (1, 2...), as stream events count attempts
     created_at: float
     token: str = ""  # this attempt's; "" finishes whatever attempt holds the job
     cooldown: float = 0.0  # the upstream's 429 cool-down left when the job was claimed
     queue: str = "interactive"
     turn: float | None = None  # seconds to a turn reserved under its limits, if any
     started_at: float = field(default_factory=time.time)
-    attempts: int = 0
+    calls: int = 0  # HTTP calls made so far (the result's ``attempts``)
     published: int = 0
 
     @property

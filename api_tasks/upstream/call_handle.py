@@ -1,7 +1,7 @@
 """One call in flight: its deadline, its socket, and why it was stopped.
 
 A worker thread blocked in ``recv`` cannot check anything, so each job's call
-is a ``CallHandle`` that other threads stop: the watchdog (``api_tasks.inflight``)
+is a ``CallHandle`` that other threads stop: the watchdog (``api_tasks.execution.watchdog``)
 on a deadline, a cancel or a lost lease; the runtime at shutdown. Stopping
 shuts the call's socket down, which wakes the blocked read at once. The HTTP
 client attaches each connection's socket to the handle bound in its thread.

@@ -6,10 +6,10 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.errors import InvalidJob
-from api_tasks.http_client import CallRequest
-from api_tasks.job_urls import AddressGuard, check_job_url
-from api_tasks.merge import merge_payload
 from api_tasks.spec import JobSpec
+from api_tasks.upstream.http_client import CallRequest
+from api_tasks.upstream.job_urls import AddressGuard, check_job_url
+from api_tasks.upstream.merge import merge_payload
 
 if TYPE_CHECKING:
     from config.settings import Settings, Upstream

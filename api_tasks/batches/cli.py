@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_tasks.batch import BatchSummary, check_file, run_batch
-from api_tasks.batches import ENDED, MAX_WINDOW, Batch, upload_batch
+from api_tasks.batches.attached import BatchSummary, run_batch
+from api_tasks.batches.detached import ENDED, MAX_WINDOW, Batch, upload_batch
+from api_tasks.batches.lines import check_file
 from api_tasks.client import Client
 from api_tasks.errors import InvalidBatch
 from api_tasks.exit_codes import ExitCode

@@ -1,4 +1,4 @@
-"""The Lua scripts, one ``.lua`` file each under ``api_tasks/lua/``, read once.
+"""The Lua scripts, one ``.lua`` file each under ``api_tasks/record/lua/``, read once.
 
 Each file starts with what it takes (KEYS, ARGV) and returns; the Python
 wrapper that runs it (``LeaseStore.claim``...) names its arguments.
@@ -14,5 +14,5 @@ __all__ = ["script"]
 
 @functools.cache
 def script(name: str) -> str:
-    """The source of ``api_tasks/lua/<name>.lua``."""
-    return (resources.files("api_tasks") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    """The source of ``api_tasks/record/lua/<name>.lua``."""
+    return (resources.files("api_tasks.record") / "lua" / f"{name}.lua").read_text(encoding="utf-8")

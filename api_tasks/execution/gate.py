@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from api_tasks.call_handle import CallHandle
-from api_tasks.delivery import Delivery, Outcome
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
-from api_tasks.leases import LeaseStore
-from api_tasks.limits import Cooldowns, Hold, Limiter
+from api_tasks.execution.delivery import Delivery, Outcome
+from api_tasks.execution.limits import Cooldowns, Hold, Limiter
+from api_tasks.record.leases import LeaseStore
+from api_tasks.upstream.call_handle import CallHandle
 
 if TYPE_CHECKING:
     from config.settings import Limits
@@ -37,7 +37,7 @@ class Gate:
 
     def cooldown(self, run: Delivery, handle: CallHandle) -> None:
         """Hold the call while its upstream cools down after a 429 (the claim read it)."""
-        left = run.cooldown if run.attempts == 1 else self.cooldowns.left(run.target.name)
+        left = run.cooldown if run.calls == 1 else self.cooldowns.left(run.target.name)
         if left > self.ahead:
             raise Park(left, Hold.COOLDOWN)  # long: wait outside, holding no slot
         if left > 0:
@@ -57,7 +57,7 @@ class Gate:
             raise RequestTooLarge(f"the call may use {cost} tokens, more than the "
                                   f"tokens_per_minute of {too_big[0]} allow at all")
         ahead = self.ahead
-        turn = run.turn if run.attempts == 1 else None  # kept while it waited outside
+        turn = run.turn if run.calls == 1 else None  # kept while it waited outside
         if turn is not None and turn > ahead:
             raise Park(turn, Hold.TURN, turn)  # sent back early: its turn is still ahead
         # bulk calls never reserve far ahead, so they can't push interactive ones back;

@@ -10,7 +10,7 @@ unless the worker renews it). Then:
 - only the attempt whose token is in the record may finish the job, so a
   worker that lost its job to a new attempt can't write a second result;
 - a claim retried after a lost reply finds its own token and goes on;
-- the reaper (``api_tasks.reaper``) gives back the unacked messages of jobs
+- the reaper (``api_tasks.execution.reaper``) gives back the unacked messages of jobs
   whose lease lapsed: their worker is gone; and a running job whose lease
   and message are both gone is sent again from the copy its claim kept;
 - a job whose worker died ``jobs.max_crashes`` times is a poison job.
@@ -30,10 +30,10 @@ from typing import Any
 import redis
 
 from api_tasks.connections import text
-from api_tasks.events import TERMINAL
-from api_tasks.keys import Keys
-from api_tasks.scripts import script
-from api_tasks.writer import Command
+from api_tasks.record.events import TERMINAL
+from api_tasks.record.keys import Keys
+from api_tasks.record.scripts import script
+from api_tasks.record.writer import Command
 
 __all__ = ["Claim", "LeaseStore", "Verdict"]
 
@@ -72,7 +72,7 @@ class Claim:
     """What a worker learned when it claimed a job."""
 
     verdict: Verdict
-    delivery: int
+    attempt: int  # the attempt this claim opened (or found its own)
     created_at: float
     cooldown: float = 0.0  # seconds the job's upstream is still cooling down (429)
     turn: float | None = None  # seconds to the turn it reserved under its limits, if any

@@ -28,9 +28,9 @@ from api_tasks.errors import (
     JobTimeout,
     StreamRestarted,
 )
-from api_tasks.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
-from api_tasks.keys import Keys
-from api_tasks.store import JobStore, job_view
+from api_tasks.record.events import EVENT_FIELD, TERMINAL, EventType, JobStatus
+from api_tasks.record.keys import Keys
+from api_tasks.record.store import JobStore, job_view
 
 __all__ = ["Job", "Reader", "text_of"]
 

@@ -1,0 +1,2 @@
+"""The stream relay: upstream SSE decoded, chunks written to the job's stream, the
+response assembled."""
