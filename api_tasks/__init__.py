@@ -16,7 +16,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api_tasks.batches.detached import Batch, BatchStatus
+    from api_tasks.batches.detached import Batch
+    from api_tasks.batches.state import BatchStatus
     from api_tasks.client import (
         Client,
         DryRun,
@@ -46,14 +47,16 @@ if TYPE_CHECKING:
         StreamRestarted,
         UpstreamError,
     )
-    from api_tasks.record.events import EventType, JobStatus
+    from api_tasks.record.events import EventType
+    from api_tasks.record.job_record import JobStatus
     from api_tasks.record.reader import Job
     from api_tasks.upstream.merge import merge_payload
     from config.errors import ConfigError
 
 # where each public name lives
 _EXPORTS = {
-    **dict.fromkeys(("Batch", "BatchStatus"), "api_tasks.batches.detached"),
+    "Batch": "api_tasks.batches.detached",
+    "BatchStatus": "api_tasks.batches.state",
     **dict.fromkeys(("Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
                      "submit_batch", "submit_chat", "submit_completion"), "api_tasks.client"),
     **dict.fromkeys(("APIConnectionError", "APIStatusError", "APITimeoutError", "ApiTasksError",
@@ -61,7 +64,8 @@ _EXPORTS = {
                      "InvalidJob", "InvalidResponseError", "JobCancelled", "JobFailed",
                      "JobNotFound", "JobTimeout", "StreamError", "StreamRestarted",
                      "UpstreamError"), "api_tasks.errors"),
-    **dict.fromkeys(("EventType", "JobStatus"), "api_tasks.record.events"),
+    "EventType": "api_tasks.record.events",
+    "JobStatus": "api_tasks.record.job_record",
     "ConfigError": "config.errors",  # the settings' error, from the layer below
     "Job": "api_tasks.record.reader",
     "merge_payload": "api_tasks.upstream.merge",

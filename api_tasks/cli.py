@@ -24,7 +24,7 @@ from api_tasks.errors import (
     JobTimeout,
 )
 from api_tasks.exit_codes import ExitCode
-from api_tasks.record.events import JobStatus
+from api_tasks.record.job_record import JobStatus
 from api_tasks.record.reader import Job, text_of
 from api_tasks.spec import QUEUES, Kind
 from config.errors import ConfigError

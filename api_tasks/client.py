@@ -18,6 +18,7 @@ from api_tasks.batches.detached import Batch, upload_batch
 from api_tasks.connections import connect
 from api_tasks.enqueue import PRODUCER_POOL, Enqueuer
 from api_tasks.record.reader import Job
+from api_tasks.record.store import JobStore
 from api_tasks.spec import Kind, build_spec
 from api_tasks.upstream.routing import build_call, resolve_upstream
 
@@ -54,7 +55,9 @@ class Client(Enqueuer):
             settings = load_settings()
         super().__init__(settings, app)
         # blocking reads (XREAD BLOCK) get their own pool, with a longer timeout
-        self.blocking = connect(settings.redis, max_connections=PRODUCER_POOL)
+        self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
+                              settings.jobs.queued_ttl,
+                              blocking=connect(settings.redis, max_connections=PRODUCER_POOL))
 
     def submit_chat(self, messages: Any, **params: Any) -> Job:
         """Enqueue a chat completion job; returns at once."""

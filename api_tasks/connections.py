@@ -9,19 +9,36 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio
 
 from api_tasks.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "pool_size", "text", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "text",
+           "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
 # Blocking reads wait in slices this long, well under the socket timeout,
 # so a dead connection is noticed and a caller's deadline is honoured.
 BLOCK_SLICE = 5.0
+
+
+def _options(settings: RedisSettings, socket_timeout: float,
+             max_connections: int) -> dict[str, Any]:
+    """The pool options both clients share."""
+    return {
+        "max_connections": max_connections,
+        "timeout": socket_timeout,
+        "protocol": 2,  # stable reply shapes whatever redis-py's default becomes
+        "socket_connect_timeout": settings.socket_connect_timeout,
+        "socket_timeout": socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": settings.health_check_interval,
+        "decode_responses": False,
+    }
 
 
 def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
@@ -34,17 +51,16 @@ def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
     the socket timeout) instead of failing with "Too many connections".
     """
     pool = redis.BlockingConnectionPool.from_url(
-        settings.url,
-        max_connections=max_connections,
-        timeout=socket_timeout,
-        protocol=2,  # stable reply shapes whatever redis-py's default becomes
-        socket_connect_timeout=settings.socket_connect_timeout,
-        socket_timeout=socket_timeout,
-        socket_keepalive=True,
-        health_check_interval=settings.health_check_interval,
-        decode_responses=False,
-    )
+        settings.url, **_options(settings, socket_timeout, max_connections))
     return redis.Redis(connection_pool=pool)
+
+
+def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
+                  max_connections: int = 100) -> redis.asyncio.Redis:
+    """``connect`` for asyncio callers (the HTTP gateway): the same options and bounds."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.url, **_options(settings, socket_timeout, max_connections))
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def pool_size(concurrency: int) -> int:

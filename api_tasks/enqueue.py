@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from api_tasks.broker import create_app
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
+from api_tasks.record.job_record import submit_fields
 from api_tasks.record.keys import Keys
 from api_tasks.record.store import JobStore
 from api_tasks.spec import TASK_NAMES, Kind, build_spec
@@ -69,7 +70,7 @@ class Enqueuer:
         upstream = resolve_upstream(self.settings, spec)
         queue = spec.queue or self.settings.jobs.default_queue
         job_id = job_id or str(uuid.uuid4())
-        record = {**self.store.record_fields(spec, upstream.name, queue), **(fields or {})}
+        record = {**submit_fields(spec, upstream.name, queue), **(fields or {})}
         created = False
         try:
             created = self.store.create(job_id, record)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.batches.lines import BatchLine, line_params, read_batch, record_for, usage_of
-from api_tasks.record.events import TERMINAL, JobStatus
+from api_tasks.record.job_record import TERMINAL, JobStatus
 
 if TYPE_CHECKING:
     from api_tasks.enqueue import Enqueuer

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from api_tasks.batches.attached import BatchSummary, run_batch
-from api_tasks.batches.detached import ENDED, MAX_WINDOW, Batch, upload_batch
+from api_tasks.batches.detached import MAX_WINDOW, Batch, upload_batch
 from api_tasks.batches.lines import check_file
+from api_tasks.batches.state import ENDED, BatchStatus
 from api_tasks.client import Client
 from api_tasks.errors import InvalidBatch
 from api_tasks.exit_codes import ExitCode
@@ -110,7 +111,8 @@ def _status(client: Client, args: argparse.Namespace) -> int:
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     state = Batch(client, args.batch_id).cancel()
     print(f"{args.batch_id}: {state}")
-    return ExitCode.OK if state in ("cancelling", "cancelled") else ExitCode.FAILED
+    stopping = state in (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+    return ExitCode.OK if stopping else ExitCode.FAILED
 
 
 def _results(client: Client, args: argparse.Namespace) -> int:

@@ -22,11 +22,11 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from api_tasks.batches.lines import check_file, read_batch
+from api_tasks.batches.state import ENDED, BatchStatus
 from api_tasks.connections import broker_errors, text
 from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
 from api_tasks.record.scripts import script
@@ -43,17 +43,6 @@ _READ_CHUNK = 1000
 MAX_WINDOW = 1000
 
 
-class BatchStatus(StrEnum):
-    """Where a detached batch is."""
-
-    UPLOADING = "uploading"
-    IN_PROGRESS = "in_progress"
-    CANCELLING = "cancelling"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-
-
-ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED})
 
 _CANCEL = script("batch_cancel")
 _START = script("batch_start")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from api_tasks.errors import InvalidJob
-from api_tasks.record.events import JobStatus
+from api_tasks.record.job_record import JobStatus
 from api_tasks.spec import Kind, build_spec
 
 __all__ = ["ENDPOINTS", "BatchLine", "FileCheck", "check_file", "line_params", "parse_line",

@@ -34,9 +34,10 @@ import redis
 
 from api_tasks.background import Loop
 from api_tasks.batches.lines import line_params, record_for, usage_of
+from api_tasks.batches.state import BatchStatus
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
-from api_tasks.record.events import TERMINAL, JobStatus
+from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script
 
 if TYPE_CHECKING:
@@ -115,13 +116,13 @@ class BatchPump(Loop):
             self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
-        if state.get("status") == "in_progress" and self._due_for_a_look(batch_id):
+        if state.get("status") == BatchStatus.IN_PROGRESS and self._due_for_a_look(batch_id):
             self._send_again(batch_id, state, {job_id: mark[2:] for job_id, mark in jobs.items()
                                                if mark.startswith("s:")
-                                               and statuses[job_id] == "queued"})
-        sent = state.get("status") == "in_progress" and self._send_more(batch_id, state,
+                                               and statuses[job_id] == JobStatus.QUEUED})
+        sent = state.get("status") == BatchStatus.IN_PROGRESS and self._send_more(batch_id, state,
                                                                          len(jobs))
-        if state.get("status") == "cancelling" and not jobs:
+        if state.get("status") == BatchStatus.CANCELLING and not jobs:
             sent = self._cancel_unsent(batch_id, state)
         if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
             self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
@@ -145,12 +146,12 @@ class BatchPump(Loop):
     def _look_after(self, batch_id: str, state: dict[str, str], job_id: str, mark: str,
                     status: str | None) -> None:
         """A job not ended: send it (again), give it up, or cancel it."""
-        cancelling, sent = state.get("status") == "cancelling", mark.startswith("s:")
+        cancelling, sent = state.get("status") == BatchStatus.CANCELLING, mark.startswith("s:")
         if sent and status is None:  # expired or deleted: sending it again could call twice
             self._write(batch_id, job_id, mark[2:], None)
         elif cancelling and status in (None, "queued", "waiting"):
             if status is None:  # perhaps sent, not yet claimed: a record ends it here
-                self._client.store.create(job_id, {"batch": batch_id})
+                self._client.store.create(job_id, {Field.BATCH: batch_id})
             self._client.store.cancel(job_id, queued_only=True)
         elif not sent and not cancelling:
             log.warning("batch %s: job %s was taken but not sent; sending it", batch_id, job_id)
@@ -175,7 +176,7 @@ class BatchPump(Loop):
         """
         pipe = self._redis.pipeline(transaction=False)
         for job_id in queued:
-            pipe.hmget(self._keys.job(job_id), "created_at", "resent_at", "resends")
+            pipe.hmget(self._keys.job(job_id), Field.CREATED_AT, Field.RESENT_AT, Field.RESENDS)
         after, now = self._client.settings.jobs.batch_resend_after, time.time()
         for (job_id, custom_id), (created, resent, resends) in zip(queued.items(), pipe.execute(),
                                                                    strict=True):
@@ -184,8 +185,8 @@ class BatchPump(Loop):
                 continue
             log.warning("batch %s: job %s still queued after %.0fs; sending its message again",
                         batch_id, job_id, now - since)
-            self._redis.hset(self._keys.job(job_id), mapping={"resent_at": repr(now)})
-            self._redis.hincrby(self._keys.job(job_id), "resends", 1)
+            self._redis.hset(self._keys.job(job_id), mapping={Field.RESENT_AT: repr(now)})
+            self._redis.hincrby(self._keys.job(job_id), Field.RESENDS, 1)
             self._resend(batch_id, state, job_id, custom_id)
 
     def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str) -> None:
@@ -249,7 +250,7 @@ class BatchPump(Loop):
         first, params = line_params(request["kind"], request["body"], queue)
         try:
             self._client.enqueue(request["kind"], first, params, job_id=job_id,
-                                 fields={"batch": batch_id})
+                                 fields={Field.BATCH: batch_id})
         except InvalidJob as err:  # checked at submit, refused here (the routes differ)
             stored = {"status": JobStatus.FAILED.value, "error": err.to_error()}
             self._write(batch_id, job_id, request["custom_id"], stored)

@@ -25,7 +25,7 @@ import redis
 
 from api_tasks.background import Loop
 from api_tasks.record.keys import Keys
-from api_tasks.record.leases import LeaseStore
+from api_tasks.record.leases import LeaseStore, Requeue
 
 __all__ = ["Reaper"]
 
@@ -79,9 +79,9 @@ class Reaper(Loop):
             return False  # not a task message of ours: kombu's own restore will see to it
         _mark_redelivered(payload)
         outcome = self._leases.restore(tag.decode(), job_id, str(queue), json.dumps(payload))
-        if outcome == "restored":
+        if outcome is Requeue.RESTORED:
             log.warning("reaper: job %s lost its worker; back on queue %s", job_id, queue)
-        return outcome == "restored"
+        return outcome is Requeue.RESTORED
 
 
 def _mark_redelivered(payload: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ which writes the status, the result envelope and the final event together.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import time
@@ -32,9 +31,16 @@ from api_tasks.execution.gate import Gate, Park
 from api_tasks.execution.limits import Cooldowns, Limiter
 from api_tasks.execution.tokens import estimate_cost
 from api_tasks.execution.watchdog import Watchdog
-from api_tasks.record.events import EVENT_FIELD, JobStatus, entry_id, final_event, reset_event
+from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
+from api_tasks.record.job_record import (
+    Field,
+    JobStatus,
+    envelope,
+    finish_fields,
+    submit_fields,
+)
 from api_tasks.record.leases import LeaseStore, Verdict
-from api_tasks.record.store import JobStore, envelope
+from api_tasks.record.store import JobStore
 from api_tasks.record.writer import EventWriter
 from api_tasks.spec import JobSpec, Kind, build_spec
 from api_tasks.stream.relay import StreamRelay
@@ -80,7 +86,7 @@ class JobRunner:
         queue = spec.queue or self.settings.jobs.default_queue
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         message = spec.message(queue)
-        fields = self.store.record_fields(spec, upstream.name, queue)
+        fields = submit_fields(spec, upstream.name, queue)
         claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
         if claim.verdict is Verdict.BUSY:
             # never just drop it: the holder may have given its message back but not its
@@ -239,7 +245,7 @@ class JobRunner:
     def _reject(self, job_id: str, kind: str, err: InvalidJob) -> Outcome:
         log.warning("job %s refused: %s", job_id, err)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        claim = self.leases.claim(job_id, token, {"kind": kind, "store_result": "1"},
+        claim = self.leases.claim(job_id, token, {Field.KIND: kind, Field.STORE_RESULT: "1"},
                                   time.time())
         if not claim.verdict.owned:
             return Outcome.DROPPED
@@ -267,10 +273,7 @@ class JobRunner:
             if run.spec.store_result else None
         event = final_event(status, run.published, run.attempt, error=error,
                             **_summary(response))
-        fields = ["status", status.value, "finished_at", repr(finished),
-                  "attempts", str(run.calls)]
-        if error is not None:
-            fields += ["error", json.dumps(error)]
+        fields = finish_fields(status, finished, run.calls, error)
         [outcome] = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
             entry_id(run.attempt, run.published), result, fields)], timeout=_WRITE_TIMEOUT)

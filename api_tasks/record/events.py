@@ -1,4 +1,4 @@
-"""Job statuses and the one JSON envelope for results and stream events.
+"""Stream events: one JSON envelope for every event of a job, and how entries are read.
 
 Stream entries (``Keys.events``) and pub/sub messages (``Keys.channel``) hold
 one field, ``event``, whose value is one of::
@@ -27,32 +27,20 @@ import json
 from enum import StrEnum
 from typing import Any
 
+from api_tasks.record.job_record import JobStatus
+
 __all__ = [
     "EVENT_FIELD",
-    "TERMINAL",
+    "FINAL_TYPES",
     "EventType",
-    "JobStatus",
     "chunk_event",
     "entry_id",
     "final_event",
+    "parse_entries",
     "reset_event",
 ]
 
 EVENT_FIELD = "event"  # the one field of every stream entry
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life."""
-
-    QUEUED = "queued"
-    WAITING = "waiting"  # for a rate or concurrency limit, outside any worker
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 class EventType(StrEnum):
@@ -65,7 +53,7 @@ class EventType(StrEnum):
     RESET = "reset"
 
 
-FINAL_EVENT = {
+FINAL_EVENT: dict[JobStatus, EventType] = {
     JobStatus.SUCCEEDED: EventType.DONE,
     JobStatus.FAILED: EventType.ERROR,
     JobStatus.CANCELLED: EventType.CANCELLED,
@@ -98,3 +86,18 @@ def final_event(status: JobStatus, seq: int, attempt: int, *,
     else:
         event["error"] = error
     return json.dumps(event, separators=(",", ":"))
+
+
+FINAL_TYPES = frozenset(FINAL_EVENT.values())  # the event types that end a stream
+_FIELD = EVENT_FIELD.encode()
+
+
+def parse_entries(entries: Any) -> list[dict[str, Any]]:
+    """Stream entries (``XRANGE``/``XREVRANGE``, or one stream of an ``XREAD`` reply) as
+    event envelopes, each with its entry ``id``."""
+    events = []
+    for entry_id, fields in entries or ():
+        event = json.loads(fields[_FIELD])
+        event["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        events.append(event)
+    return events

@@ -30,12 +30,12 @@ from typing import Any
 import redis
 
 from api_tasks.connections import text
-from api_tasks.record.events import TERMINAL
+from api_tasks.record.job_record import TERMINAL
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
 from api_tasks.record.writer import Command
 
-__all__ = ["Claim", "LeaseStore", "Verdict"]
+__all__ = ["Claim", "LeaseStore", "Requeue", "Verdict"]
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -65,6 +65,16 @@ class Verdict(StrEnum):
     def owned(self) -> bool:
         """Whether this attempt now holds the job (and must end or give it back)."""
         return self in (Verdict.RUN, Verdict.CANCEL, Verdict.POISON)
+
+
+class Requeue(StrEnum):
+    """What giving back (``restore``) or sending again (``recover``) a job's message found."""
+
+    RESTORED = "restored"  # its unacked message is back on its queue
+    RECOVERED = "recovered"  # its kept message is due to be sent again
+    ALIVE = "alive"  # a live lease says it is still running: left alone
+    GONE = "gone"  # no message to give back (acked, or taken care of already)
+    ENDED = "ended"  # it ended: its message is dropped
 
 
 @dataclass(frozen=True)
@@ -139,14 +149,14 @@ class LeaseStore:
         return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id), keys.running(),
                                         keys.running_messages()], args=[token, job_id]))
 
-    def restore(self, tag: str, job_id: str, queue: str, message: str) -> str:
+    def restore(self, tag: str, job_id: str, queue: str, message: str) -> Requeue:
         """Put an unacked message back on its queue if its job's lease lapsed."""
         celery = self.keys.celery_prefix()
-        return text(self._restore(
+        return Requeue(text(self._restore(
             keys=[celery + "unacked_index", celery + "unacked", self.keys.job(job_id),
                   self.keys.lease(job_id), celery + queue, self.keys.running(),
                   self.keys.running_messages()],
-            args=[tag, message, job_id]))
+            args=[tag, message, job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: dict[str, Any], turn: float | None = None, lead: float = 0.0) -> bool:
@@ -204,11 +214,11 @@ class LeaseStore:
         ids = [text(i) for i in pipe.execute()[0]]
         recovered = []
         for job_id in ids:
-            outcome = text(self._recover(
+            outcome = Requeue(text(self._recover(
                 keys=[keys.running(), keys.job(job_id), keys.lease(job_id), keys.delayed(),
                       keys.delayed_messages(), keys.running_messages()],
-                args=[job_id, self.queued_ttl]))
-            if outcome == "recovered":
+                args=[job_id, self.queued_ttl])))
+            if outcome is Requeue.RECOVERED:
                 recovered.append(job_id)
         return recovered
 

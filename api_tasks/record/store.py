@@ -1,7 +1,10 @@
 """A job's record in Redis, as producers see it: created at submit, read, cancelled.
 
-The worker's side (claim, lease, finish) is ``api_tasks.record.leases``. State changes
-that must not race are Lua scripts, so they hold across any number of
+``JobRecords`` builds each call and parses its reply (``api_tasks.record.calls``);
+``JobStore`` runs them on a sync client, ``AsyncJobStore`` on asyncio, so the
+producer, the workers and the HTTP gateway share one implementation. The
+worker's side (claim, lease, finish) is ``api_tasks.record.leases``. State
+changes that must not race are Lua scripts, so they hold across any number of
 processes and machines. Every key written here gets a TTL.
 """
 
@@ -9,160 +12,216 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from api_tasks.connections import text
-from api_tasks.record.events import EVENT_FIELD, TERMINAL, JobStatus, final_event
+from api_tasks.record.calls import AsyncShell, Call, SyncShell, command, lua
+from api_tasks.record.events import EVENT_FIELD, final_event, parse_entries
+from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from
 from api_tasks.record.keys import Keys
-from api_tasks.record.scripts import script
-from api_tasks.spec import JobSpec
 
-__all__ = ["JobStore", "envelope", "job_view", "meta_from"]
+__all__ = ["AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
 
-_CANCEL = script("job_cancel")
-_CREATE = script("job_create")
-_FORGET = script("job_forget")
-_DISCARD = script("job_discard")
+_READ_COUNT = 500  # events per XREAD
+_CANCELLED = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
+              "message": "the job was cancelled before it started"}
 
 
-def envelope(job_id: str, status: JobStatus, meta: dict[str, Any], *,
-             response: Any = None, error: Any = None) -> str:
-    """The result key's JSON envelope."""
-    return json.dumps({"id": job_id, "status": status.value, "response": response,
-                       "error": error, **meta}, separators=(",", ":"))
+def _optional_text(reply: Any) -> str | None:
+    return None if reply is None else text(reply)
 
 
-class JobStore:
-    """Reads and writes job records under one key prefix."""
+def _record(reply: Any) -> dict[str, str]:
+    return {text(k): text(v) for k, v in reply.items()}
 
-    def __init__(self, client: redis.Redis, keys: Keys, result_ttl: int,
-                 queued_ttl: int) -> None:
-        self.redis = client
+
+def _envelope(reply: Any) -> dict[str, Any] | None:
+    return None if reply is None else json.loads(reply)
+
+
+def _first_stream(reply: Any) -> list[dict[str, Any]]:
+    return parse_entries(reply[0][1]) if reply else []  # RESP2: [[key, [(id, fields)...]]]
+
+
+class Cancel(StrEnum):
+    """What asking a job to stop found."""
+
+    CANCELLED = "cancelled"  # it had not started: it ended, cancelled, now
+    CANCELLING = "cancelling"  # it is running: its worker stops it and records the end
+    RUNNING = "running"  # it is running, and only a job not yet started was to be cancelled
+    ENDED = "ended"  # it had already ended
+    MISSING = "missing"  # no such job
+
+    @property
+    def stops(self) -> bool:
+        """Whether the job ends cancelled because of this request."""
+        return self in (Cancel.CANCELLED, Cancel.CANCELLING)
+
+
+class JobRecords:
+    """The calls that create, read and cancel job records (no I/O: a shell runs them)."""
+
+    def __init__(self, keys: Keys, result_ttl: int, queued_ttl: int) -> None:
         self.keys = keys
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
-        self._cancel = client.register_script(_CANCEL)
-        self._create = client.register_script(_CREATE)
-        self._forget = client.register_script(_FORGET)
-        self._discard = client.register_script(_DISCARD)
 
-    def record_fields(self, spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
-        """The job hash fields written at submit (and by a worker for foreign jobs)."""
-        fields = {"kind": spec.kind, "upstream": upstream, "queue": queue,
-                  "model": spec.model or "", "stream": "1" if spec.stream else "0",
-                  "store_result": "1" if spec.store_result else "0"}
-        if spec.result_ttl is not None:
-            fields["result_ttl"] = str(spec.result_ttl)
-        return fields
-
-    def create(self, job_id: str, fields: dict[str, str]) -> bool:
+    def create(self, job_id: str, fields: dict[str, str]) -> Call[bool]:
         """Write a new job's record, status queued; False if the id already has one."""
-        record = {**fields, "status": JobStatus.QUEUED.value, "created_at": repr(time.time())}
+        record = {**fields, Field.STATUS: JobStatus.QUEUED.value,
+                  Field.CREATED_AT: repr(time.time())}
         flat = [item for pair in record.items() for item in pair]
-        return bool(self._create(keys=[self.keys.job(job_id)], args=[self.queued_ttl, *flat]))
+        return lua("job_create", [self.keys.job(job_id)], [self.queued_ttl, *flat], bool)
 
-    def forget(self, job_id: str) -> bool:
+    def forget(self, job_id: str) -> Call[bool]:
         """Delete the record of a job whose message may not have been sent, unless a worker
         has seen it already (the send did go out); True if deleted."""
-        return bool(self._forget(keys=[self.keys.job(job_id)]))
+        return lua("job_forget", [self.keys.job(job_id)], [], bool)
 
-    def discard(self, job_id: str) -> bool:
+    def discard(self, job_id: str) -> Call[bool]:
         """Delete an ended job's record, result and stream (its id may run again); False
         if it has not ended."""
         keys = self.keys
-        return bool(self._discard(keys=[keys.job(job_id), keys.result(job_id),
-                                        keys.events(job_id), keys.cancel(job_id)]))
+        return lua("job_discard", [keys.job(job_id), keys.result(job_id), keys.events(job_id),
+                                   keys.cancel(job_id)], [], bool)
 
-    def cancel(self, job_id: str, *, queued_only: bool = False) -> str:
-        """Ask a job to stop: 'cancelled', 'cancelling', 'missing' or its final status.
-
-        With ``queued_only`` a running job is left to finish ('running').
-        """
-        meta = self.meta(job_id)
-        error = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
-                 "message": "the job was cancelled before it started"}
-        result = envelope(job_id, JobStatus.CANCELLED, meta, error=error)
-        event = final_event(JobStatus.CANCELLED, 0, 0, error=error)
+    def cancel(self, job_id: str, meta: dict[str, Any], queued_only: bool) -> Call[Cancel]:
+        """Ask a job to stop (``meta``: its record's ``meta_from``); with ``queued_only`` a
+        running job is left to finish."""
+        result = envelope(job_id, JobStatus.CANCELLED, meta, error=_CANCELLED)
+        event = final_event(JobStatus.CANCELLED, 0, 0, error=_CANCELLED)
         keys = self.keys
-        verdict = self._cancel(
-            keys=[keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
-                  keys.events(job_id), keys.channel(job_id)],
-            args=[repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
-                  "1" if queued_only else "0"])
-        return text(verdict[0])
+        return lua("job_cancel",
+                   [keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
+                    keys.events(job_id), keys.channel(job_id)],
+                   [repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
+                    "1" if queued_only else "0"],
+                   lambda reply: Cancel(text(reply[0])))
+
+    def status(self, job_id: str) -> Call[str | None]:
+        """The job's status, or None if there is no such job."""
+        return command("HGET", self.keys.job(job_id), Field.STATUS.value, parse=_optional_text)
+
+    def info(self, job_id: str) -> Call[dict[str, str]]:
+        """The whole job record (empty if there is none)."""
+        return command("HGETALL", self.keys.job(job_id), parse=_record)
+
+    def result(self, job_id: str) -> Call[dict[str, Any] | None]:
+        """The stored result envelope, if any."""
+        return command("GET", self.keys.result(job_id), parse=_envelope)
+
+    def tail(self, job_id: str) -> Call[list[dict[str, Any]]]:
+        """The newest event of the job's stream (none if it is empty)."""
+        return command("XREVRANGE", self.keys.events(job_id), "+", "-", "COUNT", 1,
+                       parse=parse_entries)
+
+    def read(self, job_id: str, after: str, block_ms: int) -> Call[list[dict[str, Any]]]:
+        """The events after stream id ``after``, waiting up to ``block_ms`` for the first."""
+        return command("XREAD", "COUNT", _READ_COUNT, "BLOCK", block_ms, "STREAMS",
+                       self.keys.events(job_id), after, parse=_first_stream)
+
+
+class JobStore:
+    """Job records on a sync client; blocking reads go to ``blocking`` (a longer timeout)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, result_ttl: int, queued_ttl: int,
+                 blocking: redis.Redis | None = None) -> None:
+        self.redis = client
+        self.keys = keys
+        self.records = JobRecords(keys, result_ttl, queued_ttl)
+        self.shell = SyncShell(client)
+        self._blocking = SyncShell(blocking) if blocking is not None else self.shell
+
+    def create(self, job_id: str, fields: dict[str, str]) -> bool:
+        """Write a new job's record, status queued; False if the id already has one."""
+        return self.shell.run(self.records.create(job_id, fields))
+
+    def forget(self, job_id: str) -> bool:
+        """Delete a record whose message may not have been sent (see ``JobRecords``)."""
+        return self.shell.run(self.records.forget(job_id))
+
+    def discard(self, job_id: str) -> bool:
+        """Delete an ended job's record, result and stream; False if it has not ended."""
+        return self.shell.run(self.records.discard(job_id))
+
+    def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
+        """Ask a job to stop; with ``queued_only`` a running job is left to finish."""
+        meta = meta_from(self.info(job_id))
+        return self.shell.run(self.records.cancel(job_id, meta, queued_only))
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""
-        value = self.redis.hget(self.keys.job(job_id), "status")
-        return None if value is None else text(value)
+        return self.shell.run(self.records.status(job_id))
 
     def statuses(self, job_ids: list[str]) -> list[str | None]:
         """Each job's status (None where it has no record), in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(self.keys.job(job_id), "status")
-        return [None if raw is None else text(raw) for raw in pipe.execute()]
-
-    def results(self, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Each job's stored result envelope (None where there is none), in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.get(self.keys.result(job_id))
-        raws = pipe.execute() if job_ids else []
-        return {job_id: None if raw is None else json.loads(raw)
-                for job_id, raw in zip(job_ids, raws, strict=True)}
+        return self.shell.run_all([self.records.status(job_id) for job_id in job_ids])
 
     def info(self, job_id: str) -> dict[str, str]:
         """The whole job record (empty if there is none)."""
-        raw = self.redis.hgetall(self.keys.job(job_id))
-        return {text(k): text(v) for k, v in raw.items()}
-
-    def meta(self, job_id: str) -> dict[str, Any]:
-        """The envelope's descriptive fields, from the job record."""
-        return meta_from(self.info(job_id))
+        return self.shell.run(self.records.info(job_id))
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         """The stored result envelope, if any."""
-        raw = self.redis.get(self.keys.result(job_id))
-        return None if raw is None else json.loads(raw)
+        return self.shell.run(self.records.result(job_id))
+
+    def results(self, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each job's stored result envelope (None where there is none), in one round trip."""
+        found = self.shell.run_all([self.records.result(job_id) for job_id in job_ids])
+        return dict(zip(job_ids, found, strict=True))
+
+    def tail(self, job_id: str) -> list[dict[str, Any]]:
+        """The newest event of the job's stream (none if it is empty)."""
+        return self.shell.run(self.records.tail(job_id))
+
+    def read(self, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
+        """The events after ``after``, waiting up to ``block_ms`` for the first."""
+        return self._blocking.run(self.records.read(job_id, after, block_ms))
 
 
-def _number(info: dict[str, str], name: str) -> float | None:
-    return float(info[name]) if info.get(name) else None
+class AsyncJobStore:
+    """Job records on an asyncio client: ``JobStore``'s methods, awaited."""
 
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, result_ttl: int,
+                 queued_ttl: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.records = JobRecords(keys, result_ttl, queued_ttl)
+        self.shell = AsyncShell(client)
 
-def meta_from(info: dict[str, str]) -> dict[str, Any]:
-    """Envelope fields from a job record."""
-    def number(name: str) -> float | None:
-        return _number(info, name)
-    return {"kind": info.get("kind"), "upstream": info.get("upstream"),
-            "model": info.get("model") or None, "attempts": int(info.get("attempts", 0)),
-            "created_at": number("created_at"), "started_at": number("started_at"),
-            "finished_at": number("finished_at")}
+    async def create(self, job_id: str, fields: dict[str, str]) -> bool:
+        """Write a new job's record, status queued; False if the id already has one."""
+        return await self.shell.run(self.records.create(job_id, fields))
 
+    async def forget(self, job_id: str) -> bool:
+        """Delete a record whose message may not have been sent (see ``JobRecords``)."""
+        return await self.shell.run(self.records.forget(job_id))
 
+    async def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
+        """Ask a job to stop (as ``JobStore.cancel``)."""
+        meta = meta_from(await self.info(job_id))
+        return await self.shell.run(self.records.cancel(job_id, meta, queued_only))
 
-def job_view(job_id: str, info: dict[str, str]) -> dict[str, Any]:
-    """A job record as typed, documented JSON (the README's "Job status" lists the fields)."""
-    def number(name: str) -> float | None:
-        return _number(info, name)
+    async def status(self, job_id: str) -> str | None:
+        """The job's status, or None if there is no such job."""
+        return await self.shell.run(self.records.status(job_id))
 
-    status = info.get("status")
-    waiting = status == JobStatus.WAITING.value
-    ended = status in TERMINAL
-    return {
-        "id": job_id, "status": status, "kind": info.get("kind"),
-        "model": info.get("model") or None, "upstream": info.get("upstream") or None,
-        "queue": info.get("queue") or None, "stream": info.get("stream") == "1",
-        "created_at": number("created_at"), "started_at": number("started_at"),
-        "finished_at": number("finished_at"),
-        "attempt": int(info.get("deliveries") or 0),
-        "calls": int(info.get("attempts") or 0) if ended else None,
-        "crashes": int(info.get("crashes") or 0),
-        "waiting_for": info.get("waiting_for") if waiting else None,
-        "waiting_until": number("waiting_until") if waiting else None,
-        "batch": info.get("batch") or None,
-        "error": json.loads(info["error"]) if info.get("error") else None,
-    }
+    async def info(self, job_id: str) -> dict[str, str]:
+        """The whole job record (empty if there is none)."""
+        return await self.shell.run(self.records.info(job_id))
+
+    async def result(self, job_id: str) -> dict[str, Any] | None:
+        """The stored result envelope, if any."""
+        return await self.shell.run(self.records.result(job_id))
+
+    async def tail(self, job_id: str) -> list[dict[str, Any]]:
+        """The newest event of the job's stream (none if it is empty)."""
+        return await self.shell.run(self.records.tail(job_id))
+
+    async def read(self, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
+        """The events after ``after``, waiting up to ``block_ms`` for the first."""
+        return await self.shell.run(self.records.read(job_id, after, block_ms))

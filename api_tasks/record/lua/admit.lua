@@ -6,8 +6,7 @@
 -- the turn is reserved, that long from now (a slot in flight is taken only if it is
 -- within reserve_ms); 'wait' means nothing was reserved (full in flight, too far, or
 -- older jobs in line first).
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 
 local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])

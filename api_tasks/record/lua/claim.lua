@@ -7,11 +7,11 @@
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
-local t = redis.call('TIME')
+local now = now_ms()
 local turn = redis.call('HGET', KEYS[1], 'turn_at')
-turn = turn and tostring(tonumber(turn) - (t[1] * 1000 + math.floor(t[2] / 1000))) or ''
+turn = turn and tostring(tonumber(turn) - now) or ''
 local shown = tostring(redis.call('EXISTS', KEYS[5]))
-if s == 'succeeded' or s == 'failed' or s == 'cancelled' then
+if ended(s) then
   return {s, '0', created, cool, turn, shown}
 end
 local holder = redis.call('GET', KEYS[3])
@@ -24,7 +24,7 @@ local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4]), ARGV[7])
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[7])
 redis.call('EXPIRE', KEYS[6], ARGV[2])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[7], ARGV[6])

@@ -5,8 +5,7 @@
 -- already gone (claim again).
 local left = redis.call('PTTL', KEYS[2])
 if left < 0 then return 0 end
-local t = redis.call('TIME')
-local due = t[1] * 1000 + math.floor(t[2] / 1000) + left + tonumber(ARGV[3])
+local due = now_ms() + left + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[3], 'NX', due, ARGV[1])
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[4])

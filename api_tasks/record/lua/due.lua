@@ -1,8 +1,7 @@
 -- KEYS: delayed set, delayed messages. ARGV: limit, hold ms. Returns the due jobs with
 -- their messages and holds each for ``hold`` ms (its score moves on, so no other worker
 -- sends it meanwhile); a sender that dies before ``_SENT`` leaves it due again, not lost.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
 local out = {}
 for _, id in ipairs(ids) do

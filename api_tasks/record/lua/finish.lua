@@ -3,16 +3,9 @@
 -- id, result ('' for none), job id, then job field/value pairs. A job already ended is
 -- never written twice. Stream entries keep the event in field 'event' (events.EVENT_FIELD).
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 'ended' end
+if ended(s) then return 'ended' end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'lost' end
-local id = ARGV[4]
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
-if last then
-  local la, ls = string.match(last[1], '(%d+)-(%d+)')
-  local wa, ws = string.match(id, '(%d+)-(%d+)')
-  la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
-  if wa < la or (wa == la and ws <= ls) then id = la .. '-' .. (ls + 1) end
-end
+local id = next_entry_id(KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
 redis.call('HDEL', KEYS[1], 'token')

@@ -3,8 +3,7 @@
 -- message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
 -- to wait for a limit and is sent again ``lead`` before its turn (or when due).
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local due = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due / 1000),
            'waiting_for', ARGV[4])

@@ -3,8 +3,7 @@
 -- first): if it is still running it lost its worker and its message, so it counts a crash
 -- and is sent again from the message its claim kept. Returns 'alive', 'gone' or
 -- 'recovered'.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local left = redis.call('PTTL', KEYS[3])
 if left > 0 then
   redis.call('ZADD', KEYS[1], 'XX', now + left, ARGV[1])

@@ -8,7 +8,6 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
   return -1
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local t = redis.call('TIME')
-local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+local until_ms = now_ms() + tonumber(ARGV[2])
 for i = 3, #KEYS do redis.call('ZADD', KEYS[i], 'XX', until_ms, ARGV[3]) end
 return 1

@@ -5,8 +5,8 @@
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 'gone' end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'alive' end
 local s = redis.call('HGET', KEYS[3], 'status')
-local ended = s == 'succeeded' or s == 'failed' or s == 'cancelled'
-if not ended then
+local done = ended(s)
+if not done then
   if s == 'running' then
     redis.call('HINCRBY', KEYS[3], 'crashes', 1)
     redis.call('HSET', KEYS[3], 'status', 'queued')
@@ -18,5 +18,5 @@ if not ended then
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
-if ended then return 'ended' end
+if done then return 'ended' end
 return 'restored'

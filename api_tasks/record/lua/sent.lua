@@ -4,9 +4,7 @@
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
 if ARGV[3] ~= '' then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[3]),
-             ARGV[1])
+  redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[3]), ARGV[1])
   return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[1])

@@ -1,8 +1,7 @@
 -- KEYS: per scope, its pacing hash then its in-flight set. ARGV: job id, unused tokens
 -- (negative when the call used more than it reserved), then per scope the token interval
 -- ms. Frees the call's slot, gives back what it did not use, charges what it overran.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 
 local unused = tonumber(ARGV[2])
 for i = 1, #KEYS / 2 do

@@ -1,0 +1,116 @@
+"""The asyncio side of the record (``AsyncJobStore``, ``AsyncJob``) reads and writes what the
+sync side does, through the same calls: same chunks, same result, same errors, same cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from api_tasks.client import Client
+from api_tasks.connections import connect_async
+from api_tasks.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
+from api_tasks.record.job_record import JobStatus
+from api_tasks.record.reader import AsyncJob
+from api_tasks.record.store import AsyncJobStore
+from config.settings import Settings
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+PIECES = [f"w{i} " for i in range(12)]
+T = TypeVar("T")
+
+
+def _run(settings: Settings, body: Callable[[AsyncJobStore], Awaitable[T]]) -> T:
+    """Run ``body`` on a fresh event loop with its own asyncio client."""
+    async def main() -> T:
+        client = connect_async(settings.redis, max_connections=8)
+        try:
+            store = AsyncJobStore(client, Client(settings).keys, settings.jobs.result_ttl,
+                                  settings.jobs.queued_ttl)
+            return await body(store)
+        finally:
+            await client.aclose()
+    return asyncio.run(main())
+
+
+async def _all(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
+
+
+def test_async_reader_sees_what_the_sync_reader_sees(client: Client, settings: Settings,
+                                                    fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(pieces=PIECES, chunk_delay=0.005))
+    job = client.submit_chat(USER, model=model, stream=True)
+
+    async def read(store: AsyncJobStore) -> tuple[list[Any], Any, dict[str, Any], Any]:
+        handle = AsyncJob(store, job.id)
+        chunks = await _all(handle.stream(timeout=20))  # live, while the job runs
+        return chunks, await handle.result(timeout=5), await handle.describe(), \
+            await handle.status()
+
+    chunks, result, view, status = _run(settings, read)
+    assert chunks == list(job.stream(timeout=5))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == "".join(PIECES)
+    assert result == job.result(timeout=5)
+    assert view == job.describe()
+    assert status is JobStatus.SUCCEEDED
+
+
+def test_async_reader_raises_the_failure(client: Client, settings: Settings,
+                                         fake: FakeUpstream, model: str) -> None:
+    fake.script(model, HttpError(400, error={"message": "bad things", "code": "bad"}))
+    job = client.submit_chat(USER, model=model)
+
+    async def read(store: AsyncJobStore) -> BaseException:
+        with pytest.raises(JobFailed) as failed:
+            await AsyncJob(store, job.id).result(timeout=20)
+        return failed.value
+
+    error = _run(settings, read)
+    with pytest.raises(JobFailed) as sync_failed:
+        job.result(timeout=5)
+    assert getattr(error, "error", None) == sync_failed.value.error
+    assert sync_failed.value.error["code"] == "bad"
+
+
+def test_async_cancel_of_a_queued_job_and_the_calls_in_one_round_trip(
+        client: Client, settings: Settings) -> None:
+    job_id = f"async-{uuid.uuid4().hex}"  # a record with no message: it stays queued
+
+    async def cancel(store: AsyncJobStore) -> tuple[list[Any], bool, bool]:
+        records = store.records
+        # a script and plain commands in one pipeline, parsed as one call each
+        created, status, absent = await store.shell.run_all([
+            records.create(job_id, {"kind": "chat"}), records.status(job_id),
+            records.status(job_id + "-none")])
+        handle = AsyncJob(store, job_id)
+        with pytest.raises(JobTimeout):
+            await handle.result(timeout=0.3)
+        cancelled = await handle.cancel()
+        with pytest.raises(JobCancelled):
+            await handle.result(timeout=5)
+        return [created, status, absent], cancelled, await handle.cancel()
+
+    replies, cancelled, again = _run(settings, cancel)
+    assert replies == [True, "queued", None]
+    assert cancelled is True and again is False  # the second finds it ended
+    assert client.job(job_id).status() is JobStatus.CANCELLED
+    with pytest.raises(JobCancelled):
+        client.job(job_id).result(timeout=5)
+    assert client.store.discard(job_id)
+
+
+def test_async_reader_of_a_missing_job(settings: Settings, client: Client) -> None:
+    async def read(store: AsyncJobStore) -> None:
+        handle = AsyncJob(store, "no-such-job")
+        with pytest.raises(JobNotFound):
+            await handle.status()
+        with pytest.raises(JobNotFound):
+            await handle.cancel()
+    _run(settings, read)
