@@ -43,7 +43,7 @@ def run_pool(svc: Services, pool: str, sizes: dict[str, int]) -> list[Row]:
         rows += scenarios.first_chunk(svc, client, sizes["ttfc"])
     with svc.worker(env, pool=pool, concurrency=100, name=f"relay-{pool}") as relay:
         scenarios.warm_up(client)
-        rows += scenarios.relay_rate(client, relay.pid, sizes["streams"], 500)
+        rows += scenarios.relay_rate(svc, client, relay.pid, sizes["streams"], 500)
     with svc.worker(env, pool=pool, concurrency=1000, name=f"flight-{pool}") as flight:
         scenarios.warm_up(client)
         rows += scenarios.in_flight(client, flight.pid, sizes["in_flight"])

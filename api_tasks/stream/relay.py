@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
 from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id
 from api_tasks.record.keys import Keys
@@ -43,6 +45,7 @@ class StreamRelay:
     published: int = 0
     stored: int = 0  # bytes of events this attempt wrote to the stream
     done: bool = False
+    _renew_at: float = 0.0  # when the stream's TTL is set again (monotonic seconds)
     assembler: StreamAssembler = field(init=False)
     decoder: SSEDecoder = field(init=False)
 
@@ -79,11 +82,15 @@ class StreamRelay:
                 commands += self._chunk_commands(event.data)
         finally:
             if commands:
-                # the TTL follows each batch: a stream longer than its TTL keeps its start
-                stream = self.keys.events(self.job_id)
-                self.writer.submit([*commands, ("EXPIRE", stream, self.ttl)],
-                                   size=2 * (self.stored - stored))
-                if self.published == len(commands) // 2:
+                now = time.monotonic()
+                if now >= self._renew_at:
+                    # set with the first chunks, then every half TTL: a stream longer than
+                    # its TTL keeps its start, and an EXPIRE per read would cost a third
+                    # of the writes
+                    self._renew_at = now + self.ttl / 2
+                    commands.append(("EXPIRE", self.keys.events(self.job_id), self.ttl))
+                self.writer.submit(commands, size=2 * (self.stored - stored))
+                if stored == 0:
                     # first chunks: let the writer run now rather than when this thread next
                     # blocks (the GIL), since a reader is waiting for them
                     time.sleep(0)
@@ -104,11 +111,9 @@ class StreamRelay:
 
     def _parse(self, event: SSEEvent) -> dict[str, Any]:
         try:
-            chunk = json.loads(event.data)
-        except ValueError as err:
-            raise InvalidResponseError(
-                f"upstream sent an event that is not JSON: "
-                f"{event.data[:120]!r}", code="invalid_json") from err
+            chunk = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            chunk = _lenient(event.data)  # what orjson refuses and json takes (lone surrogates)
         if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
             raise self._stream_error(chunk)
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
@@ -127,3 +132,12 @@ class StreamRelay:
                            else "stream_error",
                            type=scrub(str(kind), self.secrets) if kind else "server_error",
                            status=200)
+
+
+def _lenient(data: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise InvalidResponseError(
+            f"upstream sent an event that is not JSON: {data[:120]!r}",
+            code="invalid_json") from err

@@ -1,0 +1,77 @@
+"""The event writer in-process, against a real Redis: group commit in order, replies and errors
+to their own submitter, re-sent stream ids ignored, and back-pressure while Redis is away."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from api_tasks.record.writer import EventWriter
+from tests.support.services import free_port
+
+
+@pytest.fixture
+def writer(redis_client: redis.Redis) -> Iterator[EventWriter]:
+    events = EventWriter(redis_client)
+    events.start()
+    yield events
+    events.close()
+
+
+def test_many_threads_commands_land_in_order_with_their_replies(
+        redis_client: redis.Redis, writer: EventWriter) -> None:
+    prefix = f"w{uuid.uuid4().hex[:8]}"
+
+    def produce(n: int) -> None:
+        for i in range(200):
+            writer.submit([("RPUSH", f"{prefix}:{n}", i), ("EXPIRE", f"{prefix}:{n}", 60)])
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    replies = writer.write([("LLEN", f"{prefix}:{n}") for n in range(8)], timeout=10)
+    assert replies == [200] * 8  # every command queued before is in Redis
+    for n in range(8):
+        assert [int(v) for v in redis_client.lrange(f"{prefix}:{n}", 0, -1)] == list(range(200))
+        assert 0 < redis_client.ttl(f"{prefix}:{n}") <= 60
+
+
+def test_an_error_reaches_only_its_own_submitter(redis_client: redis.Redis,
+                                                writer: EventWriter) -> None:
+    key = f"w{uuid.uuid4().hex[:8]}"
+    bad = writer.submit([("SET", key, "x", "EX", 60), ("LPUSH", key, "y")], wait=True)
+    good = writer.submit([("GET", key)], wait=True)
+    assert bad is not None and good is not None
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        bad.result(timeout=10)
+    assert good.result(timeout=10) == [b"x"]
+
+
+def test_a_stream_entry_sent_again_is_not_an_error(redis_client: redis.Redis,
+                                                  writer: EventWriter) -> None:
+    key = f"w{uuid.uuid4().hex[:8]}"
+    first = writer.write([("XADD", key, "1-1", "event", "a"), ("EXPIRE", key, 60)], timeout=10)
+    again = writer.write([("XADD", key, "1-1", "event", "a")], timeout=10)  # a retried batch
+    assert first[0] == b"1-1" and isinstance(again[0], redis.ResponseError)
+    assert redis_client.xlen(key) == 1
+
+
+def test_a_thread_waits_for_room_while_redis_is_away_then_gives_up() -> None:
+    gone = redis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
+    events = EventWriter(gone, retry_for=3.0, max_pending_bytes=1000)
+    events.start()
+    try:
+        stuck = events.submit([("SET", "k", "v" * 800)], wait=True)  # the writer retries it
+        with pytest.raises(TimeoutError, match="too far behind"):
+            events.submit([("SET", "k2", "v" * 800)], timeout=0.3)
+        assert stuck is not None
+        with pytest.raises(redis.ConnectionError):
+            stuck.result(timeout=10)  # given up after retry_for, not hung
+    finally:
+        events.close()
