@@ -60,6 +60,10 @@ class JobSpec:
         return {"task": TASK_NAMES[self.kind], "args": [first], "kwargs": self.task_kwargs(),
                 "queue": queue}
 
+    def message_json(self, queue: str) -> str:
+        """``message`` as the JSON the job's record keeps (encoded once per delivery)."""
+        return json.dumps(self.message(queue), separators=(",", ":"))
+
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""
         first = "messages" if self.kind == "chat" else "prompt"

@@ -17,6 +17,7 @@ import redis
 import yaml
 
 from api_tasks.client import Client
+from api_tasks.record.writer import EventWriter
 from config.loader import load_settings
 from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream
@@ -117,6 +118,15 @@ def client(settings: Settings, worker: WorkerProcess) -> Client:
 @pytest.fixture(scope="session")
 def redis_client(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture
+def writer(redis_client: redis.Redis) -> Iterator[EventWriter]:
+    """An event writer of this process on the session's Redis."""
+    events = EventWriter(redis_client)
+    events.start()
+    yield events
+    events.close()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ long as Redis keeps its result). ``fresh`` calls the ended ones again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -83,23 +84,23 @@ def run_batch(client: Enqueuer, source: Path, output: Path, errors: Path, *, win
     lines = read_batch(source, client.settings.jobs.max_request_bytes)
     in_flight: dict[str, BatchLine] = {}
     with output.open("a", encoding="utf-8") as out, errors.open("a", encoding="utf-8") as err:
-        for line in lines:
-            summary.total += 1
-            if line.custom_id in done:
-                summary.skipped += 1
-                continue
-            while len(in_flight) >= window:
-                _collect(client, in_flight, out, err, summary, progress, poll)
-            job_id = line_job_id(output, line)
-            earlier = client.store.status(job_id)
-            if fresh and earlier is not None and client.store.discard(job_id):
-                earlier = None
-            if earlier is not None:
-                summary.collected += 1
-            if earlier in (None, JobStatus.QUEUED.value):  # a queued one's message may be lost
-                client.enqueue(line.kind, *line_params(line.kind, line.body, queue),
-                               job_id=job_id)
-            in_flight[job_id] = line
+        while group := list(itertools.islice(lines, window)):
+            summary.total += len(group)
+            todo = [line for line in group if line.custom_id not in done]
+            summary.skipped += len(group) - len(todo)
+            ids = [line_job_id(output, line) for line in todo]
+            # what an earlier run left of these lines' jobs, a window's worth in one round trip
+            for line, job_id, earlier in zip(todo, ids, client.store.statuses(ids), strict=True):
+                while len(in_flight) >= window:
+                    _collect(client, in_flight, out, err, summary, progress, poll)
+                if fresh and earlier is not None and client.store.discard(job_id):
+                    earlier = None
+                if earlier is not None:
+                    summary.collected += 1
+                if earlier in (None, JobStatus.QUEUED):  # a queued one's message may be lost
+                    client.enqueue(line.kind, *line_params(line.kind, line.body, queue),
+                                   job_id=job_id)
+                in_flight[job_id] = line
         while in_flight:
             _collect(client, in_flight, out, err, summary, progress, poll)
     return summary

@@ -61,6 +61,8 @@ _TAKE_AT_MOST = 500  # lines sent in one step
 _LOOK_EVERY = 5.0  # seconds between two looks for a batch's long-queued jobs
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
+_INPUT_MISSING = error_object("server_error", "input_missing", "the batch's input is gone")
+
 
 class BatchPump(Loop):
     """A thread that moves every active batch forward, a few times a second."""
@@ -193,8 +195,8 @@ class BatchPump(Loop):
         index = int(job_id.rsplit("-", 1)[1])
         line = self._redis.lindex(self._keys.batch_input(batch_id), index)
         if line is None:
-            error = error_object("server_error", "input_missing", "the batch's input is gone")
-            self._write(batch_id, job_id, custom_id, {"status": "failed", "error": error})
+            self._write(batch_id, job_id, custom_id,
+                        {"status": JobStatus.FAILED.value, "error": _INPUT_MISSING})
         elif self._send(batch_id, job_id, json.loads(line), state.get("queue", "bulk")):
             self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
@@ -237,9 +239,8 @@ class BatchPump(Loop):
                                           "error": error})[1], separators=(",", ":"))
                    for i, raw in enumerate(lines)]
         if len(records) < min(_TAKE_AT_MOST, total - sent):  # the input is gone
-            missing = error_object("server_error", "input_missing", "the batch's input is gone")
             records += [json.dumps(record_for(f"{batch_id}-{index}", "", {
-                "status": JobStatus.FAILED.value, "error": missing})[1])
+                "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
                 for index in range(sent + len(records), total)]
         self._scripts["drain"](keys=[self._keys.batch(batch_id),
                                      self._keys.batch_errors(batch_id)],

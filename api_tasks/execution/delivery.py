@@ -40,6 +40,7 @@ class Delivery:
     cooldown: float = 0.0  # the upstream's 429 cool-down left when the job was claimed
     queue: str = "interactive"
     turn: float | None = None  # seconds to a turn reserved under its limits, if any
+    message: str = ""  # its task message as JSON, kept while it waits outside a worker
     started_at: float = field(default_factory=time.time)
     calls: int = 0  # HTTP calls made so far (the result's ``attempts``)
     published: int = 0

@@ -86,7 +86,7 @@ class Gate:
     def park(self, run: Delivery, park: Park) -> Outcome:
         """The job leaves this worker to wait for its limit; it is sent again when due."""
         if self.leases.park(run.job_id, run.token, park.wait, park.reason,
-                            run.spec.message(run.queue), park.turn,
+                            run.message or run.spec.message_json(run.queue), park.turn,
                             self.ahead / 2):
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)

@@ -85,7 +85,7 @@ class JobRunner:
             return self._reject(job_id, kind, err)
         queue = spec.queue or self.settings.jobs.default_queue
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        message = spec.message(queue)
+        message = spec.message_json(queue)
         fields = submit_fields(spec, upstream.name, queue)
         claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
         if claim.verdict is Verdict.BUSY:
@@ -101,7 +101,7 @@ class JobRunner:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
-                   cooldown=claim.cooldown, queue=queue, turn=claim.turn)
+                       cooldown=claim.cooldown, queue=queue, turn=claim.turn, message=message)
         handle = CallHandle(job_id, token)
         try:
             with self.watchdog.watching(handle):  # the lease is renewed from here on

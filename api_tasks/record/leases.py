@@ -48,10 +48,6 @@ _DUE, _SENT, _DEFER, _RECOVER, _FINISH = (script(name) for name in (
     "due", "sent", "defer", "recover", "finish"))
 
 
-def _dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))
-
-
 class Verdict(StrEnum):
     """What a claim found."""
 
@@ -111,11 +107,11 @@ class LeaseStore:
         self._recover = client.register_script(_RECOVER)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
-              upstream: str = "", message: dict[str, Any] | None = None) -> Claim:
+              upstream: str = "", message: str = "") -> Claim:
         """Take the job for attempt ``token``, unless it is finished or held.
 
-        ``message`` (the task message) stays in the record while the job runs, so the
-        job can be sent again if its own message is lost.
+        ``message`` (the task message as JSON, "" for none) stays in the record while the
+        job runs, so the job can be sent again if its own message is lost.
         """
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
@@ -124,7 +120,7 @@ class LeaseStore:
                   keys.cooldown(upstream), keys.events(job_id), keys.running(),
                   keys.running_messages()],
             args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes,
-                  _dumps(message) if message is not None else "", job_id, *flat])
+                  message, job_id, *flat])
         found = text(verdict)
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
@@ -159,7 +155,7 @@ class LeaseStore:
             args=[tag, message, job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
-             message: dict[str, Any], turn: float | None = None, lead: float = 0.0) -> bool:
+             message: str, turn: float | None = None, lead: float = 0.0) -> bool:
         """Take the job out of its worker until a limit lets it run; False if not ours.
 
         ``turn``: seconds to the turn it reserved (kept in the record); it is sent
@@ -169,7 +165,7 @@ class LeaseStore:
         return bool(self._park(
             keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
                   keys.running(), keys.running_messages()],
-            args=[token, job_id, max(int(wait * 1000), 1), reason, _dumps(message),
+            args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
                   "" if turn is None else int(turn * 1000), int(lead * 1000)]))
 
@@ -194,7 +190,7 @@ class LeaseStore:
                 keys.events(job_id), keys.channel(job_id), keys.lease(job_id), keys.running(),
                 keys.running_messages(), token, ttl, event, event_id, result or "", job_id, *fields)
 
-    def defer(self, job_id: str, message: dict[str, Any]) -> bool:
+    def defer(self, job_id: str, message: str) -> bool:
         """A delivery found the job held: look again when the holder's lease would lapse.
 
         False if the lease is already gone (the caller claims again).
@@ -202,7 +198,7 @@ class LeaseStore:
         keys = self.keys
         return bool(self._defer(
             keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages()],
-            args=[job_id, _dumps(message), _DEFER_MARGIN_MS, self.queued_ttl]))
+            args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl]))
 
     def recover(self, cutoff_ms: int, limit: int = 500) -> list[str]:
         """Send again the jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their ids."""

@@ -39,7 +39,7 @@ def test_a_job_this_attempt_just_ended_parked_or_released_is_not_lost(
     assert _finish(redis_client, store, job_id, "mine") == "ok"
     assert store.renew(redis_client, [(job_id, "mine", [])]) == []
     store, _, job_id = _store(redis_client)
-    assert store.park(job_id, "mine", 5.0, "requests", {"task": "t"})
+    assert store.park(job_id, "mine", 5.0, "requests", '{"task": "t"}')
     assert store.renew(redis_client, [(job_id, "mine", [])]) == []
     store, _, job_id = _store(redis_client)
     assert store.release(job_id, "mine")
@@ -51,7 +51,7 @@ def test_a_job_another_attempt_took_is_lost_whatever_it_did_with_it(
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")  # claimed again
     assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
-    assert store.park(job_id, "another", 5.0, "requests", {"task": "t"})  # ... and parked
+    assert store.park(job_id, "another", 5.0, "requests", '{"task": "t"}')  # ... and parked
     assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")

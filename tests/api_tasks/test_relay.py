@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -14,14 +13,6 @@ from api_tasks.record.events import EVENT_FIELD
 from api_tasks.record.keys import Keys
 from api_tasks.record.writer import EventWriter
 from api_tasks.stream.relay import StreamRelay
-
-
-@pytest.fixture
-def writer(redis_client: redis.Redis) -> Iterator[EventWriter]:
-    events = EventWriter(redis_client)
-    events.start()
-    yield events
-    events.close()
 
 
 def _sse(pieces: list[str]) -> bytes:

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from api_tasks.record.writer import EventWriter
 from tests.support.services import free_port
-
-
-@pytest.fixture
-def writer(redis_client: redis.Redis) -> Iterator[EventWriter]:
-    events = EventWriter(redis_client)
-    events.start()
-    yield events
-    events.close()
 
 
 def test_many_threads_commands_land_in_order_with_their_replies(
