@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.services import ROOT, wait_until
+from tests.support.services import ROOT, default_sigint, wait_until
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -54,7 +54,8 @@ def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path, venv: Path,
     job_env: dict[str, str] = {}
     with open(log, "wb") as out:
         serve = subprocess.Popen(["bash", "scripts/serve", "--demo"], cwd=ROOT, env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=default_sigint)
     try:
         wait_until(lambda: serve.poll() is not None or " ready." in log.read_text(), 300,
                    "the worker to be ready", interval=0.5)

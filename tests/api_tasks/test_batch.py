@@ -15,7 +15,7 @@ from api_tasks.batches.attached import run_batch
 from api_tasks.batches.lines import check_file
 from api_tasks.client import Client
 from tests.support.fake_upstream import FakeUpstream, HttpError, Slow
-from tests.support.services import ROOT, WorkerProcess, wait_until
+from tests.support.services import ROOT, WorkerProcess, default_sigint, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +133,8 @@ def test_a_run_stopped_with_ctrl_c_resumes_without_a_duplicate_line_or_call(
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     command = [sys.executable, "-m", "api_tasks", "batch", "run", str(source), "-o", str(output),
                "--window", "6"]
-    run = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=default_sigint)
     wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 6, 30,
                "some results")
     run.send_signal(signal.SIGINT)  # with jobs in flight

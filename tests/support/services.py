@@ -152,6 +152,54 @@ class WorkerProcess:
         self.proc = None
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that must see SIGINT: a suite started in the background
+    by a non-interactive shell inherits SIGINT ignored, and neither bash nor Python can then
+    catch it (bash cannot trap a signal ignored at entry)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class GatewayProcess:
+    """``python -m api_tasks gateway`` as a child process on a free port, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        args = [sys.executable, "-m", "api_tasks", "gateway", "--port", str(self.port)]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._ready, 30, "the gateway to answer /healthz")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {self.proc.returncode}:\n"
+                                 f"{self.log_path.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return conn.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+
 class Spawn:
     """Starts worker processes for one test and remembers them, to read and stop them."""
 
