@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print the whole response")
         cmd.add_argument("--timeout", type=float, default=600.0)
     add_batch_commands(sub)
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway (OpenAI-compatible, jobs API)")
+    gateway.add_argument("--host", help="address to listen on (default gateway.host, 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="port (default gateway.port, 8000)")
     for name, what in (("status", "show a job's status"), ("cancel", "cancel a job"),
                        ("result", "wait for and print a job's result")):
         cmd = sub.add_parser(name, help=what)
@@ -183,5 +186,11 @@ def _result(client: Client, args: argparse.Namespace) -> int:
     return _print_result(client.get_job(args.job_id), args)
 
 
+def _gateway(client: Client, args: argparse.Namespace) -> int:
+    from api_tasks.gateway.server import serve  # uvicorn and starlette load for this only
+
+    return serve(client.settings, args.host, args.port)
+
+
 _COMMANDS = {"chat": _submit, "complete": _submit, "status": _status, "cancel": _cancel,
-             "result": _result, "batch": batch_command}
+             "result": _result, "batch": batch_command, "gateway": _gateway}

@@ -32,6 +32,7 @@ __all__ = [
     "RequestTooLarge",
     "StreamError",
     "StreamRestarted",
+    "UnknownModel",
     "UpstreamError",
     "UrlRefused",
     "WorkerStopping",
@@ -77,6 +78,13 @@ class InvalidJob(ApiTasksError, ValueError):
     def to_error(self) -> ErrorObject:
         """The error object a worker stores when such a job reaches it."""
         return error_object("invalid_request_error", "invalid_job", str(self), 400, self.param)
+
+
+class UnknownModel(InvalidJob):
+    """No configured upstream serves the job's model."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__("model", f"no configured upstream serves model {model!r}")
 
 
 class InvalidBatch(InvalidJob):

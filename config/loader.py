@@ -36,7 +36,11 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "API_TASKS_CONCURRENCY": (("worker", "concurrency"), str),
     "API_TASKS_SHUTDOWN_GRACE": (("worker", "shutdown_grace"), str),
     "API_TASKS_LOG_LEVEL": (("worker", "log_level"), str.upper),
+    "API_TASKS_GATEWAY_HOST": (("gateway", "host"), str),
+    "API_TASKS_GATEWAY_PORT": (("gateway", "port"), str),
 }
+GATEWAY_KEY_ENV = "API_TASKS_GATEWAY_KEY"  # alone, it defines one gateway key named default
+GATEWAY_SECRET_ENV = "API_TASKS_GATEWAY_TOKEN_SECRET"  # signs the gateway's stream tokens
 
 
 def load_settings(
@@ -51,6 +55,9 @@ def load_settings(
     if chosen:
         _lay(data, _read_yaml(Path(chosen)), str(chosen), origins, ())
     _lay_env(data, env, origins)
+    if env.get(GATEWAY_KEY_ENV) and not (data.get("gateway") or {}).get("keys"):
+        data.setdefault("gateway", {})["keys"] = [{"name": "default", "key_env": GATEWAY_KEY_ENV}]
+        origins[("gateway", "keys")] = f"environment variable {GATEWAY_KEY_ENV}"
     if not data.get("upstreams"):
         data["upstreams"] = [_zero_config_upstream(env)]
         origins[("upstreams",)] = "OPENAI_BASE_URL"
@@ -113,7 +120,20 @@ def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) ->
         raise ConfigError(_describe(err, origins)) from err
     keyed = [_with_key(upstream, index, env, origins)
              for index, upstream in enumerate(settings.upstreams)]
-    return settings.model_copy(update={"upstreams": keyed})
+    gateway_keys = []
+    for index, key in enumerate(settings.gateway.keys):
+        if key.key_env is not None:
+            value = env.get(key.key_env)
+            if not value:
+                where = _origin(origins, ("gateway", "keys", index, "key_env"))
+                raise ConfigError(f"gateway.keys[{index}].key_env ({where}): the environment "
+                                  f"variable {key.key_env} is not set")
+            key = key.model_copy(update={"key": SecretStr(value)})
+        gateway_keys.append(key)
+    secret = env.get(GATEWAY_SECRET_ENV)
+    gateway = settings.gateway.model_copy(update={
+        "keys": gateway_keys, "token_secret": SecretStr(secret) if secret else None})
+    return settings.model_copy(update={"upstreams": keyed, "gateway": gateway})
 
 
 def _with_key(upstream: Any, index: int, env: Mapping[str, str], origins: Origins) -> Any:

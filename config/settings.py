@@ -9,6 +9,7 @@ variables (see ``ENV_OVERRIDES``). With no upstream configured anywhere,
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from config.allow_list import allow_list
 
 __all__ = [
+    "GatewayKey",
+    "GatewaySettings",
     "JobSettings",
     "Limits",
     "RedisSettings",
@@ -32,6 +35,8 @@ __all__ = [
 MAX_TTL = 365 * 86400  # Redis refuses absurd expiries, halfway through a script
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Payload = dict[str, Any]
+Queue = Literal["interactive", "bulk"]
+QUEUES: tuple[Queue, ...] = ("interactive", "bulk")
 
 
 class _Model(BaseModel):
@@ -241,13 +246,67 @@ class WorkerSettings(_Model):
         return self
 
 
+class GatewayKey(_Model):
+    """One API key of the HTTP gateway: whose it is and what it may use."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    key_env: str | None = None  # the key itself, from this environment variable
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # or its SHA-256, hex
+    key: SecretStr | None = Field(None, exclude=True)  # read from key_env at load
+    models: list[str] = Field(default_factory=lambda: ["*"])  # globs of models it may use
+    queues: list[Queue] = Field(default_factory=lambda: list(QUEUES))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GatewayKey:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError("give the key as key_env or as key_sha256, one of the two")
+        return self
+
+    def sha256(self) -> str | None:
+        """The key's SHA-256 (hex), what a presented key is compared against."""
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        return None if self.key is None else hashlib.sha256(
+            self.key.get_secret_value().encode()).hexdigest()
+
+    def may_use(self, model: str | None, queue: str) -> str | None:
+        """Why this key may not submit that job (the field at fault), or None."""
+        if model is not None and not any(fnmatch.fnmatchcase(model, g) for g in self.models):
+            return "model"
+        return None if queue in self.queues else "queue"
+
+
+class GatewaySettings(_Model):
+    """The HTTP gateway (``python -m api_tasks gateway``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    keys: list[GatewayKey] = Field(default_factory=list)  # none: loopback only, no auth
+    cancel_on_disconnect: bool = True  # a client gone from a synchronous call cancels its job
+    idempotency_ttl: int = Field(86400, ge=60, le=MAX_TTL)
+    stream_token_ttl: int = Field(3600, ge=10, le=86400)
+    keepalive: float = Field(15.0, gt=0, le=300)  # seconds between comments on an idle stream
+    # signs stream tokens; from API_TASKS_GATEWAY_TOKEN_SECRET, else one shared through Redis
+    token_secret: SecretStr | None = Field(None, exclude=True)
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_key_names(cls, value: list[GatewayKey]) -> list[GatewayKey]:
+        names = [key.name for key in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"gateway key names must be unique: {', '.join(duplicates)}")
+        return value
+
+
 class Settings(_Model):
-    """Everything the producer and the worker need, validated."""
+    """Everything the producer, the worker and the gateway need, validated."""
 
     defaults: Payload = Field(default_factory=dict)
     redis: RedisSettings = RedisSettings()
     jobs: JobSettings = JobSettings()
     worker: WorkerSettings = WorkerSettings()
+    gateway: GatewaySettings = GatewaySettings()
     upstreams: list[Upstream] = Field(min_length=1)
 
     @field_validator("upstreams")

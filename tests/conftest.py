@@ -23,9 +23,17 @@ from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.fault_proxy import FaultProxy
 from tests.support.figures import Figures
-from tests.support.services import RedisServer, Spawn, WorkerProcess, free_port
+from tests.support.services import (
+    GatewayProcess,
+    RedisServer,
+    Spawn,
+    WorkerProcess,
+    free_port,
+)
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
+GATEWAY_KEY = "sk-gw-test-7e1d9c"
+GATEWAY_OTHER_KEY = "sk-gw-other-41aa"
 
 
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
@@ -157,3 +165,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _FIGURES.rows:
         terminalreporter.write_sep("-", "reliability figures (see RELIABILITY.md)")
         terminalreporter.write_line(_FIGURES.table())
+
+
+@pytest.fixture(scope="session")
+def gateway(worker_env: dict[str, str], workdir: Path, worker: WorkerProcess,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    config = tmp_path_factory.mktemp("gateway") / "gateway.yaml"
+    base = Path(worker_env["API_TASKS_CONFIG"]).read_text()
+    config.write_text(base + (
+        "gateway:\n"
+        "  keepalive: 0.5\n"
+        "  keys:\n"
+        "    - {name: main, key_env: GW_MAIN_KEY}\n"
+        "    - {name: other, key_env: GW_OTHER_KEY, models: ['allowed-*'], queues: [bulk]}\n"))
+    env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    env.update({"API_TASKS_CONFIG": str(config), "GW_MAIN_KEY": GATEWAY_KEY,
+                "GW_OTHER_KEY": GATEWAY_OTHER_KEY})
+    process = GatewayProcess(env, workdir / "gateway.log").start()
+    yield process
+    process.stop()

@@ -55,3 +55,12 @@ def test_the_schema_check_catches_a_broken_file(compose: dict[str, Any]) -> None
     broken = {**compose, "services": {"redis": {**compose["services"]["redis"], "ports": 6379}}}
     validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
     assert not validator.is_valid(broken)
+
+
+def test_gateway_needs_a_key_and_listens_on_localhost(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert gateway["command"][:4] == ["python", "-m", "api_tasks", "gateway"]
+    assert gateway["environment"]["API_TASKS_GATEWAY_KEY"].startswith(
+        "${API_TASKS_GATEWAY_KEY:?")
+    assert all(port.startswith("127.0.0.1:") for port in gateway["ports"])
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"

@@ -93,6 +93,7 @@ LAYERS = {
     "stream": {"upstream", "record"},
     "record": set(),
     "batches": {"record", "enqueue", "client"},
+    "gateway": {"record", "enqueue"},  # a producer too, on asyncio
 }
 BASE = {"errors", "spec", "connections", "background", "exit_codes"}
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import ROOT, WorkerProcess
+from tests.conftest import GATEWAY_KEY
+from tests.support.services import ROOT, GatewayProcess, WorkerProcess
 
 pytestmark = pytest.mark.integration
+_GATEWAY = "http://127.0.0.1:8000"  # where the README's gateway examples point
 _BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.M | re.S)
 # what a reader does next with what an example builds, where the example only builds it
 _DRIVERS = {
@@ -46,10 +48,15 @@ def test_the_readme_has_python_examples() -> None:
 
 @pytest.mark.parametrize(("line", "code"), _examples(), ids=[f"line{n}" for n, _ in _examples()])
 def test_readme_example_runs(line: int, code: str, worker: WorkerProcess,
-                             worker_env: dict[str, str], tmp_path: Path) -> None:
+                             worker_env: dict[str, str], tmp_path: Path,
+                             request: pytest.FixtureRequest) -> None:
     (tmp_path / "requests.jsonl").write_text(_BATCH_LINES)
     script = code + "".join(driver for needle, driver in _DRIVERS.items() if needle in code)
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
+    if _GATEWAY in script:  # the gateway's examples talk to the test gateway
+        gateway: GatewayProcess = request.getfixturevalue("gateway")
+        script = script.replace(_GATEWAY, gateway.url)
+        env["API_TASKS_GATEWAY_KEY"] = GATEWAY_KEY
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=90)

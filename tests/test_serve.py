@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def _running(marker: str) -> list[str]:
             if marker in cmd:
                 found.append(cmd)
     return found
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +77,10 @@ def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path, venv: Path,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout == "echo: Hello\n"
+        # the gateway it started answers at the URL it printed
+        gateway = job_env["API_TASKS_GATEWAY_URL"]
+        assert f"gateway: {gateway}" in log.read_text()
+        wait_until(lambda: _answers(gateway + "/healthz"), 30, "the gateway to answer")
     finally:
         if stop == "ctrl-c":
             os.killpg(serve.pid, signal.SIGINT)
@@ -79,4 +92,5 @@ def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path, venv: Path,
     with pytest.raises(redis.ConnectionError):
         client.ping()
     assert _running(str(tmp_path)) == [] and _running(str(venv / "bin/celery")) == []
+    assert _running(f"{venv / 'bin/python'} -m api_tasks gateway") == []
     assert "Warm shutdown" in log.read_text() and "Cold shutdown" not in log.read_text()

@@ -54,6 +54,8 @@ class Field(StrEnum):
     STORE_RESULT = "store_result"  # "1" or "0"
     RESULT_TTL = "result_ttl"  # the job's own, when it set one
     BATCH = "batch"  # the detached batch the job is a line of
+    OWNER = "owner"  # the gateway key that submitted it (only it may read it)
+    METADATA = "metadata"  # the caller's own JSON object, from the gateway's jobs API
     CREATED_AT = "created_at"  # epoch seconds
     STARTED_AT = "started_at"  # of the latest attempt
     FINISHED_AT = "finished_at"

@@ -117,6 +117,18 @@ class Keys:
         """String: held by the one worker stepping this batch right now."""
         return f"{self.prefix}:batch:{batch_id}:lock"
 
+    def idempotency(self, owner: str, digest: str) -> str:
+        """String: the job an ``Idempotency-Key`` (its SHA-256) of a gateway key maps to."""
+        return f"{self.prefix}:idempotency:{owner}:{digest}"
+
+    def owner_jobs(self, owner: str) -> str:
+        """Sorted set: a gateway key's jobs, by submit time (ms), for listing them."""
+        return f"{self.prefix}:owner:{owner}:jobs"
+
+    def gateway_secret(self) -> str:
+        """String: the stream-token secret the gateways share when none is configured."""
+        return f"{self.prefix}:gateway:secret"
+
     def celery_prefix(self) -> str:
         """Prefix for the broker's own keys (queues, unacked messages)."""
         return f"{self.prefix}:celery:"

@@ -30,11 +30,15 @@ from api_tasks.record.events import FINAL_TYPES, EventType
 from api_tasks.record.job_record import ATTEMPT_FIELDS, TERMINAL, JobStatus, job_view
 from api_tasks.record.store import AsyncJobStore, Cancel, JobStore
 
-__all__ = ["AsyncJob", "ChunkFilter", "Job", "Reader", "text_of", "text_pieces"]
+__all__ = ["IDLE", "AsyncJob", "ChunkFilter", "Job", "Reader", "outcome", "raise_for", "text_of",
+           "text_pieces"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 _MAX_SEQ = 2**64 - 1
+
+
+IDLE: dict[str, Any] = {"type": "idle"}  # what ``AsyncJob.events`` yields on a quiet stream
 
 
 class _Ended(ApiTasksError):
@@ -302,15 +306,21 @@ class AsyncJob:
             with broker_errors():
                 outcome(self.id, await self._store.result(self.id))
 
-    async def events(self, timeout: float | None = None,
-                     after: str = "0-0") -> AsyncIterator[dict[str, Any]]:
-        """Yield every event envelope after stream id ``after``, up to the final one."""
+    async def events(self, timeout: float | None = None, after: str = "0-0",
+                     idle: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Yield every event envelope after stream id ``after``, up to the final one; with
+        ``idle``, also ``IDLE`` whenever that many seconds pass with no event (keep-alives)."""
         clock = _Clock(timeout)
         while True:
+            block = clock.block_ms(self.id)
+            if idle is not None:
+                block = min(block, max(int(idle * 1000), 1))
             with broker_errors():
-                events = await self._store.read(self.id, after, clock.block_ms(self.id))
+                events = await self._store.read(self.id, after, block)
                 if not events and await self._store.status(self.id) in TERMINAL:
                     raise _Ended
+            if not events and idle is not None:
+                yield IDLE
             for event in events:
                 after = event["id"]
                 yield event

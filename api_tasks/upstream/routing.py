@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from api_tasks.errors import InvalidJob
+from api_tasks.errors import InvalidJob, UnknownModel
 from api_tasks.spec import JobSpec
 from api_tasks.upstream.http_client import CallRequest
 from api_tasks.upstream.job_urls import AddressGuard, check_job_url
@@ -37,7 +37,7 @@ def _pick_upstream(settings: Settings, spec: JobSpec) -> Upstream:
         return upstream
     upstream = settings.upstream_for_model(spec.model)
     if upstream is None:
-        raise InvalidJob("model", f"no configured upstream serves model {spec.model!r}")
+        raise UnknownModel(str(spec.model))
     return upstream
 
 

@@ -1,0 +1,415 @@
+"""The gateway's ASGI app: the OpenAI-compatible endpoints, the jobs API, and health.
+
+Everything runs on the event loop except the submit itself (``submit.Submitter`` puts the
+producer's blocking calls on threads). Reads go through ``AsyncJobStore`` and ``AsyncJob``,
+the record code the Python producer runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import anyio
+import orjson
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from api_tasks.connections import connect_async, text
+from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
+from api_tasks.gateway.auth import Keyring, StreamTokens
+from api_tasks.gateway.errors import GatewayError, job_error, openai_error
+from api_tasks.gateway.submit import Submitter, unavailable
+from api_tasks.record.job_record import TERMINAL, Field
+from api_tasks.record.keys import Keys
+from api_tasks.record.reader import IDLE, AsyncJob, ChunkFilter, attempt_start
+from api_tasks.record.store import AsyncJobStore
+from api_tasks.spec import Kind
+from config.settings import GatewayKey, Settings
+
+__all__ = ["Gateway", "create_app"]
+
+T = TypeVar("T")
+_URLS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_URL_OF: dict[str, str] = {kind: url for url, kind in _URLS.items()}
+_SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+_QUEUE_HEADER = "x-api-tasks-queue"
+_SECRET_TTL = 30 * 86400
+
+
+class Gateway:
+    """What every request shares in one gateway process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # every waiting caller holds a connection for its XREAD BLOCK
+        self.redis = connect_async(settings.redis, max_connections=10_000)
+        self.keys = Keys(settings.redis.prefix)
+        self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
+                                   settings.jobs.queued_ttl)
+        self.submitter = Submitter(settings, self.redis)
+        self.keyring = Keyring(settings.gateway)
+        self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
+
+    async def start(self) -> None:
+        """Settle the stream-token secret: configured, or one shared through Redis."""
+        configured = self.settings.gateway.token_secret
+        if configured is not None:
+            secret = configured.get_secret_value().encode()
+        else:
+            name = self.keys.gateway_secret()
+            await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
+            secret = text(await self.redis.get(name)).encode()
+        self.tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
+
+    async def close(self) -> None:
+        """Release the Redis connections."""
+        await self.redis.aclose()
+
+    def key(self, request: Request) -> GatewayKey:
+        """The caller's key (401 without a valid one)."""
+        return self.keyring.key_for(request.headers.get("authorization"))
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, read up to ``jobs.max_request_bytes`` (413 past it)."""
+        limit = self.settings.jobs.max_request_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise _too_large(limit)
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError as err:
+            raise GatewayError(400, f"the body is not valid JSON: {err}",
+                               code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    async def owned(self, key: GatewayKey, job_id: str) -> dict[str, str]:
+        """The record of a job of this key (404 for any other, as if it did not exist)."""
+        info = await self.store.info(job_id)
+        if not info or info.get(Field.OWNER) != key.name:
+            raise GatewayError(404, f"no job {job_id!r}", param="id", code="job_not_found")
+        return info
+
+    async def job_object(self, job_id: str, info: dict[str, str], key: GatewayKey,
+                         *, token: bool = False) -> dict[str, Any]:
+        """A job as the jobs API shows it."""
+        stored = await self.store.result(job_id) if info.get(Field.STATUS) in TERMINAL else None
+        def number(name: Field) -> float | None:
+            return float(info[name]) if info.get(name) else None
+        return {
+            "id": job_id, "object": "job", "status": info.get(Field.STATUS),
+            "url": _URL_OF.get(info.get(Field.KIND) or ""),
+            "created_at": number(Field.CREATED_AT), "started_at": number(Field.STARTED_AT),
+            "finished_at": number(Field.FINISHED_AT),
+            "attempts": int(info.get(Field.ATTEMPTS) or 0),
+            "response": (stored or {}).get("response"), "error": (stored or {}).get("error"),
+            "metadata": json.loads(info[Field.METADATA]) if info.get(Field.METADATA) else None,
+            "stream_token": self.tokens.issue(job_id, key.name) if token else None,
+        }
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"the body is larger than jobs.max_request_bytes ({limit} bytes)",
+                        code="request_too_large")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Run ``work`` until done or the client goes away: (done, its result); what ``work``
+    raises is raised here as itself."""
+    result: list[T] = []
+    failed: list[BaseException] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        try:
+            result.append(await work)
+        except Exception as err:  # raised below, outside the task group's exception group
+            failed.append(err)
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, group.cancel_scope)
+        await _until_disconnected(request)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    return (True, result[0]) if result else (False, None)
+
+
+# the OpenAI-compatible endpoints
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``: the body is the job."""
+    return await _openai_call(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    """``POST /v1/completions``: the body is the job."""
+    return await _openai_call(request, "completion")
+
+
+async def _openai_call(request: Request, kind: Kind) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    key = gateway.key(request)
+    body = await gateway.body(request)
+    job_id = await gateway.submitter.submit(
+        key, kind, body, request.headers.get(_QUEUE_HEADER),
+        idempotency_key=request.headers.get("idempotency-key"))
+    headers = {"x-request-id": job_id}
+    job = AsyncJob(gateway.store, job_id)
+    if body.get("stream") is True:
+        return await _openai_stream(gateway, request, job, headers)
+    done, outcome = await _unless_disconnected(request, _settle(job))
+    if not done:
+        await _gone(gateway, job)
+        return Response(status_code=499)
+    assert outcome is not None
+    response, error = outcome
+    if error is not None:
+        return _with(job_error(error), headers)
+    return JSONResponse(response, headers=headers)
+
+
+async def _settle(job: AsyncJob) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A job's end: (response, None) or (None, its error object)."""
+    try:
+        return await job.result(), None
+    except JobFailed as err:  # JobCancelled too
+        return None, err.error
+
+
+async def _gone(gateway: Gateway, job: AsyncJob) -> None:
+    """The client of a synchronous call went away: cancel its job, unless told not to."""
+    if gateway.settings.gateway.cancel_on_disconnect:
+        with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
+            await gateway.store.cancel(job.id)
+
+
+async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
+                         headers: dict[str, str]) -> Response:
+    frames = _openai_frames(gateway, job)
+    try:
+        # the status is decided by the first chunk or the error; the client may leave first
+        done, first = await _unless_disconnected(request, anext(frames, b""))
+    except JobFailed as err:
+        return _with(job_error(err.error), headers)
+    if not done:
+        await _gone(gateway, job)
+        return Response(status_code=499)
+
+    async def body() -> AsyncIterator[bytes]:
+        ended = False
+        try:
+            yield first or b""
+            try:
+                async for frame in frames:
+                    yield frame
+                yield b"data: [DONE]\n\n"
+            except (JobFailed, StreamRestarted) as err:
+                error = err.error if isinstance(err, JobFailed) else {
+                    "message": str(err), "type": "server_error", "code": "stream_restarted"}
+                yield _data({"error": {k: error.get(k) for k in
+                                       ("message", "type", "param", "code")}})
+            ended = True
+        finally:
+            if not ended:
+                await _gone(gateway, job)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={**headers, **_SSE_HEADERS})
+
+
+async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes]:
+    """The job's chunks as ``data:`` frames; a keep-alive is one comment line (an OpenAI SDK
+    fails on a blank line after one); raises the job's failure."""
+    chunks = ChunkFilter(job.id)
+    started = False
+    with _redis_errors():
+        after = attempt_start(await gateway.store.tail(job.id))
+    async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
+        if event is IDLE:
+            if started:
+                yield b": keep-alive\n"
+            continue
+        chunk = chunks.chunk(event)
+        if chunk is not None:
+            started = True
+            yield _data(chunk)
+
+
+def _data(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: the models the configured upstreams name (globs left out)."""
+    gateway: Gateway = request.app.state.gateway
+    key = gateway.key(request)
+    seen: dict[str, str] = {}
+    for upstream in gateway.settings.upstreams:
+        names = [*upstream.models, *([upstream.default_model] if upstream.default_model else [])]
+        for name in names:
+            if not any(c in name for c in "*?[") and name not in seen and \
+                    any(fnmatch.fnmatchcase(name, g) for g in key.models):
+                seen[name] = upstream.name
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner}
+            for name, owner in seen.items()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+# the jobs API
+
+async def create_job(request: Request) -> Response:
+    """``POST /v1/jobs``: enqueue and answer 202 with the job at once."""
+    gateway: Gateway = request.app.state.gateway
+    key = gateway.key(request)
+    body = await gateway.body(request)
+    url, job_body = body.get("url"), body.get("body")
+    if url not in _URLS:
+        raise GatewayError(400, f"url must be one of {', '.join(_URLS)}", param="url",
+                           code="invalid_url")
+    if not isinstance(job_body, dict):
+        raise GatewayError(400, "body must be a JSON object", param="body", code="invalid_body")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16):
+        raise GatewayError(400, "metadata must be an object of at most 16 pairs",
+                           param="metadata", code="invalid_metadata")
+    queue = body.get("queue") or request.headers.get(_QUEUE_HEADER)
+    job_id = await gateway.submitter.submit(
+        key, _URLS[url], job_body, queue, metadata=metadata,
+        idempotency_key=request.headers.get("idempotency-key"))
+    info = await gateway.owned(key, job_id)
+    return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
+                        headers={"x-request-id": job_id})
+
+
+async def get_job(request: Request) -> Response:
+    """``GET /v1/jobs/{id}``."""
+    gateway: Gateway = request.app.state.gateway
+    key, job_id = gateway.key(request), request.path_params["job_id"]
+    info = await gateway.owned(key, job_id)
+    return JSONResponse(await gateway.job_object(job_id, info, key, token=True))
+
+
+async def cancel_job(request: Request) -> Response:
+    """``POST /v1/jobs/{id}/cancel``: idempotent; the job as it is now."""
+    gateway: Gateway = request.app.state.gateway
+    key, job_id = gateway.key(request), request.path_params["job_id"]
+    await gateway.owned(key, job_id)
+    await gateway.store.cancel(job_id)
+    info = await gateway.owned(key, job_id)
+    return JSONResponse(await gateway.job_object(job_id, info, key))
+
+
+async def job_events(request: Request) -> Response:
+    """``GET /v1/jobs/{id}/events``: server-sent events with ids, resumable."""
+    gateway: Gateway = request.app.state.gateway
+    job_id = request.path_params["job_id"]
+    token = request.query_params.get("token")
+    info = await gateway.store.info(job_id)
+    owner = info.get(Field.OWNER, "")
+    if token is not None:  # a browser's EventSource cannot send a header
+        if not info or not gateway.tokens.check(token, job_id, owner):
+            raise GatewayError(404, f"no job {job_id!r}", param="id", code="job_not_found")
+    else:
+        await gateway.owned(gateway.key(request), job_id)
+    after = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
+    if not _is_entry_id(after):
+        raise GatewayError(400, "Last-Event-ID / after must be a stream id like 1-5",
+                           param="after", code="invalid_event_id")
+    job = AsyncJob(gateway.store, job_id)
+
+    async def body() -> AsyncIterator[bytes]:
+        with _redis_errors():
+            async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
+                if event is IDLE:
+                    yield b": keep-alive\n\n"
+                    continue
+                entry = event.pop("id")
+                yield b"id: " + entry.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+def _is_entry_id(value: str) -> bool:
+    first, _, second = value.partition("-")
+    return first.isdigit() and second.isdigit()
+
+
+# health
+
+async def healthz(request: Request) -> Response:
+    """The process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Any:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, BrokerUnavailable) as err:
+        raise unavailable(err) from None
+
+
+def _with(response: Response, headers: dict[str, str]) -> Response:
+    response.headers.update(headers)
+    return response
+
+
+async def _gateway_error(request: Request, err: Exception) -> Response:
+    assert isinstance(err, GatewayError)
+    return err.response()
+
+
+async def _redis_down(request: Request, err: Exception) -> Response:
+    return unavailable(err).response()
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway app for these settings."""
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.close()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/jobs", create_job, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        GatewayError: _gateway_error, BrokerUnavailable: _redis_down,
+        redis.ConnectionError: _redis_down, redis.TimeoutError: _redis_down,
+        404: lambda request, err: openai_error(404, f"no route {request.url.path}",
+                                               type="invalid_request_error", code="not_found"),
+        405: lambda request, err: openai_error(405, "method not allowed",
+                                               type="invalid_request_error"),
+    })
+    app.state.gateway = gateway
+    return app

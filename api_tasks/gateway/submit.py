@@ -1,0 +1,120 @@
+"""Submitting from the event loop: the Python producer's ``Enqueuer``, run in worker threads
+(its Redis calls and Celery publish block), with the gateway's own checks around it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import anyio
+import orjson
+import redis
+import redis.asyncio
+from anyio.to_thread import run_sync
+
+from api_tasks.connections import text
+from api_tasks.enqueue import Enqueuer
+from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
+from api_tasks.gateway.errors import GatewayError
+from api_tasks.record.job_record import Field
+from api_tasks.record.keys import Keys
+from api_tasks.spec import Kind
+from config.settings import QUEUES, GatewayKey, Settings
+
+__all__ = ["FIRST", "Submitter", "unavailable"]
+
+FIRST: dict[Kind, str] = {"chat": "messages", "completion": "prompt"}
+_THREADS = 64  # submits in flight at once in one gateway process
+
+
+def unavailable(err: BaseException) -> GatewayError:
+    """Redis is down: 503, try again shortly."""
+    return GatewayError(503, f"the queue is unavailable: {err}", code="queue_unavailable",
+                        headers={"Retry-After": "1"})
+
+
+class Submitter:
+    """Checks a request against its key and enqueues it as a job."""
+
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis) -> None:
+        self.settings = settings
+        self.enqueuer = Enqueuer(settings)
+        self.keys = Keys(settings.redis.prefix)
+        self._redis = client
+        self._limiter = anyio.CapacityLimiter(_THREADS)
+
+    async def submit(self, key: GatewayKey, kind: Kind, body: dict[str, Any], queue: str | None,
+                     *, metadata: dict[str, Any] | None = None,
+                     idempotency_key: str | None = None) -> str:
+        """Enqueue ``body`` as a job of ``key``; its id (a repeated idempotency key: the
+        first request's job, nothing enqueued)."""
+        lane = queue or body.get("queue") or self.settings.jobs.default_queue
+        if lane not in QUEUES:
+            raise GatewayError(400, f"unknown queue {lane!r}: use one of {', '.join(QUEUES)}",
+                               param="queue", code="invalid_queue")
+        model = body.get("model")
+        refused = key.may_use(model if isinstance(model, str) else None, lane)
+        if refused is not None:
+            what = f"model {model!r}" if refused == "model" else f"queue {lane!r}"
+            raise GatewayError(403, f"this API key may not use {what}", param=refused,
+                               code=f"{refused}_not_allowed")
+        params = {k: v for k, v in body.items() if k != FIRST[kind]}
+        params.update(queue=lane, store_result=True)
+        fields = {Field.OWNER.value: key.name}
+        if metadata is not None:
+            fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))
+        job_id = str(uuid.uuid4())
+        if idempotency_key is not None:
+            earlier = await self._claim_idempotency(key, idempotency_key, body, job_id)
+            if earlier is not None:
+                return earlier
+        try:
+            return await run_sync(self._enqueue, kind, body.get(FIRST[kind]), params, job_id,
+                                  fields, limiter=self._limiter)
+        except InvalidJob as err:
+            if idempotency_key is not None:  # nothing was enqueued: the key may be used again
+                await self._redis.delete(self._idempotency_key(key, idempotency_key))
+            raise _refused(err) from None
+        except BrokerUnavailable as err:
+            raise unavailable(err) from None
+
+    def _enqueue(self, kind: Kind, first: Any, params: dict[str, Any], job_id: str,
+                 fields: dict[str, str]) -> str:
+        return self.enqueuer.enqueue(kind, first, params, job_id=job_id, fields=fields)
+
+    def _idempotency_key(self, key: GatewayKey, idempotency_key: str) -> str:
+        return self.keys.idempotency(key.name, hashlib.sha256(idempotency_key.encode()).hexdigest())
+
+    async def _claim_idempotency(self, key: GatewayKey, idempotency_key: str,
+                                 body: dict[str, Any], job_id: str) -> str | None:
+        """Map the key to ``job_id``; the job an earlier request with it got, if any (409 if
+        that request's body differs)."""
+        if not idempotency_key or len(idempotency_key) > 255:
+            raise GatewayError(400, "Idempotency-Key must be 1 to 255 characters",
+                               param="Idempotency-Key", code="invalid_idempotency_key")
+        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        name = self._idempotency_key(key, idempotency_key)
+        found = None
+        try:
+            for _ in range(2):  # a second try if the earlier mapping expired between the two
+                if await self._redis.set(name, f"{job_id} {digest}", nx=True,
+                                          ex=self.settings.gateway.idempotency_ttl):
+                    return None
+                if (found := await self._redis.get(name)) is not None:
+                    break
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise unavailable(err) from None
+        earlier, _, earlier_digest = text(found or "").partition(" ")
+        if earlier_digest != digest:
+            raise GatewayError(409, "this Idempotency-Key was used with a different request",
+                               param="Idempotency-Key", code="idempotency_key_reused",
+                               headers={"x-should-retry": "false"})
+        return earlier
+
+
+def _refused(err: InvalidJob) -> GatewayError:
+    if isinstance(err, UnknownModel):
+        return GatewayError(404, err.message, param="model", code="model_not_found")
+    return GatewayError(400, err.message, param=err.param, code="invalid_job")

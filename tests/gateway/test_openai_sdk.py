@@ -1,0 +1,143 @@
+"""The official openai SDK, sync and async, pointed at the gateway works unchanged: chat and
+completions, streamed and not, errors as the SDK's own classes, the job id in x-request-id."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from api_tasks.client import Client
+from tests.conftest import GATEWAY_KEY as KEY
+from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.services import GatewayProcess, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+
+
+def _sdk(gateway: GatewayProcess, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_chat_and_completion_not_streamed(gateway: GatewayProcess, fake: FakeUpstream,
+                                          client: Client, model: str) -> None:
+    fake.script(model, Reply(content="Hi there"), Reply(content="once upon"))
+    sdk = _sdk(gateway)
+    raw = sdk.chat.completions.with_raw_response.create(model=model, messages=USER)
+    chat = raw.parse()
+    assert chat.choices[0].message.content == "Hi there"
+    job_id = raw.headers["x-request-id"]
+    assert client.job(job_id).result(timeout=5)["choices"][0]["message"]["content"] == "Hi there"
+    text = sdk.completions.create(model=model, prompt="tell me").choices[0].text
+    assert text == "once upon"
+
+
+def test_chat_streamed_ends_with_done_and_the_usage_chunk(gateway: GatewayProcess,
+                                                          fake: FakeUpstream, model: str) -> None:
+    pieces = ["Hel", "lo", ", wor", "ld"]
+    fake.script(model, Reply(pieces=pieces))
+    stream = _sdk(gateway).chat.completions.create(model=model, messages=USER, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "".join(pieces)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+
+
+def test_async_sdk_streams_too(gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(pieces=["a", "b", "c"]))
+
+    async def main() -> str:
+        sdk = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        stream = await sdk.chat.completions.create(model=model, messages=USER, stream=True)
+        out = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await sdk.close()
+        return out
+
+    assert asyncio.run(main()) == "abc"
+
+
+@pytest.mark.parametrize(("status", "cls"), [
+    (400, openai.BadRequestError), (401, openai.AuthenticationError),
+    (404, openai.NotFoundError), (500, openai.InternalServerError)])
+def test_an_upstream_error_is_the_sdks_own_class(gateway: GatewayProcess, fake: FakeUpstream,
+                                                model: str, status: int, cls: type) -> None:
+    # one attempt at most for 4xx; the 500 is retried by the worker, so script it thrice
+    fake.script(model, *[HttpError(status, error={"message": "nope", "code": "bad_thing"})] * 3)
+    for stream in (False, True):
+        fake.script(model, *[HttpError(status, error={"message": "nope", "code": "bad_thing"})]
+                    * 3)
+        with pytest.raises(cls) as raised:
+            result = _sdk(gateway).chat.completions.create(model=model, messages=USER,
+                                                           stream=stream)
+            if stream:
+                list(result)  # type: ignore[arg-type]
+        assert raised.value.status_code == status
+        assert raised.value.code == "bad_thing"
+
+
+def test_bad_requests_are_refused_with_the_field_named(gateway: GatewayProcess,
+                                                       model: str) -> None:
+    sdk = _sdk(gateway)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model=model, messages=USER, temperature=9)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(gateway, key="sk-wrong").chat.completions.create(model=model, messages=USER)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        _sdk(gateway, key=OTHER_KEY).chat.completions.create(model=model, messages=USER)
+    assert denied.value.param == "model"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    not_json = httpx.post(gateway.url + "/v1/chat/completions", content=b"{not json",
+                          headers=headers)
+    assert not_json.status_code == 400
+    assert not_json.json()["error"]["code"] == "invalid_json"
+    too_big = httpx.post(gateway.url + "/v1/chat/completions", headers=headers,
+                         content=b'{"model": "m", "messages": "' + b"x" * (5 << 20) + b'"}')
+    assert too_big.status_code == 413
+    assert set(too_big.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as unknown:
+        sdk.chat.completions.create(model=model, messages=USER, extra_body={"upstream": "nope"})
+    assert unknown.value.param == "upstream"
+
+
+def test_an_idempotency_key_maps_a_retry_to_the_same_job(gateway: GatewayProcess,
+                                                         fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="only once"))
+    sdk = _sdk(gateway)
+    key = f"order-{model}"
+    first = sdk.chat.completions.with_raw_response.create(
+        model=model, messages=USER, extra_headers={"Idempotency-Key": key})
+    again = sdk.chat.completions.with_raw_response.create(
+        model=model, messages=USER, extra_headers={"Idempotency-Key": key})
+    assert first.headers["x-request-id"] == again.headers["x-request-id"]
+    assert again.parse().choices[0].message.content == "only once"
+    assert len(fake.requests(model)) == 1  # paid once
+    with pytest.raises(openai.ConflictError) as reused:  # same key, another request
+        sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                    extra_headers={"Idempotency-Key": key})
+    assert reused.value.code == "idempotency_key_reused"
+    other = _sdk(gateway, OTHER_KEY)  # keys are per API key: another one is a new request
+    with pytest.raises(openai.PermissionDeniedError):
+        other.chat.completions.create(model=model, messages=USER,
+                                      extra_headers={"Idempotency-Key": key})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_cancels_its_job(gateway: GatewayProcess, client: Client,
+                                                 fake: FakeUpstream, model: str,
+                                                 stream: bool) -> None:
+    fake.script(model, Reply(delay=3, pieces=["late"]) if stream else Reply(delay=3))
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        sdk.chat.completions.create(model=model, messages=USER, stream=stream)
+    fake.wait_for_requests(model, 1)
+    # the gateway's jobs live where this producer's do: find the one of this model
+    ids = [k.decode().rsplit(":", 1)[1] for k in client.redis.scan_iter(
+        f"{client.keys.prefix}:job:*") if client.redis.hget(k, "model") == model.encode()]
+    assert len(ids) == 1
+    wait_until(lambda: client.job(ids[0]).status().value == "cancelled", 10,
+               "the abandoned job to be cancelled")
