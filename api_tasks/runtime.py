@@ -17,6 +17,7 @@ from api_tasks.batches.pump import BatchPump
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
 from api_tasks.execution import tokens
+from api_tasks.execution.heartbeat import Heartbeat
 from api_tasks.execution.limits import Limiter
 from api_tasks.execution.reaper import Reaper
 from api_tasks.execution.runner import JobRunner
@@ -61,6 +62,9 @@ class Runtime:
         # only a worker (it has the app) sends waiting jobs again
         self.scheduler = Scheduler(self.redis, self.keys, self.leases,
                                    self._send) if app is not None else None
+        # only a worker (it has the app) says it is alive: probes count workers, not producers
+        self.heartbeat = Heartbeat(quick, self.keys, self.worker_id,
+                                   worker.concurrency) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
         self.batches = BatchPump(Enqueuer(settings, app)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
@@ -82,6 +86,8 @@ class Runtime:
             self.reaper.start()
             if self.scheduler is not None:
                 self.scheduler.start()
+            if self.heartbeat is not None:
+                self.heartbeat.start()
             if self.batches is not None:
                 self.batches.start()
 
@@ -102,6 +108,8 @@ class Runtime:
         self.reaper.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.batches is not None:
             self.batches.stop()
         self.watchdog.stop()

@@ -132,7 +132,8 @@ def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) ->
         gateway_keys.append(key)
     secret = env.get(GATEWAY_SECRET_ENV)
     gateway = settings.gateway.model_copy(update={
-        "keys": gateway_keys, "token_secret": SecretStr(secret) if secret else None})
+        "keys": gateway_keys,
+        "token_secret": SecretStr(secret) if secret else settings.gateway.token_secret})
     return settings.model_copy(update={"upstreams": keyed, "gateway": gateway})
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -29,19 +31,21 @@ from api_tasks.gateway.errors import GatewayError, job_error, openai_error
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
-from api_tasks.record.reader import IDLE, AsyncJob, ChunkFilter, attempt_start
+from api_tasks.record.reader import IDLE, AsyncJob, ChunkFilter, EventsGone, attempt_start
 from api_tasks.record.store import AsyncJobStore
+from api_tasks.record.workers import alive
 from api_tasks.spec import Kind
 from config.settings import GatewayKey, Settings
 
 __all__ = ["Gateway", "create_app"]
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _URLS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _URL_OF: dict[str, str] = {kind: url for url, kind in _URLS.items()}
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _QUEUE_HEADER = "x-api-tasks-queue"
-_SECRET_TTL = 30 * 86400
+_SECRET_TTL = 365 * 86400  # renewed by every gateway start
 
 
 class Gateway:
@@ -66,7 +70,7 @@ class Gateway:
         else:
             name = self.keys.gateway_secret()
             await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
-            secret = text(await self.redis.get(name)).encode()
+            secret = text(await self.redis.getex(name, ex=_SECRET_TTL)).encode()
         self.tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
 
     async def close(self) -> None:
@@ -75,11 +79,17 @@ class Gateway:
 
     def key(self, request: Request) -> GatewayKey:
         """The caller's key (401 without a valid one)."""
-        return self.keyring.key_for(request.headers.get("authorization"))
+        return self.keyring.key_for(request.headers.get("authorization"),
+                                    request.headers.get("host"))
 
     async def body(self, request: Request) -> dict[str, Any]:
         """The request's JSON object, read up to ``jobs.max_request_bytes`` (413 past it)."""
         limit = self.settings.jobs.max_request_bytes
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if self.keyring.open and kind != "application/json":
+            # a cross-site form post cannot send this type: no job from a web page
+            raise GatewayError(415, "send the body as Content-Type: application/json",
+                               code="unsupported_media_type")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise _too_large(limit)
@@ -175,11 +185,14 @@ async def _openai_call(request: Request, kind: Kind) -> Response:
         idempotency_key=request.headers.get("idempotency-key"))
     headers = {"x-request-id": job_id}
     job = AsyncJob(gateway.store, job_id)
+    # a job that may be asked for again (its Idempotency-Key) outlives any one client
+    cancellable = "idempotency-key" not in request.headers
     if body.get("stream") is True:
-        return await _openai_stream(gateway, request, job, headers)
+        return await _openai_stream(gateway, request, job, headers, cancellable)
     done, outcome = await _unless_disconnected(request, _settle(job))
     if not done:
-        await _gone(gateway, job)
+        if cancellable:
+            await _gone(gateway, job)
         return Response(status_code=499)
     assert outcome is not None
     response, error = outcome
@@ -204,15 +217,19 @@ async def _gone(gateway: Gateway, job: AsyncJob) -> None:
 
 
 async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
-                         headers: dict[str, str]) -> Response:
+                         headers: dict[str, str], cancellable: bool) -> Response:
     frames = _openai_frames(gateway, job)
     try:
         # the status is decided by the first chunk or the error; the client may leave first
         done, first = await _unless_disconnected(request, anext(frames, b""))
     except JobFailed as err:
         return _with(job_error(err.error), headers)
+    except EventsGone:  # ended long ago: its stream expired, its result may not have
+        _, error = await _settle(job)
+        return _with(job_error(error or _EXPIRED), headers)
     if not done:
-        await _gone(gateway, job)
+        if cancellable:
+            await _gone(gateway, job)
         return Response(status_code=499)
 
     async def body() -> AsyncIterator[bytes]:
@@ -223,14 +240,12 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                 async for frame in frames:
                     yield frame
                 yield b"data: [DONE]\n\n"
-            except (JobFailed, StreamRestarted) as err:
-                error = err.error if isinstance(err, JobFailed) else {
-                    "message": str(err), "type": "server_error", "code": "stream_restarted"}
-                yield _data({"error": {k: error.get(k) for k in
-                                       ("message", "type", "param", "code")}})
+            except (JobFailed, StreamRestarted, EventsGone, GatewayError,
+                    redis.RedisError) as err:
+                yield _data({"error": _stream_error(err)})
             ended = True
         finally:
-            if not ended:
+            if not ended and cancellable:
                 await _gone(gateway, job)
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -253,6 +268,24 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes
         if chunk is not None:
             started = True
             yield _data(chunk)
+
+
+_EXPIRED = {"message": "the job ended and its stream and result have expired",
+            "type": "server_error", "code": "result_missing", "status": 410}
+
+
+def _stream_error(err: Exception) -> dict[str, Any]:
+    """What went wrong after the first chunk, as the error object of a ``data:`` event."""
+    if isinstance(err, JobFailed):
+        error = err.error
+    elif isinstance(err, StreamRestarted):
+        error = {"message": str(err), "type": "server_error", "code": "stream_restarted"}
+    elif isinstance(err, EventsGone):
+        error = _EXPIRED
+    else:
+        error = {"message": "the queue became unavailable", "type": "server_error",
+                 "code": "queue_unavailable"}
+    return {k: error.get(k) for k in ("message", "type", "param", "code")}
 
 
 def _data(payload: Any) -> bytes:
@@ -338,20 +371,27 @@ async def job_events(request: Request) -> Response:
     job = AsyncJob(gateway.store, job_id)
 
     async def body() -> AsyncIterator[bytes]:
-        with _redis_errors():
+        try:
             async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
                 if event is IDLE:
                     yield b": keep-alive\n\n"
                     continue
                 entry = event.pop("id")
                 yield b"id: " + entry.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+        except EventsGone:
+            pass  # nothing after ``after``: it ended, and its final event was read or expired
+        except (BrokerUnavailable, redis.RedisError):
+            pass  # the headers are sent: closing is all that is left; the reader resumes
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
+
+
 def _is_entry_id(value: str) -> bool:
-    first, _, second = value.partition("-")
-    return first.isdigit() and second.isdigit()
+    match = _ENTRY_ID.fullmatch(value)
+    return match is not None and all(int(part) < 2**64 for part in match.groups())
 
 
 # health
@@ -359,6 +399,20 @@ def _is_entry_id(value: str) -> bool:
 async def healthz(request: Request) -> Response:
     """The process answers."""
     return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready: Redis answers and at least one worker renewed its liveness record lately (read
+    from those records: no broadcast to the workers)."""
+    gateway: Gateway = request.app.state.gateway
+    try:
+        workers = await gateway.store.shell.run(alive(gateway.keys))
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        return JSONResponse({"status": "unavailable", "redis": f"unavailable: {err}",
+                             "workers": []}, status_code=503, headers={"Retry-After": "1"})
+    ready = bool(workers)
+    return JSONResponse({"status": "ready" if ready else "no_workers", "redis": "ok",
+                         "workers": workers}, status_code=200 if ready else 503)
 
 
 @contextlib.contextmanager
@@ -383,6 +437,12 @@ async def _redis_down(request: Request, err: Exception) -> Response:
     return unavailable(err).response()
 
 
+async def _internal(request: Request, err: Exception) -> Response:
+    log.error("gateway: %s %s failed", request.method, request.url.path, exc_info=err)
+    return openai_error(500, "internal error in the gateway", type="server_error",
+                        code="internal_error")
+
+
 def create_app(settings: Settings) -> Starlette:
     """The gateway app for these settings."""
     gateway = Gateway(settings)
@@ -402,10 +462,12 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         GatewayError: _gateway_error, BrokerUnavailable: _redis_down,
         redis.ConnectionError: _redis_down, redis.TimeoutError: _redis_down,
+        redis.RedisError: _redis_down, Exception: _internal,
         404: lambda request, err: openai_error(404, f"no route {request.url.path}",
                                                type="invalid_request_error", code="not_found"),
         405: lambda request, err: openai_error(405, "method not allowed",

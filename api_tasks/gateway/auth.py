@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import re
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from config.settings import GatewayKey, GatewaySettings
 __all__ = ["ANONYMOUS", "Keyring", "StreamTokens", "is_loopback"]
 
 ANONYMOUS = GatewayKey(name="anonymous", key_sha256="0" * 64)  # no keys configured
+_TOKEN = re.compile(r"(?P<expires>[0-9]{1,12})\.(?P<signature>[A-Za-z0-9_-]{43})", re.ASCII)
+_LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.ASCII)
 
 
 def is_loopback(host: str) -> bool:
@@ -35,9 +38,16 @@ class Keyring:
         self._by_hash = {key.sha256(): key for key in settings.keys}
         self.open = not settings.keys  # no keys: loopback only, every caller is anonymous
 
-    def key_for(self, authorization: str | None) -> GatewayKey:
-        """The key of an ``Authorization: Bearer`` header; 401 if it is missing or wrong."""
+    def key_for(self, authorization: str | None, host: str | None = None) -> GatewayKey:
+        """The key of an ``Authorization: Bearer`` header; 401 if it is missing or wrong.
+
+        Without keys, only a request naming a loopback host passes: a web page the user
+        opens cannot reach the gateway through a DNS name that rebinds to 127.0.0.1.
+        """
         if self.open:
+            if host is None or _LOOPBACK_HOST.fullmatch(host) is None:
+                raise GatewayError(403, "without API keys the gateway answers requests for "
+                                        "localhost only", code="host_not_allowed")
             return ANONYMOUS
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
@@ -64,10 +74,11 @@ class StreamTokens:
 
     def check(self, token: str, job_id: str, owner: str) -> bool:
         """Whether ``token`` was issued for this job and owner and has not expired."""
-        expires, _, signature = token.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        match = _TOKEN.fullmatch(token)
+        if match is None or int(match["expires"]) < time.time():
             return False
-        return hmac.compare_digest(signature, self._sign(job_id, owner, int(expires)))
+        return hmac.compare_digest(match["signature"],
+                                   self._sign(job_id, owner, int(match["expires"])))
 
     def _sign(self, job_id: str, owner: str, expires: int) -> str:
         mac = hmac.new(self.secret, f"{job_id}\0{owner}\0{expires}".encode(), hashlib.sha256)

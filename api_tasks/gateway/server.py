@@ -31,7 +31,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
               "(loopback only)", file=sys.stderr)
     print(f"api-tasks gateway on http://{host}:{port} (OpenAI base_url "
           f"http://{host}:{port}/v1)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, http="httptools", loop="uvloop",
+    uvicorn.run(create_app(settings), host=host, port=port, http="auto", loop="auto",
                 lifespan="on", log_level="warning", access_log=False,
                 timeout_graceful_shutdown=max(int(settings.worker.shutdown_grace), 1))
     return ExitCode.OK

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -20,7 +21,7 @@ from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
 from api_tasks.record.job_record import Field
 from api_tasks.record.keys import Keys
-from api_tasks.spec import Kind
+from api_tasks.spec import CONTROL_FIELDS, Kind
 from config.settings import QUEUES, GatewayKey, Settings
 
 __all__ = ["FIRST", "Submitter", "unavailable"]
@@ -54,31 +55,42 @@ class Submitter:
         if lane not in QUEUES:
             raise GatewayError(400, f"unknown queue {lane!r}: use one of {', '.join(QUEUES)}",
                                param="queue", code="invalid_queue")
+        ours = sorted(CONTROL_FIELDS & body.keys())
+        if ours:  # the queue comes from the header; the rest is the operator's to decide
+            raise GatewayError(400, f"{ours[0]} is not accepted through the gateway",
+                               param=ours[0], code="field_not_allowed")
         model = body.get("model")
+        if not isinstance(model, str) and key.models != ["*"]:
+            raise GatewayError(403, "this API key must name its model", param="model",
+                               code="model_not_allowed")
         refused = key.may_use(model if isinstance(model, str) else None, lane)
         if refused is not None:
             what = f"model {model!r}" if refused == "model" else f"queue {lane!r}"
             raise GatewayError(403, f"this API key may not use {what}", param=refused,
                                code=f"{refused}_not_allowed")
-        params = {k: v for k, v in body.items() if k != FIRST[kind]}
+        params: dict[str, Any] = {k: v for k, v in body.items() if k != FIRST[kind]}
         params.update(queue=lane, store_result=True)
         fields = {Field.OWNER.value: key.name}
         if metadata is not None:
             fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))
         job_id = str(uuid.uuid4())
         if idempotency_key is not None:
-            earlier = await self._claim_idempotency(key, idempotency_key, body, job_id)
+            request = {"kind": kind, "body": body, "queue": lane, "metadata": metadata}
+            earlier = await self._claim_idempotency(key, idempotency_key, request, job_id)
             if earlier is not None:
                 return earlier
         try:
             return await run_sync(self._enqueue, kind, body.get(FIRST[kind]), params, job_id,
                                   fields, limiter=self._limiter)
-        except InvalidJob as err:
+        except BaseException as err:
             if idempotency_key is not None:  # nothing was enqueued: the key may be used again
-                await self._redis.delete(self._idempotency_key(key, idempotency_key))
-            raise _refused(err) from None
-        except BrokerUnavailable as err:
-            raise unavailable(err) from None
+                with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
+                    await self._redis.delete(self._idempotency_key(key, idempotency_key))
+            if isinstance(err, InvalidJob):
+                raise _refused(err) from None
+            if isinstance(err, BrokerUnavailable):
+                raise unavailable(err) from None
+            raise
 
     def _enqueue(self, kind: Kind, first: Any, params: dict[str, Any], job_id: str,
                  fields: dict[str, str]) -> str:
@@ -88,13 +100,13 @@ class Submitter:
         return self.keys.idempotency(key.name, hashlib.sha256(idempotency_key.encode()).hexdigest())
 
     async def _claim_idempotency(self, key: GatewayKey, idempotency_key: str,
-                                 body: dict[str, Any], job_id: str) -> str | None:
+                                 request: dict[str, Any], job_id: str) -> str | None:
         """Map the key to ``job_id``; the job an earlier request with it got, if any (409 if
-        that request's body differs)."""
+        that request differs). A mapping whose job is gone is taken over."""
         if not idempotency_key or len(idempotency_key) > 255:
             raise GatewayError(400, "Idempotency-Key must be 1 to 255 characters",
                                param="Idempotency-Key", code="invalid_idempotency_key")
-        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        digest = hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
         name = self._idempotency_key(key, idempotency_key)
         found = None
         try:
@@ -107,6 +119,14 @@ class Submitter:
         except (redis.ConnectionError, redis.TimeoutError) as err:
             raise unavailable(err) from None
         earlier, _, earlier_digest = text(found or "").partition(" ")
+        try:
+            exists = bool(earlier) and bool(await self._redis.exists(self.keys.job(earlier)))
+            if not exists:  # its request failed, or its record expired: this one runs
+                await self._redis.set(name, f"{job_id} {digest}",
+                                      ex=self.settings.gateway.idempotency_ttl)
+                return None
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise unavailable(err) from None
         if earlier_digest != digest:
             raise GatewayError(409, "this Idempotency-Key was used with a different request",
                                param="Idempotency-Key", code="idempotency_key_reused",

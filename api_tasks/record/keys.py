@@ -117,13 +117,17 @@ class Keys:
         """String: held by the one worker stepping this batch right now."""
         return f"{self.prefix}:batch:{batch_id}:lock"
 
+    def worker(self, worker_id: str) -> str:
+        """String: a worker process's liveness record (JSON); expires unless renewed."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def workers(self) -> str:
+        """Sorted set: worker ids, by when each was last heard of (ms)."""
+        return f"{self.prefix}:workers"
+
     def idempotency(self, owner: str, digest: str) -> str:
         """String: the job an ``Idempotency-Key`` (its SHA-256) of a gateway key maps to."""
         return f"{self.prefix}:idempotency:{owner}:{digest}"
-
-    def owner_jobs(self, owner: str) -> str:
-        """Sorted set: a gateway key's jobs, by submit time (ms), for listing them."""
-        return f"{self.prefix}:owner:{owner}:jobs"
 
     def gateway_secret(self) -> str:
         """String: the stream-token secret the gateways share when none is configured."""

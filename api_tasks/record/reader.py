@@ -30,8 +30,18 @@ from api_tasks.record.events import FINAL_TYPES, EventType
 from api_tasks.record.job_record import ATTEMPT_FIELDS, TERMINAL, JobStatus, job_view
 from api_tasks.record.store import AsyncJobStore, Cancel, JobStore
 
-__all__ = ["IDLE", "AsyncJob", "ChunkFilter", "Job", "Reader", "outcome", "raise_for", "text_of",
-           "text_pieces"]
+__all__ = [
+    "IDLE",
+    "AsyncJob",
+    "ChunkFilter",
+    "EventsGone",
+    "Job",
+    "Reader",
+    "outcome",
+    "raise_for",
+    "text_of",
+    "text_pieces",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -41,8 +51,9 @@ _MAX_SEQ = 2**64 - 1
 IDLE: dict[str, Any] = {"type": "idle"}  # what ``AsyncJob.events`` yields on a quiet stream
 
 
-class _Ended(ApiTasksError):
-    """Internal: the job's record says it ended, but no final event can be read."""
+class EventsGone(ApiTasksError):
+    """The job's record says it ended, but no final event can be read (its stream expired,
+    or it was never written): the stored result tells how it ended."""
 
 
 class Reader(Protocol):
@@ -192,7 +203,7 @@ class Job:
                 for event in self.events(timeout, after=tail[0]["id"] if tail else "0-0"):
                     if event["type"] in FINAL_TYPES:
                         raise_for(self.id, event)
-        except _Ended:
+        except EventsGone:
             pass  # the stored result tells how it ended
         return outcome(self.id, _guard(self._store.result, self.id))
 
@@ -211,7 +222,7 @@ class Job:
                 chunk = chunks.chunk(event)
                 if chunk is not None:
                     yield chunk
-        except _Ended:
+        except EventsGone:
             outcome(self.id, _guard(self._store.result, self.id))
 
     def text_stream(self, timeout: float | None = None) -> Iterator[str]:
@@ -234,7 +245,7 @@ class Job:
         while True:
             events = _guard(self._store.read, self.id, after, clock.block_ms(self.id))
             if not events and _guard(self._store.status, self.id) in TERMINAL:
-                raise _Ended  # ended, but its final event is gone (expired or never written)
+                raise EventsGone  # ended, but its final event is gone (expired or never written)
             for event in events:
                 after = event["id"]
                 yield event
@@ -286,7 +297,7 @@ class AsyncJob:
                 async for event in self.events(timeout, after=tail[0]["id"] if tail else "0-0"):
                     if event["type"] in FINAL_TYPES:
                         raise_for(self.id, event)
-        except _Ended:
+        except EventsGone:
             pass
         with broker_errors():
             stored = await self._store.result(self.id)
@@ -302,7 +313,7 @@ class AsyncJob:
                 chunk = chunks.chunk(event)
                 if chunk is not None:
                     yield chunk
-        except _Ended:
+        except EventsGone:
             with broker_errors():
                 outcome(self.id, await self._store.result(self.id))
 
@@ -318,7 +329,7 @@ class AsyncJob:
             with broker_errors():
                 events = await self._store.read(self.id, after, block)
                 if not events and await self._store.status(self.id) in TERMINAL:
-                    raise _Ended
+                    raise EventsGone
             if not events and idle is not None:
                 yield IDLE
             for event in events:

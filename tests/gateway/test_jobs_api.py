@@ -4,11 +4,16 @@ Last-Event-ID with no gap and no repeat, a reader after the end, cancel, and ten
 from __future__ import annotations
 
 import json
+import signal
+import uuid
 from typing import Any
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
+from api_tasks.gateway.app import create_app
+from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.support.fake_upstream import FakeUpstream, Reply
@@ -94,3 +99,47 @@ def test_other_keys_see_nothing_and_cancel_is_idempotent(gateway: GatewayProcess
                    15, "the job to be cancelled")
         assert http.get(f"/v1/jobs/{job['id']}").json()["error"]["code"] == "cancelled"
         assert http.get("/v1/jobs/no-such-job").status_code == 404
+
+
+def test_health_and_readiness_come_from_the_workers_own_records(gateway: GatewayProcess) -> None:
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gateway.url + "/readyz")  # the session's worker renews its record
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["status"] == "ready" and body["redis"] == "ok" and len(body["workers"]) >= 1
+
+
+def test_not_ready_without_a_live_worker_and_a_stopped_worker_leaves_at_once(
+        worker_env: dict[str, str], spawn: Any) -> None:
+    env = {**worker_env, "API_TASKS_PREFIX": f"gw{uuid.uuid4().hex[:8]}"}
+    app = create_app(load_settings(env=env))
+    with TestClient(app) as http:
+        alone = http.get("/readyz")
+        assert alone.status_code == 503 and alone.json()["status"] == "no_workers"
+        worker = spawn(env, "ready-w", concurrency=2)
+        wait_until(lambda: http.get("/readyz").status_code == 200, 10, "the worker's record")
+        worker.signal(signal.SIGTERM)
+        worker.wait(30)
+        assert http.get("/readyz").json()["workers"] == []  # taken out as it stopped
+
+
+def test_the_gateway_refuses_what_it_must_with_an_openai_error(gateway: GatewayProcess,
+                                                               model: str) -> None:
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+        job = http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": model, "messages": USER}}).json()
+        events = f"/v1/jobs/{job['id']}/events"
+        for token in ("1.²", "9" * 5000 + ".x", "é" * 43, "1." + "A" * 43):
+            refused = httpx.get(gateway.url + events, params={"token": token})
+            assert refused.status_code == 404, (token[:10], refused.text)
+        for after in ("²-1", "99999999999999999999999-1", "1"):
+            bad = http.get(events, params={"after": after})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+        for field in ("upstream", "base_url", "result_ttl"):
+            body = {"model": model, "messages": USER, field: "x"}
+            refused = http.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+        other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        no_model = httpx.post(gateway.url + "/v1/chat/completions", headers=other,
+                              json={"messages": USER})  # would run on the default model
+        assert no_model.status_code == 403 and no_model.json()["error"]["param"] == "model"

@@ -141,3 +141,17 @@ def test_a_client_that_goes_away_cancels_its_job(gateway: GatewayProcess, client
     assert len(ids) == 1
     wait_until(lambda: client.job(ids[0]).status().value == "cancelled", 10,
                "the abandoned job to be cancelled")
+
+
+def test_a_retry_with_its_idempotency_key_gets_the_job_its_timeout_left(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(delay=1.5, content="worth the wait"))
+    key = {"Idempotency-Key": f"retry-{model}"}
+    impatient = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0,
+                              timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=model, messages=USER, extra_headers=key)
+    again = _sdk(gateway).chat.completions.create(model=model, messages=USER,
+                                                  extra_headers=key)
+    assert again.choices[0].message.content == "worth the wait"
+    assert len(fake.requests(model)) == 1
