@@ -10,7 +10,7 @@ from api_tasks import JobFailed
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import Spawn, WorkerProcess
+from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -50,6 +50,10 @@ def test_a_429_cools_the_whole_upstream_down_for_every_worker(
     fake.script(model + "-a", HttpError(429, headers={"Retry-After": "2"}), Reply())
     first = client.submit_chat(USER, model=model + "-a")
     [limited] = fake.wait_for_requests(model + "-a", 1, timeout=10)
+    # the cool-down holds from when the worker has read the 429 and recorded it, not from when
+    # the upstream sent it: a job claimed in between rightly goes out
+    wait_until(lambda: client.redis.exists(client.keys.cooldown("fake")), 10,
+               "the cool-down to be recorded")
     others = [client.submit_chat(USER, model=model + "-b") for _ in range(6)]
     for job in [first, *others]:
         assert job.result(timeout=30) is not None
