@@ -27,6 +27,8 @@ from api_tasks.upstream.redact import scrub
 
 __all__ = ["StreamRelay"]
 
+_RENEW_EVERY = 1.0  # seconds between two renewals of a stream's TTL while it is written
+
 
 @dataclass
 class StreamRelay:
@@ -84,10 +86,10 @@ class StreamRelay:
             if commands:
                 now = time.monotonic()
                 if now >= self._renew_at:
-                    # set with the first chunks, then every half TTL: a stream longer than
-                    # its TTL keeps its start, and an EXPIRE per read would cost a third
-                    # of the writes
-                    self._renew_at = now + self.ttl / 2
+                    # set with the first chunks, then at most once a second: a stream that
+                    # pauses for less than its TTL keeps its start, and an EXPIRE per read
+                    # would cost a third of the writes
+                    self._renew_at = now + min(self.ttl / 2, _RENEW_EVERY)
                     commands.append(("EXPIRE", self.keys.events(self.job_id), self.ttl))
                 self.writer.submit(commands, size=2 * (self.stored - stored))
                 if stored == 0:
