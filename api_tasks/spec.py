@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,7 +27,9 @@ MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiri
 MAX_DEPTH = 64
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
-CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url"})
+CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url",
+                            "owner"})
+_OWNER = re.compile(r"[A-Za-z0-9_.-]{1,128}", re.ASCII)  # a gateway key's name
 # a job must not carry credentials or choose where it is sent
 FORBIDDEN_FIELDS = frozenset({"api_key", "authorization", "api_base", "headers"})
 
@@ -42,6 +45,7 @@ class JobSpec:
     result_ttl: int | None = None
     queue: str | None = None
     base_url: str | None = None  # only where the upstream's job_base_url_hosts allow it
+    owner: str | None = None  # the gateway key it was submitted with (its limits apply too)
 
     @property
     def model(self) -> str | None:
@@ -269,5 +273,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     base_url = options.get("base_url")
     if base_url is not None and not isinstance(base_url, str):
         raise InvalidJob("base_url", "must be a URL string")
+    owner = options.get("owner")
+    if owner is not None and not (isinstance(owner, str) and _OWNER.fullmatch(owner)):
+        raise InvalidJob("owner", "must be a gateway key's name (letters, digits, _ . -)")
     return {"upstream": upstream, "store_result": store, "result_ttl": ttl, "queue": queue,
-            "base_url": base_url}
+            "base_url": base_url, "owner": owner}

@@ -1,7 +1,7 @@
 """The benchmarks' upstream: the test suite's fake OpenAI server in its own process.
 
 Models: anything echoes at once; ``stream-N`` streams N pieces with no delay;
-``slow-2s`` answers after two seconds.
+``slow-2s`` answers after two seconds; ``drip-40`` streams 40 pieces 0.1 s apart.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> None:
     for pieces in (10, 100, 500):
         upstream.script(f"stream-{pieces}", Reply(pieces=[f"t{i} " for i in range(pieces)]))
     upstream.script("slow-2s", Reply(delay=2.0, pieces=["slow ", "answer"]))
+    upstream.script("drip-40", Reply(pieces=[f"d{i} " for i in range(40)], chunk_delay=0.1))
     print("ready", flush=True)
     while True:
         time.sleep(3600)

@@ -121,14 +121,13 @@ def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) ->
     keyed = [_with_key(upstream, index, env, origins)
              for index, upstream in enumerate(settings.upstreams)]
     gateway_keys = []
-    for index, key in enumerate(settings.gateway.keys):
+    for key in settings.gateway.keys:
         if key.key_env is not None:
+            # a worker reads the keys for their limits only: a missing key stops a gateway
+            # (GatewaySettings.missing_keys), not every process sharing the settings file
             value = env.get(key.key_env)
-            if not value:
-                where = _origin(origins, ("gateway", "keys", index, "key_env"))
-                raise ConfigError(f"gateway.keys[{index}].key_env ({where}): the environment "
-                                  f"variable {key.key_env} is not set")
-            key = key.model_copy(update={"key": SecretStr(value)})
+            if value:
+                key = key.model_copy(update={"key": SecretStr(value)})
         gateway_keys.append(key)
     secret = env.get(GATEWAY_SECRET_ENV)
     gateway = settings.gateway.model_copy(update={

@@ -255,6 +255,8 @@ class GatewayKey(_Model):
     key: SecretStr | None = Field(None, exclude=True)  # read from key_env at load
     models: list[str] = Field(default_factory=lambda: ["*"])  # globs of models it may use
     queues: list[Queue] = Field(default_factory=lambda: list(QUEUES))
+    # its own cluster-wide limits, on top of the upstream's (scope ``key:<name>``)
+    limits: Limits = Limits()
 
     @model_validator(mode="after")
     def _one_source(self) -> GatewayKey:
@@ -297,6 +299,19 @@ class GatewaySettings(_Model):
         if duplicates:
             raise ValueError(f"gateway key names must be unique: {', '.join(duplicates)}")
         return value
+
+    def missing_keys(self) -> list[str]:
+        """What stops a gateway from starting: keys whose environment variable is unset."""
+        return [f"gateway.keys[{index}].key_env: the environment variable {key.key_env} "
+                "is not set" for index, key in enumerate(self.keys)
+                if key.key_env is not None and key.key is None]
+
+    def key_limits(self, name: str | None) -> list[tuple[str, Limits]]:
+        """The limit scope of the gateway key ``name``, if it has limits."""
+        for key in self.keys:
+            if key.name == name and key.limits.active:
+                return [(f"key:{name}", key.limits)]
+        return []
 
 
 class Settings(_Model):

@@ -34,6 +34,8 @@ from tests.support.services import (
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 GATEWAY_KEY = "sk-gw-test-7e1d9c"
 GATEWAY_OTHER_KEY = "sk-gw-other-41aa"
+GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
+LIMITED_RPM = 120  # the limited key's own limit: a call every half second
 
 
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
@@ -94,9 +96,16 @@ def proxy(fake: FakeUpstream) -> Iterator[FaultProxy]:
 def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
                proxy: FaultProxy) -> dict[str, str]:
     config = workdir / "settings.yaml"
-    config.write_text(yaml.safe_dump({"upstreams": upstream_settings(fake.base_url,
-                                                                     proxy.base_url),
-                                      "worker": {"shutdown_grace": 3}}))
+    # the gateway's keys are the workers' too: a key's own limits apply in the worker
+    config.write_text(yaml.safe_dump({
+        "upstreams": upstream_settings(fake.base_url, proxy.base_url),
+        "worker": {"shutdown_grace": 3},
+        "gateway": {"keepalive": 0.5, "keys": [
+            {"name": "main", "key_env": "GW_MAIN_KEY"},
+            {"name": "other", "key_env": "GW_OTHER_KEY", "models": ["allowed-*"],
+             "queues": ["bulk"]},
+            {"name": "limited", "key_env": "GW_LIMITED_KEY",
+             "limits": {"requests_per_minute": LIMITED_RPM}}]}}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
     env.update({"API_TASKS_CONFIG": str(config), "REDIS_URL": redis_server.url,
@@ -168,19 +177,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def gateway(worker_env: dict[str, str], workdir: Path, worker: WorkerProcess,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    config = tmp_path_factory.mktemp("gateway") / "gateway.yaml"
-    base = Path(worker_env["API_TASKS_CONFIG"]).read_text()
-    config.write_text(base + (
-        "gateway:\n"
-        "  keepalive: 0.5\n"
-        "  keys:\n"
-        "    - {name: main, key_env: GW_MAIN_KEY}\n"
-        "    - {name: other, key_env: GW_OTHER_KEY, models: ['allowed-*'], queues: [bulk]}\n"))
+def gateway(worker_env: dict[str, str], workdir: Path,
+            worker: WorkerProcess) -> Iterator[GatewayProcess]:
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
-    env.update({"API_TASKS_CONFIG": str(config), "GW_MAIN_KEY": GATEWAY_KEY,
-                "GW_OTHER_KEY": GATEWAY_OTHER_KEY})
+    env.update({"GW_MAIN_KEY": GATEWAY_KEY, "GW_OTHER_KEY": GATEWAY_OTHER_KEY,
+                "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY})
     process = GatewayProcess(env, workdir / "gateway.log").start()
     yield process
     process.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -61,3 +62,21 @@ def test_readme_example_runs(line: int, code: str, worker: WorkerProcess,
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, f"README line {line}:\n{done.stdout}\n{done.stderr}"
+
+
+_BASH = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
+
+
+def test_the_readme_gateway_curl_examples_run(gateway: GatewayProcess, tmp_path: Path) -> None:
+    blocks = [m.group(1) for m in _BASH.finditer((ROOT / "README.md").read_text())
+              if "localhost:8000" in m.group(1)]
+    assert len(blocks) >= 2
+    script = "set -euo pipefail\n" + "\n".join(blocks).replace(
+        "localhost:8000", gateway.url.removeprefix("http://"))
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=90, env={"PATH": os.environ["PATH"],
+                                           "API_TASKS_GATEWAY_KEY": GATEWAY_KEY})
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    assert '"object":"list"' in out and "data: [DONE]" in out and '"object":"job"' in out
+    assert "id: 1-1" in out and '"type":"done"' in out  # the events, to the final one

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
@@ -60,6 +62,20 @@ class Channel(kombu_redis.Channel):
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options, "max_message_bytes")
     max_message_bytes = 0
+    _pooled: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu builds a new client object (a copy of every response callback) for each
+        # ack and each delivery's unacked entry: a tenth of a worker's CPU per job.
+        # A client is thread-safe and holds no connection, so one per pool serves all.
+        if client:
+            yield client
+            return
+        pooled, pool = self._pooled, self.pool
+        if pooled is None or pooled.connection_pool is not pool:
+            pooled = self._pooled = self._create_client()
+        yield pooled
 
     def _get_client(self) -> Any:
         client = super()._get_client()

@@ -148,7 +148,8 @@ class JobRunner:
         payload = build_payload(self.settings, run.target, run.spec)
         call = build_call(self.settings, run.target, run.spec, payload)
         policy = self.policies[run.target.name]
-        scopes = run.target.limit_scopes(run.spec.model)
+        scopes = [*run.target.limit_scopes(run.spec.model),
+                  *self.settings.gateway.key_limits(run.spec.owner)]
         counted = any(limits.tokens_per_minute for _, limits in scopes)
         cost = estimate_cost(payload, run.target.tokenizer, run.spec.model) if counted else 0
         while True:

@@ -7,8 +7,11 @@ the record code the Python producer runs too.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fnmatch
+import hashlib
+import importlib.resources
 import json
 import logging
 import re
@@ -46,6 +49,7 @@ _URL_OF: dict[str, str] = {kind: url for url, kind in _URLS.items()}
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _QUEUE_HEADER = "x-api-tasks-queue"
 _SECRET_TTL = 365 * 86400  # renewed by every gateway start
+_RETRY = b"retry: 1000\n\n"  # a dropped EventSource comes back within a second
 
 
 class Gateway:
@@ -334,6 +338,27 @@ async def create_job(request: Request) -> Response:
                         headers={"x-request-id": job_id})
 
 
+async def list_jobs(request: Request) -> Response:
+    """``GET /v1/jobs?limit=&after=``: the caller's jobs, newest first, OpenAI's list shape."""
+    gateway: Gateway = request.app.state.gateway
+    key = gateway.key(request)
+    given = request.query_params.get("limit", "20")
+    if not given.isdigit() or not 1 <= int(given) <= 100:
+        raise GatewayError(400, "limit must be a whole number from 1 to 100", param="limit",
+                           code="invalid_limit")
+    after = request.query_params.get("after") or None
+    with _redis_errors():
+        page = await gateway.store.owned(key.name, after, int(given))
+    if page is None:
+        raise GatewayError(400, f"after names no job of yours: {after!r}", param="after",
+                           code="invalid_cursor")
+    jobs, more = page
+    data = [await gateway.job_object(job_id, info, key, token=True) for job_id, info in jobs]
+    return JSONResponse({"object": "list", "data": data,
+                         "first_id": data[0]["id"] if data else None,
+                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+
+
 async def get_job(request: Request) -> Response:
     """``GET /v1/jobs/{id}``."""
     gateway: Gateway = request.app.state.gateway
@@ -371,6 +396,7 @@ async def job_events(request: Request) -> Response:
     job = AsyncJob(gateway.store, job_id)
 
     async def body() -> AsyncIterator[bytes]:
+        yield _RETRY
         try:
             async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
                 if event is IDLE:
@@ -392,6 +418,19 @@ _ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
 def _is_entry_id(value: str) -> bool:
     match = _ENTRY_ID.fullmatch(value)
     return match is not None and all(int(part) < 2**64 for part in match.groups())
+
+
+# the playground
+
+def _playground() -> tuple[str, dict[str, str]]:
+    """The page at ``/`` and its headers: a policy that runs its own script, nothing else."""
+    page = importlib.resources.files("api_tasks.gateway").joinpath("playground.html").read_text()
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (f"default-src 'self'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+              "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+    return page, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 # health
@@ -453,11 +492,19 @@ def create_app(settings: Settings) -> Starlette:
         yield
         await gateway.close()
 
+    page, page_headers = _playground()
+
+    async def playground(request: Request) -> Response:
+        """``GET /``: the playground page."""
+        return Response(page, media_type="text/html; charset=utf-8", headers=page_headers)
+
     routes = [
+        Route("/", playground, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/jobs", create_job, methods=["POST"]),
+        Route("/v1/jobs", list_jobs, methods=["GET"]),
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),

@@ -69,8 +69,8 @@ class Submitter:
             raise GatewayError(403, f"this API key may not use {what}", param=refused,
                                code=f"{refused}_not_allowed")
         params: dict[str, Any] = {k: v for k, v in body.items() if k != FIRST[kind]}
-        params.update(queue=lane, store_result=True)
-        fields = {Field.OWNER.value: key.name}
+        params.update(queue=lane, store_result=True, owner=key.name)
+        fields = {}
         if metadata is not None:
             fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))
         job_id = str(uuid.uuid4())

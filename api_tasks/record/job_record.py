@@ -83,6 +83,8 @@ def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
               Field.STORE_RESULT: "1" if spec.store_result else "0"}
     if spec.result_ttl is not None:
         fields[Field.RESULT_TTL] = str(spec.result_ttl)
+    if spec.owner is not None:
+        fields[Field.OWNER] = spec.owner
     return {str(name): value for name, value in fields.items()}
 
 

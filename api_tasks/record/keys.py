@@ -129,6 +129,10 @@ class Keys:
         """String: the job an ``Idempotency-Key`` (its SHA-256) of a gateway key maps to."""
         return f"{self.prefix}:idempotency:{owner}:{digest}"
 
+    def owned(self, owner: str) -> str:
+        """Sorted set: a gateway key's jobs, by submit time (ms), for ``GET /v1/jobs``."""
+        return f"{self.prefix}:owner:{owner}:jobs"
+
     def gateway_secret(self) -> str:
         """String: the stream-token secret the gateways share when none is configured."""
         return f"{self.prefix}:gateway:secret"

@@ -77,6 +77,27 @@ class JobRecords:
         flat = [item for pair in record.items() for item in pair]
         return lua("job_create", [self.keys.job(job_id)], [self.queued_ttl, *flat], bool)
 
+    def index(self, owner: str, job_id: str) -> Call[Any]:
+        """Add a job to its owner's index (entries older than any record lives drop out)."""
+        return lua("owner_index", [self.keys.owned(owner)],
+                   [job_id, self.queued_ttl + self.result_ttl])
+
+    def created(self, job_id: str, fields: dict[str, str]) -> list[Call[Any]]:
+        """``create``, then ``index`` when the job has an owner (a gateway key)."""
+        owner = fields.get(Field.OWNER)
+        create: Call[Any] = self.create(job_id, fields)
+        return [create, self.index(owner, job_id)] if owner else [create]
+
+    def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
+        """Up to ``count`` ids of an owner's jobs, newest first, after ``after``; None if
+        ``after`` is not one of them."""
+        return lua("owner_page", [self.keys.owned(owner)], [after or "", count],
+                   lambda reply: None if reply is None else [text(item) for item in reply])
+
+    def unindex(self, owner: str, job_ids: list[str]) -> Call[Any]:
+        """Drop jobs whose records are gone from their owner's index."""
+        return command("ZREM", self.keys.owned(owner), *job_ids)
+
     def forget(self, job_id: str) -> Call[bool]:
         """Delete the record of a job whose message may not have been sent, unless a worker
         has seen it already (the send did go out); True if deleted."""
@@ -138,7 +159,7 @@ class JobStore:
 
     def create(self, job_id: str, fields: dict[str, str]) -> bool:
         """Write a new job's record, status queued; False if the id already has one."""
-        return self.shell.run(self.records.create(job_id, fields))
+        return bool(self.shell.run_all(self.records.created(job_id, fields))[0])
 
     def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""
@@ -195,7 +216,34 @@ class AsyncJobStore:
 
     async def create(self, job_id: str, fields: dict[str, str]) -> bool:
         """Write a new job's record, status queued; False if the id already has one."""
-        return await self.shell.run(self.records.create(job_id, fields))
+        return bool((await self.shell.run_all(self.records.created(job_id, fields)))[0])
+
+    async def owned(self, owner: str, after: str | None,
+                    limit: int) -> tuple[list[tuple[str, dict[str, str]]], bool] | None:
+        """Up to ``limit`` of an owner's jobs with their records, newest first, after the
+        job ``after``, and whether more follow; None if ``after`` is not one of them.
+        Ids whose records expired leave the index as they are met."""
+        found: list[tuple[str, dict[str, str]]] = []
+        gone: list[str] = []
+        while len(found) <= limit:
+            asked = limit + 1 - len(found)
+            ids = await self.shell.run(self.records.owned(owner, after, asked))
+            if ids is None:
+                if after is None or found or gone:
+                    break  # another reader dropped our place: what we have is the page
+                return None
+            records = await self.shell.run_all([self.records.info(i) for i in ids])
+            for job_id, record in zip(ids, records, strict=True):
+                if record:
+                    found.append((job_id, record))
+                else:
+                    gone.append(job_id)
+            if len(ids) < asked:
+                break
+            after = ids[-1]
+        if gone:
+            await self.shell.run(self.records.unindex(owner, gone))
+        return found[:limit], len(found) > limit
 
     async def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""

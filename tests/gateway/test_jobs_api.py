@@ -3,8 +3,11 @@ Last-Event-ID with no gap and no repeat, a reader after the end, cancel, and ten
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -15,9 +18,11 @@ from starlette.testclient import TestClient
 from api_tasks.gateway.app import create_app
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
+from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.conftest import LIMITED_RPM
 from tests.support.fake_upstream import FakeUpstream, Reply
-from tests.support.services import GatewayProcess, wait_until
+from tests.support.services import ROOT, GatewayProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -143,3 +148,63 @@ def test_the_gateway_refuses_what_it_must_with_an_openai_error(gateway: GatewayP
         no_model = httpx.post(gateway.url + "/v1/chat/completions", headers=other,
                               json={"messages": USER})  # would run on the default model
         assert no_model.status_code == 403 and no_model.json()["error"]["param"] == "model"
+
+
+def test_a_key_lists_its_own_jobs_newest_first_page_by_page(gateway: GatewayProcess,
+                                                            redis_client: Any,
+                                                            settings: Any, model: str) -> None:
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+        ours = [http.post("/v1/jobs", json={"url": "/v1/completions", "body": {
+            "model": model, "prompt": f"p{i}"}}).json()["id"] for i in range(5)]
+        theirs = httpx.post(gateway.url + "/v1/jobs", headers={
+            "Authorization": f"Bearer {OTHER_KEY}"}, json={
+            "url": "/v1/completions", "queue": "bulk",
+            "body": {"model": "allowed-x", "prompt": "x"}}).json()["id"]
+        # a job whose record expired leaves the listing (and the index) when it is met
+        redis_client.delete(f"{settings.redis.prefix}:job:{ours[2]}")
+        listed: list[str] = []
+        page = http.get("/v1/jobs", params={"limit": 2}).json()
+        assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]
+        assert page["first_id"] == page["data"][0]["id"] == ours[-1]
+        while True:
+            listed += [job["id"] for job in page["data"]]
+            assert all(job["object"] == "job" for job in page["data"])
+            if not page["has_more"]:
+                break
+            page = http.get("/v1/jobs", params={"limit": 2, "after": page["last_id"]}).json()
+        assert [i for i in listed if i in ours] == [ours[4], ours[3], ours[1], ours[0]]
+        assert theirs not in listed and len(listed) == len(set(listed))
+        index = f"{settings.redis.prefix}:owner:main:jobs"
+        assert redis_client.zscore(index, ours[2]) is None and redis_client.ttl(index) > 0
+        for params, param in (({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
+                              ({"limit": 101}, "limit"), ({"after": theirs}, "after")):
+            refused = http.get("/v1/jobs", params=params)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+
+
+def test_a_key_with_its_own_limit_is_paced_cluster_wide(gateway: GatewayProcess,
+                                                        fake: FakeUpstream, model: str) -> None:
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    n = 4
+    with httpx.Client(base_url=gateway.url, headers=limited, timeout=30) as http:
+        ids = [http.post("/v1/jobs", json={"url": "/v1/completions", "body": {
+            "model": model, "prompt": f"p{i}"}}).json()["id"] for i in range(n)]
+        wait_until(lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "succeeded"
+                               for i in ids), 30, "the limited key's jobs to end")
+    arrivals = [r.at for r in fake.requests(model)]
+    assert len(arrivals) == n
+    # the key's 120 requests a minute space its calls half a second apart (the upstream has
+    # no limit); the pacing allows 0.2 s of burst once
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert arrivals[-1] - arrivals[0] >= (n - 1) * 60 / LIMITED_RPM - 0.3, gaps
+
+
+def test_a_gateway_refuses_to_start_when_a_keys_variable_is_unset(
+        worker_env: dict[str, str], workdir: Any) -> None:
+    env = {k: v for k, v in worker_env.items() if not k.startswith("GW_")}
+    done = subprocess.run([sys.executable, "-m", "api_tasks", "gateway", "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "gateway.keys[0].key_env: the environment variable GW_MAIN_KEY is not set" \
+        in done.stderr
+    assert "Traceback" not in done.stderr

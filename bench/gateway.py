@@ -1,0 +1,209 @@
+"""The gateway's figures, each beside its reference from the same run: ``python -m bench.gateway
+[--quick]``. Latency and time to first chunk stand beside a direct call and the Python
+producer; readers, relay rate and submits are one gateway process's, with its memory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+from bench.harness import Services, median, memory_mb, percentile, services
+from bench.run import table
+from bench.scenarios import USER, Row, direct_first_chunk, direct_post, ms, our_client, timed
+from tests.support.services import GatewayProcess, wait_until
+
+__all__ = ["main"]
+
+KEY = "sk-bench-gateway"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DRIP = "drip-40"  # 40 chunks, 0.1 s apart (bench/upstream.py)
+
+
+def _gateway(stack: ExitStack, svc: Services, env: dict[str, str], name: str) -> GatewayProcess:
+    process = GatewayProcess({**env, "API_TASKS_GATEWAY_KEY": KEY},
+                             svc.workdir / f"{name}.log").start()
+    stack.callback(process.stop)
+    return process
+
+
+def latency(svc: Services, gateway: GatewayProcess, env: dict[str, str], n: int) -> list[Row]:
+    """Submit-to-result of a non-streamed chat: gateway, Python producer, direct call."""
+    client = our_client(env)
+    direct = timed(direct_post(svc), n)
+    producer = timed(lambda: client.submit_chat(USER, model="echo").result(timeout=30), n)
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+        def call() -> None:
+            answer = http.post("/v1/chat/completions", json={"model": "echo", "messages": USER})
+            assert answer.status_code == 200, answer.text
+        ours = timed(call, n)
+    d50 = median(direct)
+    p50, p99 = median(producer) - d50, percentile(producer, 99) - d50
+    g50, g99 = median(ours) - d50, percentile(ours, 99) - d50
+    return [
+        ("direct call p50", ms(d50), "same call", "-"),
+        ("added latency p50 (gateway / Python producer)", ms(g50), ms(p50),
+         f"+{(g50 - p50) * 1000:.2f} ms (target <= 1.5 ms)"),
+        ("added latency p99 (gateway / Python producer)", ms(g99), ms(p99),
+         f"+{(g99 - p99) * 1000:.2f} ms (target <= 10 ms)"),
+    ]
+
+
+def first_chunk(svc: Services, gateway: GatewayProcess, env: dict[str, str],
+                n: int) -> list[Row]:
+    """Time to the first streamed chunk: gateway, Python producer, direct call."""
+    client = our_client(env)
+    direct_call = direct_first_chunk(svc, "stream-10")
+    direct = [direct_call() for _ in range(n)]
+
+    def producer() -> float:
+        start = time.perf_counter()
+        chunks = client.submit_chat(USER, model="stream-10", stream=True).stream(timeout=30)
+        next(chunks)
+        took = time.perf_counter() - start
+        for _ in chunks:
+            pass
+        return took
+    python = [producer() for _ in range(n)]
+    ours = []
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+        for _ in range(n):
+            start = time.perf_counter()
+            with http.stream("POST", "/v1/chat/completions", json={
+                    "model": "stream-10", "messages": USER, "stream": True}) as answer:
+                lines = answer.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                ours.append(time.perf_counter() - start)
+                for _ in lines:
+                    pass
+    d50, g50, p50 = median(direct), median(ours), median(python)
+    return [("time to first chunk p50 (gateway / Python producer)", ms(g50), ms(p50),
+             f"+{(g50 - d50) * 1000:.2f} ms over direct {ms(d50)} (target <= 4 ms)")]
+
+
+def _post_jobs(port: int, count: int, threads: int) -> int:
+    """``count`` POST /v1/jobs from ``threads`` keep-alive connections; how many got 202."""
+    body = json.dumps({"url": "/v1/chat/completions",
+                       "body": {"model": "echo", "messages": USER}}).encode()
+    headers = {**AUTH, "Content-Type": "application/json"}
+    accepted = [0] * threads
+
+    def run(index: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(count // threads):
+            conn.request("POST", "/v1/jobs", body=body, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            accepted[index] += answer.status == 202
+        conn.close()
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(accepted)
+
+
+def submits(gateway: GatewayProcess, n: int, clients: int = 50) -> list[Row]:
+    """POST /v1/jobs a second from ``clients`` concurrent keep-alive clients (two processes)."""
+    _post_jobs(gateway.port, 100, 10)  # warm
+    start = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        done = list(pool.map(_post_jobs, [gateway.port] * 2, [n // 2] * 2, [clients // 2] * 2))
+    elapsed = time.perf_counter() - start
+    accepted = sum(done)
+    return [(f"POST /v1/jobs, {clients} clients, {n} jobs", f"{accepted / elapsed:,.0f}/s",
+             f"{accepted}/{n} accepted", "target >= 2,000/s")]
+
+
+async def _read(port: int, job_id: str) -> tuple[int, bool]:
+    """One SSE reader of a job's events to the end: (chunks, ended with done)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode())
+    data = bytearray()
+    while piece := await reader.read(1 << 16):
+        data += piece
+    writer.close()
+    ok = data.startswith(b"HTTP/1.1 200") and b'"type":"done"' in data
+    return data.count(b'"type":"chunk"'), ok
+
+
+async def _read_all(port: int, job_ids: list[str]) -> list[tuple[int, bool]]:
+    return await asyncio.gather(*(_read(port, job_id) for job_id in job_ids))
+
+
+def _peak_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
+    while not stop.wait(0.1):
+        peak[0] = max(peak[0], memory_mb(pid))
+
+
+def readers(gateway: GatewayProcess, jobs: int) -> list[Row]:
+    """``jobs`` live streamed jobs, each read by two SSE readers at once; then the same
+    streams replayed by as many readers after they ended (the gateway's relay alone)."""
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60,
+                      limits=httpx.Limits(max_connections=50)) as http:
+        ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": DRIP, "messages": USER, "stream": True}}).json()["id"] for _ in range(jobs)]
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    rows: list[Row] = []
+    for phase in ("live", "replayed"):
+        peak, stop = [memory_mb(pid)], threading.Event()
+        sampler = threading.Thread(target=_peak_rss, args=(pid, stop, peak), daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        results = asyncio.run(_read_all(gateway.port, ids + ids))
+        elapsed = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        chunks = sum(count for count, _ in results)
+        failed = sum(1 for _, ok in results if not ok)
+        readers_n = len(results)
+        rows.append((f"{readers_n} SSE readers of {jobs} {phase} jobs ({DRIP})",
+                     f"{readers_n - failed}/{readers_n} ok, {chunks / elapsed:,.0f} chunks/s",
+                     f"peak RSS {peak[0]:.0f} MB",
+                     "target: no error, >= 20,000 chunks/s, <= 300 MB"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sizes = {"latency": 300, "ttfc": 200, "submits": 10_000, "readers": 1000}
+    if args.quick:
+        sizes = {"latency": 50, "ttfc": 30, "submits": 1000, "readers": 100}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc, ExitStack() as stack:
+        # submits first, on a prefix no worker reads: the accept rate alone
+        queued = _gateway(stack, svc, svc.env(), "gateway-submits")
+        rows += submits(queued, sizes["submits"])
+        queued.stop()
+        env = svc.env()
+        worker = stack.enter_context(svc.worker(env, concurrency=sizes["readers"] + 100))
+        gateway = _gateway(stack, svc, env, "gateway")
+        our_client(env).submit_chat(USER, model="echo").result(timeout=120)
+        wait_until(lambda: httpx.get(gateway.url + "/readyz").status_code == 200, 30,
+                   "the gateway to see the worker")
+        rows += latency(svc, gateway, env, sizes["latency"])
+        rows += first_chunk(svc, gateway, env, sizes["ttfc"])
+        rows += readers(gateway, sizes["readers"])
+        assert worker.proc is not None and worker.proc.poll() is None
+    print(table("\ngateway (one process)", rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
