@@ -14,6 +14,7 @@ Why each setting (the README explains them for operators):
   job to a second worker.
 - Celery's result backend is off: results go to our own documented keys.
 - The broker's connection pool is sized from the concurrency, like the runtime's.
+- Messages carry no repr of their arguments (``HIDDEN_ARGS``): prompts stay out of events.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ from api_tasks.spec import QUEUES
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["HIDDEN_ARGS", "create_app"]
+
+# what Celery shows of a job's arguments in its events, Flower and logs: not the prompt (and
+# no repr of it computed for every message sent)
+HIDDEN_ARGS = {"argsrepr": "(job)", "kwargsrepr": "(job)"}
 
 
 def create_app(settings: Settings) -> Celery:

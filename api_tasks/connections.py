@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +59,35 @@ def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
 
 def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
                   max_connections: int = 100) -> redis.asyncio.Redis:
-    """``connect`` for asyncio callers (the HTTP gateway): the same options and bounds."""
+    """``connect`` for asyncio callers (the HTTP gateway): the same options and bounds, and
+    at most ``CONNECTING`` connections being opened at once."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.url, **_options(settings, socket_timeout, max_connections))
+    chosen = pool.connection_class  # plain, TLS or Unix socket, from the URL
+    pool.connection_class = type(f"Paced{chosen.__name__}", (_PacedConnect, chosen), {})
     return redis.asyncio.Redis(connection_pool=pool)
+
+
+CONNECTING = 32
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+    weakref.WeakKeyDictionary()
+
+
+class _PacedConnect:
+    """Opens connections a few at a time: two thousand readers arriving at once would
+    overflow Redis's accept backlog (511), and the connects dropped there time out."""
+
+    is_connected: bool
+
+    async def connect(self) -> None:
+        if self.is_connected:
+            return
+        loop = asyncio.get_running_loop()
+        gate = _gates.get(loop)
+        if gate is None:
+            gate = _gates[loop] = asyncio.Semaphore(CONNECTING)
+        async with gate:
+            await super().connect()  # type: ignore[misc]
 
 
 def pool_size(concurrency: int) -> int:

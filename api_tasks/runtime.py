@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.batches.pump import BatchPump
+from api_tasks.broker import HIDDEN_ARGS
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
 from api_tasks.execution import tokens
@@ -94,7 +95,7 @@ class Runtime:
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
         self.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
-                           task_id=job_id, queue=message["queue"])
+                           task_id=job_id, queue=message["queue"], **HIDDEN_ARGS)
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""

@@ -67,7 +67,12 @@ class Gateway:
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
 
     async def start(self) -> None:
-        """Settle the stream-token secret: configured, or one shared through Redis."""
+        """Connect and declare the queues now, not on the first request (a tenth of a second),
+        then settle the stream-token secret: configured, or one shared through Redis."""
+        try:
+            await anyio.to_thread.run_sync(self.submitter.enqueuer.warm)
+        except BrokerUnavailable as err:  # it serves anyway: 503s until Redis is back
+            log.warning("gateway: %s", err)
         configured = self.settings.gateway.token_secret
         if configured is not None:
             secret = configured.get_secret_value().encode()

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from api_tasks.record.scripts import script
 
@@ -48,6 +49,14 @@ def lua(name: str, keys: Sequence[str], args: Sequence[Any],
     return Call(tuple(args), parse, name, tuple(keys))
 
 
+def _command(call: Call[Any], script: Callable[[str], Any]) -> tuple[Any, ...]:
+    """A call as one pipelined command: a script by EVALSHA alone (redis-py's pipelined
+    scripts cost a ``SCRIPT EXISTS`` round trip first, each time)."""
+    if not call.script:
+        return call.args
+    return ("EVALSHA", script(call.script).sha, len(call.keys), *call.keys, *call.args)
+
+
 class SyncShell:
     """Runs calls on a sync client (scripts by EVALSHA, loaded when Redis lacks them)."""
 
@@ -67,11 +76,14 @@ class SyncShell:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
-            if call.script:
-                self._script(call.script)(keys=call.keys, args=call.args, client=pipe)
-            else:
-                pipe.execute_command(*call.args)  # type: ignore[no-untyped-call]
-        return [call.parse(reply) for call, reply in zip(calls, pipe.execute(), strict=True)]
+            pipe.execute_command(*_command(call, self._script))  # type: ignore[no-untyped-call]
+        replies = pipe.execute(raise_on_error=False)
+        for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
+                replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:
@@ -98,11 +110,13 @@ class AsyncShell:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for call in calls:
-            if call.script:
-                await self._script(call.script)(keys=call.keys, args=call.args, client=pipe)
-            else:
-                pipe.execute_command(*call.args)
-        replies = await pipe.execute()
+            pipe.execute_command(*_command(call, self._script))
+        replies = await pipe.execute(raise_on_error=False)
+        for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+            if isinstance(reply, NoScriptError):
+                replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
+            elif isinstance(reply, Exception):
+                raise reply
         return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
     def _script(self, name: str) -> Any:

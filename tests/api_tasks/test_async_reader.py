@@ -114,3 +114,26 @@ def test_async_reader_of_a_missing_job(settings: Settings, client: Client) -> No
         with pytest.raises(JobNotFound):
             await handle.cancel()
     _run(settings, read)
+
+
+def test_pipelined_scripts_survive_a_redis_that_forgot_them(settings: Settings,
+                                                            redis_client: Any) -> None:
+    """Both shells send pipelined scripts by EVALSHA alone; a Redis that lost its scripts
+    (restarted, SCRIPT FLUSH) gets them loaded again, and the calls still run once."""
+    from api_tasks.record.store import JobStore
+
+    keys = Client(settings).keys
+    store = JobStore(redis_client, keys, settings.jobs.result_ttl, settings.jobs.queued_ttl)
+    fields = {"kind": "chat", "owner": "flush-test"}
+    for _ in range(2):
+        redis_client.script_flush()
+        sync_id = str(uuid.uuid4())
+        assert store.create(sync_id, fields) is True
+        assert store.create(sync_id, fields) is False  # created once: the second is refused
+
+        async def create(store: AsyncJobStore) -> tuple[bool, bool]:
+            job_id = str(uuid.uuid4())
+            return await store.create(job_id, fields), await store.create(job_id, fields)
+        redis_client.script_flush()
+        assert _run(settings, create) == (True, False)
+    assert redis_client.zcard(keys.owned("flush-test")) == 4
