@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -162,8 +163,8 @@ def submits(gateway: GatewayProcess, env: dict[str, str], n: int,
              f"{rate / producer:.2f}x (target >= 2,000/s)")]
 
 
-async def _read(port: int, job_id: str) -> tuple[int, bool]:
-    """One SSE reader of a job's events to the end: (chunks, ended with done)."""
+async def _read(port: int, job_id: str) -> tuple[int, str]:
+    """One SSE reader of a job's events to the end: (chunks, "" or what went wrong)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
     writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode())
@@ -171,11 +172,17 @@ async def _read(port: int, job_id: str) -> tuple[int, bool]:
     while piece := await reader.read(1 << 16):
         data += piece
     writer.close()
-    ok = data.startswith(b"HTTP/1.1 200") and b'"type":"done"' in data
-    return data.count(b'"type":"chunk"'), ok
+    if not data.startswith(b"HTTP/1.1 200"):
+        wrong = data.split(b"\r\n", 1)[0].decode(errors="replace") + " " + \
+            data.rsplit(b"\r\n\r\n", 1)[-1][:120].decode(errors="replace")
+    elif b'"type":"done"' not in data:
+        wrong = "ended without done: " + data[-120:].decode(errors="replace")
+    else:
+        wrong = ""
+    return data.count(b'"type":"chunk"'), wrong
 
 
-async def _read_all(port: int, job_ids: list[str]) -> list[tuple[int, bool]]:
+async def _read_all(port: int, job_ids: list[str]) -> list[tuple[int, str]]:
     return await asyncio.gather(*(_read(port, job_id) for job_id in job_ids))
 
 
@@ -204,7 +211,10 @@ def readers(gateway: GatewayProcess, jobs: int) -> list[Row]:
         stop.set()
         sampler.join()
         chunks = sum(count for count, _ in results)
-        failed = sum(1 for _, ok in results if not ok)
+        failures = Counter(wrong for _, wrong in results if wrong)
+        failed = sum(failures.values())
+        for wrong, count in failures.most_common(3):
+            print(f"{count} {phase} reader(s): {wrong}", file=sys.stderr)
         readers_n = len(results)
         rows.append((f"{readers_n} SSE readers of {jobs} {phase} jobs ({DRIP})",
                      f"{readers_n - failed}/{readers_n} ok, {chunks / elapsed:,.0f} chunks/s",

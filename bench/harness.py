@@ -111,7 +111,8 @@ def start_workers(stack: ExitStack, env: dict[str, str], workdir: Path, count: i
 @contextmanager
 def services(workdir: Path) -> Iterator[Services]:
     """Start Redis and the fake upstream; stop them afterwards."""
-    redis = RedisServer(workdir / "redis").start()
+    # as docker-compose.yml: a thousand job threads and two thousand readers connect at once
+    redis = RedisServer(workdir / "redis", args=("--tcp-backlog", "4096")).start()
     port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(port)], cwd=ROOT,
                                 stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
