@@ -1,5 +1,6 @@
 """The playground page in real headless Chromium: a prompt streams through EventSource, the
-network drops mid-stream, and the text after the browser's own reconnect equals the result."""
+network drops mid-stream (a proxy resets the connection), and the text after the browser's
+own reconnect equals the job's result."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from selenium.webdriver.common.by import By
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.services import GatewayProcess, wait_until
-from tests.support.tcp_relay import TcpRelay
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 # as the machine's notes start it: without the background-networking flags Chromium's
@@ -45,9 +46,9 @@ def test_the_page_streams_a_job_and_resumes_it_after_the_network_drops(
         model: str) -> None:
     pieces = [f"word{i} " for i in range(80)]
     fake.script(model, Reply(pieces=pieces, chunk_delay=0.05))
-    relay = TcpRelay(gateway.port).start()
+    relay = TcpProxy(gateway.port).start()
     try:
-        browser.get(relay.url + "/")
+        browser.get(relay.http_url + "/")
         assert browser.title == "api-tasks playground"
         browser.find_element(By.ID, "key").send_keys(KEY)
         browser.find_element(By.ID, "model").send_keys(model)
@@ -60,8 +61,12 @@ def test_the_page_streams_a_job_and_resumes_it_after_the_network_drops(
         shown, connections = output.text, relay.accepted
         relay.cut()  # the page's event stream (and any other connection) is reset
         state = browser.find_element(By.ID, "status")
-        wait_until(lambda: state.get_attribute("data-state") in ("done", "error"), 30,
-                   "the page to show the job's end")
+        try:
+            wait_until(lambda: state.get_attribute("data-state") in ("done", "error"), 30,
+                       "the page to show the job's end")
+        except AssertionError:
+            raise AssertionError(f"{state.get_attribute('data-state')}: {state.text}; "
+                                 f"{relay.accepted} connections") from None
         assert state.get_attribute("data-state") == "done", state.text
         assert relay.accepted > connections  # the browser came back by itself
         assert len(shown.split()) < len(pieces)  # the cut was mid-stream

@@ -21,8 +21,8 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
-from tests.support.redis_proxy import RedisProxy
 from tests.support.services import RedisServer, Spawn
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -42,8 +42,8 @@ def env(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream) -> dict[s
 
 
 @pytest.fixture
-def redis_proxy(redis_server: RedisServer) -> Iterator[RedisProxy]:
-    proxy = RedisProxy(redis_server.port).start()
+def redis_proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(redis_server.port).start()
     yield proxy
     proxy.stop()
 
@@ -89,7 +89,7 @@ def test_sigterm_with_200_jobs_in_flight_requeues_every_one(
 
 
 def test_sigterm_when_redis_refuses_the_giveback_loses_nothing(
-        env: dict[str, str], redis_proxy: RedisProxy, fake: FakeUpstream, spawn: Spawn,
+        env: dict[str, str], redis_proxy: TcpProxy, fake: FakeUpstream, spawn: Spawn,
         model: str, figures: Figures) -> None:
     """Redis refuses the give-backs but is back for the requeues a moment later: each
     requeued message then meets a lease its worker could not drop."""

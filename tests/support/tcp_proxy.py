@@ -1,4 +1,5 @@
-"""A TCP proxy in front of the test Redis that can start refusing connections at will."""
+"""A TCP proxy on loopback that cuts or refuses connections at will, as a failing network
+would: in front of Redis (the shutdown tests) or of the gateway (a browser's dropped stream)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import threading
 
 from tests.support.services import free_port
 
-__all__ = ["RedisProxy"]
+__all__ = ["TcpProxy"]
 
 
-class RedisProxy:
-    """Forwards loopback connections to Redis; ``refuse()`` resets them all and turns
-    every new one away (as a Redis at its client limit or behind a failing link would)."""
+class TcpProxy:
+    """Forwards loopback connections to ``target_port``; ``cut()`` resets the open ones,
+    ``refuse()`` also turns every new one away (a Redis at its client limit, a failing link)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -23,18 +24,29 @@ class RedisProxy:
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port), backlog=512)
+        self.accepted = 0  # connections forwarded so far
 
     @property
     def url(self) -> str:
+        """As a Redis URL."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisProxy:
+    @property
+    def http_url(self) -> str:
+        """As an HTTP base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TcpProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def refuse(self) -> None:
         """Reset every open connection and every new one."""
         self._refusing.set()
+        self.cut()
+
+    def cut(self) -> None:
+        """Reset every open connection (new ones are forwarded, unless refused)."""
         with self._lock:
             sockets, self._sockets = list(self._sockets), set()
         for sock in sockets:
@@ -64,6 +76,7 @@ class RedisProxy:
                 _reset(client)
                 continue
             with self._lock:
+                self.accepted += 1
                 self._sockets.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -78,4 +91,7 @@ class RedisProxy:
 def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # a thread blocked reading it holds the file open: close() alone would send nothing
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         sock.close()
