@@ -28,10 +28,18 @@ log = logging.getLogger(__name__)
 BLOCK_SLICE = 5.0
 
 
+try:  # redis-py 8 looks its own version up on disk for every new connection unless told
+    from redis.driver_info import DriverInfo
+    _DRIVER: dict[str, Any] = {"driver_info": DriverInfo()}
+except ImportError:  # older redis-py: nothing to save
+    _DRIVER = {}
+
+
 def _options(settings: RedisSettings, socket_timeout: float,
              max_connections: int) -> dict[str, Any]:
     """The pool options both clients share."""
     return {
+        **_DRIVER,
         "max_connections": max_connections,
         "timeout": socket_timeout,
         "protocol": 2,  # stable reply shapes whatever redis-py's default becomes

@@ -34,7 +34,14 @@ from api_tasks.gateway.errors import GatewayError, job_error, openai_error
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
-from api_tasks.record.reader import IDLE, AsyncJob, ChunkFilter, EventsGone, attempt_start
+from api_tasks.record.reader import (
+    BATCH_END,
+    IDLE,
+    AsyncJob,
+    ChunkFilter,
+    EventsGone,
+    attempt_start,
+)
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.record.workers import alive
 from api_tasks.spec import Kind
@@ -266,17 +273,31 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes
     fails on a blank line after one); raises the job's failure."""
     chunks = ChunkFilter(job.id)
     started = False
+    pending: list[bytes] = []  # the chunks one read brought, written as one
     with _redis_errors():
         after = attempt_start(await gateway.store.tail(job.id))
-    async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
+    async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive,
+                                  batched=True):
         if event is IDLE:
             if started:
                 yield b": keep-alive\n"
             continue
-        chunk = chunks.chunk(event)
+        if event is BATCH_END:
+            if pending:
+                yield b"".join(pending)
+                pending.clear()
+            continue
+        try:
+            chunk = chunks.chunk(event)
+        except Exception:
+            if pending:  # what came before the failure goes out first
+                yield b"".join(pending)
+            raise
         if chunk is not None:
             started = True
-            yield _data(chunk)
+            pending.append(_data(chunk))
+    if pending:
+        yield b"".join(pending)
 
 
 _EXPIRED = {"message": "the job ended and its stream and result have expired",
@@ -402,13 +423,20 @@ async def job_events(request: Request) -> Response:
 
     async def body() -> AsyncIterator[bytes]:
         yield _RETRY
+        frames: list[bytes] = []  # what one read brought, sent as one write
         try:
-            async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive):
+            async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive,
+                                          batched=True):
                 if event is IDLE:
                     yield b": keep-alive\n\n"
-                    continue
-                entry = event.pop("id")
-                yield b"id: " + entry.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+                elif event is BATCH_END:
+                    yield b"".join(frames)
+                    frames.clear()
+                else:
+                    entry = event.pop("id")
+                    frames.append(b"id: " + entry.encode() + b"\ndata: " + orjson.dumps(event)
+                                  + b"\n\n")
+            yield b"".join(frames)
         except EventsGone:
             pass  # nothing after ``after``: it ended, and its final event was read or expired
         except (BrokerUnavailable, redis.RedisError):

@@ -27,6 +27,8 @@ import json
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from api_tasks.record.job_record import JobStatus
 
 __all__ = [
@@ -97,7 +99,11 @@ def parse_entries(entries: Any) -> list[dict[str, Any]]:
     event envelopes, each with its entry ``id``."""
     events = []
     for entry_id, fields in entries or ():
-        event = json.loads(fields[_FIELD])
+        raw = fields[_FIELD]
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:  # what orjson refuses (a lone surrogate escape) json reads
+            event = json.loads(raw)
         event["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         events.append(event)
     return events

@@ -31,6 +31,7 @@ from api_tasks.record.job_record import ATTEMPT_FIELDS, TERMINAL, JobStatus, job
 from api_tasks.record.store import AsyncJobStore, Cancel, JobStore
 
 __all__ = [
+    "BATCH_END",
     "IDLE",
     "AsyncJob",
     "ChunkFilter",
@@ -49,6 +50,7 @@ _MAX_SEQ = 2**64 - 1
 
 
 IDLE: dict[str, Any] = {"type": "idle"}  # what ``AsyncJob.events`` yields on a quiet stream
+BATCH_END: dict[str, Any] = {"type": "batch_end"}  # after the events one read brought, if asked
 
 
 class EventsGone(ApiTasksError):
@@ -318,9 +320,11 @@ class AsyncJob:
                 outcome(self.id, await self._store.result(self.id))
 
     async def events(self, timeout: float | None = None, after: str = "0-0",
-                     idle: float | None = None) -> AsyncIterator[dict[str, Any]]:
+                     idle: float | None = None,
+                     batched: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Yield every event envelope after stream id ``after``, up to the final one; with
-        ``idle``, also ``IDLE`` whenever that many seconds pass with no event (keep-alives)."""
+        ``idle``, also ``IDLE`` whenever that many seconds pass with no event (keep-alives);
+        with ``batched``, ``BATCH_END`` after the events of each read (to write them as one)."""
         clock = _Clock(timeout)
         while True:
             block = clock.block_ms(self.id)
@@ -337,6 +341,8 @@ class AsyncJob:
                 yield event
                 if event["type"] in FINAL_TYPES:
                     return
+            if batched and events:
+                yield BATCH_END
 
     async def cancel(self) -> bool:
         """Ask the job to stop; False if it had already ended."""

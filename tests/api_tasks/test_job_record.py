@@ -84,3 +84,15 @@ def test_views_read_what_submit_and_finish_write() -> None:
                                  "attempts": 3, "created_at": 10.5, "started_at": 11.0,
                                  "finished_at": 12.0}
     assert "w/1" not in str(view)  # the attempt's token is the workers' business
+
+
+def test_entries_parse_fast_and_what_orjson_refuses_still_parses() -> None:
+    from api_tasks.record.events import chunk_event, parse_entries
+
+    plain = chunk_event(0, 1, '{"choices":[{"delta":{"content":"hé"}}]}')
+    lone = chunk_event(1, 1, '{"choices":[{"delta":{"content":"\\ud800"}}]}')  # a lone surrogate
+    events = parse_entries([(b"1-1", {b"event": plain.encode()}),
+                            (b"1-2", {b"event": lone.encode()})])
+    assert [e["id"] for e in events] == ["1-1", "1-2"]
+    assert events[0]["data"]["choices"][0]["delta"]["content"] == "hé"
+    assert events[1]["data"]["choices"][0]["delta"]["content"] == "\ud800"
