@@ -65,18 +65,22 @@ class StreamAssembler:
             state.setdefault("logprob_parts", []).append(choice["logprobs"])
         delta = choice.get("delta")
         if self.kind == "chat" and isinstance(delta, dict):
-            self._add_delta(state.setdefault("message", {}), delta)
+            self._add_delta(state, delta)
         elif self.kind != "chat" and isinstance(choice.get("text"), str):
-            state["text"] = state.get("text", "") + choice["text"]
+            state.setdefault("text", []).append(choice["text"])
 
-    def _add_delta(self, message: dict[str, Any], delta: dict[str, Any]) -> None:
+    def _add_delta(self, state: dict[str, Any], delta: dict[str, Any]) -> None:
+        # text is kept as pieces and joined once: adding to a string held in a dict copies
+        # it each time, which made a long stream's assembly quadratic
+        message = state.setdefault("message", {})
+        pieces = state.setdefault("pieces", {})
         for key, value in delta.items():
             if value is None:
                 continue
             if key in _CONCAT and isinstance(value, str):
-                message[key] = message.get(key, "") + value
+                pieces.setdefault(key, []).append(value)
             elif key == "tool_calls" and isinstance(value, list):
-                _add_tool_calls(message.setdefault("tool_calls", []), value)
+                _add_tool_calls(state.setdefault("tool_calls", []), value)
             else:
                 message[key] = value
 
@@ -85,9 +89,12 @@ class StreamAssembler:
         choice: dict[str, Any] = {"index": index}
         if self.kind == "chat":
             message = {"role": "assistant", "content": None, **state.get("message", {})}
+            message.update((key, "".join(parts)) for key, parts in state.get("pieces", {}).items())
+            if "tool_calls" in state:
+                message["tool_calls"] = [_final_call(call) for call in state["tool_calls"]]
             choice["message"] = message
         else:
-            choice["text"] = state.get("text", "")
+            choice["text"] = "".join(state.get("text", ()))
         choice["finish_reason"] = state["finish_reason"]
         choice["logprobs"] = _merge_logprobs(state.get("logprob_parts"))
         return choice
@@ -99,8 +106,7 @@ def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:
             continue
         index = int(delta.get("index", len(calls)))
         while len(calls) <= index:
-            calls.append({"id": None, "type": "function",
-                          "function": {"name": "", "arguments": ""}})
+            calls.append({"id": None, "type": "function", "name": [], "arguments": []})
         call = calls[index]
         if delta.get("id"):
             call["id"] = delta["id"]
@@ -109,8 +115,13 @@ def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:
         function = delta.get("function")
         if not isinstance(function, dict):
             function = {}
-        call["function"]["name"] += function.get("name") or ""
-        call["function"]["arguments"] += function.get("arguments") or ""
+        call["name"].append(function.get("name") or "")
+        call["arguments"].append(function.get("arguments") or "")
+
+
+def _final_call(call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": call["id"], "type": call["type"],
+            "function": {"name": "".join(call["name"]), "arguments": "".join(call["arguments"])}}
 
 
 def _merge_logprobs(parts: list[Any] | None) -> Any:

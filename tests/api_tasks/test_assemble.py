@@ -47,3 +47,21 @@ def test_reasoning_content_is_kept() -> None:
     asm.add(_chat({"reasoning_content": "more", "content": "answer"}, "stop"))
     message = asm.response()["choices"][0]["message"]
     assert message["reasoning_content"] == "think more" and message["content"] == "answer"
+
+
+def test_a_long_stream_assembles_in_linear_time() -> None:
+    """32 MB of content and of tool-call arguments in 8 KB pieces: adding each piece to the
+    text so far copied it every time (minutes here; the suite's timeout stops it); kept as
+    pieces and joined once it takes well under a second."""
+    piece = "x" * 8000
+    asm = StreamAssembler("chat")
+    for i in range(4000):
+        asm.add(_chat({"content": piece, "tool_calls": [
+            {"index": 0, "id": "t" if i == 0 else None, "function": {"arguments": piece}}]}))
+    message = asm.response()["choices"][0]["message"]
+    assert len(message["content"]) == len(message["tool_calls"][0]["function"]["arguments"]) \
+        == 4000 * len(piece)
+    text = StreamAssembler("completion")
+    for _ in range(4000):
+        text.add({"choices": [{"index": 0, "text": piece}]})
+    assert len(text.response()["choices"][0]["text"]) == 4000 * len(piece)

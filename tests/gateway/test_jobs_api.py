@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from api_tasks.gateway.app import create_app
+from api_tasks.record.job_record import TERMINAL, JobStatus
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
@@ -208,3 +211,44 @@ def test_a_gateway_refuses_to_start_when_a_keys_variable_is_unset(
     assert "gateway.keys[0].key_env: the environment variable GW_MAIN_KEY is not set" \
         in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
+        gateway: GatewayProcess, fake: FakeUpstream, client: Any, model: str) -> None:
+    # a 26 MB stream written to Redis far faster than it is read, in pieces small enough that
+    # one read of events (500) is half a megabyte
+    pieces = ["x" * 1000] * 20_000
+    fake.script(model, Reply(pieces=pieces))
+    assert gateway.proc is not None
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60) as http:
+        before = _rss_mb(gateway.proc.pid)
+        job = http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": model, "messages": USER, "stream": True}}).json()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.sendall(f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode())
+        # its status from Redis: a GET of the job would bring its whole response through
+        wait_until(lambda: client.job(job["id"]).status() in TERMINAL, 60,
+                   "the job to end while its reader reads nothing")
+        assert client.job(job["id"]).status() is JobStatus.SUCCEEDED
+        grown = _rss_mb(gateway.proc.pid) - before
+        # the gateway holds what one read brought and a socket buffer, not the stream
+        assert grown < 12, f"the gateway grew {grown:.1f} MB for a reader that read nothing"
+        data = bytearray()
+        sock.settimeout(30)
+        while piece := sock.recv(1 << 20):
+            data += piece
+        sock.close()
+        # every chunk arrives after all: as many as the final event counts, the pieces among them
+        final = json.loads(data.rsplit(b"data: ", 1)[1].split(b"\n", 1)[0])
+        assert final["type"] == "done" and data.count(b'"type":"chunk"') == final["seq"]
+        assert final["seq"] >= len(pieces)
