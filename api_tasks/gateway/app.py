@@ -461,6 +461,7 @@ def _playground() -> tuple[str, dict[str, str]]:
     script = page.split("<script>", 1)[1].split("</script>", 1)[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     policy = (f"default-src 'self'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+              "img-src 'self' data:; "
               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
     return page, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
                   "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
