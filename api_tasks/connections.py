@@ -86,6 +86,7 @@ class _PacedConnect:
     overflow Redis's accept backlog (511), and the connects dropped there time out."""
 
     is_connected: bool
+    socket_connect_timeout: float | None
 
     async def connect(self) -> None:
         if self.is_connected:
@@ -94,8 +95,15 @@ class _PacedConnect:
         gate = _gates.get(loop)
         if gate is None:
             gate = _gates[loop] = asyncio.Semaphore(CONNECTING)
-        async with gate:
+        try:  # a Redis that cannot be reached fails the line as fast as one connect would
+            async with asyncio.timeout(self.socket_connect_timeout or BLOCK_SLICE):
+                await gate.acquire()
+        except TimeoutError:
+            raise redis.ConnectionError("Timeout waiting to connect to Redis") from None
+        try:
             await super().connect()  # type: ignore[misc]
+        finally:
+            gate.release()
 
 
 def pool_size(concurrency: int) -> int:

@@ -249,7 +249,7 @@ class WorkerSettings(_Model):
 class GatewayKey(_Model):
     """One API key of the HTTP gateway: whose it is and what it may use."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     key_env: str | None = None  # the key itself, from this environment variable
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # or its SHA-256, hex
     key: SecretStr | None = Field(None, exclude=True)  # read from key_env at load

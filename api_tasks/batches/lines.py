@@ -53,6 +53,8 @@ def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
         raise InvalidJob(where, f"url must be one of {', '.join(ENDPOINTS)}")
     if not isinstance(body, dict):
         raise InvalidJob(where, "body must be a JSON object")
+    if "owner" in body:  # whose job it is comes from who submits the batch, never a line
+        raise InvalidJob(where, "body.owner: not accepted in a batch line")
     kind = ENDPOINTS[url]
     rest = {k: v for k, v in body.items() if k != _FIRST[kind]}
     try:

@@ -131,9 +131,14 @@ class Gateway:
         return info
 
     async def job_object(self, job_id: str, info: dict[str, str], key: GatewayKey,
-                         *, token: bool = False) -> dict[str, Any]:
-        """A job as the jobs API shows it."""
-        stored = await self.store.result(job_id) if info.get(Field.STATUS) in TERMINAL else None
+                         *, token: bool = False, response: bool = True) -> dict[str, Any]:
+        """A job as the jobs API shows it; without ``response`` (a listing) its response is
+        left out and its error comes from the record, so no stored result is read."""
+        ended = info.get(Field.STATUS) in TERMINAL
+        if response:
+            stored = await self.store.result(job_id) if ended else None
+        else:
+            stored = {"error": json.loads(info[Field.ERROR])} if info.get(Field.ERROR) else None
         def number(name: Field) -> float | None:
             return float(info[name]) if info.get(name) else None
         return {
@@ -365,11 +370,12 @@ async def create_job(request: Request) -> Response:
 
 
 async def list_jobs(request: Request) -> Response:
-    """``GET /v1/jobs?limit=&after=``: the caller's jobs, newest first, OpenAI's list shape."""
+    """``GET /v1/jobs?limit=&after=``: the caller's jobs, newest first, OpenAI's list shape
+    (each without its response, which can be large: ``GET /v1/jobs/{id}`` has it)."""
     gateway: Gateway = request.app.state.gateway
     key = gateway.key(request)
     given = request.query_params.get("limit", "20")
-    if not given.isdigit() or not 1 <= int(given) <= 100:
+    if not _LIMIT.fullmatch(given) or not 1 <= int(given) <= 100:
         raise GatewayError(400, "limit must be a whole number from 1 to 100", param="limit",
                            code="invalid_limit")
     after = request.query_params.get("after") or None
@@ -379,7 +385,8 @@ async def list_jobs(request: Request) -> Response:
         raise GatewayError(400, f"after names no job of yours: {after!r}", param="after",
                            code="invalid_cursor")
     jobs, more = page
-    data = [await gateway.job_object(job_id, info, key, token=True) for job_id, info in jobs]
+    data = [await gateway.job_object(job_id, info, key, token=True, response=False)
+            for job_id, info in jobs]
     return JSONResponse({"object": "list", "data": data,
                          "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": more})
@@ -445,6 +452,7 @@ async def job_events(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
+_LIMIT = re.compile(r"[0-9]{1,3}", re.ASCII)
 _ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
 
 

@@ -27,6 +27,8 @@ from api_tasks.record.keys import Keys
 __all__ = ["AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
 
 _READ_COUNT = 500  # events per XREAD
+_STALE_SCAN = 20  # reads of an owner's index one listing may make past expired entries
+_STALE_STEP = 100  # ids per read once expired entries are met
 _CANCELLED = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
               "message": "the job was cancelled before it started"}
 
@@ -81,12 +83,6 @@ class JobRecords:
         """Add a job to its owner's index (entries older than any record lives drop out)."""
         return lua("owner_index", [self.keys.owned(owner)],
                    [job_id, self.queued_ttl + self.result_ttl])
-
-    def created(self, job_id: str, fields: dict[str, str]) -> list[Call[Any]]:
-        """``create``, then ``index`` when the job has an owner (a gateway key)."""
-        owner = fields.get(Field.OWNER)
-        create: Call[Any] = self.create(job_id, fields)
-        return [create, self.index(owner, job_id)] if owner else [create]
 
     def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
         """Up to ``count`` ids of an owner's jobs, newest first, after ``after``; None if
@@ -158,8 +154,13 @@ class JobStore:
         self._blocking = SyncShell(blocking) if blocking is not None else self.shell
 
     def create(self, job_id: str, fields: dict[str, str]) -> bool:
-        """Write a new job's record, status queued; False if the id already has one."""
-        return bool(self.shell.run_all(self.records.created(job_id, fields))[0])
+        """Write a new job's record, status queued; False if the id already has one. A job
+        with an owner (a gateway key) goes into its owner's index too."""
+        created = self.shell.run(self.records.create(job_id, fields))
+        owner = fields.get(Field.OWNER)
+        if created and owner:
+            self.shell.run(self.records.index(owner, job_id))
+        return created
 
     def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""
@@ -215,35 +216,44 @@ class AsyncJobStore:
         self.shell = AsyncShell(client)
 
     async def create(self, job_id: str, fields: dict[str, str]) -> bool:
-        """Write a new job's record, status queued; False if the id already has one."""
-        return bool((await self.shell.run_all(self.records.created(job_id, fields)))[0])
+        """Write a new job's record, status queued; False if the id already has one (and
+        into its owner's index, as ``JobStore.create``)."""
+        created = await self.shell.run(self.records.create(job_id, fields))
+        owner = fields.get(Field.OWNER)
+        if created and owner:
+            await self.shell.run(self.records.index(owner, job_id))
+        return created
 
     async def owned(self, owner: str, after: str | None,
                     limit: int) -> tuple[list[tuple[str, dict[str, str]]], bool] | None:
         """Up to ``limit`` of an owner's jobs with their records, newest first, after the
-        job ``after``, and whether more follow; None if ``after`` is not one of them.
-        Ids whose records expired leave the index as they are met."""
+        job ``after``, and whether more may follow; None if ``after`` is not one of them.
+        Ids whose records expired (or are another owner's) leave the index as they are met,
+        at most ``_STALE_SCAN`` reads a call (a page may then be short), so one listing's
+        work stays bounded."""
         found: list[tuple[str, dict[str, str]]] = []
-        gone: list[str] = []
-        while len(found) <= limit:
-            asked = limit + 1 - len(found)
+        pruning = False
+        for read in range(_STALE_SCAN):
+            # past expired entries, read in larger steps: they come in runs
+            asked = max(limit + 1 - len(found), _STALE_STEP if pruning else 0)
             ids = await self.shell.run(self.records.owned(owner, after, asked))
-            if ids is None:
-                if after is None or found or gone:
-                    break  # another reader dropped our place: what we have is the page
-                return None
+            if ids is None:  # the cursor is not in the index
+                if read == 0:
+                    return None
+                return found, True  # another listing dropped our place: this is the page
             records = await self.shell.run_all([self.records.info(i) for i in ids])
-            for job_id, record in zip(ids, records, strict=True):
-                if record:
-                    found.append((job_id, record))
-                else:
-                    gone.append(job_id)
-            if len(ids) < asked:
-                break
-            after = ids[-1]
-        if gone:
-            await self.shell.run(self.records.unindex(owner, gone))
-        return found[:limit], len(found) > limit
+            live = [(i, r) for i, r in zip(ids, records, strict=True)
+                    if r.get(Field.OWNER) == owner]
+            stale = [i for i, r in zip(ids, records, strict=True) if r.get(Field.OWNER) != owner]
+            if stale:  # dropped now, so the next read after the same cursor goes past them
+                await self.shell.run(self.records.unindex(owner, stale))
+                pruning = True
+            found += live
+            if len(ids) < asked or len(found) > limit:
+                return found[:limit], len(found) > limit
+            if live:
+                after = live[-1][0]
+        return found[:limit], True
 
     async def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""

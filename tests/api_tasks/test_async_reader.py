@@ -137,3 +137,29 @@ def test_pipelined_scripts_survive_a_redis_that_forgot_them(settings: Settings,
         redis_client.script_flush()
         assert _run(settings, create) == (True, False)
     assert redis_client.zcard(keys.owned("flush-test")) == 4
+
+
+def test_a_listing_shows_only_the_owners_live_jobs_and_prunes_the_rest(
+        settings: Settings, redis_client: Any) -> None:
+    keys = Client(settings).keys
+    owner, other = f"o{uuid.uuid4().hex[:6]}", f"x{uuid.uuid4().hex[:6]}"
+
+    async def body(store: AsyncJobStore) -> tuple[Any, Any, Any]:
+        ours = [str(uuid.uuid4()) for _ in range(3)]
+        for job_id in ours:
+            assert await store.create(job_id, {"kind": "chat", "owner": owner})
+        theirs = str(uuid.uuid4())
+        assert await store.create(theirs, {"kind": "chat", "owner": other})
+        # another owner's id in this index (an id reused), and many expired entries
+        redis_client.zadd(keys.owned(owner), {theirs: 1e15})
+        redis_client.zadd(keys.owned(owner), {f"gone-{i}": 1e15 + i for i in range(100)})
+        first = await store.owned(owner, None, 2)
+        rest = await store.owned(owner, first[0][-1][0], 2) if first else None
+        return ours, first, rest
+
+    ours, first, rest = _run(settings, body)
+    assert first is not None and rest is not None
+    assert [job_id for job_id, _ in first[0]] == [ours[2], ours[1]] and first[1] is True
+    assert [job_id for job_id, _ in rest[0]] == [ours[0]] and rest[1] is False
+    assert redis_client.zcard(keys.owned(owner)) == 3  # only the owner's live jobs are left
+    assert _run(settings, lambda store: store.owned(owner, "no-such-job", 2)) is None

@@ -42,11 +42,15 @@ def test_every_bad_line_is_reported_with_its_number_before_anything_is_sent(
         _line("a", model), "{not json", _line("b", model),
         json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {}}),
         _line("a", model), json.dumps({"custom_id": "d", "url": "/v1/chat/completions",
-                                       "body": {"model": model, "messages": []}})]) + "\n")
+                                       "body": {"model": model, "messages": []}}),
+        json.dumps({"custom_id": "e", "url": "/v1/chat/completions", "body": {  # not its say
+            "model": model, "messages": [{"role": "user", "content": "x"}],
+            "owner": "main"}})]) + "\n")
     problems, lines = check_file(source, 4 * 1024 * 1024)
-    assert lines == 6
-    assert [p.split(":")[0] for p in problems] == ["line 2", "line 4", "line 5", "line 6"]
-    assert "body.messages" in problems[3]
+    assert lines == 7
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 4", "line 5", "line 6",
+                                                   "line 7"]
+    assert "body.messages" in problems[3] and "body.owner" in problems[4]
     assert problems[2] == "line 5: custom_id 'a' is already used on line 1"
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     done = subprocess.run([sys.executable, "-m", "api_tasks", "batch", "run", str(source), "-o",
