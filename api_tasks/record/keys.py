@@ -130,7 +130,7 @@ class Keys:
         return f"{self.prefix}:idempotency:{owner}:{digest}"
 
     def owned(self, owner: str) -> str:
-        """Sorted set: a gateway key's jobs, by submit time (ms), for ``GET /v1/jobs``."""
+        """Sorted set: a gateway key's jobs, by submit time (us), for ``GET /v1/jobs``."""
         return f"{self.prefix}:owner:{owner}:jobs"
 
     def gateway_secret(self) -> str:

@@ -151,8 +151,8 @@ def test_a_listing_shows_only_the_owners_live_jobs_and_prunes_the_rest(
         theirs = str(uuid.uuid4())
         assert await store.create(theirs, {"kind": "chat", "owner": other})
         # another owner's id in this index (an id reused), and many expired entries
-        redis_client.zadd(keys.owned(owner), {theirs: 1e15})
-        redis_client.zadd(keys.owned(owner), {f"gone-{i}": 1e15 + i for i in range(100)})
+        redis_client.zadd(keys.owned(owner), {theirs: 1e17})
+        redis_client.zadd(keys.owned(owner), {f"gone-{i}": 1e17 + i for i in range(100)})
         first = await store.owned(owner, None, 2)
         rest = await store.owned(owner, first[0][-1][0], 2) if first else None
         return ours, first, rest
