@@ -29,7 +29,8 @@ QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in th
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url",
                             "owner"})
-_OWNER = re.compile(r"[A-Za-z0-9_.-]{1,128}", re.ASCII)  # a gateway key's name
+# a gateway key's name, as config.settings.GatewayKey.name (spec stays free of config)
+_OWNER = re.compile(r"[A-Za-z0-9_.-]{1,128}", re.ASCII)
 # a job must not carry credentials or choose where it is sent
 FORBIDDEN_FIELDS = frozenset({"api_key", "authorization", "api_base", "headers"})
 

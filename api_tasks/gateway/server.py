@@ -21,9 +21,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     """Serve until stopped (SIGINT or SIGTERM); the exit code."""
     host = host or settings.gateway.host
     port = settings.gateway.port if port is None else port
-    for problem in settings.gateway.missing_keys():
+    missing = settings.gateway.missing_keys()
+    for problem in missing:
         print(f"error: {problem}", file=sys.stderr)
-    if settings.gateway.missing_keys():
+    if missing:
         return ExitCode.USAGE
     if not settings.gateway.keys:
         if not is_loopback(host):

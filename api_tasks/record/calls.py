@@ -57,6 +57,15 @@ def _command(call: Call[Any], script: Callable[[str], Any]) -> tuple[Any, ...]:
     return ("EVALSHA", script(call.script).sha, len(call.keys), *call.keys, *call.args)
 
 
+def _unloaded(replies: list[Any]) -> list[int]:
+    """Where a pipeline's replies say Redis lacked the script (it restarted or flushed its
+    scripts), to run those calls again; any other error reply is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not isinstance(reply, NoScriptError):
+            raise reply
+    return [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+
+
 class SyncShell:
     """Runs calls on a sync client (scripts by EVALSHA, loaded when Redis lacks them)."""
 
@@ -78,11 +87,9 @@ class SyncShell:
         for call in calls:
             pipe.execute_command(*_command(call, self._script))  # type: ignore[no-untyped-call]
         replies = pipe.execute(raise_on_error=False)
-        for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
-            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
-                replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
-            elif isinstance(reply, Exception):
-                raise reply
+        for index in _unloaded(replies):
+            call = calls[index]
+            replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
         return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
     def _script(self, name: str) -> Any:
@@ -112,11 +119,9 @@ class AsyncShell:
         for call in calls:
             pipe.execute_command(*_command(call, self._script))
         replies = await pipe.execute(raise_on_error=False)
-        for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
-            if isinstance(reply, NoScriptError):
-                replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
-            elif isinstance(reply, Exception):
-                raise reply
+        for index in _unloaded(replies):
+            call = calls[index]
+            replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
         return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
     def _script(self, name: str) -> Any:

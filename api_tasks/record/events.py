@@ -38,6 +38,7 @@ __all__ = [
     "chunk_event",
     "entry_id",
     "final_event",
+    "loads",
     "parse_entries",
     "reset_event",
 ]
@@ -94,16 +95,21 @@ FINAL_TYPES = frozenset(FINAL_EVENT.values())  # the event types that end a stre
 _FIELD = EVENT_FIELD.encode()
 
 
+def loads(raw: bytes | str) -> Any:
+    """JSON by orjson on the hot paths; what orjson refuses (a lone surrogate escape) by
+    json, which takes it (``ValueError`` if neither does)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def parse_entries(entries: Any) -> list[dict[str, Any]]:
     """Stream entries (``XRANGE``/``XREVRANGE``, or one stream of an ``XREAD`` reply) as
     event envelopes, each with its entry ``id``."""
     events = []
     for entry_id, fields in entries or ():
-        raw = fields[_FIELD]
-        try:
-            event = orjson.loads(raw)
-        except orjson.JSONDecodeError:  # what orjson refuses (a lone surrogate escape) json reads
-            event = json.loads(raw)
+        event = loads(fields[_FIELD])
         event["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         events.append(event)
     return events

@@ -79,8 +79,12 @@ class JobRecords:
         flat = [item for pair in record.items() for item in pair]
         return lua("job_create", [self.keys.job(job_id)], [self.queued_ttl, *flat], bool)
 
-    def index(self, owner: str, job_id: str) -> Call[Any]:
-        """Add a job to its owner's index (entries older than any record lives drop out)."""
+    def index(self, job_id: str, fields: dict[str, str]) -> Call[Any] | None:
+        """For a job just created with ``fields``: add it to its owner's index, if it has an
+        owner (a gateway key; entries older than any record lives drop out)."""
+        owner = fields.get(Field.OWNER)
+        if not owner:
+            return None
         return lua("owner_index", [self.keys.owned(owner)],
                    [job_id, self.queued_ttl + self.result_ttl])
 
@@ -157,9 +161,8 @@ class JobStore:
         """Write a new job's record, status queued; False if the id already has one. A job
         with an owner (a gateway key) goes into its owner's index too."""
         created = self.shell.run(self.records.create(job_id, fields))
-        owner = fields.get(Field.OWNER)
-        if created and owner:
-            self.shell.run(self.records.index(owner, job_id))
+        if created and (index := self.records.index(job_id, fields)) is not None:
+            self.shell.run(index)
         return created
 
     def forget(self, job_id: str) -> bool:
@@ -219,9 +222,8 @@ class AsyncJobStore:
         """Write a new job's record, status queued; False if the id already has one (and
         into its owner's index, as ``JobStore.create``)."""
         created = await self.shell.run(self.records.create(job_id, fields))
-        owner = fields.get(Field.OWNER)
-        if created and owner:
-            await self.shell.run(self.records.index(owner, job_id))
+        if created and (index := self.records.index(job_id, fields)) is not None:
+            await self.shell.run(index)
         return created
 
     async def owned(self, owner: str, after: str | None,

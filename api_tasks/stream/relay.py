@@ -9,16 +9,13 @@ counted as published really is in Redis before the error event.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
-from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id
+from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id, loads
 from api_tasks.record.keys import Keys
 from api_tasks.record.writer import Command, EventWriter
 from api_tasks.stream.assemble import StreamAssembler
@@ -113,9 +110,11 @@ class StreamRelay:
 
     def _parse(self, event: SSEEvent) -> dict[str, Any]:
         try:
-            chunk = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            chunk = _lenient(event.data)  # what orjson refuses and json takes (lone surrogates)
+            chunk = loads(event.data)
+        except ValueError as err:
+            raise InvalidResponseError(
+                f"upstream sent an event that is not JSON: {event.data[:120]!r}",
+                code="invalid_json") from err
         if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
             raise self._stream_error(chunk)
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
@@ -134,12 +133,3 @@ class StreamRelay:
                            else "stream_error",
                            type=scrub(str(kind), self.secrets) if kind else "server_error",
                            status=200)
-
-
-def _lenient(data: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as err:
-        raise InvalidResponseError(
-            f"upstream sent an event that is not JSON: {data[:120]!r}",
-            code="invalid_json") from err
