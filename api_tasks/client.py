@@ -1,6 +1,7 @@
 """The producer API: submit jobs and batches, find them again, preview a job.
 
-``Client`` is an ``Enqueuer`` (one Redis pool, one Celery app) that hands back
+``Client`` is an ``Enqueuer`` (one Redis pool; no Celery app: it sends task messages
+itself) that hands back
 ``Job`` and ``Batch`` handles; the module-level functions here (re-exported by
 ``api_tasks``) use a default client built from the environment on first use.
 """
@@ -23,8 +24,6 @@ from api_tasks.spec import Kind, build_spec
 from api_tasks.upstream.routing import build_call, resolve_upstream
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from config.settings import Settings
 
 __all__ = ["Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
@@ -48,12 +47,12 @@ class DryRun:
 class Client(Enqueuer):
     """Submits jobs and finds them again."""
 
-    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         if settings is None:
             from config.loader import load_settings
 
             settings = load_settings()
-        super().__init__(settings, app)
+        super().__init__(settings)
         # blocking reads (XREAD BLOCK) get their own pool, with a longer timeout
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,

@@ -14,7 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.batches.pump import BatchPump
-from api_tasks.broker import HIDDEN_ARGS
+from api_tasks.broker import task_message
 from api_tasks.connections import connect, pool_size
 from api_tasks.enqueue import Enqueuer
 from api_tasks.execution import tokens
@@ -67,7 +67,7 @@ class Runtime:
         self.heartbeat = Heartbeat(quick, self.keys, self.worker_id,
                                    worker.concurrency) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
-        self.batches = BatchPump(Enqueuer(settings, app)) if app is not None else None
+        self.batches = BatchPump(Enqueuer(settings)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()
@@ -94,8 +94,8 @@ class Runtime:
 
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
-        self.app.send_task(message["task"], args=message["args"], kwargs=message["kwargs"],
-                           task_id=job_id, queue=message["queue"], **HIDDEN_ARGS)
+        self.redis.lpush(self.keys.queue(message["queue"]), task_message(
+            message["task"], message["args"], message["kwargs"], job_id, message["queue"]))
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from celery import Celery
 
+from api_tasks.broker import create_app
 from api_tasks.client import Client
 from api_tasks.record.writer import EventWriter
 from config.loader import load_settings
@@ -130,6 +132,14 @@ def worker(worker_env: dict[str, str], workdir: Path) -> Iterator[WorkerProcess]
 @pytest.fixture(scope="session")
 def client(settings: Settings, worker: WorkerProcess) -> Client:
     return Client(settings)
+
+
+@pytest.fixture
+def celery_app(client: Client) -> Iterator[Celery]:
+    """A plain Celery producer on the client's settings, for messages no ``Client`` sends."""
+    app = create_app(client.settings)
+    yield app
+    app.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The gateway's ASGI app: the OpenAI-compatible endpoints, the jobs API, and health.
 
-Everything runs on the event loop except the submit itself (``submit.Submitter`` puts the
-producer's blocking calls on threads). Reads go through ``AsyncJobStore`` and ``AsyncJob``,
-the record code the Python producer runs too.
+Everything runs on the event loop (only checking a large job goes to a thread). Submits go
+through ``AsyncEnqueuer`` and reads through ``AsyncJobStore`` and ``AsyncJob``: the record,
+message and event code the Python producer runs too.
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ class Gateway:
         self.keys = Keys(settings.redis.prefix)
         self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
                                    settings.jobs.queued_ttl)
-        self.submitter = Submitter(settings, self.redis)
+        self.submitter = Submitter(settings, self.store)
         self.keyring = Keyring(settings.gateway)
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
 
     async def start(self) -> None:
-        """Connect and declare the queues now, not on the first request (a tenth of a second),
-        then settle the stream-token secret: configured, or one shared through Redis."""
+        """Connect and load the submit's scripts now, not on the first request, then settle
+        the stream-token secret: configured, or one shared through Redis."""
         try:
-            await anyio.to_thread.run_sync(self.submitter.enqueuer.warm)
+            await self.submitter.enqueuer.warm()
         except BrokerUnavailable as err:  # it serves anyway: 503s until Redis is back
             log.warning("gateway: %s", err)
         configured = self.settings.gateway.token_secret
@@ -98,8 +98,9 @@ class Gateway:
         return self.keyring.key_for(request.headers.get("authorization"),
                                     request.headers.get("host"))
 
-    async def body(self, request: Request) -> dict[str, Any]:
-        """The request's JSON object, read up to ``jobs.max_request_bytes`` (413 past it)."""
+    async def body(self, request: Request) -> tuple[dict[str, Any], int]:
+        """The request's JSON object, read up to ``jobs.max_request_bytes`` (413 past it),
+        and its size."""
         limit = self.settings.jobs.max_request_bytes
         kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if self.keyring.open and kind != "application/json":
@@ -121,7 +122,7 @@ class Gateway:
                                code="invalid_json") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "the body must be a JSON object", code="invalid_json")
-        return body
+        return body, len(data)
 
     async def owned(self, key: GatewayKey, job_id: str) -> dict[str, str]:
         """The record of a job of this key (404 for any other, as if it did not exist)."""
@@ -200,12 +201,12 @@ async def completions(request: Request) -> Response:
 async def _openai_call(request: Request, kind: Kind) -> Response:
     gateway: Gateway = request.app.state.gateway
     key = gateway.key(request)
-    body = await gateway.body(request)
-    job_id = await gateway.submitter.submit(
+    body, size = await gateway.body(request)
+    job_id, record = await gateway.submitter.submit(
         key, kind, body, request.headers.get(_QUEUE_HEADER),
-        idempotency_key=request.headers.get("idempotency-key"))
+        idempotency_key=request.headers.get("idempotency-key"), size=size)
     headers = {"x-request-id": job_id}
-    job = AsyncJob(gateway.store, job_id)
+    job = AsyncJob(gateway.store, job_id, submitted=record is not None)
     # a job that may be asked for again (its Idempotency-Key) outlives any one client
     cancellable = "idempotency-key" not in request.headers
     if body.get("stream") is True:
@@ -280,7 +281,7 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes
     started = False
     pending: list[bytes] = []  # the chunks one read brought, written as one
     with _redis_errors():
-        after = attempt_start(await gateway.store.tail(job.id))
+        after = "0-0" if job.submitted else attempt_start(await gateway.store.tail(job.id))
     async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive,
                                   batched=True):
         if event is IDLE:
@@ -349,7 +350,7 @@ async def create_job(request: Request) -> Response:
     """``POST /v1/jobs``: enqueue and answer 202 with the job at once."""
     gateway: Gateway = request.app.state.gateway
     key = gateway.key(request)
-    body = await gateway.body(request)
+    body, size = await gateway.body(request)
     url, job_body = body.get("url"), body.get("body")
     if url not in _URLS:
         raise GatewayError(400, f"url must be one of {', '.join(_URLS)}", param="url",
@@ -361,10 +362,10 @@ async def create_job(request: Request) -> Response:
         raise GatewayError(400, "metadata must be an object of at most 16 pairs",
                            param="metadata", code="invalid_metadata")
     queue = body.get("queue") or request.headers.get(_QUEUE_HEADER)
-    job_id = await gateway.submitter.submit(
+    job_id, record = await gateway.submitter.submit(
         key, _URLS[url], job_body, queue, metadata=metadata,
-        idempotency_key=request.headers.get("idempotency-key"))
-    info = await gateway.owned(key, job_id)
+        idempotency_key=request.headers.get("idempotency-key"), size=size)
+    info = record if record is not None else await gateway.owned(key, job_id)
     return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
                         headers={"x-request-id": job_id})
 

@@ -1,12 +1,11 @@
-"""Submitting from the event loop: the Python producer's ``Enqueuer``, run in worker threads
-(its Redis calls and Celery publish block), with the gateway's own checks around it."""
+"""Submitting from the event loop: the producer's submissions (``enqueue.Submissions``), sent
+by ``AsyncEnqueuer`` in one round trip, with the gateway's own checks around them."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import uuid
 from typing import Any
 
 import anyio
@@ -16,18 +15,18 @@ import redis.asyncio
 from anyio.to_thread import run_sync
 
 from api_tasks.connections import text
-from api_tasks.enqueue import Enqueuer
+from api_tasks.enqueue import AsyncEnqueuer, Submission
 from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
 from api_tasks.record.job_record import Field
-from api_tasks.record.keys import Keys
+from api_tasks.record.store import AsyncJobStore
 from api_tasks.spec import CONTROL_FIELDS, Kind
 from config.settings import QUEUES, GatewayKey, Settings
 
-__all__ = ["FIRST", "Submitter", "unavailable"]
+__all__ = ["FIRST", "Submitted", "Submitter", "unavailable"]
 
 FIRST: dict[Kind, str] = {"chat": "messages", "completion": "prompt"}
-_THREADS = 64  # submits in flight at once in one gateway process
+_INLINE_BYTES = 64 * 1024  # a larger job is checked on a thread, off the event loop
 
 
 def unavailable(err: BaseException) -> GatewayError:
@@ -36,21 +35,23 @@ def unavailable(err: BaseException) -> GatewayError:
                         headers={"Retry-After": "1"})
 
 
+Submitted = tuple[str, dict[str, str] | None]  # the job id, and its record if this request made it
+
+
 class Submitter:
     """Checks a request against its key and enqueues it as a job."""
 
-    def __init__(self, settings: Settings, client: redis.asyncio.Redis) -> None:
+    def __init__(self, settings: Settings, store: AsyncJobStore) -> None:
         self.settings = settings
-        self.enqueuer = Enqueuer(settings)
-        self.keys = Keys(settings.redis.prefix)
-        self._redis = client
-        self._limiter = anyio.CapacityLimiter(_THREADS)
+        self.enqueuer = AsyncEnqueuer(settings, store)
+        self.keys = store.keys
+        self._redis = store.redis
 
     async def submit(self, key: GatewayKey, kind: Kind, body: dict[str, Any], queue: str | None,
                      *, metadata: dict[str, Any] | None = None,
-                     idempotency_key: str | None = None) -> str:
-        """Enqueue ``body`` as a job of ``key``; its id (a repeated idempotency key: the
-        first request's job, nothing enqueued)."""
+                     idempotency_key: str | None = None, size: int = 0) -> Submitted:
+        """Enqueue ``body`` (``size`` bytes of JSON) as a job of ``key``: its id and record
+        (a repeated idempotency key: the first request's job, nothing enqueued, no record)."""
         lane = queue or body.get("queue") or self.settings.jobs.default_queue
         if lane not in QUEUES:
             raise GatewayError(400, f"unknown queue {lane!r}: use one of {', '.join(QUEUES)}",
@@ -73,28 +74,34 @@ class Submitter:
         fields = {}
         if metadata is not None:
             fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))
-        job_id = str(uuid.uuid4())
+        try:
+            if size > _INLINE_BYTES:
+                submission = await run_sync(self._build, kind, body.get(FIRST[kind]), params,
+                                            fields)
+            else:
+                submission = self._build(kind, body.get(FIRST[kind]), params, fields)
+        except InvalidJob as err:
+            raise _refused(err) from None
         if idempotency_key is not None:
             request = {"kind": kind, "body": body, "queue": lane, "metadata": metadata}
-            earlier = await self._claim_idempotency(key, idempotency_key, request, job_id)
+            earlier = await self._claim_idempotency(key, idempotency_key, request,
+                                                    submission.job_id)
             if earlier is not None:
-                return earlier
+                return earlier, None
         try:
-            return await run_sync(self._enqueue, kind, body.get(FIRST[kind]), params, job_id,
-                                  fields, limiter=self._limiter)
+            await self.enqueuer.send(submission)
         except BaseException as err:
             if idempotency_key is not None:  # nothing was enqueued: the key may be used again
                 with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
                     await self._redis.delete(self._idempotency_key(key, idempotency_key))
-            if isinstance(err, InvalidJob):
-                raise _refused(err) from None
             if isinstance(err, BrokerUnavailable):
                 raise unavailable(err) from None
             raise
+        return submission.job_id, submission.record
 
-    def _enqueue(self, kind: Kind, first: Any, params: dict[str, Any], job_id: str,
-                 fields: dict[str, str]) -> str:
-        return self.enqueuer.enqueue(kind, first, params, job_id=job_id, fields=fields)
+    def _build(self, kind: Kind, first: Any, params: dict[str, Any],
+               fields: dict[str, str]) -> Submission:
+        return self.enqueuer.submissions.build(kind, first, params, fields=fields)
 
     def _idempotency_key(self, key: GatewayKey, idempotency_key: str) -> str:
         return self.keys.idempotency(key.name, hashlib.sha256(idempotency_key.encode()).hexdigest())

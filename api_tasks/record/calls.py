@@ -57,13 +57,30 @@ def _command(call: Call[Any], script: Callable[[str], Any]) -> tuple[Any, ...]:
     return ("EVALSHA", script(call.script).sha, len(call.keys), *call.keys, *call.args)
 
 
+def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[list[Any]]:
+    """A pipeline's replies cut back into its groups."""
+    out, at = [], 0
+    for group in groups:
+        out.append(replies[at:at + len(group)])
+        at += len(group)
+    return out
+
+
+def _failure(replies: list[Any]) -> Exception | None:
+    """A group's first error reply other than a missing script's."""
+    return next((reply for reply in replies
+                 if isinstance(reply, Exception) and not isinstance(reply, NoScriptError)), None)
+
+
 def _unloaded(replies: list[Any]) -> list[int]:
-    """Where a pipeline's replies say Redis lacked the script (it restarted or flushed its
-    scripts), to run those calls again; any other error reply is raised."""
-    for reply in replies:
-        if isinstance(reply, Exception) and not isinstance(reply, NoScriptError):
-            raise reply
+    """Where a group's replies say Redis lacked the script (it restarted or flushed its
+    scripts), to run those calls again, after the others (in a transaction too: Redis
+    refuses an unknown script when it runs it, not when it queues it)."""
     return [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+
+
+def _parsed(group: Sequence[Call[Any]], replies: list[Any]) -> list[Any]:
+    return [call.parse(reply) for call, reply in zip(group, replies, strict=True)]
 
 
 class SyncShell:
@@ -79,18 +96,38 @@ class SyncShell:
             return call.parse(self._script(call.script)(keys=call.keys, args=call.args))
         return call.parse(self.redis.execute_command(*call.args))  # type: ignore[no-untyped-call]
 
-    def run_all(self, calls: Sequence[Call[T]]) -> list[T]:
-        """Send calls in one round trip (not a transaction); their replies in order."""
-        if not calls:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
+    def run_all(self, calls: Sequence[Call[T]], *, transaction: bool = False) -> list[T]:
+        """Send calls in one round trip; their replies in order (an error reply is raised).
+        A ``transaction`` runs whole (MULTI/EXEC): no other client sees it half done."""
+        [replies] = self.run_groups([calls], transaction=transaction)
+        if isinstance(replies, Exception):
+            raise replies
+        return replies
+
+    def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
+                   transaction: bool = False) -> list[list[Any] | Exception]:
+        """Send groups of calls in one round trip: each group's replies, or its first error."""
+        if not any(groups):
+            return [[] for _ in groups]
+        pipe = self.redis.pipeline(transaction=transaction)
+        for call in (call for group in groups for call in group):
             pipe.execute_command(*_command(call, self._script))  # type: ignore[no-untyped-call]
-        replies = pipe.execute(raise_on_error=False)
-        for index in _unloaded(replies):
-            call = calls[index]
-            replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
-        return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
+        out: list[list[Any] | Exception] = []
+        for group, replies in zip(groups, _grouped(groups, pipe.execute(raise_on_error=False)),
+                                  strict=True):
+            if (failed := _failure(replies)) is not None:
+                out.append(failed)
+                continue
+            for index in _unloaded(replies):
+                call = group[index]
+                replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
+            out.append(_parsed(group, replies))
+        return out
+
+    def load(self, names: Sequence[str]) -> None:
+        """Load scripts into Redis now, so the first calls find them."""
+        for name in names:
+            self.redis.script_load(script(name))
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:
@@ -111,18 +148,37 @@ class AsyncShell:
             return call.parse(await self._script(call.script)(keys=call.keys, args=call.args))
         return call.parse(await self.redis.execute_command(*call.args))  # type: ignore[no-untyped-call]
 
-    async def run_all(self, calls: Sequence[Call[T]]) -> list[T]:
-        """Send calls in one round trip (not a transaction); their replies in order."""
-        if not calls:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for call in calls:
+    async def run_all(self, calls: Sequence[Call[T]], *, transaction: bool = False) -> list[T]:
+        """Send calls in one round trip, as ``SyncShell.run_all``."""
+        [replies] = await self.run_groups([calls], transaction=transaction)
+        if isinstance(replies, Exception):
+            raise replies
+        return replies
+
+    async def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
+                         transaction: bool = False) -> list[list[Any] | Exception]:
+        """Send groups of calls in one round trip, as ``SyncShell.run_groups``."""
+        if not any(groups):
+            return [[] for _ in groups]
+        pipe = self.redis.pipeline(transaction=transaction)
+        for call in (call for group in groups for call in group):
             pipe.execute_command(*_command(call, self._script))
-        replies = await pipe.execute(raise_on_error=False)
-        for index in _unloaded(replies):
-            call = calls[index]
-            replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
-        return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
+        out: list[list[Any] | Exception] = []
+        replies_of = _grouped(groups, await pipe.execute(raise_on_error=False))
+        for group, replies in zip(groups, replies_of, strict=True):
+            if (failed := _failure(replies)) is not None:
+                out.append(failed)
+                continue
+            for index in _unloaded(replies):
+                call = group[index]
+                replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
+            out.append(_parsed(group, replies))
+        return out
+
+    async def load(self, names: Sequence[str]) -> None:
+        """Load scripts into Redis now, as ``SyncShell.load``."""
+        for name in names:
+            await self.redis.script_load(script(name))
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:

@@ -9,6 +9,8 @@ envelope's descriptive fields). Values are strings, numbers as decimal text.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "finish_fields",
     "job_view",
     "meta_from",
+    "queued",
     "submit_fields",
 ]
 
@@ -86,6 +89,12 @@ def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
     if spec.owner is not None:
         fields[Field.OWNER] = spec.owner
     return {str(name): value for name, value in fields.items()}
+
+
+def queued(fields: Mapping[str, str]) -> dict[str, str]:
+    """The record of a job just submitted: its fields, status queued, created now."""
+    return {**fields, Field.STATUS.value: JobStatus.QUEUED.value,
+            Field.CREATED_AT.value: repr(time.time())}
 
 
 def finish_fields(status: JobStatus, finished_at: float, calls: int,

@@ -140,3 +140,8 @@ class Keys:
     def celery_prefix(self) -> str:
         """Prefix for the broker's own keys (queues, unacked messages)."""
         return f"{self.prefix}:celery:"
+
+    def queue(self, lane: str) -> str:
+        """List: a lane's task messages, as kombu's Redis transport keeps them (no TTL: the
+        workers empty it)."""
+        return f"{self.celery_prefix()}{lane}"

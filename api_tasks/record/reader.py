@@ -265,12 +265,18 @@ class Job:
 class AsyncJob:
     """``Job`` for asyncio callers (the HTTP gateway): the same methods, awaited."""
 
-    def __init__(self, store: AsyncJobStore, job_id: str) -> None:
+    def __init__(self, store: AsyncJobStore, job_id: str, *, submitted: bool = False) -> None:
         self.id = job_id
         self._store = store
+        # just submitted by this caller: its stream is empty, so no need to look at its end
+        self.submitted = submitted
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
+
+    async def _tail(self) -> list[dict[str, Any]]:
+        with broker_errors():
+            return [] if self.submitted else await self._store.tail(self.id)
 
     async def status(self) -> JobStatus:
         """The job's current status."""
@@ -291,8 +297,7 @@ class AsyncJob:
     async def result(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Wait for the end; return the response or raise (as ``Job.result``)."""
         try:
-            with broker_errors():
-                tail = await self._store.tail(self.id)
+            tail = await self._tail()
             if tail and tail[0]["type"] in FINAL_TYPES:
                 raise_for(self.id, tail[0])
             else:
@@ -308,8 +313,7 @@ class AsyncJob:
     async def stream(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield the upstream's chunks of the newest attempt in order (as ``Job.stream``)."""
         chunks = ChunkFilter(self.id)
-        with broker_errors():
-            after = attempt_start(await self._store.tail(self.id))
+        after = attempt_start(await self._tail())
         try:
             async for event in self.events(timeout=timeout, after=after):
                 chunk = chunks.chunk(event)

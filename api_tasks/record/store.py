@@ -21,7 +21,7 @@ import redis.asyncio
 from api_tasks.connections import text
 from api_tasks.record.calls import AsyncShell, Call, SyncShell, command, lua
 from api_tasks.record.events import EVENT_FIELD, final_event, parse_entries
-from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from
+from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from, queued
 from api_tasks.record.keys import Keys
 
 __all__ = ["AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
@@ -72,10 +72,8 @@ class JobRecords:
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
 
-    def create(self, job_id: str, fields: dict[str, str]) -> Call[bool]:
-        """Write a new job's record, status queued; False if the id already has one."""
-        record = {**fields, Field.STATUS: JobStatus.QUEUED.value,
-                  Field.CREATED_AT: repr(time.time())}
+    def create(self, job_id: str, record: dict[str, str]) -> Call[bool]:
+        """Write a new job's record (``queued(fields)``); False if the id already has one."""
         flat = [item for pair in record.items() for item in pair]
         return lua("job_create", [self.keys.job(job_id)], [self.queued_ttl, *flat], bool)
 
@@ -160,7 +158,7 @@ class JobStore:
     def create(self, job_id: str, fields: dict[str, str]) -> bool:
         """Write a new job's record, status queued; False if the id already has one. A job
         with an owner (a gateway key) goes into its owner's index too."""
-        created = self.shell.run(self.records.create(job_id, fields))
+        created = self.shell.run(self.records.create(job_id, queued(fields)))
         if created and (index := self.records.index(job_id, fields)) is not None:
             self.shell.run(index)
         return created
@@ -221,7 +219,7 @@ class AsyncJobStore:
     async def create(self, job_id: str, fields: dict[str, str]) -> bool:
         """Write a new job's record, status queued; False if the id already has one (and
         into its owner's index, as ``JobStore.create``)."""
-        created = await self.shell.run(self.records.create(job_id, fields))
+        created = await self.shell.run(self.records.create(job_id, queued(fields)))
         if created and (index := self.records.index(job_id, fields)) is not None:
             await self.shell.run(index)
         return created

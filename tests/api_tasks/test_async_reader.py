@@ -13,7 +13,7 @@ import pytest
 from api_tasks.client import Client
 from api_tasks.connections import connect_async
 from api_tasks.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
-from api_tasks.record.job_record import JobStatus
+from api_tasks.record.job_record import JobStatus, queued
 from api_tasks.record.reader import AsyncJob
 from api_tasks.record.store import AsyncJobStore
 from config.settings import Settings
@@ -87,7 +87,7 @@ def test_async_cancel_of_a_queued_job_and_the_calls_in_one_round_trip(
         records = store.records
         # a script and plain commands in one pipeline, parsed as one call each
         created, status, absent = await store.shell.run_all([
-            records.create(job_id, {"kind": "chat"}), records.status(job_id),
+            records.create(job_id, queued({"kind": "chat"})), records.status(job_id),
             records.status(job_id + "-none")])
         handle = AsyncJob(store, job_id)
         with pytest.raises(JobTimeout):

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from api_tasks import JobFailed
 from api_tasks.client import Client
@@ -136,9 +137,9 @@ def test_oversized_sse_line_is_cut_at_the_cap(client: Client, fake: FakeUpstream
     assert error["code"] == "line_too_long"
 
 
-def test_job_sent_by_a_plain_celery_client_with_bad_fields(client: Client, fake: FakeUpstream,
-                                                           model: str) -> None:
-    bad = client.app.send_task("api_tasks.chat", args=[[{"role": "user", "content": 3}]],
+def test_job_sent_by_a_plain_celery_client_with_bad_fields(
+        celery_app: Celery, client: Client, fake: FakeUpstream, model: str) -> None:
+    bad = celery_app.send_task("api_tasks.chat", args=[[{"role": "user", "content": 3}]],
                                kwargs={"model": model}, queue="interactive")
     with pytest.raises(JobFailed) as caught:
         client.job(bad.id).result(timeout=20)
@@ -148,8 +149,9 @@ def test_job_sent_by_a_plain_celery_client_with_bad_fields(client: Client, fake:
     assert fake.requests(model) == []
 
 
-def test_job_sent_by_a_plain_celery_client_runs(client: Client, model: str) -> None:
-    sent = client.app.send_task("api_tasks.completion", args=["hi"], kwargs={"model": model})
+def test_job_sent_by_a_plain_celery_client_runs(celery_app: Celery, client: Client,
+                                                model: str) -> None:
+    sent = celery_app.send_task("api_tasks.completion", args=["hi"], kwargs={"model": model})
     response = client.job(sent.id).result(timeout=20)
     assert response is not None and response["choices"][0]["text"] == "echo: hi"
 
@@ -175,9 +177,9 @@ def test_a_missed_deadline_is_retried(client: Client, fake: FakeUpstream) -> Non
     ({"model": "m-\ud800"}, "model"),
     ({"model": "m-x", "user": "lone \udfff"}, "user"),
 ])
-def test_a_plain_celery_client_job_with_lone_surrogates_fails_naming_the_field(
+def test_a_plain_celery_client_job_with_lone_surrogates_fails_naming_the_field(celery_app: Celery,
         client: Client, fake: FakeUpstream, kwargs: dict[str, str], field: str) -> None:
-    sent = client.app.send_task("api_tasks.chat", args=[[{"role": "user", "content": "x"}]],
+    sent = celery_app.send_task("api_tasks.chat", args=[[{"role": "user", "content": "x"}]],
                                 kwargs=kwargs)
     with pytest.raises(JobFailed) as caught:
         client.job(sent.id).result(timeout=20)

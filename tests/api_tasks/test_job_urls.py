@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celery import Celery
 
 from api_tasks import InvalidJob, JobFailed
 from api_tasks.client import Client
@@ -34,9 +35,9 @@ def test_other_urls_are_refused_at_submit(client: Client, model: str, url: str,
     assert caught.value.param == "base_url" and why in str(caught.value)
 
 
-def test_worker_refuses_a_url_a_plain_client_slipped_in(client: Client,
+def test_worker_refuses_a_url_a_plain_client_slipped_in(celery_app: Celery, client: Client,
                                                         fake: FakeUpstream) -> None:
-    sent = client.app.send_task("api_tasks.chat", args=[USER],
+    sent = celery_app.send_task("api_tasks.chat", args=[USER],
                                 kwargs={"model": "plain-c", "base_url": fake.base_url})
     with pytest.raises(JobFailed) as caught:
         client.job(sent.id).result(timeout=20)
@@ -48,10 +49,10 @@ def test_worker_refuses_a_url_a_plain_client_slipped_in(client: Client,
                                  "http://llm-attacker.example\\.internal/",
                                  "http://2130706433.internal@127.0.0.1/",
                                  "http://0x7f000001/", "http://127.1/"])
-def test_worker_refuses_bypass_forms_a_plain_client_slipped_in(
+def test_worker_refuses_bypass_forms_a_plain_client_slipped_in(celery_app: Celery,
         client: Client, fake: FakeUpstream, model: str, url: str) -> None:
     """Sent straight to the queue, past the submit-time check: the worker checks again."""
-    sent = client.app.send_task("api_tasks.chat", args=[USER],
+    sent = celery_app.send_task("api_tasks.chat", args=[USER],
                                 kwargs={"model": "open-" + model, "base_url": url})
     with pytest.raises(JobFailed) as caught:
         client.job(sent.id).result(timeout=20)

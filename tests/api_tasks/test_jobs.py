@@ -10,6 +10,7 @@ import redis
 
 from api_tasks import InvalidJob, JobNotFound, JobStatus
 from api_tasks.client import Client
+from config.settings import Settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 
 pytestmark = pytest.mark.integration
@@ -146,19 +147,14 @@ def test_invalid_jobs_are_refused_at_submit(client: Client, redis_client: redis.
     assert list(redis_client.scan_iter(match=f"*{job_id}*", count=1000)) == []
 
 
-def test_a_failed_send_of_any_kind_leaves_no_record(client: Client, redis_client: redis.Redis,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not only a lost connection: any error sending the message removes the new record."""
-    from kombu.exceptions import EncodeError
-
-    sent: list[str] = []
-
-    def refuse(*args: object, task_id: str, **kwargs: object) -> None:
-        sent.append(task_id)
-        raise EncodeError("the serializer refused the message")
-
-    monkeypatch.setattr(client.app, "send_task", refuse)
-    with pytest.raises(EncodeError):
-        client.submit_chat(USER, model="m-unsent")
-    [job_id] = sent
-    assert not redis_client.exists(client.keys.job(job_id))
+def test_a_failed_send_of_any_kind_leaves_no_record(settings: Settings,
+                                                   redis_client: redis.Redis) -> None:
+    """Not only a lost connection: any error in the submit's transaction (here Redis refusing
+    the message, as a lane's key holds something else) removes the new record."""
+    own = Client(settings.model_copy(update={"redis": settings.redis.model_copy(
+        update={"prefix": f"unsent{uuid.uuid4().hex[:6]}"})}))
+    redis_client.set(own.keys.queue("interactive"), "not a list", ex=60)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        own.submit_chat(USER, model="m-unsent")
+    assert list(redis_client.scan_iter(match=f"{own.keys.prefix}:*", count=1000)) == [
+        own.keys.queue("interactive").encode()]

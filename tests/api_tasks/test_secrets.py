@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from api_tasks import JobFailed
+from api_tasks.broker import create_app
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.conftest import SECRET
@@ -134,7 +135,7 @@ def test_no_key_in_celery_events_that_flower_shows(worker_env: dict[str, str], w
     env = {**worker_env, "API_TASKS_PREFIX": f"ev{uuid.uuid4().hex[:6]}"}
     own = Client(load_settings(env={k: v for k, v in env.items() if k != "FAKE_UPSTREAM_KEY"}))
     events: list[dict[str, Any]] = []
-    app = own.app
+    app = create_app(own.settings)
 
     def capture(receiver: Any) -> None:
         try:

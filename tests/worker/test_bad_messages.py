@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from kombu import Connection
 
 from api_tasks import JobFailed
@@ -69,9 +70,9 @@ def test_a_pickled_message_is_refused_and_never_loaded(
     assert fake.requests(model)[0].body["messages"] == USER  # type: ignore[index]
 
 
-def test_an_unknown_task_name_is_refused(client: Client, worker: WorkerProcess,
+def test_an_unknown_task_name_is_refused(celery_app: Celery, client: Client, worker: WorkerProcess,
                                          model: str) -> None:
-    sent = client.app.send_task("api_tasks.no_such_task", args=[1], queue="interactive")
+    sent = celery_app.send_task("api_tasks.no_such_task", args=[1], queue="interactive")
     wait_until(lambda: sent.id in worker.log() and "unregistered" in worker.log().lower(), 20,
                "the worker to refuse the unknown task")
     _still_works(client, model)
@@ -84,10 +85,10 @@ def test_an_unknown_task_name_is_refused(client: Client, worker: WorkerProcess,
     ([USER], {"stream": "yes"}, "stream"),
     ([USER], {"n": float("inf")}, "n"),
 ])
-def test_missing_or_ill_typed_fields_from_a_plain_client(
+def test_missing_or_ill_typed_fields_from_a_plain_client(celery_app: Celery,
         client: Client, fake: FakeUpstream, worker: WorkerProcess, args: list[object],
         kwargs: dict[str, object], field: str) -> None:
-    sent = client.app.send_task("api_tasks.chat", args=args, kwargs=kwargs)
+    sent = celery_app.send_task("api_tasks.chat", args=args, kwargs=kwargs)
     with pytest.raises(JobFailed) as caught:
         client.job(sent.id).result(timeout=20)
     error = caught.value.error
@@ -96,10 +97,10 @@ def test_missing_or_ill_typed_fields_from_a_plain_client(
     assert worker.proc is not None and worker.proc.poll() is None
 
 
-def test_an_oversized_prompt_from_a_plain_client_fails_without_a_call(
+def test_an_oversized_prompt_from_a_plain_client_fails_without_a_call(celery_app: Celery,
         client: Client, fake: FakeUpstream, model: str) -> None:
     huge = "x" * (client.settings.jobs.max_request_bytes + 1)
-    sent = client.app.send_task("api_tasks.completion", args=[huge], kwargs={"model": model})
+    sent = celery_app.send_task("api_tasks.completion", args=[huge], kwargs={"model": model})
     with pytest.raises(JobFailed) as caught:
         client.job(sent.id).result(timeout=20)
     assert caught.value.error["code"] == "invalid_job" and caught.value.error["param"] == "prompt"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from celery import Celery
 
 from api_tasks import JobFailed, JobStatus, StreamRestarted
 from api_tasks.client import Client
@@ -97,7 +98,7 @@ def test_sigkill_mid_stream_restarts_as_an_announced_attempt(
                 time.monotonic() - started)
 
 
-def test_a_second_delivery_of_a_running_job_waits_for_the_lease_then_is_dropped(
+def test_a_second_delivery_of_a_running_job_waits_for_the_lease_then_is_dropped(celery_app: Celery,
         env: dict[str, str], client: Client, fake: FakeUpstream,
         spawn: Spawn, model: str, figures: Figures) -> None:
     fake.script(model, Reply(delay=2.0, content="once"))
@@ -107,14 +108,14 @@ def test_a_second_delivery_of_a_running_job_waits_for_the_lease_then_is_dropped(
     assert job.info()["status"] == "running"
     again = {"args": [USER], "kwargs": {"model": model}, "task_id": job.id,
              "queue": "interactive"}
-    client.app.send_task("api_tasks.chat", **again)
+    celery_app.send_task("api_tasks.chat", **again)
     wait_until(lambda: f"job {job.id} is held by another attempt" in worker.log(), 10,
                "the duplicate to be deferred")
     assert job.result(timeout=10) is not None
     # deferred, not acked: it comes back when the lease would have lapsed, and is dropped
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the deferred duplicate to be dropped")
-    client.app.send_task("api_tasks.chat", **again)
+    celery_app.send_task("api_tasks.chat", **again)
     wait_until(lambda: f"job {job.id} is succeeded: delivery dropped" in worker.log(), 10,
                "the late duplicate to be dropped")
     assert len(fake.requests(model)) == 1

@@ -1,0 +1,54 @@
+"""The task message producers build themselves equals the one Celery's ``send_task`` sends."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from api_tasks.broker import create_app, task_message
+from api_tasks.record.keys import Keys
+from config.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+# what may differ: kombu's per-message tag, Celery's reply queue (no result backend reads it)
+# and the reprs Celery copies into the properties too (they are the headers' own)
+_PER_SENDER = {"delivery_tag", "reply_to", "argsrepr", "kwargsrepr"}
+
+
+def _decoded(raw: bytes) -> dict[str, Any]:
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    for name in _PER_SENDER:
+        message["properties"].pop(name, None)
+    return message
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"model": "m", "temperature": 0.5, "max_tokens": 7},
+    {"model": "m", "seed": 2**70, "stop": ["é", "\u2028"], "metadata": {"1": [None, True]}},
+])
+def test_our_message_is_celerys(settings: Settings, redis_client: redis.Redis,
+                                kwargs: dict[str, Any]) -> None:
+    keys = Keys(f"msg{uuid.uuid4().hex[:6]}")
+    own = settings.model_copy(update={"redis": settings.redis.model_copy(
+        update={"prefix": keys.prefix})})
+    app = create_app(own)
+    args = [[{"role": "user", "content": "hé \U0001f600"}]]
+    try:
+        task_id = str(uuid.uuid4())
+        app.send_task("api_tasks.chat", args=args, kwargs=kwargs, task_id=task_id,
+                      queue="bulk", argsrepr="(job)", kwargsrepr="(job)")
+    finally:
+        app.close()
+    [celerys] = redis_client.lrange(keys.queue("bulk"), 0, -1)
+    ours = task_message("api_tasks.chat", args, kwargs, task_id, "bulk")
+    assert _decoded(ours) == _decoded(celerys)
+    assert json.loads(ours)["properties"]["delivery_tag"] != json.loads(
+        task_message("api_tasks.chat", args, kwargs, task_id, "bulk"))["properties"]["delivery_tag"]
+    redis_client.delete(*redis_client.keys(f"{keys.prefix}:*"))
