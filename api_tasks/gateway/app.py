@@ -55,6 +55,7 @@ _URLS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "co
 _URL_OF: dict[str, str] = {kind: url for url, kind in _URLS.items()}
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _QUEUE_HEADER = "x-api-tasks-queue"
+_POOL = 256  # Redis connections of one gateway process
 _SECRET_TTL = 365 * 86400  # renewed by every gateway start
 _RETRY = b"retry: 1000\n\n"  # a dropped EventSource comes back within a second
 
@@ -64,8 +65,9 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # every waiting caller holds a connection for its XREAD BLOCK
-        self.redis = connect_async(settings.redis, max_connections=10_000)
+        # a connection is held for one call at a time (waiting readers listen on the store's
+        # hub): a few hundred serve thousands of readers, and bound the memory they take
+        self.redis = connect_async(settings.redis, max_connections=_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
                                    settings.jobs.queued_ttl)

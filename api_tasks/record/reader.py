@@ -13,6 +13,7 @@ handles only run it, one on a sync client and one on asyncio.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -26,9 +27,9 @@ from api_tasks.errors import (
     JobTimeout,
     StreamRestarted,
 )
-from api_tasks.record.events import FINAL_TYPES, EventType
+from api_tasks.record.events import FINAL_TYPES, EventType, entry_id, loads
 from api_tasks.record.job_record import ATTEMPT_FIELDS, TERMINAL, JobStatus, job_view
-from api_tasks.record.store import AsyncJobStore, Cancel, JobStore
+from api_tasks.record.store import READ_COUNT, AsyncJobStore, Cancel, JobStore
 
 __all__ = [
     "BATCH_END",
@@ -68,6 +69,33 @@ class Reader(Protocol):
 
 def _missing(job_id: str) -> JobNotFound:
     return JobNotFound(f"no job {job_id!r} (never submitted, or expired)")
+
+
+def follow_on(after: str, heard: list[bytes]) -> tuple[list[dict[str, Any]], bool]:
+    """The heard events that follow on from stream entry ``after``, with their entry ids
+    (an event's id is ``<attempt>-<seq + 1>`` when it follows on), and whether the stream
+    must be read for the rest: a gap or a new attempt stops the run."""
+    attempt, _, seq_text = after.partition("-")
+    current, seq = int(attempt), int(seq_text)  # the next event of ``after``'s attempt is seq
+    fresh = after == "0-0"  # nothing read yet: any attempt's first event comes first
+    events: list[dict[str, Any]] = []
+    for raw in heard:
+        event = loads(raw)
+        kind = event.get("type")
+        if fresh and kind != EventType.RESET and event.get("seq") == 0:
+            current, fresh = event.get("attempt", 0), False
+        if kind == EventType.RESET or event.get("attempt") != current:
+            return events, True
+        if event["seq"] < seq:  # read already
+            continue
+        if event["seq"] > seq:
+            return events, True
+        event["id"] = entry_id(current, seq)
+        events.append(event)
+        if kind in FINAL_TYPES:
+            return events, False
+        seq += 1
+    return events, False
 
 
 def attempt_start(tail: list[dict[str, Any]]) -> str:
@@ -330,23 +358,43 @@ class AsyncJob:
         ``idle``, also ``IDLE`` whenever that many seconds pass with no event (keep-alives);
         with ``batched``, ``BATCH_END`` after the events of each read (to write them as one)."""
         clock = _Clock(timeout)
-        while True:
-            block = clock.block_ms(self.id)
-            if idle is not None:
-                block = min(block, max(int(idle * 1000), 1))
+        channel = self._store.keys.channel(self.id)
+        read = True  # read the stream next, rather than take what was heard
+        while True:  # once more each time the hub's connection breaks
             with broker_errors():
-                events = await self._store.read(self.id, after, block)
-                if not events and await self._store.status(self.id) in TERMINAL:
-                    raise EventsGone
-            if not events and idle is not None:
-                yield IDLE
-            for event in events:
-                after = event["id"]
-                yield event
-                if event["type"] in FINAL_TYPES:
-                    return
-            if batched and events:
-                yield BATCH_END
+                async with self._store.hub.follow(channel) as heard:
+                    while not heard.closed:
+                        if read or heard.lost:
+                            heard.reset()  # what is heard from here on comes after this read
+                            events = await self._store.read(self.id, after)
+                            if not events and await self._store.status(self.id) in TERMINAL:
+                                events = await self._store.read(self.id, after)  # just ended?
+                                if not events:
+                                    raise EventsGone
+                            read = len(events) >= READ_COUNT
+                        else:
+                            events, read = follow_on(after, heard.take())
+                        if not events:
+                            if read:
+                                continue
+                            wait = clock.block_ms(self.id) / 1000
+                            try:
+                                async with asyncio.timeout(wait if idle is None
+                                                           else min(wait, idle)):
+                                    await heard.wake.wait()
+                            except TimeoutError:
+                                if idle is not None:
+                                    yield IDLE
+                                read = True  # now and then the stream itself
+                            continue
+                        for event in events:
+                            after = event["id"]
+                            yield event
+                            if event["type"] in FINAL_TYPES:
+                                return
+                        if batched:
+                            yield BATCH_END
+            read = True  # followed again: the stream has what was missed
 
     async def cancel(self) -> bool:
         """Ask the job to stop; False if it had already ended."""

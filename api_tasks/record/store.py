@@ -21,12 +21,13 @@ import redis.asyncio
 from api_tasks.connections import text
 from api_tasks.record.calls import AsyncShell, Call, SyncShell, command, lua
 from api_tasks.record.events import EVENT_FIELD, final_event, parse_entries
+from api_tasks.record.hub import EventHub
 from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from, queued
 from api_tasks.record.keys import Keys
 
-__all__ = ["AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
+__all__ = ["READ_COUNT", "AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
 
-_READ_COUNT = 500  # events per XREAD
+READ_COUNT = 500  # events per XREAD
 _STALE_SCAN = 20  # reads of an owner's index one listing may make past expired entries
 _STALE_STEP = 100  # ids per read once expired entries are met
 _CANCELLED = {"type": "cancelled", "code": "cancelled", "status": None, "param": None,
@@ -138,9 +139,12 @@ class JobRecords:
         return command("XREVRANGE", self.keys.events(job_id), "+", "-", "COUNT", 1,
                        parse=parse_entries)
 
-    def read(self, job_id: str, after: str, block_ms: int) -> Call[list[dict[str, Any]]]:
-        """The events after stream id ``after``, waiting up to ``block_ms`` for the first."""
-        return command("XREAD", "COUNT", _READ_COUNT, "BLOCK", block_ms, "STREAMS",
+    def read(self, job_id: str, after: str,
+             block_ms: int | None = None) -> Call[list[dict[str, Any]]]:
+        """Up to ``READ_COUNT`` events after stream id ``after``, waiting up to ``block_ms``
+        for the first (None: not at all)."""
+        block = () if block_ms is None else ("BLOCK", block_ms)
+        return command("XREAD", "COUNT", READ_COUNT, *block, "STREAMS",
                        self.keys.events(job_id), after, parse=_first_stream)
 
 
@@ -215,6 +219,7 @@ class AsyncJobStore:
         self.keys = keys
         self.records = JobRecords(keys, result_ttl, queued_ttl)
         self.shell = AsyncShell(client)
+        self.hub = EventHub(client)  # waiting readers hold no connection: they listen here
 
     async def create(self, job_id: str, fields: dict[str, str]) -> bool:
         """Write a new job's record, status queued; False if the id already has one (and
@@ -280,6 +285,7 @@ class AsyncJobStore:
         """The newest event of the job's stream (none if it is empty)."""
         return await self.shell.run(self.records.tail(job_id))
 
-    async def read(self, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
-        """The events after ``after``, waiting up to ``block_ms`` for the first."""
-        return await self.shell.run(self.records.read(job_id, after, block_ms))
+    async def read(self, job_id: str, after: str) -> list[dict[str, Any]]:
+        """Up to ``READ_COUNT`` events after ``after``, without waiting (``hub`` tells when
+        there are more)."""
+        return await self.shell.run(self.records.read(job_id, after))
