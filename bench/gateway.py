@@ -238,16 +238,23 @@ def main() -> None:
         queued = _gateway(stack, svc, queued_env, "gateway-submits")
         rows += submits(queued, queued_env, sizes["submits"])
         queued.stop()
-        env = svc.env()
-        worker = stack.enter_context(svc.worker(env, concurrency=sizes["readers"] + 100))
-        gateway = _gateway(stack, svc, env, "gateway")
-        our_client(env).submit_chat(USER, model="echo").result(timeout=120)
-        wait_until(lambda: httpx.get(gateway.url + "/readyz").status_code == 200, 30,
-                   "the gateway to see the worker")
-        rows += latency(svc, gateway, env, sizes["latency"])
-        rows += first_chunk(svc, gateway, env, sizes["ttfc"])
-        rows += readers(gateway, sizes["readers"])
-        assert worker.proc is not None and worker.proc.poll() is None
+        # latency at the default settings; then a worker with a thread for each live stream
+        for phase in ("latency", "readers"):
+            env = svc.env()
+            threads = {"concurrency": sizes["readers"] + 100} if phase == "readers" else {}
+            with svc.worker(env, name=f"worker-{phase}", **threads) as worker:
+                gateway = _gateway(stack, svc, env, f"gateway-{phase}")
+                our_client(env).submit_chat(USER, model="echo").result(timeout=120)
+                ready = gateway.url + "/readyz"
+                wait_until(lambda: httpx.get(ready).status_code == 200, 30,  # noqa: B023
+                           "the gateway to see the worker")
+                if phase == "latency":
+                    rows += latency(svc, gateway, env, sizes["latency"])
+                    rows += first_chunk(svc, gateway, env, sizes["ttfc"])
+                else:
+                    rows += readers(gateway, sizes["readers"])
+                assert worker.proc is not None and worker.proc.poll() is None
+                gateway.stop()
     print(table("\ngateway (one process)", rows), flush=True)
 
 

@@ -296,7 +296,7 @@ class AsyncJob:
     def __init__(self, store: AsyncJobStore, job_id: str, *, submitted: bool = False) -> None:
         self.id = job_id
         self._store = store
-        # just submitted by this caller: its stream is empty, so no need to look at its end
+        # just submitted by this caller: its stream has not expired, nor had time to grow
         self.submitted = submitted
 
     def __repr__(self) -> str:
@@ -367,7 +367,9 @@ class AsyncJob:
                         if read or heard.lost:
                             heard.reset()  # what is heard from here on comes after this read
                             events = await self._store.read(self.id, after)
-                            if not events and await self._store.status(self.id) in TERMINAL:
+                            # an empty stream of an ended job: it expired (not one just sent)
+                            if not events and not self.submitted and \
+                                    await self._store.status(self.id) in TERMINAL:
                                 events = await self._store.read(self.id, after)  # just ended?
                                 if not events:
                                     raise EventsGone
