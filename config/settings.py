@@ -314,6 +314,17 @@ class GatewaySettings(_Model):
         return []
 
 
+FILE_TTL_RANGE = (3600, 30 * 86400)  # OpenAI's bounds on a file's expires_after.seconds
+
+
+class FileSettings(_Model):
+    """Files uploaded through the gateway's Files API (bytes kept in Redis)."""
+
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1, le=2**31)  # OpenAI's batch input cap
+    # how long a file lives when its upload names no expires_after (OpenAI: 30 days)
+    default_ttl: int = Field(FILE_TTL_RANGE[1], ge=FILE_TTL_RANGE[0], le=FILE_TTL_RANGE[1])
+
+
 class Settings(_Model):
     """Everything the producer, the worker and the gateway need, validated."""
 
@@ -322,6 +333,7 @@ class Settings(_Model):
     jobs: JobSettings = JobSettings()
     worker: WorkerSettings = WorkerSettings()
     gateway: GatewaySettings = GatewaySettings()
+    files: FileSettings = FileSettings()
     upstreams: list[Upstream] = Field(min_length=1)
 
     @field_validator("upstreams")

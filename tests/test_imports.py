@@ -93,7 +93,7 @@ LAYERS = {
     "stream": {"upstream", "record"},
     "record": set(),
     "batches": {"record", "enqueue", "client"},
-    "gateway": {"record", "enqueue"},  # a producer too, on asyncio
+    "gateway": {"record", "enqueue", "batches"},  # a producer too, on asyncio (files, batches)
 }
 BASE = {"errors", "spec", "connections", "background", "exit_codes"}
 

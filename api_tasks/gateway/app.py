@@ -31,6 +31,13 @@ from api_tasks.connections import connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
 from api_tasks.gateway.errors import GatewayError, job_error, openai_error
+from api_tasks.gateway.files import (
+    delete_file,
+    file_content,
+    get_file,
+    list_files,
+    upload_file,
+)
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
@@ -553,6 +560,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/v1/files", upload_file, methods=["POST"]),
+        Route("/v1/files", list_files, methods=["GET"]),
+        Route("/v1/files/{file_id}", get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

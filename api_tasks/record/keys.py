@@ -133,6 +133,18 @@ class Keys:
         """Sorted set: a gateway key's jobs, by submit time (us), for ``GET /v1/jobs``."""
         return f"{self.prefix}:owner:{owner}:jobs"
 
+    def file(self, file_id: str) -> str:
+        """Hash: an uploaded file's name, size, purpose, owner and times."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_data(self, file_id: str) -> str:
+        """List: an uploaded file's bytes, in pieces of at most 1 MiB."""
+        return f"{self.prefix}:file:{file_id}:data"
+
+    def owned_files(self, owner: str) -> str:
+        """Sorted set: a gateway key's files, by upload time (us), for ``GET /v1/files``."""
+        return f"{self.prefix}:owner:{owner}:files"
+
     def gateway_secret(self) -> str:
         """String: the stream-token secret the gateways share when none is configured."""
         return f"{self.prefix}:gateway:secret"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -25,7 +27,8 @@ from api_tasks.record.hub import EventHub
 from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from, queued
 from api_tasks.record.keys import Keys
 
-__all__ = ["READ_COUNT", "AsyncJobStore", "Cancel", "JobRecords", "JobStore"]
+__all__ = ["READ_COUNT", "AsyncJobStore", "Cancel", "JobRecords", "JobStore", "OwnerIndex",
+           "owned_page"]
 
 READ_COUNT = 500  # events per XREAD
 _STALE_SCAN = 20  # reads of an owner's index one listing may make past expired entries
@@ -148,6 +151,48 @@ class JobRecords:
                        self.keys.events(job_id), after, parse=_first_stream)
 
 
+@dataclass(frozen=True, slots=True)
+class OwnerIndex:
+    """How to page one owner's index of ids (jobs or files) and read each id's record."""
+
+    owner: str
+    page: Callable[[str | None, int], Call[list[str] | None]]  # (after, count) -> ids
+    record: Callable[[str], Call[dict[str, str]]]
+    unindex: Callable[[list[str]], Call[Any]]
+
+
+async def owned_page(shell: AsyncShell, index: OwnerIndex, after: str | None,
+                     limit: int) -> tuple[list[tuple[str, dict[str, str]]], bool] | None:
+    """Up to ``limit`` of an owner's ids with their records, after ``after``, and whether more
+    may follow; None if ``after`` is not in the index. Ids whose records expired (or are
+    another owner's) leave the index as they are met, at most ``_STALE_SCAN`` reads a call (a
+    page may then be short), so one listing's work stays bounded."""
+    found: list[tuple[str, dict[str, str]]] = []
+    pruning = False
+    for read in range(_STALE_SCAN):
+        # past expired entries, read in larger steps: they come in runs
+        asked = max(limit + 1 - len(found), _STALE_STEP if pruning else 0)
+        ids = await shell.run(index.page(after, asked))
+        if ids is None:  # the cursor is not in the index
+            if read == 0:
+                return None
+            return found, True  # another listing dropped our place: this is the page
+        records = await shell.run_all([index.record(i) for i in ids])
+        live = [(i, r) for i, r in zip(ids, records, strict=True)
+                if r.get(Field.OWNER) == index.owner]
+        stale = [i for i, r in zip(ids, records, strict=True)
+                 if r.get(Field.OWNER) != index.owner]
+        if stale:  # dropped now, so the next read after the same cursor goes past them
+            await shell.run(index.unindex(stale))
+            pruning = True
+        found += live
+        if len(ids) < asked or len(found) > limit:
+            return found[:limit], len(found) > limit
+        if live:
+            after = live[-1][0]
+    return found[:limit], True
+
+
 class JobStore:
     """Job records on a sync client; blocking reads go to ``blocking`` (a longer timeout)."""
 
@@ -232,33 +277,11 @@ class AsyncJobStore:
     async def owned(self, owner: str, after: str | None,
                     limit: int) -> tuple[list[tuple[str, dict[str, str]]], bool] | None:
         """Up to ``limit`` of an owner's jobs with their records, newest first, after the
-        job ``after``, and whether more may follow; None if ``after`` is not one of them.
-        Ids whose records expired (or are another owner's) leave the index as they are met,
-        at most ``_STALE_SCAN`` reads a call (a page may then be short), so one listing's
-        work stays bounded."""
-        found: list[tuple[str, dict[str, str]]] = []
-        pruning = False
-        for read in range(_STALE_SCAN):
-            # past expired entries, read in larger steps: they come in runs
-            asked = max(limit + 1 - len(found), _STALE_STEP if pruning else 0)
-            ids = await self.shell.run(self.records.owned(owner, after, asked))
-            if ids is None:  # the cursor is not in the index
-                if read == 0:
-                    return None
-                return found, True  # another listing dropped our place: this is the page
-            records = await self.shell.run_all([self.records.info(i) for i in ids])
-            live = [(i, r) for i, r in zip(ids, records, strict=True)
-                    if r.get(Field.OWNER) == owner]
-            stale = [i for i, r in zip(ids, records, strict=True) if r.get(Field.OWNER) != owner]
-            if stale:  # dropped now, so the next read after the same cursor goes past them
-                await self.shell.run(self.records.unindex(owner, stale))
-                pruning = True
-            found += live
-            if len(ids) < asked or len(found) > limit:
-                return found[:limit], len(found) > limit
-            if live:
-                after = live[-1][0]
-        return found[:limit], True
+        job ``after`` (as ``owned_page``)."""
+        records = self.records
+        return await owned_page(self.shell, OwnerIndex(
+            owner, lambda start, count: records.owned(owner, start, count), records.info,
+            lambda ids: records.unindex(owner, ids)), after, limit)
 
     async def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""
