@@ -288,6 +288,9 @@ class GatewaySettings(_Model):
     idempotency_ttl: int = Field(86400, ge=60, le=MAX_TTL)
     stream_token_ttl: int = Field(3600, ge=10, le=86400)
     keepalive: float = Field(15.0, gt=0, le=300)  # seconds between comments on an idle stream
+    batch_window: int = Field(200, ge=1, le=1000)  # jobs of one API batch queued or running
+    # seconds before an API batch expires (OpenAI's "24h"; shorter only for tests)
+    batch_lifetime: int = Field(86400, ge=1, le=86400)
     # signs stream tokens; from API_TASKS_GATEWAY_TOKEN_SECRET, else one shared through Redis
     token_secret: SecretStr | None = Field(None, exclude=True)
 
@@ -321,6 +324,7 @@ class FileSettings(_Model):
     """Files uploaded through the gateway's Files API (bytes kept in Redis)."""
 
     max_bytes: int = Field(200 * 1024 * 1024, ge=1, le=2**31)  # OpenAI's batch input cap
+    max_lines: int = Field(50_000, ge=1, le=1_000_000)  # requests in one batch input file
     # how long a file lives when its upload names no expires_after (OpenAI: 30 days)
     default_ttl: int = Field(FILE_TTL_RANGE[1], ge=FILE_TTL_RANGE[0], le=FILE_TTL_RANGE[1])
 

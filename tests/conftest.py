@@ -102,7 +102,7 @@ def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
     config.write_text(yaml.safe_dump({
         "upstreams": upstream_settings(fake.base_url, proxy.base_url),
         "worker": {"shutdown_grace": 3},
-        "gateway": {"keepalive": 0.5, "keys": [
+        "gateway": {"keepalive": 0.5, "batch_window": 4, "keys": [
             {"name": "main", "key_env": "GW_MAIN_KEY"},
             {"name": "other", "key_env": "GW_OTHER_KEY", "models": ["allowed-*"],
              "queues": ["bulk"]},

@@ -33,10 +33,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks.background import Loop
+from api_tasks.batches.api_batches import output_file_ids
+from api_tasks.batches.files import FileRecords
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
+from api_tasks.batches.validation import Checked, check_input
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
+from api_tasks.record.calls import SyncShell
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script
 
@@ -53,6 +57,12 @@ _RECORD = script("batch_record")
 _DRAIN = script("batch_drain")
 _CLOSE = script("batch_close")
 _RELEASE = script("unlock")
+_VALIDATED = script("batch_validated")
+_INVALID = script("batch_invalid")
+_FINALIZE = script("batch_finalize")
+_EXPIRE = script("batch_expire")
+_STAGED_TTL = 3600  # a validation's staged lines, if its worker dies
+_FILE_INDEX_TTL = 30 * 86400  # as batches.files
 
 _EVERY = 0.2  # seconds between two passes over the active batches
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
@@ -62,6 +72,8 @@ _LOOK_EVERY = 5.0  # seconds between two looks for a batch's long-queued jobs
 _COUNTERS = {JobStatus.SUCCEEDED.value: "completed", JobStatus.CANCELLED.value: "cancelled"}
 
 _INPUT_MISSING = error_object("server_error", "input_missing", "the batch's input is gone")
+_EXPIRED = error_object("batch_expired", "batch_expired", "This request could not be executed "
+                        "before the completion window expired.")
 
 
 class BatchPump(Loop):
@@ -76,7 +88,9 @@ class BatchPump(Loop):
         self._token = uuid.uuid4().hex
         self._scripts = {name: self._redis.register_script(source) for name, source in
                          (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
-                          ("drain", _DRAIN), ("close", _CLOSE), ("release", _RELEASE))}
+                          ("drain", _DRAIN), ("close", _CLOSE), ("release", _RELEASE),
+                          ("validated", _VALIDATED), ("invalid", _INVALID),
+                          ("finalize", _FINALIZE), ("expire", _EXPIRE))}
         self._looked: dict[str, float] = {}
 
     def tick(self) -> None:
@@ -106,15 +120,31 @@ class BatchPump(Loop):
         return True
 
     def step(self, batch_id: str) -> None:
-        """Record, look after, cancel, send and close, once, for one batch."""
+        """Record, look after, cancel, send and close, once, for one batch (or check its
+        input, or make its output files, for a batch made through the Batches API)."""
         state = {text(k): text(v) for k, v in
                  self._redis.hgetall(self._keys.batch(batch_id)).items()}
+        if state.get("status") == BatchStatus.VALIDATING:
+            self._validate(batch_id, state)
+            return
+        if state.get("status") == BatchStatus.FINALIZING:
+            self._finalize(batch_id, state)
+            return
+        if state.get("status") == BatchStatus.IN_PROGRESS and state.get("expires_at") and \
+                time.time() >= float(state["expires_at"]):
+            if self._scripts["expire"](keys=[self._keys.batch(batch_id)],
+                                       args=[repr(time.time())]):
+                log.info("batch %s: past its completion window; expiring", batch_id)
+                state.update(status=BatchStatus.CANCELLING.value, expiring="1")
         jobs = {text(k): text(v) for k, v in
                 self._redis.hgetall(self._keys.batch_jobs(batch_id)).items()}
         store = self._client.store
         statuses = dict(zip(jobs, store.statuses(list(jobs)), strict=True))
         ended = [job_id for job_id, status in statuses.items() if status in TERMINAL]
         for job_id, stored in store.results(ended).items():
+            if state.get("expiring") and (stored or {}).get("status") == \
+                    JobStatus.CANCELLED.value:  # cancelled by the batch's expiry
+                stored = {**(stored or {}), "error": _EXPIRED}
             self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
@@ -127,9 +157,59 @@ class BatchPump(Loop):
         if state.get("status") == BatchStatus.CANCELLING and not jobs:
             sent = self._cancel_unsent(batch_id, state)
         if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
-            self._scripts["close"](keys=[*self._all_keys(batch_id), self._keys.batches()],
-                                   args=[batch_id, repr(time.time()),
-                                         self._client.settings.jobs.result_ttl])
+            closed = self._scripts["close"](keys=[*self._all_keys(batch_id),
+                                                  self._keys.batches()],
+                                            args=[batch_id, repr(time.time()),
+                                                  self._client.settings.jobs.result_ttl])
+            if closed == 2:  # made through the Batches API: its files, now
+                self._finalize(batch_id, state)
+
+    def _validate(self, batch_id: str, state: dict[str, str]) -> None:
+        """Check a new API batch's input file: start it on the good lines, or fail it."""
+        settings, keys = self._client.settings, self._keys
+        staged = keys.batch_staged(batch_id, uuid.uuid4().hex)
+        shell, files = SyncShell(self._redis), FileRecords(keys)
+        file_id = state.get("input_file_id", "")
+        if shell.run(files.meta(file_id)).get("owner") != state.get("owner"):
+            checked = Checked()
+            checked.refuse("file_missing", f"the input file {file_id} is gone (deleted, or "
+                           "expired)", param="input_file_id")
+        else:
+            checked = check_input(shell, files, file_id, state.get("endpoint", ""), staged,
+                                  _STAGED_TTL, settings.files.max_lines,
+                                  settings.jobs.max_request_bytes)
+        now = repr(time.time())
+        if checked.found:
+            log.info("batch %s: its input file has %d problem(s); failed", batch_id,
+                     checked.found)
+            self._scripts["invalid"](keys=[keys.batch(batch_id), staged, keys.batches()],
+                                     args=[batch_id, now, json.dumps(checked.problems),
+                                           int(state.get("output_ttl") or self._ttl)])
+            return
+        self._scripts["validated"](keys=[keys.batch(batch_id), staged,
+                                         keys.batch_input(batch_id), keys.batches()],
+                                   args=[checked.total, self._ttl, now, checked.model])
+
+    def _finalize(self, batch_id: str, state: dict[str, str]) -> None:
+        """Make a finished API batch's output and error files, and end it."""
+        keys = self._keys
+        output, errors = output_file_ids(batch_id)
+        sizes = [self._list_bytes(keys.batch_output(batch_id)),
+                 self._list_bytes(keys.batch_errors(batch_id))]
+        self._scripts["finalize"](
+            keys=[keys.batch(batch_id), keys.batch_output(batch_id), keys.batch_errors(batch_id),
+                  keys.file(output), keys.file(errors), keys.owned_files(state["owner"]),
+                  keys.batches()],
+            args=[batch_id, repr(time.time()), *sizes, output, errors,
+                  int(state.get("output_ttl") or self._ttl), _FILE_INDEX_TTL])
+
+    def _list_bytes(self, key: str) -> int:
+        """The size of a list's entries as a JSONL file (one newline each)."""
+        size, start = 0, 0
+        while chunk := self._redis.lrange(key, start, start + 999):
+            size += sum(len(entry) + 1 for entry in chunk)
+            start += len(chunk)
+        return size
 
     def _all_keys(self, batch_id: str) -> list[str]:
         keys = self._keys
@@ -231,8 +311,8 @@ class BatchPump(Loop):
             return False
         lines = self._redis.lrange(self._keys.batch_input(batch_id), sent,
                                    min(sent + _TAKE_AT_MOST, total) - 1)
-        error = error_object("cancelled", "cancelled",
-                             "the batch was cancelled before this line was sent")
+        error = _EXPIRED if state.get("expiring") else error_object(
+            "cancelled", "cancelled", "the batch was cancelled before this line was sent")
         records = [json.dumps(record_for(f"{batch_id}-{sent + i}",
                                          json.loads(raw)["custom_id"],
                                          {"status": JobStatus.CANCELLED.value,

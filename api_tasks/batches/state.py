@@ -8,13 +8,16 @@ __all__ = ["ENDED", "BatchStatus"]
 
 
 class BatchStatus(StrEnum):
-    """Where a detached batch is."""
+    """Where a detached batch is (the Batches API's own names)."""
 
-    UPLOADING = "uploading"
+    UPLOADING = "uploading"  # its producer is storing its lines
+    VALIDATING = "validating"  # created through the API: a worker checks its input file
+    FAILED = "failed"  # its input file was refused; nothing ran
     IN_PROGRESS = "in_progress"
     CANCELLING = "cancelling"
+    FINALIZING = "finalizing"  # every line recorded: its output files are being made
     COMPLETED = "completed"
     CANCELLED = "cancelled"
 
 
-ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED})
+ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.FAILED})

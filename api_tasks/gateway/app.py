@@ -30,6 +30,7 @@ from starlette.routing import Route
 from api_tasks.connections import connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
+from api_tasks.gateway.batches import cancel_batch, create_batch, get_batch, list_batches
 from api_tasks.gateway.errors import GatewayError, job_error, openai_error
 from api_tasks.gateway.files import (
     delete_file,
@@ -565,6 +566,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/files/{file_id}", get_file, methods=["GET"]),
         Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
         Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
+        Route("/v1/batches", create_batch, methods=["POST"]),
+        Route("/v1/batches", list_batches, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

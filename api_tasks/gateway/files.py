@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api_tasks.batches.files import PIECE, FileRecords, Purpose, file_object, new_file_id
 from api_tasks.gateway.errors import GatewayError
+from api_tasks.record.calls import command
 from api_tasks.record.store import OwnerIndex, owned_page
 from config.settings import FILE_TTL_RANGE
 
@@ -30,6 +31,7 @@ _FORM_SLACK = 64 * 1024  # what a multipart body may add to its file: boundaries
 _FIELD_BYTES = 1024  # a form field other than the file
 _LIMIT = re.compile(r"[0-9]{1,5}")
 _PIECES_PER_READ = 8  # pieces one read of a download takes
+_LINES_PER_READ = 1000  # lines of a batch's output file one read takes
 
 
 class _Form:
@@ -193,8 +195,19 @@ async def file_content(request: Request) -> Response:
     gateway = request.app.state.gateway
     records, shell = FileRecords(gateway.keys), gateway.store.shell
 
+    batch = meta.get("batch")
+    if batch:  # a batch's output or error file: its lines, read from the batch's list
+        lines = (gateway.keys.batch_output if meta.get("list") == "output"
+                 else gateway.keys.batch_errors)(batch)
+
     async def body() -> AsyncIterator[bytes]:
         first = 0
+        if batch:
+            while entries := await shell.run(command("LRANGE", lines, first,
+                                                     first + _LINES_PER_READ - 1)):
+                yield b"".join(bytes(entry) + b"\n" for entry in entries)
+                first += len(entries)
+            return
         while pieces := await shell.run(records.pieces(file_id, first, _PIECES_PER_READ)):
             for piece in pieces:
                 yield piece

@@ -93,6 +93,16 @@ class Keys:
         """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
         return f"{self.prefix}:batch:{batch_id}"
 
+    def batch_staged(self, batch_id: str, token: str) -> str:
+        """List: the checked lines of a batch's input file, staged by one validation before
+        they become its input (expires with the upload window)."""
+        return f"{self.prefix}:batch:{batch_id}:staged:{token}"
+
+    def owned_batches(self, owner: str) -> str:
+        """Sorted set: a gateway key's batches, by creation time (us), for ``GET
+        /v1/batches``."""
+        return f"{self.prefix}:owner:{owner}:batches"
+
     def batch_input(self, batch_id: str) -> str:
         """List: the batch's input lines, as uploaded (deleted when the batch ends)."""
         return f"{self.prefix}:batch:{batch_id}:input"

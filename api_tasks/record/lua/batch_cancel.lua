@@ -1,11 +1,13 @@
--- KEYS: batch. ARGV: now. A batch still uploading has sent nothing: it ends at once.
+-- KEYS: batch. ARGV: now. A batch still uploading or validating has sent nothing: it ends
+-- at once.
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
-if s == 'uploading' then
+if s == 'uploading' or s == 'validating' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1],
              'finished_at', ARGV[1])
   return 'cancelled'
 end
 if s ~= 'in_progress' then return s end
-redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelled_at', ARGV[1], 'cancelling_at',
+           ARGV[1])
 return 'cancelling'

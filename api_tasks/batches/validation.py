@@ -1,0 +1,112 @@
+"""Checking an uploaded file as a batch's input, line by line, as its pieces are read.
+
+A batch made through the Batches API starts ``validating``: a worker reads its input file
+from Redis a few pieces at a time, checks every line (``lines.parse_line``, the batch's own
+endpoint, unique ``custom_id``s, the line cap) and stages the good ones in a list of its own.
+Then one script either starts the batch on them or, if any line was bad, ends it ``failed``
+with every problem by line number, nothing run. A worker that dies half way leaves a staged
+list that expires; the next one starts over on a list of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from api_tasks.batches.files import FileRecords
+from api_tasks.batches.lines import parse_line
+from api_tasks.errors import InvalidJob
+from api_tasks.record.calls import SyncShell, command
+
+__all__ = ["MAX_REPORTED", "Checked", "check_input"]
+
+MAX_REPORTED = 100  # problems a failed batch lists (its count says how many there were)
+_PIECES_PER_READ = 4
+_STAGE_LINES = 500  # lines per RPUSH of the staged list
+
+
+@dataclass
+class Checked:
+    """An input file checked: its good lines (staged), its problems, its first model."""
+
+    total: int = 0
+    model: str = ""
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    found: int = 0  # problems in all, reported or not
+
+    def refuse(self, code: str, message: str, line: int | None = None,
+               param: str | None = None) -> None:
+        """Note a problem (the first ``MAX_REPORTED`` are kept)."""
+        self.found += 1
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append({"code": code, "line": line, "message": message,
+                                  "param": param})
+
+
+def _lines(shell: SyncShell, files: FileRecords, file_id: str) -> Iterator[tuple[int, bytes]]:
+    """The file's lines with their numbers (from 1), read a few pieces at a time."""
+    rest, number, first = b"", 0, 0
+    while pieces := shell.run(files.pieces(file_id, first, _PIECES_PER_READ)):
+        first += len(pieces)
+        *complete, rest = (rest + b"".join(pieces)).split(b"\n")
+        for line in complete:
+            number += 1
+            yield number, line
+    if rest:
+        yield number + 1, rest
+
+
+def check_input(shell: SyncShell, files: FileRecords, file_id: str, endpoint: str,
+                staged: str, ttl: int, max_lines: int, max_request_bytes: int) -> Checked:
+    """Check file ``file_id`` as the input of a batch on ``endpoint``; its good lines go to
+    list ``staged`` (for ``ttl`` seconds) as the pump's input lines."""
+    checked = Checked()
+    seen: dict[str, int] = {}  # custom_id -> the line it first appeared on
+    chunk: list[str] = []
+
+    def flush() -> None:
+        if chunk:
+            shell.run_all([command("RPUSH", staged, *chunk), command("EXPIRE", staged, ttl)])
+            chunk.clear()
+
+    for number, raw in _lines(shell, files, file_id):
+        if not raw.strip():
+            continue
+        checked.total += 1
+        if checked.total > max_lines:
+            checked.refuse("too_many_lines", f"the file has more than {max_lines} requests "
+                           "(files.max_lines)", number)
+            break
+        try:
+            line = parse_line(number, raw.decode("utf-8"), max_request_bytes)
+        except UnicodeDecodeError:
+            checked.refuse("invalid_json_line", "the line is not valid UTF-8", number)
+            continue
+        except InvalidJob as err:
+            param, _, message = err.message.partition(": ")
+            if not message or not param.startswith("body."):
+                param, message = "", err.message
+            checked.refuse("invalid_request", message, number, param or None)
+            continue
+        url = json.loads(raw).get("url")
+        if url != endpoint:
+            checked.refuse("mismatched_endpoint", f"url is {url!r}, not the batch's endpoint "
+                           f"{endpoint!r}", number, "url")
+        elif line.custom_id in seen:
+            checked.refuse("duplicate_custom_id", f"custom_id {line.custom_id!r} is already "
+                           f"used on line {seen[line.custom_id]}", number, "custom_id")
+        else:
+            seen[line.custom_id] = number
+            checked.model = checked.model or str(line.body.get("model") or "")
+            if not checked.found:  # once a line is bad, nothing more is staged
+                chunk.append(json.dumps({"custom_id": line.custom_id, "kind": line.kind,
+                                         "body": line.body}, separators=(",", ":")))
+                if len(chunk) >= _STAGE_LINES:
+                    flush()
+    if not checked.total and not checked.found:
+        checked.refuse("empty_file", "the file has no requests")
+    if not checked.found:
+        flush()
+    return checked

@@ -1,0 +1,33 @@
+-- KEYS: batch, output, errors, output file, error file, the owner's file index, the set of
+-- active batches. ARGV: batch id, now, output bytes, error bytes, output file id, error file
+-- id, file ttl, index ttl. A finalizing batch (every line recorded, made through the
+-- Batches API) gets its output and error files (each only if it has lines: records that
+-- read the batch's lists) and ends as it was ending.
+if redis.call('HGET', KEYS[1], 'status') ~= 'finalizing' then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local t = redis.call('TIME')
+local us = t[1] * 1000000 + t[2]
+local created = tostring(math.floor(tonumber(ARGV[2])))
+local expires = tostring(math.floor(tonumber(ARGV[2])) + tonumber(ARGV[7]))
+local ids = {'', ''}
+for i = 1, 2 do
+  local size = tonumber(ARGV[2 + i])
+  if size > 0 then
+    local which = i == 1 and 'output' or 'errors'
+    redis.call('HSET', KEYS[3 + i], 'filename', ARGV[1] .. '_' .. which .. '.jsonl',
+               'bytes', ARGV[2 + i], 'purpose', 'batch_output', 'owner', owner,
+               'created_at', created, 'expires_at', expires, 'batch', ARGV[1], 'list', which)
+    redis.call('EXPIRE', KEYS[3 + i], ARGV[7])
+    redis.call('EXPIRE', KEYS[1 + i], ARGV[7])
+    redis.call('ZADD', KEYS[6], us, ARGV[4 + i])
+    ids[i] = ARGV[4 + i]
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', us - tonumber(ARGV[8]) * 1000000)
+redis.call('EXPIRE', KEYS[6], ARGV[8])
+local ending = redis.call('HGET', KEYS[1], 'ending')
+redis.call('HSET', KEYS[1], 'status', ending, ending .. '_at', ARGV[2], 'finished_at', ARGV[2],
+           'output_file_id', ids[1], 'error_file_id', ids[2])
+redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1

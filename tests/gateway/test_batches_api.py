@@ -1,0 +1,192 @@
+"""OpenAI's Batches API on the gateway through the official SDK: a batch from an uploaded
+file runs to completed with every line once, a bad file ends failed naming its lines, a cancel
+keeps what finished, and batches belong to their key."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests.conftest import GATEWAY_KEY as KEY
+from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.services import GatewayProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _sdk(gateway: GatewayProcess, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _line(custom_id: str, model: str, url: str = "/v1/chat/completions",
+          **body: Any) -> dict[str, Any]:
+    content = {"messages": [{"role": "user", "content": custom_id}]} \
+        if url == "/v1/chat/completions" else {"prompt": custom_id}
+    return {"custom_id": custom_id, "method": "POST", "url": url,
+            "body": {"model": model, **content, **body}}
+
+
+def _upload(sdk: openai.OpenAI, lines: list[Any]) -> str:
+    data = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                   for line in lines).encode()
+    return sdk.files.create(file=("input.jsonl", data), purpose="batch").id
+
+
+def _until_ended(sdk: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any:
+    seen: list[str] = []
+
+    def ended() -> Any:
+        batch = sdk.batches.retrieve(batch_id)
+        if not seen or seen[-1] != batch.status:
+            seen.append(batch.status)
+        return batch if batch.status in ("completed", "failed", "cancelled", "expired") \
+            else None
+    batch = wait_until(ended, timeout, f"batch {batch_id} to end", interval=0.1)
+    return batch, seen
+
+
+def _jsonl(sdk: openai.OpenAI, file_id: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in sdk.files.content(file_id).text.splitlines()]
+
+
+def test_a_batch_runs_to_completed_with_every_line_once(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    bad = model + "-bad"
+    fake.script(bad, HttpError(400, error={"message": "no", "code": "bad_line"}))
+    sdk = _sdk(gateway)
+    lines = [_line(f"r{i}", bad if i % 3 == 0 else model) for i in range(30)]
+    made = sdk.batches.create(input_file_id=_upload(sdk, lines), endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"run": "nightly"})
+    assert (made.status, made.object, made.metadata, made.endpoint) == (
+        "validating", "batch", {"run": "nightly"}, "/v1/chat/completions")
+    batch, seen = _until_ended(sdk, made.id)
+    assert batch.status == "completed", (batch, seen)
+    assert batch.request_counts.model_dump() == {"total": 30, "completed": 20, "failed": 10}
+    assert batch.model == bad and batch.errors is None
+    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= \
+        batch.completed_at <= time.time() + 1
+    assert batch.usage is not None and batch.usage.total_tokens > 0
+    output, errors = _jsonl(sdk, batch.output_file_id), _jsonl(sdk, batch.error_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"r{i}" for i in range(30) if i % 3)
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None and
+               line["response"]["body"]["object"] == "chat.completion" for line in output)
+    assert sorted(line["custom_id"] for line in errors) == sorted(
+        f"r{i}" for i in range(0, 30, 3))
+    assert {line["response"]["status_code"] for line in errors} == {400}
+    assert len(fake.requests(model)) == 20 and len(fake.requests(bad)) == 10  # each once
+    out = sdk.files.retrieve(batch.output_file_id)
+    assert (out.purpose, out.bytes) == ("batch_output", len(
+        sdk.files.content(batch.output_file_id).content))
+    assert made.id in [b.id for b in sdk.batches.list(limit=1)]  # auto-paging, newest first
+
+
+def test_a_bad_input_file_ends_failed_naming_each_line_and_runs_nothing(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    sdk = _sdk(gateway)
+    lines = [_line("a", model), "{not json", _line("a", model),
+             _line("c", model, url="/v1/completions"), _line("d", model, temperature=9),
+             _line("e", model)]
+    made = sdk.batches.create(input_file_id=_upload(sdk, lines), endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    batch, _ = _until_ended(sdk, made.id)
+    assert batch.status == "failed" and batch.failed_at is not None
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [
+        (2, "invalid_request", None), (3, "duplicate_custom_id", "custom_id"),
+        (4, "mismatched_endpoint", "url"), (5, "invalid_request", "body.temperature")]
+    assert batch.output_file_id is None and fake.requests(model) == []
+
+
+def test_a_cancelled_batch_keeps_what_finished_and_accounts_for_every_line(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="slow", delay=0.3))
+    sdk = _sdk(gateway)
+    made = sdk.batches.create(input_file_id=_upload(sdk, [_line(f"c{i}", model)
+                                                          for i in range(40)]),
+                              endpoint="/v1/chat/completions", completion_window="24h")
+    wait_until(lambda: sdk.batches.retrieve(made.id).request_counts.completed >= 2, 30,
+               "a few lines to finish")
+    cancelling = sdk.batches.cancel(made.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    batch, _ = _until_ended(sdk, made.id)
+    assert batch.status == "cancelled"
+    counts = batch.request_counts
+    assert counts.total == 40 and counts.completed + counts.failed == 40
+    assert 2 <= counts.completed < 40
+    output, errors = _jsonl(sdk, batch.output_file_id), _jsonl(sdk, batch.error_file_id)
+    assert len(output) == counts.completed and len(errors) == counts.failed
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(
+        f"c{i}" for i in range(40))
+    assert len(fake.requests(model)) == counts.completed  # the unsent never ran
+    with pytest.raises(openai.ConflictError):
+        sdk.batches.cancel(_until_ended(sdk, sdk.batches.create(
+            input_file_id=_upload(sdk, [_line("x", model + "-quick")]),
+            endpoint="/v1/chat/completions", completion_window="24h").id)[0].id)
+
+
+def test_batch_create_refuses_bad_requests_and_batches_belong_to_their_key(
+        gateway: GatewayProcess, model: str) -> None:
+    sdk, other = _sdk(gateway), _sdk(gateway, OTHER_KEY)
+    file_id = _upload(sdk, [_line("a", model)])
+    good = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}
+    for change, error, param in [
+            ({"input_file_id": "file-nope"}, openai.NotFoundError, "input_file_id"),
+            ({"endpoint": "/v1/moderations"}, openai.BadRequestError, "endpoint"),
+            ({"completion_window": "1h"}, openai.BadRequestError, "completion_window"),
+            ({"metadata": {f"k{i}": "v" for i in range(17)}}, openai.BadRequestError,
+             "metadata")]:
+        with pytest.raises(error) as caught:
+            sdk.batches.create(**{**good, **change})  # type: ignore[arg-type]
+        assert caught.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):  # another key's file
+        other.batches.create(**good)  # type: ignore[arg-type]
+    made = sdk.batches.create(**good)  # type: ignore[arg-type]
+    for attempt in (lambda: other.batches.retrieve(made.id),
+                    lambda: other.batches.cancel(made.id)):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    assert made.id not in [b.id for b in other.batches.list()]
+    _until_ended(sdk, made.id)
+
+
+@pytest.fixture(scope="module")
+def short_gateway(worker_env: dict[str, str], workdir: Path) -> Iterator[GatewayProcess]:
+    """A gateway whose batches expire 2 s after they are made."""
+    config = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
+    config["gateway"]["batch_lifetime"] = 2
+    path = workdir / "short-batches.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**worker_env, "API_TASKS_CONFIG": str(path), "GW_MAIN_KEY": KEY,
+           "GW_OTHER_KEY": OTHER_KEY, "GW_LIMITED_KEY": "sk-unused"}
+    env.pop("FAKE_UPSTREAM_KEY", None)
+    process = GatewayProcess(env, workdir / "short-gateway.log").start()
+    yield process
+    process.stop()
+
+
+def test_a_batch_past_its_window_expires_keeping_what_finished(
+        short_gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="slow", delay=0.4))
+    sdk = _sdk(short_gateway)
+    made = sdk.batches.create(input_file_id=_upload(sdk, [_line(f"x{i}", model)
+                                                          for i in range(40)]),
+                              endpoint="/v1/chat/completions", completion_window="24h")
+    assert made.expires_at == pytest.approx(made.created_at + 2, abs=1)
+    batch, _ = _until_ended(sdk, made.id)
+    assert batch.status == "expired" and batch.expired_at and batch.cancelled_at is None
+    counts = batch.request_counts
+    assert counts.total == 40 and counts.completed + counts.failed == 40 and counts.failed
+    output, errors = _jsonl(sdk, batch.output_file_id), _jsonl(sdk, batch.error_file_id)
+    assert len(output) == counts.completed
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(
+        f"x{i}" for i in range(40))
