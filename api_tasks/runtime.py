@@ -24,6 +24,7 @@ from api_tasks.execution.reaper import Reaper
 from api_tasks.execution.runner import JobRunner
 from api_tasks.execution.scheduler import Scheduler
 from api_tasks.execution.watchdog import Watchdog
+from api_tasks.execution.webhooks import WebhookSender
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.record.store import JobStore
@@ -71,6 +72,9 @@ class Runtime:
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient()
+        # only a worker sends webhooks (it has the endpoints' secrets)
+        self.webhooks = WebhookSender(self.redis, self.keys, settings,
+                                      self.http) if app is not None else None
         if any(limits.tokens_per_minute for upstream in settings.upstreams
                for limits in [upstream.limits, *upstream.model_limits.values()]):
             tokens.preload()  # the first job counted must not pay for loading an encoding
@@ -91,6 +95,8 @@ class Runtime:
                 self.heartbeat.start()
             if self.batches is not None:
                 self.batches.start()
+            if self.webhooks is not None:
+                self.webhooks.start()
 
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
@@ -113,6 +119,8 @@ class Runtime:
             self.heartbeat.stop()
         if self.batches is not None:
             self.batches.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         self.watchdog.stop()
         self.writer.close()
 

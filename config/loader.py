@@ -128,6 +128,10 @@ def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) ->
             value = env.get(key.key_env)
             if value:
                 key = key.model_copy(update={"key": SecretStr(value)})
+        if key.webhooks:  # the workers sign with these (Settings.missing_keys)
+            key = key.model_copy(update={"webhooks": [
+                hook.model_copy(update={"secret": SecretStr(env[hook.secret_env])})
+                if env.get(hook.secret_env) else hook for hook in key.webhooks]})
         gateway_keys.append(key)
     secret = env.get(GATEWAY_SECRET_ENV)
     gateway = settings.gateway.model_copy(update={

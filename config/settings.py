@@ -246,6 +246,49 @@ class WorkerSettings(_Model):
         return self
 
 
+WebhookEvent = Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("batch.completed", "batch.failed", "batch.expired",
+                                            "batch.cancelled")
+
+
+class WebhookEndpoint(_Model):
+    """Where a gateway key's events are sent, signed with a secret of its own."""
+
+    url: str
+    secret_env: str  # the environment variable holding the secret ("whsec_..." or raw)
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))
+    secret: SecretStr | None = Field(None, exclude=True)  # read from secret_env at load
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.fragment:
+            raise ValueError("must not carry credentials or a fragment")
+        return value.strip()
+
+
+class WebhookSettings(_Model):
+    """How the workers deliver webhooks (every one at least once)."""
+
+    retry_for: int = Field(86400, ge=1, le=7 * 86400)  # seconds a failing delivery is retried
+    initial_delay: float = Field(5.0, gt=0, le=3600)  # before the first retry, then doubling
+    max_delay: float = Field(3600.0, gt=0, le=86400)  # between two retries at most
+    timeout: float = Field(10.0, gt=0, le=60)  # to connect, and for each read of the answer
+    # receivers on non-public addresses (loopback, private networks), as job_base_url_hosts;
+    # any other address is refused, whatever a receiver's DNS name resolves to
+    private_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("private_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        if value:
+            allow_list(tuple(value))
+        return value
+
+
 class GatewayKey(_Model):
     """One API key of the HTTP gateway: whose it is and what it may use."""
 
@@ -257,6 +300,7 @@ class GatewayKey(_Model):
     queues: list[Queue] = Field(default_factory=lambda: list(QUEUES))
     # its own cluster-wide limits, on top of the upstream's (scope ``key:<name>``)
     limits: Limits = Limits()
+    webhooks: list[WebhookEndpoint] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_source(self) -> GatewayKey:
@@ -338,6 +382,7 @@ class Settings(_Model):
     worker: WorkerSettings = WorkerSettings()
     gateway: GatewaySettings = GatewaySettings()
     files: FileSettings = FileSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     upstreams: list[Upstream] = Field(min_length=1)
 
     @field_validator("upstreams")
@@ -372,7 +417,25 @@ class Settings(_Model):
     def missing_keys(self) -> list[str]:
         """Problems with upstream keys a worker needs: a named variable that is unset."""
         return [f"upstreams[{i}].api_key_env: the environment variable {u.api_key_env} is not set"
-                for i, u in enumerate(self.upstreams) if u.api_key_env and u.api_key is None]
+                for i, u in enumerate(self.upstreams) if u.api_key_env and u.api_key is None] + [
+            f"gateway.keys[{k}].webhooks[{w}].secret_env: the environment variable "
+            f"{hook.secret_env} is not set"
+            for k, key in enumerate(self.gateway.keys)
+            for w, hook in enumerate(key.webhooks) if hook.secret is None]
+
+    def webhooks_for(self, owner: str, event: str) -> list[int]:
+        """The indexes of gateway key ``owner``'s webhook endpoints that take ``event``."""
+        for key in self.gateway.keys:
+            if key.name == owner:
+                return [i for i, hook in enumerate(key.webhooks) if event in hook.events]
+        return []
+
+    def webhook(self, owner: str, index: int) -> WebhookEndpoint | None:
+        """Gateway key ``owner``'s webhook endpoint ``index``, if it is still configured."""
+        for key in self.gateway.keys:
+            if key.name == owner and 0 <= index < len(key.webhooks):
+                return key.webhooks[index]
+        return None
 
     def longest_job(self) -> float:
         """Seconds the slowest configured job may take, all attempts included."""

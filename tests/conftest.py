@@ -32,10 +32,13 @@ from tests.support.services import (
     WorkerProcess,
     free_port,
 )
+from tests.support.webhook_receiver import WebhookReceiver
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 GATEWAY_KEY = "sk-gw-test-7e1d9c"
 GATEWAY_OTHER_KEY = "sk-gw-other-41aa"
+GATEWAY_HOOKED_KEY = "sk-gw-hooked-90b2"
+WEBHOOK_SECRET = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c="  # openai-python's test one
 GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
 LIMITED_RPM = 120  # the limited key's own limit: a call every half second
 
@@ -95,8 +98,23 @@ def proxy(fake: FakeUpstream) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(scope="session")
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """Receives the webhooks of gateway key "hooked"."""
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def webhook_trap() -> Iterator[WebhookReceiver]:
+    """A receiver on a loopback address no setting allows: it must never hear anything."""
+    with WebhookReceiver("127.0.0.2") as trap:
+        yield trap
+
+
+@pytest.fixture(scope="session")
 def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
-               proxy: FaultProxy) -> dict[str, str]:
+               proxy: FaultProxy, webhook_receiver: WebhookReceiver,
+               webhook_trap: WebhookReceiver) -> dict[str, str]:
     config = workdir / "settings.yaml"
     # the gateway's keys are the workers' too: a key's own limits apply in the worker
     config.write_text(yaml.safe_dump({
@@ -107,11 +125,20 @@ def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
             {"name": "other", "key_env": "GW_OTHER_KEY", "models": ["allowed-*"],
              "queues": ["bulk"]},
             {"name": "limited", "key_env": "GW_LIMITED_KEY",
-             "limits": {"requests_per_minute": LIMITED_RPM}}]}}))
+             "limits": {"requests_per_minute": LIMITED_RPM}},
+            {"name": "hooked", "key_env": "GW_HOOKED_KEY", "webhooks": [
+                {"url": webhook_receiver.url, "secret_env": "GW_HOOK_SECRET"},
+                {"url": f"http://127.0.0.1:{free_port()}/hook", "secret_env": "GW_HOOK_SECRET",
+                 "events": ["batch.completed"]},
+                {"url": webhook_trap.url, "secret_env": "GW_HOOK_SECRET",
+                 "events": ["batch.completed"]}]}]},
+        "webhooks": {"private_hosts": ["127.0.0.1:*"], "initial_delay": 0.2, "max_delay": 1,
+                     "timeout": 2, "retry_for": 60}}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "API_TASKS_", "REDIS_"))}
     env.update({"API_TASKS_CONFIG": str(config), "REDIS_URL": redis_server.url,
                 "API_TASKS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "FAKE_UPSTREAM_KEY": SECRET,
+                "GW_HOOK_SECRET": WEBHOOK_SECRET,
                 "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"})
     return env
 
@@ -191,7 +218,7 @@ def gateway(worker_env: dict[str, str], workdir: Path,
             worker: WorkerProcess) -> Iterator[GatewayProcess]:
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     env.update({"GW_MAIN_KEY": GATEWAY_KEY, "GW_OTHER_KEY": GATEWAY_OTHER_KEY,
-                "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY})
+                "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY, "GW_HOOKED_KEY": GATEWAY_HOOKED_KEY})
     process = GatewayProcess(env, workdir / "gateway.log").start()
     yield process
     process.stop()

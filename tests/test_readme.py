@@ -80,3 +80,23 @@ def test_the_readme_gateway_curl_examples_run(gateway: GatewayProcess, tmp_path:
     out = done.stdout
     assert '"object":"list"' in out and "data: [DONE]" in out and '"object":"job"' in out
     assert "id: 1-1" in out and '"type":"done"' in out  # the events, to the final one
+
+
+_YAML = re.compile(r"^```yaml\n(.*?)^```", re.M | re.S)
+
+
+def test_the_readme_gateway_settings_are_valid_settings() -> None:
+    """The gateway's settings blocks (keys, webhooks) load as they are written."""
+    import yaml
+
+    from config.settings import Settings
+
+    blocks = [yaml.safe_load(m.group(1)) for m in _YAML.finditer(
+        (ROOT / "README.md").read_text())]
+    ours = [b for b in blocks if isinstance(b, dict) and set(b) <= {"gateway", "webhooks",
+                                                                     "files"}]
+    assert ours, "no gateway settings block in the README"
+    upstream = {"name": "any", "base_url": "https://api.openai.com/v1", "models": ["*"]}
+    for block in ours:  # beside an upstream, as any settings file has
+        settings = Settings.model_validate({**block, "upstreams": [upstream]})
+        assert settings.gateway.keys or settings.webhooks

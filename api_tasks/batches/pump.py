@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks.background import Loop
-from api_tasks.batches.api_batches import output_file_ids
+from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import FileRecords
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
@@ -130,12 +130,10 @@ class BatchPump(Loop):
         if state.get("status") == BatchStatus.FINALIZING:
             self._finalize(batch_id, state)
             return
-        if state.get("status") == BatchStatus.IN_PROGRESS and state.get("expires_at") and \
-                time.time() >= float(state["expires_at"]):
-            if self._scripts["expire"](keys=[self._keys.batch(batch_id)],
-                                       args=[repr(time.time())]):
-                log.info("batch %s: past its completion window; expiring", batch_id)
-                state.update(status=BatchStatus.CANCELLING.value, expiring="1")
+        if self._past_window(state) and self._scripts["expire"](
+                keys=[self._keys.batch(batch_id)], args=[repr(time.time())]):
+            log.info("batch %s: past its completion window; expiring", batch_id)
+            state.update(status=BatchStatus.CANCELLING.value, expiring="1")
         jobs = {text(k): text(v) for k, v in
                 self._redis.hgetall(self._keys.batch_jobs(batch_id)).items()}
         store = self._client.store
@@ -164,6 +162,12 @@ class BatchPump(Loop):
             if closed == 2:  # made through the Batches API: its files, now
                 self._finalize(batch_id, state)
 
+    @staticmethod
+    def _past_window(state: dict[str, str]) -> bool:
+        """A running API batch whose completion window has passed."""
+        return state.get("status") == BatchStatus.IN_PROGRESS and bool(
+            state.get("expires_at")) and time.time() >= float(state["expires_at"])
+
     def _validate(self, batch_id: str, state: dict[str, str]) -> None:
         """Check a new API batch's input file: start it on the good lines, or fail it."""
         settings, keys = self._client.settings, self._keys
@@ -182,9 +186,13 @@ class BatchPump(Loop):
         if checked.found:
             log.info("batch %s: its input file has %d problem(s); failed", batch_id,
                      checked.found)
-            self._scripts["invalid"](keys=[keys.batch(batch_id), staged, keys.batches()],
+            hooks = batch_event(keys, settings, state.get("owner", ""), "batch.failed",
+                                batch_id)
+            self._scripts["invalid"](keys=[keys.batch(batch_id), staged, keys.batches(),
+                                           *hooks[0]],
                                      args=[batch_id, now, json.dumps(checked.problems),
-                                           int(state.get("output_ttl") or self._ttl)])
+                                           int(state.get("output_ttl") or self._ttl),
+                                           *hooks[1]])
             return
         self._scripts["validated"](keys=[keys.batch(batch_id), staged,
                                          keys.batch_input(batch_id), keys.batches()],
@@ -196,12 +204,14 @@ class BatchPump(Loop):
         output, errors = output_file_ids(batch_id)
         sizes = [self._list_bytes(keys.batch_output(batch_id)),
                  self._list_bytes(keys.batch_errors(batch_id))]
+        hooks = batch_event(keys, self._client.settings, state["owner"],
+                            f"batch.{state.get('ending', 'completed')}", batch_id)
         self._scripts["finalize"](
             keys=[keys.batch(batch_id), keys.batch_output(batch_id), keys.batch_errors(batch_id),
                   keys.file(output), keys.file(errors), keys.owned_files(state["owner"]),
-                  keys.batches()],
+                  keys.batches(), *hooks[0]],
             args=[batch_id, repr(time.time()), *sizes, output, errors,
-                  int(state.get("output_ttl") or self._ttl), _FILE_INDEX_TTL])
+                  int(state.get("output_ttl") or self._ttl), _FILE_INDEX_TTL, *hooks[1]])
 
     def _list_bytes(self, key: str) -> int:
         """The size of a list's entries as a JSONL file (one newline each)."""

@@ -9,7 +9,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api_tasks.batches.api_batches import COMPLETION_WINDOW, BatchRecords, batch_object
+from api_tasks.batches.api_batches import (
+    COMPLETION_WINDOW,
+    BatchRecords,
+    batch_event,
+    batch_object,
+)
 from api_tasks.batches.files import FileRecords, Purpose
 from api_tasks.batches.lines import ENDPOINTS
 from api_tasks.batches.state import ENDED, BatchStatus
@@ -114,7 +119,8 @@ async def cancel_batch(request: Request) -> Response:
                            f"({state.get('status')})", param="id", code="batch_ended")
     gateway = request.app.state.gateway
     records = BatchRecords(gateway.keys)
-    await gateway.store.shell.run(records.cancel(batch_id))
+    await gateway.store.shell.run(records.cancel(batch_id, batch_event(
+        gateway.keys, gateway.settings, state["owner"], "batch.cancelled", batch_id)))
     return JSONResponse(batch_object(batch_id, await _owned(request, batch_id)))
 
 

@@ -155,6 +155,14 @@ class Keys:
         """Sorted set: a gateway key's files, by upload time (us), for ``GET /v1/files``."""
         return f"{self.prefix}:owner:{owner}:files"
 
+    def webhooks(self) -> str:
+        """Sorted set: webhook deliveries by when each is due (ms), for the workers to send."""
+        return f"{self.prefix}:webhooks"
+
+    def webhook(self, delivery_id: str) -> str:
+        """Hash: one webhook delivery: its event, owner and endpoint, status and attempts."""
+        return f"{self.prefix}:webhook:{delivery_id}"
+
     def gateway_secret(self) -> str:
         """String: the stream-token secret the gateways share when none is configured."""
         return f"{self.prefix}:gateway:secret"

@@ -157,6 +157,24 @@ class HttpClient:
             self._local.session = session
         return session
 
+    def post_guarded(self, url: str, body: bytes, headers: dict[str, str],
+                     guard: AddressGuard, timeout: float) -> int:
+        """POST ``body`` to ``url`` (a webhook), connecting only where ``guard`` allows and
+        following no redirect; the status (up to 64 KiB of the answer is read, then dropped).
+        Raises ``requests.RequestException`` or ``OSError``."""
+        _guard.current = guard
+        try:
+            with self.session().post(url, data=body, headers=headers, stream=True,
+                                     timeout=(timeout, timeout), allow_redirects=False) as answer:
+                read = 0
+                for piece in answer.iter_content(_READ_SIZE):
+                    read += len(piece)
+                    if read >= _ERROR_BODY_CAP:
+                        break
+                return answer.status_code
+        finally:
+            _guard.current = None
+
     def send(self, handle: CallHandle, call: CallRequest) -> requests.Response:
         """POST and return the response with its body unread; errors raise ``UpstreamError``."""
         _guard.current = call.guard

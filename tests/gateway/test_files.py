@@ -119,7 +119,8 @@ def small_gateway(worker_env: dict[str, str], workdir: Path) -> Iterator[Gateway
     path = workdir / "small-files.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**worker_env, "API_TASKS_CONFIG": str(path), "GW_MAIN_KEY": KEY,
-           "GW_OTHER_KEY": OTHER_KEY, "GW_LIMITED_KEY": "sk-unused"}
+           "GW_OTHER_KEY": OTHER_KEY, "GW_LIMITED_KEY": "sk-unused",
+           "GW_HOOKED_KEY": "sk-unused-too"}
     env.pop("FAKE_UPSTREAM_KEY", None)
     process = GatewayProcess(env, workdir / "small-gateway.log").start()
     yield process

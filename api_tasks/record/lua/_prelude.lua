@@ -18,3 +18,19 @@ local function next_entry_id(key, wanted)
   if wa < la or (wa == la and ws <= ls) then return la .. '-' .. (ls + 1) end
   return wanted
 end
+
+-- Queue webhook deliveries (api_tasks/execution/webhooks.py sends them) with the state change
+-- that causes them, so each is sent at least once. KEYS[k]: the pending set, then one hash
+-- per delivery; ARGV from a: payload, owner, now (ms), ttl, then each delivery's id and
+-- endpoint index. Nothing when KEYS[k] is absent.
+local function add_webhooks(k, a)
+  if not KEYS[k] then return end
+  for i = k + 1, #KEYS do
+    local j = a + 4 + 2 * (i - k - 1)
+    redis.call('HSET', KEYS[i], 'payload', ARGV[a], 'owner', ARGV[a + 1], 'endpoint',
+               ARGV[j + 1], 'attempts', 0, 'first_at', ARGV[a + 2], 'status', 'pending')
+    redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
+    redis.call('ZADD', KEYS[k], ARGV[a + 2], ARGV[j])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
+end

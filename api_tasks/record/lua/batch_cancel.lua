@@ -1,10 +1,11 @@
--- KEYS: batch. ARGV: now. A batch still uploading or validating has sent nothing: it ends
--- at once.
+-- KEYS: batch, then the webhooks of an immediate end (``add_webhooks``: KEYS from 2, ARGV
+-- from 2). ARGV: now. A batch still uploading or validating has sent nothing: it ends at once.
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'uploading' or s == 'validating' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1],
              'finished_at', ARGV[1])
+  add_webhooks(2, 2)
   return 'cancelled'
 end
 if s ~= 'in_progress' then return s end

@@ -1,6 +1,7 @@
 -- KEYS: batch, output, errors, output file, error file, the owner's file index, the set of
 -- active batches. ARGV: batch id, now, output bytes, error bytes, output file id, error file
--- id, file ttl, index ttl. A finalizing batch (every line recorded, made through the
+-- id, file ttl, index ttl; then the webhooks of its end (``add_webhooks``: KEYS from 8, ARGV
+-- from 9). A finalizing batch (every line recorded, made through the
 -- Batches API) gets its output and error files (each only if it has lines: records that
 -- read the batch's lists) and ends as it was ending.
 if redis.call('HGET', KEYS[1], 'status') ~= 'finalizing' then return 0 end
@@ -30,4 +31,5 @@ redis.call('HSET', KEYS[1], 'status', ending, ending .. '_at', ARGV[2], 'finishe
            'output_file_id', ids[1], 'error_file_id', ids[2])
 redis.call('SREM', KEYS[7], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+add_webhooks(8, 9)
 return 1

@@ -1,0 +1,101 @@
+"""Webhooks of the Batches API: signed so the openai SDK's ``webhooks.unwrap`` verifies them,
+retried past failures and redirects, never sent to an address no setting allows, and never
+holding up the batch that caused them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+import redis
+
+from api_tasks.execution.webhooks import retry_delay, sign
+from tests.conftest import GATEWAY_HOOKED_KEY, WEBHOOK_SECRET
+from tests.support.services import GatewayProcess, wait_until
+from tests.support.webhook_receiver import WebhookReceiver
+
+pytestmark = pytest.mark.integration
+
+
+def _sdk(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=GATEWAY_HOOKED_KEY,
+                         max_retries=0, timeout=60, webhook_secret=WEBHOOK_SECRET)
+
+
+def _batch(sdk: openai.OpenAI, lines: list[str]) -> Any:
+    data = "".join(line + "\n" for line in lines).encode()
+    source = sdk.files.create(file=("in.jsonl", data), purpose="batch")
+    return sdk.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+
+
+def _line(custom_id: str, model: str) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model,
+                                "messages": [{"role": "user", "content": custom_id}]}})
+
+
+def _delivery(redis_client: redis.Redis, gateway: GatewayProcess, batch_id: str,
+              endpoint: int) -> dict[str, str]:
+    key = f"{gateway.env['API_TASKS_PREFIX']}:webhook:evt_{batch_id[6:]}-{endpoint}"
+    return {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+
+
+def test_signing_matches_openais_test_vector() -> None:
+    payload = (b'{"id": "evt_685c059ae3a481909bdc86819b066fb6", "object": "event", '
+               b'"created_at": 1750861210, "type": "response.completed", '
+               b'"data": {"id": "resp_123"}}')
+    assert sign(WEBHOOK_SECRET, "wh_685c059ae39c8190af8c71ed1022a24d", 1750861210,
+                payload) == "v1,gUAg4R2hWouRZqRQG4uJypNS8YK885G838+EHb4nKBY="
+
+
+def test_retry_delays_double_up_to_the_cap() -> None:
+    assert [retry_delay(n, 5, 60, 0.5) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+    assert 4.5 <= retry_delay(1, 5, 60, 0.0) < retry_delay(1, 5, 60, 0.999) <= 5.5
+
+
+def test_a_completed_batch_is_announced_signed_retried_and_never_to_a_forbidden_address(
+        gateway: GatewayProcess, webhook_receiver: WebhookReceiver,
+        webhook_trap: WebhookReceiver, redis_client: redis.Redis, model: str) -> None:
+    sdk = _sdk(gateway)
+    webhook_receiver.answer(500, 302)  # then 200: three attempts, the redirect not followed
+    batch = _batch(sdk, [_line(f"w{i}", model) for i in range(3)])
+    needle = batch.id.encode()
+    first, second, third = webhook_receiver.wait_for(needle, 3)
+    ended = sdk.batches.retrieve(batch.id)
+    assert ended.status == "completed"
+    for attempt in (first, second, third):
+        event = sdk.webhooks.unwrap(attempt.body, attempt.headers)  # checks the signature
+        assert (event.type, event.data.id) == ("batch.completed", batch.id)
+    assert first.headers["webhook-id"] == third.headers["webhook-id"]  # receivers dedupe
+    assert {r.path for r in webhook_receiver.received} == {"/hook"}  # no redirect followed
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(third.body + b" ", third.headers)
+    wait_until(lambda: _delivery(redis_client, gateway, batch.id, 0).get("status") ==
+               "delivered", 10, "the delivery to be recorded")
+    delivered = _delivery(redis_client, gateway, batch.id, 0)
+    assert (delivered["attempts"], delivered["last_status"]) == ("3", "200")
+    # the second endpoint is down: retried, the batch long done; the third is refused
+    wait_until(lambda: int(_delivery(redis_client, gateway, batch.id, 1).get("attempts", 0))
+               >= 2, 15, "the down endpoint to be tried twice")
+    down = _delivery(redis_client, gateway, batch.id, 1)
+    assert down["status"] == "retrying" and "Connection" in down["last_error"]
+    wait_until(lambda: _delivery(redis_client, gateway, batch.id, 2).get("attempts"), 10,
+               "the forbidden endpoint's attempt")
+    refused = _delivery(redis_client, gateway, batch.id, 2)
+    assert "127.0.0.2" in refused["last_error"] and "not a public address" in \
+        refused["last_error"]
+    assert webhook_trap.received == []
+    assert WEBHOOK_SECRET not in json.dumps([down, refused, delivered])
+
+
+def test_a_failed_batch_is_announced(gateway: GatewayProcess,
+                                     webhook_receiver: WebhookReceiver, model: str) -> None:
+    sdk = _sdk(gateway)
+    batch = _batch(sdk, ["{broken"])
+    [received] = webhook_receiver.wait_for(batch.id.encode(), 1)
+    event = sdk.webhooks.unwrap(received.body, received.headers)
+    assert (event.type, event.data.id) == ("batch.failed", batch.id)
+    assert sdk.batches.retrieve(batch.id).status == "failed"
