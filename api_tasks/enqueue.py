@@ -119,12 +119,25 @@ class Enqueuer:
             raise
         return submission.job_id
 
+    def send_all(self, submissions: list[Submission]) -> list[Exception | None]:
+        """Send built submissions in one round trip and one transaction (the batch pump's
+        lines): each one's error, or None. A failed one is left as it is: its sender knows
+        whether to send it again."""
+        if not submissions:
+            return []
+        try:
+            outcomes = self.store.shell.run_groups([s.calls for s in submissions],
+                                                   transaction=True)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            return [_unavailable(err)] * len(submissions)
+        return [outcome if isinstance(outcome, Exception) else None for outcome in outcomes]
+
 
 class AsyncEnqueuer:
     """``Enqueuer`` on asyncio (the gateway): the same submissions, run by ``AsyncJobStore``.
 
-    Submits that arrive while one round trip is out go together in the next, each in its
-    own transaction: under load one pipeline carries many, at a fraction of the CPU each.
+    Submits that arrive while one round trip is out go together in the next, in one
+    transaction: under load one round trip carries many, at a fraction of the CPU each.
     """
 
     def __init__(self, settings: Settings, store: AsyncJobStore) -> None:

@@ -40,7 +40,7 @@ from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
 from api_tasks.connections import text
 from api_tasks.errors import InvalidJob, error_object
-from api_tasks.record.calls import SyncShell
+from api_tasks.record.calls import Call, SyncShell, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 _TAKE = script("batch_take")
 _MARK = script("batch_mark")
-_RECORD = script("batch_record")
 _DRAIN = script("batch_drain")
 _CLOSE = script("batch_close")
 _RELEASE = script("unlock")
@@ -87,11 +86,12 @@ class BatchPump(Loop):
         self._ttl = client.settings.jobs.queued_ttl
         self._token = uuid.uuid4().hex
         self._scripts = {name: self._redis.register_script(source) for name, source in
-                         (("take", _TAKE), ("mark", _MARK), ("record", _RECORD),
-                          ("drain", _DRAIN), ("close", _CLOSE), ("release", _RELEASE),
+                         (("take", _TAKE), ("mark", _MARK), ("drain", _DRAIN),
+                          ("close", _CLOSE), ("release", _RELEASE),
                           ("validated", _VALIDATED), ("invalid", _INVALID),
                           ("finalize", _FINALIZE), ("expire", _EXPIRE))}
         self._looked: dict[str, float] = {}
+        self._shell = SyncShell(self._redis)
 
     def tick(self) -> None:
         """One pass over the active batches."""
@@ -139,11 +139,13 @@ class BatchPump(Loop):
         store = self._client.store
         statuses = dict(zip(jobs, store.statuses(list(jobs)), strict=True))
         ended = [job_id for job_id, status in statuses.items() if status in TERMINAL]
+        records = []
         for job_id, stored in store.results(ended).items():
             if state.get("expiring") and (stored or {}).get("status") == \
                     JobStatus.CANCELLED.value:  # cancelled by the batch's expiry
                 stored = {**(stored or {}), "error": _EXPIRED}
-            self._write(batch_id, job_id, jobs.pop(job_id)[2:], stored)
+            records.append(self._record(batch_id, job_id, jobs.pop(job_id)[2:], stored))
+        self._shell.run_all(records)  # one round trip; each script records its line once
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
         if state.get("status") == BatchStatus.IN_PROGRESS and self._due_for_a_look(batch_id):
@@ -228,12 +230,17 @@ class BatchPump(Loop):
 
     def _write(self, batch_id: str, job_id: str, custom_id: str,
                stored: dict[str, Any] | None) -> None:
+        self._shell.run(self._record(batch_id, job_id, custom_id, stored))
+
+    def _record(self, batch_id: str, job_id: str, custom_id: str,
+                stored: dict[str, Any] | None) -> Call[Any]:
+        """The call that records an ended line in the output or error list, once."""
         _ok, record = record_for(job_id, custom_id, stored)
         counter = _COUNTERS.get((stored or {}).get("status", ""), "failed")
         usage = [item for pair in usage_of(stored).items() for item in pair]
-        self._scripts["record"](keys=self._all_keys(batch_id),
-                                args=[job_id, counter, json.dumps(record, separators=(",", ":")),
-                                      self._ttl, *usage])
+        return lua("batch_record", self._all_keys(batch_id),
+                   [job_id, counter, json.dumps(record, separators=(",", ":")), self._ttl,
+                    *usage])
 
     def _look_after(self, batch_id: str, state: dict[str, str], job_id: str, mark: str,
                     status: str | None) -> None:
@@ -287,7 +294,7 @@ class BatchPump(Loop):
         if line is None:
             self._write(batch_id, job_id, custom_id,
                         {"status": JobStatus.FAILED.value, "error": _INPUT_MISSING})
-        elif self._send(batch_id, job_id, json.loads(line), state.get("queue", "bulk")):
+        elif self._send_all(batch_id, {job_id: json.loads(line)}, state.get("queue", "bulk")):
             self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
     def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> bool:
@@ -304,14 +311,34 @@ class BatchPump(Loop):
         keys = self._all_keys(batch_id)[:3]
         if not pairs or not self._scripts["take"](keys=keys, args=[str(sent), self._ttl, *pairs]):
             return False
-        done = []
-        for job_id, request in taken.items():
-            if not self._send(batch_id, job_id, request, state.get("queue", "bulk")):
-                break  # the next step sends the rest
-            done.append(job_id)
-        if done:
+        done = self._send_all(batch_id, taken, state.get("queue", "bulk"))
+        if done:  # the rest stay taken, not sent: the next step sends them again
             self._scripts["mark"](keys=[keys[1]], args=done)
         return True
+
+    def _send_all(self, batch_id: str, taken: dict[str, dict[str, Any]],
+                  queue: str) -> list[str]:
+        """Send taken lines in one round trip; the job ids done with (sent, or refused and
+        recorded failed)."""
+        built, done, records = [], [], []
+        for job_id, request in taken.items():
+            first, params = line_params(request["kind"], request["body"], queue)
+            try:
+                built.append(self._client.submissions.build(
+                    request["kind"], first, params, job_id=job_id,
+                    fields={Field.BATCH: batch_id}))
+            except InvalidJob as err:  # checked at submit, refused here (the routes differ)
+                records.append(self._record(batch_id, job_id, request["custom_id"], {
+                    "status": JobStatus.FAILED.value, "error": err.to_error()}))
+                done.append(job_id)
+        for submission, error in zip(built, self._client.send_all(built), strict=True):
+            if error is None:
+                done.append(submission.job_id)
+            else:  # Redis away, or full: the job stays taken, not sent
+                log.warning("batch %s: could not send job %s (%s)", batch_id,
+                            submission.job_id, error)
+        self._shell.run_all(records)
+        return done
 
     def _cancel_unsent(self, batch_id: str, state: dict[str, str]) -> bool:
         """Record lines a cancelled batch never sent as cancelled, a chunk a step; whether
@@ -335,17 +362,4 @@ class BatchPump(Loop):
         self._scripts["drain"](keys=[self._keys.batch(batch_id),
                                      self._keys.batch_errors(batch_id)],
                                args=[str(sent), self._ttl, *records])
-        return True
-
-    def _send(self, batch_id: str, job_id: str, request: dict[str, Any], queue: str) -> bool:
-        first, params = line_params(request["kind"], request["body"], queue)
-        try:
-            self._client.enqueue(request["kind"], first, params, job_id=job_id,
-                                 fields={Field.BATCH: batch_id})
-        except InvalidJob as err:  # checked at submit, refused here (the routes differ)
-            stored = {"status": JobStatus.FAILED.value, "error": err.to_error()}
-            self._write(batch_id, job_id, request["custom_id"], stored)
-        except Exception as err:  # Redis away, or full: the job stays taken, not sent
-            log.warning("batch %s: could not send job %s (%s)", batch_id, job_id, err)
-            return False
         return True
