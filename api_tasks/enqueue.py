@@ -23,7 +23,7 @@ import redis.asyncio
 from api_tasks.broker import task_message
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
-from api_tasks.record.calls import Call, command
+from api_tasks.record.calls import Call, Failed, lua
 from api_tasks.record.job_record import queued, submit_fields
 from api_tasks.record.keys import Keys
 from api_tasks.record.store import AsyncJobStore, JobRecords, JobStore
@@ -37,7 +37,7 @@ __all__ = ["PRODUCER_POOL", "AsyncEnqueuer", "Enqueuer", "Submission", "Submissi
 
 _QUICK_TIMEOUT = 5.0
 PRODUCER_POOL = 10_000  # a producer's pools: readers waiting on streams each hold one
-_SCRIPTS = ("job_create", "owner_index", "job_forget")  # what a submit may run
+_SCRIPTS = ("job_create", "owner_index", "job_send", "job_forget")  # what a submit may run
 _BATCH = 200  # submits one gateway round trip carries at most
 
 
@@ -70,8 +70,18 @@ class Submissions:
         calls: list[Call[Any]] = [self.records.create(job_id, record)]
         if (index := self.records.index(job_id, record)) is not None:
             calls.append(index)
-        calls.append(command("LPUSH", self.records.keys.queue(lane), message))
+        calls.append(lua("job_send", [self.records.keys.queue(lane)], [message]))
         return Submission(job_id, record, tuple(calls))
+
+
+def _outcome(outcome: list[Any] | Failed) -> tuple[Exception | None, bool]:
+    """What one submission's send came to: its error (None: sent), and whether its record must
+    go (this send created it and its message did not go out: an error reply in the
+    transaction, or Redis lacking a script it could not load)."""
+    if not isinstance(outcome, Failed):
+        return None, False
+    created, sent = outcome.replies[0], outcome.replies[-1]
+    return outcome.error, created in (1, True) and isinstance(sent, Exception)
 
 
 def _unavailable(err: BaseException) -> BrokerUnavailable:
@@ -109,14 +119,18 @@ class Enqueuer:
         """
         submission = self.submissions.build(kind, first, params, job_id=job_id, fields=fields)
         try:
-            self.store.shell.run_all(submission.calls, transaction=True)
-        except BaseException as err:
-            # whatever happened, no record may wait for a message that was not sent
+            [outcome] = self.store.shell.run_groups([submission.calls], transaction=True)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            # the transaction ran whole or not at all: no record waits for a lost message
+            raise _unavailable(err) from err
+        error, orphaned = _outcome(outcome)
+        if orphaned:  # no record may wait for a message that was not sent
             with contextlib.suppress(redis.RedisError):
                 self.store.forget(submission.job_id)
-            if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
-                raise _unavailable(err) from err
-            raise
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            raise _unavailable(error) from error
+        if error is not None:
+            raise error
         return submission.job_id
 
     def send_all(self, submissions: list[Submission]) -> list[Exception | None]:
@@ -130,7 +144,7 @@ class Enqueuer:
                                                    transaction=True)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             return [_unavailable(err)] * len(submissions)
-        return [outcome if isinstance(outcome, Exception) else None for outcome in outcomes]
+        return [_outcome(outcome)[0] for outcome in outcomes]
 
 
 class AsyncEnqueuer:
@@ -177,21 +191,20 @@ class AsyncEnqueuer:
 
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:
         try:
-            outcomes: list[list[Any] | Exception] = await self.store.shell.run_groups(
-                [submission.calls for submission, _ in batch], transaction=True)
-        except Exception as err:  # the round trip failed: each was sent whole or not at all
-            outcomes = [err] * len(batch)
-        failed = [submission.job_id for (submission, _), outcome in zip(batch, outcomes,
-                                                                          strict=True)
-                  if isinstance(outcome, Exception)]
-        if failed:  # no record may wait for a message that was not sent
+            outcomes = [_outcome(outcome) for outcome in await self.store.shell.run_groups(
+                [submission.calls for submission, _ in batch], transaction=True)]
+        except Exception as err:  # the round trip failed: the transaction ran whole or not
+            outcomes = [(err, False)] * len(batch)
+        orphans = [submission.job_id for (submission, _), (_, orphaned)
+                   in zip(batch, outcomes, strict=True) if orphaned]
+        if orphans:  # no record may wait for a message that was not sent
             with contextlib.suppress(redis.RedisError):
                 await self.store.shell.run_groups(
-                    [[self.store.records.forget(job_id)] for job_id in failed])
-        for (_, sent), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, (redis.ConnectionError, redis.TimeoutError)):
-                sent.set_exception(_unavailable(outcome))
-            elif isinstance(outcome, Exception):
-                sent.set_exception(outcome)
+                    [[self.store.records.forget(job_id)] for job_id in orphans])
+        for (_, sent), (error, _) in zip(batch, outcomes, strict=True):
+            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+                sent.set_exception(_unavailable(error))
+            elif error is not None:
+                sent.set_exception(error)
             else:
                 sent.set_result(None)

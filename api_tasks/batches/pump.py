@@ -161,8 +161,10 @@ class BatchPump(Loop):
                                                   self._keys.batches()],
                                             args=[batch_id, repr(time.time()),
                                                   self._client.settings.jobs.result_ttl])
-            if closed == 2:  # made through the Batches API: its files, now
-                self._finalize(batch_id, state)
+            if closed == 2:  # made through the Batches API: its files, now (the close
+                # wrote how it ends: completed, cancelled or expired)
+                self._finalize(batch_id, {**state, "ending": text(self._redis.hget(
+                    self._keys.batch(batch_id), "ending") or b"completed")})
 
     @staticmethod
     def _past_window(state: dict[str, str]) -> bool:
@@ -176,12 +178,14 @@ class BatchPump(Loop):
         staged = keys.batch_staged(batch_id, uuid.uuid4().hex)
         shell, files = SyncShell(self._redis), FileRecords(keys)
         file_id = state.get("input_file_id", "")
-        if shell.run(files.meta(file_id)).get("owner") != state.get("owner"):
+        meta = shell.run(files.meta(file_id))
+        if meta.get("owner") != state.get("owner"):
             checked = Checked()
             checked.refuse("file_missing", f"the input file {file_id} is gone (deleted, or "
                            "expired)", param="input_file_id")
         else:
-            checked = check_input(shell, files, file_id, state.get("endpoint", ""), staged,
+            checked = check_input(shell, files, file_id, int(meta.get("bytes") or 0),
+                                  state.get("endpoint", ""), staged,
                                   _STAGED_TTL, settings.files.max_lines,
                                   settings.jobs.max_request_bytes)
         now = repr(time.time())

@@ -18,6 +18,8 @@ class BatchStatus(StrEnum):
     FINALIZING = "finalizing"  # every line recorded: its output files are being made
     COMPLETED = "completed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # an API batch past its completion window: what finished is kept
 
 
-ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.FAILED})
+ENDED = frozenset({BatchStatus.COMPLETED, BatchStatus.CANCELLED, BatchStatus.FAILED,
+                   BatchStatus.EXPIRED})

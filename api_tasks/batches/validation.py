@@ -45,24 +45,52 @@ class Checked:
                                   "param": param})
 
 
-def _lines(shell: SyncShell, files: FileRecords, file_id: str) -> Iterator[tuple[int, bytes]]:
-    """The file's lines with their numbers (from 1), read a few pieces at a time."""
-    rest, number, first = b"", 0, 0
+class _Unreadable(Exception):
+    """The file cannot be read whole: it changed or went away, or a line is too long."""
+
+    def __init__(self, code: str, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.line = code, message, line
+
+
+def _lines(shell: SyncShell, files: FileRecords, file_id: str, size: int,
+           longest: int) -> Iterator[tuple[int, bytes]]:
+    """The file's lines with their numbers (from 1), read a few pieces at a time; raises
+    ``_Unreadable`` if fewer than ``size`` bytes come back, or a line passes ``longest``."""
+    rest, number, first, read = b"", 0, 0, 0
     while pieces := shell.run(files.pieces(file_id, first, _PIECES_PER_READ)):
         first += len(pieces)
+        read += sum(len(piece) for piece in pieces)
         *complete, rest = (rest + b"".join(pieces)).split(b"\n")
         for line in complete:
             number += 1
             yield number, line
+        if len(rest) > longest:
+            raise _Unreadable("line_too_long", f"the line is longer than {longest} bytes",
+                              number + 1)
+    if read != size:
+        raise _Unreadable("file_changed", f"{read} of the file's {size} bytes could be read: "
+                          "it was deleted or expired while it was checked")
     if rest:
         yield number + 1, rest
 
 
-def check_input(shell: SyncShell, files: FileRecords, file_id: str, endpoint: str,
+def check_input(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoint: str,
                 staged: str, ttl: int, max_lines: int, max_request_bytes: int) -> Checked:
-    """Check file ``file_id`` as the input of a batch on ``endpoint``; its good lines go to
-    list ``staged`` (for ``ttl`` seconds) as the pump's input lines."""
+    """Check file ``file_id`` (``size`` bytes) as the input of a batch on ``endpoint``; its
+    good lines go to list ``staged`` (for ``ttl`` seconds) as the pump's input lines."""
     checked = Checked()
+    try:
+        _check(shell, files, file_id, size, endpoint, staged, ttl, max_lines,
+               max_request_bytes, checked)
+    except _Unreadable as err:
+        checked.refuse(err.code, err.message, err.line)
+    return checked
+
+
+def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoint: str,
+           staged: str, ttl: int, max_lines: int, max_request_bytes: int,
+           checked: Checked) -> None:
     seen: dict[str, int] = {}  # custom_id -> the line it first appeared on
     chunk: list[str] = []
 
@@ -71,7 +99,8 @@ def check_input(shell: SyncShell, files: FileRecords, file_id: str, endpoint: st
             shell.run_all([command("RPUSH", staged, *chunk), command("EXPIRE", staged, ttl)])
             chunk.clear()
 
-    for number, raw in _lines(shell, files, file_id):
+    # a line's JSON wraps a body of at most max_request_bytes, escaped at worst 6 bytes for 1
+    for number, raw in _lines(shell, files, file_id, size, 6 * max_request_bytes + 65536):
         if not raw.strip():
             continue
         checked.total += 1
@@ -109,4 +138,3 @@ def check_input(shell: SyncShell, files: FileRecords, file_id: str, endpoint: st
         checked.refuse("empty_file", "the file has no requests")
     if not checked.found:
         flush()
-    return checked

@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 import redis
@@ -76,16 +77,23 @@ class WebhookSender(Loop):
         self.run_once()
 
     def run_once(self) -> int:
-        """Send the deliveries due now; how many were tried."""
+        """Send the deliveries due now, one taken at a time (each under its own lease); how
+        many were tried."""
         hooks = self._settings.webhooks
         lease = int((2 * hooks.timeout + 5) * 1000)
-        due = self._take(keys=[self._keys.webhooks()],
-                         args=[int(time.time() * 1000), lease, _TAKE])
-        for delivery in due:
-            self._deliver(text(delivery))
-        return len(due)
+        tried = 0
+        while tried < _TAKE and not self.stopping:
+            token = uuid.uuid4().hex
+            due = self._take(keys=[self._keys.webhooks()],
+                             args=[int(time.time() * 1000), lease, token,
+                                   self._keys.webhook("")])
+            if not due:
+                break
+            self._deliver(text(due), token)
+            tried += 1
+        return tried
 
-    def _deliver(self, delivery: str) -> None:
+    def _deliver(self, delivery: str, token: str) -> None:
         state = {text(k): text(v) for k, v in
                  self._redis.hgetall(self._keys.webhook(delivery)).items()}
         hooks = self._settings.webhooks
@@ -124,4 +132,4 @@ class WebhookSender(Loop):
             log.info("webhook %s: attempt %d failed (%s)%s", delivery, attempts, error,
                      "" if again else "; given up")
         self._done(keys=[self._keys.webhooks(), self._keys.webhook(delivery)],
-                   args=[delivery, int(time.time() * 1000), status, error, again])
+                   args=[delivery, int(time.time() * 1000), status, error, again, token])

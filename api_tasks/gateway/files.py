@@ -11,6 +11,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import redis
@@ -29,6 +30,7 @@ __all__ = ["delete_file", "file_content", "get_file", "list_files", "upload_file
 _UPLOAD_TTL = 3600  # pieces of an upload not yet whole expire this soon if it is cut short
 _FORM_SLACK = 64 * 1024  # what a multipart body may add to its file: boundaries, fields
 _FIELD_BYTES = 1024  # a form field other than the file
+_FIELDS = 16  # form fields other than the file
 _LIMIT = re.compile(r"[0-9]{1,5}")
 _PIECES_PER_READ = 8  # pieces one read of a download takes
 _LINES_PER_READ = 1000  # lines of a batch's output file one read takes
@@ -98,6 +100,9 @@ class _Form:
                 self.ready.append(bytes(self._pending))
                 self._pending.clear()
         elif self._part:
+            if len(self.fields) >= _FIELDS:
+                raise GatewayError(400, f"the form has more than {_FIELDS} fields",
+                                   param=self._part, code="invalid_request")
             self.fields[self._part] = self._value.decode("utf-8", "replace")
 
 
@@ -215,11 +220,15 @@ async def file_content(request: Request) -> Response:
 
     return StreamingResponse(body(), media_type="application/octet-stream", headers={
         "content-length": meta.get("bytes", "0"),
-        "content-disposition": f'attachment; filename="{_quoted(meta.get("filename", ""))}"'})
+        "content-disposition": _disposition(meta.get("filename", ""))})
 
 
-def _quoted(name: str) -> str:
-    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in name)
+def _disposition(name: str) -> str:
+    """An attachment header for any file name: ASCII, and the name itself as RFC 6266's
+    UTF-8 ``filename*``."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f'attachment; filename="{plain}"; filename*=UTF-8\'\'{quote(name, safe="")}'
+
 
 
 async def delete_file(request: Request) -> Response:

@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError
 
 from api_tasks.record.scripts import script
 
-__all__ = ["AsyncShell", "Call", "SyncShell", "command", "lua"]
+__all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "command", "lua"]
 
 T = TypeVar("T")
 
@@ -66,6 +66,15 @@ def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A group of calls that did not all succeed: the first error, and every reply (an
+    exception where a call failed) to tell what did run."""
+
+    error: Exception
+    replies: list[Any]
+
+
 def _failure(replies: list[Any]) -> Exception | None:
     """A group's first error reply other than a missing script's."""
     return next((reply for reply in replies
@@ -100,27 +109,33 @@ class SyncShell:
         """Send calls in one round trip; their replies in order (an error reply is raised).
         A ``transaction`` runs whole (MULTI/EXEC): no other client sees it half done."""
         [replies] = self.run_groups([calls], transaction=transaction)
-        if isinstance(replies, Exception):
-            raise replies
+        if isinstance(replies, Failed):
+            raise replies.error
         return replies
 
     def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
-                   transaction: bool = False) -> list[list[Any] | Exception]:
-        """Send groups of calls in one round trip: each group's replies, or its first error."""
+                   transaction: bool = False) -> list[list[Any] | Failed]:
+        """Send groups of calls in one round trip (a ``transaction`` runs whole: MULTI/EXEC):
+        each group's parsed replies, or ``Failed``. A script Redis lacked is loaded and run
+        again, after the rest of its group. Raises only if the round trip itself failed."""
         if not any(groups):
             return [[] for _ in groups]
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
             pipe.execute_command(*_command(call, self._script))  # type: ignore[no-untyped-call]
-        out: list[list[Any] | Exception] = []
+        out: list[list[Any] | Failed] = []
         for group, replies in zip(groups, _grouped(groups, pipe.execute(raise_on_error=False)),
                                   strict=True):
             if (failed := _failure(replies)) is not None:
-                out.append(failed)
+                out.append(Failed(failed, replies))
                 continue
-            for index in _unloaded(replies):
-                call = group[index]
-                replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
+            try:
+                for index in _unloaded(replies):
+                    call = group[index]
+                    replies[index] = self._script(call.script)(keys=call.keys, args=call.args)
+            except redis.RedisError as err:
+                out.append(Failed(err, replies))
+                continue
             out.append(_parsed(group, replies))
         return out
 
@@ -151,27 +166,32 @@ class AsyncShell:
     async def run_all(self, calls: Sequence[Call[T]], *, transaction: bool = False) -> list[T]:
         """Send calls in one round trip, as ``SyncShell.run_all``."""
         [replies] = await self.run_groups([calls], transaction=transaction)
-        if isinstance(replies, Exception):
-            raise replies
+        if isinstance(replies, Failed):
+            raise replies.error
         return replies
 
     async def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
-                         transaction: bool = False) -> list[list[Any] | Exception]:
+                         transaction: bool = False) -> list[list[Any] | Failed]:
         """Send groups of calls in one round trip, as ``SyncShell.run_groups``."""
         if not any(groups):
             return [[] for _ in groups]
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
             pipe.execute_command(*_command(call, self._script))
-        out: list[list[Any] | Exception] = []
+        out: list[list[Any] | Failed] = []
         replies_of = _grouped(groups, await pipe.execute(raise_on_error=False))
         for group, replies in zip(groups, replies_of, strict=True):
             if (failed := _failure(replies)) is not None:
-                out.append(failed)
+                out.append(Failed(failed, replies))
                 continue
-            for index in _unloaded(replies):
-                call = group[index]
-                replies[index] = await self._script(call.script)(keys=call.keys, args=call.args)
+            try:
+                for index in _unloaded(replies):
+                    call = group[index]
+                    replies[index] = await self._script(call.script)(keys=call.keys,
+                                                                      args=call.args)
+            except redis.RedisError as err:
+                out.append(Failed(err, replies))
+                continue
             out.append(_parsed(group, replies))
         return out
 

@@ -177,9 +177,9 @@ class EventHub:
                 pinged = True
                 continue
             pinged = False
-            kind, name = reply[0], reply[1]
-            if kind == b"pong":
+            if isinstance(reply, bytes) or reply[0] == b"pong":  # b"PONG" once unsubscribed
                 continue
+            kind, name = reply[0], reply[1]
             quiet = 0.0
             if kind == b"message":
                 entry = self._channels.get(name)

@@ -364,6 +364,7 @@ class AsyncJob:
             with broker_errors():
                 async with self._store.hub.follow(channel) as heard:
                     while not heard.closed:
+                        wait = clock.block_ms(self.id) / 1000  # JobTimeout once past it
                         if read or heard.lost:
                             heard.reset()  # what is heard from here on comes after this read
                             events = await self._store.read(self.id, after)
@@ -379,7 +380,6 @@ class AsyncJob:
                         if not events:
                             if read:
                                 continue
-                            wait = clock.block_ms(self.id) / 1000
                             try:
                                 async with asyncio.timeout(wait if idle is None
                                                            else min(wait, idle)):

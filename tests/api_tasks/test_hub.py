@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -15,6 +16,7 @@ import redis
 
 from api_tasks.client import Client
 from api_tasks.connections import connect_async
+from api_tasks.errors import JobTimeout
 from api_tasks.record.events import (
     EVENT_FIELD,
     chunk_event,
@@ -169,3 +171,26 @@ def test_a_reader_slower_than_the_stream_holds_a_bounded_backlog_and_misses_noth
     ids, held = _run(settings, body)
     assert held <= HELD
     assert ids == [entry_id(1, seq) for seq in range(total + 1)]
+
+
+def test_a_reader_keeps_its_deadline_while_events_keep_coming(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    job_id = f"hub-{uuid.uuid4().hex}"
+
+    async def body(store: AsyncJobStore) -> float:
+        await store.create(job_id, {"kind": "chat"})
+
+        async def trickle() -> None:
+            for seq in range(100):  # a chunk every 50 ms, for five seconds
+                _write(redis_client, store, job_id, seq, 1)
+                await asyncio.sleep(0.05)
+
+        writer = asyncio.create_task(trickle())
+        start = time.monotonic()
+        with pytest.raises(JobTimeout):
+            async for _ in AsyncJob(store, job_id).events(timeout=0.5):
+                pass
+        writer.cancel()
+        return time.monotonic() - start
+
+    assert _run(settings, body) < 1.5

@@ -41,10 +41,10 @@ def test_a_file_goes_up_and_comes_back_byte_for_byte(gateway: GatewayProcess,
     sdk = _sdk(gateway)
     # several 1 MiB pieces, a last short one, bytes of every value, CRLF and UTF-8 lines
     data = (bytes(range(256)) * 4096 + "é\r\n{\"custom_id\": \"ü\"}\n".encode()) * 3
-    made = sdk.files.create(file=("input é.jsonl", data), purpose="batch",
+    made = sdk.files.create(file=("数据 é.jsonl", data), purpose="batch",
                             expires_after={"anchor": "created_at", "seconds": 3600})
     assert (made.object, made.bytes, made.filename, made.purpose, made.status) == (
-        "file", len(data), "input é.jsonl", "batch", "processed")
+        "file", len(data), "数据 é.jsonl", "batch", "processed")
     assert made.id.startswith("file-") and made.expires_at == made.created_at + 3600
     assert sdk.files.retrieve(made.id) == made
     assert sdk.files.content(made.id).read() == data

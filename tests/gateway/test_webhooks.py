@@ -13,6 +13,7 @@ import redis
 
 from api_tasks.execution.webhooks import retry_delay, sign
 from tests.conftest import GATEWAY_HOOKED_KEY, WEBHOOK_SECRET
+from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.services import GatewayProcess, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -99,3 +100,17 @@ def test_a_failed_batch_is_announced(gateway: GatewayProcess,
     event = sdk.webhooks.unwrap(received.body, received.headers)
     assert (event.type, event.data.id) == ("batch.failed", batch.id)
     assert sdk.batches.retrieve(batch.id).status == "failed"
+
+
+def test_a_cancelled_batch_is_announced_as_cancelled(
+        gateway: GatewayProcess, webhook_receiver: WebhookReceiver, fake: FakeUpstream,
+        model: str) -> None:
+    fake.script(model, Reply(content="slow", delay=0.3))
+    sdk = _sdk(gateway)
+    batch = _batch(sdk, [_line(f"c{i}", model) for i in range(20)])
+    wait_until(lambda: sdk.batches.retrieve(batch.id).status == "in_progress", 30, "a start")
+    sdk.batches.cancel(batch.id)
+    [received] = webhook_receiver.wait_for(batch.id.encode(), 1)
+    event = sdk.webhooks.unwrap(received.body, received.headers)
+    assert (event.type, event.data.id) == ("batch.cancelled", batch.id)
+    assert sdk.batches.retrieve(batch.id).status == "cancelled"
