@@ -115,8 +115,10 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
             continue
         except InvalidJob as err:
             param, _, message = err.message.partition(": ")
-            if not message or not param.startswith("body."):
-                param, message = "", err.message
+            if not message or not param.startswith("body."):  # "url must be one of ..."
+                message = err.message
+                word = message.split(" ", 1)[0]
+                param = word if word in ("custom_id", "method", "url", "body") else ""
             checked.refuse("invalid_request", message, number, param or None)
             continue
         url = json.loads(raw).get("url")
