@@ -20,6 +20,7 @@ from api_tasks.connections import connect
 from api_tasks.enqueue import PRODUCER_POOL, Enqueuer
 from api_tasks.record.reader import Job
 from api_tasks.record.store import JobStore
+from api_tasks.record.webhooks import job_notifier
 from api_tasks.spec import Kind, build_spec
 from api_tasks.upstream.routing import build_call, resolve_upstream
 
@@ -56,7 +57,8 @@ class Client(Enqueuer):
         # blocking reads (XREAD BLOCK) get their own pool, with a longer timeout
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,
-                              blocking=connect(settings.redis, max_connections=PRODUCER_POOL))
+                              blocking=connect(settings.redis, max_connections=PRODUCER_POOL),
+                              notifier=job_notifier(self.keys, settings))
 
     def submit_chat(self, messages: Any, **params: Any) -> Job:
         """Enqueue a chat completion job; returns at once."""

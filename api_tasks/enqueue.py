@@ -27,6 +27,7 @@ from api_tasks.record.calls import Call, Failed, lua
 from api_tasks.record.job_record import queued, submit_fields
 from api_tasks.record.keys import Keys
 from api_tasks.record.store import AsyncJobStore, JobRecords, JobStore
+from api_tasks.record.webhooks import job_notifier
 from api_tasks.spec import TASK_NAMES, Kind, build_spec
 from api_tasks.upstream.routing import resolve_upstream
 
@@ -98,7 +99,8 @@ class Enqueuer:
                              max_connections=PRODUCER_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
-                              settings.jobs.queued_ttl)
+                              settings.jobs.queued_ttl,
+                              notifier=job_notifier(self.keys, settings))
         self.submissions = Submissions(settings, self.store.records)
 
     def warm(self) -> None:

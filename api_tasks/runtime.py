@@ -28,6 +28,7 @@ from api_tasks.execution.webhooks import WebhookSender
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.record.store import JobStore
+from api_tasks.record.webhooks import job_notifier
 from api_tasks.record.writer import EventWriter
 from api_tasks.upstream.call_handle import Stop
 from api_tasks.upstream.http_client import HttpClient
@@ -53,7 +54,8 @@ class Runtime:
         # one connection per job thread, or a shutdown's give-backs fail all at once
         self.redis = connect(settings.redis, max_connections=pool_size(worker.concurrency))
         self.keys = Keys(settings.redis.prefix)
-        self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl)
+        self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl,
+                              notifier=job_notifier(self.keys, settings))
         self.leases = LeaseStore(self.redis, self.keys, jobs.queued_ttl,
                                  int(worker.lease_ttl * 1000), jobs.max_crashes)
         self.writer = EventWriter(self.redis)

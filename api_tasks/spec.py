@@ -28,7 +28,7 @@ MAX_DEPTH = 64
 QUEUES = ("interactive", "bulk")  # in priority order: a worker reads them in this order
 # options for this project, removed before the payload goes upstream
 CONTROL_FIELDS = frozenset({"upstream", "store_result", "result_ttl", "queue", "base_url",
-                            "owner"})
+                            "owner", "notify"})
 # a gateway key's name, as config.settings.GatewayKey.name (spec stays free of config)
 _OWNER = re.compile(r"[A-Za-z0-9_.-]{1,128}", re.ASCII)
 # a job must not carry credentials or choose where it is sent
@@ -47,6 +47,7 @@ class JobSpec:
     queue: str | None = None
     base_url: str | None = None  # only where the upstream's job_base_url_hosts allow it
     owner: str | None = None  # the gateway key it was submitted with (its limits apply too)
+    notify: bool | None = None  # its end goes to its owner's webhooks (job.succeeded...)
 
     @property
     def model(self) -> str | None:
@@ -277,5 +278,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     owner = options.get("owner")
     if owner is not None and not (isinstance(owner, str) and _OWNER.fullmatch(owner)):
         raise InvalidJob("owner", "must be a gateway key's name (letters, digits, _ . -)")
+    notify = options.get("notify")
+    if notify is not None and not isinstance(notify, bool):
+        raise InvalidJob("notify", "must be true or false")
     return {"upstream": upstream, "store_result": store, "result_ttl": ttl, "queue": queue,
-            "base_url": base_url, "owner": owner}
+            "base_url": base_url, "owner": owner, "notify": notify or None}

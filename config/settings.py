@@ -246,9 +246,11 @@ class WorkerSettings(_Model):
         return self
 
 
-WebhookEvent = Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled"]
+WebhookEvent = Literal["batch.completed", "batch.failed", "batch.expired", "batch.cancelled",
+                       "job.succeeded", "job.failed", "job.cancelled"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("batch.completed", "batch.failed", "batch.expired",
-                                            "batch.cancelled")
+                                            "batch.cancelled", "job.succeeded", "job.failed",
+                                            "job.cancelled")
 
 
 class WebhookEndpoint(_Model):

@@ -20,6 +20,7 @@ from api_tasks.batches.state import BatchStatus
 from api_tasks.connections import text
 from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
+from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks, event_args
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -83,8 +84,7 @@ class BatchRecords:
         """Drop batches whose hashes are gone from their owner's index."""
         return command("ZREM", self.keys.owned_batches(owner), *batch_ids)
 
-    def cancel(self, batch_id: str, webhooks: tuple[list[str], list[Any]] = ([], [])
-               ) -> Call[str]:
+    def cancel(self, batch_id: str, webhooks: Webhooks = NO_WEBHOOKS) -> Call[str]:
         """Stop a batch (``batch_cancel``, queueing ``webhooks`` if it ends at once): its
         status after the call, or ``missing``."""
         return lua("batch_cancel", [self.keys.batch(batch_id), *webhooks[0]],
@@ -92,21 +92,10 @@ class BatchRecords:
 
 
 def batch_event(keys: Keys, settings: Settings, owner: str, event: str,
-                batch_id: str) -> tuple[list[str], list[Any]]:
-    """The KEYS and ARGV (``add_webhooks`` in the Lua prelude) that queue webhook ``event``
-    of a batch to its owner's endpoints that take it; empty when none do."""
-    endpoints = settings.webhooks_for(owner, event)
-    if not endpoints:
-        return [], []
-    now = time.time()
-    event_id = f"evt_{batch_id.removeprefix('batch_')}"
-    payload = json.dumps({"id": event_id, "object": "event", "created_at": int(now),
-                          "type": event, "data": {"id": batch_id}}, separators=(",", ":"))
-    ids = [f"{event_id}-{index}" for index in endpoints]
-    ttl = settings.webhooks.retry_for + 86400  # a day to look at how the last try went
-    return ([keys.webhooks(), *(keys.webhook(i) for i in ids)],
-            [payload, owner, int(now * 1000), ttl,
-             *(item for pair in zip(ids, endpoints, strict=True) for item in pair)])
+                batch_id: str) -> Webhooks:
+    """What queues webhook ``event`` of a batch (``record.webhooks.event_args``)."""
+    return event_args(keys, settings, owner, event, batch_id,
+                      f"evt_{batch_id.removeprefix('batch_')}")
 
 
 def _time(state: dict[str, str], name: str) -> int | None:

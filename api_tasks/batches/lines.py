@@ -53,8 +53,9 @@ def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
         raise InvalidJob(where, f"url must be one of {', '.join(ENDPOINTS)}")
     if not isinstance(body, dict):
         raise InvalidJob(where, "body must be a JSON object")
-    if "owner" in body:  # whose job it is comes from who submits the batch, never a line
-        raise InvalidJob(where, "body.owner: not accepted in a batch line")
+    for field in ("owner", "notify"):  # whose job it is, and who hears of it, are the batch's
+        if field in body:
+            raise InvalidJob(where, f"body.{field}: not accepted in a batch line")
     kind = ENDPOINTS[url]
     rest = {k: v for k, v in body.items() if k != _FIRST[kind]}
     try:

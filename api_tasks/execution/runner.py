@@ -41,6 +41,7 @@ from api_tasks.record.job_record import (
 )
 from api_tasks.record.leases import LeaseStore, Verdict
 from api_tasks.record.store import JobStore
+from api_tasks.record.webhooks import NO_WEBHOOKS, event_args, job_event_id
 from api_tasks.record.writer import EventWriter
 from api_tasks.spec import JobSpec, Kind, build_spec
 from api_tasks.stream.relay import StreamRelay
@@ -275,9 +276,14 @@ class JobRunner:
         event = final_event(status, run.published, run.attempt, error=error,
                             **_summary(response))
         fields = finish_fields(status, finished, run.calls, error)
+        webhooks = event_args(self.store.keys, self.settings, run.spec.owner,
+                              f"job.{status.value}", run.job_id,
+                              job_event_id(run.job_id)) \
+            if run.spec.notify and run.spec.owner else NO_WEBHOOKS
         [outcome] = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.attempt, run.published), result, fields)], timeout=_WRITE_TIMEOUT)
+            entry_id(run.attempt, run.published), result, fields, webhooks)],
+            timeout=_WRITE_TIMEOUT)
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)

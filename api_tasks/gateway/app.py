@@ -51,6 +51,7 @@ from api_tasks.record.reader import (
     attempt_start,
 )
 from api_tasks.record.store import AsyncJobStore
+from api_tasks.record.webhooks import job_notifier
 from api_tasks.record.workers import alive
 from api_tasks.spec import Kind
 from config.settings import GatewayKey, Settings
@@ -78,7 +79,7 @@ class Gateway:
         self.redis = connect_async(settings.redis, max_connections=_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
-                                   settings.jobs.queued_ttl)
+                                   settings.jobs.queued_ttl, job_notifier(self.keys, settings))
         self.submitter = Submitter(settings, self.store)
         self.keyring = Keyring(settings.gateway)
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
@@ -372,9 +373,13 @@ async def create_job(request: Request) -> Response:
         raise GatewayError(400, "metadata must be an object of at most 16 pairs",
                            param="metadata", code="invalid_metadata")
     queue = body.get("queue") or request.headers.get(_QUEUE_HEADER)
+    notify = body.get("notify", False)
+    if not isinstance(notify, bool):
+        raise GatewayError(400, "notify must be true or false", param="notify",
+                           code="invalid_notify")
     job_id, record = await gateway.submitter.submit(
         key, _URLS[url], job_body, queue, metadata=metadata,
-        idempotency_key=request.headers.get("idempotency-key"), size=size)
+        idempotency_key=request.headers.get("idempotency-key"), size=size, notify=notify)
     info = record if record is not None else await gateway.owned(key, job_id)
     return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
                         headers={"x-request-id": job_id})

@@ -49,7 +49,8 @@ class Submitter:
 
     async def submit(self, key: GatewayKey, kind: Kind, body: dict[str, Any], queue: str | None,
                      *, metadata: dict[str, Any] | None = None,
-                     idempotency_key: str | None = None, size: int = 0) -> Submitted:
+                     idempotency_key: str | None = None, size: int = 0,
+                     notify: bool = False) -> Submitted:
         """Enqueue ``body`` (``size`` bytes of JSON) as a job of ``key``: its id and record
         (a repeated idempotency key: the first request's job, nothing enqueued, no record)."""
         lane = queue or body.get("queue") or self.settings.jobs.default_queue
@@ -71,6 +72,8 @@ class Submitter:
                                code=f"{refused}_not_allowed")
         params: dict[str, Any] = {k: v for k, v in body.items() if k != FIRST[kind]}
         params.update(queue=lane, store_result=True, owner=key.name)
+        if notify:  # its end goes to the key's webhooks
+            params["notify"] = True
         fields = {}
         if metadata is not None:
             fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))

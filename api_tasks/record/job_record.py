@@ -58,6 +58,7 @@ class Field(StrEnum):
     RESULT_TTL = "result_ttl"  # the job's own, when it set one
     BATCH = "batch"  # the detached batch the job is a line of
     OWNER = "owner"  # the gateway key that submitted it (only it may read it)
+    NOTIFY = "notify"  # "1": its end goes to its owner's webhooks
     METADATA = "metadata"  # the caller's own JSON object, from the gateway's jobs API
     CREATED_AT = "created_at"  # epoch seconds
     STARTED_AT = "started_at"  # of the latest attempt
@@ -88,6 +89,8 @@ def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:
         fields[Field.RESULT_TTL] = str(spec.result_ttl)
     if spec.owner is not None:
         fields[Field.OWNER] = spec.owner
+    if spec.notify:
+        fields[Field.NOTIFY] = "1"
     return {str(name): value for name, value in fields.items()}
 
 

@@ -33,6 +33,7 @@ from api_tasks.connections import text
 from api_tasks.record.job_record import TERMINAL
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
+from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 from api_tasks.record.writer import Command
 
 __all__ = ["Claim", "LeaseStore", "Requeue", "Verdict"]
@@ -183,12 +184,15 @@ class LeaseStore:
                    args=[job_id, held, "" if ok else _RETRY_MS])
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
-                       result: str | None, fields: list[str]) -> Command:
-        """The one atomic write that ends a job, refused unless ``token`` still owns it."""
+                       result: str | None, fields: list[str],
+                       webhooks: Webhooks = NO_WEBHOOKS) -> Command:
+        """The one atomic write that ends a job, refused unless ``token`` still owns it (and
+        queueing the ``webhooks`` of its end if it is not)."""
         keys = self.keys
-        return ("EVAL", _FINISH, 7, keys.job(job_id), keys.result(job_id),
+        return ("EVAL", _FINISH, 7 + len(webhooks[0]), keys.job(job_id), keys.result(job_id),
                 keys.events(job_id), keys.channel(job_id), keys.lease(job_id), keys.running(),
-                keys.running_messages(), token, ttl, event, event_id, result or "", job_id, *fields)
+                keys.running_messages(), *webhooks[0], token, ttl, event, event_id,
+                result or "", job_id, len(fields), *fields, *webhooks[1])
 
     def defer(self, job_id: str, message: str) -> bool:
         """A delivery found the job held: look again when the holder's lease would lapse.

@@ -26,6 +26,7 @@ from api_tasks.record.events import EVENT_FIELD, final_event, parse_entries
 from api_tasks.record.hub import EventHub
 from api_tasks.record.job_record import Field, JobStatus, envelope, meta_from, queued
 from api_tasks.record.keys import Keys
+from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 
 __all__ = ["READ_COUNT", "AsyncJobStore", "Cancel", "JobRecords", "JobStore", "OwnerIndex",
            "owned_page"]
@@ -68,13 +69,19 @@ class Cancel(StrEnum):
         return self in (Cancel.CANCELLED, Cancel.CANCELLING)
 
 
+# what queues a job's webhook event: (owner, event, job id) -> add_webhooks' KEYS and ARGV
+Notifier = Callable[[str, str, str], Webhooks]
+
+
 class JobRecords:
     """The calls that create, read and cancel job records (no I/O: a shell runs them)."""
 
-    def __init__(self, keys: Keys, result_ttl: int, queued_ttl: int) -> None:
+    def __init__(self, keys: Keys, result_ttl: int, queued_ttl: int,
+                 notifier: Notifier | None = None) -> None:
         self.keys = keys
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
+        self.notifier = notifier
 
     def create(self, job_id: str, record: dict[str, str]) -> Call[bool]:
         """Write a new job's record (``queued(fields)``); False if the id already has one."""
@@ -112,17 +119,20 @@ class JobRecords:
         return lua("job_discard", [keys.job(job_id), keys.result(job_id), keys.events(job_id),
                                    keys.cancel(job_id)], [], bool)
 
-    def cancel(self, job_id: str, meta: dict[str, Any], queued_only: bool) -> Call[Cancel]:
-        """Ask a job to stop (``meta``: its record's ``meta_from``); with ``queued_only`` a
-        running job is left to finish."""
-        result = envelope(job_id, JobStatus.CANCELLED, meta, error=_CANCELLED)
+    def cancel(self, job_id: str, info: dict[str, str], queued_only: bool) -> Call[Cancel]:
+        """Ask a job to stop (``info``: its record); with ``queued_only`` a running job is
+        left to finish. A job that ends here tells its owner's webhooks if it asked to."""
+        result = envelope(job_id, JobStatus.CANCELLED, meta_from(info), error=_CANCELLED)
         event = final_event(JobStatus.CANCELLED, 0, 0, error=_CANCELLED)
         keys = self.keys
+        owner = info.get(Field.OWNER)
+        hooks = self.notifier(owner, "job.cancelled", job_id) \
+            if self.notifier and owner and info.get(Field.NOTIFY) == "1" else NO_WEBHOOKS
         return lua("job_cancel",
                    [keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
-                    keys.events(job_id), keys.channel(job_id)],
+                    keys.events(job_id), keys.channel(job_id), *hooks[0]],
                    [repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
-                    "1" if queued_only else "0"],
+                    "1" if queued_only else "0", *hooks[1]],
                    lambda reply: Cancel(text(reply[0])))
 
     def status(self, job_id: str) -> Call[str | None]:
@@ -197,10 +207,10 @@ class JobStore:
     """Job records on a sync client; blocking reads go to ``blocking`` (a longer timeout)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, result_ttl: int, queued_ttl: int,
-                 blocking: redis.Redis | None = None) -> None:
+                 blocking: redis.Redis | None = None, notifier: Notifier | None = None) -> None:
         self.redis = client
         self.keys = keys
-        self.records = JobRecords(keys, result_ttl, queued_ttl)
+        self.records = JobRecords(keys, result_ttl, queued_ttl, notifier)
         self.shell = SyncShell(client)
         self._blocking = SyncShell(blocking) if blocking is not None else self.shell
 
@@ -222,8 +232,7 @@ class JobStore:
 
     def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop; with ``queued_only`` a running job is left to finish."""
-        meta = meta_from(self.info(job_id))
-        return self.shell.run(self.records.cancel(job_id, meta, queued_only))
+        return self.shell.run(self.records.cancel(job_id, self.info(job_id), queued_only))
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""
@@ -259,10 +268,10 @@ class AsyncJobStore:
     """Job records on an asyncio client: ``JobStore``'s methods, awaited."""
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, result_ttl: int,
-                 queued_ttl: int) -> None:
+                 queued_ttl: int, notifier: Notifier | None = None) -> None:
         self.redis = client
         self.keys = keys
-        self.records = JobRecords(keys, result_ttl, queued_ttl)
+        self.records = JobRecords(keys, result_ttl, queued_ttl, notifier)
         self.shell = AsyncShell(client)
         self.hub = EventHub(client)  # waiting readers hold no connection: they listen here
 
@@ -289,8 +298,8 @@ class AsyncJobStore:
 
     async def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop (as ``JobStore.cancel``)."""
-        meta = meta_from(await self.info(job_id))
-        return await self.shell.run(self.records.cancel(job_id, meta, queued_only))
+        return await self.shell.run(self.records.cancel(job_id, await self.info(job_id),
+                                                        queued_only))
 
     async def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""

@@ -5,6 +5,7 @@ holding up the batch that caused them."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import openai
@@ -13,7 +14,7 @@ import redis
 
 from api_tasks.execution.webhooks import retry_delay, sign
 from tests.conftest import GATEWAY_HOOKED_KEY, WEBHOOK_SECRET
-from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 from tests.support.services import GatewayProcess, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -114,3 +115,47 @@ def test_a_cancelled_batch_is_announced_as_cancelled(
     event = sdk.webhooks.unwrap(received.body, received.headers)
     assert (event.type, event.data.id) == ("batch.cancelled", batch.id)
     assert sdk.batches.retrieve(batch.id).status == "cancelled"
+
+
+def test_jobs_that_ask_are_announced_when_they_end(
+        gateway: GatewayProcess, webhook_receiver: WebhookReceiver, fake: FakeUpstream,
+        model: str) -> None:
+    sdk = _sdk(gateway)
+    bad, slow = model + "-bad", model + "-slow"
+    fake.script(bad, HttpError(400, error={"message": "no", "code": "bad"}))
+    fake.script(slow, Reply(content="slow", delay=3))
+    made = {}
+    for name, which in (("ok", model), ("bad", bad), ("slow", slow), ("quiet", model)):
+        made[name] = sdk.post("/jobs", cast_to=object, body={
+            "url": "/v1/chat/completions", "notify": name != "quiet",
+            "body": {"model": which, "messages": [{"role": "user", "content": name}]}})["id"]
+    fake.wait_for_requests(slow, 1)
+    sdk.post(f"/jobs/{made['slow']}/cancel", cast_to=object)  # running: its worker ends it
+    events = {}
+    for name in ("ok", "bad", "slow"):
+        [received] = webhook_receiver.wait_for(made[name].encode(), 1)
+        event = sdk.webhooks.unwrap(received.body, received.headers)
+        events[name] = (event.type, event.data.id)
+    assert events == {"ok": ("job.succeeded", made["ok"]), "bad": ("job.failed", made["bad"]),
+                      "slow": ("job.cancelled", made["slow"])}
+    assert webhook_receiver.requests(made["quiet"].encode()) == []
+    with pytest.raises(openai.BadRequestError):
+        sdk.post("/jobs", cast_to=object, body={"url": "/v1/chat/completions", "notify": "yes",
+                                                "body": {"model": model, "messages": []}})
+
+
+def test_a_queued_job_cancelled_before_any_worker_saw_it_is_announced(
+        settings: Any, redis_client: redis.Redis) -> None:
+    """On a prefix no worker reads, the job stays queued: its cancel ends it, and queues the
+    event in the same script."""
+    from api_tasks.client import Client
+
+    own = Client(settings.model_copy(update={"redis": settings.redis.model_copy(
+        update={"prefix": f"nw{uuid.uuid4().hex[:6]}"})}))
+    job = own.submit_chat([{"role": "user", "content": "x"}], model="m-queued",
+                          owner="hooked", notify=True)
+    assert job.cancel() is True
+    key = f"{own.keys.prefix}:webhook:evt_{job.id.replace('-', '')}-0"
+    payload = json.loads(redis_client.hget(key, "payload") or b"{}")
+    assert (payload.get("type"), payload.get("data")) == ("job.cancelled", {"id": job.id})
+    assert redis_client.zscore(own.keys.webhooks(), f"evt_{job.id.replace('-', '')}-0")

@@ -1,12 +1,15 @@
--- KEYS: job, result, events, channel, lease, running index, running messages. ARGV:
--- token ('' = whoever holds it, for the last-resort failure), ttl, event, wanted entry
--- id, result ('' for none), job id, then job field/value pairs. A job already ended is
--- never written twice. Stream entries keep the event in field 'event' (events.EVENT_FIELD).
+-- KEYS: job, result, events, channel, lease, running index, running messages, then the
+-- webhooks of its end (``add_webhooks``). ARGV: token ('' = whoever holds it, for the
+-- last-resort failure), ttl, event, wanted entry id, result ('' for none), job id, how many
+-- job field/value items follow, those items, then the webhooks' ARGV. A job already ended
+-- is never written twice. Stream entries keep the event in field 'event'
+-- (events.EVENT_FIELD).
 local s = redis.call('HGET', KEYS[1], 'status')
 if ended(s) then return 'ended' end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'lost' end
 local id = next_entry_id(KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local fields = tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + fields))
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('ZREM', KEYS[6], ARGV[6])
@@ -17,4 +20,5 @@ redis.call('XADD', KEYS[3], id, 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('PUBLISH', KEYS[4], ARGV[3])
 redis.call('DEL', KEYS[5])
+add_webhooks(8, 8 + fields)
 return 'ok'
