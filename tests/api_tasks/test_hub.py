@@ -194,3 +194,26 @@ def test_a_reader_keeps_its_deadline_while_events_keep_coming(
         return time.monotonic() - start
 
     assert _run(settings, body) < 1.5
+
+
+def test_the_subscription_connection_closes_when_nobody_follows(
+        settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle gateway holds no subscription connection: it closes once nobody follows (its
+    pings answered plain PONG then, not a pub/sub reply)."""
+    from api_tasks.record import hub
+
+    monkeypatch.setattr(hub, "_PING", 0.2)
+    monkeypatch.setattr(hub, "_LINGER", 0.5)
+    name = f"{HUB_NAME}-{os.getpid()}"
+
+    def ours() -> int:
+        return sum(1 for c in redis_client.client_list() if c.get("name") == name)
+
+    async def body(store: AsyncJobStore) -> None:
+        async with store.hub.follow(store.keys.channel(f"hub-{uuid.uuid4().hex}")):
+            assert ours() == 1
+        await _until(lambda: ours() == 0, "the idle connection to close", timeout=10)
+        async with store.hub.follow(store.keys.channel(f"hub-{uuid.uuid4().hex}")):
+            assert ours() == 1  # and it opens again when someone follows
+
+    _run(settings, body)
