@@ -90,6 +90,7 @@ class EventHub:
         # confirm, in the order sent: a reader may read the stream once its SUBSCRIBE is in
         self._unconfirmed: dict[bytes, deque[_Channel | None]] = {}
         self._connected: asyncio.Future[Any] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     @contextlib.asynccontextmanager
     async def follow(self, channel: str) -> AsyncIterator[Heard]:
@@ -126,7 +127,8 @@ class EventHub:
     async def _connection(self) -> Any:
         if self._connected is None:
             self._connected = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().create_task(self._run(self._connected))
+            # held here: the loop keeps only a weak reference to a task
+            self._listener = asyncio.get_running_loop().create_task(self._run(self._connected))
         return await asyncio.shield(self._connected)
 
     async def _run(self, connected: asyncio.Future[Any]) -> None:
