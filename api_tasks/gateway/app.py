@@ -39,6 +39,7 @@ from api_tasks.gateway.files import (
     list_files,
     upload_file,
 )
+from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
@@ -137,10 +138,8 @@ class Gateway:
 
     async def owned(self, key: GatewayKey, job_id: str) -> dict[str, str]:
         """The record of a job of this key (404 for any other, as if it did not exist)."""
-        info = await self.store.info(job_id)
-        if not info or info.get(Field.OWNER) != key.name:
-            raise GatewayError(404, f"no job {job_id!r}", param="id", code="job_not_found")
-        return info
+        return owned(await self.store.info(job_id), key, f"no job {job_id!r}",
+                     "job_not_found")
 
     async def job_object(self, job_id: str, info: dict[str, str], key: GatewayKey,
                          *, token: bool = False, response: bool = True) -> dict[str, Any]:
@@ -390,22 +389,13 @@ async def list_jobs(request: Request) -> Response:
     (each without its response, which can be large: ``GET /v1/jobs/{id}`` has it)."""
     gateway: Gateway = request.app.state.gateway
     key = gateway.key(request)
-    given = request.query_params.get("limit", "20")
-    if not _LIMIT.fullmatch(given) or not 1 <= int(given) <= 100:
-        raise GatewayError(400, "limit must be a whole number from 1 to 100", param="limit",
-                           code="invalid_limit")
+    count = limit(request, 20, 100)
     after = request.query_params.get("after") or None
     with _redis_errors():
-        page = await gateway.store.owned(key.name, after, int(given))
-    if page is None:
-        raise GatewayError(400, f"after names no job of yours: {after!r}", param="after",
-                           code="invalid_cursor")
-    jobs, more = page
+        jobs, more = page(await gateway.store.owned(key.name, after, count), after, "job")
     data = [await gateway.job_object(job_id, info, key, token=True, response=False)
             for job_id, info in jobs]
-    return JSONResponse({"object": "list", "data": data,
-                         "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return page_response(data, more)
 
 
 async def get_job(request: Request) -> Response:
@@ -468,7 +458,6 @@ async def job_events(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
-_LIMIT = re.compile(r"[0-9]{1,3}", re.ASCII)
 _ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
 
 

@@ -3,7 +3,6 @@ cancel a key's batches. The workers run them (``batches.pump``)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from starlette.requests import Request
@@ -19,12 +18,12 @@ from api_tasks.batches.files import FileRecords, Purpose
 from api_tasks.batches.lines import ENDPOINTS
 from api_tasks.batches.state import ENDED, BatchStatus
 from api_tasks.gateway.errors import GatewayError
+from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.record.store import OwnerIndex, owned_page
 from config.settings import FILE_TTL_RANGE
 
 __all__ = ["cancel_batch", "create_batch", "get_batch", "list_batches"]
 
-_LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
@@ -94,12 +93,8 @@ async def create_batch(request: Request) -> Response:
 async def _owned(request: Request, batch_id: str) -> dict[str, str]:
     """The hash of a batch of the caller's key (404 for any other, as if it did not exist)."""
     gateway = request.app.state.gateway
-    key = gateway.key(request)
-    state = await gateway.store.shell.run(BatchRecords(gateway.keys).state(batch_id))
-    if not state or state.get("owner") != key.name:
-        raise GatewayError(404, f"No such Batch object: {batch_id}", param="id",
-                           code="batch_not_found")
-    return dict(state)
+    return owned(await gateway.store.shell.run(BatchRecords(gateway.keys).state(batch_id)),
+                 gateway.key(request), f"No such Batch object: {batch_id}", "batch_not_found")
 
 
 async def get_batch(request: Request) -> Response:
@@ -128,20 +123,11 @@ async def list_batches(request: Request) -> Response:
     """``GET /v1/batches?after=&limit=``: the caller's batches, newest first."""
     gateway = request.app.state.gateway
     key = gateway.key(request)
-    given = request.query_params.get("limit", "20")
-    if not _LIMIT.fullmatch(given) or not 1 <= int(given) <= 100:
-        raise GatewayError(400, "limit must be a whole number from 1 to 100", param="limit",
-                           code="invalid_limit")
+    count = limit(request, 20, 100)
     records = BatchRecords(gateway.keys)
     index = OwnerIndex(key.name, lambda start, count: records.owned(key.name, start, count),
                        records.state, lambda ids: records.forget(key.name, ids))
     after = request.query_params.get("after") or None
-    page = await owned_page(gateway.store.shell, index, after, int(given))
-    if page is None:
-        raise GatewayError(400, f"after names no batch of yours: {after!r}", param="after",
-                           code="invalid_cursor")
-    batches, more = page
-    data = [batch_object(batch_id, state) for batch_id, state in batches]
-    return JSONResponse({"object": "list", "data": data,
-                         "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+    batches, more = page(await owned_page(gateway.store.shell, index, after, count), after,
+                         "batch")
+    return page_response([batch_object(batch_id, state) for batch_id, state in batches], more)

@@ -8,7 +8,6 @@ read of any upload, however large, and keeps nothing on disk.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api_tasks.batches.files import PIECE, FileRecords, Purpose, file_object, new_file_id
 from api_tasks.gateway.errors import GatewayError
+from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.record.calls import command
 from api_tasks.record.store import OwnerIndex, owned_page
 from config.settings import FILE_TTL_RANGE
@@ -31,7 +31,6 @@ _UPLOAD_TTL = 3600  # pieces of an upload not yet whole expire this soon if it i
 _FORM_SLACK = 64 * 1024  # what a multipart body may add to its file: boundaries, fields
 _FIELD_BYTES = 1024  # a form field other than the file
 _FIELDS = 16  # form fields other than the file
-_LIMIT = re.compile(r"[0-9]{1,5}")
 _PIECES_PER_READ = 8  # pieces one read of a download takes
 _LINES_PER_READ = 1000  # lines of a batch's output file one read takes
 
@@ -179,12 +178,8 @@ async def _store(shell: Any, records: FileRecords, file_id: str, form: _Form) ->
 async def _owned(request: Request, file_id: str) -> dict[str, str]:
     """The record of a file of the caller's key (404 for any other, as if it did not exist)."""
     gateway = request.app.state.gateway
-    key = gateway.key(request)
-    meta = await gateway.store.shell.run(FileRecords(gateway.keys).meta(file_id))
-    if not meta or meta.get("owner") != key.name:
-        raise GatewayError(404, f"No such File object: {file_id}", param="id",
-                           code="file_not_found")
-    return dict(meta)
+    return owned(await gateway.store.shell.run(FileRecords(gateway.keys).meta(file_id)),
+                 gateway.key(request), f"No such File object: {file_id}", "file_not_found")
 
 
 async def get_file(request: Request) -> Response:
@@ -245,10 +240,7 @@ async def list_files(request: Request) -> Response:
     gateway = request.app.state.gateway
     key = gateway.key(request)
     query = request.query_params
-    given = query.get("limit", "10000")
-    if not _LIMIT.fullmatch(given) or not 1 <= int(given) <= 10000:
-        raise GatewayError(400, "limit must be a whole number from 1 to 10000", param="limit",
-                           code="invalid_limit")
+    count = limit(request, 10000, 10000)
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise GatewayError(400, "order must be 'asc' or 'desc'", param="order",
@@ -259,13 +251,9 @@ async def list_files(request: Request) -> Response:
                        lambda start, count: records.owned(key.name, start, count,
                                                           oldest_first=order == "asc"),
                        records.meta, lambda ids: records.forget(key.name, ids))
-    page = await owned_page(gateway.store.shell, index, query.get("after") or None, int(given))
-    if page is None:
-        raise GatewayError(400, f"after names no file of yours: {query.get('after')!r}",
-                           param="after", code="invalid_cursor")
-    files, more = page
+    after = query.get("after") or None
+    files, more = page(await owned_page(gateway.store.shell, index, after, count), after,
+                       "file")
     data = [file_object(file_id, meta) for file_id, meta in files
             if purpose is None or meta.get("purpose") == purpose]
-    return JSONResponse({"object": "list", "data": data,
-                         "first_id": data[0]["id"] if data else None,
-                         "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return page_response(data, more)
