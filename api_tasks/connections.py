@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from config.settings import RedisSettings
 
 __all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "text",
-           "wait_for_redis"]
+           "text_map", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,11 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
 def text(value: Any) -> str:
     """A Redis reply (bytes, as the clients here don't decode) as a string."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def text_map(reply: Any) -> dict[str, str]:
+    """An ``HGETALL`` reply as a dict of strings (empty if the hash does not exist)."""
+    return {text(k): text(v) for k, v in reply.items()}
 
 
 @contextlib.contextmanager

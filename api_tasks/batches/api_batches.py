@@ -17,7 +17,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.batches.state import BatchStatus
-from api_tasks.connections import text
+from api_tasks.connections import text, text_map
 from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
 from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks, event_args
@@ -38,10 +38,6 @@ def output_file_ids(batch_id: str) -> tuple[str, str]:
     """The ids of a batch's output and error files (fixed, so finalizing twice is harmless)."""
     stem = batch_id.removeprefix("batch_")
     return f"file-{stem}-output", f"file-{stem}-errors"
-
-
-def _state(reply: Any) -> dict[str, str]:
-    return {text(k): text(v) for k, v in reply.items()}
 
 
 class BatchRecords:
@@ -73,7 +69,7 @@ class BatchRecords:
 
     def state(self, batch_id: str) -> Call[dict[str, str]]:
         """A batch's hash (empty if there is none)."""
-        return command("HGETALL", self.keys.batch(batch_id), parse=_state)
+        return command("HGETALL", self.keys.batch(batch_id), parse=text_map)
 
     def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
         """Up to ``count`` ids of an owner's batches, newest first, after ``after``."""

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from api_tasks.batches.api_batches import BatchRecords
 from api_tasks.batches.lines import check_file, read_batch
 from api_tasks.batches.state import ENDED, BatchStatus
-from api_tasks.connections import broker_errors, text
+from api_tasks.connections import broker_errors, text, text_map
 from api_tasks.errors import BatchNotFound, InvalidBatch, JobTimeout
 from api_tasks.record.scripts import script
 from api_tasks.spec import QUEUES
@@ -44,7 +45,6 @@ MAX_WINDOW = 1000
 
 
 
-_CANCEL = script("batch_cancel")
 _START = script("batch_start")
 
 
@@ -71,8 +71,7 @@ class Batch:
         self._client = client
         self._keys = client.keys
         self._redis = client.redis
-        self._scripts = {"start": self._redis.register_script(_START),
-                         "cancel": self._redis.register_script(_CANCEL)}
+        self._scripts = {"start": self._redis.register_script(_START)}
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
@@ -120,7 +119,7 @@ class Batch:
             raw = self._redis.hgetall(self._keys.batch(self.id))
         if not raw:
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
-        state = {text(k): text(v) for k, v in raw.items()}
+        state = text_map(raw)
         usage = {k.removeprefix("usage."): int(v) for k, v in state.items()
                  if k.startswith("usage.")}
         counts = {k: int(state.get(k, 0)) for k in
@@ -134,8 +133,7 @@ class Batch:
         """Stop new sends at once; the workers cancel its queued jobs within a step (running
         ones finish). Returns the batch's status after the call."""
         with broker_errors():
-            verdict = text(self._scripts["cancel"](keys=[self._keys.batch(self.id)],
-                                                   args=[repr(time.time())]))
+            verdict = self._client.store.shell.run(BatchRecords(self._keys).cancel(self.id))
         if verdict == "missing":
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
         return verdict

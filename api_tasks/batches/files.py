@@ -15,7 +15,7 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from api_tasks.connections import text
+from api_tasks.connections import text, text_map
 from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
 
@@ -35,10 +35,6 @@ class Purpose(StrEnum):
 def new_file_id() -> str:
     """A fresh file id, in OpenAI's form."""
     return f"file-{uuid.uuid4().hex}"
-
-
-def _meta(reply: Any) -> dict[str, str]:
-    return {text(k): text(v) for k, v in reply.items()}
 
 
 class FileRecords:
@@ -66,7 +62,7 @@ class FileRecords:
 
     def meta(self, file_id: str) -> Call[dict[str, str]]:
         """A file's record (empty if there is none)."""
-        return command("HGETALL", self.keys.file(file_id), parse=_meta)
+        return command("HGETALL", self.keys.file(file_id), parse=text_map)
 
     def pieces(self, file_id: str, first: int, count: int) -> Call[list[bytes]]:
         """Up to ``count`` pieces of a file's bytes from piece ``first``."""

@@ -38,7 +38,7 @@ from api_tasks.batches.files import FileRecords
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
-from api_tasks.connections import text
+from api_tasks.connections import text, text_map
 from api_tasks.errors import InvalidJob, error_object
 from api_tasks.record.calls import Call, SyncShell, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
@@ -122,8 +122,7 @@ class BatchPump(Loop):
     def step(self, batch_id: str) -> None:
         """Record, look after, cancel, send and close, once, for one batch (or check its
         input, or make its output files, for a batch made through the Batches API)."""
-        state = {text(k): text(v) for k, v in
-                 self._redis.hgetall(self._keys.batch(batch_id)).items()}
+        state = text_map(self._redis.hgetall(self._keys.batch(batch_id)))
         if state.get("status") == BatchStatus.VALIDATING:
             self._validate(batch_id, state)
             return
@@ -134,8 +133,7 @@ class BatchPump(Loop):
                 keys=[self._keys.batch(batch_id)], args=[repr(time.time())]):
             log.info("batch %s: past its completion window; expiring", batch_id)
             state.update(status=BatchStatus.CANCELLING.value, expiring="1")
-        jobs = {text(k): text(v) for k, v in
-                self._redis.hgetall(self._keys.batch_jobs(batch_id)).items()}
+        jobs = text_map(self._redis.hgetall(self._keys.batch_jobs(batch_id)))
         store = self._client.store
         statuses = dict(zip(jobs, store.statuses(list(jobs)), strict=True))
         ended = [job_id for job_id, status in statuses.items() if status in TERMINAL]

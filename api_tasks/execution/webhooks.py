@@ -25,7 +25,7 @@ import redis
 import requests
 
 from api_tasks.background import Loop
-from api_tasks.connections import text
+from api_tasks.connections import text, text_map
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
 from api_tasks.upstream.job_urls import AddressGuard
@@ -94,8 +94,7 @@ class WebhookSender(Loop):
         return tried
 
     def _deliver(self, delivery: str, token: str) -> None:
-        state = {text(k): text(v) for k, v in
-                 self._redis.hgetall(self._keys.webhook(delivery)).items()}
+        state = text_map(self._redis.hgetall(self._keys.webhook(delivery)))
         hooks = self._settings.webhooks
         endpoint = self._settings.webhook(state.get("owner", ""),
                                           int(state.get("endpoint") or -1))

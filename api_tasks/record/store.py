@@ -20,7 +20,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from api_tasks.connections import text
+from api_tasks.connections import text, text_map
 from api_tasks.record.calls import AsyncShell, Call, SyncShell, command, lua
 from api_tasks.record.events import EVENT_FIELD, final_event, parse_entries
 from api_tasks.record.hub import EventHub
@@ -40,10 +40,6 @@ _CANCELLED = {"type": "cancelled", "code": "cancelled", "status": None, "param":
 
 def _optional_text(reply: Any) -> str | None:
     return None if reply is None else text(reply)
-
-
-def _record(reply: Any) -> dict[str, str]:
-    return {text(k): text(v) for k, v in reply.items()}
 
 
 def _envelope(reply: Any) -> dict[str, Any] | None:
@@ -141,7 +137,7 @@ class JobRecords:
 
     def info(self, job_id: str) -> Call[dict[str, str]]:
         """The whole job record (empty if there is none)."""
-        return command("HGETALL", self.keys.job(job_id), parse=_record)
+        return command("HGETALL", self.keys.job(job_id), parse=text_map)
 
     def result(self, job_id: str) -> Call[dict[str, Any] | None]:
         """The stored result envelope, if any."""
