@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from api_tasks.batches.files import INDEX_TTL
 from api_tasks.batches.state import BatchStatus
 from api_tasks.connections import text, text_map
 from api_tasks.record.calls import Call, command, lua
@@ -29,7 +30,6 @@ __all__ = ["COMPLETION_WINDOW", "BatchRecords", "batch_event", "batch_object",
            "output_file_ids"]
 
 COMPLETION_WINDOW = "24h"  # the only window OpenAI offers
-_INDEX_TTL = 30 * 86400  # no batch is shown longer than its output files live
 _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
           "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
@@ -65,7 +65,7 @@ class BatchRecords:
         return batch_id, state, [
             command("HSET", key, *flat), command("EXPIRE", key, lifetime + queued_ttl),
             command("SADD", active, batch_id), command("EXPIRE", active, queued_ttl),
-            lua("owner_index", [self.keys.owned_batches(owner)], [batch_id, _INDEX_TTL])]
+            lua("owner_index", [self.keys.owned_batches(owner)], [batch_id, INDEX_TTL])]
 
     def state(self, batch_id: str) -> Call[dict[str, str]]:
         """A batch's hash (empty if there is none)."""

@@ -18,11 +18,12 @@ from typing import Any
 from api_tasks.connections import text, text_map
 from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
+from config.settings import FILE_TTL_RANGE
 
-__all__ = ["PIECE", "FileRecords", "Purpose", "file_object", "new_file_id"]
+__all__ = ["INDEX_TTL", "PIECE", "FileRecords", "Purpose", "file_object", "new_file_id"]
 
 PIECE = 1024 * 1024  # bytes per list entry: far below Redis's limits, few entries per file
-_INDEX_TTL = 30 * 86400  # no file lives longer (config.settings.FILE_TTL_RANGE)
+INDEX_TTL = FILE_TTL_RANGE[1]  # an owner's index of files or batches: nothing listed lives longer
 
 
 class Purpose(StrEnum):
@@ -58,7 +59,7 @@ class FileRecords:
         flat = [item for pair in meta.items() for item in pair]
         return meta, [command("HSET", key, *flat), command("EXPIRE", key, ttl),
                       command("EXPIRE", self.keys.file_data(file_id), ttl),
-                      lua("owner_index", [self.keys.owned_files(owner)], [file_id, _INDEX_TTL])]
+                      lua("owner_index", [self.keys.owned_files(owner)], [file_id, INDEX_TTL])]
 
     def meta(self, file_id: str) -> Call[dict[str, str]]:
         """A file's record (empty if there is none)."""

@@ -34,7 +34,7 @@ import redis
 
 from api_tasks.background import Loop
 from api_tasks.batches.api_batches import batch_event, output_file_ids
-from api_tasks.batches.files import FileRecords
+from api_tasks.batches.files import INDEX_TTL, FileRecords
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
@@ -61,7 +61,6 @@ _INVALID = script("batch_invalid")
 _FINALIZE = script("batch_finalize")
 _EXPIRE = script("batch_expire")
 _STAGED_TTL = 3600  # a validation's staged lines, if its worker dies
-_FILE_INDEX_TTL = 30 * 86400  # as batches.files
 
 _EVERY = 0.2  # seconds between two passes over the active batches
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
@@ -215,7 +214,7 @@ class BatchPump(Loop):
                   keys.file(output), keys.file(errors), keys.owned_files(state["owner"]),
                   keys.batches(), *hooks[0]],
             args=[batch_id, repr(time.time()), *sizes, output, errors,
-                  int(state.get("output_ttl") or self._ttl), _FILE_INDEX_TTL, *hooks[1]])
+                  int(state.get("output_ttl") or self._ttl), INDEX_TTL, *hooks[1]])
 
     def _list_bytes(self, key: str) -> int:
         """The size of a list's entries as a JSONL file (one newline each)."""

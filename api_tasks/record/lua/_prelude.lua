@@ -34,3 +34,14 @@ local function add_webhooks(k, a)
   end
   redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
 end
+
+-- Add `id` to an owner's index (a sorted set) by the time now in microseconds (in
+-- milliseconds, ids added in the same one would list in id order, not in the order added);
+-- entries older than `ttl` seconds, older than anything they name can be, are dropped.
+local function index_by_owner(key, id, ttl)
+  local t = redis.call('TIME')
+  local now = t[1] * 1000000 + t[2]
+  redis.call('ZADD', key, now, id)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - tonumber(ttl) * 1000000)
+  redis.call('EXPIRE', key, ttl)
+end

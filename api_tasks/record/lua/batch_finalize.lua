@@ -6,8 +6,6 @@
 -- read the batch's lists) and ends as it was ending.
 if redis.call('HGET', KEYS[1], 'status') ~= 'finalizing' then return 0 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
-local t = redis.call('TIME')
-local us = t[1] * 1000000 + t[2]
 local created = tostring(math.floor(tonumber(ARGV[2])))
 local expires = tostring(math.floor(tonumber(ARGV[2])) + tonumber(ARGV[7]))
 local ids = {'', ''}
@@ -20,12 +18,10 @@ for i = 1, 2 do
                'created_at', created, 'expires_at', expires, 'batch', ARGV[1], 'list', which)
     redis.call('EXPIRE', KEYS[3 + i], ARGV[7])
     redis.call('EXPIRE', KEYS[1 + i], ARGV[7])
-    redis.call('ZADD', KEYS[6], us, ARGV[4 + i])
+    index_by_owner(KEYS[6], ARGV[4 + i], ARGV[8])
     ids[i] = ARGV[4 + i]
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', us - tonumber(ARGV[8]) * 1000000)
-redis.call('EXPIRE', KEYS[6], ARGV[8])
 local ending = redis.call('HGET', KEYS[1], 'ending')
 redis.call('HSET', KEYS[1], 'status', ending, ending .. '_at', ARGV[2], 'finished_at', ARGV[2],
            'output_file_id', ids[1], 'error_file_id', ids[2])
