@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +213,25 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(_FIGURES.table())
 
 
-@pytest.fixture(scope="session")
-def gateway(worker_env: dict[str, str], workdir: Path,
-            worker: WorkerProcess) -> Iterator[GatewayProcess]:
+def start_gateway(worker_env: dict[str, str], workdir: Path, name: str,
+                  change: Callable[[dict[str, Any]], None] | None = None) -> GatewayProcess:
+    """A gateway on the tests' settings and keys (with ``change`` made to a copy of the
+    settings), started; the caller stops it."""
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     env.update({"GW_MAIN_KEY": GATEWAY_KEY, "GW_OTHER_KEY": GATEWAY_OTHER_KEY,
                 "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY, "GW_HOOKED_KEY": GATEWAY_HOOKED_KEY})
-    process = GatewayProcess(env, workdir / "gateway.log").start()
+    if change is not None:
+        config = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
+        change(config)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env["API_TASKS_CONFIG"] = str(path)
+    return GatewayProcess(env, workdir / f"{name}.log").start()
+
+
+@pytest.fixture(scope="session")
+def gateway(worker_env: dict[str, str], workdir: Path,
+            worker: WorkerProcess) -> Iterator[GatewayProcess]:
+    process = start_gateway(worker_env, workdir, "gateway")
     yield process
     process.stop()

@@ -3,39 +3,25 @@ sync side does, through the same calls: same chunks, same result, same errors, s
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
 
 from api_tasks.client import Client
-from api_tasks.connections import connect_async
 from api_tasks.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout
 from api_tasks.record.job_record import JobStatus, queued
 from api_tasks.record.reader import AsyncJob
 from api_tasks.record.store import AsyncJobStore
 from config.settings import Settings
+from tests.support.async_store import run_with_store
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
 PIECES = [f"w{i} " for i in range(12)]
 T = TypeVar("T")
-
-
-def _run(settings: Settings, body: Callable[[AsyncJobStore], Awaitable[T]]) -> T:
-    """Run ``body`` on a fresh event loop with its own asyncio client."""
-    async def main() -> T:
-        client = connect_async(settings.redis, max_connections=8)
-        try:
-            store = AsyncJobStore(client, Client(settings).keys, settings.jobs.result_ttl,
-                                  settings.jobs.queued_ttl)
-            return await body(store)
-        finally:
-            await client.aclose()
-    return asyncio.run(main())
 
 
 async def _all(items: AsyncIterator[T]) -> list[T]:
@@ -53,7 +39,7 @@ def test_async_reader_sees_what_the_sync_reader_sees(client: Client, settings: S
         return chunks, await handle.result(timeout=5), await handle.describe(), \
             await handle.status()
 
-    chunks, result, view, status = _run(settings, read)
+    chunks, result, view, status = run_with_store(settings, read)
     assert chunks == list(job.stream(timeout=5))
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                    if c["choices"]) == "".join(PIECES)
@@ -72,7 +58,7 @@ def test_async_reader_raises_the_failure(client: Client, settings: Settings,
             await AsyncJob(store, job.id).result(timeout=20)
         return failed.value
 
-    error = _run(settings, read)
+    error = run_with_store(settings, read)
     with pytest.raises(JobFailed) as sync_failed:
         job.result(timeout=5)
     assert getattr(error, "error", None) == sync_failed.value.error
@@ -97,7 +83,7 @@ def test_async_cancel_of_a_queued_job_and_the_calls_in_one_round_trip(
             await handle.result(timeout=5)
         return [created, status, absent], cancelled, await handle.cancel()
 
-    replies, cancelled, again = _run(settings, cancel)
+    replies, cancelled, again = run_with_store(settings, cancel)
     assert replies == [True, "queued", None]
     assert cancelled is True and again is False  # the second finds it ended
     assert client.job(job_id).status() is JobStatus.CANCELLED
@@ -113,7 +99,7 @@ def test_async_reader_of_a_missing_job(settings: Settings, client: Client) -> No
             await handle.status()
         with pytest.raises(JobNotFound):
             await handle.cancel()
-    _run(settings, read)
+    run_with_store(settings, read)
 
 
 def test_pipelined_scripts_survive_a_redis_that_forgot_them(settings: Settings,
@@ -135,7 +121,7 @@ def test_pipelined_scripts_survive_a_redis_that_forgot_them(settings: Settings,
             job_id = str(uuid.uuid4())
             return await store.create(job_id, fields), await store.create(job_id, fields)
         redis_client.script_flush()
-        assert _run(settings, create) == (True, False)
+        assert run_with_store(settings, create) == (True, False)
     assert redis_client.zcard(keys.owned("flush-test")) == 4
 
 
@@ -157,9 +143,9 @@ def test_a_listing_shows_only_the_owners_live_jobs_and_prunes_the_rest(
         rest = await store.owned(owner, first[0][-1][0], 2) if first else None
         return ours, first, rest
 
-    ours, first, rest = _run(settings, body)
+    ours, first, rest = run_with_store(settings, body)
     assert first is not None and rest is not None
     assert [job_id for job_id, _ in first[0]] == [ours[2], ours[1]] and first[1] is True
     assert [job_id for job_id, _ in rest[0]] == [ours[0]] and rest[1] is False
     assert redis_client.zcard(keys.owned(owner)) == 3  # only the owner's live jobs are left
-    assert _run(settings, lambda store: store.owned(owner, "no-such-job", 2)) is None
+    assert run_with_store(settings, lambda store: store.owned(owner, "no-such-job", 2)) is None

@@ -14,8 +14,6 @@ from typing import TypeVar
 import pytest
 import redis
 
-from api_tasks.client import Client
-from api_tasks.connections import connect_async
 from api_tasks.errors import JobTimeout
 from api_tasks.record.events import (
     EVENT_FIELD,
@@ -29,22 +27,14 @@ from api_tasks.record.job_record import JobStatus
 from api_tasks.record.reader import AsyncJob, follow_on
 from api_tasks.record.store import AsyncJobStore
 from config.settings import Settings
+from tests.support.async_store import run_with_store
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 
-def _run(settings: Settings, body: Callable[[AsyncJobStore], Awaitable[T]],
-         pool: int = 4) -> T:
-    async def main() -> T:
-        client = connect_async(settings.redis, max_connections=pool)
-        try:
-            store = AsyncJobStore(client, Client(settings).keys, settings.jobs.result_ttl,
-                                  settings.jobs.queued_ttl)
-            return await body(store)
-        finally:
-            await client.aclose()
-    return asyncio.run(main())
+def _run(settings: Settings, body: Callable[[AsyncJobStore], Awaitable[T]]) -> T:
+    return run_with_store(settings, body, pool=4)  # fewer connections than readers
 
 
 def _chunk(seq: int, attempt: int = 1) -> bytes:

@@ -16,6 +16,7 @@ import yaml
 
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 from tests.support.services import GatewayProcess, Spawn, wait_until
 
@@ -161,15 +162,8 @@ def test_batch_create_refuses_bad_requests_and_batches_belong_to_their_key(
 @pytest.fixture(scope="module")
 def short_gateway(worker_env: dict[str, str], workdir: Path) -> Iterator[GatewayProcess]:
     """A gateway whose batches expire 2 s after they are made."""
-    config = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
-    config["gateway"]["batch_lifetime"] = 2
-    path = workdir / "short-batches.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**worker_env, "API_TASKS_CONFIG": str(path), "GW_MAIN_KEY": KEY,
-           "GW_OTHER_KEY": OTHER_KEY, "GW_LIMITED_KEY": "sk-unused",
-           "GW_HOOKED_KEY": "sk-unused-too"}
-    env.pop("FAKE_UPSTREAM_KEY", None)
-    process = GatewayProcess(env, workdir / "short-gateway.log").start()
+    process = start_gateway(worker_env, workdir, "short-gateway",
+                            lambda config: config["gateway"].update(batch_lifetime=2))
     yield process
     process.stop()
 

@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 import redis
-import yaml
 
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.conftest import start_gateway
 from tests.support.services import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -114,15 +114,8 @@ def test_bad_uploads_are_refused_naming_the_field_and_leave_nothing(
 @pytest.fixture(scope="module")
 def small_gateway(worker_env: dict[str, str], workdir: Path) -> Iterator[GatewayProcess]:
     """A gateway whose files may be 100 KB at most."""
-    config = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
-    config["files"] = {"max_bytes": 100_000}
-    path = workdir / "small-files.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**worker_env, "API_TASKS_CONFIG": str(path), "GW_MAIN_KEY": KEY,
-           "GW_OTHER_KEY": OTHER_KEY, "GW_LIMITED_KEY": "sk-unused",
-           "GW_HOOKED_KEY": "sk-unused-too"}
-    env.pop("FAKE_UPSTREAM_KEY", None)
-    process = GatewayProcess(env, workdir / "small-gateway.log").start()
+    process = start_gateway(worker_env, workdir, "small-gateway",
+                            lambda config: config.update(files={"max_bytes": 100_000}))
     yield process
     process.stop()
 

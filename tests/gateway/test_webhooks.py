@@ -39,6 +39,14 @@ def _line(custom_id: str, model: str) -> str:
                                 "messages": [{"role": "user", "content": custom_id}]}})
 
 
+def _event(sdk: openai.OpenAI, receiver: WebhookReceiver, subject_id: str) -> tuple[str, str]:
+    """The one event the receiver heard about ``subject_id`` (its signature checked): its
+    type and subject."""
+    [received] = receiver.wait_for(subject_id.encode(), 1)
+    event = sdk.webhooks.unwrap(received.body, received.headers)
+    return event.type, event.data.id
+
+
 def _delivery(redis_client: redis.Redis, gateway: GatewayProcess, batch_id: str,
               endpoint: int) -> dict[str, str]:
     key = f"{gateway.env['API_TASKS_PREFIX']}:webhook:evt_{batch_id[6:]}-{endpoint}"
@@ -97,9 +105,7 @@ def test_a_failed_batch_is_announced(gateway: GatewayProcess,
                                      webhook_receiver: WebhookReceiver, model: str) -> None:
     sdk = _sdk(gateway)
     batch = _batch(sdk, ["{broken"])
-    [received] = webhook_receiver.wait_for(batch.id.encode(), 1)
-    event = sdk.webhooks.unwrap(received.body, received.headers)
-    assert (event.type, event.data.id) == ("batch.failed", batch.id)
+    assert _event(sdk, webhook_receiver, batch.id) == ("batch.failed", batch.id)
     assert sdk.batches.retrieve(batch.id).status == "failed"
 
 
@@ -111,9 +117,7 @@ def test_a_cancelled_batch_is_announced_as_cancelled(
     batch = _batch(sdk, [_line(f"c{i}", model) for i in range(20)])
     wait_until(lambda: sdk.batches.retrieve(batch.id).status == "in_progress", 30, "a start")
     sdk.batches.cancel(batch.id)
-    [received] = webhook_receiver.wait_for(batch.id.encode(), 1)
-    event = sdk.webhooks.unwrap(received.body, received.headers)
-    assert (event.type, event.data.id) == ("batch.cancelled", batch.id)
+    assert _event(sdk, webhook_receiver, batch.id) == ("batch.cancelled", batch.id)
     assert sdk.batches.retrieve(batch.id).status == "cancelled"
 
 
@@ -131,11 +135,7 @@ def test_jobs_that_ask_are_announced_when_they_end(
             "body": {"model": which, "messages": [{"role": "user", "content": name}]}})["id"]
     fake.wait_for_requests(slow, 1)
     sdk.post(f"/jobs/{made['slow']}/cancel", cast_to=object)  # running: its worker ends it
-    events = {}
-    for name in ("ok", "bad", "slow"):
-        [received] = webhook_receiver.wait_for(made[name].encode(), 1)
-        event = sdk.webhooks.unwrap(received.body, received.headers)
-        events[name] = (event.type, event.data.id)
+    events = {name: _event(sdk, webhook_receiver, made[name]) for name in ("ok", "bad", "slow")}
     assert events == {"ok": ("job.succeeded", made["ok"]), "bad": ("job.failed", made["bad"]),
                       "slow": ("job.cancelled", made["slow"])}
     assert webhook_receiver.requests(made["quiet"].encode()) == []
