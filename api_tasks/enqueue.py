@@ -82,11 +82,14 @@ def _outcome(outcome: list[Any] | Failed) -> tuple[Exception | None, bool]:
     if not isinstance(outcome, Failed):
         return None, False
     created, sent = outcome.replies[0], outcome.replies[-1]
-    return outcome.error, created in (1, True) and isinstance(sent, Exception)
+    return _seen(outcome.error), created in (1, True) and isinstance(sent, Exception)
 
 
-def _unavailable(err: BaseException) -> BrokerUnavailable:
-    return BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}")
+def _seen(err: Exception) -> Exception:
+    """The error a submitter sees: ``BrokerUnavailable`` for a Redis out of reach."""
+    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+        return BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}")
+    return err
 
 
 class Enqueuer:
@@ -124,13 +127,11 @@ class Enqueuer:
             [outcome] = self.store.shell.run_groups([submission.calls], transaction=True)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             # the transaction ran whole or not at all: no record waits for a lost message
-            raise _unavailable(err) from err
+            raise _seen(err) from err
         error, orphaned = _outcome(outcome)
         if orphaned:  # no record may wait for a message that was not sent
             with contextlib.suppress(redis.RedisError):
                 self.store.forget(submission.job_id)
-        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
-            raise _unavailable(error) from error
         if error is not None:
             raise error
         return submission.job_id
@@ -145,7 +146,7 @@ class Enqueuer:
             outcomes = self.store.shell.run_groups([s.calls for s in submissions],
                                                    transaction=True)
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            return [_unavailable(err)] * len(submissions)
+            return [_seen(err)] * len(submissions)
         return [_outcome(outcome)[0] for outcome in outcomes]
 
 
@@ -196,7 +197,7 @@ class AsyncEnqueuer:
             outcomes = [_outcome(outcome) for outcome in await self.store.shell.run_groups(
                 [submission.calls for submission, _ in batch], transaction=True)]
         except Exception as err:  # the round trip failed: the transaction ran whole or not
-            outcomes = [(err, False)] * len(batch)
+            outcomes = [(_seen(err), False)] * len(batch)
         orphans = [submission.job_id for (submission, _), (_, orphaned)
                    in zip(batch, outcomes, strict=True) if orphaned]
         if orphans:  # no record may wait for a message that was not sent
@@ -204,9 +205,7 @@ class AsyncEnqueuer:
                 await self.store.shell.run_groups(
                     [[self.store.records.forget(job_id)] for job_id in orphans])
         for (_, sent), (error, _) in zip(batch, outcomes, strict=True):
-            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
-                sent.set_exception(_unavailable(error))
-            elif error is not None:
+            if error is not None:
                 sent.set_exception(error)
             else:
                 sent.set_result(None)
