@@ -49,7 +49,6 @@ from api_tasks.record.reader import (
     AsyncJob,
     ChunkFilter,
     EventsGone,
-    attempt_start,
 )
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.record.webhooks import job_notifier
@@ -291,7 +290,7 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes
     started = False
     pending: list[bytes] = []  # the chunks one read brought, written as one
     with _redis_errors():
-        after = "0-0" if job.submitted else attempt_start(await gateway.store.tail(job.id))
+        after = await job.attempt_start()
     async for event in job.events(after=after, idle=gateway.settings.gateway.keepalive,
                                   batched=True):
         if event is IDLE:

@@ -306,6 +306,10 @@ class AsyncJob:
         with broker_errors():
             return [] if self.submitted else await self._store.tail(self.id)
 
+    async def attempt_start(self) -> str:
+        """The stream id just before the newest attempt's first event (``attempt_start``)."""
+        return attempt_start(await self._tail())
+
     async def status(self) -> JobStatus:
         """The job's current status."""
         with broker_errors():
@@ -341,7 +345,7 @@ class AsyncJob:
     async def stream(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Yield the upstream's chunks of the newest attempt in order (as ``Job.stream``)."""
         chunks = ChunkFilter(self.id)
-        after = attempt_start(await self._tail())
+        after = await self.attempt_start()
         try:
             async for event in self.events(timeout=timeout, after=after):
                 chunk = chunks.chunk(event)
