@@ -40,7 +40,7 @@ from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
 from api_tasks.connections import text, text_map
 from api_tasks.errors import InvalidJob, error_object
-from api_tasks.record.calls import Call, SyncShell, lua
+from api_tasks.record.calls import Call, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script
 
@@ -90,7 +90,7 @@ class BatchPump(Loop):
                           ("validated", _VALIDATED), ("invalid", _INVALID),
                           ("finalize", _FINALIZE), ("expire", _EXPIRE))}
         self._looked: dict[str, float] = {}
-        self._shell = SyncShell(self._redis)
+        self._shell = client.store.shell
 
     def tick(self) -> None:
         """One pass over the active batches."""
@@ -173,7 +173,7 @@ class BatchPump(Loop):
         """Check a new API batch's input file: start it on the good lines, or fail it."""
         settings, keys = self._client.settings, self._keys
         staged = keys.batch_staged(batch_id, uuid.uuid4().hex)
-        shell, files = SyncShell(self._redis), FileRecords(keys)
+        shell, files = self._shell, FileRecords(keys)
         file_id = state.get("input_file_id", "")
         meta = shell.run(files.meta(file_id))
         if meta.get("owner") != state.get("owner"):
