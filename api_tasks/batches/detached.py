@@ -90,8 +90,7 @@ class Batch:
         self._redis.expire(key, _UPLOAD_TTL)
         total, chunk, size = 0, [], 0
         for line in read_batch(source, self._client.settings.jobs.max_request_bytes):
-            chunk.append(json.dumps({"custom_id": line.custom_id, "kind": line.kind,
-                                     "body": line.body}, separators=(",", ":")))
+            chunk.append(line.stored())
             size += len(chunk[-1])
             if len(chunk) >= _UPLOAD_LINES or size >= _UPLOAD_BYTES:
                 total, size = total + self._push(key, lines, chunk), 0

@@ -18,10 +18,11 @@ from api_tasks.errors import InvalidJob
 from api_tasks.record.job_record import JobStatus
 from api_tasks.spec import Kind, build_spec
 
-__all__ = ["ENDPOINTS", "BatchLine", "FileCheck", "check_file", "line_params", "parse_line",
+__all__ = ["ENDPOINTS", "URLS", "BatchLine", "FileCheck", "check_file", "line_params", "parse_line",
            "read_batch", "record_for", "usage_of"]
 
 ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+URLS: dict[str, str] = {kind: url for url, kind in ENDPOINTS.items()}
 _FIRST = {"chat": "messages", "completion": "prompt"}
 
 
@@ -33,6 +34,16 @@ class BatchLine:
     custom_id: str
     kind: Kind
     body: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        """The endpoint the line names."""
+        return URLS[self.kind]
+
+    def stored(self) -> str:
+        """The line as a batch's input list keeps it (what the workers' pump sends)."""
+        return json.dumps({"custom_id": self.custom_id, "kind": self.kind, "body": self.body},
+                          separators=(",", ":"))
 
 
 def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:

@@ -10,7 +10,6 @@ list that expires; the next one starts over on a list of its own.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,10 +120,9 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
                 param = word if word in ("custom_id", "method", "url", "body") else ""
             checked.refuse("invalid_request", message, number, param or None)
             continue
-        url = json.loads(raw).get("url")
-        if url != endpoint:
-            checked.refuse("mismatched_endpoint", f"url is {url!r}, not the batch's endpoint "
-                           f"{endpoint!r}", number, "url")
+        if line.url != endpoint:
+            checked.refuse("mismatched_endpoint", f"url is {line.url!r}, not the batch's "
+                           f"endpoint {endpoint!r}", number, "url")
         elif line.custom_id in seen:
             checked.refuse("duplicate_custom_id", f"custom_id {line.custom_id!r} is already "
                            f"used on line {seen[line.custom_id]}", number, "custom_id")
@@ -132,8 +130,7 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
             seen[line.custom_id] = number
             checked.model = checked.model or str(line.body.get("model") or "")
             if not checked.found:  # once a line is bad, nothing more is staged
-                chunk.append(json.dumps({"custom_id": line.custom_id, "kind": line.kind,
-                                         "body": line.body}, separators=(",", ":")))
+                chunk.append(line.stored())
                 if len(chunk) >= _STAGE_LINES:
                     flush()
     if not checked.total and not checked.found:

@@ -2,8 +2,8 @@
 
 A delivery is queued in Redis by the script that changes what it reports (``add_webhooks`` in
 the Lua prelude), so it is sent at least once; receivers dedupe on ``webhook-id``. A worker
-takes a few due deliveries at a time, each put off by a lease while it is sent, and POSTs
-each to its endpoint: connecting only to public addresses or ``webhooks.private_hosts``,
+takes due deliveries one at a time, each put off by a lease of its own while it is sent,
+and POSTs each to its endpoint: connecting only to public addresses or ``webhooks.private_hosts``,
 following no redirect. A 2xx ends it; anything else is tried again after a delay that
 doubles up to ``webhooks.max_delay``, for ``webhooks.retry_for``. Every attempt's status and
 error stay in the delivery's hash. Nothing here blocks a job or a batch.

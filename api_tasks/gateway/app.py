@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from api_tasks.batches.lines import ENDPOINTS, URLS
 from api_tasks.connections import connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
@@ -60,8 +61,6 @@ __all__ = ["Gateway", "create_app"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_URLS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-_URL_OF: dict[str, str] = {kind: url for url, kind in _URLS.items()}
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _QUEUE_HEADER = "x-api-tasks-queue"
 _POOL = 256  # Redis connections of one gateway process
@@ -153,7 +152,7 @@ class Gateway:
             return float(info[name]) if info.get(name) else None
         return {
             "id": job_id, "object": "job", "status": info.get(Field.STATUS),
-            "url": _URL_OF.get(info.get(Field.KIND) or ""),
+            "url": URLS.get(info.get(Field.KIND) or ""),
             "created_at": number(Field.CREATED_AT), "started_at": number(Field.STARTED_AT),
             "finished_at": number(Field.FINISHED_AT),
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
@@ -361,8 +360,8 @@ async def create_job(request: Request) -> Response:
     key = gateway.key(request)
     body, size = await gateway.body(request)
     url, job_body = body.get("url"), body.get("body")
-    if url not in _URLS:
-        raise GatewayError(400, f"url must be one of {', '.join(_URLS)}", param="url",
+    if url not in ENDPOINTS:
+        raise GatewayError(400, f"url must be one of {', '.join(ENDPOINTS)}", param="url",
                            code="invalid_url")
     if not isinstance(job_body, dict):
         raise GatewayError(400, "body must be a JSON object", param="body", code="invalid_body")
@@ -376,7 +375,7 @@ async def create_job(request: Request) -> Response:
         raise GatewayError(400, "notify must be true or false", param="notify",
                            code="invalid_notify")
     job_id, record = await gateway.submitter.submit(
-        key, _URLS[url], job_body, queue, metadata=metadata,
+        key, ENDPOINTS[url], job_body, queue, metadata=metadata,
         idempotency_key=request.headers.get("idempotency-key"), size=size, notify=notify)
     info = record if record is not None else await gateway.owned(key, job_id)
     return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
