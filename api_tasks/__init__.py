@@ -1,4 +1,4 @@
-"""api_tasks: OpenAI-format chat and completion jobs on Celery and Redis.
+"""api_tasks: OpenAI-format chat, completion, embeddings and responses jobs on Celery and Redis.
 
 Producer API::
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
         submit_batch,
         submit_chat,
         submit_completion,
+        submit_embeddings,
+        submit_response,
     )
     from api_tasks.errors import (
         APIConnectionError,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from api_tasks.record.events import EventType
     from api_tasks.record.job_record import JobStatus
     from api_tasks.record.reader import Job
+    from api_tasks.spec import Kind
     from api_tasks.upstream.merge import merge_payload
     from config.errors import ConfigError
 
@@ -58,13 +61,15 @@ _EXPORTS = {
     "Batch": "api_tasks.batches.detached",
     "BatchStatus": "api_tasks.batches.state",
     **dict.fromkeys(("Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
-                     "submit_batch", "submit_chat", "submit_completion"), "api_tasks.client"),
+                     "submit_batch", "submit_chat", "submit_completion", "submit_embeddings",
+                     "submit_response"), "api_tasks.client"),
     **dict.fromkeys(("APIConnectionError", "APIStatusError", "APITimeoutError", "ApiTasksError",
                      "BatchNotFound", "BrokerUnavailable", "InvalidBatch",
                      "InvalidJob", "InvalidResponseError", "JobCancelled", "JobFailed",
                      "JobNotFound", "JobTimeout", "StreamError", "StreamRestarted",
                      "UpstreamError"), "api_tasks.errors"),
     "EventType": "api_tasks.record.events",
+    "Kind": "api_tasks.spec",
     "JobStatus": "api_tasks.record.job_record",
     "ConfigError": "config.errors",  # the settings' error, from the layer below
     "Job": "api_tasks.record.reader",
@@ -93,6 +98,7 @@ __all__ = [
     "JobNotFound",
     "JobStatus",
     "JobTimeout",
+    "Kind",
     "StreamError",
     "StreamRestarted",
     "UpstreamError",
@@ -104,6 +110,8 @@ __all__ = [
     "submit_batch",
     "submit_chat",
     "submit_completion",
+    "submit_embeddings",
+    "submit_response",
 ]
 
 

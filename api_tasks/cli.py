@@ -43,18 +43,25 @@ def parse_param(text: str) -> tuple[str, Any]:
         return key, value
 
 
+_SUBMITS = {"chat": "a chat job with a user message", "complete": "a completion job",
+            "embed": "an embeddings job", "respond": "a responses job (/v1/responses)"}
+_KINDS = {"chat": Kind.CHAT, "complete": Kind.COMPLETION, "embed": Kind.EMBEDDING,
+          "respond": Kind.RESPONSE}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m api_tasks",
                                      description="Submit and follow OpenAI-format LLM jobs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("chat", "a user message"), ("complete", "a prompt")):
-        cmd = sub.add_parser(name, help=f"submit a {name} job with {what}")
-        cmd.add_argument("text", help=what)
-        cmd.add_argument("--system", help="a system message (chat only)")
+    for name, what in _SUBMITS.items():
+        cmd = sub.add_parser(name, help=f"submit {what}")
+        cmd.add_argument("text", help="the input text")
+        cmd.add_argument("--system", help="a system message (chat), instructions (respond)")
         cmd.add_argument("--model", "-m")
         cmd.add_argument("--upstream", "-u", help="a configured upstream name")
         cmd.add_argument("--queue", choices=QUEUES)
-        cmd.add_argument("--stream", "-s", action="store_true", help="print tokens as they come")
+        cmd.add_argument("--stream", "-s", action="store_true",
+                         help="print tokens as they come (not embed)")
         cmd.add_argument("--param", "-p", action="append", type=parse_param, default=[],
                          metavar="KEY=VALUE", help="any OpenAI field; JSON values, null removes")
         cmd.add_argument("--detach", "-d", action="store_true",
@@ -107,13 +114,15 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
             params[name] = getattr(args, name)
     if args.stream:
         params["stream"] = True
-    kind: Kind = "chat" if args.command == "chat" else "completion"
+    kind = _KINDS[args.command]
     first: Any = args.text
-    if kind == "chat":
+    if kind is Kind.CHAT:
         system = [{"role": "system", "content": args.system}] if args.system else []
         first = [*system, {"role": "user", "content": args.text}]
+    elif kind is Kind.RESPONSE and args.system is not None:
+        params["instructions"] = args.system
     elif args.system is not None:
-        raise InvalidJob("--system", "is for chat jobs; a completion has only its prompt")
+        raise InvalidJob("--system", f"is for chat and respond jobs, not {args.command}")
     if args.dry_run:
         print(json.dumps(client.dry_run(kind, first, params).to_dict(), indent=2,
                          ensure_ascii=False))
@@ -142,6 +151,9 @@ def _print_result(job: Job, args: argparse.Namespace) -> int:
         print(f"job {job.id} succeeded (no stored result)", file=sys.stderr)
     elif args.json:
         print(json.dumps(response, indent=2, ensure_ascii=False))
+    elif isinstance(response.get("data"), list):  # embeddings: one vector a line
+        for item in response["data"]:
+            print(json.dumps(item.get("embedding") if isinstance(item, dict) else item))
     else:
         print(text_of(response))
     return ExitCode.OK
@@ -192,5 +204,5 @@ def _gateway(client: Client, args: argparse.Namespace) -> int:
     return serve(client.settings, args.host, args.port)
 
 
-_COMMANDS = {"chat": _submit, "complete": _submit, "status": _status, "cancel": _cancel,
+_COMMANDS = {**dict.fromkeys(_SUBMITS, _submit), "status": _status, "cancel": _cancel,
              "result": _result, "batch": batch_command, "gateway": _gateway}

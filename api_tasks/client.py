@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 __all__ = ["Client", "DryRun", "default_client", "dry_run", "get_batch", "get_job",
-           "submit_batch", "submit_chat", "submit_completion"]
+           "submit_batch", "submit_chat", "submit_completion", "submit_embeddings",
+           "submit_response"]
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,19 @@ class Client(Enqueuer):
 
     def submit_chat(self, messages: Any, **params: Any) -> Job:
         """Enqueue a chat completion job; returns at once."""
-        return self.submit("chat", messages, params)
+        return self.submit(Kind.CHAT, messages, params)
 
     def submit_completion(self, prompt: Any, **params: Any) -> Job:
         """Enqueue a completion job; returns at once."""
-        return self.submit("completion", prompt, params)
+        return self.submit(Kind.COMPLETION, prompt, params)
+
+    def submit_embeddings(self, input: Any, **params: Any) -> Job:
+        """Enqueue an embeddings job (never streamed); returns at once."""
+        return self.submit(Kind.EMBEDDING, input, params)
+
+    def submit_response(self, input: Any, **params: Any) -> Job:
+        """Enqueue a responses job (for upstreams whose ``endpoints`` list /v1/responses)."""
+        return self.submit(Kind.RESPONSE, input, params)
 
     def submit(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
                job_id: str | None = None, fields: Mapping[str, str] | None = None) -> Job:
@@ -132,9 +141,18 @@ def submit_completion(prompt: Any, **params: Any) -> Job:
     return default_client().submit_completion(prompt, **params)
 
 
+def submit_embeddings(input: Any, **params: Any) -> Job:
+    """Enqueue an embeddings job; returns at once."""
+    return default_client().submit_embeddings(input, **params)
+
+
+def submit_response(input: Any, **params: Any) -> Job:
+    """Enqueue a responses job; returns at once."""
+    return default_client().submit_response(input, **params)
+
+
 def dry_run(kind: Kind, first: Any, **params: Any) -> DryRun:
-    """The upstream, URL and JSON body a ``chat`` or ``completion`` job would send; nothing
-    is enqueued."""
+    """The upstream, URL and JSON body a job of this kind would send; nothing is enqueued."""
     return default_client().dry_run(kind, first, params)
 
 

@@ -28,7 +28,7 @@ from api_tasks.record.job_record import queued, submit_fields
 from api_tasks.record.keys import Keys
 from api_tasks.record.store import AsyncJobStore, JobRecords, JobStore
 from api_tasks.record.webhooks import job_notifier
-from api_tasks.spec import TASK_NAMES, Kind, build_spec
+from api_tasks.spec import Kind, build_spec
 from api_tasks.upstream.routing import resolve_upstream
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Submissions:
         lane = spec.queue or self.settings.jobs.default_queue
         job_id = job_id or str(uuid.uuid4())
         record = queued({**submit_fields(spec, upstream.name, lane), **(fields or {})})
-        message = task_message(TASK_NAMES[kind], [first], spec.task_kwargs(), job_id, lane)
+        message = task_message(spec.endpoint.task, [first], spec.task_kwargs(), job_id, lane)
         # the record before the message: no worker finds a message without its record
         calls: list[Call[Any]] = [self.records.create(job_id, record)]
         if (index := self.records.index(job_id, record)) is not None:

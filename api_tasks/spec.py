@@ -12,15 +12,52 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from api_tasks.errors import InvalidJob
 
-__all__ = ["CONTROL_FIELDS", "FIELD_RULES", "QUEUES", "TASK_NAMES", "JobSpec", "Kind",
-           "build_spec"]
+__all__ = ["CONTROL_FIELDS", "ENDPOINTS", "FIELD_RULES", "KINDS", "QUEUES", "Endpoint",
+           "JobSpec", "Kind", "build_spec"]
 
-Kind = Literal["chat", "completion"]
-TASK_NAMES: dict[str, str] = {"chat": "api_tasks.chat", "completion": "api_tasks.completion"}
+
+class Kind(StrEnum):
+    """What a job asks an upstream for: one kind per OpenAI endpoint."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    RESPONSE = "response"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The OpenAI endpoint a kind of job calls, and the shape of its body and answer."""
+
+    path: str
+    first: str  # the body field the task takes positionally (the job's input)
+    task: str  # the Celery task's name
+    generates: bool  # it writes a reply: it may stream, its ceiling counts against limits
+    answer: str  # the field a successful, non-streamed answer always holds
+    # the fields the default payload layers may give it (None: all); the shipped defaults are
+    # chat sampling fields, which OpenAI's embeddings and Responses APIs refuse
+    defaults: frozenset[str] | None = None
+
+
+ENDPOINTS: dict[Kind, Endpoint] = {
+    Kind.CHAT: Endpoint("/v1/chat/completions", "messages", "api_tasks.chat", True, "choices"),
+    Kind.COMPLETION: Endpoint("/v1/completions", "prompt", "api_tasks.completion", True,
+                              "choices"),
+    Kind.EMBEDDING: Endpoint("/v1/embeddings", "input", "api_tasks.embedding", False, "data",
+                             frozenset({"dimensions", "encoding_format", "user"})),
+    Kind.RESPONSE: Endpoint("/v1/responses", "input", "api_tasks.response", True, "output",
+                            frozenset({"temperature", "top_p", "max_output_tokens",
+                                       "instructions", "reasoning", "text", "truncation",
+                                       "store", "service_tier", "parallel_tool_calls",
+                                       "tools", "tool_choice", "include", "top_logprobs",
+                                       "metadata", "user"})),
+}
+KINDS: dict[str, Kind] = {endpoint.path: kind for kind, endpoint in ENDPOINTS.items()}
 MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiries
 # nesting deep enough to overflow the JSON encoder is refused naming where it passed this
 # depth, never raised as a RecursionError
@@ -60,11 +97,16 @@ class JobSpec:
         """Whether the job asked for a streamed response."""
         return self.body.get("stream") is True
 
+    @property
+    def endpoint(self) -> Endpoint:
+        """The OpenAI endpoint this job calls."""
+        return ENDPOINTS[self.kind]
+
     def message(self, queue: str) -> dict[str, Any]:
         """The task message that runs this job (to send it again after a wait)."""
-        first = self.body.get("messages" if self.kind == "chat" else "prompt")
-        return {"task": TASK_NAMES[self.kind], "args": [first], "kwargs": self.task_kwargs(),
-                "queue": queue}
+        endpoint = self.endpoint
+        return {"task": endpoint.task, "args": [self.body.get(endpoint.first)],
+                "kwargs": self.task_kwargs(), "queue": queue}
 
     def message_json(self, queue: str) -> str:
         """``message`` as the JSON the job's record keeps (encoded once per delivery)."""
@@ -72,7 +114,7 @@ class JobSpec:
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""
-        first = "messages" if self.kind == "chat" else "prompt"
+        first = self.endpoint.first
         kwargs = {k: v for k, v in self.body.items() if k != first}
         for name in CONTROL_FIELDS:
             value = getattr(self, name)
@@ -84,19 +126,25 @@ class JobSpec:
 def build_spec(kind: Kind, first: Any, params: Mapping[str, Any],
                max_bytes: int) -> JobSpec:
     """Validate a job's fields and return its spec; raise ``InvalidJob`` naming the field."""
-    if kind == "chat":
-        _check_messages(first)
-        body: dict[str, Any] = {"messages": first}
-    else:
-        _check_prompt(first)
-        body = {"prompt": first}
-    named = "messages" if kind == "chat" else "prompt"
-    if named in params:
-        raise InvalidJob(named, "is given twice: as the job's own argument and as a parameter")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise InvalidJob("kind", f"must be one of {', '.join(Kind)}") from None
+    endpoint = ENDPOINTS[kind]
+    _FIRST_CHECKS[kind](first)
+    if endpoint.first in params:
+        raise InvalidJob(endpoint.first,
+                         "is given twice: as the job's own argument and as a parameter")
+    body: dict[str, Any] = {endpoint.first: first}
     options = {k: v for k, v in params.items() if k in CONTROL_FIELDS}
     body.update((k, v) for k, v in params.items() if k not in CONTROL_FIELDS)
     _check_fields(body)
-    _check_json(body, max_bytes)
+    if not endpoint.generates and body.get("stream") is True:
+        raise InvalidJob("stream", f"is not accepted: {endpoint.path} never streams")
+    if kind is Kind.RESPONSE and body.get("background") is not None:
+        raise InvalidJob("background", "is not accepted: the queue runs every job in the "
+                                       "background already; follow the job instead")
+    _check_json(body, endpoint.first, max_bytes)
     return JobSpec(kind, body, **_check_options(options))
 
 
@@ -126,6 +174,35 @@ def _check_prompt(prompt: Any) -> None:
     ):
         return
     raise InvalidJob("prompt", "must be a string, a list of strings, or token ids")
+
+
+def _check_embedding_input(value: Any) -> None:
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, list) and value and (
+            all(isinstance(p, str) and p for p in value)
+            or all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+            or all(isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value)):
+        return
+    raise InvalidJob("input", "must be a non-empty string, a list of non-empty strings, or "
+                              "token ids")
+
+
+def _check_response_input(value: Any) -> None:
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, list) and value:
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise InvalidJob(f"input[{index}]", "must be an object (a message or an item)")
+        return
+    raise InvalidJob("input", "must be a non-empty string or a non-empty list of items")
+
+
+_FIRST_CHECKS: dict[Kind, Callable[[Any], None]] = {
+    Kind.CHAT: _check_messages, Kind.COMPLETION: _check_prompt,
+    Kind.EMBEDDING: _check_embedding_input, Kind.RESPONSE: _check_response_input}
 
 
 def _check_fields(body: dict[str, Any]) -> None:
@@ -205,10 +282,16 @@ FIELD_RULES: dict[str, _Rule] = {
     "tool_choice": _Rule("a string or a tool object",
                          lambda v: isinstance(v, (str, dict))),
     "metadata": _of(dict, "an object of string pairs"),
+    "max_output_tokens": _number(1, integer=True),
+    "instructions": _of(str, "a string"),
+    "previous_response_id": _of(str, "a string"),
+    "store": _of(bool, "true or false"),
+    "dimensions": _number(1, integer=True),
+    "encoding_format": _Rule("\"float\" or \"base64\"", lambda v: v in ("float", "base64")),
 }
 
 
-def _check_json(body: dict[str, Any], max_bytes: int) -> None:
+def _check_json(body: dict[str, Any], first: str, max_bytes: int) -> None:
     try:
         size = len(json.dumps(body, allow_nan=False, ensure_ascii=False,
                               separators=(",", ":")).encode())
@@ -216,7 +299,7 @@ def _check_json(body: dict[str, Any], max_bytes: int) -> None:
         where, why = _first_problem(body)
         raise InvalidJob(where, f"is not JSON: {why}") from None
     if size > max_bytes:
-        raise InvalidJob("messages" if "messages" in body else "prompt",
+        raise InvalidJob(first,
                          f"the job is {size} bytes of JSON, over the {max_bytes}-byte limit")
 
 

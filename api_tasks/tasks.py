@@ -1,4 +1,5 @@
-"""The two Celery tasks. Thin: decode arguments, run the job, declare the retry policy.
+"""The Celery tasks, one per kind of job. Thin: decode arguments, run the job, declare the
+retry policy.
 
 Retries of the upstream call happen inside ``JobRunner`` (``api_tasks.upstream.retry``),
 so the tasks never ask Celery to retry. A job that cannot finish in this
@@ -18,13 +19,11 @@ from celery.exceptions import Reject
 
 from api_tasks.errors import WorkerStopping
 from api_tasks.runtime import current
-from api_tasks.spec import TASK_NAMES, Kind
+from api_tasks.spec import ENDPOINTS, Kind
 
-__all__ = ["CHAT_TASK", "COMPLETION_TASK", "chat", "completion"]
+__all__ = ["chat", "completion", "embedding", "response"]
 
 log = logging.getLogger(__name__)
-CHAT_TASK = TASK_NAMES["chat"]
-COMPLETION_TASK = TASK_NAMES["completion"]
 
 _OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -54,13 +53,25 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
         raise Reject("Redis unavailable", requeue=True) from None
 
 
-@shared_task(name=CHAT_TASK, **_OPTIONS)
+@shared_task(name=ENDPOINTS[Kind.CHAT].task, **_OPTIONS)
 def chat(self: Task, messages: Any = None, **params: Any) -> str:
     """Run a chat completion job: ``messages`` plus any OpenAI fields."""
-    return _run(self, "chat", messages, params)
+    return _run(self, Kind.CHAT, messages, params)
 
 
-@shared_task(name=COMPLETION_TASK, **_OPTIONS)
+@shared_task(name=ENDPOINTS[Kind.COMPLETION].task, **_OPTIONS)
 def completion(self: Task, prompt: Any = None, **params: Any) -> str:
     """Run a completion job: ``prompt`` plus any OpenAI fields."""
-    return _run(self, "completion", prompt, params)
+    return _run(self, Kind.COMPLETION, prompt, params)
+
+
+@shared_task(name=ENDPOINTS[Kind.EMBEDDING].task, **_OPTIONS)
+def embedding(self: Task, input: Any = None, **params: Any) -> str:
+    """Run an embeddings job: ``input`` plus any OpenAI fields."""
+    return _run(self, Kind.EMBEDDING, input, params)
+
+
+@shared_task(name=ENDPOINTS[Kind.RESPONSE].task, **_OPTIONS)
+def response(self: Task, input: Any = None, **params: Any) -> str:
+    """Run a responses job: ``input`` plus any OpenAI fields."""
+    return _run(self, Kind.RESPONSE, input, params)

@@ -37,6 +37,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Payload = dict[str, Any]
 Queue = Literal["interactive", "bulk"]
 QUEUES: tuple[Queue, ...] = ("interactive", "bulk")
+# the OpenAI endpoints jobs call (api_tasks.spec.ENDPOINTS; config stays free of api_tasks)
+EndpointPath = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                       "/v1/responses"]
+# the Responses API is newer than the rest: many OpenAI-format servers lack it
+DEFAULT_ENDPOINTS: tuple[EndpointPath, ...] = ("/v1/chat/completions", "/v1/completions",
+                                               "/v1/embeddings")
 
 
 class _Model(BaseModel):
@@ -93,6 +99,8 @@ class Upstream(_Model):
     api_key: SecretStr | None = Field(None, exclude=True)
     models: list[str] = Field(default_factory=lambda: ["*"])
     default_model: str | None = None
+    endpoints: list[EndpointPath] = Field(default_factory=lambda: list(DEFAULT_ENDPOINTS),
+                                          min_length=1)
     timeouts: Timeouts = Timeouts()
     retry: RetrySettings = RetrySettings()
     defaults: Payload = Field(default_factory=dict)
@@ -410,11 +418,11 @@ class Settings(_Model):
         """The upstream of that name, if configured."""
         return next((u for u in self.upstreams if u.name == name), None)
 
-    def upstream_for_model(self, model: str | None) -> Upstream | None:
-        """The first upstream, in file order, that serves this model."""
-        if model is None:
-            return self.upstreams[0]
-        return next((u for u in self.upstreams if u.serves(model)), None)
+    def upstream_for_model(self, model: str | None, endpoint: str | None = None
+                           ) -> Upstream | None:
+        """The first upstream, in file order, that serves this model (at this endpoint)."""
+        return next((u for u in self.upstreams if (model is None or u.serves(model))
+                     and (endpoint is None or endpoint in u.endpoints)), None)
 
     def missing_keys(self) -> list[str]:
         """Problems with upstream keys a worker needs: a named variable that is unset."""

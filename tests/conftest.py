@@ -69,6 +69,9 @@ def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
          "timeouts": {"connect": 2, "read": 10, "total": 30},
          "defaults": {"temperature": 0.2},
          "model_defaults": {"layered-*": {"top_p": 0.5, "presence_penalty": None}}},
+        # the only one serving the Responses API: responses jobs of any model come here
+        {"name": "responder", "base_url": fake_url, "models": ["*"], "retry": quick,
+         "endpoints": ["/v1/responses"], "timeouts": {"connect": 2, "read": 10, "total": 30}},
     ]
 
 

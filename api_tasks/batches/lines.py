@@ -1,8 +1,9 @@
 """The OpenAI Batch API file format: input lines checked, output and error lines built.
 
-Input lines: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" or
-"/v1/completions", "body"}``. Output lines: ``{"id", "custom_id", "response":
-{"status_code", "request_id", "body"}, "error": null}``; failed lines go to the
+Input lines: ``{"custom_id", "method": "POST", "url", "body"}``, the url one of
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` or ``/v1/responses``.
+Output lines: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error": null}``; failed lines go to the
 error file as ``{"id", "custom_id", "response", "error": {"code", "message"}}``.
 """
 
@@ -16,14 +17,10 @@ from typing import Any, NamedTuple
 
 from api_tasks.errors import InvalidJob
 from api_tasks.record.job_record import JobStatus
-from api_tasks.spec import Kind, build_spec
+from api_tasks.spec import ENDPOINTS, KINDS, Kind, build_spec
 
-__all__ = ["ENDPOINTS", "URLS", "BatchLine", "FileCheck", "check_file", "line_params", "parse_line",
-           "read_batch", "record_for", "usage_of"]
-
-ENDPOINTS: dict[str, Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-URLS: dict[str, str] = {kind: url for url, kind in ENDPOINTS.items()}
-_FIRST = {"chat": "messages", "completion": "prompt"}
+__all__ = ["BatchLine", "FileCheck", "check_file", "line_params", "parse_line", "read_batch",
+           "record_for", "usage_of"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class BatchLine:
     @property
     def url(self) -> str:
         """The endpoint the line names."""
-        return URLS[self.kind]
+        return ENDPOINTS[self.kind].path
 
     def stored(self) -> str:
         """The line as a batch's input list keeps it (what the workers' pump sends)."""
@@ -60,17 +57,18 @@ def parse_line(number: int, text: str, max_bytes: int) -> BatchLine:
         raise InvalidJob(where, "custom_id must be a non-empty string")
     if data.get("method", "POST") != "POST":
         raise InvalidJob(where, "method must be POST")
-    if url not in ENDPOINTS:
-        raise InvalidJob(where, f"url must be one of {', '.join(ENDPOINTS)}")
+    if url not in KINDS:
+        raise InvalidJob(where, f"url must be one of {', '.join(KINDS)}")
     if not isinstance(body, dict):
         raise InvalidJob(where, "body must be a JSON object")
     for field in ("owner", "notify"):  # whose job it is, and who hears of it, are the batch's
         if field in body:
             raise InvalidJob(where, f"body.{field}: not accepted in a batch line")
-    kind = ENDPOINTS[url]
-    rest = {k: v for k, v in body.items() if k != _FIRST[kind]}
+    kind = KINDS[url]
+    first = ENDPOINTS[kind].first
+    rest = {k: v for k, v in body.items() if k != first}
     try:
-        build_spec(kind, body.get(_FIRST[kind]), rest, max_bytes)
+        build_spec(kind, body.get(first), rest, max_bytes)
     except InvalidJob as err:
         raise InvalidJob(where, f"body.{err}") from None
     return BatchLine(number, custom_id, kind, body)
@@ -82,8 +80,9 @@ def line_params(kind: Kind, body: dict[str, Any], queue: str) -> tuple[Any, dict
     The batch sets the queue, and keeps every result for the default ``result_ttl``:
     a line's outcome must outlive the job until the batch has recorded it.
     """
-    params = {k: v for k, v in body.items() if k not in (_FIRST[kind], "result_ttl")}
-    return body.get(_FIRST[kind]), {**params, "queue": queue, "store_result": True}
+    first = ENDPOINTS[kind].first
+    params = {k: v for k, v in body.items() if k not in (first, "result_ttl")}
+    return body.get(first), {**params, "queue": queue, "store_result": True}
 
 
 def read_batch(path: Path, max_bytes: int) -> Iterator[BatchLine]:

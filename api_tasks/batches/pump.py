@@ -35,6 +35,7 @@ import redis
 from api_tasks.background import Loop
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
+from api_tasks.batches.inputs import read_lines
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
@@ -60,7 +61,8 @@ _VALIDATED = script("batch_validated")
 _INVALID = script("batch_invalid")
 _FINALIZE = script("batch_finalize")
 _EXPIRE = script("batch_expire")
-_STAGED_TTL = 3600  # a validation's staged lines, if its worker dies
+_STAGED_TTL = 3600  # a validation's staged marks, if its worker dies
+_FILE_MARGIN = 3600  # seconds an input file's bytes outlast its batch's window
 
 _EVERY = 0.2  # seconds between two passes over the active batches
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
@@ -197,9 +199,13 @@ class BatchPump(Loop):
                                            int(state.get("output_ttl") or self._ttl),
                                            *hooks[1]])
             return
+        # its file's bytes must outlast its window, and its finalizing after that
+        keep = int(float(state.get("expires_at") or time.time()) - time.time()) + _FILE_MARGIN
         self._scripts["validated"](keys=[keys.batch(batch_id), staged,
-                                         keys.batch_input(batch_id), keys.batches()],
-                                   args=[checked.total, self._ttl, now, checked.model])
+                                         keys.batch_input(batch_id), keys.batches(),
+                                         keys.file_data(file_id)],
+                                   args=[checked.total, self._ttl, now, checked.model,
+                                         max(keep, _FILE_MARGIN)])
 
     def _finalize(self, batch_id: str, state: dict[str, str]) -> None:
         """Make a finished API batch's output and error files, and end it."""
@@ -291,11 +297,11 @@ class BatchPump(Loop):
 
     def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str) -> None:
         index = int(job_id.rsplit("-", 1)[1])
-        line = self._redis.lindex(self._keys.batch_input(batch_id), index)
-        if line is None:
+        lines = read_lines(self._shell, self._keys, batch_id, state, index, 1)
+        if not lines:
             self._write(batch_id, job_id, custom_id,
                         {"status": JobStatus.FAILED.value, "error": _INPUT_MISSING})
-        elif self._send_all(batch_id, {job_id: json.loads(line)}, state.get("queue", "bulk")):
+        elif self._send_all(batch_id, {job_id: lines[0]}, state.get("queue", "bulk")):
             self._scripts["mark"](keys=[self._keys.batch_jobs(batch_id)], args=[job_id])
 
     def _send_more(self, batch_id: str, state: dict[str, str], outstanding: int) -> bool:
@@ -304,9 +310,11 @@ class BatchPump(Loop):
         room = min(int(state.get("window", 1)) - outstanding, total - sent, _TAKE_AT_MOST)
         if room <= 0:
             return False
-        lines = [text(raw) for raw in self._redis.lrange(
-            self._keys.batch_input(batch_id), sent, sent + room - 1)]
-        taken = {f"{batch_id}-{sent + i}": json.loads(line) for i, line in enumerate(lines)}
+        lines = read_lines(self._shell, self._keys, batch_id, state, sent, room)
+        if not lines:  # its input is gone (its file deleted): what is left cannot run
+            self._drain(batch_id, state, sent, total, "failed")
+            return True
+        taken = {f"{batch_id}-{sent + i}": line for i, line in enumerate(lines)}
         pairs = [item for job_id, request in taken.items()
                  for item in (job_id, request["custom_id"])]
         keys = self._all_keys(batch_id)[:3]
@@ -347,20 +355,30 @@ class BatchPump(Loop):
         sent, total = int(state.get("sent", 0)), int(state.get("total", 0))
         if sent >= total:
             return False
-        lines = self._redis.lrange(self._keys.batch_input(batch_id), sent,
-                                   min(sent + _TAKE_AT_MOST, total) - 1)
+        self._drain(batch_id, state, sent, total, "cancelled")
+        return True
+
+    def _drain(self, batch_id: str, state: dict[str, str], sent: int, total: int,
+               counter: str) -> None:
+        """Record a chunk of the lines never sent in the error file: as cancelled, or as
+        failed once the input is gone."""
+        count = min(_TAKE_AT_MOST, total - sent)
+        lines = read_lines(self._shell, self._keys, batch_id, state, sent, count) \
+            if counter == "cancelled" else []
         error = _EXPIRED if state.get("expiring") else error_object(
             "cancelled", "cancelled", "the batch was cancelled before this line was sent")
-        records = [json.dumps(record_for(f"{batch_id}-{sent + i}",
-                                         json.loads(raw)["custom_id"],
+        records = [json.dumps(record_for(f"{batch_id}-{sent + i}", line["custom_id"],
                                          {"status": JobStatus.CANCELLED.value,
                                           "error": error})[1], separators=(",", ":"))
-                   for i, raw in enumerate(lines)]
-        if len(records) < min(_TAKE_AT_MOST, total - sent):  # the input is gone
-            records += [json.dumps(record_for(f"{batch_id}-{index}", "", {
-                "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
-                for index in range(sent + len(records), total)]
+                   for i, line in enumerate(lines)]
+        if len(records) < count:  # the input is gone: those lines fail
+            if records:  # the cancelled ones first; the failed ones in a later step
+                count = len(records)
+            else:
+                counter = "failed"
+                records = [json.dumps(record_for(f"{batch_id}-{index}", "", {
+                    "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
+                    for index in range(sent, sent + count)]
         self._scripts["drain"](keys=[self._keys.batch(batch_id),
                                      self._keys.batch_errors(batch_id)],
-                               args=[str(sent), self._ttl, *records])
-        return True
+                               args=[str(sent), self._ttl, counter, *records])

@@ -2,9 +2,10 @@
 
 A batch made through the Batches API starts ``validating``: a worker reads its input file
 from Redis a few pieces at a time, checks every line (``lines.parse_line``, the batch's own
-endpoint, unique ``custom_id``s, the line cap) and stages the good ones in a list of its own.
-Then one script either starts the batch on them or, if any line was bad, ends it ``failed``
-with every problem by line number, nothing run. A worker that dies half way leaves a staged
+endpoint, unique ``custom_id``s, the line cap) and stages where every ``MARK_EVERY``-th line
+starts in a list of its own (the batch reads its lines from the file, keeping no copy). Then
+one script either starts the batch on them or, if any line was bad, ends it ``failed`` with
+every problem by line number, nothing run. A worker that dies half way leaves a staged
 list that expires; the next one starts over on a list of its own.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api_tasks.batches.files import FileRecords
+from api_tasks.batches.inputs import MARK_EVERY
 from api_tasks.batches.lines import parse_line
 from api_tasks.errors import InvalidJob
 from api_tasks.record.calls import SyncShell, command
@@ -23,7 +25,7 @@ __all__ = ["MAX_REPORTED", "Checked", "check_input"]
 
 MAX_REPORTED = 100  # problems a failed batch lists (its count says how many there were)
 _PIECES_PER_READ = 4
-_STAGE_LINES = 500  # lines per RPUSH of the staged list
+_STAGE_MARKS = 500  # marks per RPUSH of the staged list
 
 
 @dataclass
@@ -53,17 +55,19 @@ class _Unreadable(Exception):
 
 
 def _lines(shell: SyncShell, files: FileRecords, file_id: str, size: int,
-           longest: int) -> Iterator[tuple[int, bytes]]:
-    """The file's lines with their numbers (from 1), read a few pieces at a time; raises
-    ``_Unreadable`` if fewer than ``size`` bytes come back, or a line passes ``longest``."""
-    rest, number, first, read = b"", 0, 0, 0
+           longest: int) -> Iterator[tuple[int, int, bytes]]:
+    """The file's lines with their numbers (from 1) and where each starts, read a few pieces
+    at a time; raises ``_Unreadable`` if fewer than ``size`` bytes come back, or a line passes
+    ``longest``."""
+    rest, number, first, read, at = b"", 0, 0, 0, 0
     while pieces := shell.run(files.pieces(file_id, first, _PIECES_PER_READ)):
         first += len(pieces)
         read += sum(len(piece) for piece in pieces)
         *complete, rest = (rest + b"".join(pieces)).split(b"\n")
         for line in complete:
             number += 1
-            yield number, line
+            yield number, at, line
+            at += len(line) + 1
         if len(rest) > longest:
             raise _Unreadable("line_too_long", f"the line is longer than {longest} bytes",
                               number + 1)
@@ -71,13 +75,14 @@ def _lines(shell: SyncShell, files: FileRecords, file_id: str, size: int,
         raise _Unreadable("file_changed", f"{read} of the file's {size} bytes could be read: "
                           "it was deleted or expired while it was checked")
     if rest:
-        yield number + 1, rest
+        yield number + 1, at, rest
 
 
 def check_input(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoint: str,
                 staged: str, ttl: int, max_lines: int, max_request_bytes: int) -> Checked:
-    """Check file ``file_id`` (``size`` bytes) as the input of a batch on ``endpoint``; its
-    good lines go to list ``staged`` (for ``ttl`` seconds) as the pump's input lines."""
+    """Check file ``file_id`` (``size`` bytes) as the input of a batch on ``endpoint``; where
+    every ``MARK_EVERY``-th line starts goes to list ``staged`` (for ``ttl`` seconds), the
+    pump's index into the file (``inputs.read_lines``)."""
     checked = Checked()
     try:
         _check(shell, files, file_id, size, endpoint, staged, ttl, max_lines,
@@ -91,17 +96,21 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
            staged: str, ttl: int, max_lines: int, max_request_bytes: int,
            checked: Checked) -> None:
     seen: dict[str, int] = {}  # custom_id -> the line it first appeared on
-    chunk: list[str] = []
+    marks: list[str] = []
 
     def flush() -> None:
-        if chunk:
-            shell.run_all([command("RPUSH", staged, *chunk), command("EXPIRE", staged, ttl)])
-            chunk.clear()
+        if marks:
+            shell.run_all([command("RPUSH", staged, *marks), command("EXPIRE", staged, ttl)])
+            marks.clear()
 
     # a line's JSON wraps a body of at most max_request_bytes, escaped at worst 6 bytes for 1
-    for number, raw in _lines(shell, files, file_id, size, 6 * max_request_bytes + 65536):
+    for number, at, raw in _lines(shell, files, file_id, size, 6 * max_request_bytes + 65536):
         if not raw.strip():
             continue
+        if checked.total % MARK_EVERY == 0 and not checked.found:
+            marks.append(str(at))
+            if len(marks) >= _STAGE_MARKS:
+                flush()
         checked.total += 1
         if checked.total > max_lines:
             checked.refuse("too_many_lines", f"the file has more than {max_lines} requests "
@@ -129,10 +138,6 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
         else:
             seen[line.custom_id] = number
             checked.model = checked.model or str(line.body.get("model") or "")
-            if not checked.found:  # once a line is bad, nothing more is staged
-                chunk.append(line.stored())
-                if len(chunk) >= _STAGE_LINES:
-                    flush()
     if not checked.total and not checked.found:
         checked.refuse("empty_file", "the file has no requests")
     if not checked.found:

@@ -152,7 +152,8 @@ class JobRunner:
         scopes = [*run.target.limit_scopes(run.spec.model),
                   *self.settings.gateway.key_limits(run.spec.owner)]
         counted = any(limits.tokens_per_minute for _, limits in scopes)
-        cost = estimate_cost(payload, run.target.tokenizer, run.spec.model) if counted else 0
+        cost = estimate_cost(payload, run.target.tokenizer, run.spec.model,
+                             reply=run.spec.endpoint.generates) if counted else 0
         while True:
             run.calls += 1
             self.gate.cooldown(run, handle)
@@ -198,8 +199,9 @@ class JobRunner:
         if run.spec.stream and content_type.startswith("text/event-stream"):
             return self._stream(run, handle, response, call)
         data = self.http.read_json(handle, response, call)
-        if not isinstance(data.get("choices"), list):
-            raise InvalidResponseError("upstream response has no 'choices' list",
+        answer = run.spec.endpoint.answer
+        if not isinstance(data.get(answer), list):
+            raise InvalidResponseError(f"upstream response has no {answer!r} list",
                                        code="invalid_response", status=response.status_code)
         return data
 
@@ -251,8 +253,8 @@ class JobRunner:
                                   time.time())
         if not claim.verdict.owned:
             return Outcome.DROPPED
-        spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = Delivery(job_id, spec, None, claim.attempt, claim.created_at, token)
+        run = Delivery(job_id, JobSpec(_known(kind), body={}), None, claim.attempt,
+                       claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
@@ -260,8 +262,7 @@ class JobRunner:
         if self.leases.redis.exists(self.store.keys.lease(job_id)):
             log.error("job %s: left to the attempt that holds its lease", job_id)
             return Outcome.DROPPED
-        spec = JobSpec(kind="chat" if kind == "chat" else "completion", body={})
-        run = Delivery(job_id, spec, None, 0, time.time())
+        run = Delivery(job_id, JobSpec(_known(kind), body={}), None, 0, time.time())
         return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))
 
     def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
@@ -274,7 +275,7 @@ class JobRunner:
         result = envelope(run.job_id, status, meta, response=response, error=error) \
             if run.spec.store_result else None
         event = final_event(status, run.published, run.attempt, error=error,
-                            **_summary(response))
+                            **_summary(run.spec.kind, response))
         fields = finish_fields(status, finished, run.calls, error)
         webhooks = event_args(self.store.keys, self.settings, run.spec.owner,
                               f"job.{status.value}", run.job_id,
@@ -303,9 +304,20 @@ def _internal(err: BaseException, attempts: int) -> dict[str, Any]:
                         None, attempts=attempts)
 
 
-def _summary(response: dict[str, Any] | None) -> dict[str, Any]:
+def _known(kind: str) -> Kind:
+    """A kind as its record keeps it (a job refused for a bad kind is kept as chat)."""
+    try:
+        return Kind(kind)
+    except ValueError:
+        return Kind.CHAT
+
+
+def _summary(kind: Kind, response: dict[str, Any] | None) -> dict[str, Any]:
+    """The final event's finish reason (a response's status) and usage."""
     if not response:
         return {}
+    if kind is Kind.RESPONSE:
+        return {"finish_reason": response.get("status"), "usage": response.get("usage")}
     choices = response.get("choices") or [{}]
     first = choices[0] if isinstance(choices[0], dict) else {}
     return {"finish_reason": first.get("finish_reason"), "usage": response.get("usage")}

@@ -5,7 +5,8 @@ on disk (the ``tokenizer`` extra bundles ``cl100k_base``, the GPT-4 and
 GPT-3.5 encoding, so nothing is downloaded), with OpenAI's recipe for chat
 framing; otherwise it is estimated (about four characters a token, plus the
 same framing). The completion is counted at its ceiling, ``max_tokens`` (or
-``max_completion_tokens``) times ``n``. The reservation is reconciled with the
+``max_completion_tokens``, or a response's ``max_output_tokens``) times ``n``;
+an embedding writes no reply, so only its input counts. The reservation is reconciled with the
 usage the upstream reports once the call ends, so an estimate need not be exact.
 
 An upstream's ``tokenizer`` setting: ``auto`` (tiktoken when it fits, the
@@ -33,6 +34,7 @@ _PER_MESSAGE = 3  # OpenAI's recipe: every message adds 3 tokens of framing...
 _PER_NAME = 1  # ...one more when it has a name...
 _REPLY_PRIMING = 3  # ...and every reply is primed with 3
 _DEFAULT_COMPLETION = 256  # a payload with no max_tokens at all
+_CEILINGS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # the first one set
 
 
 def _estimate(text: str) -> int:
@@ -41,30 +43,48 @@ def _estimate(text: str) -> int:
 
 def prompt_tokens(payload: dict[str, Any], count: Count = _estimate) -> int:
     """The prompt's tokens, each text counted by ``count``."""
-    if "messages" in payload:
+    messages = payload.get("messages")
+    if messages is None and isinstance(payload.get("input"), list) and \
+            all(isinstance(item, dict) for item in payload["input"]):
+        messages = payload["input"]  # a response's input items: messages, mostly
+    if messages is not None:
         total = _REPLY_PRIMING
-        for message in payload.get("messages") or []:
+        if isinstance(payload.get("instructions"), str):
+            total += _PER_MESSAGE + count(payload["instructions"])
+        for message in messages if isinstance(messages, list) else ():
             if isinstance(message, dict):
                 total += _PER_MESSAGE + count(_text(message.get("role")))
                 total += count(_text(message.get("content")))
                 total += _PER_NAME + count(_text(message["name"])) if "name" in message else 0
         return total
-    prompt = payload.get("prompt", "")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    prompt = payload.get("prompt", payload.get("input", ""))
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return len(prompt)
-    return count(_text(prompt)) + 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return sum(len(p) for p in prompt)  # several inputs as token ids
+    if isinstance(prompt, list):  # several inputs: each is counted
+        return sum(count(_text(p)) + 1 for p in prompt)
+    total = count(_text(prompt)) + 1
+    if isinstance(payload.get("instructions"), str):
+        total += _PER_MESSAGE + count(payload["instructions"])
+    return total
 
 
 def estimate_cost(payload: dict[str, Any], tokenizer: str = "auto",
-                  model: str | None = None) -> int:
-    """Tokens to reserve: the prompt's count plus the completion's ceiling."""
-    ceiling = payload.get("max_completion_tokens") or payload.get("max_tokens")
+                  model: str | None = None, *, reply: bool = True) -> int:
+    """Tokens to reserve: the prompt's count plus the reply's ceiling (none for an
+    embedding: ``reply`` False)."""
+    ceiling = next((payload[name] for name in _CEILINGS if payload.get(name) is not None), None)
     completion = int(ceiling) if isinstance(ceiling, (int, float)) else _DEFAULT_COMPLETION
-    completion = max(completion, 0)  # a nonsense negative ceiling must not hand out budget
+    completion = max(completion, 0) if reply else 0  # a negative ceiling hands out nothing
     n = payload.get("n")
     choices = n if isinstance(n, int) and n > 0 else 1
     count = count_prompt(tokenizer, model or payload.get("model"))
     return max(prompt_tokens(payload, count) + completion * choices, 1)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def count_prompt(tokenizer: str, model: Any) -> Count:

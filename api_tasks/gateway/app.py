@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api_tasks.batches.lines import ENDPOINTS, URLS
 from api_tasks.connections import connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
@@ -42,6 +41,7 @@ from api_tasks.gateway.files import (
 )
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
+from api_tasks.gateway.webhooks import list_deliveries
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
 from api_tasks.record.reader import (
@@ -54,7 +54,7 @@ from api_tasks.record.reader import (
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.record.webhooks import job_notifier
 from api_tasks.record.workers import alive
-from api_tasks.spec import Kind
+from api_tasks.spec import ENDPOINTS, KINDS, Kind
 from config.settings import GatewayKey, Settings
 
 __all__ = ["Gateway", "create_app"]
@@ -152,7 +152,7 @@ class Gateway:
             return float(info[name]) if info.get(name) else None
         return {
             "id": job_id, "object": "job", "status": info.get(Field.STATUS),
-            "url": URLS.get(info.get(Field.KIND) or ""),
+            "url": _path_of(info.get(Field.KIND) or ""),
             "created_at": number(Field.CREATED_AT), "started_at": number(Field.STARTED_AT),
             "finished_at": number(Field.FINISHED_AT),
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
@@ -160,6 +160,14 @@ class Gateway:
             "metadata": json.loads(info[Field.METADATA]) if info.get(Field.METADATA) else None,
             "stream_token": self.tokens.issue(job_id, key.name) if token else None,
         }
+
+
+def _path_of(kind: str) -> str | None:
+    """The endpoint of a job's kind as its record keeps it."""
+    try:
+        return ENDPOINTS[Kind(kind)].path
+    except ValueError:
+        return None
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -198,12 +206,22 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bo
 
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``: the body is the job."""
-    return await _openai_call(request, "chat")
+    return await _openai_call(request, Kind.CHAT)
 
 
 async def completions(request: Request) -> Response:
     """``POST /v1/completions``: the body is the job."""
-    return await _openai_call(request, "completion")
+    return await _openai_call(request, Kind.COMPLETION)
+
+
+async def embeddings(request: Request) -> Response:
+    """``POST /v1/embeddings``: the body is the job (never streamed)."""
+    return await _openai_call(request, Kind.EMBEDDING)
+
+
+async def responses(request: Request) -> Response:
+    """``POST /v1/responses``: the body is the job."""
+    return await _openai_call(request, Kind.RESPONSE)
 
 
 async def _openai_call(request: Request, kind: Kind) -> Response:
@@ -218,7 +236,8 @@ async def _openai_call(request: Request, kind: Kind) -> Response:
     # a job that may be asked for again (its Idempotency-Key) outlives any one client
     cancellable = "idempotency-key" not in request.headers
     if body.get("stream") is True:
-        return await _openai_stream(gateway, request, job, headers, cancellable)
+        return await _openai_stream(gateway, request, job, headers, cancellable,
+                                    kind is Kind.RESPONSE)
     done, outcome = await _unless_disconnected(request, _settle(job))
     if not done:
         if cancellable:
@@ -247,8 +266,10 @@ async def _gone(gateway: Gateway, job: AsyncJob) -> None:
 
 
 async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
-                         headers: dict[str, str], cancellable: bool) -> Response:
-    frames = _openai_frames(gateway, job)
+                         headers: dict[str, str], cancellable: bool, typed: bool) -> Response:
+    """A streamed call: ``data:`` frames and ``[DONE]``, or for a responses stream (``typed``)
+    frames named by their ``event:`` type, ending with the response's closing event."""
+    frames = _openai_frames(gateway, job, typed)
     try:
         # the status is decided by the first chunk or the error; the client may leave first
         done, first = await _unless_disconnected(request, anext(frames, b""))
@@ -269,10 +290,14 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
             try:
                 async for frame in frames:
                     yield frame
-                yield b"data: [DONE]\n\n"
+                if not typed:
+                    yield b"data: [DONE]\n\n"
             except (JobFailed, StreamRestarted, EventsGone, GatewayError,
                     redis.RedisError) as err:
-                yield _data({"error": _stream_error(err)})
+                error = _stream_error(err)
+                # a responses stream's error event has OpenAI's shape: no error class in it
+                yield _frame({**error, "type": "error"}, typed) if typed else \
+                    _data({"error": error})
             ended = True
         finally:
             if not ended and cancellable:
@@ -282,9 +307,11 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                              headers={**headers, **_SSE_HEADERS})
 
 
-async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes]:
-    """The job's chunks as ``data:`` frames; a keep-alive is one comment line (an OpenAI SDK
-    fails on a blank line after one); raises the job's failure."""
+async def _openai_frames(gateway: Gateway, job: AsyncJob, typed: bool
+                         ) -> AsyncIterator[bytes]:
+    """The job's chunks as ``data:`` frames (``typed``: each named by its type); a keep-alive
+    is one comment line (an OpenAI SDK fails on a blank line after one); raises the job's
+    failure."""
     chunks = ChunkFilter(job.id)
     started = False
     pending: list[bytes] = []  # the chunks one read brought, written as one
@@ -309,7 +336,7 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob) -> AsyncIterator[bytes
             raise
         if chunk is not None:
             started = True
-            pending.append(_data(chunk))
+            pending.append(_frame(chunk, typed))
     if pending:
         yield b"".join(pending)
 
@@ -336,6 +363,14 @@ def _data(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+def _frame(chunk: dict[str, Any], typed: bool) -> bytes:
+    """A chunk's frame; a responses stream names each event by its type, as OpenAI does."""
+    kind = chunk.get("type") if typed else None
+    if isinstance(kind, str) and kind.isprintable():
+        return b"event: " + kind.encode() + b"\n" + _data(chunk)
+    return _data(chunk)
+
+
 async def models(request: Request) -> Response:
     """``GET /v1/models``: the models the configured upstreams name (globs left out)."""
     gateway: Gateway = request.app.state.gateway
@@ -360,8 +395,8 @@ async def create_job(request: Request) -> Response:
     key = gateway.key(request)
     body, size = await gateway.body(request)
     url, job_body = body.get("url"), body.get("body")
-    if url not in ENDPOINTS:
-        raise GatewayError(400, f"url must be one of {', '.join(ENDPOINTS)}", param="url",
+    if url not in KINDS:
+        raise GatewayError(400, f"url must be one of {', '.join(KINDS)}", param="url",
                            code="invalid_url")
     if not isinstance(job_body, dict):
         raise GatewayError(400, "body must be a JSON object", param="body", code="invalid_body")
@@ -375,7 +410,7 @@ async def create_job(request: Request) -> Response:
         raise GatewayError(400, "notify must be true or false", param="notify",
                            code="invalid_notify")
     job_id, record = await gateway.submitter.submit(
-        key, ENDPOINTS[url], job_body, queue, metadata=metadata,
+        key, KINDS[url], job_body, queue, metadata=metadata,
         idempotency_key=request.headers.get("idempotency-key"), size=size, notify=notify)
     info = record if record is not None else await gateway.owned(key, job_id)
     return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
@@ -547,6 +582,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", playground, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/jobs", create_job, methods=["POST"]),
         Route("/v1/jobs", list_jobs, methods=["GET"]),
@@ -562,6 +599,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/batches", list_batches, methods=["GET"]),
         Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+        Route("/v1/webhooks/deliveries", list_deliveries, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

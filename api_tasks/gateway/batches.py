@@ -15,11 +15,11 @@ from api_tasks.batches.api_batches import (
     batch_object,
 )
 from api_tasks.batches.files import FileRecords, Purpose
-from api_tasks.batches.lines import ENDPOINTS
 from api_tasks.batches.state import ENDED, BatchStatus
 from api_tasks.gateway.errors import GatewayError
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.record.store import OwnerIndex, owned_page
+from api_tasks.spec import KINDS
 from config.settings import FILE_TTL_RANGE
 
 __all__ = ["cancel_batch", "create_batch", "get_batch", "list_batches"]
@@ -60,8 +60,8 @@ async def create_batch(request: Request) -> Response:
     key = gateway.key(request)
     body, _ = await gateway.body(request)
     endpoint = body.get("endpoint")
-    if endpoint not in ENDPOINTS:
-        raise GatewayError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}",
+    if endpoint not in KINDS:
+        raise GatewayError(400, f"endpoint must be one of {', '.join(KINDS)}",
                            param="endpoint", code="invalid_endpoint")
     if body.get("completion_window") != COMPLETION_WINDOW:
         raise GatewayError(400, "completion_window must be '24h'", param="completion_window",

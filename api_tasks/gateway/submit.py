@@ -20,12 +20,11 @@ from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
 from api_tasks.record.job_record import Field
 from api_tasks.record.store import AsyncJobStore
-from api_tasks.spec import CONTROL_FIELDS, Kind
+from api_tasks.spec import CONTROL_FIELDS, ENDPOINTS, Kind
 from config.settings import QUEUES, GatewayKey, Settings
 
-__all__ = ["FIRST", "Submitted", "Submitter", "unavailable"]
+__all__ = ["Submitted", "Submitter", "unavailable"]
 
-FIRST: dict[Kind, str] = {"chat": "messages", "completion": "prompt"}
 _INLINE_BYTES = 64 * 1024  # a larger job is checked on a thread, off the event loop
 
 
@@ -70,7 +69,8 @@ class Submitter:
             what = f"model {model!r}" if refused == "model" else f"queue {lane!r}"
             raise GatewayError(403, f"this API key may not use {what}", param=refused,
                                code=f"{refused}_not_allowed")
-        params: dict[str, Any] = {k: v for k, v in body.items() if k != FIRST[kind]}
+        first = ENDPOINTS[kind].first
+        params: dict[str, Any] = {k: v for k, v in body.items() if k != first}
         params.update(queue=lane, store_result=True, owner=key.name)
         if notify:  # its end goes to the key's webhooks
             params["notify"] = True
@@ -79,10 +79,9 @@ class Submitter:
             fields[Field.METADATA.value] = json.dumps(metadata, separators=(",", ":"))
         try:
             if size > _INLINE_BYTES:
-                submission = await run_sync(self._build, kind, body.get(FIRST[kind]), params,
-                                            fields)
+                submission = await run_sync(self._build, kind, body.get(first), params, fields)
             else:
-                submission = self._build(kind, body.get(FIRST[kind]), params, fields)
+                submission = self._build(kind, body.get(first), params, fields)
         except InvalidJob as err:
             raise _refused(err) from None
         if idempotency_key is not None:

@@ -163,6 +163,11 @@ class Keys:
         """Hash: one webhook delivery: its event, owner and endpoint, status and attempts."""
         return f"{self.prefix}:webhook:{delivery_id}"
 
+    def owned_webhooks(self, owner: str) -> str:
+        """Sorted set: a gateway key's webhook deliveries, by when each was queued (us), for
+        ``GET /v1/webhooks/deliveries``."""
+        return f"{self.prefix}:owner:{owner}:webhooks"
+
     def gateway_secret(self) -> str:
         """String: the stream-token secret the gateways share when none is configured."""
         return f"{self.prefix}:gateway:secret"

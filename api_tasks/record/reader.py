@@ -147,7 +147,12 @@ class ChunkFilter:
 
 
 def text_pieces(chunk: dict[str, Any]) -> Iterator[str]:
-    """The first choice's new text in a chunk (none for usage or role-only chunks)."""
+    """The first choice's new text in a chunk (none for usage or role-only chunks); in a
+    responses stream, its output text's deltas."""
+    if chunk.get("type") == "response.output_text.delta":
+        if isinstance(chunk.get("delta"), str):
+            yield chunk["delta"]
+        return
     for choice in chunk.get("choices") or ():
         if isinstance(choice, dict) and choice.get("index", 0) == 0:
             piece = (choice.get("delta") or {}).get("content") or choice.get("text")
@@ -156,12 +161,24 @@ def text_pieces(chunk: dict[str, Any]) -> Iterator[str]:
 
 
 def text_of(response: dict[str, Any] | None) -> str:
-    """The first choice's text of an OpenAI response (chat or completion), "" if none."""
+    """The first choice's text of an OpenAI response (chat or completion), a response's
+    output text, "" if none."""
+    if isinstance((response or {}).get("output"), list):
+        return _output_text(response or {})
     choices = (response or {}).get("choices") or [{}]
     first = choices[0] if isinstance(choices[0], dict) else {}
     if isinstance(first.get("message"), dict):
         return str(first["message"].get("content") or "")
     return str(first.get("text") or "")
+
+
+def _output_text(response: dict[str, Any]) -> str:
+    """A response's text: its messages' ``output_text`` parts, joined (as the SDK's
+    ``output_text``)."""
+    return "".join(part["text"] for item in response["output"] if isinstance(item, dict)
+                   and item.get("type") == "message" for part in item.get("content") or ()
+                   if isinstance(part, dict) and part.get("type") == "output_text"
+                   and isinstance(part.get("text"), str))
 
 
 def _public(info: dict[str, str]) -> dict[str, Any]:

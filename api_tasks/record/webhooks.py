@@ -1,4 +1,5 @@
-"""Webhook events as Redis work: what queues one with the change it reports.
+"""Webhook events as Redis work: what queues one with the change it reports, and how its
+deliveries read back.
 
 ``event_args`` builds the KEYS and ARGV of ``add_webhooks`` (the Lua prelude), which a script
 that ends a batch or a job runs with its own change, so each delivery is queued exactly when
@@ -10,14 +11,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from api_tasks.connections import text, text_map
+from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["NO_WEBHOOKS", "Webhooks", "event_args", "job_event_id", "job_notifier"]
+__all__ = ["NO_WEBHOOKS", "DeliveryStatus", "WebhookRecords", "Webhooks", "delivery_object",
+           "event_args", "job_event_id", "job_notifier"]
 
 Webhooks = tuple[list[str], list[Any]]  # add_webhooks' KEYS and ARGV
 NO_WEBHOOKS: Webhooks = ([], [])
@@ -35,7 +40,7 @@ def event_args(keys: Keys, settings: Settings, owner: str, event: str, subject_i
                           "type": event, "data": {"id": subject_id}}, separators=(",", ":"))
     ids = [f"{event_id}-{index}" for index in endpoints]
     ttl = settings.webhooks.retry_for + 86400  # a day to look at how the last try went
-    return ([keys.webhooks(), *(keys.webhook(i) for i in ids)],
+    return ([keys.webhooks(), keys.owned_webhooks(owner), *(keys.webhook(i) for i in ids)],
             [payload, owner, int(now * 1000), ttl,
              *(item for pair in zip(ids, endpoints, strict=True) for item in pair)])
 
@@ -50,3 +55,54 @@ def job_notifier(keys: Keys, settings: Settings) -> Callable[[str, str, str], We
     def notify(owner: str, event: str, job_id: str) -> Webhooks:
         return event_args(keys, settings, owner, event, job_id, job_event_id(job_id))
     return notify
+
+
+class DeliveryStatus(StrEnum):
+    """Where a delivery is (the Lua scripts write these values)."""
+
+    PENDING = "pending"  # not tried yet
+    RETRYING = "retrying"  # tried, failed, due again at next_at
+    DELIVERED = "delivered"  # a 2xx answered
+    FAILED = "failed"  # given up after webhooks.retry_for
+
+
+class WebhookRecords:
+    """The calls that read an owner's webhook deliveries (each run on a sync or async shell)."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
+        """Up to ``count`` ids of an owner's deliveries, newest first, after ``after``; None if
+        ``after`` is not one of them."""
+        return lua("owner_page", [self.keys.owned_webhooks(owner)], [after or "", count],
+                   lambda reply: None if reply is None else [text(item) for item in reply])
+
+    def state(self, delivery_id: str) -> Call[dict[str, str]]:
+        """A delivery's hash (empty if it expired)."""
+        return command("HGETALL", self.keys.webhook(delivery_id), parse=text_map)
+
+    def forget(self, owner: str, delivery_ids: list[str]) -> Call[Any]:
+        """Drop deliveries whose hashes are gone from their owner's index."""
+        return command("ZREM", self.keys.owned_webhooks(owner), *delivery_ids)
+
+
+def delivery_object(delivery_id: str, state: dict[str, str], settings: Settings
+                    ) -> dict[str, Any]:
+    """A delivery as the gateway shows it: its event, endpoint, status and last attempt."""
+    event = json.loads(state.get("payload") or "{}")
+    endpoint = settings.webhook(state.get("owner", ""), int(state.get("endpoint") or -1))
+
+    def seconds(name: str) -> float | None:
+        return int(state[name]) / 1000 if state.get(name) else None
+    return {"id": delivery_id, "object": "webhook.delivery", "event_id": event.get("id"),
+            "event_type": event.get("type"), "subject_id": (event.get("data") or {}).get("id"),
+            "url": endpoint.url if endpoint is not None else None,
+            "status": DeliveryStatus(state.get("status") or DeliveryStatus.PENDING),
+            "attempts": int(state.get("attempts") or 0), "created_at": seconds("first_at"),
+            "last_attempt_at": seconds("last_at"),
+            "last_status": int(state.get("last_status") or 0) or None,  # 0: no answer
+            "last_error": state.get("last_error") or None,
+            "next_attempt_at": seconds("next_at")
+            if state.get("status") == DeliveryStatus.RETRYING else None,
+            "delivered_at": seconds("delivered_at")}

@@ -3,7 +3,9 @@
 A streamed job's result has the same shape as a non-streamed one, so a caller
 that only wants the answer never reassembles chunks: content, tool calls and
 reasoning text are concatenated per choice, ``finish_reason`` and ``usage``
-are kept as the upstream sent them.
+are kept as the upstream sent them. A responses stream needs no assembly: its
+last event (``response.completed`` or ``response.incomplete``) carries the
+whole response.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StreamAssembler"]
+__all__ = ["Assembler", "ResponseAssembler", "StreamAssembler", "assembler_for"]
 
 _CONCAT = ("content", "reasoning_content", "reasoning", "refusal")
+# the events that end a responses stream with its response (response.failed is an error)
+RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete"})
 
 
 @dataclass
@@ -24,6 +28,7 @@ class StreamAssembler:
     head: dict[str, Any] = field(default_factory=dict)
     choices: dict[int, dict[str, Any]] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
+    last = False  # a chunk may follow the last finish_reason (usage), then [DONE]
 
     def add(self, chunk: dict[str, Any]) -> None:
         """Fold one parsed chunk in."""
@@ -98,6 +103,40 @@ class StreamAssembler:
         choice["finish_reason"] = state["finish_reason"]
         choice["logprobs"] = _merge_logprobs(state.get("logprob_parts"))
         return choice
+
+
+@dataclass
+class ResponseAssembler:
+    """A responses stream: its closing event carries the response, nothing follows it."""
+
+    final: dict[str, Any] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Keep the response of a closing event."""
+        if event.get("type") in RESPONSE_ENDS and isinstance(event.get("response"), dict):
+            self.final = event["response"]
+
+    @property
+    def finished(self) -> bool:
+        """Whether the closing event arrived."""
+        return self.final is not None
+
+    @property
+    def last(self) -> bool:
+        """Nothing follows the closing event (no ``[DONE]`` in a responses stream)."""
+        return self.final is not None
+
+    def response(self) -> dict[str, Any]:
+        """The response the closing event carried."""
+        return self.final or {}
+
+
+Assembler = StreamAssembler | ResponseAssembler
+
+
+def assembler_for(kind: str) -> Assembler:
+    """The assembler of a stream of this kind of job."""
+    return ResponseAssembler() if kind == "response" else StreamAssembler(kind)
 
 
 def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:

@@ -18,7 +18,7 @@ from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
 from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id, loads
 from api_tasks.record.keys import Keys
 from api_tasks.record.writer import Command, EventWriter
-from api_tasks.stream.assemble import StreamAssembler
+from api_tasks.stream.assemble import Assembler, assembler_for
 from api_tasks.stream.sse import SSEDecoder, SSEEvent
 from api_tasks.upstream.redact import scrub
 
@@ -45,15 +45,16 @@ class StreamRelay:
     stored: int = 0  # bytes of events this attempt wrote to the stream
     done: bool = False
     _renew_at: float = 0.0  # when the stream's TTL is set again (monotonic seconds)
-    assembler: StreamAssembler = field(init=False)
+    assembler: Assembler = field(init=False)
     decoder: SSEDecoder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.assembler = StreamAssembler(self.kind)
+        self.assembler = assembler_for(self.kind)
         self.decoder = SSEDecoder(self.max_line_bytes)
 
     def feed(self, data: bytes) -> bool:
-        """Relay the events completed by ``data``; True once ``[DONE]`` was seen."""
+        """Relay the events completed by ``data``; True once the last event was seen
+        (``[DONE]``, or a responses stream's closing event)."""
         return self._relay(self.decoder.feed(data))
 
     def close(self) -> bool:
@@ -61,7 +62,8 @@ class StreamRelay:
         return self._relay(self.decoder.close())
 
     def complete(self) -> bool:
-        """Whether the stream ended properly ([DONE], or every choice finished)."""
+        """Whether the stream ended properly ([DONE], every choice finished, or the
+        response came)."""
         return self.done or self.assembler.finished
 
     def response(self) -> dict[str, Any]:
@@ -79,6 +81,9 @@ class StreamRelay:
                 chunk = self._parse(event)
                 self.assembler.add(chunk)
                 commands += self._chunk_commands(event.data)
+                if self.assembler.last:
+                    self.done = True
+                    break
         finally:
             if commands:
                 now = time.monotonic()
@@ -115,8 +120,14 @@ class StreamRelay:
             raise InvalidResponseError(
                 f"upstream sent an event that is not JSON: {event.data[:120]!r}",
                 code="invalid_json") from err
-        if event.event == "error" or (isinstance(chunk, dict) and chunk.get("error")):
+        if event.event == "error" or (isinstance(chunk, dict) and (
+                chunk.get("error") or chunk.get("type") == "error")):
             raise self._stream_error(chunk)
+        if isinstance(chunk, dict) and chunk.get("type") == "response.failed":
+            failed = chunk.get("response")
+            error = failed.get("error") if isinstance(failed, dict) else None
+            raise self._stream_error({"error": error or {
+                "message": "the upstream reported that the response failed"}})
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
             raise InvalidResponseError("upstream sent a chunk that is not an OpenAI chunk "
                                        "object", code="invalid_chunk")
@@ -127,6 +138,8 @@ class StreamRelay:
         if not isinstance(error, dict):
             error = {"message": str(error)}
         code, kind = error.get("code"), error.get("type")
+        if kind == "error":  # a responses stream's error event names no class
+            kind = None
         message = str(error.get("message") or "upstream reported an error in the stream")
         return StreamError(scrub(message, self.secrets)[:2000],
                            code=scrub(str(code), self.secrets) if code not in (None, "")

@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from api_tasks.errors import InvalidJob, UnknownModel
-from api_tasks.spec import JobSpec
+from api_tasks.spec import JobSpec, Kind
 from api_tasks.upstream.http_client import CallRequest
 from api_tasks.upstream.job_urls import AddressGuard, check_job_url
 from api_tasks.upstream.merge import merge_payload
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["build_call", "build_payload", "resolve_upstream"]
 
-_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+# only these streams take stream_options.include_usage (a responses stream ends with its usage)
+_USAGE_OPTION = frozenset({Kind.CHAT, Kind.COMPLETION})
 
 
 def resolve_upstream(settings: Settings, spec: JobSpec) -> Upstream:
@@ -28,29 +29,42 @@ def resolve_upstream(settings: Settings, spec: JobSpec) -> Upstream:
 
 
 def _pick_upstream(settings: Settings, spec: JobSpec) -> Upstream:
+    path = spec.endpoint.path
     if spec.upstream is not None:
         upstream = settings.upstream(spec.upstream)
         if upstream is None:
             names = ", ".join(u.name for u in settings.upstreams)
             raise InvalidJob("upstream", f"unknown upstream {spec.upstream!r} "
                                          f"(configured: {names})")
+        if path not in upstream.endpoints:
+            raise InvalidJob("upstream", f"upstream {upstream.name!r} does not serve {path} "
+                                         "(its endpoints setting)")
         return upstream
-    upstream = settings.upstream_for_model(spec.model)
+    upstream = settings.upstream_for_model(spec.model, path)
     if upstream is None:
+        if settings.upstream_for_model(spec.model) is not None:
+            raise InvalidJob("model", f"no configured upstream serves {path} for model "
+                                      f"{spec.model!r} (upstreams' endpoints setting)")
         raise UnknownModel(str(spec.model))
     return upstream
 
 
 def build_payload(settings: Settings, upstream: Upstream, spec: JobSpec) -> dict[str, Any]:
-    """Global < upstream < model defaults < the job's own fields (see ``merge_payload``)."""
+    """Global < upstream < model defaults < the job's own fields (see ``merge_payload``); a
+    default reaches an embeddings or responses job only if its endpoint takes that field."""
     body = spec.body
     if "model" not in body and upstream.default_model:
         body = {**body, "model": upstream.default_model}
     model = body.get("model")
-    payload = merge_payload(settings.defaults, upstream.defaults,
-                            upstream.model_layer(model if isinstance(model, str) else None),
-                            body)
-    if spec.stream and upstream.stream_include_usage and "stream_options" not in spec.body:
+    layers: tuple[dict[str, Any], ...] = (
+        settings.defaults, upstream.defaults,
+        upstream.model_layer(model if isinstance(model, str) else None))
+    taken = spec.endpoint.defaults
+    if taken is not None:  # a layer gives a job only the fields its endpoint takes
+        layers = tuple({k: v for k, v in layer.items() if k in taken} for layer in layers)
+    payload = merge_payload(*layers, body)
+    if spec.stream and spec.kind in _USAGE_OPTION and upstream.stream_include_usage \
+            and "stream_options" not in spec.body:
         # usage arrives only if asked for; rate limits and results need it
         payload["stream_options"] = {"include_usage": True}
     return payload
@@ -75,7 +89,7 @@ def build_call(settings: Settings, upstream: Upstream, spec: JobSpec,
         base = check_job_url(entries, upstream.name, spec.base_url).url
         guard = AddressGuard(entries)
     return CallRequest(
-        url=base + _PATHS[spec.kind],
+        url=base + spec.endpoint.path,
         headers=headers,
         body=body.encode(),
         connect_timeout=upstream.timeouts.connect,

@@ -50,3 +50,17 @@ def test_a_missing_or_negative_ceiling_is_never_free() -> None:
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert estimate_cost(base) > 256
     assert estimate_cost({**base, "max_tokens": -5}) >= 1
+
+
+def test_an_embedding_counts_its_input_and_a_response_its_output_ceiling() -> None:
+    texts = ["x" * 40, "y" * 80]
+    assert estimate_cost({"model": "m", "input": texts}, reply=False) == (10 + 1) + (20 + 1)
+    assert estimate_cost({"model": "m", "input": "x" * 40, "max_tokens": 50},
+                         reply=False) == 11  # no reply: a ceiling given anyway counts nothing
+    assert estimate_cost({"model": "m", "input": [[1, 2, 3], [4, 5]]}, reply=False) == 5
+    framed = estimate_cost({"model": "m", "input": [{"role": "user", "content": "x" * 40}],
+                            "max_output_tokens": 100})
+    assert framed == 3 + (3 + 1 + 10) + 100  # priming, the message's framing, role, text
+    plain = estimate_cost({"model": "m", "input": "x" * 40, "instructions": "y" * 8,
+                           "max_output_tokens": 7})
+    assert plain == 11 + (3 + 2) + 7

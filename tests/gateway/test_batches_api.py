@@ -12,13 +12,14 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 import yaml
 
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import GatewayProcess, Spawn, wait_until
+from tests.support.services import GatewayProcess, Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +161,8 @@ def test_batch_create_refuses_bad_requests_and_batches_belong_to_their_key(
 
 
 @pytest.fixture(scope="module")
-def short_gateway(worker_env: dict[str, str], workdir: Path) -> Iterator[GatewayProcess]:
+def short_gateway(worker_env: dict[str, str], workdir: Path,
+                  worker: WorkerProcess) -> Iterator[GatewayProcess]:
     """A gateway whose batches expire 2 s after they are made."""
     process = start_gateway(worker_env, workdir, "short-gateway",
                             lambda config: config["gateway"].update(batch_lifetime=2))
@@ -225,3 +227,101 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_records_none_twice(
         assert survivor.proc is not None and survivor.proc.poll() is None
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("url", ["/v1/embeddings", "/v1/responses"])
+def test_embeddings_and_responses_batches(gateway: GatewayProcess, fake: FakeUpstream,
+                                          model: str, url: str) -> None:
+    sdk = _sdk(gateway)
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": url,
+              "body": {"model": model, "input": f"text number {i}"}} for i in range(12)]
+    made = sdk.batches.create(input_file_id=_upload(sdk, lines), endpoint=url,  # type: ignore[arg-type]
+                              completion_window="24h")
+    batch, seen = _until_ended(sdk, made.id)
+    assert batch.status == "completed", (batch, seen)
+    assert batch.request_counts.model_dump() == {"total": 12, "completed": 12, "failed": 0}
+    output = _jsonl(sdk, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(f"e{i}" for i in range(12))
+    bodies = {line["custom_id"]: line["response"]["body"] for line in output}
+    if url == "/v1/embeddings":
+        assert all(body["object"] == "list" and body["data"][0]["embedding"]
+                   for body in bodies.values())
+        assert batch.usage.input_tokens == batch.usage.total_tokens == 3 * 12
+    else:
+        assert bodies["e5"]["output"][0]["content"][0]["text"] == "echo: text number 5"
+        assert batch.usage.output_tokens == 4 * 12
+    assert {r.path for r in fake.requests(model)} == {url}
+    # a line of another endpoint than the batch's fails the batch, naming it
+    mixed = [*lines[:2], _line("chat", model)]
+    refused = sdk.batches.create(input_file_id=_upload(sdk, mixed), endpoint=url,  # type: ignore[arg-type]
+                                 completion_window="24h")
+    failed, _ = _until_ended(sdk, refused.id)
+    assert failed.status == "failed"
+    assert [(e.code, e.line) for e in failed.errors.data] == [("mismatched_endpoint", 3)]
+
+
+@pytest.fixture(scope="module")
+def wide_gateway(worker_env: dict[str, str], workdir: Path,
+                 worker: WorkerProcess) -> Iterator[GatewayProcess]:
+    """A gateway whose batches keep up to 100 jobs queued or running."""
+    process = start_gateway(worker_env, workdir, "wide-gateway",
+                            lambda config: config["gateway"].update(batch_window=100))
+    yield process
+    process.stop()
+
+
+def test_a_batch_reads_its_lines_from_its_file_and_keeps_no_copy(
+        wide_gateway: GatewayProcess, fake: FakeUpstream, redis_client: redis.Redis,
+        model: str) -> None:
+    fake.script(model, Reply(delay=0.4))  # echoes each line's message
+    sdk = _sdk(wide_gateway)
+    texts = {f"c{i}": f"line {i} " + "w" * (i * 7919 % 9000) for i in range(600)}
+    lines: list[Any] = []
+    for number, (custom_id, content) in enumerate(texts.items()):
+        lines += ["   "] if number % 50 == 49 else []  # blank lines are skipped, not lines
+        lines.append({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": model,
+                               "messages": [{"role": "user", "content": content}]}})
+    source = _upload(sdk, lines)
+    size = sdk.files.retrieve(source).bytes
+    assert size > 2 * 1024 * 1024  # its lines cross the file's 1 MiB pieces
+    made = sdk.batches.create(input_file_id=source, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    wait_until(lambda: sdk.batches.retrieve(made.id).status == "in_progress", 30,
+               "the batch to start")
+    prefix = wide_gateway.env["API_TASKS_PREFIX"]
+    # its input is where every 256th line starts in the file, not a copy of the file
+    assert redis_client.llen(f"{prefix}:batch:{made.id}:input") == 3
+    held = sum(redis_client.memory_usage(key) or 0
+               for key in redis_client.scan_iter(f"{prefix}:batch:{made.id}*"))
+    assert held < size / 10, (held, size)
+    batch, seen = _until_ended(sdk, made.id, timeout=120)
+    assert batch.status == "completed", (batch, seen)
+    assert batch.request_counts.model_dump() == {"total": 600, "completed": 600, "failed": 0}
+    output = _jsonl(sdk, batch.output_file_id)
+    answers = {line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"]
+               for line in output}
+    assert len(output) == len(answers) == 600
+    assert answers == {custom_id: "echo: " + content for custom_id, content in texts.items()}
+
+
+def test_deleting_a_running_batchs_input_file_fails_the_lines_not_yet_sent(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="slow", delay=0.3))
+    sdk = _sdk(gateway)
+    source = _upload(sdk, [_line(f"d{i}", model) for i in range(40)])
+    made = sdk.batches.create(input_file_id=source, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    wait_until(lambda: sdk.batches.retrieve(made.id).request_counts.completed >= 1, 30,
+               "a line to finish")
+    assert sdk.files.delete(source).deleted
+    batch, _ = _until_ended(sdk, made.id)
+    assert batch.status == "completed"  # it ends: nothing waits for lines it cannot read
+    counts = batch.request_counts
+    assert counts.total == 40 and counts.completed + counts.failed == 40 and counts.failed
+    errors = _jsonl(sdk, batch.error_file_id)
+    assert len(errors) == counts.failed
+    assert {line["error"]["code"] for line in errors} == {"input_missing"}
+    output = _jsonl(sdk, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"d{i}" for i in range(counts.completed))  # sent in order: the first lines ran

@@ -255,3 +255,27 @@ def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
         final = json.loads(data.rsplit(b"data: ", 1)[1].split(b"\n", 1)[0])
         assert final["type"] == "done" and data.count(b'"type":"chunk"') == final["seq"]
         assert final["seq"] >= len(pieces)
+
+
+@pytest.mark.parametrize(("url", "body"), [
+    ("/v1/embeddings", {"input": ["a text"]}),
+    ("/v1/responses", {"input": "Hello", "stream": True})])
+def test_embeddings_and_responses_jobs(gateway: GatewayProcess, fake: FakeUpstream, model: str,
+                                       url: str, body: dict[str, Any]) -> None:
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+        created = http.post("/v1/jobs", json={"url": url, "body": {"model": model, **body}})
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert job["url"] == url
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+            seen = _events(events)
+        assert seen[-1]["type"] == "done"
+        ended = http.get(f"/v1/jobs/{job['id']}").json()
+    assert ended["status"] == "succeeded" and ended["url"] == url
+    if url == "/v1/embeddings":
+        assert ended["response"]["data"][0]["embedding"] and len(seen) == 1
+    else:  # every typed event of the response's stream, then the job's own end
+        assert seen[0]["data"]["type"] == "response.created"
+        assert [e["data"]["sequence_number"] for e in seen[:-1]] == list(range(len(seen) - 1))
+        assert seen[-2]["data"]["type"] == "response.completed"
+        assert ended["response"] == seen[-2]["data"]["response"]

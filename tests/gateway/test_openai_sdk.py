@@ -12,7 +12,7 @@ import pytest
 from api_tasks.client import Client
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
-from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply, StreamError
 from tests.support.services import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -155,3 +155,39 @@ def test_a_retry_with_its_idempotency_key_gets_the_job_its_timeout_left(
                                                   extra_headers=key)
     assert again.choices[0].message.content == "worth the wait"
     assert len(fake.requests(model)) == 1
+
+
+def test_embeddings_through_the_sdk(gateway: GatewayProcess, fake: FakeUpstream,
+                                    client: Client, model: str) -> None:
+    sdk = _sdk(gateway)
+    raw = sdk.embeddings.with_raw_response.create(model=model, input=["one", "two words"])
+    made = raw.parse()  # the SDK asked for base64 and decoded it
+    assert [len(d.embedding) for d in made.data] == [8, 8]
+    assert made.usage.prompt_tokens == 3
+    stored = client.job(raw.headers["x-request-id"]).result(timeout=5)
+    # kept as the upstream sent it, in the encoding the SDK asked for
+    assert fake.requests(model)[0].body["encoding_format"] == "base64"  # type: ignore[index]
+    assert isinstance(stored["data"][0]["embedding"], str)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.embeddings.create(model=model, input="x", extra_body={"stream": True})
+    assert refused.value.body["param"] == "stream"  # type: ignore[index]
+
+
+def test_responses_through_the_sdk_whole_and_streamed(gateway: GatewayProcess,
+                                                      fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(content="Hi there"), Reply(pieces=["Hel", "lo"]))
+    sdk = _sdk(gateway)
+    whole = sdk.responses.create(model=model, input="Say hi")
+    assert whole.output_text == "Hi there" and whole.status == "completed"
+    with sdk.responses.stream(model=model, input="Say hi") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas == ["Hel", "lo"] and final.output_text == "Hello"
+
+
+def test_a_responses_stream_failing_after_its_first_event(gateway: GatewayProcess,
+                                                          fake: FakeUpstream, model: str) -> None:
+    fake.script(model, StreamError(after=1, error={"code": "server_error", "message": "boom"}))
+    events = list(_sdk(gateway).responses.create(model=model, input="x", stream=True))
+    assert events[0].type == "response.created"
+    assert events[-1].type == "error" and events[-1].message == "boom"

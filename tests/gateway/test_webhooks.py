@@ -8,12 +8,13 @@ import json
 import uuid
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
 
 from api_tasks.execution.webhooks import retry_delay, sign
-from tests.conftest import GATEWAY_HOOKED_KEY, WEBHOOK_SECRET
+from tests.conftest import GATEWAY_HOOKED_KEY, GATEWAY_KEY, WEBHOOK_SECRET
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 from tests.support.services import GatewayProcess, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
@@ -47,10 +48,14 @@ def _event(sdk: openai.OpenAI, receiver: WebhookReceiver, subject_id: str) -> tu
     return event.type, event.data.id
 
 
-def _delivery(redis_client: redis.Redis, gateway: GatewayProcess, batch_id: str,
-              endpoint: int) -> dict[str, str]:
-    key = f"{gateway.env['API_TASKS_PREFIX']}:webhook:evt_{batch_id[6:]}-{endpoint}"
-    return {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+def _delivery(gateway: GatewayProcess, batch_id: str, endpoint: int) -> dict[str, Any]:
+    """A delivery of the event about ``batch_id`` to the key's ``endpoint``-th webhook, as
+    ``GET /v1/webhooks/deliveries`` shows it to its key ({} before it is queued)."""
+    listed = httpx.get(gateway.url + "/v1/webhooks/deliveries", params={"limit": 100},
+                       headers={"Authorization": f"Bearer {GATEWAY_HOOKED_KEY}"}, timeout=10)
+    assert listed.status_code == 200, listed.text
+    wanted = f"evt_{batch_id[6:]}-{endpoint}"
+    return next((d for d in listed.json()["data"] if d["id"] == wanted), {})
 
 
 def test_signing_matches_openais_test_vector() -> None:
@@ -68,7 +73,7 @@ def test_retry_delays_double_up_to_the_cap() -> None:
 
 def test_a_completed_batch_is_announced_signed_retried_and_never_to_a_forbidden_address(
         gateway: GatewayProcess, webhook_receiver: WebhookReceiver,
-        webhook_trap: WebhookReceiver, redis_client: redis.Redis, model: str) -> None:
+        webhook_trap: WebhookReceiver, model: str) -> None:
     sdk = _sdk(gateway)
     webhook_receiver.answer(500, 302)  # then 200: three attempts, the redirect not followed
     batch = _batch(sdk, [_line(f"w{i}", model) for i in range(3)])
@@ -83,22 +88,31 @@ def test_a_completed_batch_is_announced_signed_retried_and_never_to_a_forbidden_
     assert {r.path for r in webhook_receiver.received} == {"/hook"}  # no redirect followed
     with pytest.raises(openai.InvalidWebhookSignatureError):
         sdk.webhooks.unwrap(third.body + b" ", third.headers)
-    wait_until(lambda: _delivery(redis_client, gateway, batch.id, 0).get("status") ==
-               "delivered", 10, "the delivery to be recorded")
-    delivered = _delivery(redis_client, gateway, batch.id, 0)
-    assert (delivered["attempts"], delivered["last_status"]) == ("3", "200")
+    wait_until(lambda: _delivery(gateway, batch.id, 0).get("status") == "delivered", 10,
+               "the delivery to be recorded")
+    delivered = _delivery(gateway, batch.id, 0)
+    assert (delivered["attempts"], delivered["last_status"], delivered["last_error"]) == (
+        3, 200, None)
+    assert (delivered["event_type"], delivered["subject_id"]) == ("batch.completed", batch.id)
+    assert delivered["url"] == webhook_receiver.url
+    assert delivered["created_at"] <= delivered["last_attempt_at"] == delivered["delivered_at"]
     # the second endpoint is down: retried, the batch long done; the third is refused
-    wait_until(lambda: int(_delivery(redis_client, gateway, batch.id, 1).get("attempts", 0))
-               >= 2, 15, "the down endpoint to be tried twice")
-    down = _delivery(redis_client, gateway, batch.id, 1)
+    wait_until(lambda: _delivery(gateway, batch.id, 1).get("attempts", 0) >= 2, 15,
+               "the down endpoint to be tried twice")
+    down = _delivery(gateway, batch.id, 1)
     assert down["status"] == "retrying" and "Connection" in down["last_error"]
-    wait_until(lambda: _delivery(redis_client, gateway, batch.id, 2).get("attempts"), 10,
+    assert down["last_status"] is None and down["next_attempt_at"] > down["last_attempt_at"]
+    wait_until(lambda: _delivery(gateway, batch.id, 2).get("attempts"), 10,
                "the forbidden endpoint's attempt")
-    refused = _delivery(redis_client, gateway, batch.id, 2)
+    refused = _delivery(gateway, batch.id, 2)
     assert "127.0.0.2" in refused["last_error"] and "not a public address" in \
         refused["last_error"]
     assert webhook_trap.received == []
     assert WEBHOOK_SECRET not in json.dumps([down, refused, delivered])
+    # another key sees none of them
+    other = httpx.get(gateway.url + "/v1/webhooks/deliveries", timeout=10,
+                      headers={"Authorization": f"Bearer {GATEWAY_KEY}"}).json()
+    assert not [d for d in other["data"] if d["subject_id"] == batch.id]
 
 
 def test_a_failed_batch_is_announced(gateway: GatewayProcess,

@@ -19,22 +19,6 @@ local function next_entry_id(key, wanted)
   return wanted
 end
 
--- Queue webhook deliveries (api_tasks/execution/webhooks.py sends them) with the state change
--- that causes them, so each is sent at least once. KEYS[k]: the pending set, then one hash
--- per delivery; ARGV from a: payload, owner, now (ms), ttl, then each delivery's id and
--- endpoint index. Nothing when KEYS[k] is absent.
-local function add_webhooks(k, a)
-  if not KEYS[k] then return end
-  for i = k + 1, #KEYS do
-    local j = a + 4 + 2 * (i - k - 1)
-    redis.call('HSET', KEYS[i], 'payload', ARGV[a], 'owner', ARGV[a + 1], 'endpoint',
-               ARGV[j + 1], 'attempts', 0, 'first_at', ARGV[a + 2], 'status', 'pending')
-    redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
-    redis.call('ZADD', KEYS[k], ARGV[a + 2], ARGV[j])
-  end
-  redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
-end
-
 -- Add `id` to an owner's index (a sorted set) by the time now in microseconds (in
 -- milliseconds, ids added in the same one would list in id order, not in the order added);
 -- entries older than `ttl` seconds, older than anything they name can be, are dropped.
@@ -44,4 +28,21 @@ local function index_by_owner(key, id, ttl)
   redis.call('ZADD', key, now, id)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - tonumber(ttl) * 1000000)
   redis.call('EXPIRE', key, ttl)
+end
+
+-- Queue webhook deliveries (api_tasks/execution/webhooks.py sends them) with the state change
+-- that causes them, so each is sent at least once. KEYS[k]: the pending set, the owner's index
+-- of deliveries, then one hash per delivery; ARGV from a: payload, owner, now (ms), ttl, then
+-- each delivery's id and endpoint index. Nothing when KEYS[k] is absent.
+local function add_webhooks(k, a)
+  if not KEYS[k] then return end
+  for i = k + 2, #KEYS do
+    local j = a + 4 + 2 * (i - k - 2)
+    redis.call('HSET', KEYS[i], 'payload', ARGV[a], 'owner', ARGV[a + 1], 'endpoint',
+               ARGV[j + 1], 'attempts', 0, 'first_at', ARGV[a + 2], 'status', 'pending')
+    redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
+    redis.call('ZADD', KEYS[k], ARGV[a + 2], ARGV[j])
+    index_by_owner(KEYS[k + 1], ARGV[j], ARGV[a + 3])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
 end

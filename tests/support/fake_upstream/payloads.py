@@ -1,11 +1,15 @@
-"""OpenAI-shaped request reading and response bodies (chat and legacy completions)."""
+"""OpenAI-shaped request reading and response bodies (chat, legacy completions, embeddings
+and responses)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import re
 import secrets
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,7 +88,17 @@ def _text_of(content: Any) -> str:
 
 
 def prompt_text(kind: str, body: Json) -> str:
-    """The text to echo: the last message (chat) or the first prompt (completion)."""
+    """The text to echo: the last message (chat, or a response's input items), the first
+    prompt (completion), or the first input (embedding, response)."""
+    if kind in ("embedding", "response"):
+        value = body.get("input")
+        if value is None or value == "" or value == []:
+            raise BadRequest("'input' is a required property", "input")
+        if isinstance(value, list):
+            value = value[-1] if kind == "response" else value[0]
+        if isinstance(value, dict):  # a response's input item: a message
+            return _text_of(value.get("content"))
+        return value if isinstance(value, str) else json.dumps(value)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -112,9 +126,15 @@ def words(text: str) -> int:
 def prompt_tokens(body: Json) -> int:
     """The prompt's tokens, as usage reports them: words of every message, or the prompt."""
     messages = body.get("messages")
+    if messages is None and isinstance(body.get("input"), list) and \
+            all(isinstance(m, dict) for m in body["input"]):
+        messages = body["input"]
     if isinstance(messages, list):
         return sum(words(_text_of(m.get("content"))) for m in messages if isinstance(m, dict))
-    prompt = body.get("prompt")
+    inputs = body.get("input")
+    if isinstance(inputs, list) and inputs and all(isinstance(p, str) for p in inputs):
+        return sum(words(p) for p in inputs)  # embeddings count every input
+    prompt = body.get("prompt", inputs)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         return len(prompt)  # token ids
     if isinstance(prompt, list):  # several prompts: the fake answers the first only
@@ -143,7 +163,7 @@ class Exchange:
         model = body.get("model")
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        prefix = {"chat": "chatcmpl-", "response": "resp_"}.get(kind, "cmpl-")
         return cls(
             kind,
             body,
@@ -195,6 +215,10 @@ class Exchange:
 
     def full(self, text: str, finish: str | None, usage: bool, n: int, tools: bool) -> Json:
         """The non-streaming response body."""
+        if self.kind == "embedding":
+            return self.embeddings()
+        if self.kind == "response":
+            return self.response(text, "incomplete" if finish == "length" else "completed")
         if self.kind != "chat":
             choices = [
                 {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
@@ -258,3 +282,56 @@ class Exchange:
         slices = [args[i : i + step] for i in range(0, len(args), step)]
         rest = [{"index": 0, "function": {"arguments": s}} for s in slices]
         return [{"tool_calls": [d]} for d in (first, *rest)]
+
+    def embeddings(self) -> Json:
+        """An embeddings list: one vector per input, derived from its text, in the asked
+        encoding (the OpenAI SDK asks for base64 unless told otherwise)."""
+        inputs = self.body.get("input")
+        items = inputs if isinstance(inputs, list) and not all(
+            isinstance(t, int) for t in inputs) else [inputs]
+        size = self.body.get("dimensions")
+        size = size if isinstance(size, int) and 0 < size <= 4096 else 8
+        data = []
+        for index, item in enumerate(items):
+            vector = vector_of(json.dumps(item), size)
+            encoded: Any = vector
+            if self.body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = prompt_tokens(self.body)
+        return {"object": "list", "data": data, "model": self.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def response(self, text: str, status: str) -> Json:
+        """A Responses API object: one assistant message holding ``text``."""
+        created = {"id": self.id, "object": "response", "created_at": self.created,
+                   "status": status, "model": self.model, "error": None,
+                   "incomplete_details": {"reason": "max_output_tokens"}
+                   if status == "incomplete" else None,
+                   "instructions": self.body.get("instructions"),
+                   "max_output_tokens": self.body.get("max_output_tokens"),
+                   "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                   "temperature": 1.0, "top_p": 1.0, "text": {"format": {"type": "text"}},
+                   "truncation": "disabled", "metadata": {}, "output": [], "usage": None}
+        if status == "in_progress":
+            return created
+        prompt, written = prompt_tokens(self.body), words(text)
+        return {**created, "output": [self.output_message(text, "completed")],
+                "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": written,
+                          "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": prompt + written}}
+
+    def output_message(self, text: str, status: str) -> Json:
+        """The response's one output item, an assistant message."""
+        return {"type": "message", "id": "msg_" + self.id.removeprefix("resp_"),
+                "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def vector_of(text: str, size: int) -> list[float]:
+    """A unit vector derived from ``text``: the same text always gets the same vector."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(size)]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [round(x / norm, 6) for x in raw]

@@ -54,6 +54,7 @@ class Quota:
 def request_cost(body: Json) -> int:
     """Tokens a request counts against the budget when it arrives, as OpenAI counts them:
     its prompt (as usage will report it) plus max_tokens for each of its n choices."""
-    ceiling = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    ceiling = body.get("max_completion_tokens") or body.get("max_tokens") or \
+        body.get("max_output_tokens") or 16
     n = body.get("n")
     return prompt_tokens(body) + int(ceiling) * (n if isinstance(n, int) and n > 0 else 1)

@@ -90,7 +90,7 @@ def reply(ex: Exchange, step: Reply) -> None:
     else:
         text = "echo: " + ex.prompt if step.content is None else step.content
     ex.wire.pause(step.delay)
-    if ex.stream:
+    if ex.stream and ex.kind != "embedding":
         _stream_reply(ex, step, text)
         return
     tools = step.tool_calls and ex.kind == "chat"
@@ -123,17 +123,51 @@ def _reply_events(ex: Exchange, step: Reply, text: str) -> Iterator[tuple[str, J
         yield "tail", ex.usage_chunk(ex.usage(text, step.n))
 
 
+def _response_events(ex: Exchange, step: Reply, text: str) -> Iterator[tuple[str, Json]]:
+    """A Responses API stream, as OpenAI sends it: the response created, its message's
+    item and part opened, one delta per piece, all closed, then the whole response."""
+    status = "incomplete" if step.finish_reason == "length" else "completed"
+    events: list[tuple[str, Json]] = [
+        ("head", {"type": "response.created", "response": ex.response(text, "in_progress")}),
+        ("head", {"type": "response.in_progress",
+                  "response": ex.response(text, "in_progress")})]
+    item = {**ex.output_message("", "in_progress"), "content": []}
+    where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    events += [("head", {"type": "response.output_item.added", "output_index": 0,
+                         "item": item}),
+               ("head", {"type": "response.content_part.added", **where, "part": part})]
+    pieces = list(step.pieces) if step.pieces is not None else pieces_of(text)
+    events += [("content", {"type": "response.output_text.delta", **where, "delta": piece,
+                            "logprobs": []}) for piece in pieces]
+    done = ex.output_message(text, "completed")
+    events += [("tail", {"type": "response.output_text.done", **where, "text": text,
+                         "logprobs": []}),
+               ("tail", {"type": "response.content_part.done", **where,
+                         "part": done["content"][0]}),
+               ("tail", {"type": "response.output_item.done", "output_index": 0,
+                         "item": done})]
+    if step.finish_reason is not None:
+        events.append(("tail", {"type": f"response.{status}",
+                                "response": ex.response(text, status)}))
+    for number, (phase, event) in enumerate(events):
+        yield phase, {**event, "sequence_number": number}
+
+
 def _stream_reply(ex: Exchange, step: Reply, text: str) -> None:
     """Streams a reply with the step's timing and formatting quirks."""
     w, cut = ex.wire, step.truncate_after
-    fmt = SseFormat(b"\r\n" if step.crlf else b"\n", step.event_lines, step.multiline_data)
+    typed = ex.kind == "response"  # a responses stream names every event, has no [DONE]
+    fmt = SseFormat(b"\r\n" if step.crlf else b"\n", step.event_lines or typed,
+                    step.multiline_data)
+    events = _response_events if typed else _reply_events
     send = w.dribble if step.split_writes else w.write
     w.head(200, [*_SSE, *step.headers.items()], chunked=step.chunked, close=not step.chunked)
     if step.keepalive:
         send(fmt.comment(""))
     w.pause(step.first_chunk_delay)
     sent = 0
-    for i, (phase, chunk) in enumerate(_reply_events(ex, step, text)):
+    for i, (phase, chunk) in enumerate(events(ex, step, text)):
         if i:
             w.pause(step.chunk_delay)
         if cut is not None and (phase == "tail" or (phase == "content" and sent >= cut)):
@@ -141,12 +175,12 @@ def _stream_reply(ex: Exchange, step: Reply, text: str) -> None:
             return
         if step.keepalive:
             send(fmt.comment("keep-alive"))
-        send(fmt.event(dumps(chunk)))
+        send(fmt.event(dumps(chunk), chunk["type"].encode() if typed else b"message"))
         sent += phase == "content"
     if cut is not None:
         w.abort()
         return
-    if step.done:
+    if step.done and not typed:
         send(fmt.event(_DONE))
     w.end()
 
@@ -155,6 +189,9 @@ def stream_error(ex: Exchange, step: StreamError) -> None:
     """A 200 stream that breaks off with an in-band error event."""
     w = ex.wire
     w.head(200, _SSE, chunked=True)
+    if ex.kind == "response":
+        _response_error(ex, step)
+        return
     if ex.kind == "chat":
         w.write(_PLAIN.event(dumps(ex.chunk(0, {"role": "assistant", "content": ""}))))
     parts = pieces_of("echo: " + ex.prompt) or ["x"]
@@ -162,6 +199,23 @@ def stream_error(ex: Exchange, step: StreamError) -> None:
         w.write(_PLAIN.event(dumps(ex.chunk(0, parts[k % len(parts)]))))
     error = wrap_error(step.error) if step.error is not None else _OVERLOADED
     w.write(SseFormat(event_lines=step.event_line).event(dumps(error), b"error"))
+    w.end()
+
+
+def _response_error(ex: Exchange, step: StreamError) -> None:
+    """A responses stream that breaks off with its ``error`` event after ``after`` deltas."""
+    w, typed = ex.wire, SseFormat(event_lines=True)
+    head = [e for phase, e in _response_events(ex, Reply(), "echo: " + ex.prompt)
+            if phase != "tail"]
+    opened = [e for e in head if e["type"] != "response.output_text.delta"]
+    deltas = [e for e in head if e["type"] == "response.output_text.delta"] or opened[-1:]
+    sent = opened + [deltas[k % len(deltas)] for k in range(step.after)]
+    for event in sent:
+        w.write(typed.event(dumps(event), event["type"].encode()))
+    inner = wrap_error(step.error)["error"] if step.error is not None else _OVERLOADED["error"]
+    error = {"type": "error", "code": inner.get("code"), "message": inner.get("message"),
+             "param": inner.get("param"), "sequence_number": len(sent)}
+    w.write(typed.event(dumps(error), b"error"))
     w.end()
 
 

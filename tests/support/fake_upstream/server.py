@@ -19,7 +19,8 @@ from .steps import Reply, Step
 from .wire import ClientGone, Wire, dumps
 
 _JSON = "application/json"
-_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
+          "/v1/embeddings": "embedding", "/v1/responses": "response"}
 _ECHO = Reply()
 
 
