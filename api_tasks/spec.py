@@ -141,7 +141,7 @@ def build_spec(kind: Kind, first: Any, params: Mapping[str, Any],
     _check_fields(body)
     if not endpoint.generates and body.get("stream") is True:
         raise InvalidJob("stream", f"is not accepted: {endpoint.path} never streams")
-    if kind is Kind.RESPONSE and body.get("background") is not None:
+    if kind is Kind.RESPONSE and body.get("background") is True:
         raise InvalidJob("background", "is not accepted: the queue runs every job in the "
                                        "background already; follow the job instead")
     _check_json(body, endpoint.first, max_bytes)

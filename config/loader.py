@@ -39,6 +39,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "API_TASKS_GATEWAY_HOST": (("gateway", "host"), str),
     "API_TASKS_GATEWAY_PORT": (("gateway", "port"), str),
 }
+ENDPOINTS_ENV = "OPENAI_ENDPOINTS"  # the zero-config upstream's endpoints, comma-separated
 GATEWAY_KEY_ENV = "API_TASKS_GATEWAY_KEY"  # alone, it defines one gateway key named default
 GATEWAY_SECRET_ENV = "API_TASKS_GATEWAY_TOKEN_SECRET"  # signs the gateway's stream tokens
 
@@ -110,6 +111,8 @@ def _zero_config_upstream(env: Mapping[str, str]) -> dict[str, Any]:
     }
     if env.get("OPENAI_API_KEY"):
         upstream["api_key_env"] = "OPENAI_API_KEY"
+    if env.get(ENDPOINTS_ENV):  # e.g. to add /v1/responses, which the default leaves out
+        upstream["endpoints"] = [p.strip() for p in env[ENDPOINTS_ENV].split(",") if p.strip()]
     return upstream
 
 

@@ -77,6 +77,11 @@ def test_serve_demo_installs_runs_a_job_and_stops(tmp_path: Path, venv: Path,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout == "echo: Hello\n"
+        # the demo's fake serves the Responses API too, and the demo says so
+        responded = subprocess.run([str(venv / "bin/python"), "-m", "api_tasks", "respond",
+                                    "Hi"], cwd=tmp_path, env=job_env, capture_output=True,
+                                   text=True, timeout=120)
+        assert (responded.returncode, responded.stdout) == (0, "echo: Hi\n"), responded.stderr
         # the gateway it started answers at the URL it printed
         gateway = job_env["API_TASKS_GATEWAY_URL"]
         assert f"gateway: {gateway}" in log.read_text()

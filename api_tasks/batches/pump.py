@@ -35,7 +35,7 @@ import redis
 from api_tasks.background import Loop
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
-from api_tasks.batches.inputs import read_lines
+from api_tasks.batches.inputs import PieceCache, read_lines
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
@@ -93,6 +93,7 @@ class BatchPump(Loop):
                           ("finalize", _FINALIZE), ("expire", _EXPIRE))}
         self._looked: dict[str, float] = {}
         self._shell = client.store.shell
+        self._pieces = PieceCache()  # input files' pieces this pump read last
 
     def tick(self) -> None:
         """One pass over the active batches."""
@@ -261,7 +262,7 @@ class BatchPump(Loop):
             self._client.store.cancel(job_id, queued_only=True)
         elif not sent and not cancelling:
             log.warning("batch %s: job %s was taken but not sent; sending it", batch_id, job_id)
-            self._resend(batch_id, state, job_id, mark[2:])
+            self._resend(batch_id, state, job_id, mark[2:], sent=False)
 
     def _due_for_a_look(self, batch_id: str) -> bool:
         """At most every few seconds per batch: long-queued jobs are rare, lookups are not."""
@@ -293,12 +294,18 @@ class BatchPump(Loop):
                         batch_id, job_id, now - since)
             self._redis.hset(self._keys.job(job_id), mapping={Field.RESENT_AT: repr(now)})
             self._redis.hincrby(self._keys.job(job_id), Field.RESENDS, 1)
-            self._resend(batch_id, state, job_id, custom_id)
+            self._resend(batch_id, state, job_id, custom_id, sent=True)
 
-    def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str) -> None:
+    def _resend(self, batch_id: str, state: dict[str, str], job_id: str, custom_id: str, *,
+                sent: bool) -> None:
+        """Send a line's job again: one taken but not sent, or (``sent``) one whose message
+        may be lost."""
         index = int(job_id.rsplit("-", 1)[1])
-        lines = read_lines(self._shell, self._keys, batch_id, state, index, 1)
-        if not lines:
+        lines = read_lines(self._shell, self._keys, batch_id, state, index, 1, self._pieces)
+        if not lines and sent:  # its input is gone, but its message may yet run: left be
+            log.warning("batch %s: job %s cannot be sent again: its input is gone", batch_id,
+                        job_id)
+        elif not lines:
             self._write(batch_id, job_id, custom_id,
                         {"status": JobStatus.FAILED.value, "error": _INPUT_MISSING})
         elif self._send_all(batch_id, {job_id: lines[0]}, state.get("queue", "bulk")):
@@ -310,7 +317,7 @@ class BatchPump(Loop):
         room = min(int(state.get("window", 1)) - outstanding, total - sent, _TAKE_AT_MOST)
         if room <= 0:
             return False
-        lines = read_lines(self._shell, self._keys, batch_id, state, sent, room)
+        lines = read_lines(self._shell, self._keys, batch_id, state, sent, room, self._pieces)
         if not lines:  # its input is gone (its file deleted): what is left cannot run
             self._drain(batch_id, state, sent, total, "failed")
             return True
@@ -363,22 +370,20 @@ class BatchPump(Loop):
         """Record a chunk of the lines never sent in the error file: as cancelled, or as
         failed once the input is gone."""
         count = min(_TAKE_AT_MOST, total - sent)
-        lines = read_lines(self._shell, self._keys, batch_id, state, sent, count) \
-            if counter == "cancelled" else []
+        lines = read_lines(self._shell, self._keys, batch_id, state, sent, count,
+                           self._pieces) if counter == "cancelled" else []
         error = _EXPIRED if state.get("expiring") else error_object(
             "cancelled", "cancelled", "the batch was cancelled before this line was sent")
         records = [json.dumps(record_for(f"{batch_id}-{sent + i}", line["custom_id"],
                                          {"status": JobStatus.CANCELLED.value,
                                           "error": error})[1], separators=(",", ":"))
                    for i, line in enumerate(lines)]
-        if len(records) < count:  # the input is gone: those lines fail
-            if records:  # the cancelled ones first; the failed ones in a later step
-                count = len(records)
-            else:
-                counter = "failed"
-                records = [json.dumps(record_for(f"{batch_id}-{index}", "", {
-                    "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
-                    for index in range(sent, sent + count)]
+        if not records and count:  # the input is gone: the lines left fail (when some were
+            # read, they are recorded now and the rest in a later step)
+            counter = "failed"
+            records = [json.dumps(record_for(f"{batch_id}-{index}", "", {
+                "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
+                for index in range(sent, sent + count)]
         self._scripts["drain"](keys=[self._keys.batch(batch_id),
                                      self._keys.batch_errors(batch_id)],
                                args=[str(sent), self._ttl, counter, *records])

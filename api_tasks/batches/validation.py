@@ -11,12 +11,11 @@ list that expires; the next one starts over on a list of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from api_tasks.batches.files import FileRecords
-from api_tasks.batches.inputs import MARK_EVERY
+from api_tasks.batches.inputs import MARK_EVERY, FileLines, LineTooLong
 from api_tasks.batches.lines import parse_line
 from api_tasks.errors import InvalidJob
 from api_tasks.record.calls import SyncShell, command
@@ -24,7 +23,6 @@ from api_tasks.record.calls import SyncShell, command
 __all__ = ["MAX_REPORTED", "Checked", "check_input"]
 
 MAX_REPORTED = 100  # problems a failed batch lists (its count says how many there were)
-_PIECES_PER_READ = 4
 _STAGE_MARKS = 500  # marks per RPUSH of the staged list
 
 
@@ -54,30 +52,6 @@ class _Unreadable(Exception):
         self.code, self.message, self.line = code, message, line
 
 
-def _lines(shell: SyncShell, files: FileRecords, file_id: str, size: int,
-           longest: int) -> Iterator[tuple[int, int, bytes]]:
-    """The file's lines with their numbers (from 1) and where each starts, read a few pieces
-    at a time; raises ``_Unreadable`` if fewer than ``size`` bytes come back, or a line passes
-    ``longest``."""
-    rest, number, first, read, at = b"", 0, 0, 0, 0
-    while pieces := shell.run(files.pieces(file_id, first, _PIECES_PER_READ)):
-        first += len(pieces)
-        read += sum(len(piece) for piece in pieces)
-        *complete, rest = (rest + b"".join(pieces)).split(b"\n")
-        for line in complete:
-            number += 1
-            yield number, at, line
-            at += len(line) + 1
-        if len(rest) > longest:
-            raise _Unreadable("line_too_long", f"the line is longer than {longest} bytes",
-                              number + 1)
-    if read != size:
-        raise _Unreadable("file_changed", f"{read} of the file's {size} bytes could be read: "
-                          "it was deleted or expired while it was checked")
-    if rest:
-        yield number + 1, at, rest
-
-
 def check_input(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoint: str,
                 staged: str, ttl: int, max_lines: int, max_request_bytes: int) -> Checked:
     """Check file ``file_id`` (``size`` bytes) as the input of a batch on ``endpoint``; where
@@ -104,7 +78,16 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
             marks.clear()
 
     # a line's JSON wraps a body of at most max_request_bytes, escaped at worst 6 bytes for 1
-    for number, at, raw in _lines(shell, files, file_id, size, 6 * max_request_bytes + 65536):
+    lines = FileLines(shell, files, file_id, longest=6 * max_request_bytes + 65536)
+    numbered = enumerate(lines, start=1)
+    number = 0
+    while True:
+        try:
+            number, (at, raw) = next(numbered)
+        except StopIteration:
+            break
+        except LineTooLong as err:
+            raise _Unreadable("line_too_long", str(err), number + 1) from None
         if not raw.strip():
             continue
         if checked.total % MARK_EVERY == 0 and not checked.found:
@@ -115,7 +98,7 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
         if checked.total > max_lines:
             checked.refuse("too_many_lines", f"the file has more than {max_lines} requests "
                            "(files.max_lines)", number)
-            break
+            return
         try:
             line = parse_line(number, raw.decode("utf-8"), max_request_bytes)
         except UnicodeDecodeError:
@@ -138,6 +121,9 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
         else:
             seen[line.custom_id] = number
             checked.model = checked.model or str(line.body.get("model") or "")
+    if lines.end != size:
+        raise _Unreadable("file_changed", f"{lines.end} of the file's {size} bytes could be "
+                          "read: it was deleted or expired while it was checked")
     if not checked.total and not checked.found:
         checked.refuse("empty_file", "the file has no requests")
     if not checked.found:

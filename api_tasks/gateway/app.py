@@ -269,7 +269,8 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                          headers: dict[str, str], cancellable: bool, typed: bool) -> Response:
     """A streamed call: ``data:`` frames and ``[DONE]``, or for a responses stream (``typed``)
     frames named by their ``event:`` type, ending with the response's closing event."""
-    frames = _openai_frames(gateway, job, typed)
+    sequence = [-1]  # a responses stream's last sequence_number: its error event comes next
+    frames = _openai_frames(gateway, job, typed, sequence)
     try:
         # the status is decided by the first chunk or the error; the client may leave first
         done, first = await _unless_disconnected(request, anext(frames, b""))
@@ -296,8 +297,8 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                     redis.RedisError) as err:
                 error = _stream_error(err)
                 # a responses stream's error event has OpenAI's shape: no error class in it
-                yield _frame({**error, "type": "error"}, typed) if typed else \
-                    _data({"error": error})
+                yield _frame({**error, "type": "error", "sequence_number": sequence[0] + 1},
+                             typed) if typed else _data({"error": error})
             ended = True
         finally:
             if not ended and cancellable:
@@ -307,8 +308,8 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                              headers={**headers, **_SSE_HEADERS})
 
 
-async def _openai_frames(gateway: Gateway, job: AsyncJob, typed: bool
-                         ) -> AsyncIterator[bytes]:
+async def _openai_frames(gateway: Gateway, job: AsyncJob, typed: bool,
+                         sequence: list[int]) -> AsyncIterator[bytes]:
     """The job's chunks as ``data:`` frames (``typed``: each named by its type); a keep-alive
     is one comment line (an OpenAI SDK fails on a blank line after one); raises the job's
     failure."""
@@ -337,6 +338,8 @@ async def _openai_frames(gateway: Gateway, job: AsyncJob, typed: bool
         if chunk is not None:
             started = True
             pending.append(_frame(chunk, typed))
+            if typed and isinstance(chunk.get("sequence_number"), int):
+                sequence[0] = chunk["sequence_number"]
     if pending:
         yield b"".join(pending)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from api_tasks.spec import Kind
+
 __all__ = ["Assembler", "ResponseAssembler", "StreamAssembler", "assembler_for"]
 
 _CONCAT = ("content", "reasoning_content", "reasoning", "refusal")
@@ -29,6 +31,7 @@ class StreamAssembler:
     choices: dict[int, dict[str, Any]] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
     last = False  # a chunk may follow the last finish_reason (usage), then [DONE]
+    closes = False  # [DONE] ends it well, finish_reasons or not
 
     def add(self, chunk: dict[str, Any]) -> None:
         """Fold one parsed chunk in."""
@@ -110,6 +113,7 @@ class ResponseAssembler:
     """A responses stream: its closing event carries the response, nothing follows it."""
 
     final: dict[str, Any] | None = None
+    closes = True  # only its closing event ends it well: [DONE] alone is a truncated stream
 
     def add(self, event: dict[str, Any]) -> None:
         """Keep the response of a closing event."""
@@ -136,7 +140,7 @@ Assembler = StreamAssembler | ResponseAssembler
 
 def assembler_for(kind: str) -> Assembler:
     """The assembler of a stream of this kind of job."""
-    return ResponseAssembler() if kind == "response" else StreamAssembler(kind)
+    return ResponseAssembler() if kind == Kind.RESPONSE else StreamAssembler(kind)
 
 
 def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:

@@ -64,7 +64,7 @@ class StreamRelay:
     def complete(self) -> bool:
         """Whether the stream ended properly ([DONE], every choice finished, or the
         response came)."""
-        return self.done or self.assembler.finished
+        return self.assembler.finished or (self.done and not self.assembler.closes)
 
     def response(self) -> dict[str, Any]:
         """The assembled response, in the non-streamed shape."""
@@ -81,6 +81,11 @@ class StreamRelay:
                 chunk = self._parse(event)
                 self.assembler.add(chunk)
                 commands += self._chunk_commands(event.data)
+                if chunk.get("type") == "response.failed":  # published, then the job fails
+                    failed = chunk.get("response")
+                    error = failed.get("error") if isinstance(failed, dict) else None
+                    raise self._stream_error({"error": error or {
+                        "message": "the upstream reported that the response failed"}})
                 if self.assembler.last:
                     self.done = True
                     break
@@ -123,11 +128,6 @@ class StreamRelay:
         if event.event == "error" or (isinstance(chunk, dict) and (
                 chunk.get("error") or chunk.get("type") == "error")):
             raise self._stream_error(chunk)
-        if isinstance(chunk, dict) and chunk.get("type") == "response.failed":
-            failed = chunk.get("response")
-            error = failed.get("error") if isinstance(failed, dict) else None
-            raise self._stream_error({"error": error or {
-                "message": "the upstream reported that the response failed"}})
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
             raise InvalidResponseError("upstream sent a chunk that is not an OpenAI chunk "
                                        "object", code="invalid_chunk")

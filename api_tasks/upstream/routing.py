@@ -50,19 +50,20 @@ def _pick_upstream(settings: Settings, spec: JobSpec) -> Upstream:
 
 
 def build_payload(settings: Settings, upstream: Upstream, spec: JobSpec) -> dict[str, Any]:
-    """Global < upstream < model defaults < the job's own fields (see ``merge_payload``); a
-    default reaches an embeddings or responses job only if its endpoint takes that field."""
+    """Global < upstream < model defaults < the job's own fields (``merge_payload``); the
+    global and upstream layers give embeddings and responses jobs only fields they take."""
     body = spec.body
     if "model" not in body and upstream.default_model:
         body = {**body, "model": upstream.default_model}
     model = body.get("model")
-    layers: tuple[dict[str, Any], ...] = (
-        settings.defaults, upstream.defaults,
-        upstream.model_layer(model if isinstance(model, str) else None))
+    general, own = settings.defaults, upstream.defaults
     taken = spec.endpoint.defaults
-    if taken is not None:  # a layer gives a job only the fields its endpoint takes
-        layers = tuple({k: v for k, v in layer.items() if k in taken} for layer in layers)
-    payload = merge_payload(*layers, body)
+    if taken is not None:  # the general layers give only the fields its endpoint takes
+        general = {k: v for k, v in general.items() if k in taken}
+        own = {k: v for k, v in own.items() if k in taken}
+    payload = merge_payload(general, own,
+                            upstream.model_layer(model if isinstance(model, str) else None),
+                            body)
     if spec.stream and spec.kind in _USAGE_OPTION and upstream.stream_include_usage \
             and "stream_options" not in spec.body:
         # usage arrives only if asked for; rate limits and results need it

@@ -9,8 +9,9 @@ import pytest
 
 from api_tasks.client import Client
 from api_tasks.errors import InvalidJob, JobFailed
-from api_tasks.spec import ENDPOINTS, KINDS, Kind
-from config.settings import EndpointPath
+from api_tasks.spec import ENDPOINTS, KINDS, Kind, build_spec
+from api_tasks.upstream.routing import build_payload
+from config.settings import EndpointPath, Settings
 from tests.api_tasks.test_cli import cli
 from tests.support.fake_upstream import FakeUpstream, Reply, StreamError
 from tests.support.services import WorkerProcess
@@ -112,8 +113,23 @@ def test_a_response_that_fails_in_its_stream_fails_the_job(client: Client, fake:
 def test_an_incomplete_response_is_a_result(client: Client, fake: FakeUpstream,
                                             model: str) -> None:
     fake.script(model, Reply(content="one two three", finish_reason="length"))
-    result = client.submit_response("hi", model=model, max_output_tokens=3).result(timeout=10)
+    result = client.submit_response("hi", model=model, max_output_tokens=3,
+                                    background=False).result(timeout=10)
     assert result["status"] == "incomplete"
+    assert fake.requests(model)[0].body["background"] is False  # type: ignore[index]
+
+
+def test_the_general_default_layers_give_the_newer_endpoints_only_what_they_take(
+        settings: Settings) -> None:
+    upstream = settings.upstream("fake")
+    assert upstream is not None
+    embedding = build_payload(settings, upstream, build_spec(Kind.EMBEDDING, "x", {
+        "model": "layered-e"}, 1 << 20))
+    # the model's own layer is deliberate: it applies whole (top_p), the global one does not
+    assert embedding == {"model": "layered-e", "input": "x", "top_p": 0.5}
+    response = build_payload(settings, upstream, build_spec(Kind.RESPONSE, "x", {
+        "model": "m"}, 1 << 20))
+    assert response == {"model": "m", "input": "x", "temperature": 0.2, "top_p": 0.75}
 
 
 def test_cli_embed_and_respond(worker_env: dict[str, str], worker: WorkerProcess,

@@ -65,3 +65,34 @@ def test_a_stream_past_its_cap_stops_with_everything_before_it_kept(
     writer.write([("PING",)], timeout=10)
     assert relay.published == 10
     assert len(_stored(redis_client, keys, job_id)) == 10  # every chunk counted is in Redis
+
+
+def _typed(events: list[dict[str, object]], done: bool = False) -> bytes:
+    body = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def test_a_responses_stream_ends_well_only_with_its_closing_event(
+        redis_client: redis.Redis, writer: EventWriter) -> None:
+    keys = Keys(f"relay{uuid.uuid4().hex[:6]}")
+    opened = [{"type": "response.created", "sequence_number": 0, "response": {"id": "r"}},
+              {"type": "response.output_text.delta", "sequence_number": 1, "delta": "Hi"}]
+    closing = {"type": "response.completed", "sequence_number": 2,
+               "response": {"id": "r", "status": "completed", "output": []}}
+    whole = StreamRelay(uuid.uuid4().hex, 1, "response", keys, writer, 60, 65536)
+    assert whole.feed(_typed([*opened, closing])) and whole.complete()
+    assert whole.response() == closing["response"] and whole.published == 3
+    cut = StreamRelay(uuid.uuid4().hex, 1, "response", keys, writer, 60, 65536)
+    assert cut.feed(_typed(opened, done=True))  # [DONE] with no response: truncated
+    assert not cut.complete()
+    failed_id = uuid.uuid4().hex
+    failed = StreamRelay(failed_id, 1, "response", keys, writer, 60, 65536)
+    refusal = {"type": "response.failed", "sequence_number": 2, "response": {
+        "id": "r", "status": "failed", "error": {"code": "server_error", "message": "broke"}}}
+    with pytest.raises(StreamError) as raised:
+        failed.feed(_typed([*opened, refusal]))
+    assert (raised.value.code, raised.value.message) == ("server_error", "broke")
+    writer.write([("PING",)], timeout=10)
+    # the failure is published first, so readers see it, partial output and all
+    assert [event["data"]["type"] for _, event in _stored(redis_client, keys, failed_id)] == [
+        "response.created", "response.output_text.delta", "response.failed"]

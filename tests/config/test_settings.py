@@ -36,6 +36,11 @@ def test_zero_config_from_openai_variables() -> None:
     assert upstream.base_url == "https://api.example.com"
     assert upstream.api_key is not None and upstream.api_key.get_secret_value() == "sk-zero"
     assert settings.redis.url == "redis://r:1/2"
+    assert upstream.endpoints == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    wider = load_settings(env={"OPENAI_ENDPOINTS": "/v1/responses, /v1/embeddings"})
+    assert wider.upstreams[0].endpoints == ["/v1/responses", "/v1/embeddings"]
+    with pytest.raises(ConfigError, match="endpoints"):
+        load_settings(env={"OPENAI_ENDPOINTS": "/v1/images"})
 
 
 @pytest.mark.parametrize("url", ["http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/"])

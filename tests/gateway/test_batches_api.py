@@ -325,3 +325,17 @@ def test_deleting_a_running_batchs_input_file_fails_the_lines_not_yet_sent(
     output = _jsonl(sdk, batch.output_file_id)
     assert sorted(line["custom_id"] for line in output) == sorted(
         f"d{i}" for i in range(counts.completed))  # sent in order: the first lines ran
+
+
+def test_a_file_opening_with_a_byte_order_mark_runs(gateway: GatewayProcess,
+                                                    model: str) -> None:
+    sdk = _sdk(gateway)
+    data = b"\xef\xbb\xbf" + "".join(json.dumps(_line(f"b{i}", model)) + "\r\n"
+                                     for i in range(3)).encode()
+    source = sdk.files.create(file=("bom.jsonl", data), purpose="batch").id
+    made = sdk.batches.create(input_file_id=source, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    batch, seen = _until_ended(sdk, made.id)
+    assert batch.status == "completed", (batch, seen)
+    assert sorted(line["custom_id"] for line in _jsonl(sdk, batch.output_file_id)) == [
+        "b0", "b1", "b2"]

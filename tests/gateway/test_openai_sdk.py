@@ -191,3 +191,4 @@ def test_a_responses_stream_failing_after_its_first_event(gateway: GatewayProces
     events = list(_sdk(gateway).responses.create(model=model, input="x", stream=True))
     assert events[0].type == "response.created"
     assert events[-1].type == "error" and events[-1].message == "boom"
+    assert events[-1].sequence_number == events[-2].sequence_number + 1
