@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import httpx
 import openai
+import redis
 
 from bench.gateway import AUTH, KEY, _gateway, _peak_rss
 from bench.harness import memory_mb, services
@@ -61,10 +62,16 @@ def _sampled(pid: int, work: Callable[[], T]) -> tuple[T, float]:
         sampler.join()
 
 
-def _through_the_api(gateway_url: str, source: Path, out: Path,
-                     pid: int) -> tuple[float, float, float, int, int]:
+def _redis_peak(client: redis.Redis, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.wait(0.25):
+        peak[0] = max(peak[0], int(client.info("memory")["used_memory"]))
+
+
+def _through_the_api(gateway_url: str, source: Path, out: Path, pid: int,
+                     client: redis.Redis) -> tuple[float, float, float, int, int, float]:
     """Upload, run and download through the SDK: (seconds, peak RSS during the upload, during
-    the download, lines out, distinct custom_ids)."""
+    the download, lines out, distinct custom_ids, Redis's peak growth while the batch ran
+    beyond its uploaded file, in MB)."""
     sdk = openai.OpenAI(base_url=gateway_url + "/v1", api_key=KEY, max_retries=0, timeout=600)
     start = time.perf_counter()
 
@@ -73,11 +80,19 @@ def _through_the_api(gateway_url: str, source: Path, out: Path,
             return sdk.files.create(file=lines, purpose="batch").id
 
     file_id, up = _sampled(pid, upload)
+    uploaded = int(client.info("memory")["used_memory"])
+    peak, stop = [uploaded], threading.Event()
+    sampler = threading.Thread(target=_redis_peak, args=(client, stop, peak), daemon=True)
+    sampler.start()
     batch_id = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                   completion_window="24h").id
-    batch = wait_until(lambda: (b := sdk.batches.retrieve(batch_id)).status in (
-        "completed", "failed", "expired", "cancelled") and b, 3600, "the batch to end",
-        interval=0.2)
+    try:
+        batch = wait_until(lambda: (b := sdk.batches.retrieve(batch_id)).status in (
+            "completed", "failed", "expired", "cancelled") and b, 3600, "the batch to end",
+            interval=0.2)
+    finally:
+        stop.set()
+        sampler.join()
     assert batch.status == "completed", batch
 
     def download() -> None:
@@ -89,7 +104,7 @@ def _through_the_api(gateway_url: str, source: Path, out: Path,
     _, down = _sampled(pid, download)
     elapsed = time.perf_counter() - start
     ids = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
-    return elapsed, up, down, len(ids), len(set(ids))
+    return elapsed, up, down, len(ids), len(set(ids)), (peak[0] - uploaded) / 1e6
 
 
 def main() -> None:
@@ -109,8 +124,10 @@ def main() -> None:
         size = source.stat().st_size
         reference = _batch_run(env, source, work / "reference.jsonl")
         assert gateway.proc is not None
-        ours, up, down, out, distinct = _through_the_api(gateway.url, source,
-                                                          work / "output.jsonl", gateway.proc.pid)
+        ours, up, down, out, distinct, grown = _through_the_api(
+            gateway.url, source, work / "output.jsonl", gateway.proc.pid,
+            redis.Redis.from_url(svc.redis.url))
+        output_mb = (work / "output.jsonl").stat().st_size / 1e6
     rows: list[Row] = [
         (f"{lines:,}-line batch ({size / 1e6:.1f} MB): upload, run, download (SDK)",
          f"{ours:.1f} s", f"batch run: {reference:.1f} s",
@@ -119,6 +136,8 @@ def main() -> None:
          "target <= 300 MB"),
         ("output lines", f"{out:,} ({distinct:,} custom_ids)", f"{lines:,}",
          "every line once" if out == distinct == lines else "MISMATCH"),
+        ("Redis growth while it ran, beyond the uploaded file", f"{grown:.1f} MB",
+         f"its output file: {output_mb:.1f} MB", f"{grown / output_mb:.2f}x"),
     ]
     print(table("\nbatches through the gateway (one process)", rows), flush=True)
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 import yaml
 
+from api_tasks.record.keys import Keys
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
@@ -303,6 +304,11 @@ def test_a_batch_reads_its_lines_from_its_file_and_keeps_no_copy(
                for line in output}
     assert len(output) == len(answers) == 600
     assert answers == {custom_id: "echo: " + content for custom_id, content in texts.items()}
+    # each line's output holds its response: the job keeps its small record, not its result
+    keys = Keys(prefix)
+    assert not any(redis_client.exists(keys.result(f"{made.id}-{i}")) for i in range(600))
+    assert all(redis_client.hget(keys.job(f"{made.id}-{i}"), "status") == b"succeeded"
+               for i in (0, 299, 599))
 
 
 def test_deleting_a_running_batchs_input_file_fails_the_lines_not_yet_sent(
