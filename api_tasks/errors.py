@@ -12,6 +12,7 @@ This module imports nothing else of the project, so every module may use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -170,7 +171,9 @@ class UpstreamError(ApiTasksError):
 
 
 class APIStatusError(UpstreamError):
-    """The upstream answered with an HTTP error status."""
+    """The upstream answered with an HTTP error status (``headers``: its answer's headers)."""
+
+    headers: Mapping[str, str] = {}
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]

@@ -71,6 +71,9 @@ class RetrySettings(_Model):
     max_delay: float = Field(8.0, ge=0)
     jitter: float = Field(0.25, ge=0, le=1)
     max_retry_after: float = Field(60.0, ge=0)
+    # a 429 (rate limited, not out of quota) costs no attempt for this long after the job was
+    # submitted: it waits for the upstream (outside the worker when long) instead of failing
+    rate_limited_for: float = Field(3600.0, ge=0)
 
 
 class Limits(_Model):
@@ -82,6 +85,10 @@ class Limits(_Model):
     # 0.98 x (10 s + 0.2 s) < 10 s: any 10 seconds stay within the limit, even after a lull
     burst_seconds: float = Field(0.2, gt=0, le=60)
     utilization: float = Field(0.98, gt=0, le=1)
+    # how a call counts against tokens_per_minute: "arrival" as OpenAI and Azure count (its
+    # prompt plus its max_tokens ceiling when it arrives, nothing given back, an overrun still
+    # charged), or "usage" (settled down to the usage reported: for limits you set yourself)
+    accounting: Literal["arrival", "usage"] = "arrival"
 
     @property
     def active(self) -> bool:
@@ -107,6 +114,8 @@ class Upstream(_Model):
     model_defaults: dict[str, Payload] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
     stream_include_usage: bool = True
+    # follow the x-ratelimit-remaining-* headers: pace no faster than the upstream has left
+    follow_rate_headers: bool = True
     tokenizer: str = Field("auto", min_length=1)  # auto, estimate, or a tiktoken encoding
     job_base_url_hosts: list[str] = Field(default_factory=list)
     limits: Limits = Limits()

@@ -247,7 +247,7 @@ class BatchPump(Loop):
         counter = _COUNTERS.get((stored or {}).get("status", ""), "failed")
         usage = [item for pair in usage_of(stored).items() for item in pair]
         return lua("batch_record", [*self._all_keys(batch_id), self._keys.result(job_id),
-                                    self._keys.events(job_id)],
+                                    self._keys.events(job_id), self._keys.job(job_id)],
                    [job_id, counter, json.dumps(record, separators=(",", ":")), self._ttl,
                     *usage])
 

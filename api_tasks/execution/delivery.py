@@ -43,6 +43,7 @@ class Delivery:
     message: str = ""  # its task message as JSON, kept while it waits outside a worker
     started_at: float = field(default_factory=time.time)
     calls: int = 0  # HTTP calls made so far (the result's ``attempts``)
+    rate_limited: int = 0  # of those, answered 429 while that cost no attempt
     published: int = 0
 
     @property

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.limits import Cooldowns, Hold, Limiter
-from api_tasks.record.leases import LeaseStore
+from api_tasks.record.leases import LeaseStore, Parked
 from api_tasks.upstream.call_handle import CallHandle
 
 if TYPE_CHECKING:
@@ -77,21 +77,23 @@ class Gate:
                 handle.flights = self.limiter.flights(scopes)
             if wait > 0 and handle.wait(wait):
                 if admission.go:
-                    self.limiter.settle(run.job_id, scopes, cost)  # give the turn back
+                    self.limiter.settle(run.job_id, scopes, cost, answered=False)  # unused
                 raise handle.error() or CallCancelled("the job was stopped")
             if admission.go:
                 return
             waited += wait
 
-    def park(self, run: Delivery, park: Park) -> Outcome:
-        """The job leaves this worker to wait for its limit; it is sent again when due."""
-        if self.leases.park(run.job_id, run.token, park.wait, park.reason,
-                            run.message or run.spec.message_json(run.queue), park.turn,
-                            self.ahead / 2):
+    def park(self, run: Delivery, park: Park) -> Outcome | None:
+        """The job leaves this worker to wait for its limit; it is sent again when due. None:
+        it was cancelled meanwhile, and is for the caller to end."""
+        parked = self.leases.park(run.job_id, run.token, park.wait, park.reason,
+                                  run.message or run.spec.message_json(run.queue), park.turn,
+                                  self.ahead / 2)
+        if parked is Parked.PARKED:
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)
             return Outcome.WAITING
-        return Outcome.LOST
+        return None if parked is Parked.CANCELLED else Outcome.LOST
 
 
 class Park(ApiTasksError):

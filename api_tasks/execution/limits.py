@@ -28,6 +28,7 @@ read from Redis, O(1) whatever a call costs:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -39,9 +40,12 @@ from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
 
 if TYPE_CHECKING:
+    from api_tasks.upstream.rate_headers import Reported
     from config.settings import Limits
 
 __all__ = ["Admission", "Cooldowns", "Hold", "Limiter"]
+
+log = logging.getLogger(__name__)
 
 _COOL = script("cooldown")
 
@@ -67,6 +71,7 @@ class Cooldowns:
 
 _ADMIT = script("admit")
 _SETTLE = script("settle")
+_OBSERVE = script("observe")
 
 
 _LINE_GRACE_MS = 15_000  # a job in line that does not ask again within its wait and this
@@ -106,6 +111,26 @@ class _Scope:
                 self.limits.max_in_flight or 0]
 
 
+_warned: set[tuple[str, str]] = set()
+
+
+def _lower(part: _Scope, unit: str, configured: float | None, told: float | None
+           ) -> float | None:
+    """The upstream's own limit when it is lower than the scope's (warned once a scope); 0
+    when it said one that is not lower (the configured one stands again); None if it said
+    nothing of it."""
+    if configured is None or told is None:
+        return None
+    if told <= 0 or told >= configured:
+        return 0.0
+    if (part.name, unit) not in _warned:
+        _warned.add((part.name, unit))
+        log.warning("limit scope %s: the upstream says its %s limit is %g a minute, below the "
+                    "%g configured; pacing to the upstream's", part.name, unit, told,
+                    configured)
+    return told
+
+
 class Limiter:
     """Admits calls under each scope's limits; all state lives in Redis."""
 
@@ -117,6 +142,7 @@ class Limiter:
         self.lease_ms = lease_ms
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._observe = client.register_script(_OBSERVE)
 
     def flights(self, scopes: list[tuple[str, Limits]]) -> list[str]:
         """The in-flight sets a call under these scopes holds a slot in."""
@@ -147,12 +173,36 @@ class Limiter:
                   *[value for part in parts for value in part.args()]])
         return Admission(text(verdict) == "turn", float(wait) / 1000, Hold(text(reason)))
 
-    def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int) -> None:
-        """The call ended: free its slot and give back the tokens it did not use."""
+    def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int,
+               answered: bool = True) -> None:
+        """The call ended: free its slot, charge what it overran, and give back what it did
+        not use where a scope counts usage; a scope counting on arrival keeps it, unless the
+        upstream never took the call (not ``answered``: refused, or never sent)."""
         if scopes:
             parts = [_Scope(name, limits) for name, limits in scopes]
-            self._settle(keys=self._keys(parts),
-                         args=[job_id, unused, *[part.args()[1] for part in parts]])
+            self._settle(keys=self._keys(parts), args=[job_id, *[
+                value for part in parts for value in (
+                    part.args()[1], unused if part.limits.accounting == "usage"
+                    or not answered else min(unused, 0))]])
+
+    def observe(self, scopes: list[tuple[str, Limits]], reported: Reported) -> None:
+        """The upstream said what it has left, and its limits: no scope spends more than is
+        left at once, and none paces faster than the upstream's own limit."""
+        parts = [_Scope(name, limits) for name, limits in scopes if limits.tokens_per_minute
+                 or limits.requests_per_minute]
+        if not parts or not reported.said:
+            return
+        args: list[str | float] = []
+        for part in parts:
+            lower = [_lower(part, "requests", part.limits.requests_per_minute,
+                            reported.limit_requests),
+                     _lower(part, "tokens", part.limits.tokens_per_minute,
+                            reported.limit_tokens)]
+            args += [*part.args()[:3], *("" if left is None else repr(left) for left in (
+                reported.remaining_requests, reported.remaining_tokens)),
+                *("" if told is None else "0" if not told else
+                  repr(60000 / (told * part.limits.utilization)) for told in lower)]
+        self._observe(keys=[self.keys.limit(part.name) for part in parts], args=args)
 
     def _keys(self, parts: list[_Scope]) -> list[str]:
         return [key for part in parts

@@ -12,12 +12,14 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import redis
 import requests
 
 from api_tasks.errors import (
+    APIStatusError,
     CallCancelled,
     InvalidJob,
     InvalidResponseError,
@@ -47,7 +49,8 @@ from api_tasks.spec import JobSpec, Kind, build_spec
 from api_tasks.stream.relay import StreamRelay
 from api_tasks.upstream.call_handle import CallHandle, Stop
 from api_tasks.upstream.http_client import CallRequest, HttpClient
-from api_tasks.upstream.retry import RetryPolicy, retry_delay
+from api_tasks.upstream.rate_headers import reported
+from api_tasks.upstream.retry import RetryPolicy, backoff_delay, retry_delay
 from api_tasks.upstream.routing import build_call, build_payload, resolve_upstream
 
 if TYPE_CHECKING:
@@ -130,7 +133,12 @@ class JobRunner:
         try:
             response = self._call_with_retries(run, handle)
         except Park as park:
-            return self.gate.park(run, park)
+            parked = self.gate.park(run, park)
+            if parked is not None:
+                return parked
+            return self._finish(run, JobStatus.CANCELLED, error=CallCancelled(
+                "the job was cancelled while it waited").to_error(
+                attempts=run.calls, upstream=run.target.name))
         except UpstreamError as err:
             if handle.reason is Stop.SHUTDOWN:
                 self.leases.release(run.job_id, run.token)
@@ -162,13 +170,24 @@ class JobRunner:
             try:
                 return self._limited_attempt(run, handle, call, scopes, cost)
             except UpstreamError as err:
-                delay = retry_delay(policy, err, run.calls, random.random(), run.published)
+                stopped = handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN)
                 if err.status == 429 and err.retryable:  # the whole upstream backs off
-                    asked = err.retry_after if err.retry_after is not None else delay
+                    asked = err.retry_after if err.retry_after is not None else \
+                        backoff_delay(policy, run.rate_limited + 1, random.random())
                     self.cooldowns.start(run.target.name,
                                          min(asked or policy.initial_delay,
                                              policy.max_retry_after))
-                if delay is None or handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN):
+                    if not stopped and not run.published and \
+                            time.time() - run.created_at < policy.rate_limited_for:
+                        # no attempt spent: the gate holds it through the cool-down, in this
+                        # worker if short, else outside it
+                        run.rate_limited += 1
+                        log.info("job %s rate limited by %s (429); waiting, no attempt spent",
+                                 run.job_id, run.target.name)
+                        continue
+                delay = retry_delay(policy, err, run.calls - run.rate_limited,
+                                    random.random(), run.published)
+                if delay is None or stopped:
                     raise
                 log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
                          run.job_id, run.calls, err.code, err.message, delay)
@@ -179,22 +198,28 @@ class JobRunner:
     def _limited_attempt(self, run: Delivery, handle: CallHandle, call: CallRequest,
                          scopes: list[tuple[str, Limits]], cost: int) -> dict[str, Any]:
         """One attempt, its reserved tokens settled with what the upstream reports."""
-        unused = cost
+        unused, answered = cost, False
         try:
             response = self._attempt(run, handle, call)
+            answered = True
             usage = response.get("usage") or {}
             unused = cost - int(usage.get("total_tokens") or cost)
             return response
         except UpstreamError:
             if run.published:
-                unused = 0  # it generated tokens we cannot count: keep them reserved
+                unused, answered = 0, True  # it generated tokens we cannot count: kept
             raise
         finally:
-            self.limiter.settle(run.job_id, scopes, unused)
+            self.limiter.settle(run.job_id, scopes, unused, answered)
             handle.flights = []
 
     def _attempt(self, run: Delivery, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
-        response = self.http.send(handle, call)
+        try:
+            response = self.http.send(handle, call)
+        except APIStatusError as err:
+            self._observe(run, err.headers)
+            raise
+        self._observe(run, response.headers)
         content_type = response.headers.get("content-type", "")
         if run.spec.stream and content_type.startswith("text/event-stream"):
             return self._stream(run, handle, response, call)
@@ -204,6 +229,14 @@ class JobRunner:
             raise InvalidResponseError(f"upstream response has no {answer!r} list",
                                        code="invalid_response", status=response.status_code)
         return data
+
+    def _observe(self, run: Delivery, headers: Mapping[str, str]) -> None:
+        """Follow what the upstream says it has left (its x-ratelimit-* headers)."""
+        if not run.target.follow_rate_headers:
+            return
+        said = reported(headers, run.target.name)
+        if said.said:
+            self.limiter.observe(run.target.limit_scopes(run.spec.model), said)
 
     def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:

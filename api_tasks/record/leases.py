@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import redis
@@ -36,7 +36,7 @@ from api_tasks.record.scripts import script
 from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 from api_tasks.record.writer import Command
 
-__all__ = ["Claim", "LeaseStore", "Requeue", "Verdict"]
+__all__ = ["Claim", "LeaseStore", "Parked", "Requeue", "Verdict"]
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -47,6 +47,14 @@ _CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK = (script(name) for name in (
     "claim", "renew", "release", "restore", "park"))
 _DUE, _SENT, _DEFER, _RECOVER, _FINISH = (script(name) for name in (
     "due", "sent", "defer", "recover", "finish"))
+
+
+class Parked(IntEnum):
+    """What parking a job came to (``park.lua``'s reply)."""
+
+    LOST = 0  # another attempt holds the job: nothing done
+    PARKED = 1  # it waits outside its worker, sent again when due
+    CANCELLED = 2  # it was cancelled meanwhile: its worker ends it instead
 
 
 class Verdict(StrEnum):
@@ -156,19 +164,20 @@ class LeaseStore:
             args=[tag, message, job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
-             message: str, turn: float | None = None, lead: float = 0.0) -> bool:
-        """Take the job out of its worker until a limit lets it run; False if not ours.
+             message: str, turn: float | None = None, lead: float = 0.0) -> Parked:
+        """Take the job out of its worker until a limit lets it run (not if it is not ours,
+        or was cancelled meanwhile).
 
         ``turn``: seconds to the turn it reserved (kept in the record); it is sent
         again ``lead`` seconds before it.
         """
         keys = self.keys
-        return bool(self._park(
+        return Parked(int(self._park(
             keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
-                  keys.running(), keys.running_messages()],
+                  keys.running(), keys.running_messages(), keys.cancel(job_id)],
             args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
-                  "" if turn is None else int(turn * 1000), int(lead * 1000)]))
+                  "" if turn is None else int(turn * 1000), int(lead * 1000)])))
 
     def due(self, limit: int = 500) -> list[tuple[str, dict[str, Any], str]]:
         """Waiting jobs whose wait is over: (job id, message to send, the score it is held

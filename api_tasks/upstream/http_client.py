@@ -246,10 +246,12 @@ class HttpClient:
         except InvalidResponseError:
             body = b""
         message, etype, code, param = _describe_error(status, body, response, call.secrets)
-        return APIStatusError(
+        error = APIStatusError(
             message, status=status, code=code, param=param,
             type=etype or _TYPES.get(status, "server_error" if status >= 500 else "api_error"),
             retry_after=parse_retry_after(response.headers, time.time()))
+        error.headers = response.headers  # what it says of its limits is read from them
+        return error
 
 
 def decode_json(body: bytes, response: requests.Response, call: CallRequest) -> dict[str, Any]:

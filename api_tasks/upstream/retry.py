@@ -32,6 +32,7 @@ class RetryPolicy:
     max_delay: float = 8.0
     jitter: float = 0.25
     max_retry_after: float = 60.0
+    rate_limited_for: float = 3600.0
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rand: float) -> float:

@@ -4,6 +4,7 @@ endpoint and upstream, streamed responses replayable like any stream, bad input 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,19 @@ def test_cli_embed_and_respond(worker_env: dict[str, str], worker: WorkerProcess
     assert fake.requests(model)[-1].body["instructions"] == "be brief"  # type: ignore[index]
     refused = cli(env, "embed", "x", "--model", model, "--stream")
     assert refused.returncode == 2 and "stream" in refused.stderr
+
+
+def test_a_batch_file_with_every_kind(client: Client, model: str, tmp_path: Path) -> None:
+    lines = [{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]}},
+             {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": model, "input": "hi"}},
+             {"custom_id": "r", "method": "POST", "url": "/v1/responses",
+              "body": {"model": model, "input": "hi"}}]
+    source = tmp_path / "kinds.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    batch = client.submit_batch(source, window=3)
+    assert batch.wait(timeout=30)["completed"] == 3
+    bodies = {r["custom_id"]: r["response"]["body"] for r in batch.records()}
+    assert bodies["c"]["object"] == "chat.completion"
+    assert bodies["e"]["object"] == "list" and bodies["r"]["object"] == "response"

@@ -8,7 +8,7 @@ import uuid
 import redis
 
 from api_tasks.record.keys import Keys
-from api_tasks.record.leases import LeaseStore
+from api_tasks.record.leases import LeaseStore, Parked
 
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
@@ -67,3 +67,10 @@ def test_a_job_given_back_or_gone_is_lost(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)  # its record expired or was deleted
     redis_client.delete(keys.job(job_id))
     assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+
+
+def test_a_job_cancelled_before_it_parks_is_not_parked(redis_client: redis.Redis) -> None:
+    store, keys, job_id = _store(redis_client)
+    redis_client.set(keys.cancel(job_id), "1")
+    assert store.park(job_id, "mine", 5.0, "requests", '{"task": "t"}') is Parked.CANCELLED
+    assert redis_client.zscore(keys.delayed(), job_id) is None  # its worker ends it instead

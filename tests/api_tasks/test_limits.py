@@ -13,7 +13,7 @@ import yaml
 from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
 from config.loader import load_settings
-from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
 from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -28,10 +28,18 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
     config.write_text(yaml.safe_dump({
         "worker": {"reserve_ahead": 0.3, "lease_ttl": 2, "watchdog_interval": 0.2},
         "upstreams": [{
-            "name": "limited", "base_url": fake.base_url, "retry": {"max_attempts": 1},
+            # told ten times what the upstream allows; 429s cost no attempt here
+            "name": "following", "base_url": fake.base_url, "models": ["follow-*"],
+            "limits": {"tokens_per_minute": 300000}}, {
+            # a 429 fails the job once its attempts are spent (no waiting it out)
+            "name": "limited", "base_url": fake.base_url,
+            "retry": {"max_attempts": 1, "rate_limited_for": 0},
             "limits": {"requests_per_minute": 600, "burst_seconds": 1, "utilization": 1.0},
             "model_limits": {
-                "tok-*": {"tokens_per_minute": 6000, "burst_seconds": 1, "utilization": 1.0},
+                "tok-*": {"tokens_per_minute": 6000, "burst_seconds": 1, "utilization": 1.0,
+                          "accounting": "usage"},
+                "arrive-*": {"tokens_per_minute": 60000, "burst_seconds": 1,
+                             "utilization": 1.0},
                 "pair-*": {"max_in_flight": 2},
                 "one-*": {"requests_per_minute": 60, "burst_seconds": 1, "utilization": 1.0}}}]}))
     env = {**worker_env, "API_TASKS_CONFIG": str(config),
@@ -73,6 +81,41 @@ def test_token_reservations_are_settled_with_reported_usage(
         assert job.result(timeout=60) is not None
     times = [r.at for r in fake.requests(tok)]
     assert max(times) - min(times) < 20
+
+
+def test_tokens_counted_on_arrival_are_never_given_back(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    arrive = "arrive-" + model
+    # each reserves its prompt and 500 tokens of a 1,000-a-second budget (1 s of burst) and
+    # uses a handful: counted as OpenAI counts them, the reservations are all spent
+    jobs = [client.submit_chat(USER, model=arrive, max_tokens=500) for _ in range(8)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None
+    times = sorted(r.at for r in fake.requests(arrive))
+    assert times[-1] - times[0] >= 2.5  # (8 x ~510 - 1,000) / 1,000 a second
+
+
+def test_pacing_follows_what_the_upstream_says_it_has_left(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    # the upstream allows 1,000 tokens at once and 500 a second, ten times less than the
+    # scope is told; 30 calls of ~101 tokens each
+    def run(name: str, report: bool) -> Quota:
+        quota = fake.enforce(name, tpm=30000, burst=2.0, report=report)
+        jobs = [client.submit_chat(USER, model=name, max_tokens=100) for _ in range(30)]
+        for job in jobs:
+            assert job.result(timeout=90) is not None  # a 429 costs no attempt
+        return quota
+
+    # the control first, while the scope knows nothing: an upstream that says nothing gets
+    # a 429 for many of the calls
+    assert run("follow-silent-" + model, report=False).rejected >= 10
+    # saying what it has left and its own limit in x-ratelimit-* headers, as OpenAI does
+    said = "follow-" + model
+    assert run(said, report=True).rejected <= 2
+    arrivals = sorted(r.at for r in fake.requests(said))
+    assert arrivals[-1] - arrivals[0] >= 3.0  # (3,030 - 1,000) / 500 a second
 
 
 def test_a_call_larger_than_the_whole_budget_is_refused(

@@ -26,6 +26,16 @@ def test_insufficient_quota_fails_at_once(client: Client, fake: FakeUpstream, mo
     assert caught.value.error["attempts"] == 1 and len(fake.requests(model)) == 1
 
 
+def test_a_429_costs_no_attempt(client: Client, fake: FakeUpstream, model: str) -> None:
+    # three attempts allowed (the upstream's retry), five 429s first: the job still succeeds
+    fake.script(model, *[HttpError(429, headers={"retry-after-ms": "50"})] * 5,
+                Reply(content="at last"))
+    job = client.submit_chat(USER, model=model)
+    assert job.result(timeout=30)["choices"][0]["message"]["content"] == "at last"
+    assert len(fake.requests(model)) == 6
+    assert job.describe()["calls"] == 6
+
+
 def test_openai_reset_headers_set_the_wait(client: Client, fake: FakeUpstream, model: str) -> None:
     fake.script(model, HttpError(429, headers={"x-ratelimit-reset-requests": "1.2s",
                                                "x-ratelimit-reset-tokens": "300ms"}), Reply())

@@ -304,10 +304,11 @@ def test_a_batch_reads_its_lines_from_its_file_and_keeps_no_copy(
                for line in output}
     assert len(output) == len(answers) == 600
     assert answers == {custom_id: "echo: " + content for custom_id, content in texts.items()}
-    # each line's output holds its response: the job keeps its small record, not its result
+    # each line's output holds its response: the job keeps only its status, not its result
     keys = Keys(prefix)
     assert not any(redis_client.exists(keys.result(f"{made.id}-{i}")) for i in range(600))
-    assert all(redis_client.hget(keys.job(f"{made.id}-{i}"), "status") == b"succeeded"
+    assert all(redis_client.hgetall(keys.job(f"{made.id}-{i}")) == {b"status": b"succeeded"}
+               and redis_client.ttl(keys.job(f"{made.id}-{i}")) > 3600
                for i in (0, 299, 599))
 
 

@@ -19,6 +19,13 @@ local function next_entry_id(key, wanted)
   return wanted
 end
 
+-- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, or
+-- the upstream's own when its headers said its limit is lower (``observe``); 0: no limit.
+local function paced(pace, field, configured)
+  if configured <= 0 then return 0 end
+  return math.max(configured, tonumber(redis.call('HGET', pace, field .. '_iv') or '0'))
+end
+
 -- Add `id` to an owner's index (a sorted set) by the time now in microseconds (in
 -- milliseconds, ids added in the same one would list in id order, not in the order added);
 -- entries older than `ttl` seconds, older than anything they name can be, are dropped.

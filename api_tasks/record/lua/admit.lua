@@ -1,8 +1,9 @@
 -- KEYS: per scope, its pacing hash, in-flight set, line, line expiries and line costs.
 -- ARGV: job id, cost, reserve_ms, horizon_ms, lease_ms, already reserved ('1': only take
 -- a slot in flight), scopes, place in line (ms; '' = not in line), line grace ms, then
--- per scope: request interval ms, token interval ms, request burst ms, token burst ms,
--- max in flight (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means
+-- per scope: request interval ms, token interval ms (each slowed to the upstream's own limit
+-- when it said that is lower: ``paced``), request burst ms, token burst ms, max in flight
+-- (0 = no such limit). Returns {verdict, wait ms, reason}: 'turn' means
 -- the turn is reserved, that long from now (a slot in flight is taken only if it is
 -- within reserve_ms); 'wait' means nothing was reserved (full in flight, too far, or
 -- older jobs in line first).
@@ -12,7 +13,14 @@ local id, cost, reserve = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local reserved, scopes, place = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
 local wait, reason, lates, aheads, behind = 0, '', {}, {}, false
 local function key(i, n) return KEYS[5 * (i - 1) + n] end  -- n: pace, flight, line, till, costs
-local function arg(i, k) return tonumber(ARGV[9 + (i - 1) * 5 + k]) end
+local intervals = {}
+local function arg(i, k)
+  local given = tonumber(ARGV[9 + (i - 1) * 5 + k])
+  if k > 2 then return given end
+  local at = 2 * i + k
+  if not intervals[at] then intervals[at] = paced(KEYS[5 * (i - 1) + 1], k == 1 and 'req' or 'tok', given) end
+  return intervals[at]
+end
 local function leave(i, who)
   redis.call('ZREM', key(i, 3), who)
   redis.call('ZREM', key(i, 4), who)

@@ -1,8 +1,11 @@
--- KEYS: job, lease, delayed set, delayed messages, running index, running messages.
+-- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel.
 -- ARGV: token, job id, wait ms, reason,
 -- message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
--- to wait for a limit and is sent again ``lead`` before its turn (or when due).
+-- to wait for a limit and is sent again ``lead`` before its turn (or when due). Returns 1
+-- when parked, 0 when another attempt holds it, 2 when it was cancelled meanwhile (its
+-- worker ends it now rather than park a job nobody wants).
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[7]) == 1 then return 2 end
 local now = now_ms()
 local due = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due / 1000),

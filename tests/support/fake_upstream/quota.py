@@ -16,6 +16,7 @@ class Quota:
     rpm: float | None = None
     tpm: float | None = None
     burst: float = 1.0
+    report: bool = True  # send OpenAI's x-ratelimit-* headers with every answer
     rejected: int = 0
     _requests: float = field(default=0.0, init=False)
     _tokens: float = field(default=0.0, init=False)
@@ -39,6 +40,22 @@ class Quota:
             self._requests -= 1
             self._tokens -= cost
             return None
+
+    def headers(self) -> list[tuple[str, str]]:
+        """OpenAI's x-ratelimit-* headers for this quota as it stands now: each limit, what
+        is left, and how long until the bucket is full again."""
+        with self._lock:
+            self._refill()
+            out: list[tuple[str, str]] = []
+            for unit, limit, level in (("requests", self.rpm, self._requests),
+                                       ("tokens", self.tpm, self._tokens)):
+                if limit:
+                    full = limit / 60 * self.burst
+                    out += [(f"x-ratelimit-limit-{unit}", f"{limit:g}"),
+                            (f"x-ratelimit-remaining-{unit}", str(max(int(level), 0))),
+                            (f"x-ratelimit-reset-{unit}",
+                             f"{max(full - level, 0) / (limit / 60):.3f}s")]
+            return out
 
     def _refill(self) -> None:
         now = time.monotonic()

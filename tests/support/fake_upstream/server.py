@@ -156,9 +156,10 @@ class FakeUpstream:
             self._quotas.clear()
 
     def enforce(self, prefix: str, rpm: float | None = None, tpm: float | None = None,
-                burst: float = 1.0) -> Quota:
-        """Answer 429 to requests for models starting with ``prefix`` past these limits."""
-        quota = Quota(rpm, tpm, burst)
+                burst: float = 1.0, report: bool = True) -> Quota:
+        """Answer 429 to requests for models starting with ``prefix`` past these limits
+        (``report``: and say what is left in x-ratelimit-* headers, as OpenAI does)."""
+        quota = Quota(rpm, tpm, burst, report)
         with self._cond:
             self._quotas[prefix] = quota
         return quota
@@ -315,7 +316,7 @@ def _route(
     elif body is None:
         message = "We could not parse the JSON body of your request."
         wire.respond(400, _JSON, dumps(error_body(message, "invalid_request_error")))
-    elif (limit := _over_quota(upstream, model, body)) is not None:
+    elif (limit := _over_quota(upstream, model, body, wire)) is not None:
         error = error_body(f"Rate limit reached for {limit} per min.", "requests", None,
                            "rate_limit_exceeded")
         wire.respond(429, _JSON, dumps(error), {"Retry-After": "1"})
@@ -329,6 +330,13 @@ def _route(
         run(ex, upstream._next_step(model))
 
 
-def _over_quota(upstream: FakeUpstream, model: str | None, body: Json) -> str | None:
+def _over_quota(upstream: FakeUpstream, model: str | None, body: Json, wire: Wire) -> str | None:
+    """The limit a request is over (charged on arrival, as OpenAI does); the answer carries
+    the quota's x-ratelimit-* headers either way, when it reports them."""
     quota = upstream._quota_for(model)
-    return None if quota is None else quota.take(request_cost(body))
+    if quota is None:
+        return None
+    refused = quota.take(request_cost(body))
+    if quota.report:
+        wire.extra = quota.headers()
+    return refused

@@ -43,6 +43,7 @@ class Wire:
         self.sock = sock
         self.chunked = False
         self.must_close = False  # the handler closes the connection after this response
+        self.extra: list[tuple[str, str]] = []  # sent with every head (x-ratelimit-*)
         self._buf: list[bytes] = []
         self._size = 0
 
@@ -52,7 +53,7 @@ class Wire:
         """Builds the status line and headers and adopts their framing."""
         self.chunked, self.must_close = chunked, self.must_close or close
         lines = [f"HTTP/1.1 {status} {_reason(status)}", "Server: fake-upstream"]
-        lines += [f"{k}: {v}" for k, v in headers]
+        lines += [f"{k}: {v}" for k, v in [*headers, *self.extra]]
         if chunked:
             lines.append("Transfer-Encoding: chunked")
         if close:
