@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api_tasks.client import Client
+from api_tasks.record.workers import alive
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.services import ROOT, RedisServer, WorkerProcess, free_port, wait_until
@@ -97,14 +98,15 @@ def local_services(stack: ExitStack, workdir: Path,
 
 def start_workers(stack: ExitStack, env: dict[str, str], workdir: Path, count: int,
                   threads: int) -> Client:
-    """``count`` worker processes until ``stack`` closes; a producer once all answer a ping."""
+    """``count`` worker processes until ``stack`` closes; a producer once all are alive."""
     for i in range(count):
         process = WorkerProcess(env, workdir / f"w{i}.log", concurrency=threads,
                                 name=f"w{i}").start(wait=False)  # logs at WARNING: no "ready"
         stack.callback(process.stop)
     client = Client(load_settings(env=env))
-    wait_until(lambda: len(client.app.control.ping(timeout=0.5)) >= count, 120,
-               "the workers to answer a ping")
+    # each worker's liveness record, as the health probe reads them (no broadcast ping)
+    wait_until(lambda: len(client.store.shell.run(alive(client.keys))) >= count, 120,
+               "the workers' liveness records")
     return client
 
 

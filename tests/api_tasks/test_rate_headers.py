@@ -42,13 +42,18 @@ def test_an_upstream_with_little_left_holds_every_workers_next_calls(
     keys = Keys(f"rh{uuid.uuid4().hex[:6]}")
     limiter = Limiter(redis_client, keys, reserve_ahead=5.0, lease_ms=10_000)
     scopes = [("u", Limits(tokens_per_minute=60000, utilization=1.0, burst_seconds=1.0))]
-    assert limiter.admit("j1", scopes, 100).wait == 0  # a full bucket: at once
-    limiter.observe(scopes, Reported(remaining_tokens=5000))  # more than the bucket: nothing
-    assert limiter.admit("j2", scopes, 100).wait == 0
     limiter.observe(scopes, Reported(remaining_tokens=0))  # the upstream is out
-    held = limiter.admit("j3", scopes, 100)
+    held = limiter.admit("j1", scopes, 100)
     # an empty bucket: the call's own 100 tokens must come back first, at 1,000 a second
     assert 0.09 <= held.wait <= 0.15, held
+    other = [("v", Limits(tokens_per_minute=60000, utilization=1.0, burst_seconds=1.0))]
+    assert limiter.admit("k1", other, 100).wait == 0
+    limiter.observe(other, Reported(remaining_tokens=5000))  # what it holds when idle
+    assert limiter.admit("k2", other, 100).wait == 0
+    # 1,000 less than that, 200 of it this scope's own: others spent 800 and more; the scope
+    # waits as long as its pace takes to make the 1,000 up, so the reserve is not drawn down
+    limiter.observe(other, Reported(remaining_tokens=4000))
+    assert 0.09 <= limiter.admit("k3", other, 100).wait <= 0.15
 
 
 def test_an_upstream_limit_below_the_configured_one_paces_the_scope(

@@ -18,6 +18,8 @@ class Quota:
     burst: float = 1.0
     report: bool = True  # send OpenAI's x-ratelimit-* headers with every answer
     rejected: int = 0
+    # what it accepted, as it counted it: (time.monotonic(), tokens, model)
+    taken: list[tuple[float, int, str]] = field(default_factory=list, init=False)
     _requests: float = field(default=0.0, init=False)
     _tokens: float = field(default=0.0, init=False)
     _at: float = field(default_factory=time.monotonic, init=False)
@@ -27,7 +29,7 @@ class Quota:
         self._requests = (self.rpm or 0) / 60 * self.burst
         self._tokens = (self.tpm or 0) / 60 * self.burst
 
-    def take(self, cost: int) -> str | None:
+    def take(self, cost: int, model: str = "") -> str | None:
         """Spend one request and ``cost`` tokens; the exhausted limit's name if refused."""
         with self._lock:
             self._refill()
@@ -39,6 +41,7 @@ class Quota:
                 return "tokens"
             self._requests -= 1
             self._tokens -= cost
+            self.taken.append((self._at, cost, model))
             return None
 
     def headers(self) -> list[tuple[str, str]]:

@@ -336,7 +336,7 @@ def _over_quota(upstream: FakeUpstream, model: str | None, body: Json, wire: Wir
     quota = upstream._quota_for(model)
     if quota is None:
         return None
-    refused = quota.take(request_cost(body))
+    refused = quota.take(request_cost(body), model or "")
     if quota.report:
         wire.extra = quota.headers()
     return refused
