@@ -185,24 +185,31 @@ class Limiter:
                     part.args()[1], unused if part.limits.accounting == "usage"
                     or not answered else min(unused, 0))]])
 
-    def observe(self, scopes: list[tuple[str, Limits]], reported: Reported) -> None:
-        """The upstream said what it has left, and its limits: no scope spends more than is
-        left at once, and none paces faster than the upstream's own limit."""
+    def observe(self, scopes: list[tuple[str, Limits]], reported: Reported,
+                model: str = "") -> None:
+        """The upstream said what it has left (for ``model``: providers count per model),
+        and its limits: no scope draws its reserve down, and a model's scope paces no faster
+        than the upstream's own limit."""
         parts = [_Scope(name, limits) for name, limits in scopes if limits.tokens_per_minute
                  or limits.requests_per_minute]
         if not parts or not reported.said:
             return
         args: list[str | float] = []
         for part in parts:
+            # an upstream-wide scope may serve several models, each with its own limit
+            own = "/" in part.name
             lower = [_lower(part, "requests", part.limits.requests_per_minute,
-                            reported.limit_requests),
+                            reported.limit_requests if own else None),
                      _lower(part, "tokens", part.limits.tokens_per_minute,
-                            reported.limit_tokens)]
+                            reported.limit_tokens if own else None)]
             args += [*part.args()[:3], *("" if left is None else repr(left) for left in (
                 reported.remaining_requests, reported.remaining_tokens)),
                 *("" if told is None else "0" if not told else
-                  repr(60000 / (told * part.limits.utilization)) for told in lower)]
-        self._observe(keys=[self.keys.limit(part.name) for part in parts], args=args)
+                  repr(60000 / (told * part.limits.utilization)) for told in lower),
+                *("" if reset is None else repr(reset * 1000) for reset in (
+                    reported.reset_requests, reported.reset_tokens))]
+        self._observe(keys=[self.keys.limit(part.name) for part in parts],
+                      args=[model, *args])
 
     def _keys(self, parts: list[_Scope]) -> list[str]:
         return [key for part in parts

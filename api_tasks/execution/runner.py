@@ -60,6 +60,7 @@ __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
+_MIN_COOLDOWN = 0.1  # seconds: 429s that cost no attempt must never become a hot loop
 
 
 class JobRunner:
@@ -174,9 +175,9 @@ class JobRunner:
                 if err.status == 429 and err.retryable:  # the whole upstream backs off
                     asked = err.retry_after if err.retry_after is not None else \
                         backoff_delay(policy, run.rate_limited + 1, random.random())
-                    self.cooldowns.start(run.target.name,
-                                         min(asked or policy.initial_delay,
-                                             policy.max_retry_after))
+                    self.cooldowns.start(run.target.name, max(
+                        min(asked or policy.initial_delay, policy.max_retry_after),
+                        _MIN_COOLDOWN))
                     if not stopped and not run.published and \
                             time.time() - run.created_at < policy.rate_limited_for:
                         # no attempt spent: the gate holds it through the cool-down, in this
@@ -184,6 +185,7 @@ class JobRunner:
                         run.rate_limited += 1
                         log.info("job %s rate limited by %s (429); waiting, no attempt spent",
                                  run.job_id, run.target.name)
+                        handle.pause()  # the wait is not the call's: its deadline stops
                         continue
                 delay = retry_delay(policy, err, run.calls - run.rate_limited,
                                     random.random(), run.published)
@@ -236,7 +238,12 @@ class JobRunner:
             return
         said = reported(headers, run.target.name)
         if said.said:
-            self.limiter.observe(run.target.limit_scopes(run.spec.model), said)
+            try:
+                self.limiter.observe(run.target.limit_scopes(run.spec.model), said,
+                                     run.spec.model or "")
+            except redis.RedisError as err:  # advice only: never lose the call's answer
+                log.warning("job %s: the upstream's rate-limit headers were not recorded "
+                            "(%s)", run.job_id, err)
 
     def _stream(self, run: Delivery, handle: CallHandle, response: requests.Response,
                 call: CallRequest) -> dict[str, Any]:

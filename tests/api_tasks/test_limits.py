@@ -30,7 +30,7 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
         "upstreams": [{
             # told ten times what the upstream allows; 429s cost no attempt here
             "name": "following", "base_url": fake.base_url, "models": ["follow-*"],
-            "limits": {"tokens_per_minute": 300000}}, {
+            "model_limits": {"follow-*": {"tokens_per_minute": 300000}}}, {
             # a 429 fails the job once its attempts are spent (no waiting it out)
             "name": "limited", "base_url": fake.base_url,
             "retry": {"max_attempts": 1, "rate_limited_for": 0},

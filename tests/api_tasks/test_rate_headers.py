@@ -60,9 +60,9 @@ def test_an_upstream_limit_below_the_configured_one_paces_the_scope(
         redis_client: redis.Redis) -> None:
     keys = Keys(f"rh{uuid.uuid4().hex[:6]}")
     limiter = Limiter(redis_client, keys, reserve_ahead=5.0, lease_ms=10_000)
-    scopes = [("u", Limits(tokens_per_minute=600000, utilization=1.0, burst_seconds=0.1))]
-    # the scope says 10,000 tokens a second; the upstream says 1,000 a second, 0 left
-    limiter.observe(scopes, Reported(limit_tokens=60000, remaining_tokens=0))
+    scopes = [("u/m*", Limits(tokens_per_minute=600000, utilization=1.0, burst_seconds=0.1))]
+    # the model's scope says 10,000 tokens a second; the upstream says 1,000 a second
+    limiter.observe(scopes, Reported(limit_tokens=60000, remaining_tokens=0), "m1")
     assert 0.09 <= limiter.admit("j1", scopes, 100).wait <= 0.12  # 100 tokens at 1,000/s
     assert 0.19 <= limiter.admit("j2", scopes, 100).wait <= 0.22
     # it says its limit is back up: the configured pace stands again
@@ -70,3 +70,8 @@ def test_an_upstream_limit_below_the_configured_one_paces_the_scope(
     assert limiter.admit("j3", scopes, 100).wait <= 0.23
     waits = [limiter.admit(f"k{i}", scopes, 100).wait for i in range(5)]
     assert waits[-1] - waits[0] <= 0.05  # 10 ms apart now, not 100
+    # an upstream-wide scope may serve several models: it learns no model's limit
+    wide = [("u", Limits(tokens_per_minute=600000, utilization=1.0, burst_seconds=0.1))]
+    limiter.observe(wide, Reported(limit_tokens=60000), "m1")
+    waits = [limiter.admit(f"w{i}", wide, 100).wait for i in range(5)]
+    assert waits[-1] - waits[0] <= 0.05

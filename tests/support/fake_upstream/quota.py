@@ -54,7 +54,7 @@ class Quota:
                                        ("tokens", self.tpm, self._tokens)):
                 if limit:
                     full = limit / 60 * self.burst
-                    out += [(f"x-ratelimit-limit-{unit}", f"{limit:g}"),
+                    out += [(f"x-ratelimit-limit-{unit}", f"{limit:.0f}"),
                             (f"x-ratelimit-remaining-{unit}", str(max(int(level), 0))),
                             (f"x-ratelimit-reset-{unit}",
                              f"{max(full - level, 0) / (limit / 60):.3f}s")]
