@@ -71,15 +71,6 @@ class BatchRecords:
         """A batch's hash (empty if there is none)."""
         return command("HGETALL", self.keys.batch(batch_id), parse=text_map)
 
-    def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
-        """Up to ``count`` ids of an owner's batches, newest first, after ``after``."""
-        return lua("owner_page", [self.keys.owned_batches(owner)], [after or "", count],
-                   lambda reply: None if reply is None else [text(item) for item in reply])
-
-    def forget(self, owner: str, batch_ids: list[str]) -> Call[Any]:
-        """Drop batches whose hashes are gone from their owner's index."""
-        return command("ZREM", self.keys.owned_batches(owner), *batch_ids)
-
     def cancel(self, batch_id: str, webhooks: Webhooks = NO_WEBHOOKS) -> Call[str]:
         """Stop a batch (``batch_cancel``, queueing ``webhooks`` if it ends at once): its
         status after the call, or ``missing``."""

@@ -15,7 +15,7 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from api_tasks.connections import text, text_map
+from api_tasks.connections import text_map
 from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
 from config.settings import FILE_TTL_RANGE
@@ -69,14 +69,6 @@ class FileRecords:
         """Up to ``count`` pieces of a file's bytes from piece ``first``."""
         return command("LRANGE", self.keys.file_data(file_id), first, first + count - 1,
                        parse=lambda reply: list(reply or []))
-
-    def owned(self, owner: str, after: str | None, count: int,
-              oldest_first: bool = False) -> Call[list[str] | None]:
-        """Up to ``count`` ids of an owner's files, newest first (or oldest), after ``after``;
-        None if ``after`` is not one of them."""
-        return lua("owner_page", [self.keys.owned_files(owner)],
-                   [after or "", count, "asc" if oldest_first else "desc"],
-                   lambda reply: None if reply is None else [text(item) for item in reply])
 
     def forget(self, owner: str, file_ids: list[str]) -> Call[Any]:
         """Drop files whose records are gone from their owner's index."""

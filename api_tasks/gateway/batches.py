@@ -17,8 +17,8 @@ from api_tasks.batches.api_batches import (
 from api_tasks.batches.files import FileRecords, Purpose
 from api_tasks.batches.state import ENDED, BatchStatus
 from api_tasks.gateway.errors import GatewayError
-from api_tasks.gateway.listing import limit, owned, page, page_response
-from api_tasks.record.store import OwnerIndex, owned_page
+from api_tasks.gateway.listing import limit, listed, owned, page_response
+from api_tasks.record.store import OwnerIndex
 from api_tasks.spec import KINDS
 from config.settings import FILE_TTL_RANGE
 
@@ -124,10 +124,7 @@ async def list_batches(request: Request) -> Response:
     gateway = request.app.state.gateway
     key = gateway.key(request)
     count = limit(request, 20, 100)
-    records = BatchRecords(gateway.keys)
-    index = OwnerIndex(key.name, lambda start, count: records.owned(key.name, start, count),
-                       records.state, lambda ids: records.forget(key.name, ids))
-    after = request.query_params.get("after") or None
-    batches, more = page(await owned_page(gateway.store.shell, index, after, count), after,
-                         "batch")
+    index = OwnerIndex.sorted_set(key.name, gateway.keys.owned_batches(key.name),
+                                  BatchRecords(gateway.keys).state)
+    batches, more = await listed(request, gateway.store.shell, index, "batch", count)
     return page_response([batch_object(batch_id, state) for batch_id, state in batches], more)

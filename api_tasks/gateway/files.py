@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api_tasks.batches.files import PIECE, FileRecords, Purpose, file_object, new_file_id
 from api_tasks.gateway.errors import GatewayError
-from api_tasks.gateway.listing import limit, owned, page, page_response
+from api_tasks.gateway.listing import limit, listed, owned, page_response
 from api_tasks.record.calls import command
-from api_tasks.record.store import OwnerIndex, owned_page
+from api_tasks.record.store import OwnerIndex
 from config.settings import FILE_TTL_RANGE
 
 __all__ = ["delete_file", "file_content", "get_file", "list_files", "upload_file"]
@@ -246,14 +246,9 @@ async def list_files(request: Request) -> Response:
         raise GatewayError(400, "order must be 'asc' or 'desc'", param="order",
                            code="invalid_order")
     purpose = query.get("purpose")
-    records = FileRecords(gateway.keys)
-    index = OwnerIndex(key.name,
-                       lambda start, count: records.owned(key.name, start, count,
-                                                          oldest_first=order == "asc"),
-                       records.meta, lambda ids: records.forget(key.name, ids))
-    after = query.get("after") or None
-    files, more = page(await owned_page(gateway.store.shell, index, after, count), after,
-                       "file")
+    index = OwnerIndex.sorted_set(key.name, gateway.keys.owned_files(key.name),
+                                  FileRecords(gateway.keys).meta, oldest_first=order == "asc")
+    files, more = await listed(request, gateway.store.shell, index, "file", count)
     data = [file_object(file_id, meta) for file_id, meta in files
             if purpose is None or meta.get("purpose") == purpose]
     return page_response(data, more)

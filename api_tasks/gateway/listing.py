@@ -10,10 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from api_tasks.gateway.errors import GatewayError
+from api_tasks.record.calls import AsyncShell
 from api_tasks.record.job_record import Field
+from api_tasks.record.store import OwnerIndex, owned_page
 from config.settings import GatewayKey
 
-__all__ = ["limit", "owned", "page", "page_response"]
+__all__ = ["limit", "listed", "owned", "page", "page_response"]
 
 T = TypeVar("T")
 _DIGITS = re.compile(r"[0-9]{1,6}", re.ASCII)
@@ -48,3 +50,11 @@ def page_response(data: list[dict[str, Any]], more: bool) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data,
                          "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": more})
+
+
+async def listed(request: Request, shell: AsyncShell, index: OwnerIndex, noun: str,
+                 count: int) -> tuple[list[tuple[str, dict[str, str]]], bool]:
+    """A page of ``count`` of the key's ``noun``s with their records, after the request's
+    ``after``, and whether more may follow (400 if ``after`` names none of them)."""
+    after = request.query_params.get("after") or None
+    return page(await owned_page(shell, index, after, count), after, noun)

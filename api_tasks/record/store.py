@@ -93,16 +93,6 @@ class JobRecords:
         return lua("owner_index", [self.keys.owned(owner)],
                    [job_id, self.queued_ttl + self.result_ttl])
 
-    def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
-        """Up to ``count`` ids of an owner's jobs, newest first, after ``after``; None if
-        ``after`` is not one of them."""
-        return lua("owner_page", [self.keys.owned(owner)], [after or "", count],
-                   lambda reply: None if reply is None else [text(item) for item in reply])
-
-    def unindex(self, owner: str, job_ids: list[str]) -> Call[Any]:
-        """Drop jobs whose records are gone from their owner's index."""
-        return command("ZREM", self.keys.owned(owner), *job_ids)
-
     def forget(self, job_id: str) -> Call[bool]:
         """Delete the record of a job whose message may not have been sent, unless a worker
         has seen it already (the send did go out); True if deleted."""
@@ -165,6 +155,17 @@ class OwnerIndex:
     page: Callable[[str | None, int], Call[list[str] | None]]  # (after, count) -> ids
     record: Callable[[str], Call[dict[str, str]]]
     unindex: Callable[[list[str]], Call[Any]]
+
+    @classmethod
+    def sorted_set(cls, owner: str, key: str, record: Callable[[str], Call[dict[str, str]]],
+                   oldest_first: bool = False) -> OwnerIndex:
+        """An owner's index kept as sorted set ``key`` (``owner_page.lua``), newest first
+        unless ``oldest_first``; each id's record read by ``record``."""
+        order = "asc" if oldest_first else "desc"
+        return cls(owner, lambda after, count: lua(
+            "owner_page", [key], [after or "", count, order],
+            lambda reply: None if reply is None else [text(item) for item in reply]),
+            record, lambda ids: command("ZREM", key, *ids))
 
 
 async def owned_page(shell: AsyncShell, index: OwnerIndex, after: str | None,
@@ -283,10 +284,8 @@ class AsyncJobStore:
                     limit: int) -> tuple[list[tuple[str, dict[str, str]]], bool] | None:
         """Up to ``limit`` of an owner's jobs with their records, newest first, after the
         job ``after`` (as ``owned_page``)."""
-        records = self.records
-        return await owned_page(self.shell, OwnerIndex(
-            owner, lambda start, count: records.owned(owner, start, count), records.info,
-            lambda ids: records.unindex(owner, ids)), after, limit)
+        return await owned_page(self.shell, OwnerIndex.sorted_set(
+            owner, self.keys.owned(owner), self.records.info), after, limit)
 
     async def forget(self, job_id: str) -> bool:
         """Delete a record whose message may not have been sent (see ``JobRecords``)."""

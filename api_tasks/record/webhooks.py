@@ -14,8 +14,8 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from api_tasks.connections import text, text_map
-from api_tasks.record.calls import Call, command, lua
+from api_tasks.connections import text_map
+from api_tasks.record.calls import Call, command
 from api_tasks.record.keys import Keys
 
 if TYPE_CHECKING:
@@ -72,19 +72,9 @@ class WebhookRecords:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
 
-    def owned(self, owner: str, after: str | None, count: int) -> Call[list[str] | None]:
-        """Up to ``count`` ids of an owner's deliveries, newest first, after ``after``; None if
-        ``after`` is not one of them."""
-        return lua("owner_page", [self.keys.owned_webhooks(owner)], [after or "", count],
-                   lambda reply: None if reply is None else [text(item) for item in reply])
-
     def state(self, delivery_id: str) -> Call[dict[str, str]]:
         """A delivery's hash (empty if it expired)."""
         return command("HGETALL", self.keys.webhook(delivery_id), parse=text_map)
-
-    def forget(self, owner: str, delivery_ids: list[str]) -> Call[Any]:
-        """Drop deliveries whose hashes are gone from their owner's index."""
-        return command("ZREM", self.keys.owned_webhooks(owner), *delivery_ids)
 
 
 def delivery_object(delivery_id: str, state: dict[str, str], settings: Settings
