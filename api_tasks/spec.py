@@ -18,7 +18,7 @@ from typing import Any
 from api_tasks.errors import InvalidJob
 
 __all__ = ["CONTROL_FIELDS", "ENDPOINTS", "FIELD_RULES", "KINDS", "QUEUES", "Endpoint",
-           "JobSpec", "Kind", "build_spec"]
+           "JobSpec", "Kind", "build_spec", "kind_of"]
 
 
 class Kind(StrEnum):
@@ -58,6 +58,11 @@ ENDPOINTS: dict[Kind, Endpoint] = {
                                        "metadata", "user"})),
 }
 KINDS: dict[str, Kind] = {endpoint.path: kind for kind, endpoint in ENDPOINTS.items()}
+
+
+def kind_of(name: str) -> Kind | None:
+    """The kind a record, message or caller names (None if it names none)."""
+    return Kind(name) if name in ENDPOINTS else None
 MAX_TTL = 365 * 86400  # as config.settings.MAX_TTL; Redis refuses absurd expiries
 # nesting deep enough to overflow the JSON encoder is refused naming where it passed this
 # depth, never raised as a RecursionError
@@ -126,11 +131,10 @@ class JobSpec:
 def build_spec(kind: Kind, first: Any, params: Mapping[str, Any],
                max_bytes: int) -> JobSpec:
     """Validate a job's fields and return its spec; raise ``InvalidJob`` naming the field."""
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise InvalidJob("kind", f"must be one of {', '.join(Kind)}") from None
-    endpoint = ENDPOINTS[kind]
+    known = kind_of(kind)
+    if known is None:
+        raise InvalidJob("kind", f"must be one of {', '.join(Kind)}")
+    kind, endpoint = known, ENDPOINTS[known]
     _FIRST_CHECKS[kind](first)
     if endpoint.first in params:
         raise InvalidJob(endpoint.first,

@@ -45,7 +45,7 @@ from api_tasks.record.leases import LeaseStore, Verdict
 from api_tasks.record.store import JobStore
 from api_tasks.record.webhooks import NO_WEBHOOKS, event_args, job_event_id
 from api_tasks.record.writer import EventWriter
-from api_tasks.spec import JobSpec, Kind, build_spec
+from api_tasks.spec import JobSpec, Kind, build_spec, kind_of
 from api_tasks.stream.relay import StreamRelay
 from api_tasks.upstream.call_handle import CallHandle, Stop
 from api_tasks.upstream.http_client import CallRequest, HttpClient
@@ -293,7 +293,8 @@ class JobRunner:
                                   time.time())
         if not claim.verdict.owned:
             return Outcome.DROPPED
-        run = Delivery(job_id, JobSpec(_known(kind), body={}), None, claim.attempt,
+        # a job refused for a kind it does not name is kept as a chat job
+        run = Delivery(job_id, JobSpec(kind_of(kind) or Kind.CHAT, body={}), None, claim.attempt,
                        claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
@@ -302,7 +303,8 @@ class JobRunner:
         if self.leases.redis.exists(self.store.keys.lease(job_id)):
             log.error("job %s: left to the attempt that holds its lease", job_id)
             return Outcome.DROPPED
-        run = Delivery(job_id, JobSpec(_known(kind), body={}), None, 0, time.time())
+        run = Delivery(job_id, JobSpec(kind_of(kind) or Kind.CHAT, body={}), None, 0,
+                       time.time())
         return self._finish(run, JobStatus.FAILED, error=_internal(err, 0))
 
     def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
@@ -342,14 +344,6 @@ def _internal(err: BaseException, attempts: int) -> dict[str, Any]:
     return error_object("internal_error", "internal_error",
                         f"the worker hit an unexpected {type(err).__name__}; see its log",
                         None, attempts=attempts)
-
-
-def _known(kind: str) -> Kind:
-    """A kind as its record keeps it (a job refused for a bad kind is kept as chat)."""
-    try:
-        return Kind(kind)
-    except ValueError:
-        return Kind.CHAT
 
 
 def _summary(kind: Kind, response: dict[str, Any] | None) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from api_tasks.record.reader import (
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.record.webhooks import job_notifier
 from api_tasks.record.workers import alive
-from api_tasks.spec import ENDPOINTS, KINDS, Kind
+from api_tasks.spec import ENDPOINTS, KINDS, Kind, kind_of
 from config.settings import GatewayKey, Settings
 
 __all__ = ["Gateway", "create_app"]
@@ -150,9 +150,10 @@ class Gateway:
             stored = {"error": json.loads(info[Field.ERROR])} if info.get(Field.ERROR) else None
         def number(name: Field) -> float | None:
             return float(info[name]) if info.get(name) else None
+        kind = kind_of(info.get(Field.KIND) or "")
         return {
             "id": job_id, "object": "job", "status": info.get(Field.STATUS),
-            "url": _path_of(info.get(Field.KIND) or ""),
+            "url": ENDPOINTS[kind].path if kind else None,
             "created_at": number(Field.CREATED_AT), "started_at": number(Field.STARTED_AT),
             "finished_at": number(Field.FINISHED_AT),
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
@@ -160,14 +161,6 @@ class Gateway:
             "metadata": json.loads(info[Field.METADATA]) if info.get(Field.METADATA) else None,
             "stream_token": self.tokens.issue(job_id, key.name) if token else None,
         }
-
-
-def _path_of(kind: str) -> str | None:
-    """The endpoint of a job's kind as its record keeps it."""
-    try:
-        return ENDPOINTS[Kind(kind)].path
-    except ValueError:
-        return None
 
 
 def _too_large(limit: int) -> GatewayError:
