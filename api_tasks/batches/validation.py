@@ -79,48 +79,44 @@ def _check(shell: SyncShell, files: FileRecords, file_id: str, size: int, endpoi
 
     # a line's JSON wraps a body of at most max_request_bytes, escaped at worst 6 bytes for 1
     lines = FileLines(shell, files, file_id, longest=6 * max_request_bytes + 65536)
-    numbered = enumerate(lines, start=1)
     number = 0
-    while True:
-        try:
-            number, (at, raw) = next(numbered)
-        except StopIteration:
-            break
-        except LineTooLong as err:
-            raise _Unreadable("line_too_long", str(err), number + 1) from None
-        if not raw.strip():
-            continue
-        if checked.total % MARK_EVERY == 0 and not checked.found:
-            marks.append(str(at))
-            if len(marks) >= _STAGE_MARKS:
-                flush()
-        checked.total += 1
-        if checked.total > max_lines:
-            checked.refuse("too_many_lines", f"the file has more than {max_lines} requests "
-                           "(files.max_lines)", number)
-            return
-        try:
-            line = parse_line(number, raw.decode("utf-8"), max_request_bytes)
-        except UnicodeDecodeError:
-            checked.refuse("invalid_json_line", "the line is not valid UTF-8", number)
-            continue
-        except InvalidJob as err:
-            param, _, message = err.message.partition(": ")
-            if not message or not param.startswith("body."):  # "url must be one of ..."
-                message = err.message
-                word = message.split(" ", 1)[0]
-                param = word if word in ("custom_id", "method", "url", "body") else ""
-            checked.refuse("invalid_request", message, number, param or None)
-            continue
-        if line.url != endpoint:
-            checked.refuse("mismatched_endpoint", f"url is {line.url!r}, not the batch's "
-                           f"endpoint {endpoint!r}", number, "url")
-        elif line.custom_id in seen:
-            checked.refuse("duplicate_custom_id", f"custom_id {line.custom_id!r} is already "
-                           f"used on line {seen[line.custom_id]}", number, "custom_id")
-        else:
-            seen[line.custom_id] = number
-            checked.model = checked.model or str(line.body.get("model") or "")
+    try:
+        for number, (at, raw) in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            if checked.total % MARK_EVERY == 0 and not checked.found:
+                marks.append(str(at))
+                if len(marks) >= _STAGE_MARKS:
+                    flush()
+            checked.total += 1
+            if checked.total > max_lines:
+                checked.refuse("too_many_lines", f"the file has more than {max_lines} requests "
+                               "(files.max_lines)", number)
+                return
+            try:
+                line = parse_line(number, raw.decode("utf-8"), max_request_bytes)
+            except UnicodeDecodeError:
+                checked.refuse("invalid_json_line", "the line is not valid UTF-8", number)
+                continue
+            except InvalidJob as err:
+                param, _, message = err.message.partition(": ")
+                if not message or not param.startswith("body."):  # "url must be one of ..."
+                    message = err.message
+                    word = message.split(" ", 1)[0]
+                    param = word if word in ("custom_id", "method", "url", "body") else ""
+                checked.refuse("invalid_request", message, number, param or None)
+                continue
+            if line.url != endpoint:
+                checked.refuse("mismatched_endpoint", f"url is {line.url!r}, not the batch's "
+                               f"endpoint {endpoint!r}", number, "url")
+            elif line.custom_id in seen:
+                checked.refuse("duplicate_custom_id", f"custom_id {line.custom_id!r} is already "
+                               f"used on line {seen[line.custom_id]}", number, "custom_id")
+            else:
+                seen[line.custom_id] = number
+                checked.model = checked.model or str(line.body.get("model") or "")
+    except LineTooLong as err:
+        raise _Unreadable("line_too_long", str(err), number + 1) from None
     if lines.end != size:
         raise _Unreadable("file_changed", f"{lines.end} of the file's {size} bytes could be "
                           "read: it was deleted or expired while it was checked")
