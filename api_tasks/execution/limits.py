@@ -28,7 +28,6 @@ read from Redis, O(1) whatever a call costs:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -38,14 +37,12 @@ import redis
 from api_tasks.connections import text
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
+from api_tasks.upstream.rate_headers import Reported, warn_once
 
 if TYPE_CHECKING:
-    from api_tasks.upstream.rate_headers import Reported
     from config.settings import Limits
 
 __all__ = ["Admission", "Cooldowns", "Hold", "Limiter"]
-
-log = logging.getLogger(__name__)
 
 _COOL = script("cooldown")
 
@@ -111,9 +108,6 @@ class _Scope:
                 self.limits.max_in_flight or 0]
 
 
-_warned: set[tuple[str, str]] = set()
-
-
 def _lower(part: _Scope, unit: str, configured: float | None, told: float | None
            ) -> float | None:
     """The upstream's own limit when it is lower than the scope's (warned once a scope); 0
@@ -123,11 +117,9 @@ def _lower(part: _Scope, unit: str, configured: float | None, told: float | None
         return None
     if told <= 0 or told >= configured:
         return 0.0
-    if (part.name, unit) not in _warned:
-        _warned.add((part.name, unit))
-        log.warning("limit scope %s: the upstream says its %s limit is %g a minute, below the "
-                    "%g configured; pacing to the upstream's", part.name, unit, told,
-                    configured)
+    warn_once((part.name, unit), "limit scope %s: the upstream says its %s limit is %g a "
+              "minute, below the %g configured; pacing to the upstream's", part.name, unit,
+              told, configured)
     return told
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from api_tasks.upstream.retry import parse_duration
 
-__all__ = ["Reported", "reported"]
+__all__ = ["Reported", "reported", "warn_once"]
 
 log = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
@@ -55,7 +55,8 @@ def reported(headers: Mapping[str, str], upstream: str) -> Reported:
             value = None if text is None else _count(text) if what != "reset" else (
                 parse_duration(text) if parse_duration(text) is not None else _count(text))
             if text is not None and value is None:
-                _warn_once(upstream, name, text)
+                warn_once((upstream, name), "upstream %s sent %s: %r, which is not a number "
+                          "or duration; ignored", upstream, name, text[:80])
             values[f"{what}_{unit}"] = value
     return Reported(**values)
 
@@ -68,10 +69,11 @@ def _count(text: str) -> float | None:
     return value if value >= 0 and value == value and value != float("inf") else None
 
 
-def _warn_once(upstream: str, header: str, text: str) -> None:
+def warn_once(about: tuple[str, str], message: str, *args: object) -> None:
+    """Log a warning about what an upstream's headers said, once per process for ``about``
+    (answers repeat it on every call)."""
     with _warned_lock:
-        if (upstream, header) in _warned:
+        if about in _warned:
             return
-        _warned.add((upstream, header))
-    log.warning("upstream %s sent %s: %r, which is not a number or duration; ignored",
-                upstream, header, text[:80])
+        _warned.add(about)
+    log.warning(message, *args)
