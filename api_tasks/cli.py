@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from api_tasks.batches.cli import add_batch_commands, batch_command
 from api_tasks.client import Client
 from api_tasks.errors import (
@@ -24,6 +26,7 @@ from api_tasks.errors import (
     JobTimeout,
 )
 from api_tasks.exit_codes import ExitCode
+from api_tasks.record.deployments import deployment_states
 from api_tasks.record.job_record import JobStatus
 from api_tasks.record.reader import Job, text_of
 from api_tasks.spec import QUEUES, Kind
@@ -75,10 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="run the HTTP gateway (OpenAI-compatible, jobs API)")
     gateway.add_argument("--host", help="address to listen on (default gateway.host, 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="port (default gateway.port, 8000)")
-    for name, what in (("status", "show a job's status"), ("cancel", "cancel a job"),
+    for name, what in (("status", "show a job's status; with no job, the upstreams' "
+                                  "deployments (breakers, calls in flight, cool-downs)"),
+                       ("cancel", "cancel a job"),
                        ("result", "wait for and print a job's result")):
         cmd = sub.add_parser(name, help=what)
-        cmd.add_argument("job_id")
+        cmd.add_argument("job_id", nargs="?" if name == "status" else None)
         cmd.add_argument("--timeout", type=float, default=600.0)
         cmd.add_argument("--json", action="store_true")
     return parser
@@ -160,9 +165,33 @@ def _print_result(job: Job, args: argparse.Namespace) -> int:
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
+    if args.job_id is None:
+        return _upstreams(client, args)
     view = client.get_job(args.job_id).describe()
     print(json.dumps(view, indent=2, ensure_ascii=False) if args.json else
           f"{args.job_id} {view['status']} ({_details(view)})")
+    return ExitCode.OK
+
+
+def _upstreams(client: Client, args: argparse.Namespace) -> int:
+    try:
+        states = deployment_states(client.redis, client.keys, client.settings)
+    except redis.RedisError as err:
+        raise BrokerUnavailable(f"Redis is unreachable: {err}") from err
+    if args.json:
+        print(json.dumps(states, indent=2))
+        return ExitCode.OK
+    for state in states:
+        breaker = state["breaker"]
+        if breaker == "open":
+            breaker = f"open for {state['open_for']:.1f}s more"
+        parts = [f"{state['upstream']}/{state['deployment']}", state["base_url"]]
+        if breaker is not None:
+            parts += [f"breaker {breaker}", f"{state['calls_in_flight']} in flight",
+                      f"{state['recent_failures']} recent failures"]
+        if state["cooldown"]:
+            parts.append(f"cooling down {state['cooldown']:.1f}s after a 429")
+        print("  ".join(parts))
     return ExitCode.OK
 
 

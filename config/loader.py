@@ -144,20 +144,31 @@ def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) ->
 
 
 def _with_key(upstream: Any, index: int, env: Mapping[str, str], origins: Origins) -> Any:
-    """Attach the API key read from the environment or a secrets file (never from a job)."""
+    """Attach the API keys read from the environment or a secrets file (never from a job)."""
+    update: dict[str, Any] = {"api_key": _key(upstream, ("upstreams", index), env, origins)}
+    if upstream.deployments is not None:
+        update["deployments"] = [
+            deployment.model_copy(update={"api_key": _key(
+                deployment, ("upstreams", index, "deployments", at), env, origins)})
+            for at, deployment in enumerate(upstream.deployments)]
+    return upstream.model_copy(update=update)
+
+
+def _key(server: Any, loc: tuple[str | int, ...], env: Mapping[str, str],
+         origins: Origins) -> SecretStr | None:
     key: str | None = None
-    if upstream.api_key_file is not None:
+    if server.api_key_file is not None:
         try:
-            key = upstream.api_key_file.read_text(encoding="utf-8").strip()
+            key = server.api_key_file.read_text(encoding="utf-8").strip()
         except OSError as err:
-            where = _origin(origins, ("upstreams", index, "api_key_file"))
+            where = _origin(origins, (*loc, "api_key_file"))
             raise ConfigError(
-                f"upstreams[{index}].api_key_file ({where}): cannot read "
-                f"{upstream.api_key_file}: {err.strerror}"
+                f"{_dotted((*loc, 'api_key_file'))} ({where}): cannot read "
+                f"{server.api_key_file}: {err.strerror}"
             ) from err
-    elif upstream.api_key_env:
-        key = env.get(upstream.api_key_env) or None
-    return upstream.model_copy(update={"api_key": SecretStr(key) if key else None})
+    elif server.api_key_env:
+        key = env.get(server.api_key_env) or None
+    return SecretStr(key) if key else None
 
 
 def _describe(err: ValidationError, origins: Origins) -> str:

@@ -12,14 +12,24 @@ import fnmatch
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from config.allow_list import allow_list
 
 __all__ = [
+    "Breaker",
+    "Deployment",
     "GatewayKey",
     "GatewaySettings",
     "JobSettings",
@@ -96,11 +106,65 @@ class Limits(_Model):
         return bool(self.requests_per_minute or self.tokens_per_minute or self.max_in_flight)
 
 
-class Upstream(_Model):
-    """One OpenAI-format server and what it serves."""
+def _base_url(value: str) -> str:
+    # Users write the base both ways (".../v1" as the OpenAI SDK does, or
+    # the bare host); the client always appends "/v1/...", so strip it.
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or fragment")
+    url = value.strip().rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
 
-    name: str
-    base_url: str
+
+def _headers(value: dict[str, str]) -> dict[str, str]:
+    banned = {"authorization", "api-key", "x-api-key"}
+    if banned & {name.lower() for name in value}:
+        raise ValueError("keys go in api_key_env or api_key_file, not in headers")
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
+Headers = Annotated[dict[str, str], AfterValidator(_headers)]
+
+
+class Breaker(_Model):
+    """When a deployment is skipped: ``failures`` failed calls (no answer, a timeout, a 5xx)
+    within ``window`` seconds open it for ``cooldown`` seconds; then one call probes it."""
+
+    failures: int = Field(5, ge=1, le=1000)
+    window: float = Field(30.0, gt=0, le=3600)
+    cooldown: float = Field(30.0, gt=0, le=3600)
+
+
+class Deployment(_Model):
+    """One server of a model group: its own address, key, limits and share of the calls."""
+
+    name: Name
+    base_url: BaseUrl
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    api_key: SecretStr | None = Field(None, exclude=True)
+    headers: Headers = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0)
+    limits: Limits = Limits()  # this deployment's own, on top of its group's
+
+
+class Upstream(_Model):
+    """A model group: one OpenAI-format server or several deployments, and what it serves."""
+
+    name: Name
+    base_url: BaseUrl | None = None  # one server; or deployments, several
+    deployments: list[Deployment] | None = None
+    breaker: Breaker = Breaker()
     api_key_env: str | None = None
     api_key_file: Path | None = None
     api_key: SecretStr | None = Field(None, exclude=True)
@@ -112,7 +176,7 @@ class Upstream(_Model):
     retry: RetrySettings = RetrySettings()
     defaults: Payload = Field(default_factory=dict)
     model_defaults: dict[str, Payload] = Field(default_factory=dict)
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)  # sent to each deployment, under its own
     stream_include_usage: bool = True
     # follow the x-ratelimit-remaining-* headers: pace no faster than the upstream has left
     follow_rate_headers: bool = True
@@ -122,13 +186,6 @@ class Upstream(_Model):
     model_limits: dict[str, Limits] = Field(default_factory=dict)
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
-        return value
 
     @field_validator("tokenizer")
     @classmethod
@@ -144,19 +201,6 @@ class Upstream(_Model):
                              f"of: {have}")
         return value
 
-    @field_validator("base_url")
-    @classmethod
-    def _normalise_base_url(cls, value: str) -> str:
-        # Users write the base both ways (".../v1" as the OpenAI SDK does, or
-        # the bare host); the client always appends "/v1/...", so strip it.
-        parts = urlsplit(value.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query or fragment")
-        url = value.strip().rstrip("/")
-        return url[: -len("/v1")] if url.endswith("/v1") else url
-
     @field_validator("job_base_url_hosts")
     @classmethod
     def _check_job_hosts(cls, value: list[str]) -> list[str]:
@@ -164,13 +208,25 @@ class Upstream(_Model):
             allow_list(tuple(value))
         return value
 
-    @field_validator("headers")
-    @classmethod
-    def _no_secret_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        banned = {"authorization", "api-key", "x-api-key"}
-        if banned & {name.lower() for name in value}:
-            raise ValueError("keys go in api_key_env or api_key_file, not in headers")
-        return value
+    @model_validator(mode="after")
+    def _one_server_or_several(self) -> Upstream:
+        if (self.base_url is None) == (self.deployments is None):
+            raise ValueError("give base_url (one server) or deployments (several), one of the "
+                             "two")
+        if self.deployments is not None:
+            if not self.deployments:
+                raise ValueError("deployments: list at least one deployment")
+            names = [d.name for d in self.deployments]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"deployments: names must be unique: {', '.join(twice)}")
+            if self.job_base_url_hosts:
+                raise ValueError("job_base_url_hosts: not with deployments (a job's base_url "
+                                 "names one server)")
+            if self.api_key_env or self.api_key_file:
+                raise ValueError("api_key_env/api_key_file: with deployments, each deployment "
+                                 "names its own key")
+        return self
 
     def serves(self, model: str) -> bool:
         """Whether a model name matches one of this upstream's globs."""
@@ -185,6 +241,29 @@ class Upstream(_Model):
             if fnmatch.fnmatchcase(model, pattern):
                 layer.update(values)
         return layer
+
+    def targets(self) -> list[Deployment]:
+        """The servers calls go to: its deployments, or itself as its one deployment."""
+        if self.deployments is not None:
+            return self.deployments
+        assert self.base_url is not None  # one of the two, checked at load
+        return [Deployment.model_construct(
+            name=self.name, base_url=self.base_url, api_key_env=self.api_key_env,
+            api_key_file=self.api_key_file, api_key=self.api_key, headers={}, weight=1.0,
+            limits=Limits())]
+
+    def call_scopes(self, deployment: Deployment, model: str | None
+                    ) -> list[tuple[str, Limits]]:
+        """The limit scopes a call to ``deployment`` counts against: the group's, its own."""
+        own = [(deployment.name, deployment.limits)] if deployment.limits.active else []
+        return [*self.limit_scopes(model), *own]
+
+    def reported_scopes(self, deployment: Deployment, model: str | None
+                        ) -> list[tuple[str, Limits]]:
+        """The scopes a deployment's rate-limit headers speak for (its key's)."""
+        if deployment.name == self.name:  # the upstream is its one deployment
+            return self.limit_scopes(model)
+        return [(deployment.name, deployment.limits)] if deployment.limits.active else []
 
     def limit_scopes(self, model: str | None) -> list[tuple[str, Limits]]:
         """(scope name, limits) that apply to a call for ``model``, upstream first."""
@@ -380,6 +459,17 @@ class GatewaySettings(_Model):
         return []
 
 
+def _loop(fallbacks: dict[str, list[str]], model: str, path: list[str]) -> list[str]:
+    """A path of fallbacks from ``model`` back to a model already on ``path`` ([] if none)."""
+    if model in path:
+        return [*path, model]
+    for other in fallbacks.get(model, ()):
+        found = _loop(fallbacks, other, [*path, model])
+        if found:
+            return found
+    return []
+
+
 FILE_TTL_RANGE = (3600, 30 * 86400)  # OpenAI's bounds on a file's expires_after.seconds
 
 
@@ -403,6 +493,8 @@ class Settings(_Model):
     files: FileSettings = FileSettings()
     webhooks: WebhookSettings = WebhookSettings()
     upstreams: list[Upstream] = Field(min_length=1)
+    # opt-in: a model whose deployments all failed a call moves it to these models, in order
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("upstreams")
     @classmethod
@@ -411,7 +503,29 @@ class Settings(_Model):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"upstream names must be unique: {', '.join(duplicates)}")
+        groups = set(names)
+        for i, upstream in enumerate(value):  # limits, cool-downs, breakers are kept by name
+            for j, deployment in enumerate(upstream.deployments or ()):
+                if deployment.name in groups:
+                    raise ValueError(f"upstreams[{i}].deployments[{j}].name: {deployment.name!r}"
+                                     " is also an upstream's name")
+                if deployment.name in names:
+                    raise ValueError(f"upstreams[{i}].deployments[{j}].name: {deployment.name!r}"
+                                     " is already the name of another deployment")
+                names.append(deployment.name)
         return value
+
+    @model_validator(mode="after")
+    def _fallbacks_reach_models(self) -> Settings:
+        for model, others in self.fallbacks.items():
+            for other in others:
+                if self.upstream_for_model(other) is None:
+                    raise ValueError(f"fallbacks.{model}: no upstream serves {other!r}")
+            path = _loop(self.fallbacks, model, [])
+            if path:
+                raise ValueError(f"fallbacks.{model}: falls back in a loop "
+                                 f"({' -> '.join(path)})")
+        return self
 
     @model_validator(mode="after")
     def _visibility_covers_jobs(self) -> Settings:
@@ -433,10 +547,24 @@ class Settings(_Model):
         return next((u for u in self.upstreams if (model is None or u.serves(model))
                      and (endpoint is None or endpoint in u.endpoints)), None)
 
+    def fallback_chain(self, model: str | None) -> list[str | None]:
+        """The job's model, then the models it may fall back to, in order (``fallbacks``,
+        followed through: loops are refused at load)."""
+        chain: list[str | None] = [model]
+        for name in chain:
+            for other in self.fallbacks.get(name or "", ()):
+                if other not in chain:
+                    chain.append(other)
+        return chain
+
     def missing_keys(self) -> list[str]:
         """Problems with upstream keys a worker needs: a named variable that is unset."""
         return [f"upstreams[{i}].api_key_env: the environment variable {u.api_key_env} is not set"
                 for i, u in enumerate(self.upstreams) if u.api_key_env and u.api_key is None] + [
+            f"upstreams[{i}].deployments[{j}].api_key_env: the environment variable "
+            f"{d.api_key_env} is not set"
+            for i, u in enumerate(self.upstreams) for j, d in enumerate(u.deployments or ())
+            if d.api_key_env and d.api_key is None] + [
             f"gateway.keys[{k}].webhooks[{w}].secret_env: the environment variable "
             f"{hook.secret_env} is not set"
             for k, key in enumerate(self.gateway.keys)

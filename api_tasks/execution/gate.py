@@ -35,16 +35,31 @@ class Gate:
         self.leases = leases
         self.ahead = reserve_ahead
 
-    def cooldown(self, run: Delivery, handle: CallHandle) -> None:
-        """Hold the call while its upstream cools down after a 429 (the claim read it)."""
-        left = run.cooldown if run.calls == 1 else self.cooldowns.left(run.target.name)
+    def cooldown(self, run: Delivery, handle: CallHandle, server: str,
+                 left: float | None = None) -> None:
+        """Hold the call while its deployment ``server`` cools down after a 429 (``left``:
+        as already read, by the claim)."""
+        if left is None:
+            left = self.cooldowns.left(server)
         if left > self.ahead:
             raise Park(left, Hold.COOLDOWN)  # long: wait outside, holding no slot
         if left > 0:
             log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
-                     run.job_id, left, run.target.name)
-            if handle.wait(left):
-                raise handle.error() or CallCancelled("the job was stopped")
+                     run.job_id, left, server)
+            self.hold(handle, left)
+
+    def breakers(self, run: Delivery, handle: CallHandle, wait: float) -> None:
+        """Hold the call until a deployment of its group may be probed (all are open)."""
+        if wait > self.ahead:
+            raise Park(wait, Hold.BREAKER)
+        log.info("job %s waits %.2fs: every deployment of upstream %s has its breaker open",
+                 run.job_id, wait, run.target.name)
+        self.hold(handle, max(wait, 0.05))
+
+    def hold(self, handle: CallHandle, seconds: float) -> None:
+        """Wait here; a stopped job stops waiting."""
+        if handle.wait(seconds):
+            raise handle.error() or CallCancelled("the job was stopped")
 
     def admit(self, run: Delivery, handle: CallHandle, scopes: list[tuple[str, Limits]],
               cost: int) -> None:
@@ -86,9 +101,10 @@ class Gate:
     def park(self, run: Delivery, park: Park) -> Outcome | None:
         """The job leaves this worker to wait for its limit; it is sent again when due. None:
         it was cancelled meanwhile, and is for the caller to end."""
+        turn_on = None if run.deployment is None else (run.deployment.name, run.model)
         parked = self.leases.park(run.job_id, run.token, park.wait, park.reason,
                                   run.message or run.spec.message_json(run.queue), park.turn,
-                                  self.ahead / 2)
+                                  self.ahead / 2, turn_on)
         if parked is Parked.PARKED:
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)

@@ -42,7 +42,7 @@ from api_tasks.upstream.rate_headers import Reported, warn_once
 if TYPE_CHECKING:
     from config.settings import Limits
 
-__all__ = ["Admission", "Cooldowns", "Hold", "Limiter"]
+__all__ = ["Admission", "Cooldowns", "Hold", "Limiter", "pace_args"]
 
 _COOL = script("cooldown")
 
@@ -84,6 +84,7 @@ class Hold(StrEnum):
     CONCURRENCY = "concurrency"  # a max_in_flight limit
     COOLDOWN = "cooldown"  # the upstream's cool-down after a 429
     TURN = "limit"  # the turn it reserved under its limits
+    BREAKER = "breaker"  # every deployment of its model group has its circuit breaker open
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,23 @@ class Admission:
     reason: Hold
 
 
+def pace_args(limits: Limits) -> list[float]:
+    """What the scripts take of a scope's limits: ms per request and per token (paced to
+    ``utilization``), request and token burst ms, max in flight (0: none)."""
+    rpm = (limits.requests_per_minute or 0) * limits.utilization
+    tpm = (limits.tokens_per_minute or 0) * limits.utilization
+    burst = limits.burst_seconds * 1000
+    return [60000 / rpm if rpm else 0, 60000 / tpm if tpm else 0, burst, burst,
+            limits.max_in_flight or 0]
+
+
 @dataclass(frozen=True)
 class _Scope:
     name: str
     limits: Limits
 
     def args(self) -> list[float]:
-        rpm = (self.limits.requests_per_minute or 0) * self.limits.utilization
-        tpm = (self.limits.tokens_per_minute or 0) * self.limits.utilization
-        burst = self.limits.burst_seconds * 1000
-        return [60000 / rpm if rpm else 0, 60000 / tpm if tpm else 0, burst, burst,
-                self.limits.max_in_flight or 0]
+        return pace_args(self.limits)
 
 
 def _lower(part: _Scope, unit: str, configured: float | None, told: float | None

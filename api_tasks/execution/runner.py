@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -31,6 +32,7 @@ from api_tasks.errors import (
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.gate import Gate, Park
 from api_tasks.execution.limits import Cooldowns, Limiter
+from api_tasks.execution.router import Router
 from api_tasks.execution.tokens import estimate_cost
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
@@ -50,17 +52,18 @@ from api_tasks.stream.relay import StreamRelay
 from api_tasks.upstream.call_handle import CallHandle, Stop
 from api_tasks.upstream.http_client import CallRequest, HttpClient
 from api_tasks.upstream.rate_headers import reported
-from api_tasks.upstream.retry import RetryPolicy, backoff_delay, retry_delay
+from api_tasks.upstream.retry import Health, RetryPolicy, backoff_delay, health, retry_delay
 from api_tasks.upstream.routing import build_call, build_payload, resolve_upstream
 
 if TYPE_CHECKING:
-    from config.settings import Limits, Settings
+    from config.settings import Deployment, Limits, Settings, Upstream
 
 __all__ = ["JobRunner"]
 
 log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
 _MIN_COOLDOWN = 0.1  # seconds: 429s that cost no attempt must never become a hot loop
+_TRIES_KEPT = 32  # calls a job's record lists (a job rate limited for an hour makes many)
 
 
 class JobRunner:
@@ -79,6 +82,7 @@ class JobRunner:
         self.http = http
         self.worker_id = worker_id
         self.limiter = limiter
+        self.router = Router(leases.redis, store.keys, leases.lease_ms)
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
@@ -106,7 +110,8 @@ class JobRunner:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
-                       cooldown=claim.cooldown, queue=queue, turn=claim.turn, message=message)
+                       cooldown=claim.cooldown, queue=queue, turn=claim.turn,
+                       turn_on=claim.turn_on, message=message)
         handle = CallHandle(job_id, token)
         try:
             with self.watchdog.watching(handle):  # the lease is renewed from here on
@@ -155,54 +160,145 @@ class JobRunner:
         return self._finish(run, JobStatus.SUCCEEDED, response=response)
 
     def _call_with_retries(self, run: Delivery, handle: CallHandle) -> dict[str, Any]:
-        payload = build_payload(self.settings, run.target, run.spec)
-        call = build_call(self.settings, run.target, run.spec, payload)
-        policy = self.policies[run.target.name]
-        scopes = [*run.target.limit_scopes(run.spec.model),
-                  *self.settings.gateway.key_limits(run.spec.owner)]
-        counted = any(limits.tokens_per_minute for _, limits in scopes)
-        cost = estimate_cost(payload, run.target.tokenizer, run.spec.model,
-                             reply=run.spec.endpoint.generates) if counted else 0
+        home = run.target
+        # a job's own base_url names one server: it never moves to another model
+        chain = [run.spec.model] if run.spec.base_url else \
+            self.settings.fallback_chain(run.spec.model)
+        route = _Route(chain, {0: self._leg(run, home, run.spec.model)})
+        keyed = self.settings.gateway.key_limits(run.spec.owner)
         while True:
             run.calls += 1
-            self.gate.cooldown(run, handle)
-            self.gate.admit(run, handle, scopes, cost)
-            handle.start_attempt(run.target.timeouts.total)
+            leg, server = self._next_call(run, handle, route)
+            run.upstream, run.deployment, run.model = leg.group, server, leg.model
+            scopes = [*leg.group.call_scopes(server, leg.model), *keyed]
+            verdict, sent, run.first_byte = Health.UNKNOWN, False, None
             try:
-                return self._limited_attempt(run, handle, call, scopes, cost)
+                self.gate.cooldown(run, handle, server.name, run.cooldown
+                                   if run.calls == 1 and server.name == home.name else None)
+                self.gate.admit(run, handle, scopes, leg.cost)
+                handle.flights += self.router.calls(leg.group, server)
+                handle.start_attempt(leg.group.timeouts.total)
+                sent = True
+                response = self._limited_attempt(run, handle, leg, server, scopes)
+                verdict = Health.OK
+                _record_try(run, server, leg.model, None)
+                return response
             except UpstreamError as err:
+                if sent:
+                    verdict = health(err)
+                    _record_try(run, server, leg.model, err)
                 stopped = handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN)
-                if err.status == 429 and err.retryable:  # the whole upstream backs off
+                policy = self.policies[leg.group.name]
+                if err.status == 429 and err.retryable:  # the whole deployment backs off
                     asked = err.retry_after if err.retry_after is not None else \
                         backoff_delay(policy, run.rate_limited + 1, random.random())
-                    self.cooldowns.start(run.target.name, max(
+                    self.cooldowns.start(server.name, max(
                         min(asked or policy.initial_delay, policy.max_retry_after),
                         _MIN_COOLDOWN))
                     if not stopped and not run.published and \
                             time.time() - run.created_at < policy.rate_limited_for:
                         # no attempt spent: the gate holds it through the cool-down, in this
-                        # worker if short, else outside it
+                        # worker if short, else outside it (or it goes to another deployment)
                         run.rate_limited += 1
                         log.info("job %s rate limited by %s (429); waiting, no attempt spent",
-                                 run.job_id, run.target.name)
+                                 run.job_id, server.name)
                         handle.pause()  # the wait is not the call's: its deadline stops
                         continue
                 delay = retry_delay(policy, err, run.calls - run.rate_limited,
                                     random.random(), run.published)
                 if delay is None or stopped:
                     raise
-                log.info("job %s attempt %d failed (%s: %s); retrying in %.2fs",
-                         run.job_id, run.calls, err.code, err.message, delay)
+                # another deployment (or fallback model) is called at once; the delay is
+                # waited only before the job's own model is called again
+                log.info("job %s attempt %d failed on %s (%s: %s); retrying",
+                         run.job_id, run.calls, server.name, err.code, err.message)
+                route.tried.add(server.name)
+                route.owed, route.error = delay, err
                 handle.pause()
-                if handle.wait(delay):
-                    raise handle.error() or err from err
+            finally:
+                self.router.done(run.job_id, run.calls, leg.group, server, verdict,
+                                 run.first_byte)
 
-    def _limited_attempt(self, run: Delivery, handle: CallHandle, call: CallRequest,
-                         scopes: list[tuple[str, Limits]], cost: int) -> dict[str, Any]:
+    def _leg(self, run: Delivery, group: Upstream, model: str | None) -> _Leg:
+        """The call to ``group`` for ``model``: its payload and its token cost."""
+        spec = run.spec if model == run.spec.model else \
+            replace(run.spec, body={**run.spec.body, "model": model})
+        payload = build_payload(self.settings, group, spec)
+        scopes = [*group.limit_scopes(model), *self.settings.gateway.key_limits(spec.owner)]
+        counted = any(limits.tokens_per_minute for _, limits in scopes) or any(
+            d.limits.tokens_per_minute for d in group.deployments or ())
+        cost = estimate_cost(payload, group.tokenizer, model,
+                             reply=spec.endpoint.generates) if counted else 0
+        return _Leg(model, group, payload, cost)
+
+    def _leg_at(self, run: Delivery, route: _Route, at: int) -> _Leg | None:
+        """The leg for the ``at``-th model of the chain (None: nothing serves it here)."""
+        if at not in route.legs:
+            model = route.chain[at]
+            spec = replace(run.spec, body={**run.spec.body, "model": model}, upstream=None)
+            try:
+                route.legs[at] = self._leg(run, resolve_upstream(self.settings, spec), model)
+            except InvalidJob:  # e.g. its upstream does not serve this endpoint
+                route.legs[at] = None
+        return route.legs[at]
+
+    def _next_call(self, run: Delivery, handle: CallHandle, route: _Route
+                   ) -> tuple[_Leg, Deployment]:
+        """Where the next call goes: the deployment with most room of the first model in the
+        chain that has one the job has not tried; all tried: its own model again, after the
+        backoff; every deployment's breaker open: wait for the soonest probe."""
+        if run.turn_on is not None and run.calls == 1:
+            found = self._reserved(run, route)
+            if found is not None:
+                return found
+            run.turn = None  # its deployment is gone: it asks its limits again
+        while True:
+            waits = []
+            for at in range(route.at, len(route.chain)):
+                leg = self._leg_at(run, route, at)
+                if leg is None:
+                    continue
+                pick = self.router.pick(run.job_id, leg.group, route.tried, leg.cost)
+                if pick.deployment is not None:
+                    route.at = at
+                    return leg, pick.deployment
+                if pick.wait >= 0:
+                    waits.append(pick.wait)
+            route.at = 0
+            if route.tried:  # each one tried once: over again, after the backoff
+                route.tried.clear()
+                if route.owed and handle.wait(route.owed):
+                    raise handle.error() or route.error or CallCancelled("the job was stopped")
+                route.owed = 0.0
+            else:
+                self.gate.breakers(run, handle, min(waits, default=0.0))
+
+    def _reserved(self, run: Delivery, route: _Route) -> tuple[_Leg, Deployment] | None:
+        """The deployment of the turn a job reserved before it waited outside its worker."""
+        assert run.turn_on is not None
+        name, model = run.turn_on
+        if model not in route.chain:
+            return None
+        route.at = route.chain.index(model)
+        leg = self._leg_at(run, route, route.at)
+        if leg is None:
+            return None
+        others = {d.name for d in leg.group.targets() if d.name != name}
+        pick = self.router.pick(run.job_id, leg.group, others, leg.cost)
+        return None if pick.deployment is None else (leg, pick.deployment)
+
+    def _limited_attempt(self, run: Delivery, handle: CallHandle, leg: _Leg,
+                         server: Deployment, scopes: list[tuple[str, Limits]]
+                         ) -> dict[str, Any]:
         """One attempt, its reserved tokens settled with what the upstream reports."""
+        cost = leg.cost
+        call = leg.calls.get(server.name)
+        if call is None:
+            call = leg.calls[server.name] = build_call(self.settings, leg.group, run.spec,
+                                                       leg.payload, server)
         unused, answered = cost, False
         try:
-            response = self._attempt(run, handle, call)
+            response = self._attempt(run, handle, call, leg, server)
             answered = True
             usage = response.get("usage") or {}
             unused = cost - int(usage.get("total_tokens") or cost)
@@ -215,13 +311,17 @@ class JobRunner:
             self.limiter.settle(run.job_id, scopes, unused, answered)
             handle.flights = []
 
-    def _attempt(self, run: Delivery, handle: CallHandle, call: CallRequest) -> dict[str, Any]:
+    def _attempt(self, run: Delivery, handle: CallHandle, call: CallRequest, leg: _Leg,
+                 server: Deployment) -> dict[str, Any]:
+        sent = time.monotonic()
         try:
             response = self.http.send(handle, call)
         except APIStatusError as err:
-            self._observe(run, err.headers)
+            run.first_byte = time.monotonic() - sent
+            self._observe(run, leg, server, err.headers)
             raise
-        self._observe(run, response.headers)
+        run.first_byte = time.monotonic() - sent
+        self._observe(run, leg, server, response.headers)
         content_type = response.headers.get("content-type", "")
         if run.spec.stream and content_type.startswith("text/event-stream"):
             return self._stream(run, handle, response, call)
@@ -232,15 +332,16 @@ class JobRunner:
                                        code="invalid_response", status=response.status_code)
         return data
 
-    def _observe(self, run: Delivery, headers: Mapping[str, str]) -> None:
-        """Follow what the upstream says it has left (its x-ratelimit-* headers)."""
-        if not run.target.follow_rate_headers:
+    def _observe(self, run: Delivery, leg: _Leg, server: Deployment,
+                 headers: Mapping[str, str]) -> None:
+        """Follow what the deployment says it has left (its x-ratelimit-* headers)."""
+        if not leg.group.follow_rate_headers:
             return
-        said = reported(headers, run.target.name)
+        said = reported(headers, server.name)
         if said.said:
             try:
-                self.limiter.observe(run.target.limit_scopes(run.spec.model), said,
-                                     run.spec.model or "")
+                self.limiter.observe(leg.group.reported_scopes(server, leg.model), said,
+                                     leg.model or "")
             except redis.RedisError as err:  # advice only: never lose the call's answer
                 log.warning("job %s: the upstream's rate-limit headers were not recorded "
                             "(%s)", run.job_id, err)
@@ -310,15 +411,18 @@ class JobRunner:
     def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
                 error: dict[str, Any] | None = None) -> Outcome:
         finished = time.time()
+        served = run.deployment.name if run.deployment else None
+        tries = run.tries[-_TRIES_KEPT:]
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
-            "model": run.spec.model, "attempts": run.calls, "created_at": run.created_at,
-            "started_at": run.started_at, "finished_at": finished}
+            "deployment": served, "model": run.spec.model, "attempts": run.calls,
+            "tries": tries, "created_at": run.created_at, "started_at": run.started_at,
+            "finished_at": finished}
         result = envelope(run.job_id, status, meta, response=response, error=error) \
             if run.spec.store_result else None
         event = final_event(status, run.published, run.attempt, error=error,
                             **_summary(run.spec.kind, response))
-        fields = finish_fields(status, finished, run.calls, error)
+        fields = finish_fields(status, finished, run.calls, error, served, tries)
         webhooks = event_args(self.store.keys, self.settings, run.spec.owner,
                               f"job.{status.value}", run.job_id,
                               job_event_id(run.job_id)) \
@@ -331,13 +435,44 @@ class JobRunner:
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)
             return Outcome.LOST
-        log.info("job %s %s (upstream=%s attempts=%d chunks=%d %.3fs)",
-                 run.job_id, status.value, meta["upstream"], run.calls, run.published,
+        log.info("job %s %s (upstream=%s deployment=%s attempts=%d chunks=%d %.3fs)",
+                 run.job_id, status.value, meta["upstream"], served, run.calls, run.published,
                  finished - run.started_at)
         return Outcome(status.value)
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl
+
+
+@dataclass
+class _Leg:
+    """The job's call for one model of its fallback chain: its model group, body and cost."""
+
+    model: str | None
+    group: Upstream
+    payload: dict[str, Any]
+    cost: int
+    calls: dict[str, CallRequest] = field(default_factory=dict)  # built, by deployment
+
+
+@dataclass
+class _Route:
+    """Where a job's calls go: the model chain, how far along it is, what it tried."""
+
+    chain: list[str | None]
+    legs: dict[int, _Leg | None]
+    at: int = 0
+    tried: set[str] = field(default_factory=set)  # deployments that failed it, this round
+    owed: float = 0.0  # the backoff to wait before its own model is called again
+    error: UpstreamError | None = None  # the latest failure
+
+
+def _record_try(run: Delivery, server: Deployment, model: str | None,
+                err: UpstreamError | None) -> None:
+    """Note one call: the deployment, the model (a fallback's, if it moved), how it failed."""
+    run.tries.append({"deployment": server.name, "model": model, "error": None if err is None
+                      else {"code": err.code, "status": err.status, "message": err.message}})
+    del run.tries[:-_TRIES_KEPT]
 
 
 def _internal(err: BaseException, attempts: int) -> dict[str, Any]:

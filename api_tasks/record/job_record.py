@@ -74,6 +74,9 @@ class Field(StrEnum):
     ENDED_BY = "ended_by"  # the attempt that finished, parked or gave it back
     RESENT_AT = "resent_at"  # when a batch pump last sent a lost line's job again
     RESENDS = "resends"
+    TURN_ON = "turn_on"  # the deployment and model its reserved turn is under, JSON
+    DEPLOYMENT = "deployment"  # the deployment that served it (or was called last)
+    TRIES = "tries"  # each call's deployment, model and error (the last 32), JSON
 
 
 # which attempt holds or ended it: the workers' business, not the caller's
@@ -101,12 +104,17 @@ def queued(fields: Mapping[str, str]) -> dict[str, str]:
 
 
 def finish_fields(status: JobStatus, finished_at: float, calls: int,
-                  error: dict[str, Any] | None) -> list[str]:
+                  error: dict[str, Any] | None, deployment: str | None = None,
+                  tries: list[dict[str, Any]] | None = None) -> list[str]:
     """The field/value pairs written when a job ends (``LeaseStore.finish_command``)."""
     fields = [Field.STATUS, status.value, Field.FINISHED_AT, repr(finished_at),
               Field.ATTEMPTS, str(calls)]
     if error is not None:
         fields += [Field.ERROR, json.dumps(error)]
+    if deployment is not None:
+        fields += [Field.DEPLOYMENT, deployment]
+    if tries:
+        fields += [Field.TRIES, json.dumps(tries, separators=(",", ":"))]
     return [str(item) for item in fields]
 
 
@@ -125,6 +133,7 @@ def meta_from(info: dict[str, str]) -> dict[str, Any]:
     """Envelope fields from a job record."""
     return {"kind": info.get(Field.KIND), "upstream": info.get(Field.UPSTREAM),
             "model": info.get(Field.MODEL) or None,
+            "deployment": info.get(Field.DEPLOYMENT) or None,
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
             "created_at": _number(info, Field.CREATED_AT),
             "started_at": _number(info, Field.STARTED_AT),
@@ -139,6 +148,7 @@ def job_view(job_id: str, info: dict[str, str]) -> dict[str, Any]:
     return {
         "id": job_id, "status": status, "kind": info.get(Field.KIND),
         "model": info.get(Field.MODEL) or None, "upstream": info.get(Field.UPSTREAM) or None,
+        "deployment": info.get(Field.DEPLOYMENT) or None,
         "queue": info.get(Field.QUEUE) or None, "stream": info.get(Field.STREAM) == "1",
         "created_at": _number(info, Field.CREATED_AT),
         "started_at": _number(info, Field.STARTED_AT),
@@ -150,5 +160,6 @@ def job_view(job_id: str, info: dict[str, str]) -> dict[str, Any]:
         "waiting_until": _number(info, Field.WAITING_UNTIL) if waiting else None,
         "batch": info.get(Field.BATCH) or None,
         "error": json.loads(info[Field.ERROR]) if info.get(Field.ERROR) else None,
+        "tries": json.loads(info[Field.TRIES]) if info.get(Field.TRIES) else [],
     }
 

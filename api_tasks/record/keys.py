@@ -45,6 +45,23 @@ class Keys:
         """String: present while the upstream asked everyone to back off (429)."""
         return f"{self.prefix}:cooldown:{upstream}"
 
+    def calls(self, deployment: str) -> str:
+        """Sorted set: job ids calling a deployment now, by lease expiry (ms): its load."""
+        return f"{self.prefix}:calls:{deployment}"
+
+    def latency(self, deployment: str) -> str:
+        """Hash: a deployment's time to first byte, a peak-sensitive moving average (``ewma``,
+        ms), and when it was last measured (``at``, ms)."""
+        return f"{self.prefix}:latency:{deployment}"
+
+    def breaker(self, deployment: str) -> str:
+        """Hash: a deployment's circuit breaker (open_until, probe_until, opened_at; ms)."""
+        return f"{self.prefix}:breaker:{deployment}"
+
+    def breaker_failures(self, deployment: str) -> str:
+        """Sorted set: a deployment's recent failed calls, by time (ms)."""
+        return f"{self.prefix}:breaker:{deployment}:failures"
+
     def limit(self, scope: str) -> str:
         """Hash: a limit scope's pacing state (theoretical arrival times, ms)."""
         return f"{self.prefix}:limit:{scope}"

@@ -93,6 +93,7 @@ class Claim:
     turn: float | None = None  # seconds to the turn it reserved under its limits, if any
     has_events: bool = False  # an earlier attempt wrote to the job's stream
     ended: str | None = None  # the final status, for ``Verdict.ENDED``
+    turn_on: tuple[str, str | None] | None = None  # that turn's deployment and model
 
 
 class LeaseStore:
@@ -124,7 +125,7 @@ class LeaseStore:
         """
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created, cool, turn, shown = self._claim(
+        verdict, delivery, created, cool, turn, shown, on = self._claim(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
                   keys.cooldown(upstream), keys.events(job_id), keys.running(),
                   keys.running_messages()],
@@ -134,7 +135,7 @@ class LeaseStore:
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
                      int(cool) / 1000, None if not turn else float(turn) / 1000,
-                     text(shown) == "1", ended)
+                     text(shown) == "1", ended, tuple(json.loads(on)) if on else None)
 
     def renew(self, client: redis.Redis,
               held: list[tuple[str, str, list[str]]]) -> list[str]:
@@ -164,12 +165,13 @@ class LeaseStore:
             args=[tag, message, job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
-             message: str, turn: float | None = None, lead: float = 0.0) -> Parked:
+             message: str, turn: float | None = None, lead: float = 0.0,
+             turn_on: tuple[str, str | None] | None = None) -> Parked:
         """Take the job out of its worker until a limit lets it run (not if it is not ours,
         or was cancelled meanwhile).
 
-        ``turn``: seconds to the turn it reserved (kept in the record); it is sent
-        again ``lead`` seconds before it.
+        ``turn``: seconds to the turn it reserved (kept in the record, with ``turn_on``: the
+        deployment and model it is under); it is sent again ``lead`` seconds before it.
         """
         keys = self.keys
         return Parked(int(self._park(
@@ -177,7 +179,8 @@ class LeaseStore:
                   keys.running(), keys.running_messages(), keys.cancel(job_id)],
             args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
-                  "" if turn is None else int(turn * 1000), int(lead * 1000)])))
+                  "" if turn is None else int(turn * 1000), int(lead * 1000),
+                  "" if turn_on is None else json.dumps(turn_on)])))
 
     def due(self, limit: int = 500) -> list[tuple[str, dict[str, Any], str]]:
         """Waiting jobs whose wait is over: (job id, message to send, the score it is held

@@ -13,10 +13,19 @@ import email.utils
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
-from api_tasks.errors import UpstreamError
+from api_tasks.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    InvalidResponseError,
+    StreamError,
+    UpstreamError,
+)
 
-__all__ = ["RetryPolicy", "backoff_delay", "parse_duration", "parse_retry_after", "retry_delay"]
+__all__ = ["Health", "RetryPolicy", "backoff_delay", "health", "parse_duration",
+           "parse_retry_after", "retry_delay"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -96,3 +105,23 @@ def retry_delay(
         # the server knows best, but a job never sleeps longer than the policy allows
         return min(error.retry_after, policy.max_retry_after)
     return backoff_delay(policy, attempt, rand)
+
+
+class Health(StrEnum):
+    """What one call says of its deployment, for the circuit breaker."""
+
+    OK = "ok"  # it answered (even an error of the caller's, or a 429)
+    FAILED = "failed"  # no answer, too slow, a 5xx, or a broken answer
+    UNKNOWN = ""  # the call was stopped, or never went out
+
+
+def health(error: UpstreamError | None) -> Health:
+    """The breaker's verdict on a call that ended with ``error`` (None: it succeeded)."""
+    if error is None:
+        return Health.OK
+    if isinstance(error, APIStatusError):
+        return Health.FAILED if (error.status or 0) >= 500 else Health.OK
+    if isinstance(error, (APIConnectionError, APITimeoutError, InvalidResponseError,
+                          StreamError)):
+        return Health.FAILED
+    return Health.UNKNOWN

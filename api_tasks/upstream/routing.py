@@ -12,7 +12,7 @@ from api_tasks.upstream.job_urls import AddressGuard, check_job_url
 from api_tasks.upstream.merge import merge_payload
 
 if TYPE_CHECKING:
-    from config.settings import Settings, Upstream
+    from config.settings import Deployment, Settings, Upstream
 
 __all__ = ["build_call", "build_payload", "resolve_upstream"]
 
@@ -72,19 +72,23 @@ def build_payload(settings: Settings, upstream: Upstream, spec: JobSpec) -> dict
 
 
 def build_call(settings: Settings, upstream: Upstream, spec: JobSpec,
-               payload: dict[str, Any] | None = None) -> CallRequest:
-    """The HTTP request for this job, with the key from the worker's settings."""
+               payload: dict[str, Any] | None = None,
+               deployment: Deployment | None = None) -> CallRequest:
+    """The HTTP request for this job to ``deployment`` of its upstream (its first, if not
+    named), with the key from the worker's settings."""
+    server = deployment or upstream.targets()[0]
     headers = {"Content-Type": "application/json", "Accept":
-               "text/event-stream" if spec.stream else "application/json", **upstream.headers}
+               "text/event-stream" if spec.stream else "application/json", **upstream.headers,
+               **server.headers}
     secrets: tuple[str, ...] = ()
-    if upstream.api_key is not None:
-        key = upstream.api_key.get_secret_value()
+    if server.api_key is not None:
+        key = server.api_key.get_secret_value()
         headers["Authorization"] = f"Bearer {key}"
         secrets = (key,)
     if payload is None:
         payload = build_payload(settings, upstream, spec)
     body = json.dumps(payload, separators=(",", ":"))
-    base, guard = upstream.base_url, None
+    base, guard = server.base_url, None
     if spec.base_url is not None:  # the URL rebuilt from its checked parts, never the raw one
         entries = tuple(upstream.job_base_url_hosts)
         base = check_job_url(entries, upstream.name, spec.base_url).url

@@ -42,11 +42,11 @@ def test_a_long_cooldown_parks_the_job_and_a_short_one_is_waited_here(
     upstream = Upstream(name="u", base_url="http://u.example")
     run, handle = _run(upstream, cooldown=5.0)
     with pytest.raises(Park) as parked:
-        gate.cooldown(run, handle)
+        gate.cooldown(run, handle, "u", run.cooldown)
     assert parked.value.reason is Hold.COOLDOWN and parked.value.wait == 5.0
     run, handle = _run(upstream, cooldown=0.1)
     started = time.monotonic()
-    gate.cooldown(run, handle)  # no Park: waited in the worker, then let through
+    gate.cooldown(run, handle, "u", run.cooldown)  # no Park: waited in the worker, then let through
     assert time.monotonic() - started >= 0.09
 
 

@@ -3,22 +3,24 @@
 -- id, then field/value pairs for a job nobody recorded (a plain Celery client's). The
 -- message is kept while the job runs, so a job whose message is lost can be sent again.
 -- Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
--- whether the job's stream has events}.
+-- whether the job's stream has events, the deployment and model of that turn (JSON) or ''}.
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
 local now = now_ms()
 local turn = redis.call('HGET', KEYS[1], 'turn_at')
 turn = turn and tostring(tonumber(turn) - now) or ''
+local on = turn ~= '' and redis.call('HGET', KEYS[1], 'turn_on') or ''
 local shown = tostring(redis.call('EXISTS', KEYS[5]))
 if ended(s) then
-  return {s, '0', created, cool, turn, shown}
+  return {s, '0', created, cool, turn, shown, on}
 end
 local holder = redis.call('GET', KEYS[3])
 if holder == ARGV[3] then
-  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown}
+  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown,
+          on}
 end
-if holder then return {'busy', '0', created, cool, turn, shown} end
+if holder then return {'busy', '0', created, cool, turn, shown, on} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
@@ -35,5 +37,5 @@ if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
 elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
   verdict = 'poison'
 end
-redis.call('HDEL', KEYS[1], 'turn_at')
-return {verdict, tostring(n), created, cool, turn, shown}
+redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on')
+return {verdict, tostring(n), created, cool, turn, shown, on}

@@ -1,6 +1,7 @@
 -- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel.
 -- ARGV: token, job id, wait ms, reason,
--- message, ttl, turn ms from now ('' = none reserved), lead ms. The job leaves its worker
+-- message, ttl, turn ms from now ('' = none reserved), lead ms, the deployment and model the
+-- turn is under (JSON; '' when the group has one server). The job leaves its worker
 -- to wait for a limit and is sent again ``lead`` before its turn (or when due). Returns 1
 -- when parked, 0 when another attempt holds it, 2 when it was cancelled meanwhile (its
 -- worker ends it now rather than park a job nobody wants).
@@ -12,9 +13,10 @@ redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due /
            'waiting_for', ARGV[4])
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[1], 'turn_at', tostring(now + tonumber(ARGV[7])))
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'turn_on', ARGV[9]) end
   due = math.max(now + tonumber(ARGV[7]) - tonumber(ARGV[8]), now)
 else
-  redis.call('HDEL', KEYS[1], 'turn_at')
+  redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on')
 end
 redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
 redis.call('HDEL', KEYS[1], 'token')

@@ -57,6 +57,7 @@ class FakeUpstream:
         """Configures the server; start() binds it."""
         self.host, self.port, self.record = host, port, record
         self.stopping = False
+        self.first_byte_delay = 0.0  # seconds every request waits before it is answered
         self._cond = threading.Condition()  # guards scripts, recordings and counters
         self._scripts: dict[str, _Script] = {}
         self._recorded: list[tuple[str | None, Recorded]] = []
@@ -267,6 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {k.lower(): v for k, v in self.headers.items()}
             upstream._arrived(model, Recorded(path, headers, body, raw, time.monotonic()))
         wire = Wire(self.connection)
+        if upstream.first_byte_delay:
+            time.sleep(upstream.first_byte_delay)  # an overloaded server, slow to answer
         try:
             _route(upstream, self.command, path, body, model, wire)
         except ClientGone:
