@@ -100,3 +100,19 @@ def test_the_readme_gateway_settings_are_valid_settings() -> None:
     for block in ours:  # beside an upstream, as any settings file has
         settings = Settings.model_validate({**block, "upstreams": [upstream]})
         assert settings.gateway.keys or settings.webhooks
+
+
+def test_the_readme_deployments_settings_are_valid_settings() -> None:
+    """The deployments block loads as written, beside an upstream serving its fallback."""
+    import yaml
+
+    from config.settings import Settings
+
+    [block] = [yaml.safe_load(m.group(1)) for m in _YAML.finditer(
+        (ROOT / "README.md").read_text()) if "deployments:" in m.group(1)]
+    openai = {"name": "openai", "base_url": "https://api.openai.com/v1", "models": ["gpt-*"]}
+    settings = Settings.model_validate({**block, "upstreams": [*block["upstreams"], openai]})
+    [group, _] = settings.upstreams
+    assert [d.name for d in group.targets()] == ["llama-a", "llama-b", "llama-hosted"]
+    assert settings.fallback_chain("llama-3.1-70b-instruct") == ["llama-3.1-70b-instruct",
+                                                                 "gpt-4o-mini"]

@@ -210,8 +210,8 @@ class JobRunner:
                     raise
                 # another deployment (or fallback model) is called at once; the delay is
                 # waited only before the job's own model is called again
-                log.info("job %s attempt %d failed on %s (%s: %s); retrying",
-                         run.job_id, run.calls, server.name, err.code, err.message)
+                log.info("job %s attempt %d failed (%s: %s) at %s; retrying",
+                         run.job_id, run.calls, err.code, err.message, server.name)
                 route.tried.add(server.name)
                 route.owed, route.error = delay, err
                 handle.pause()

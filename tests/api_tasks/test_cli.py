@@ -56,7 +56,10 @@ def test_complete_json_detach_status_result(env: dict[str, str], model: str) -> 
     assert view["finished_at"] >= view["started_at"] >= view["created_at"] > 0
     assert set(view) == {"id", "status", "kind", "model", "upstream", "queue", "stream",
                          "created_at", "started_at", "finished_at", "attempt", "calls",
-                         "crashes", "waiting_for", "waiting_until", "batch", "error"}
+                         "crashes", "waiting_for", "waiting_until", "batch", "error",
+                         "deployment", "tries"}
+    assert view["deployment"] == "fake" and view["tries"] == [
+        {"deployment": "fake", "model": model, "error": None}]
     plain = cli(env, "status", job_id)
     assert plain.stdout.startswith(f"{job_id} succeeded (attempt 1, 1 call, ")
     cancel = cli(env, "cancel", job_id)  # it is not running either way: not an error
