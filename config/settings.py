@@ -99,11 +99,37 @@ class Limits(_Model):
     # prompt plus its max_tokens ceiling when it arrives, nothing given back, an overrun still
     # charged), or "usage" (settled down to the usage reported: for limits you set yourself)
     accounting: Literal["arrival", "usage"] = "arrival"
+    # ``limits: auto``: requests and tokens per minute learnt, per model, from the limits the
+    # upstream reports in its x-ratelimit-limit-* headers instead of set here
+    auto: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_shorthand(cls, value: Any) -> Any:
+        return {"auto": True} if value == "auto" else value
+
+    @model_validator(mode="after")
+    def _auto_sets_no_rates(self) -> Limits:
+        if self.auto and (self.requests_per_minute or self.tokens_per_minute):
+            raise ValueError("auto learns requests_per_minute and tokens_per_minute from the "
+                             "upstream's headers: leave them out")
+        return self
 
     @property
     def active(self) -> bool:
         """Whether any limit is set."""
-        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_in_flight)
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_in_flight
+                    or self.auto)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether calls under it reserve their tokens (a tokens limit, set or learnt)."""
+        return bool(self.tokens_per_minute or self.auto)
+
+    def scope(self, name: str, model: str | None) -> str:
+        """The scope these limits keep their state under: learnt limits are per model, as
+        providers count them."""
+        return f"{name}/{model}" if self.auto and model else name
 
 
 def _base_url(value: str) -> str:
@@ -255,7 +281,8 @@ class Upstream(_Model):
     def call_scopes(self, deployment: Deployment, model: str | None
                     ) -> list[tuple[str, Limits]]:
         """The limit scopes a call to ``deployment`` counts against: the group's, its own."""
-        own = [(deployment.name, deployment.limits)] if deployment.limits.active else []
+        limits = deployment.limits
+        own = [(limits.scope(deployment.name, model), limits)] if limits.active else []
         return [*self.limit_scopes(model), *own]
 
     def reported_scopes(self, deployment: Deployment, model: str | None
@@ -263,11 +290,13 @@ class Upstream(_Model):
         """The scopes a deployment's rate-limit headers speak for (its key's)."""
         if deployment.name == self.name:  # the upstream is its one deployment
             return self.limit_scopes(model)
-        return [(deployment.name, deployment.limits)] if deployment.limits.active else []
+        limits = deployment.limits
+        return [(limits.scope(deployment.name, model), limits)] if limits.active else []
 
     def limit_scopes(self, model: str | None) -> list[tuple[str, Limits]]:
         """(scope name, limits) that apply to a call for ``model``, upstream first."""
-        scopes = [(self.name, self.limits)] if self.limits.active else []
+        scopes = [(self.limits.scope(self.name, model), self.limits)] if self.limits.active \
+            else []
         for pattern, limits in self.model_limits.items():
             if model is not None and limits.active and fnmatch.fnmatchcase(model, pattern):
                 scopes.append((f"{self.name}/{pattern}", limits))

@@ -96,13 +96,18 @@ class Admission:
     reason: Hold
 
 
+_UNKNOWN = 1e-6  # ms: the interval of a limit not learnt yet (``limits: auto``): none
+
+
 def pace_args(limits: Limits) -> list[float]:
     """What the scripts take of a scope's limits: ms per request and per token (paced to
     ``utilization``), request and token burst ms, max in flight (0: none)."""
     rpm = (limits.requests_per_minute or 0) * limits.utilization
     tpm = (limits.tokens_per_minute or 0) * limits.utilization
     burst = limits.burst_seconds * 1000
-    return [60000 / rpm if rpm else 0, 60000 / tpm if tpm else 0, burst, burst,
+    # a learnt limit paces the scope through its pacing hash (``paced`` in the scripts)
+    unset = _UNKNOWN if limits.auto else 0
+    return [60000 / rpm if rpm else unset, 60000 / tpm if tpm else unset, burst, burst,
             limits.max_in_flight or 0]
 
 
@@ -117,9 +122,11 @@ class _Scope:
 
 def _lower(part: _Scope, unit: str, configured: float | None, told: float | None
            ) -> float | None:
-    """The upstream's own limit when it is lower than the scope's (warned once a scope); 0
-    when it said one that is not lower (the configured one stands again); None if it said
-    nothing of it."""
+    """The upstream's own limit when it is lower than the scope's (warned once a scope), or
+    any it says for a scope that learns its limits; 0 when it said one that is not lower
+    (the configured one stands again); None if it said nothing of it."""
+    if part.limits.auto:
+        return told if told else None
     if configured is None or told is None:
         return None
     if told <= 0 or told >= configured:
@@ -190,7 +197,7 @@ class Limiter:
         and its limits: no scope draws its reserve down, and a model's scope paces no faster
         than the upstream's own limit."""
         parts = [_Scope(name, limits) for name, limits in scopes if limits.tokens_per_minute
-                 or limits.requests_per_minute]
+                 or limits.requests_per_minute or limits.auto]
         if not parts or not reported.said:
             return
         args: list[str | float] = []

@@ -225,8 +225,8 @@ class JobRunner:
             replace(run.spec, body={**run.spec.body, "model": model})
         payload = build_payload(self.settings, group, spec)
         scopes = [*group.limit_scopes(model), *self.settings.gateway.key_limits(spec.owner)]
-        counted = any(limits.tokens_per_minute for _, limits in scopes) or any(
-            d.limits.tokens_per_minute for d in group.deployments or ())
+        counted = any(limits.counts_tokens for _, limits in scopes) or any(
+            d.limits.counts_tokens for d in group.deployments or ())
         cost = estimate_cost(payload, group.tokenizer, model,
                              reply=spec.endpoint.generates) if counted else 0
         return _Leg(model, group, payload, cost)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
+from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
 from tests.support.services import Spawn, WorkerProcess, wait_until
@@ -31,6 +33,9 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
             # told ten times what the upstream allows; 429s cost no attempt here
             "name": "following", "base_url": fake.base_url, "models": ["follow-*"],
             "model_limits": {"follow-*": {"tokens_per_minute": 300000}}}, {
+            # its limits learnt from the upstream's headers, per model
+            "name": "learning", "base_url": fake.base_url, "models": ["learn-*"],
+            "limits": "auto"}, {
             # a 429 fails the job once its attempts are spent (no waiting it out)
             "name": "limited", "base_url": fake.base_url,
             "retry": {"max_attempts": 1, "rate_limited_for": 0},
@@ -116,6 +121,34 @@ def test_pacing_follows_what_the_upstream_says_it_has_left(
     assert run(said, report=True).rejected <= 2
     arrivals = sorted(r.at for r in fake.requests(said))
     assert arrivals[-1] - arrivals[0] >= 3.0  # (3,030 - 1,000) / 500 a second
+
+
+def test_auto_limits_are_learnt_from_the_upstreams_headers(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    name = "learn-" + model
+    quota = fake.enforce(name, rpm=120, burst=1.0)  # two at once, then one each half second
+    jobs = [client.submit_chat(USER, model=name) for _ in range(12)]
+    for job in jobs:
+        assert job.result(timeout=60) is not None  # a 429 costs no attempt
+    # the limit it reported, paced to utilization (0.98), per model
+    learnt = client.redis.hget(client.keys.limit(f"learning/{name}"), "req_iv")
+    assert learnt is not None and float(learnt) == pytest.approx(60000 / (120 * 0.98))
+    # told nothing before the first answers, the opening calls met 429s; from then on the
+    # calls went at the learnt pace (unpaced, each cool-down's end would bring more 429s)
+    assert quota.rejected <= 12
+    taken = sorted(at for at, _, _ in quota.taken)
+    assert len(taken) == 12
+    assert min(b - a for a, b in itertools.pairwise(taken[2:])) >= 0.4
+
+
+def test_auto_limits_name_no_rates(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump({"upstreams": [{"name": "u", "base_url": "http://u",
+                                                   "limits": {"auto": True,
+                                                              "requests_per_minute": 60}}]}))
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.limits.*leave them out"):
+        load_settings(env={}, path=str(path))
 
 
 def test_a_call_larger_than_the_whole_budget_is_refused(
