@@ -29,6 +29,7 @@ from api_tasks.exit_codes import ExitCode
 from api_tasks.record.deployments import deployment_states
 from api_tasks.record.job_record import JobStatus
 from api_tasks.record.reader import Job, text_of
+from api_tasks.record.workers import STALE_AFTER, alive, records
 from api_tasks.spec import QUEUES, Kind
 from config.errors import ConfigError
 
@@ -75,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print the whole response")
         cmd.add_argument("--timeout", type=float, default=600.0)
     add_batch_commands(sub)
+    health = sub.add_parser("health", help="exit 0 when Redis answers and a worker (the named "
+                                           "one, if given) renewed its liveness record lately")
+    health.add_argument("--worker", help="a worker id, or its start (host, host.pid)")
+    health.add_argument("--json", action="store_true")
     gateway = sub.add_parser("gateway", help="run the HTTP gateway (OpenAI-compatible, jobs API)")
     gateway.add_argument("--host", help="address to listen on (default gateway.host, 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="port (default gateway.port, 8000)")
@@ -173,6 +178,34 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _health(client: Client, args: argparse.Namespace) -> int:
+    """A probe that costs the workers nothing: their liveness records, read from Redis."""
+    try:
+        ids = client.store.shell.run(alive(client.keys))
+        if args.worker:
+            ids = [i for i in ids if i == args.worker or i.startswith(args.worker + ".")]
+        workers = client.store.shell.run(records(client.keys, ids)) if ids else []
+    except redis.RedisError as err:
+        report = {"status": "unavailable", "redis": f"unavailable: {err}", "workers": []}
+        print(json.dumps(report) if args.json else f"unhealthy: Redis unavailable ({err})",
+              file=sys.stdout if args.json else sys.stderr)
+        return ExitCode.UNAVAILABLE
+    now = time.time()
+    for worker in workers:
+        worker["seen_ago"] = round(now - worker.pop("seen_at", now), 3)
+    healthy = bool(workers)
+    if args.json:
+        print(json.dumps({"status": "ok" if healthy else "no_workers", "redis": "ok",
+                          "workers": workers}))
+    elif healthy:
+        print("\n".join(f"ok: {w['id']} (seen {w['seen_ago']:.1f}s ago)" for w in workers))
+    else:
+        named = f" named {args.worker}" if args.worker else ""
+        print(f"unhealthy: Redis answers, but no worker{named} renewed its liveness record "
+              f"in the last {STALE_AFTER:g}s", file=sys.stderr)
+    return ExitCode.OK if healthy else ExitCode.FAILED
+
+
 def _upstreams(client: Client, args: argparse.Namespace) -> int:
     try:
         states = deployment_states(client.redis, client.keys, client.settings)
@@ -234,4 +267,5 @@ def _gateway(client: Client, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {**dict.fromkeys(_SUBMITS, _submit), "status": _status, "cancel": _cancel,
-             "result": _result, "batch": batch_command, "gateway": _gateway}
+             "result": _result, "batch": batch_command, "gateway": _gateway,
+             "health": _health}

@@ -12,7 +12,7 @@ from api_tasks.connections import text
 from api_tasks.record.calls import Call, command
 from api_tasks.record.keys import Keys
 
-__all__ = ["HEARTBEAT_EVERY", "STALE_AFTER", "alive", "beat", "gone"]
+__all__ = ["HEARTBEAT_EVERY", "STALE_AFTER", "alive", "beat", "gone", "records"]
 
 HEARTBEAT_EVERY = 2.0  # seconds between two records of one worker
 STALE_AFTER = 3 * HEARTBEAT_EVERY  # a worker not heard of for this long is taken for gone
@@ -42,3 +42,10 @@ def alive(keys: Keys, now: float | None = None) -> Call[list[str]]:
     now = time.time() if now is None else now
     return command("ZRANGEBYSCORE", keys.workers(), int((now - STALE_AFTER) * 1000), "+inf",
                    parse=lambda reply: [text(member) for member in reply])
+
+
+def records(keys: Keys, worker_ids: list[str]) -> Call[list[dict[str, Any]]]:
+    """What those workers last said of themselves (host, pid, concurrency, seen_at); a record
+    that lapsed meanwhile is left out."""
+    return command("MGET", *[keys.worker(worker_id) for worker_id in worker_ids],
+                   parse=lambda reply: [json.loads(raw) for raw in reply if raw])

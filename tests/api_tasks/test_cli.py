@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply, Slow
-from tests.support.services import ROOT, WorkerProcess, free_port
+from tests.support.services import ROOT, Spawn, WorkerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +145,36 @@ def test_redis_down_is_a_clear_error_not_a_hang(env: dict[str, str]) -> None:
     done = cli(down, "chat", "Hi", timeout=30)
     assert done.returncode == 4
     assert "Redis is unavailable" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_health_reads_the_workers_liveness_records(env: dict[str, str], worker_env: dict[str, str],
+                                                   spawn: Spawn) -> None:
+    done = cli(env, "health", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "ok" and report["redis"] == "ok" and report["workers"]
+    assert all(w["seen_ago"] < 10 and w["pid"] > 0 for w in report["workers"])
+    # one worker of its own, named, then killed: its record lapses within seconds
+    own = {**worker_env, "API_TASKS_PREFIX": f"hl{uuid.uuid4().hex[:6]}"}
+    probe = {k: v for k, v in own.items() if k != "FAKE_UPSTREAM_KEY"}
+    assert cli(probe, "health").returncode == 1  # nobody under this prefix yet
+    process = spawn(own, "probed")
+    [alive_one] = json.loads(cli(probe, "health", "--json").stdout)["workers"]
+    host_pid = f"{alive_one['host']}.{process.pid}"
+    named = cli(probe, "health", "--worker", host_pid)
+    assert named.returncode == 0 and named.stdout.startswith(f"ok: {host_pid}.")
+    assert cli(probe, "health", "--worker", "no-such-host").returncode == 1
+    process.kill()
+    wait_until(lambda: cli(probe, "health", "--worker", host_pid).returncode == 1, 20,
+               "the killed worker's record to lapse")
+    gone = cli(probe, "health", "--worker", host_pid)
+    assert "no worker named" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_health_with_redis_down_exits_4(env: dict[str, str]) -> None:
+    down = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = cli(down, "health", "--json")
+    assert done.returncode == 4
+    assert json.loads(done.stdout)["status"] == "unavailable" and "Traceback" not in done.stderr
+    plain = cli(down, "health")
+    assert plain.returncode == 4 and plain.stderr.startswith("unhealthy: Redis unavailable")
