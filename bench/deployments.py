@@ -46,7 +46,8 @@ class Outcome:
 
     failed: int
     latencies: list[float]  # seconds, submit to end, per job
-    refused: int  # calls the killed deployment refused (sent after it died)
+    refused: int  # calls the killed deployment refused: sent after it died (probes too)
+    cut: int  # its calls under way when it died, cut
     slow_share: tuple[float, float]  # the slowed one's share of calls within 10 s of the
     # slowdown, and after those (the reference: over the same windows of its run)
     elapsed: float
@@ -96,22 +97,24 @@ def run(redis_url: str, workdir: Path, n: int, rate: float, faults: bool) -> Out
 
 def _outcome(jobs: list[Job], servers: list[FakeUpstream], marks: dict[str, float],
              started: float, elapsed: float) -> Outcome:
-    failed, latencies, refused = 0, [], 0
+    failed, latencies, refused, cut = 0, [], 0, 0
     for job in jobs:
         with contextlib.suppress(JobFailed):
             job.result(timeout=300)
         view = job.describe()
         failed += view["status"] != "succeeded"
         latencies.append(view["finished_at"] - view["created_at"])
-        refused += sum(1 for t in view["tries"] if t["deployment"] == "d0"
-                       and t["error"] and t["error"]["code"] == "connection_refused")
+        errors = [t["error"]["code"] for t in view["tries"]
+                  if t["deployment"] == "d0" and t["error"]]
+        refused += errors.count("connection_refused")
+        cut += len(errors) - errors.count("connection_refused")
     slowed = marks.get("slow", started + elapsed / 2)
     shares = []
     for low, high in ((slowed, slowed + 10), (slowed + 10, float("inf"))):
         counts = [sum(1 for r in server.requests(MODEL) if low <= r.at < high)
                   for server in servers]
         shares.append(counts[1] / max(sum(counts), 1))
-    return Outcome(failed, latencies, refused, (shares[0], shares[1]), elapsed)
+    return Outcome(failed, latencies, refused, cut, (shares[0], shares[1]), elapsed)
 
 
 def rows(faulty: Outcome, healthy: Outcome) -> list[Row]:
@@ -123,8 +126,10 @@ def rows(faulty: Outcome, healthy: Outcome) -> list[Row]:
          f"{p50 / ref50:.2f}x"),
         ("job latency p99", f"{p99 * 1000:.0f} ms", f"{ref99 * 1000:.0f} ms",
          f"{p99 / ref99:.2f}x (target <= 1.5x)"),
-        ("calls refused by the killed deployment", str(faulty.refused), "-",
-         f"target <= {BREAKER_FAILURES} (+1 probe per 30 s)"),
+        ("calls to the killed deployment cut as it died", str(faulty.cut), str(healthy.cut),
+         "moved at once"),
+        ("calls sent to it after it died (refused), probes included", str(faulty.refused),
+         str(healthy.refused), f"target <= {BREAKER_FAILURES} + 1 probe per 30 s"),
         ("slowed deployment's share of calls, its first 10 s slow",
          f"{faulty.slow_share[0]:.1%}", f"{healthy.slow_share[0]:.1%}", "cut within 10 s"),
         ("slowed deployment's share of calls, after those", f"{faulty.slow_share[1]:.1%}",

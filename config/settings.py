@@ -140,6 +140,8 @@ def _base_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query or fragment")
+    if parts.username or parts.password:  # shown by status and logs: keys have their place
+        raise ValueError("must not carry credentials: use api_key_env or api_key_file")
     url = value.strip().rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 

@@ -72,9 +72,10 @@ class Router:
             keys += [self.keys.breaker(name), self.keys.calls(name), self.keys.cooldown(name),
                      self.keys.limit(name), self.keys.in_flight(name), self.keys.latency(name)]
             req, tok, burst, _, cap = pace_args(deployment.limits)
+            # a probe holds the deployment until its call can have ended
             args += ["1" if name in tried else "0", deployment.weight,
                      -math.log(1.0 - self.rand()), req, tok, burst, cap,
-                     int(group.breaker.cooldown * 1000)]
+                     int(max(group.breaker.cooldown, group.timeouts.total) * 1000)]
         index, wait, probe = self._route(keys=keys, args=args)
         if not int(index):
             return Pick(None, float(wait) / 1000 if float(wait) >= 0 else -1.0)
@@ -88,18 +89,25 @@ class Router:
         return [] if group.deployments is None else [self.keys.calls(deployment.name)]
 
     def done(self, job_id: str, attempt: int, group: Upstream, deployment: Deployment,
-             verdict: Health, first_byte: float | None) -> None:
+             verdict: Health, first_byte: float | None, probe: bool = False) -> None:
         """The call ended (``first_byte``: seconds to its answer's headers, None if it got
-        none): free its slot, and tell the deployment's breaker and average how it went."""
+        none): free its slot, and tell the deployment's breaker and average how it went (a
+        probe that never went out lets the next call probe)."""
         if group.deployments is None:
             return
         breaker, name = group.breaker, deployment.name
-        opened = self._routed(
-            keys=[self.keys.breaker(name), self.keys.breaker_failures(name),
-                  self.keys.calls(name), self.keys.latency(name)],
-            args=[job_id, attempt, verdict.value, breaker.failures, int(breaker.window * 1000),
-                  int(breaker.cooldown * 1000),
-                  "" if first_byte is None else round(first_byte * 1000, 1), _DECAY_MS])
+        try:
+            opened = self._routed(
+                keys=[self.keys.breaker(name), self.keys.breaker_failures(name),
+                      self.keys.calls(name), self.keys.latency(name)],
+                args=[job_id, attempt, verdict.value, breaker.failures,
+                      int(breaker.window * 1000), int(breaker.cooldown * 1000),
+                      "" if first_byte is None else round(first_byte * 1000, 1), _DECAY_MS,
+                      "1" if probe else "0"])
+        except redis.RedisError as err:  # the call's outcome stands; its slot lapses anyway
+            log.warning("deployment %s: the end of job %s's call was not recorded (%s)",
+                        name, job_id, err)
+            return
         if int(opened):
             log.warning("deployment %s: circuit breaker open for %gs; calls go to the other "
                         "deployments", name, breaker.cooldown)

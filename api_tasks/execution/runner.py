@@ -32,7 +32,7 @@ from api_tasks.errors import (
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.gate import Gate, Park
 from api_tasks.execution.limits import Cooldowns, Limiter
-from api_tasks.execution.router import Router
+from api_tasks.execution.router import Pick, Router
 from api_tasks.execution.tokens import estimate_cost
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
@@ -52,7 +52,14 @@ from api_tasks.stream.relay import StreamRelay
 from api_tasks.upstream.call_handle import CallHandle, Stop
 from api_tasks.upstream.http_client import CallRequest, HttpClient
 from api_tasks.upstream.rate_headers import reported
-from api_tasks.upstream.retry import Health, RetryPolicy, backoff_delay, health, retry_delay
+from api_tasks.upstream.retry import (
+    Health,
+    RetryPolicy,
+    backoff_delay,
+    health,
+    key_refused,
+    retry_delay,
+)
 from api_tasks.upstream.routing import build_call, build_payload, resolve_upstream
 
 if TYPE_CHECKING:
@@ -167,8 +174,10 @@ class JobRunner:
         route = _Route(chain, {0: self._leg(run, home, run.spec.model)})
         keyed = self.settings.gateway.key_limits(run.spec.owner)
         while True:
+            leg, pick = self._next_call(run, handle, route)
+            server = pick.deployment
+            assert server is not None
             run.calls += 1
-            leg, server = self._next_call(run, handle, route)
             run.upstream, run.deployment, run.model = leg.group, server, leg.model
             scopes = [*leg.group.call_scopes(server, leg.model), *keyed]
             verdict, sent, run.first_byte = Health.UNKNOWN, False, None
@@ -204,8 +213,16 @@ class JobRunner:
                                  run.job_id, server.name)
                         handle.pause()  # the wait is not the call's: its deadline stops
                         continue
-                delay = retry_delay(policy, err, run.calls - run.rate_limited,
-                                    random.random(), run.published)
+                spent = run.calls - run.rate_limited
+                if leg.group.deployments is not None and key_refused(err) and not stopped \
+                        and spent < policy.max_attempts:
+                    # that deployment's own key was refused: another deployment's may not be
+                    log.info("job %s: %s refused its key (%s); trying another deployment",
+                             run.job_id, server.name, err.code)
+                    route.tried.add(server.name)
+                    route.final = err
+                    continue
+                delay = retry_delay(policy, err, spent, random.random(), run.published)
                 if delay is None or stopped:
                     raise
                 # another deployment (or fallback model) is called at once; the delay is
@@ -213,11 +230,11 @@ class JobRunner:
                 log.info("job %s attempt %d failed (%s: %s) at %s; retrying",
                          run.job_id, run.calls, err.code, err.message, server.name)
                 route.tried.add(server.name)
-                route.owed, route.error = delay, err
+                route.owed, route.error, route.final = delay, err, None
                 handle.pause()
             finally:
                 self.router.done(run.job_id, run.calls, leg.group, server, verdict,
-                                 run.first_byte)
+                                 run.first_byte, pick.probe)
 
     def _leg(self, run: Delivery, group: Upstream, model: str | None) -> _Leg:
         """The call to ``group`` for ``model``: its payload and its token cost."""
@@ -229,7 +246,12 @@ class JobRunner:
             d.limits.counts_tokens for d in group.deployments or ())
         cost = estimate_cost(payload, group.tokenizer, model,
                              reply=spec.endpoint.generates) if counted else 0
-        return _Leg(model, group, payload, cost)
+        # deployments whose own limit is below the call go unasked, unless all are (then the
+        # gate refuses it: request_too_large)
+        small = frozenset(d.name for d in group.deployments or ()
+                          if d.limits.tokens_per_minute and cost > d.limits.tokens_per_minute)
+        return _Leg(model, group, payload, cost,
+                    small if len(small) < len(group.deployments or ()) else frozenset())
 
     def _leg_at(self, run: Delivery, route: _Route, at: int) -> _Leg | None:
         """The leg for the ``at``-th model of the chain (None: nothing serves it here)."""
@@ -243,11 +265,12 @@ class JobRunner:
         return route.legs[at]
 
     def _next_call(self, run: Delivery, handle: CallHandle, route: _Route
-                   ) -> tuple[_Leg, Deployment]:
+                   ) -> tuple[_Leg, Pick]:
         """Where the next call goes: the deployment with most room of the first model in the
         chain that has one the job has not tried; all tried: its own model again, after the
-        backoff; every deployment's breaker open: wait for the soonest probe."""
-        if run.turn_on is not None and run.calls == 1:
+        backoff (or the error, if the last one was a refused key); every deployment's breaker
+        open: wait for the soonest probe."""
+        if run.turn_on is not None and run.calls == 0:
             found = self._reserved(run, route)
             if found is not None:
                 return found
@@ -258,13 +281,16 @@ class JobRunner:
                 leg = self._leg_at(run, route, at)
                 if leg is None:
                     continue
-                pick = self.router.pick(run.job_id, leg.group, route.tried, leg.cost)
+                pick = self.router.pick(run.job_id, leg.group, route.tried | leg.too_small,
+                                        leg.cost)
                 if pick.deployment is not None:
                     route.at = at
-                    return leg, pick.deployment
+                    return leg, pick
                 if pick.wait >= 0:
                     waits.append(pick.wait)
             route.at = 0
+            if route.final is not None:  # no other deployment: its refusal stands
+                raise route.final
             if route.tried:  # each one tried once: over again, after the backoff
                 route.tried.clear()
                 if route.owed and handle.wait(route.owed):
@@ -273,7 +299,7 @@ class JobRunner:
             else:
                 self.gate.breakers(run, handle, min(waits, default=0.0))
 
-    def _reserved(self, run: Delivery, route: _Route) -> tuple[_Leg, Deployment] | None:
+    def _reserved(self, run: Delivery, route: _Route) -> tuple[_Leg, Pick] | None:
         """The deployment of the turn a job reserved before it waited outside its worker."""
         assert run.turn_on is not None
         name, model = run.turn_on
@@ -285,7 +311,7 @@ class JobRunner:
             return None
         others = {d.name for d in leg.group.targets() if d.name != name}
         pick = self.router.pick(run.job_id, leg.group, others, leg.cost)
-        return None if pick.deployment is None else (leg, pick.deployment)
+        return None if pick.deployment is None else (leg, pick)
 
     def _limited_attempt(self, run: Delivery, handle: CallHandle, leg: _Leg,
                          server: Deployment, scopes: list[tuple[str, Limits]]
@@ -452,6 +478,7 @@ class _Leg:
     group: Upstream
     payload: dict[str, Any]
     cost: int
+    too_small: frozenset[str] = frozenset()  # deployments whose own limit is below its cost
     calls: dict[str, CallRequest] = field(default_factory=dict)  # built, by deployment
 
 
@@ -465,6 +492,7 @@ class _Route:
     tried: set[str] = field(default_factory=set)  # deployments that failed it, this round
     owed: float = 0.0  # the backoff to wait before its own model is called again
     error: UpstreamError | None = None  # the latest failure
+    final: UpstreamError | None = None  # a deployment refused its key: final if none is left
 
 
 def _record_try(run: Delivery, server: Deployment, model: str | None,

@@ -34,11 +34,12 @@ def deployment_states(client: redis.Redis, keys: Keys, settings: Settings
     rows = [(group, deployment) for group in settings.upstreams
             for deployment in group.targets()]
     pipe = client.pipeline(transaction=False)
-    now_ms = time.time() * 1000
-    for _, deployment in rows:
+    now_ms = time.time() * 1000  # the breakers' times are Redis's clock: close enough here
+    for group, deployment in rows:
         pipe.hmget(keys.breaker(deployment.name), "open_until", "opened_at")
         pipe.zcount(keys.calls(deployment.name), now_ms, "+inf")
-        pipe.zcount(keys.breaker_failures(deployment.name), "-inf", "+inf")
+        pipe.zcount(keys.breaker_failures(deployment.name),
+                    now_ms - group.breaker.window * 1000, "+inf")
         pipe.pttl(keys.cooldown(deployment.name))
     replies = pipe.execute()
     states = []
@@ -55,7 +56,7 @@ def deployment_states(client: redis.Redis, keys: Keys, settings: Settings
             "open_for": max(until - now_ms, 0.0) / 1000 if breaker is BreakerState.OPEN
             else None,
             "opened_at": float(opened_at) / 1000 if opened_at else None,
-            "recent_failures": int(failures) if several else None,
+            "recent_failures": int(failures) if several else None,  # in its window
             "calls_in_flight": int(calls) if several else None,
             "cooldown": max(int(cool), 0) / 1000})
     return states

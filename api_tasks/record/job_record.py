@@ -135,6 +135,7 @@ def meta_from(info: dict[str, str]) -> dict[str, Any]:
             "model": info.get(Field.MODEL) or None,
             "deployment": info.get(Field.DEPLOYMENT) or None,
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
+            "tries": json.loads(info[Field.TRIES]) if info.get(Field.TRIES) else [],
             "created_at": _number(info, Field.CREATED_AT),
             "started_at": _number(info, Field.STARTED_AT),
             "finished_at": _number(info, Field.FINISHED_AT)}

@@ -24,7 +24,7 @@ from api_tasks.errors import (
     UpstreamError,
 )
 
-__all__ = ["Health", "RetryPolicy", "backoff_delay", "health", "parse_duration",
+__all__ = ["Health", "RetryPolicy", "backoff_delay", "health", "key_refused", "parse_duration",
            "parse_retry_after", "retry_delay"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -125,3 +125,10 @@ def health(error: UpstreamError | None) -> Health:
                           StreamError)):
         return Health.FAILED
     return Health.UNKNOWN
+
+
+def key_refused(error: UpstreamError) -> bool:
+    """Whether the upstream refused the key itself (401, 403, out of quota): final for one
+    server, but a deployment with a key of its own may answer."""
+    return isinstance(error, APIStatusError) and (
+        error.status in (401, 403) or error.code == "insufficient_quota")

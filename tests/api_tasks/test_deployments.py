@@ -67,6 +67,11 @@ def _settings(servers: dict[str, FakeUpstream], dead_port: int,
                      "requests_per_minute": 120, "utilization": 1.0, "burst_seconds": 0.01}},
                  {"name": "paced-b", "base_url": url["b"], "limits": {
                      "requests_per_minute": 120, "utilization": 1.0, "burst_seconds": 0.01}}]},
+            {"name": "sized", "models": ["sized-*"], "retry": QUICK, "timeouts": timeouts,
+             "deployments": [
+                 {"name": "sized-small", "base_url": url["a"],
+                  "limits": {"tokens_per_minute": 300}},
+                 {"name": "sized-big", "base_url": url["b"]}]},
             {"name": "primary", "base_url": url["c"], "models": ["fbp-*"], "retry": QUICK,
              "timeouts": timeouts},
             {"name": "second", "base_url": fallback_url, "models": ["fbs-*"], "retry": QUICK,
@@ -141,6 +146,39 @@ def test_a_4xx_is_never_moved_to_another_deployment(cluster: Cluster) -> None:
     assert len(_tries(cluster, job.id)) == 1
     assert len(cluster.servers["a"].requests(model)) + \
         len(cluster.servers["b"].requests(model)) == 1
+
+
+def test_a_refused_key_moves_to_another_deployment_then_stands(cluster: Cluster) -> None:
+    quota = {"message": "You exceeded your current quota", "type": "insufficient_quota",
+             "code": "insufficient_quota"}
+    spent = f"pair-{uuid.uuid4().hex[:8]}"
+    cluster.servers["a"].script(spent, HttpError(429, error=quota))
+    cluster.servers["b"].script(spent, Reply(content="other key"))
+    jobs = [cluster.client.submit_chat(USER, model=spent) for _ in range(12)]
+    for job in jobs:  # one deployment's key is out of quota: the other's is not
+        assert job.result(timeout=30)["choices"][0]["message"]["content"] == "other key"
+        tries = _tries(cluster, job.id)
+        assert tries[-1]["deployment"] == "pair-b"
+        assert [t["error"]["code"] for t in tries[:-1]] in ([], ["insufficient_quota"])
+    refused = f"pair-{uuid.uuid4().hex[:8]}"
+    for server in ("a", "b"):
+        cluster.servers[server].script(refused, HttpError(401, error={
+            "message": "Incorrect API key provided", "type": "invalid_request_error",
+            "code": "invalid_api_key"}))
+    job = cluster.client.submit_chat(USER, model=refused)
+    with pytest.raises(JobFailed) as failed:  # every deployment refused: that stands
+        job.result(timeout=30)
+    assert failed.value.error["status"] == 401
+    assert sorted(t["deployment"] for t in _tries(cluster, job.id)) == ["pair-a", "pair-b"]
+
+
+def test_a_call_too_big_for_one_deployment_goes_to_another(cluster: Cluster) -> None:
+    model = f"sized-{uuid.uuid4().hex[:8]}"
+    jobs = [cluster.client.submit_chat(USER, model=model, max_tokens=500) for _ in range(6)]
+    for job in jobs:
+        job.result(timeout=30)
+        assert [t["deployment"] for t in _tries(cluster, job.id)] == ["sized-big"]
+    assert not cluster.servers["a"].requests(model)
 
 
 def test_a_stream_moves_only_before_its_first_chunk(cluster: Cluster) -> None:

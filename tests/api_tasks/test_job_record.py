@@ -81,7 +81,8 @@ def test_views_read_what_submit_and_finish_write() -> None:
     view = job_view("j1", record)
     assert view["calls"] == 3 and view["finished_at"] == 12.0 and view["error"] == {"code": "x"}
     assert meta_from(record) == {"kind": "chat", "upstream": "local", "model": "m",
-                                 "deployment": None, "attempts": 3, "created_at": 10.5,
+                                 "deployment": None, "attempts": 3, "tries": [],
+                                 "created_at": 10.5,
                                  "started_at": 11.0, "finished_at": 12.0}
     assert "w/1" not in str(view)  # the attempt's token is the workers' business
 

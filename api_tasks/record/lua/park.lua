@@ -1,7 +1,7 @@
 -- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel.
 -- ARGV: token, job id, wait ms, reason,
 -- message, ttl, turn ms from now ('' = none reserved), lead ms, the deployment and model the
--- turn is under (JSON; '' when the group has one server). The job leaves its worker
+-- turn is under (JSON; '' when not known). The job leaves its worker
 -- to wait for a limit and is sent again ``lead`` before its turn (or when due). Returns 1
 -- when parked, 0 when another attempt holds it, 2 when it was cancelled meanwhile (its
 -- worker ends it now rather than park a job nobody wants).

@@ -2,7 +2,7 @@
 -- pacing hash, in-flight set (its own limits) and latency hash. ARGV: job id, lease ms, the
 -- call's token cost, deployments, latency decay ms, then per deployment: '1' if this job already tried it, its weight, a
 -- random draw (Exp(1): weighs ties by weight), request interval ms, token interval ms, burst
--- ms, max in flight (0: none), breaker cool-down ms. Picks the deployment with the most
+-- ms, max in flight (0: none), how long a probe call holds a half-open breaker (ms). Picks the deployment with the most
 -- room: the soonest turn under its limits and cool-down, then the least expected wait: calls
 -- in flight times its time to first byte (decaying while unmeasured, so a deployment that
 -- was slow is tried again later), for its weight; skips open breakers, and lets a half-open one have one probe call at a time.
@@ -59,7 +59,7 @@ if best == 0 then  -- none left untried: the caller moves on; else it waits for 
 end
 redis.call('ZREMRANGEBYSCORE', key(best, 2), '-inf', now)
 redis.call('ZADD', key(best, 2), now + lease, id)
-redis.call('PEXPIRE', key(best, 2), lease * 4)
+redis.call('PEXPIRE', key(best, 2), 3600000)  -- members lapse by score, with the lease
 if best_probe then
   redis.call('HSET', key(best, 1), 'probe_until', now + tonumber(arg(best, 8)))
 end

@@ -1,7 +1,7 @@
 -- KEYS: a deployment's breaker hash, its recent failures, its calls set, its latency hash.
 -- ARGV: job id, attempt (n-th call of the job), health ('ok', 'failed' or '' for neither),
 -- failures that open the breaker, window ms, cool-down ms, the call's time to first byte ms
--- ('' if it got no answer), latency decay ms. The call ended: its slot is freed, its time to
+-- ('' if it got no answer), latency decay ms, '1' if it was the breaker's probe. The call ended: its slot is freed, its time to
 -- first byte joins the deployment's average (a slower one replaces it: the peak); a failure is
 -- counted (enough of them within the window open the breaker for the cool-down; a failed
 -- probe opens it again), and an answer from a half-open deployment closes it. Returns 1 when
@@ -29,7 +29,11 @@ if ARGV[3] == 'ok' then
   if open_until > 0 and open_until <= now then redis.call('DEL', KEYS[1], KEYS[2]) end
   return 0
 end
-if ARGV[3] ~= 'failed' then return 0 end
+if ARGV[3] ~= 'failed' then
+  -- a probe that never went out (parked, cancelled): the next call probes instead
+  if ARGV[9] == '1' then redis.call('HDEL', KEYS[1], 'probe_until') end
+  return 0
+end
 if open_until > 0 then
   if open_until <= now then return open() end  -- the probe failed
   return 0  -- already open
