@@ -364,6 +364,9 @@ class WorkerSettings(_Model):
     reap_interval: float = Field(5.0, gt=0)
     # None: celery's own -l/--loglevel decides (INFO by default); set, it wins and says so
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    # json: one JSON object a line, each line about a job with its id, attempt, upstream,
+    # deployment, model and queue (for log collectors); plain: for a terminal
+    log_format: Literal["plain", "json"] = "plain"
 
     @model_validator(mode="after")
     def _renewals_fit_in_a_lease(self) -> WorkerSettings:

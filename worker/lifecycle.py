@@ -17,6 +17,7 @@ from celery.signals import after_setup_logger, worker_init, worker_shutdown, wor
 
 from api_tasks import runtime
 from api_tasks.connections import wait_for_redis
+from api_tasks.job_logs import JobFields, JsonFormatter
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -49,6 +50,10 @@ def connect_signals(settings: Settings) -> None:
         wait_for_redis(runtime.install(settings, getattr(sender, "app", None)).redis)
 
     def on_logging(logger: logging.Logger, loglevel: Any = None, **_: Any) -> None:
+        for handler in logger.handlers:  # every line says which job it is about
+            handler.addFilter(JobFields())
+            if settings.worker.log_format == "json":
+                handler.setFormatter(JsonFormatter())
         chosen = settings.worker.log_level
         given = _level_name(loglevel) if _gives_level(sys.argv) else None
         if chosen is None:  # -l if given, else INFO (celery's own default is WARNING)

@@ -35,6 +35,7 @@ from api_tasks.execution.limits import Cooldowns, Limiter
 from api_tasks.execution.router import Pick, Router
 from api_tasks.execution.tokens import estimate_cost
 from api_tasks.execution.watchdog import Watchdog
+from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
 from api_tasks.record.job_record import (
     Field,
@@ -94,12 +95,17 @@ class JobRunner:
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
         """Run a job to its end; return its final status (or why this delivery was dropped)."""
+        with job_context(job_id):
+            return self._run(job_id, kind, first, params)
+
+    def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
         try:
             spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
             upstream = resolve_upstream(self.settings, spec)
         except InvalidJob as err:
             return self._reject(job_id, kind, err)
         queue = spec.queue or self.settings.jobs.default_queue
+        note_job(queue=queue, upstream=upstream.name, model=spec.model)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         message = spec.message_json(queue)
         fields = submit_fields(spec, upstream.name, queue)
@@ -116,6 +122,7 @@ class JobRunner:
         if not claim.verdict.owned:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
+        note_job(attempt=claim.attempt)
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
                        cooldown=claim.cooldown, queue=queue, turn=claim.turn,
                        turn_on=claim.turn_on, message=message)
@@ -179,6 +186,7 @@ class JobRunner:
             assert server is not None
             run.calls += 1
             run.upstream, run.deployment, run.model = leg.group, server, leg.model
+            note_job(upstream=leg.group.name, deployment=server.name, model=leg.model)
             scopes = [*leg.group.call_scopes(server, leg.model), *keyed]
             verdict, sent, run.first_byte = Health.UNKNOWN, False, None
             try:
@@ -427,6 +435,10 @@ class JobRunner:
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""
+        with job_context(job_id):
+            return self._fail(job_id, kind, err)
+
+    def _fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
         if self.leases.redis.exists(self.store.keys.lease(job_id)):
             log.error("job %s: left to the attempt that holds its lease", job_id)
             return Outcome.DROPPED
