@@ -120,6 +120,16 @@ class _Scope:
         return pace_args(self.limits)
 
 
+def _correction(limits: Limits, unused: int, answered: bool, counted: int | None) -> int:
+    """What the upstream counted of an answered call beyond its reservation (negative: less),
+    as the scope's rule has it: the usage, or the arrival charge (``counted``, if known)."""
+    if not answered:
+        return 0
+    if limits.accounting == "usage":
+        return -unused
+    return counted or 0
+
+
 def _lower(part: _Scope, unit: str, configured: float | None, told: float | None
            ) -> float | None:
     """The upstream's own limit when it is lower than the scope's (warned once a scope), or
@@ -180,22 +190,27 @@ class Limiter:
         return Admission(text(verdict) == "turn", float(wait) / 1000, Hold(text(reason)))
 
     def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int,
-               answered: bool = True) -> None:
+               answered: bool = True, counted: int | None = None) -> None:
         """The call ended: free its slot, charge what it overran, and give back what it did
         not use where a scope counts usage; a scope counting on arrival keeps it, unless the
-        upstream never took the call (not ``answered``: refused, or never sent)."""
+        upstream never took the call (not ``answered``: refused, or never sent). ``counted``:
+        how many more tokens than it reserved an upstream counting on arrival charged it (its
+        reported prompt plus the reply's ceiling, less the reservation), to correct what the
+        scope knows it spent (``observe``)."""
         if scopes:
             parts = [_Scope(name, limits) for name, limits in scopes]
             self._settle(keys=self._keys(parts), args=[job_id, *[
                 value for part in parts for value in (
                     part.args()[1], unused if part.limits.accounting == "usage"
-                    or not answered else min(unused, 0))]])
+                    or not answered else min(unused, 0),
+                    _correction(part.limits, unused, answered, counted))]])
 
     def observe(self, scopes: list[tuple[str, Limits]], reported: Reported,
-                model: str = "") -> None:
+                model: str = "", cost: int | None = None) -> None:
         """The upstream said what it has left (for ``model``: providers count per model),
-        and its limits: no scope draws its reserve down, and a model's scope paces no faster
-        than the upstream's own limit."""
+        and its limits: no scope draws its reserve down, a model's scope paces no faster
+        than the upstream's own limit, and none faster than what other callers on the key
+        leave it. ``cost``: the tokens the call reserved, if the upstream took it."""
         parts = [_Scope(name, limits) for name, limits in scopes if limits.tokens_per_minute
                  or limits.requests_per_minute or limits.auto]
         if not parts or not reported.said:
@@ -213,7 +228,8 @@ class Limiter:
                 *("" if told is None else "0" if not told else
                   repr(60000 / (told * part.limits.utilization)) for told in lower),
                 *("" if reset is None else repr(reset * 1000) for reset in (
-                    reported.reset_requests, reported.reset_tokens))]
+                    reported.reset_requests, reported.reset_tokens)),
+                part.limits.utilization, 0 if cost is None else 1, cost or 0]
         self._observe(keys=[self.keys.limit(part.name) for part in parts],
                       args=[model, *args])
 

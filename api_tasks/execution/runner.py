@@ -33,7 +33,7 @@ from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.gate import Gate, Park
 from api_tasks.execution.limits import Cooldowns, Limiter
 from api_tasks.execution.router import Pick, Router
-from api_tasks.execution.tokens import estimate_cost
+from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
@@ -254,11 +254,12 @@ class JobRunner:
             d.limits.counts_tokens for d in group.deployments or ())
         cost = estimate_cost(payload, group.tokenizer, model,
                              reply=spec.endpoint.generates) if counted else 0
+        ceiling = reply_ceiling(payload, reply=spec.endpoint.generates) if counted else 0
         # deployments whose own limit is below the call go unasked, unless all are (then the
         # gate refuses it: request_too_large)
         small = frozenset(d.name for d in group.deployments or ()
                           if d.limits.tokens_per_minute and cost > d.limits.tokens_per_minute)
-        return _Leg(model, group, payload, cost,
+        return _Leg(model, group, payload, cost, ceiling,
                     small if len(small) < len(group.deployments or ()) else frozenset())
 
     def _leg_at(self, run: Delivery, route: _Route, at: int) -> _Leg | None:
@@ -330,19 +331,22 @@ class JobRunner:
         if call is None:
             call = leg.calls[server.name] = build_call(self.settings, leg.group, run.spec,
                                                        leg.payload, server)
-        unused, answered = cost, False
+        unused, answered, counted = cost, False, None
         try:
             response = self._attempt(run, handle, call, leg, server)
             answered = True
             usage = response.get("usage") or {}
             unused = cost - int(usage.get("total_tokens") or cost)
+            prompt = usage.get("prompt_tokens") or usage.get("input_tokens")
+            if cost and isinstance(prompt, int):  # what an upstream counting on arrival took
+                counted = prompt + leg.ceiling - cost
             return response
         except UpstreamError:
             if run.published:
                 unused, answered = 0, True  # it generated tokens we cannot count: kept
             raise
         finally:
-            self.limiter.settle(run.job_id, scopes, unused, answered)
+            self.limiter.settle(run.job_id, scopes, unused, answered, counted)
             handle.flights = []
 
     def _attempt(self, run: Delivery, handle: CallHandle, call: CallRequest, leg: _Leg,
@@ -352,10 +356,10 @@ class JobRunner:
             response = self.http.send(handle, call)
         except APIStatusError as err:
             run.first_byte = time.monotonic() - sent
-            self._observe(run, leg, server, err.headers)
+            self._observe(run, leg, server, err.headers, taken=False)
             raise
         run.first_byte = time.monotonic() - sent
-        self._observe(run, leg, server, response.headers)
+        self._observe(run, leg, server, response.headers, taken=True)
         content_type = response.headers.get("content-type", "")
         if run.spec.stream and content_type.startswith("text/event-stream"):
             return self._stream(run, handle, response, call)
@@ -367,15 +371,16 @@ class JobRunner:
         return data
 
     def _observe(self, run: Delivery, leg: _Leg, server: Deployment,
-                 headers: Mapping[str, str]) -> None:
-        """Follow what the deployment says it has left (its x-ratelimit-* headers)."""
+                 headers: Mapping[str, str], taken: bool) -> None:
+        """Follow what the deployment says it has left (its x-ratelimit-* headers; ``taken``:
+        it took the call, which counts against its limits)."""
         if not leg.group.follow_rate_headers:
             return
         said = reported(headers, server.name)
         if said.said:
             try:
                 self.limiter.observe(leg.group.reported_scopes(server, leg.model), said,
-                                     leg.model or "")
+                                     leg.model or "", leg.cost if taken else None)
             except redis.RedisError as err:  # advice only: never lose the call's answer
                 log.warning("job %s: the upstream's rate-limit headers were not recorded "
                             "(%s)", run.job_id, err)
@@ -490,6 +495,7 @@ class _Leg:
     group: Upstream
     payload: dict[str, Any]
     cost: int
+    ceiling: int  # of its cost, the reply's (the rest: the prompt, as estimated)
     too_small: frozenset[str] = frozenset()  # deployments whose own limit is below its cost
     calls: dict[str, CallRequest] = field(default_factory=dict)  # built, by deployment
 

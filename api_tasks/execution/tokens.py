@@ -24,7 +24,7 @@ from typing import Any
 from config.tokenizers import offline_encodings, on_disk
 
 __all__ = ["count_prompt", "estimate_cost", "offline_encodings", "on_disk", "preload",
-           "prompt_tokens"]
+           "prompt_tokens", "reply_ceiling"]
 
 log = logging.getLogger(__name__)
 Count = Callable[[str], int]
@@ -74,13 +74,17 @@ def estimate_cost(payload: dict[str, Any], tokenizer: str = "auto",
                   model: str | None = None, *, reply: bool = True) -> int:
     """Tokens to reserve: the prompt's count plus the reply's ceiling (none for an
     embedding: ``reply`` False)."""
+    count = count_prompt(tokenizer, model or payload.get("model"))
+    return max(prompt_tokens(payload, count) + reply_ceiling(payload, reply=reply), 1)
+
+
+def reply_ceiling(payload: dict[str, Any], *, reply: bool = True) -> int:
+    """The most the reply may take: its ``max_tokens`` (or the like) times ``n``."""
     ceiling = next((payload[name] for name in _CEILINGS if payload.get(name) is not None), None)
     completion = int(ceiling) if isinstance(ceiling, (int, float)) else _DEFAULT_COMPLETION
     completion = max(completion, 0) if reply else 0  # a negative ceiling hands out nothing
     n = payload.get("n")
-    choices = n if isinstance(n, int) and n > 0 else 1
-    count = count_prompt(tokenizer, model or payload.get("model"))
-    return max(prompt_tokens(payload, count) + completion * choices, 1)
+    return completion * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def _is_int(value: Any) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from api_tasks import JobFailed, JobStatus
@@ -121,6 +123,42 @@ def test_pacing_follows_what_the_upstream_says_it_has_left(
     assert run(said, report=True).rejected <= 2
     arrivals = sorted(r.at for r in fake.requests(said))
     assert arrivals[-1] - arrivals[0] >= 3.0  # (3,030 - 1,000) / 500 a second
+
+
+def test_pacing_leaves_room_for_another_application_on_the_key(
+        limited: tuple[Client, list[WorkerProcess]], fake: FakeUpstream, model: str) -> None:
+    client, _ = limited
+    name = "follow-" + model  # told 300,000 tokens a minute; the upstream says 60,000
+    quota = fake.enforce(name, tpm=60000, burst=2.0)  # shared with name + "-other"
+    stop = threading.Event()
+
+    def other_application() -> None:  # a steady 300 tokens a second, about 100 a call
+        session, due = requests.Session(), time.monotonic()
+        while not stop.is_set():
+            session.post(fake.base_url + "/v1/chat/completions", timeout=10, json={
+                "model": name + "-other", "max_tokens": 90,
+                "messages": [{"role": "user", "content": "another application"}]})
+            due += 1 / 3
+            time.sleep(max(due - time.monotonic(), 0))
+
+    other = threading.Thread(target=other_application, daemon=True)
+    other.start()
+    try:
+        time.sleep(2)  # it was there first
+        jobs = [client.submit_chat(USER, model=name, max_tokens=90) for _ in range(80)]
+        for job in jobs:
+            assert job.result(timeout=90) is not None
+    finally:
+        stop.set()
+        other.join(10)
+    pace = client.keys.limit(f"following/{name.split('-')[0]}-*")
+    others = client.redis.hget(pace, "tok_others")
+    assert others is not None, "no estimate of the other application's rate"
+    # tokens a millisecond: the other application's 0.3, seen through calls of ~100 tokens
+    assert 0.15 <= float(others) <= 0.45
+    assert client.redis.hget(pace, "tok_oiv") is not None  # and the scope paces around it
+    ours = [at for at, _, who in quota.taken if who == name]
+    assert len(ours) == 80
 
 
 def test_auto_limits_are_learnt_from_the_upstreams_headers(

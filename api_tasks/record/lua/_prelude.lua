@@ -1,10 +1,15 @@
 -- Put before every script by api_tasks/record/scripts.py (with ended(status), built from
 -- api_tasks.record.job_record.TERMINAL): the helpers the scripts share.
 
--- The server's clock in milliseconds (scripts replicate their effects, so TIME is allowed).
+-- The server's clock in milliseconds (scripts replicate their effects, so TIME is allowed),
+-- read once a script: a script runs in an instant.
+local clock_ms
 local function now_ms()
-  local t = redis.call('TIME')
-  return t[1] * 1000 + math.floor(t[2] / 1000)
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = t[1] * 1000 + math.floor(t[2] / 1000)
+  end
+  return clock_ms
 end
 
 -- The entry id to add to stream `key`: `wanted` ('<attempt>-<seq>'), or, if the stream
@@ -19,11 +24,19 @@ local function next_entry_id(key, wanted)
   return wanted
 end
 
--- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, or
--- the upstream's own when its headers said its limit is lower (``observe``); 0: no limit.
+-- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, the
+-- upstream's own when its headers said its limit is lower, or slower still while other
+-- callers on the same key use part of it (``observe`` estimates their share, and the
+-- estimate holds for OTHERS_FOR ms after its last measure); 0: no limit.
+local OTHERS_FOR = 300000
 local function paced(pace, field, configured)
   if configured <= 0 then return 0 end
-  return math.max(configured, tonumber(redis.call('HGET', pace, field .. '_iv') or '0'))
+  local own = redis.call('HMGET', pace, field .. '_iv', field .. '_oiv', field .. '_oat')
+  local interval = math.max(configured, tonumber(own[1] or '0'))
+  if own[2] and tonumber(own[3]) + OTHERS_FOR > now_ms() then
+    interval = math.max(interval, tonumber(own[2]))
+  end
+  return interval
 end
 
 -- Add `id` to an owner's index (a sorted set) by the time now in microseconds (in
