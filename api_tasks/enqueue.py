@@ -20,6 +20,7 @@ import anyio
 import redis
 import redis.asyncio
 
+from api_tasks import metrics
 from api_tasks.broker import task_message
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
@@ -134,6 +135,7 @@ class Enqueuer:
                 self.store.forget(submission.job_id)
         if error is not None:
             raise error
+        metrics.submitted(self.settings, submission.record)
         return submission.job_id
 
     def send_all(self, submissions: list[Submission]) -> list[Exception | None]:
@@ -147,7 +149,11 @@ class Enqueuer:
                                                    transaction=True)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             return [_seen(err)] * len(submissions)
-        return [_outcome(outcome)[0] for outcome in outcomes]
+        errors = [_outcome(outcome)[0] for outcome in outcomes]
+        for submission, error in zip(submissions, errors, strict=True):
+            if error is None:
+                metrics.submitted(self.settings, submission.record)
+        return errors
 
 
 class AsyncEnqueuer:
@@ -158,6 +164,7 @@ class AsyncEnqueuer:
     """
 
     def __init__(self, settings: Settings, store: AsyncJobStore) -> None:
+        self.settings = settings
         self.store = store
         self.submissions = Submissions(settings, store.records)
         self._waiting: list[tuple[Submission, asyncio.Future[None]]] = []
@@ -204,8 +211,9 @@ class AsyncEnqueuer:
             with contextlib.suppress(redis.RedisError):
                 await self.store.shell.run_groups(
                     [[self.store.records.forget(job_id)] for job_id in orphans])
-        for (_, sent), (error, _) in zip(batch, outcomes, strict=True):
+        for (submission, sent), (error, _) in zip(batch, outcomes, strict=True):
             if error is not None:
                 sent.set_exception(error)
             else:
+                metrics.submitted(self.settings, submission.record)
                 sent.set_result(None)

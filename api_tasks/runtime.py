@@ -13,6 +13,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from api_tasks import metrics
 from api_tasks.batches.pump import BatchPump
 from api_tasks.broker import task_message
 from api_tasks.connections import connect, pool_size
@@ -25,6 +26,7 @@ from api_tasks.execution.runner import JobRunner
 from api_tasks.execution.scheduler import Scheduler
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.execution.webhooks import WebhookSender
+from api_tasks.record.cluster import cluster_state
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.record.store import JobStore
@@ -88,6 +90,14 @@ class Runtime:
         """Start the background threads (idempotent)."""
         if not self._started:
             self._started = True
+            worker = self.settings.worker
+            if self.app is not None and worker.metrics_port is not None:
+                metrics.register_cluster(lambda: cluster_state(self.redis, self.keys,
+                                                               self.settings))
+                port = metrics.serve(worker.metrics_host, worker.metrics_port)
+                if port is not None and self.heartbeat is not None:
+                    self.heartbeat.note(metrics_port=port)
+                    log.info("metrics on http://%s:%d/metrics", worker.metrics_host, port)
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()

@@ -37,6 +37,8 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "API_TASKS_SHUTDOWN_GRACE": (("worker", "shutdown_grace"), str),
     "API_TASKS_LOG_LEVEL": (("worker", "log_level"), str.upper),
     "API_TASKS_LOG_FORMAT": (("worker", "log_format"), str.lower),
+    "API_TASKS_METRICS_PORT": (("worker", "metrics_port"), lambda v: None if v.lower() in (
+        "", "off", "none") else v),
     "API_TASKS_GATEWAY_HOST": (("gateway", "host"), str),
     "API_TASKS_GATEWAY_PORT": (("gateway", "port"), str),
 }

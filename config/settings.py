@@ -367,6 +367,10 @@ class WorkerSettings(_Model):
     # json: one JSON object a line, each line about a job with its id, attempt, upstream,
     # deployment, model and queue (for log collectors); plain: for a terminal
     log_format: Literal["plain", "json"] = "plain"
+    # Prometheus /metrics of this worker process (0: any free port, said in its liveness
+    # record; None: off); several processes on one machine each need their own port
+    metrics_port: int | None = Field(9464, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
 
     @model_validator(mode="after")
     def _renewals_fit_in_a_lease(self) -> WorkerSettings:

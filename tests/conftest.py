@@ -142,7 +142,8 @@ def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
     env.update({"API_TASKS_CONFIG": str(config), "REDIS_URL": redis_server.url,
                 "API_TASKS_PREFIX": f"t{uuid.uuid4().hex[:8]}", "FAKE_UPSTREAM_KEY": SECRET,
                 "GW_HOOK_SECRET": WEBHOOK_SECRET,
-                "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"})
+                "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1",
+                "API_TASKS_METRICS_PORT": "0"})  # many workers on one machine: any free port
     return env
 
 

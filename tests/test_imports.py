@@ -95,7 +95,7 @@ LAYERS = {
     "batches": {"record", "enqueue", "client"},
     "gateway": {"record", "enqueue", "batches"},  # a producer too, on asyncio (files, batches)
 }
-BASE = {"errors", "spec", "connections", "background", "exit_codes", "job_logs"}
+BASE = {"errors", "spec", "connections", "background", "exit_codes", "job_logs", "metrics"}
 
 
 def test_the_subpackages_follow_the_data_path() -> None:

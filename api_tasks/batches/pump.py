@@ -24,6 +24,7 @@ or ``s:<custom_id>`` (sent).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from api_tasks import metrics
 from api_tasks.background import Loop
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
@@ -249,7 +251,7 @@ class BatchPump(Loop):
         return lua("batch_record", [*self._all_keys(batch_id), self._keys.result(job_id),
                                     self._keys.events(job_id), self._keys.job(job_id)],
                    [job_id, counter, json.dumps(record, separators=(",", ":")), self._ttl,
-                    *usage])
+                    *usage], parse=functools.partial(_counted, counter))
 
     def _look_after(self, batch_id: str, state: dict[str, str], job_id: str, mark: str,
                     status: str | None) -> None:
@@ -388,3 +390,10 @@ class BatchPump(Loop):
         self._scripts["drain"](keys=[self._keys.batch(batch_id),
                                      self._keys.batch_errors(batch_id)],
                                args=[str(sent), self._ttl, counter, *records])
+
+
+def _counted(outcome: str, recorded: Any) -> Any:
+    """A line the script recorded (not one recorded before) counts in the metrics."""
+    if recorded == 1:
+        metrics.BATCH_LINES.labels(outcome).inc()
+    return recorded

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from api_tasks import metrics
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.limits import Cooldowns, Hold, Limiter
@@ -46,7 +47,7 @@ class Gate:
         if left > 0:
             log.info("job %s waits %.2fs: upstream %s is cooling down after a 429",
                      run.job_id, left, server)
-            self.hold(handle, left)
+            self.hold(handle, left, Hold.COOLDOWN)
 
     def breakers(self, run: Delivery, handle: CallHandle, wait: float) -> None:
         """Hold the call until a deployment of its group may be probed (all are open)."""
@@ -54,10 +55,11 @@ class Gate:
             raise Park(wait, Hold.BREAKER)
         log.info("job %s waits %.2fs: every deployment of upstream %s has its breaker open",
                  run.job_id, wait, run.target.name)
-        self.hold(handle, max(wait, 0.05))
+        self.hold(handle, max(wait, 0.05), Hold.BREAKER)
 
-    def hold(self, handle: CallHandle, seconds: float) -> None:
+    def hold(self, handle: CallHandle, seconds: float, reason: Hold) -> None:
         """Wait here; a stopped job stops waiting."""
+        metrics.LIMIT_WAIT.labels(reason.value).observe(seconds)
         if handle.wait(seconds):
             raise handle.error() or CallCancelled("the job was stopped")
 
@@ -90,6 +92,8 @@ class Gate:
                 raise Park(relook(admission.reason, wait), admission.reason, turn)
             if admission.go:
                 handle.flights = self.limiter.flights(scopes)
+            if wait > 0:
+                metrics.LIMIT_WAIT.labels((admission.reason or Hold.TURN).value).observe(wait)
             if wait > 0 and handle.wait(wait):
                 if admission.go:
                     self.limiter.settle(run.job_id, scopes, cost, answered=False)  # unused

@@ -33,6 +33,10 @@ class Heartbeat(Loop):
         self._info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                                       "concurrency": concurrency, "started_at": time.time()}
 
+    def note(self, **info: Any) -> None:
+        """Say more of this worker in its record from now on (its metrics port...)."""
+        self._info.update(info)
+
     def start(self) -> None:
         """Record this worker at once, then every few seconds."""
         try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
+from api_tasks import metrics
 from api_tasks.errors import (
     APIStatusError,
     CallCancelled,
@@ -196,14 +197,24 @@ class JobRunner:
                 handle.flights += self.router.calls(leg.group, server)
                 handle.start_attempt(leg.group.timeouts.total)
                 sent = True
-                response = self._limited_attempt(run, handle, leg, server, scopes)
+                flying = metrics.CALLS_IN_FLIGHT.labels(leg.group.name)
+                flying.inc()
+                try:
+                    response = self._limited_attempt(run, handle, leg, server, scopes)
+                finally:
+                    flying.dec()
                 verdict = Health.OK
                 _record_try(run, server, leg.model, None)
+                metrics.RESPONSES.labels(leg.group.name, server.name, "2xx").inc()
                 return response
             except UpstreamError as err:
                 if sent:
                     verdict = health(err)
                     _record_try(run, server, leg.model, err)
+                    metrics.RESPONSES.labels(leg.group.name, server.name,
+                                             metrics.status_class(err.status)).inc()
+                    if err.status == 429:
+                        metrics.RATE_LIMITED.labels(leg.group.name, server.name).inc()
                 stopped = handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN)
                 policy = self.policies[leg.group.name]
                 if err.status == 429 and err.retryable:  # the whole deployment backs off
@@ -229,6 +240,7 @@ class JobRunner:
                              run.job_id, server.name, err.code)
                     route.tried.add(server.name)
                     route.final = err
+                    metrics.RETRIES.labels(leg.group.name).inc()
                     continue
                 delay = retry_delay(policy, err, spent, random.random(), run.published)
                 if delay is None or stopped:
@@ -239,6 +251,7 @@ class JobRunner:
                          run.job_id, run.calls, err.code, err.message, server.name)
                 route.tried.add(server.name)
                 route.owed, route.error, route.final = delay, err, None
+                metrics.RETRIES.labels(leg.group.name).inc()
                 handle.pause()
             finally:
                 self.router.done(run.job_id, run.calls, leg.group, server, verdict,
@@ -395,6 +408,9 @@ class JobRunner:
             self._relay_body(relay, handle, response, call)
         finally:
             run.published = relay.published
+            if relay.first_at is not None:
+                metrics.FIRST_CHUNK.labels(run.target.name).observe(
+                    relay.first_at - run.created_at)
         if not relay.complete():
             raise StreamError(f"the upstream closed the stream after {relay.published} chunks "
                               "without a finish_reason or [DONE]", code="stream_truncated",
@@ -478,10 +494,30 @@ class JobRunner:
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)
             return Outcome.LOST
+        self._count(run, status, finished, response)
         log.info("job %s %s (upstream=%s deployment=%s attempts=%d chunks=%d %.3fs)",
                  run.job_id, status.value, meta["upstream"], served, run.calls, run.published,
                  finished - run.started_at)
         return Outcome(status.value)
+
+    def _count(self, run: Delivery, status: JobStatus, finished: float,
+               response: dict[str, Any] | None) -> None:
+        """The job's end in this process's metrics."""
+        upstream = run.upstream.name if run.upstream else ""
+        model = metrics.model_label(self.settings, upstream or None, run.spec.model)
+        metrics.JOBS_ENDED.labels(run.spec.kind.value, upstream, model, run.queue,
+                                  status.value).inc()
+        metrics.QUEUE_TIME.labels(run.queue).observe(max(run.started_at - run.created_at, 0))
+        metrics.RUN_TIME.labels(run.spec.kind.value, upstream).observe(
+            max(finished - run.started_at, 0))
+        if run.published:
+            metrics.CHUNKS.labels(upstream).inc(run.published)
+        usage = (response or {}).get("usage") or {}
+        for direction, names in (("in", ("prompt_tokens", "input_tokens")),
+                                 ("out", ("completion_tokens", "output_tokens"))):
+            count = next((usage[n] for n in names if isinstance(usage.get(n), int)), 0)
+            if count:
+                metrics.TOKENS.labels(upstream, model, direction).inc(count)
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import redis
 import requests
 
+from api_tasks import metrics
 from api_tasks.background import Loop
 from api_tasks.connections import text, text_map
 from api_tasks.record.keys import Keys
@@ -127,6 +128,8 @@ class WebhookSender(Loop):
                                            random.random())
             if at <= first + hooks.retry_for:
                 again = str(int(at * 1000))
+        metrics.WEBHOOKS.labels("retrying" if again else "given_up" if error
+                                else "delivered").inc()
         if error:
             log.info("webhook %s: attempt %d failed (%s)%s", delivery, attempts, error,
                      "" if again else "; given up")

@@ -27,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api_tasks.connections import connect_async, text
+from api_tasks import metrics
+from api_tasks.connections import connect, connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
 from api_tasks.gateway.batches import cancel_batch, create_batch, get_batch, list_batches
@@ -42,6 +43,7 @@ from api_tasks.gateway.files import (
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.gateway.webhooks import list_deliveries
+from api_tasks.record.cluster import cluster_state
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
 from api_tasks.record.reader import (
@@ -82,6 +84,9 @@ class Gateway:
         self.submitter = Submitter(settings, self.store)
         self.keyring = Keyring(settings.gateway)
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
+        # the cluster's gauges are read by a scrape, on a thread, over a connection of its own
+        scrapes = connect(settings.redis, max_connections=2, socket_timeout=2.0)
+        metrics.register_cluster(lambda: cluster_state(scrapes, self.keys, settings))
 
     async def start(self) -> None:
         """Connect and load the submit's scripts now, not on the first request, then settle
@@ -516,6 +521,12 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics_page(request: Request) -> Response:
+    """This process's Prometheus metrics, with the cluster's gauges read from Redis."""
+    body, content_type = await anyio.to_thread.run_sync(metrics.exposition)
+    return Response(body, media_type=content_type)
+
+
 async def readyz(request: Request) -> Response:
     """Ready: Redis answers and at least one worker renewed its liveness record lately (read
     from those records: no broadcast to the workers)."""
@@ -597,6 +608,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
         Route("/v1/webhooks/deliveries", list_deliveries, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={

@@ -42,6 +42,7 @@ class StreamRelay:
     max_bytes: int = 32 * 1024 * 1024  # jobs.max_stream_bytes
     secrets: tuple[str, ...] = ()  # scrubbed again from a decoded error event's fields
     published: int = 0
+    first_at: float | None = None  # when the first chunk was handed to the writer (epoch s)
     stored: int = 0  # bytes of events this attempt wrote to the stream
     done: bool = False
     _renew_at: float = 0.0  # when the stream's TTL is set again (monotonic seconds)
@@ -115,6 +116,8 @@ class StreamRelay:
         self.stored += len(payload)
         stream = self.keys.events(self.job_id)
         self.published += 1
+        if self.first_at is None:
+            self.first_at = time.time()
         return [("XADD", stream, entry_id(self.attempt, self.published - 1), EVENT_FIELD,
                  payload), ("PUBLISH", self.keys.channel(self.job_id), payload)]
 

@@ -1,0 +1,203 @@
+"""The Prometheus metrics every worker and gateway process exports, defined once.
+
+Each process counts what it did itself (jobs it submitted, ran, relayed); what
+only Redis knows (queue depth, jobs waiting, running, batches, breakers) is read
+once per scrape by whichever process is scraped (``ClusterCollector``), never
+summed across workers. Label values come from the settings or from enums, never
+from a job's raw strings: a model matching no configured name is labelled with
+the glob it matched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = [
+    "BATCH_LINES",
+    "CALLS_IN_FLIGHT",
+    "CHUNKS",
+    "FIRST_CHUNK",
+    "JOBS_ENDED",
+    "JOBS_SUBMITTED",
+    "LIMIT_WAIT",
+    "QUEUE_TIME",
+    "RATE_LIMITED",
+    "RESPONSES",
+    "RETRIES",
+    "RUN_TIME",
+    "TOKENS",
+    "WEBHOOKS",
+    "ClusterCollector",
+    "exposition",
+    "model_label",
+    "register_cluster",
+    "serve",
+    "status_class",
+    "submitted",
+]
+
+log = logging.getLogger(__name__)
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+JOBS_SUBMITTED = Counter("api_tasks_jobs_submitted", "Jobs submitted by this process.",
+                         ["kind", "upstream", "model", "queue"])
+JOBS_ENDED = Counter("api_tasks_jobs", "Jobs this process ended, by final status.",
+                     ["kind", "upstream", "model", "queue", "status"])
+QUEUE_TIME = Histogram("api_tasks_job_queue_seconds",
+                       "From submit to the start of the attempt that ended the job.",
+                       ["queue"], buckets=_SECONDS)
+RUN_TIME = Histogram("api_tasks_job_run_seconds",
+                     "From the start of the attempt that ended the job to its end.",
+                     ["kind", "upstream"], buckets=_SECONDS)
+FIRST_CHUNK = Histogram("api_tasks_time_to_first_chunk_seconds",
+                        "From submit to a streamed job's first chunk in Redis.",
+                        ["upstream"], buckets=_SECONDS)
+TOKENS = Counter("api_tasks_tokens", "Tokens the upstreams reported, in and out.",
+                 ["upstream", "model", "direction"])
+RESPONSES = Counter("api_tasks_upstream_responses",
+                    "Upstream calls by how they ended: 2xx, 4xx, 5xx, or error (no answer).",
+                    ["upstream", "deployment", "class"])
+RETRIES = Counter("api_tasks_retries", "Calls made again after a failed one.", ["upstream"])
+RATE_LIMITED = Counter("api_tasks_rate_limited", "Upstream answers of 429.",
+                       ["upstream", "deployment"])
+LIMIT_WAIT = Histogram("api_tasks_limit_wait_seconds",
+                       "Time calls waited in a worker for a limit, a cool-down or a breaker.",
+                       ["reason"], buckets=_SECONDS)
+CALLS_IN_FLIGHT = Gauge("api_tasks_calls_in_flight", "Upstream calls under way now.",
+                        ["upstream"])
+CHUNKS = Counter("api_tasks_chunks_relayed", "Stream chunks written to Redis.", ["upstream"])
+BATCH_LINES = Counter("api_tasks_batch_lines", "Batch lines recorded, by outcome.", ["outcome"])
+WEBHOOKS = Counter("api_tasks_webhook_deliveries", "Webhook delivery attempts, by outcome.",
+                   ["outcome"])
+
+
+def model_label(settings: Settings, upstream: str | None, model: str | None) -> str:
+    """A bounded label for ``model``: its name if the settings name it, else the glob of its
+    upstream's that it matched ("" for none)."""
+    if not model:
+        return ""
+    for group in settings.upstreams:
+        if upstream is not None and group.name != upstream:
+            continue
+        names = {*group.models, *group.model_defaults, *group.model_limits}
+        if group.default_model:
+            names.add(group.default_model)
+        if model in names:
+            return model
+        for pattern in group.models:
+            if fnmatch.fnmatchcase(model, pattern):
+                return pattern
+    return model if model in settings.fallbacks else ""
+
+
+def status_class(status: int | None) -> str:
+    """How a call ended, for ``RESPONSES``: its status class, or error with no answer."""
+    return f"{status // 100}xx" if status else "error"
+
+
+def submitted(settings: Settings, record: Mapping[str, str]) -> None:
+    """Count a job this process sent (its record's fields)."""
+    upstream = record.get("upstream") or ""
+    JOBS_SUBMITTED.labels(record.get("kind") or "", upstream,
+                          model_label(settings, upstream, record.get("model")),
+                          record.get("queue") or "").inc()
+
+
+class ClusterCollector(Collector):
+    """Gauges only Redis knows, read once per scrape (``read`` returns them by name)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            state = self.read()
+        except Exception as err:  # a scrape never fails for Redis: the gauges go missing
+            log.warning("metrics: the cluster's state was not read (%s)", err)
+            up = GaugeMetricFamily("api_tasks_redis_up", "Whether Redis answered the scrape.")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("api_tasks_redis_up", "Whether Redis answered the scrape.")
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("api_tasks_queue_depth", "Jobs queued per lane.",
+                                  labels=["queue"])
+        for lane, count in state["queues"].items():
+            depth.add_metric([lane], count)
+        yield depth
+        for name, doc in (("waiting", "Jobs waiting outside any worker (limits, breakers)."),
+                          ("running", "Jobs claimed by a worker now."),
+                          ("batches_running", "Detached and API batches still running."),
+                          ("workers_alive", "Worker processes that renewed their liveness "
+                                            "record lately.")):
+            gauge = GaugeMetricFamily(f"api_tasks_{name}", doc)
+            gauge.add_metric([], state[name])
+            yield gauge
+        breaker = GaugeMetricFamily("api_tasks_deployment_breaker_open",
+                                    "1 while a deployment's circuit breaker is open.",
+                                    labels=["upstream", "deployment"])
+        flight = GaugeMetricFamily("api_tasks_deployment_calls_in_flight",
+                                   "Calls to a deployment under way across the cluster.",
+                                   labels=["upstream", "deployment"])
+        for row in state["deployments"]:
+            if row["breaker"] is not None:
+                breaker.add_metric([row["upstream"], row["deployment"]],
+                                   1 if row["breaker"] == "open" else 0)
+                flight.add_metric([row["upstream"], row["deployment"]], row["calls_in_flight"])
+        yield breaker
+        yield flight
+        booked = GaugeMetricFamily(
+            "api_tasks_limit_booked_seconds",
+            "How far ahead each limit scope's budget is booked (0: room now).",
+            labels=["scope", "unit"])
+        for (scope, unit), seconds in state["limits"].items():
+            booked.add_metric([scope, unit], seconds)
+        yield booked
+
+
+_registered: list[ClusterCollector] = []
+
+
+def register_cluster(read: Callable[[], Mapping[str, Any]]) -> None:
+    """Export the cluster's gauges from this process (once)."""
+    if not _registered:
+        collector = ClusterCollector(read)
+        REGISTRY.register(collector)
+        _registered.append(collector)
+
+
+def serve(host: str, port: int) -> int | None:
+    """Serve ``/metrics`` on a thread of this process; the port it got (None: it could not:
+    one warning, the process goes on without)."""
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as err:
+        log.warning("metrics: cannot listen on %s:%d (%s); this process exports no metrics "
+                    "(give each process on a machine its own worker.metrics_port, or 0 for "
+                    "any free one)", host, port, err)
+        return None
+    return int(server.server_port)
+
+
+def exposition() -> tuple[bytes, str]:
+    """This process's metrics in the text format, and its content type (for a web app's
+    own ``/metrics`` route; it reads Redis: call it off the event loop)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,62 @@
+"""What the cluster's state is right now, read from Redis in one round trip (for metrics).
+
+Queue depth per lane, jobs waiting and running, batches running, workers alive,
+each deployment's breaker and load, and how far ahead each configured limit
+scope is booked. Cheap whatever the load: lengths and cardinalities, no scans.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from api_tasks.record.deployments import deployment_states
+from api_tasks.record.keys import Keys
+from api_tasks.record.workers import STALE_AFTER
+from config.settings import QUEUES as LANES
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+__all__ = ["cluster_state", "limit_scopes"]
+
+
+def limit_scopes(settings: Settings) -> list[str]:
+    """The limit scopes the settings name (not the per-model ones ``limits: auto`` learns)."""
+    scopes = []
+    for group in settings.upstreams:
+        if group.limits.active and not group.limits.auto:
+            scopes.append(group.name)
+        scopes += [f"{group.name}/{pattern}" for pattern, limits in group.model_limits.items()
+                   if limits.active]
+        scopes += [d.name for d in group.deployments or () if d.limits.active
+                   and not d.limits.auto]
+    return scopes + [f"key:{key.name}" for key in settings.gateway.keys if key.limits.active]
+
+
+def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    """The cluster's gauges, by name (``api_tasks.metrics.ClusterCollector`` exports them)."""
+    now = time.time()
+    scopes = limit_scopes(settings)
+    pipe = client.pipeline(transaction=False)
+    for lane in LANES:
+        pipe.llen(keys.queue(lane))
+    pipe.zcard(keys.delayed())
+    pipe.zcard(keys.running())
+    pipe.scard(keys.batches())
+    pipe.zcount(keys.workers(), int((now - STALE_AFTER) * 1000), "+inf")
+    for scope in scopes:
+        pipe.hmget(keys.limit(scope), "req", "tok")
+    replies = pipe.execute()
+    lanes, rest = replies[:len(LANES)], replies[len(LANES):]
+    waiting, running, batches, workers = rest[:4]
+    limits: dict[tuple[str, str], float] = {}
+    for scope, (req, tok) in zip(scopes, rest[4:], strict=True):
+        for unit, tat in (("requests", req), ("tokens", tok)):
+            if tat is not None:
+                limits[(scope, unit)] = max(float(tat) - now * 1000, 0.0) / 1000
+    return {"queues": dict(zip(LANES, lanes, strict=True)), "waiting": waiting,
+            "running": running, "batches_running": batches, "workers_alive": workers,
+            "deployments": deployment_states(client, keys, settings), "limits": limits}

@@ -1,0 +1,108 @@
+"""Prometheus metrics: a worker's and a gateway's /metrics after a known set of jobs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from api_tasks import JobFailed
+from api_tasks.client import Client
+from api_tasks.record.workers import alive, records
+from config.loader import load_settings
+from tests.conftest import GATEWAY_KEY
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.services import GatewayProcess, Spawn, WorkerProcess
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    text = httpx.get(url, timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+@pytest.fixture
+def own(worker_env: dict[str, str], spawn: Spawn) -> Iterator[tuple[Client, WorkerProcess]]:
+    env = {**worker_env, "API_TASKS_PREFIX": f"mx{uuid.uuid4().hex[:6]}"}
+    worker = spawn(env, "metrics")
+    yield Client(load_settings(env={k: v for k, v in env.items()
+                                    if k != "FAKE_UPSTREAM_KEY"})), worker
+
+
+def _port(client: Client) -> int:
+    [record] = client.store.shell.run(records(client.keys, client.store.shell.run(
+        alive(client.keys))))
+    return int(record["metrics_port"])
+
+
+def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
+                                         fake: FakeUpstream, model: str) -> None:
+    client, _ = own
+    labels = {"kind": "chat", "upstream": "fake", "model": "*", "queue": "interactive"}
+    before = REGISTRY.get_sample_value("api_tasks_jobs_submitted_total", labels) or 0.0
+    fake.script(model + "-bad", HttpError(400, error={"message": "no", "param": "top_p"}))
+    fake.script(model + "-s", Reply(pieces=["one ", "two ", "three"]))
+    done = [client.submit_chat(USER, model=model) for _ in range(5)]
+    done.append(client.submit_chat(USER, model=model + "-s", stream=True))
+    bad = [client.submit_chat(USER, model=model + "-bad") for _ in range(2)]
+    for job in done:
+        assert job.result(timeout=30) is not None
+    for job in bad:
+        with pytest.raises(JobFailed):
+            job.result(timeout=30)
+    # the producer (this process) counted what it sent
+    assert REGISTRY.get_sample_value("api_tasks_jobs_submitted_total", labels) == before + 8
+    samples = scrape(f"http://127.0.0.1:{_port(client)}/metrics")
+    assert value(samples, "api_tasks_jobs_total", status="succeeded", upstream="fake",
+                 model="*", queue="interactive", kind="chat") == 6
+    assert value(samples, "api_tasks_jobs_total", status="failed") == 2
+    assert value(samples, "api_tasks_job_run_seconds_count", kind="chat") == 8
+    assert value(samples, "api_tasks_job_queue_seconds_count", queue="interactive") == 8
+    assert value(samples, "api_tasks_time_to_first_chunk_seconds_count") == 1
+    assert value(samples, "api_tasks_chunks_relayed_total", upstream="fake") >= 3
+    assert value(samples, "api_tasks_upstream_responses_total", **{"class": "2xx"}) == 6
+    assert value(samples, "api_tasks_upstream_responses_total", **{"class": "4xx"}) == 2
+    assert value(samples, "api_tasks_tokens_total", direction="in") > 0
+    assert value(samples, "api_tasks_tokens_total", direction="out") > 0
+    assert value(samples, "api_tasks_calls_in_flight") == 0
+    # what only Redis knows, read at the scrape
+    assert value(samples, "api_tasks_redis_up") == 1
+    assert value(samples, "api_tasks_workers_alive") == 1
+    assert value(samples, "api_tasks_queue_depth", queue="interactive") == 0
+    assert value(samples, "api_tasks_running") == 0
+    # labels stay bounded: no job's raw model name, no job id
+    text = httpx.get(f"http://127.0.0.1:{_port(client)}/metrics", timeout=10).text
+    assert model not in text and done[0].id not in text
+
+
+def test_the_gateway_counts_what_it_submitted(gateway: GatewayProcess, fake: FakeUpstream,
+                                              model: str) -> None:
+    def submitted(samples: Samples) -> float:
+        return value(samples, "api_tasks_jobs_submitted_total", kind="chat", upstream="fake")
+
+    before = submitted(scrape(gateway.url + "/metrics"))
+    headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    body: dict[str, Any] = {"model": model, "messages": USER}
+    for _ in range(3):
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers,
+                            timeout=30)
+        assert answer.status_code == 200
+    samples = scrape(gateway.url + "/metrics")
+    assert submitted(samples) == before + 3
+    assert value(samples, "api_tasks_redis_up") == 1 and \
+        value(samples, "api_tasks_workers_alive") >= 1
