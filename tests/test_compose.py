@@ -64,3 +64,22 @@ def test_gateway_needs_a_key_and_listens_on_localhost(compose: dict[str, Any]) -
         "${API_TASKS_GATEWAY_KEY:?")
     assert all(port.startswith("127.0.0.1:") for port in gateway["ports"])
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_prometheus_scrapes_the_workers_and_grafana_shows_them(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    scrape = yaml.safe_load((ROOT / "config/prometheus.yml").read_text())["scrape_configs"]
+    jobs = {job["job_name"]: job for job in scrape}
+    # every worker replica, by the service's DNS name, on the workers' default metrics port
+    assert jobs["api-tasks-worker"]["dns_sd_configs"][0]["names"] == ["worker"]
+    assert jobs["api-tasks-worker"]["dns_sd_configs"][0]["port"] == 9464
+    assert jobs["api-tasks-gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    for service in (prometheus, grafana):
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            assert not source.startswith("./") or (ROOT / source).exists(), source
+    assert "GRAFANA_PASSWORD:?" in grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    dashboard = json.loads((ROOT / "config/grafana/dashboards/api-tasks.json").read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +19,7 @@ from api_tasks.record.workers import alive, records
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import GatewayProcess, Spawn, WorkerProcess
+from tests.support.services import ROOT, GatewayProcess, Spawn, WorkerProcess
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -106,3 +108,15 @@ def test_the_gateway_counts_what_it_submitted(gateway: GatewayProcess, fake: Fak
     assert submitted(samples) == before + 3
     assert value(samples, "api_tasks_redis_up") == 1 and \
         value(samples, "api_tasks_workers_alive") >= 1
+
+
+def test_every_metric_the_dashboard_queries_exists(own: tuple[Client, WorkerProcess]) -> None:
+    client, _ = own
+    dashboard = json.loads((ROOT / "config/grafana/dashboards/api-tasks.json").read_text())
+    queried = {re.sub(r"_(total|bucket|count|sum)$", "", name)
+               for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"api_tasks_[a-z_]+", target["expr"])}
+    assert len(queried) >= 15
+    text = httpx.get(f"http://127.0.0.1:{_port(client)}/metrics", timeout=10).text
+    exported = {family.name for family in text_string_to_metric_families(text)}
+    assert queried <= exported, queried - exported
