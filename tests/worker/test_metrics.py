@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,7 +23,14 @@ from api_tasks.record.workers import alive, records
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import ROOT, GatewayProcess, Spawn, WorkerProcess
+from tests.support.services import (
+    ROOT,
+    GatewayProcess,
+    Spawn,
+    WorkerProcess,
+    free_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -120,3 +131,41 @@ def test_every_metric_the_dashboard_queries_exists(own: tuple[Client, WorkerProc
     text = httpx.get(f"http://127.0.0.1:{_port(client)}/metrics", timeout=10).text
     exported = {family.name for family in text_string_to_metric_families(text)}
     assert queried <= exported, queried - exported
+
+
+def test_a_real_prometheus_scrapes_a_worker(own: tuple[Client, WorkerProcess], fake: FakeUpstream,
+                                            model: str, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus binary: scripts/test installs Debian's prometheus as root")
+    client, _ = own
+    for job in [client.submit_chat(USER, model=model) for _ in range(3)]:
+        assert job.result(timeout=30) is not None
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "api-tasks-worker", "static_configs": [
+            {"targets": [f"127.0.0.1:{_port(client)}"]}]}]}))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    server = subprocess.Popen([binary, f"--config.file={config}",
+                               f"--storage.tsdb.path={tmp_path / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    query = 'sum(api_tasks_jobs_total{status="succeeded", upstream="fake"})'
+
+    def answered() -> bool:
+        try:
+            reply = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query},
+                              timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        result = reply.get("data", {}).get("result", [])
+        return bool(result) and float(result[0]["value"][1]) == 3
+
+    try:
+        wait_until(answered, 60, "Prometheus to answer for api_tasks_jobs_total", interval=0.5)
+    finally:
+        server.terminate()
+        server.wait(20)
+        log.close()
