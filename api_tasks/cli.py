@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                                            "one, if given) renewed its liveness record lately")
     health.add_argument("--worker", help="a worker id, or its start (host, host.pid)")
     health.add_argument("--json", action="store_true")
+    top = sub.add_parser("top", help="a live view of the cluster: lanes, workers, limits, "
+                                     "deployments, batches, failures (reads Redis only)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
     gateway = sub.add_parser("gateway", help="run the HTTP gateway (OpenAI-compatible, jobs API)")
     gateway.add_argument("--host", help="address to listen on (default gateway.host, 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="port (default gateway.port, 8000)")
@@ -260,6 +264,14 @@ def _result(client: Client, args: argparse.Namespace) -> int:
     return _print_result(client.get_job(args.job_id), args)
 
 
+def _top(client: Client, args: argparse.Namespace) -> int:
+    from api_tasks.top import run  # rich loads for this only
+
+    if args.interval <= 0:
+        return _fail(ExitCode.USAGE, "error: --interval: must be more than 0")
+    return run(client, args.interval, once=args.once)
+
+
 def _gateway(client: Client, args: argparse.Namespace) -> int:
     from api_tasks.gateway.server import serve  # uvicorn and starlette load for this only
 
@@ -268,4 +280,4 @@ def _gateway(client: Client, args: argparse.Namespace) -> int:
 
 _COMMANDS = {**dict.fromkeys(_SUBMITS, _submit), "status": _status, "cancel": _cancel,
              "result": _result, "batch": batch_command, "gateway": _gateway,
-             "health": _health}
+             "health": _health, "top": _top}

@@ -69,8 +69,9 @@ class Runtime:
         self.scheduler = Scheduler(self.redis, self.keys, self.leases,
                                    self._send) if app is not None else None
         # only a worker (it has the app) says it is alive: probes count workers, not producers
-        self.heartbeat = Heartbeat(quick, self.keys, self.worker_id,
-                                   worker.concurrency) if app is not None else None
+        self.heartbeat = Heartbeat(quick, self.keys, self.worker_id, worker.concurrency,
+                                   lambda: self.runner.tally.snapshot(self.watchdog.count())
+                                   ) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
         self.batches = BatchPump(Enqueuer(settings)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -25,13 +26,14 @@ class Heartbeat(Loop):
     """A thread that records this worker alive (one round trip every ``HEARTBEAT_EVERY``)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, worker_id: str,
-                 concurrency: int) -> None:
+                 concurrency: int, status: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__("api-tasks-heartbeat", HEARTBEAT_EVERY, log)
         self._shell = SyncShell(client)
         self._keys = keys
         self._worker_id = worker_id
         self._info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                                       "concurrency": concurrency, "started_at": time.time()}
+        self._status = status  # what changes: jobs running, ended, recent failures
 
     def note(self, **info: Any) -> None:
         """Say more of this worker in its record from now on (its metrics port...)."""
@@ -53,4 +55,5 @@ class Heartbeat(Loop):
 
     def tick(self) -> None:
         """Renew this worker's liveness record."""
-        self._shell.run_all(beat(self._keys, self._worker_id, self._info))
+        info = self._info if self._status is None else {**self._info, **self._status()}
+        self._shell.run_all(beat(self._keys, self._worker_id, info))

@@ -34,6 +34,7 @@ from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.gate import Gate, Park
 from api_tasks.execution.limits import Cooldowns, Limiter
 from api_tasks.execution.router import Pick, Router
+from api_tasks.execution.tally import Tally
 from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
@@ -92,6 +93,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.limiter = limiter
         self.router = Router(leases.redis, store.keys, leases.lease_ms)
+        self.tally = Tally()
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
@@ -494,16 +496,17 @@ class JobRunner:
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)
             return Outcome.LOST
-        self._count(run, status, finished, response)
+        self._count(run, status, finished, response, error)
         log.info("job %s %s (upstream=%s deployment=%s attempts=%d chunks=%d %.3fs)",
                  run.job_id, status.value, meta["upstream"], served, run.calls, run.published,
                  finished - run.started_at)
         return Outcome(status.value)
 
     def _count(self, run: Delivery, status: JobStatus, finished: float,
-               response: dict[str, Any] | None) -> None:
-        """The job's end in this process's metrics."""
+               response: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+        """The job's end in this process's metrics and tally (its liveness record)."""
         upstream = run.upstream.name if run.upstream else ""
+        self.tally.ended(run.job_id, status, finished, upstream, error)
         model = metrics.model_label(self.settings, upstream or None, run.spec.model)
         metrics.JOBS_ENDED.labels(run.spec.kind.value, upstream, model, run.queue,
                                   status.value).inc()

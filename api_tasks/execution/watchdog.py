@@ -46,6 +46,10 @@ class Watchdog(Loop):
         self._handles: dict[int, CallHandle] = {}
         self._lock = threading.Lock()
 
+    def count(self) -> int:
+        """How many jobs this process is running now."""
+        return len(self._handles)
+
     @contextlib.contextmanager
     def watching(self, handle: CallHandle) -> Iterator[CallHandle]:
         """Watch ``handle`` for the duration of the block."""
