@@ -92,6 +92,8 @@ class Runtime:
         if not self._started:
             self._started = True
             worker = self.settings.worker
+            if self.app is not None and worker.metrics_port is None:
+                metrics.turn_off()
             if self.app is not None and worker.metrics_port is not None:
                 metrics.register_cluster(lambda: cluster_state(self.redis, self.keys,
                                                                self.settings))

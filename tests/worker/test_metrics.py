@@ -169,3 +169,22 @@ def test_a_real_prometheus_scrapes_a_worker(own: tuple[Client, WorkerProcess], f
         server.terminate()
         server.wait(20)
         log.close()
+
+
+def test_metrics_off_serve_and_count_nothing(worker_env: dict[str, str], spawn: Spawn,
+                                             model: str) -> None:
+    env = {**worker_env, "API_TASKS_PREFIX": f"mo{uuid.uuid4().hex[:6]}",
+           "API_TASKS_METRICS_PORT": "off"}
+    worker = spawn(env, "metrics-off")
+    client = Client(load_settings(env={k: v for k, v in env.items()
+                                       if k != "FAKE_UPSTREAM_KEY"}))
+    assert client.submit_chat(USER, model=model).result(timeout=30) is not None
+
+    def record() -> dict[str, Any]:
+        [found] = client.store.shell.run(records(client.keys, client.store.shell.run(
+            alive(client.keys))))
+        return found
+    # its liveness record, renewed every 2 s, says it ended the job (it still counts that)
+    wait_until(lambda: record()["ended"] == {"succeeded": 1}, 10, "the record to say so")
+    assert "metrics_port" not in record()
+    assert "metrics on http" not in worker.log()

@@ -1,0 +1,116 @@
+"""What the metrics cost a worker: ``python -m bench.metrics [--jobs 3000] [--quick]``.
+
+One worker process (50 threads) runs the same chat jobs against the fake upstream
+with its metrics on (the default: every job counted, ``/metrics`` served) and off
+(``API_TASKS_METRICS_PORT=off``: nothing counted), twice each, alternating; the
+figure is the worker's CPU per job. Then 200 jobs are held in flight (the fake
+answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the
+cluster's gauges from Redis too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+from api_tasks.client import Client
+from api_tasks.record.workers import alive, records
+from bench.harness import child_env, cpu_seconds, local_services, median, percentile
+from bench.run import table
+from bench.scenarios import USER, Row
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.services import RedisServer, WorkerProcess, wait_until
+
+__all__ = ["main"]
+
+THREADS = 50
+
+
+def worker(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir: Path,
+           name: str, port: str, threads: int = THREADS) -> tuple[Client, WorkerProcess]:
+    """A worker with its metrics on (``port``) or off, and a producer for it."""
+    env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
+                    API_TASKS_PREFIX=f"{name}{time.monotonic_ns() % 100000}",
+                    API_TASKS_METRICS_PORT=port)
+    process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
+                            name=name).start(wait=False)
+    stack.callback(process.stop)
+    client = Client(load_settings(env=env))
+    wait_until(lambda: client.store.shell.run(alive(client.keys)), 120, "the worker's record")
+    client.submit_chat(USER, model="warm").result(timeout=60)
+    return client, process
+
+
+def cpu_per_job(client: Client, process: WorkerProcess, n: int) -> float:
+    """Worker CPU seconds per job over ``n`` jobs, all submitted at once."""
+    before = cpu_seconds(process.pid)
+    jobs = [client.submit_chat(USER, model="echo") for _ in range(n)]
+    for job in jobs:
+        job.result(timeout=300)
+    return (cpu_seconds(process.pid) - before) / n
+
+
+def scrape_times(client: Client, upstream: FakeUpstream, in_flight: int) -> tuple[list[float],
+                                                                                   int]:
+    """Scrape durations (s) with ``in_flight`` jobs held upstream, and the calls seen."""
+    upstream.script("held", Reply(delay=10.0))
+    jobs = [client.submit_chat(USER, model="held") for _ in range(in_flight)]
+    upstream.wait_for_requests("held", in_flight, timeout=60)
+    [record] = client.store.shell.run(records(client.keys, client.store.shell.run(
+        alive(client.keys))))
+    url = f"http://127.0.0.1:{record['metrics_port']}/metrics"
+    times = []
+    with httpx.Client() as http:
+        for _ in range(20):
+            started = time.perf_counter()
+            assert http.get(url, timeout=10).status_code == 200
+            times.append(time.perf_counter() - started)
+    for job in jobs:
+        job.result(timeout=60)
+    return times, len(upstream.requests("held"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--quick", action="store_true", help="600 jobs a run")
+    args = parser.parse_args()
+    n = 600 if args.quick else args.jobs
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        redis, upstream = local_services(stack, workdir, record=False)
+        started = time.monotonic()
+        figures: dict[str, list[float]] = {"on": [], "off": []}
+        for round_ in range(2):
+            for mode in ("off", "on"):
+                with ExitStack() as inner:
+                    client, process = worker(inner, redis, upstream, workdir,
+                                             f"{mode}{round_}", "0" if mode == "on" else "off")
+                    figures[mode].append(cpu_per_job(client, process, n))
+        on, off = median(figures["on"]), median(figures["off"])
+        held = FakeUpstream().start()
+        stack.callback(held.stop)
+        with ExitStack() as inner:
+            client, _ = worker(inner, redis, held, workdir, "scrape", "0", threads=250)
+            times, seen = scrape_times(client, held, 200)
+        rows: list[Row] = [
+            ("worker CPU per job, metrics on / off", f"{on * 1e6:.0f} us", f"{off * 1e6:.0f} us",
+             f"{on / off:.3f}x (target <= 1.05x)"),
+            (f"scrape of a worker with {seen} jobs in flight, median",
+             f"{median(times) * 1000:.1f} ms", "-", "target < 50 ms"),
+            ("the same, slowest of 20", f"{max(times) * 1000:.1f} ms",
+             f"p90 {percentile(times, 90) * 1000:.1f} ms", "target < 50 ms"),
+        ]
+        title = (f"\nmetrics: {n} jobs a run, one worker of {THREADS} threads, metrics on and "
+                 f"off twice each (reference: off); {time.monotonic() - started:.0f} s")
+        print(table(title, rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
