@@ -2,8 +2,9 @@
 
 One worker process (50 threads) runs the same chat jobs against the fake upstream
 with its metrics on (the default: every job counted, ``/metrics`` served) and off
-(``API_TASKS_METRICS_PORT=off``: nothing counted), twice each, alternating; the
-figure is the worker's CPU per job. Then 200 jobs are held in flight (the fake
+(``API_TASKS_METRICS_PORT=off``: nothing counted), three times each, alternating; the
+figure is the worker's CPU per job, the least of each mode's runs (the runs' spread is
+shown: one run's noise is as large as what is measured). Then 200 jobs are held in flight (the fake
 answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the
 cluster's gauges from Redis too.
 """
@@ -87,28 +88,31 @@ def main() -> None:
         redis, upstream = local_services(stack, workdir, record=False)
         started = time.monotonic()
         figures: dict[str, list[float]] = {"on": [], "off": []}
-        for round_ in range(2):
+        for round_ in range(3):
             for mode in ("off", "on"):
                 with ExitStack() as inner:
                     client, process = worker(inner, redis, upstream, workdir,
                                              f"{mode}{round_}", "0" if mode == "on" else "off")
                     figures[mode].append(cpu_per_job(client, process, n))
-        on, off = median(figures["on"]), median(figures["off"])
+        on, off = min(figures["on"]), min(figures["off"])
+        spread = max(max(runs) / min(runs) for runs in figures.values())
         held = FakeUpstream().start()
         stack.callback(held.stop)
         with ExitStack() as inner:
             client, _ = worker(inner, redis, held, workdir, "scrape", "0", threads=250)
             times, seen = scrape_times(client, held, 200)
         rows: list[Row] = [
-            ("worker CPU per job, metrics on / off", f"{on * 1e6:.0f} us", f"{off * 1e6:.0f} us",
-             f"{on / off:.3f}x (target <= 1.05x)"),
+            ("worker CPU per job, metrics on / off (least of 3 runs)", f"{on * 1e6:.0f} us",
+             f"{off * 1e6:.0f} us", f"{on / off:.3f}x (target <= 1.05x)"),
+            ("the same, slowest run over fastest, either mode", f"{spread:.3f}x", "-",
+             "noise"),
             (f"scrape of a worker with {seen} jobs in flight, median",
              f"{median(times) * 1000:.1f} ms", "-", "target < 50 ms"),
             ("the same, slowest of 20", f"{max(times) * 1000:.1f} ms",
              f"p90 {percentile(times, 90) * 1000:.1f} ms", "target < 50 ms"),
         ]
         title = (f"\nmetrics: {n} jobs a run, one worker of {THREADS} threads, metrics on and "
-                 f"off twice each (reference: off); {time.monotonic() - started:.0f} s")
+                 f"off three times each (reference: off); {time.monotonic() - started:.0f} s")
         print(table(title, rows), flush=True)
 
 
