@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -62,7 +63,7 @@ def _json(value: Any) -> bytes:
 
 
 def task_message(task: str, args: list[Any], kwargs: dict[str, Any], task_id: str,
-                 lane: str) -> bytes:
+                 lane: str, headers: Mapping[str, str] | None = None) -> bytes:
     """The message ``send_task(task, args, kwargs, task_id=, queue=lane)`` puts on the lane's
     list: Celery's protocol 2 in kombu's Redis envelope (tests/api_tasks/test_broker.py holds
     the two equal)."""
@@ -77,7 +78,7 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], task_id: st
             "timelimit": [None, None], "root_id": task_id, "parent_id": None,
             "argsrepr": _HIDDEN, "kwargsrepr": _HIDDEN, "origin": _origin(os.getpid()),
             "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
-            "stamps": {},
+            "stamps": {}, **(headers or {}),  # e.g. a trace's traceparent
         },
         "properties": {
             "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,

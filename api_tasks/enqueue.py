@@ -20,7 +20,7 @@ import anyio
 import redis
 import redis.asyncio
 
-from api_tasks import metrics
+from api_tasks import metrics, tracing
 from api_tasks.broker import task_message
 from api_tasks.connections import connect
 from api_tasks.errors import BrokerUnavailable
@@ -67,7 +67,8 @@ class Submissions:
         lane = spec.queue or self.settings.jobs.default_queue
         job_id = job_id or str(uuid.uuid4())
         record = queued({**submit_fields(spec, upstream.name, lane), **(fields or {})})
-        message = task_message(spec.endpoint.task, [first], spec.task_kwargs(), job_id, lane)
+        message = task_message(spec.endpoint.task, [first], spec.task_kwargs(), job_id, lane,
+                               tracing.submit_headers(job_id, spec.kind, spec.model, lane))
         # the record before the message: no worker finds a message without its record
         calls: list[Call[Any]] = [self.records.create(job_id, record)]
         if (index := self.records.index(job_id, record)) is not None:

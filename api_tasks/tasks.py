@@ -39,7 +39,8 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
     job_id = task.request.id
     try:
         try:
-            return runtime.runner.run(job_id, kind, first, params)
+            return runtime.runner.run(job_id, kind, first, params,
+                                      getattr(task.request, "traceparent", None))
         except WorkerStopping:  # the runner gave the job back; the broker gets it again
             raise Reject("worker shutting down", requeue=True) from None
         except (redis.RedisError, TimeoutError, Reject):

@@ -95,7 +95,8 @@ LAYERS = {
     "batches": {"record", "enqueue", "client"},
     "gateway": {"record", "enqueue", "batches"},  # a producer too, on asyncio (files, batches)
 }
-BASE = {"errors", "spec", "connections", "background", "exit_codes", "job_logs", "metrics"}
+BASE = {"errors", "spec", "connections", "background", "exit_codes", "job_logs", "metrics",
+        "tracing"}
 
 
 def test_the_subpackages_follow_the_data_path() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from api_tasks import metrics
+from api_tasks import metrics, tracing
 from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.limits import Cooldowns, Hold, Limiter
@@ -60,7 +60,9 @@ class Gate:
     def hold(self, handle: CallHandle, seconds: float, reason: Hold) -> None:
         """Wait here; a stopped job stops waiting."""
         metrics.LIMIT_WAIT.labels(reason.value).observe(seconds)
-        if handle.wait(seconds):
+        with tracing.wait_span(reason.value, seconds):
+            stopped = handle.wait(seconds)
+        if stopped:
             raise handle.error() or CallCancelled("the job was stopped")
 
     def admit(self, run: Delivery, handle: CallHandle, scopes: list[tuple[str, Limits]],
@@ -92,9 +94,13 @@ class Gate:
                 raise Park(relook(admission.reason, wait), admission.reason, turn)
             if admission.go:
                 handle.flights = self.limiter.flights(scopes)
+            stopped = False
             if wait > 0:
-                metrics.LIMIT_WAIT.labels((admission.reason or Hold.TURN).value).observe(wait)
-            if wait > 0 and handle.wait(wait):
+                reason = (admission.reason or Hold.TURN).value
+                metrics.LIMIT_WAIT.labels(reason).observe(wait)
+                with tracing.wait_span(reason, wait):
+                    stopped = handle.wait(wait)
+            if stopped:
                 if admission.go:
                     self.limiter.settle(run.job_id, scopes, cost, answered=False)  # unused
                 raise handle.error() or CallCancelled("the job was stopped")

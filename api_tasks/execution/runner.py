@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import requests
 
-from api_tasks import metrics
+from api_tasks import metrics, tracing
 from api_tasks.errors import (
     APIStatusError,
     CallCancelled,
@@ -96,9 +96,11 @@ class JobRunner:
         self.tally = Tally()
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
-    def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
-        """Run a job to its end; return its final status (or why this delivery was dropped)."""
-        with job_context(job_id):
+    def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
+            traceparent: str | None = None) -> Outcome:
+        """Run a job to its end; return its final status (or why this delivery was dropped).
+        ``traceparent``: its submit's trace, from the message's headers."""
+        with job_context(job_id), tracing.job_span(job_id, kind, traceparent):
             return self._run(job_id, kind, first, params)
 
     def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
@@ -126,6 +128,8 @@ class JobRunner:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         note_job(attempt=claim.attempt)
+        tracing.waited("api_tasks queue", claim.created_at, time.time(), **{
+            "messaging.destination.name": queue})
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
                        cooldown=claim.cooldown, queue=queue, turn=claim.turn,
                        turn_on=claim.turn_on, message=message)
@@ -201,10 +205,16 @@ class JobRunner:
                 sent = True
                 flying = metrics.CALLS_IN_FLIGHT.labels(leg.group.name)
                 flying.inc()
-                try:
-                    response = self._limited_attempt(run, handle, leg, server, scopes)
-                finally:
-                    flying.dec()
+                with tracing.call_span(run.spec.kind, leg.group.name, server.base_url,
+                                       leg.payload) as span:
+                    try:
+                        response = self._limited_attempt(run, handle, leg, server, scopes)
+                    except UpstreamError as err:
+                        tracing.finish_call(span, None, err.code)
+                        raise
+                    finally:
+                        flying.dec()
+                    tracing.finish_call(span, response, None)
                 verdict = Health.OK
                 _record_try(run, server, leg.model, None)
                 metrics.RESPONSES.labels(leg.group.name, server.name, "2xx").inc()

@@ -1,0 +1,205 @@
+"""OpenTelemetry traces, opt-in: nothing is imported unless they are on.
+
+On in a process where the OpenTelemetry SDK is installed and either the
+standard ``OTEL_*`` variables name an exporter (``OTEL_TRACES_EXPORTER``, or an
+OTLP endpoint; the provider is then built here from them) or the application set
+an SDK tracer provider itself. A submit makes a PRODUCER span whose W3C
+``traceparent`` travels in the task message's headers; the worker continues the
+trace: a CONSUMER span for the job, its time in queue, each wait for a limit,
+and a CLIENT span per upstream call with the GenAI semantic conventions' attributes.
+Prompts and outputs are never recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["call_span", "finish_call", "job_span", "submit_headers", "wait_span", "waited"]
+
+_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+# the GenAI conventions' operation for each kind of job
+OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings",
+              "response": "chat"}
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _env_wants() -> bool:
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    return exporter not in ("", "none") or (exporter == "" and any(
+        os.environ.get(name) for name in _ENDPOINTS))
+
+
+def _tracer() -> Any:
+    """The tracer, or None when traces are off (then nothing of OpenTelemetry is loaded)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if "tracer" in _state:
+        return _state["tracer"]
+    if not _env_wants() and "opentelemetry.sdk.trace" not in sys.modules:
+        return None  # nobody asked, and the application set up no SDK of its own
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        return None
+    with _lock:
+        if "tracer" not in _state:
+            _state["tracer"] = _setup()
+    return _state["tracer"]
+
+
+def _setup() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        if not _env_wants():
+            return None
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=Resource.create())  # OTEL_SERVICE_NAME and co.
+        exporter = _exporter()
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+    return trace.get_tracer("api_tasks")
+
+
+def _exporter() -> Any:
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")[0].strip()
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            return None  # opentelemetry-exporter-otlp-proto-http is not installed
+        return OTLPSpanExporter()
+    return None
+
+
+def submit_headers(job_id: str, kind: str, model: str | None, queue: str) -> dict[str, str]:
+    """A PRODUCER span for a submit; the headers that carry its context with the message."""
+    tracer = _tracer()
+    if tracer is None:
+        return {}
+    from opentelemetry import propagate, trace
+
+    with tracer.start_as_current_span(f"api_tasks submit {kind}", kind=trace.SpanKind.PRODUCER,
+                                      attributes={"messaging.system": "celery",
+                                                  "messaging.message.id": job_id,
+                                                  "messaging.destination.name": queue,
+                                                  "gen_ai.request.model": model or ""}):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier
+
+
+@contextlib.contextmanager
+def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
+    """The CONSUMER span of one delivery of a job, continuing its submit's trace."""
+    tracer = _tracer()
+    if tracer is None:
+        yield None
+        return
+    from opentelemetry import propagate, trace
+
+    parent = propagate.extract({"traceparent": traceparent} if traceparent else {})
+    with tracer.start_as_current_span(f"api_tasks job {kind}", context=parent,
+                                      kind=trace.SpanKind.CONSUMER,
+                                      attributes={"messaging.system": "celery",
+                                                  "messaging.message.id": job_id}) as span:
+        yield span
+
+
+def waited(name: str, started: float, ended: float, **attributes: Any) -> None:
+    """A span for a wait that already happened (the time in queue), under the current one."""
+    tracer = _tracer()
+    if tracer is None:
+        return
+    span = tracer.start_span(name, start_time=int(started * 1e9), attributes=attributes)
+    span.end(end_time=int(ended * 1e9))
+
+
+@contextlib.contextmanager
+def wait_span(reason: str, seconds: float) -> Iterator[None]:
+    """A span around a wait in the worker for a limit, a cool-down or a breaker."""
+    tracer = _tracer()
+    if tracer is None:
+        yield
+        return
+    with tracer.start_as_current_span(f"api_tasks wait {reason}", attributes={
+            "api_tasks.wait.reason": reason, "api_tasks.wait.planned_s": seconds}):
+        yield
+
+
+@contextlib.contextmanager
+def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any]
+              ) -> Iterator[Any]:
+    """The CLIENT span of one upstream call, with the GenAI request attributes."""
+    tracer = _tracer()
+    if tracer is None:
+        yield None
+        return
+    from opentelemetry import trace
+
+    operation = OPERATIONS.get(kind, kind)
+    model = payload.get("model")
+    parts = urlsplit(base_url)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80)}
+    if isinstance(model, str):
+        attributes["gen_ai.request.model"] = model
+    for field, name in (("max_tokens", "gen_ai.request.max_tokens"),
+                        ("max_completion_tokens", "gen_ai.request.max_tokens"),
+                        ("max_output_tokens", "gen_ai.request.max_tokens"),
+                        ("temperature", "gen_ai.request.temperature"),
+                        ("top_p", "gen_ai.request.top_p")):
+        value = payload.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            attributes[name] = value
+    with tracer.start_as_current_span(f"{operation} {model or ''}".strip(),
+                                      kind=trace.SpanKind.CLIENT, attributes=attributes,
+                                      record_exception=False,
+                                      set_status_on_exception=False) as span:
+        yield span
+
+
+def finish_call(span: Any, response: Mapping[str, Any] | None, error_code: str | None) -> None:
+    """The response attributes of a call's span (id, model, finish reasons, usage), or its
+    error's type."""
+    if span is None:
+        return
+    if error_code is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("error.type", error_code)
+        span.set_status(Status(StatusCode.ERROR))
+        return
+    response = response or {}
+    for field, name in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
+        if isinstance(response.get(field), str):
+            span.set_attribute(name, response[field])
+    reasons = [c.get("finish_reason") for c in response.get("choices") or []
+               if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+    if reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+    usage = response.get("usage") or {}
+    for fields, name in ((("prompt_tokens", "input_tokens"), "gen_ai.usage.input_tokens"),
+                         (("completion_tokens", "output_tokens"),
+                          "gen_ai.usage.output_tokens")):
+        count = next((usage[f] for f in fields if isinstance(usage.get(f), int)), None)
+        if count is not None:
+            span.set_attribute(name, count)

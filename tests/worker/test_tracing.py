@@ -1,0 +1,107 @@
+"""OpenTelemetry traces across the producer (this process, in-memory exporter) and a worker
+(console exporter, configured only by OTEL_* variables): one trace, linked right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+
+from api_tasks.client import Client
+from config.loader import load_settings
+from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.services import ROOT, Spawn, wait_until
+
+pytestmark = pytest.mark.integration
+USER = [{"role": "user", "content": "Hello"}]
+sdk = pytest.importorskip("opentelemetry.sdk.trace")
+
+
+def _spans(log: str) -> list[dict[str, Any]]:
+    """The spans a worker's console exporter printed (JSON objects among its log lines)."""
+    decoder, spans, at = json.JSONDecoder(), [], 0
+    while (at := log.find("{\n", at)) >= 0:
+        try:
+            found, end = decoder.raw_decode(log, at)
+        except ValueError:
+            at += 1
+            continue
+        if isinstance(found, dict) and "context" in found:
+            spans.append(found)
+        at = end
+    return spans
+
+
+@pytest.fixture(scope="module")
+def memory() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # this process's application sets up its SDK
+    return exporter
+
+
+def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: dict[str, str],
+                                                     spawn: Spawn, fake: FakeUpstream,
+                                                     model: str) -> None:
+    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
+           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_SERVICE_NAME": "api-tasks-worker"}
+    worker = spawn(env, "traced")
+    client = Client(load_settings(env={k: v for k, v in env.items()
+                                       if k != "FAKE_UPSTREAM_KEY"}))
+    fake.script(model, HttpError(503), Reply(content="traced answer"))
+    job = client.submit_chat(USER, model=model, max_tokens=50, temperature=0.3)
+    assert job.result(timeout=30) is not None
+    [submit] = [s for s in memory.get_finished_spans()
+                if s.attributes.get("messaging.message.id") == job.id]
+    trace_id = f"0x{submit.context.trace_id:032x}"
+
+    def ours() -> list[dict[str, Any]]:
+        return [s for s in _spans(worker.log()) if s["context"]["trace_id"] == trace_id]
+    spans = wait_until(lambda: len(ours()) >= 4 and ours(), 20, "the worker's spans")
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        by_name.setdefault(span["name"], []).append(span)
+    [consumer] = by_name["api_tasks job chat"]
+    assert consumer["kind"] == "SpanKind.CONSUMER"
+    assert consumer["parent_id"] == f"0x{submit.context.span_id:016x}"  # the submit's child
+    [queued] = by_name["api_tasks queue"]
+    calls = by_name[f"chat {model}"]
+    assert len(calls) == 2  # the 503, then the answer
+    for span in [queued, *calls]:
+        assert span["parent_id"] == consumer["context"]["span_id"]
+    failed, answered = sorted(calls, key=lambda s: s["start_time"])
+    for span in calls:
+        attributes = span["attributes"]
+        assert span["kind"] == "SpanKind.CLIENT"
+        assert attributes["gen_ai.operation.name"] == "chat"
+        assert attributes["gen_ai.request.model"] == model
+        assert attributes["gen_ai.request.max_tokens"] == 50
+        assert attributes["gen_ai.request.temperature"] == 0.3
+        assert attributes["gen_ai.provider.name"] == "fake"
+        assert attributes["server.address"] == "127.0.0.1"
+    assert failed["attributes"]["error.type"] == "overloaded"  # the upstream's code for its 503
+    done = answered["attributes"]
+    assert done["gen_ai.response.model"] == model and done["gen_ai.response.id"]
+    assert done["gen_ai.response.finish_reasons"] == ["stop"]
+    assert done["gen_ai.usage.input_tokens"] > 0 and done["gen_ai.usage.output_tokens"] > 0
+    # prompts and outputs are never recorded
+    assert "Hello" not in json.dumps(spans) and "traced answer" not in json.dumps(spans)
+
+
+def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
+    code = ("import sys; from api_tasks import tracing; "
+            "print(tracing.submit_headers('j', 'chat', 'm', 'bulk'), "
+            "any(m.startswith('opentelemetry') for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.stdout.split() == ["{}", "False"], done.stderr
