@@ -5,7 +5,7 @@ standard ``OTEL_*`` variables name an exporter (``OTEL_TRACES_EXPORTER``, or an
 OTLP endpoint; the provider is then built here from them) or the application set
 an SDK tracer provider itself. A submit makes a PRODUCER span whose W3C
 ``traceparent`` travels in the task message's headers; the worker continues the
-trace: a CONSUMER span for the job, its time in queue, each wait for a limit,
+trace: a CONSUMER span for the job (with its time in queue), each wait for a limit,
 and a CLIENT span per upstream call with the GenAI semantic conventions' attributes.
 Prompts and outputs are never recorded.
 """
@@ -13,6 +13,7 @@ Prompts and outputs are never recorded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["call_span", "finish_call", "job_span", "submit_headers", "wait_span", "waited"]
+__all__ = ["call_span", "finish_call", "job_span", "queued", "submit_headers", "wait_span"]
 
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 # the GenAI conventions' operation for each kind of job
@@ -122,13 +123,16 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
         yield span
 
 
-def waited(name: str, started: float, ended: float, **attributes: Any) -> None:
-    """A span for a wait that already happened (the time in queue), under the current one."""
-    tracer = _tracer()
-    if tracer is None:
+def queued(seconds: float, queue: str) -> None:
+    """The job's time in queue, on its delivery's span (an attribute: a span of its own
+    would cost a job as much again)."""
+    if _tracer() is None:
         return
-    span = tracer.start_span(name, start_time=int(started * 1e9), attributes=attributes)
-    span.end(end_time=int(ended * 1e9))
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    span.set_attribute("api_tasks.queue_seconds", round(seconds, 6))
+    span.set_attribute("messaging.destination.name", queue)
 
 
 @contextlib.contextmanager
@@ -155,11 +159,10 @@ def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any
 
     operation = OPERATIONS.get(kind, kind)
     model = payload.get("model")
-    parts = urlsplit(base_url)
+    host, port = _server(base_url)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
-        "server.address": parts.hostname or "",
-        "server.port": parts.port or (443 if parts.scheme == "https" else 80)}
+        "server.address": host, "server.port": port}
     if isinstance(model, str):
         attributes["gen_ai.request.model"] = model
     for field, name in (("max_tokens", "gen_ai.request.max_tokens"),
@@ -175,6 +178,12 @@ def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any
                                       record_exception=False,
                                       set_status_on_exception=False) as span:
         yield span
+
+
+@functools.lru_cache(maxsize=256)
+def _server(base_url: str) -> tuple[str, int]:
+    parts = urlsplit(base_url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def finish_call(span: Any, response: Mapping[str, Any] | None, error_code: str | None) -> None:

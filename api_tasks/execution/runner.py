@@ -128,8 +128,7 @@ class JobRunner:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         note_job(attempt=claim.attempt)
-        tracing.waited("api_tasks queue", claim.created_at, time.time(), **{
-            "messaging.destination.name": queue})
+        tracing.queued(time.time() - claim.created_at, queue)
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
                        cooldown=claim.cooldown, queue=queue, turn=claim.turn,
                        turn_on=claim.turn_on, message=message)

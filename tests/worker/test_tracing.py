@@ -67,17 +67,18 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
 
     def ours() -> list[dict[str, Any]]:
         return [s for s in _spans(worker.log()) if s["context"]["trace_id"] == trace_id]
-    spans = wait_until(lambda: len(ours()) >= 4 and ours(), 20, "the worker's spans")
+    spans = wait_until(lambda: len(ours()) >= 3 and ours(), 20, "the worker's spans")
     by_name: dict[str, list[dict[str, Any]]] = {}
     for span in spans:
         by_name.setdefault(span["name"], []).append(span)
     [consumer] = by_name["api_tasks job chat"]
     assert consumer["kind"] == "SpanKind.CONSUMER"
     assert consumer["parent_id"] == f"0x{submit.context.span_id:016x}"  # the submit's child
-    [queued] = by_name["api_tasks queue"]
+    assert 0 < consumer["attributes"]["api_tasks.queue_seconds"] < 30  # its time in queue
+    assert consumer["attributes"]["messaging.destination.name"] == "interactive"
     calls = by_name[f"chat {model}"]
     assert len(calls) == 2  # the 503, then the answer
-    for span in [queued, *calls]:
+    for span in calls:
         assert span["parent_id"] == consumer["context"]["span_id"]
     failed, answered = sorted(calls, key=lambda s: s["start_time"])
     for span in calls:
