@@ -87,6 +87,11 @@ def _outcome(outcome: list[Any] | Failed) -> tuple[Exception | None, bool]:
     return _seen(outcome.error), created in (1, True) and isinstance(sent, Exception)
 
 
+def _created(outcome: Any) -> bool:
+    """Whether a send created its job's record (not a job sent again under its id)."""
+    return isinstance(outcome, list) and bool(outcome) and outcome[0] in (1, True)
+
+
 def _seen(err: Exception) -> Exception:
     """The error a submitter sees: ``BrokerUnavailable`` for a Redis out of reach."""
     if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
@@ -136,7 +141,8 @@ class Enqueuer:
                 self.store.forget(submission.job_id)
         if error is not None:
             raise error
-        metrics.submitted(self.settings, submission.record)
+        if _created(outcome):
+            metrics.submitted(self.settings, submission.record)
         return submission.job_id
 
     def send_all(self, submissions: list[Submission]) -> list[Exception | None]:
@@ -150,11 +156,10 @@ class Enqueuer:
                                                    transaction=True)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             return [_seen(err)] * len(submissions)
-        errors = [_outcome(outcome)[0] for outcome in outcomes]
-        for submission, error in zip(submissions, errors, strict=True):
-            if error is None:
+        for submission, outcome in zip(submissions, outcomes, strict=True):
+            if _created(outcome):  # not a line sent again: its job was counted then
                 metrics.submitted(self.settings, submission.record)
-        return errors
+        return [_outcome(outcome)[0] for outcome in outcomes]
 
 
 class AsyncEnqueuer:
@@ -201,9 +206,11 @@ class AsyncEnqueuer:
             self._waiting = []
 
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:
+        replies: list[Any] = [None] * len(batch)
         try:
-            outcomes = [_outcome(outcome) for outcome in await self.store.shell.run_groups(
-                [submission.calls for submission, _ in batch], transaction=True)]
+            replies = await self.store.shell.run_groups(
+                [submission.calls for submission, _ in batch], transaction=True)
+            outcomes = [_outcome(outcome) for outcome in replies]
         except Exception as err:  # the round trip failed: the transaction ran whole or not
             outcomes = [(_seen(err), False)] * len(batch)
         orphans = [submission.job_id for (submission, _), (_, orphaned)
@@ -212,9 +219,10 @@ class AsyncEnqueuer:
             with contextlib.suppress(redis.RedisError):
                 await self.store.shell.run_groups(
                     [[self.store.records.forget(job_id)] for job_id in orphans])
-        for (submission, sent), (error, _) in zip(batch, outcomes, strict=True):
+        for (submission, sent), (error, _), reply in zip(batch, outcomes, replies, strict=True):
             if error is not None:
                 sent.set_exception(error)
             else:
-                metrics.submitted(self.settings, submission.record)
+                if _created(reply):
+                    metrics.submitted(self.settings, submission.record)
                 sent.set_result(None)

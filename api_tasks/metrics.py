@@ -127,6 +127,10 @@ class ClusterCollector(Collector):
     def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
         self.read = read
 
+    def describe(self) -> list[GaugeMetricFamily]:
+        """Nothing: registering must not read Redis (the registry calls ``collect`` else)."""
+        return []
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             state = self.read()

@@ -95,7 +95,10 @@ class Runtime:
             if self.app is not None and worker.metrics_port is None:
                 metrics.turn_off()
             if self.app is not None and worker.metrics_port is not None:
-                metrics.register_cluster(lambda: cluster_state(self.redis, self.keys,
+                # a scrape has its own connection, quick to give up: a hung Redis must cost
+                # it the cluster's gauges only, not the whole scrape or a job thread's slot
+                scrapes = connect(self.settings.redis, max_connections=2, socket_timeout=2.0)
+                metrics.register_cluster(lambda: cluster_state(scrapes, self.keys,
                                                                self.settings))
                 port = metrics.serve(worker.metrics_host, worker.metrics_port)
                 if port is not None and self.heartbeat is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -22,8 +23,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["call_span", "finish_call", "job_span", "queued", "submit_headers", "wait_span"]
+__all__ = ["call_span", "finish_call", "job_span", "queued", "submit_headers", "wait_span",
+           "warm"]
 
+log = logging.getLogger(__name__)
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 # the GenAI conventions' operation for each kind of job
 OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings",
@@ -50,26 +53,34 @@ def _tracer() -> Any:
         return None
     with _lock:
         if "tracer" not in _state:
-            _state["tracer"] = _setup()
+            tracer, settled = _setup()
+            if not settled:  # the application may still set its provider up: ask again
+                return None
+            _state["tracer"] = tracer
     return _state["tracer"]
 
 
-def _setup() -> Any:
+def _setup() -> tuple[Any, bool]:
+    """(the tracer or None, whether that is for good)."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         if not _env_wants():
-            return None
+            return None, False
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        provider = TracerProvider(resource=Resource.create())  # OTEL_SERVICE_NAME and co.
         exporter = _exporter()
-        if exporter is not None:
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+        if exporter is None:  # spans that go nowhere would only cost every job
+            log.warning("traces are off: OTEL_TRACES_EXPORTER=%s needs an exporter that is "
+                        "not installed (pip install 'api-tasks[tracing]' for otlp)",
+                        os.environ.get("OTEL_TRACES_EXPORTER", "otlp"))
+            return None, True
+        provider = TracerProvider(resource=Resource.create())  # OTEL_SERVICE_NAME and co.
+        provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
-    return trace.get_tracer("api_tasks")
+    return trace.get_tracer("api_tasks"), True
 
 
 def _exporter() -> Any:
@@ -87,6 +98,11 @@ def _exporter() -> Any:
             return None  # opentelemetry-exporter-otlp-proto-http is not installed
         return OTLPSpanExporter()
     return None
+
+
+def warm() -> None:
+    """Load the SDK now if traces are on (a gateway does it off its event loop at start)."""
+    _tracer()
 
 
 def submit_headers(job_id: str, kind: str, model: str | None, queue: str) -> dict[str, str]:
@@ -117,7 +133,7 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
 
     parent = propagate.extract({"traceparent": traceparent} if traceparent else {})
     with tracer.start_as_current_span(f"api_tasks job {kind}", context=parent,
-                                      kind=trace.SpanKind.CONSUMER,
+                                      kind=trace.SpanKind.CONSUMER, record_exception=False,
                                       attributes={"messaging.system": "celery",
                                                   "messaging.message.id": job_id}) as span:
         yield span

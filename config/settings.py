@@ -372,6 +372,12 @@ class WorkerSettings(_Model):
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _metrics_off(cls, value: Any) -> Any:
+        # YAML reads a bare off as False, which would otherwise pass as port 0
+        return None if value is False or value in ("off", "none", "") else value
+
     @model_validator(mode="after")
     def _renewals_fit_in_a_lease(self) -> WorkerSettings:
         if self.watchdog_interval * 3 > self.lease_ttl:

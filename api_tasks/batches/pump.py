@@ -387,9 +387,11 @@ class BatchPump(Loop):
             records = [json.dumps(record_for(f"{batch_id}-{index}", "", {
                 "status": JobStatus.FAILED.value, "error": _INPUT_MISSING})[1])
                 for index in range(sent, sent + count)]
-        self._scripts["drain"](keys=[self._keys.batch(batch_id),
-                                     self._keys.batch_errors(batch_id)],
-                               args=[str(sent), self._ttl, counter, *records])
+        drained = self._scripts["drain"](keys=[self._keys.batch(batch_id),
+                                               self._keys.batch_errors(batch_id)],
+                                         args=[str(sent), self._ttl, counter, *records])
+        if drained == 1 and records:
+            metrics.BATCH_LINES.labels(counter).inc(len(records))
 
 
 def _counted(outcome: str, recorded: Any) -> Any:

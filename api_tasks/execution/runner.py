@@ -186,6 +186,7 @@ class JobRunner:
             self.settings.fallback_chain(run.spec.model)
         route = _Route(chain, {0: self._leg(run, home, run.spec.model)})
         keyed = self.settings.gateway.key_limits(run.spec.owner)
+        again = False  # the next call sent is a retry
         while True:
             leg, pick = self._next_call(run, handle, route)
             server = pick.deployment
@@ -202,10 +203,13 @@ class JobRunner:
                 handle.flights += self.router.calls(leg.group, server)
                 handle.start_attempt(leg.group.timeouts.total)
                 sent = True
+                if again:
+                    metrics.RETRIES.labels(leg.group.name).inc()
+                    again = False
                 flying = metrics.CALLS_IN_FLIGHT.labels(leg.group.name)
-                flying.inc()
                 with tracing.call_span(run.spec.kind, leg.group.name, server.base_url,
                                        leg.payload) as span:
+                    flying.inc()
                     try:
                         response = self._limited_attempt(run, handle, leg, server, scopes)
                     except UpstreamError as err:
@@ -222,8 +226,9 @@ class JobRunner:
                 if sent:
                     verdict = health(err)
                     _record_try(run, server, leg.model, err)
-                    metrics.RESPONSES.labels(leg.group.name, server.name,
-                                             metrics.status_class(err.status)).inc()
+                    if handle.reason is None:  # a call stopped here is not the upstream's
+                        metrics.RESPONSES.labels(leg.group.name, server.name,
+                                                 metrics.status_class(err.status)).inc()
                     if err.status == 429:
                         metrics.RATE_LIMITED.labels(leg.group.name, server.name).inc()
                 stopped = handle.reason in (Stop.CANCELLED, Stop.SHUTDOWN)
@@ -250,8 +255,7 @@ class JobRunner:
                     log.info("job %s: %s refused its key (%s); trying another deployment",
                              run.job_id, server.name, err.code)
                     route.tried.add(server.name)
-                    route.final = err
-                    metrics.RETRIES.labels(leg.group.name).inc()
+                    route.final, again = err, True
                     continue
                 delay = retry_delay(policy, err, spent, random.random(), run.published)
                 if delay is None or stopped:
@@ -262,7 +266,7 @@ class JobRunner:
                          run.job_id, run.calls, err.code, err.message, server.name)
                 route.tried.add(server.name)
                 route.owed, route.error, route.final = delay, err, None
-                metrics.RETRIES.labels(leg.group.name).inc()
+                again = True
                 handle.pause()
             finally:
                 self.router.done(run.job_id, run.calls, leg.group, server, verdict,
@@ -517,6 +521,7 @@ class JobRunner:
         upstream = run.upstream.name if run.upstream else ""
         self.tally.ended(run.job_id, status, finished, upstream, error)
         model = metrics.model_label(self.settings, upstream or None, run.spec.model)
+        served = metrics.model_label(self.settings, upstream or None, run.model or run.spec.model)
         metrics.JOBS_ENDED.labels(run.spec.kind.value, upstream, model, run.queue,
                                   status.value).inc()
         metrics.QUEUE_TIME.labels(run.queue).observe(max(run.started_at - run.created_at, 0))
@@ -529,7 +534,7 @@ class JobRunner:
                                  ("out", ("completion_tokens", "output_tokens"))):
             count = next((usage[n] for n in names if isinstance(usage.get(n), int)), 0)
             if count:
-                metrics.TOKENS.labels(upstream, model, direction).inc(count)
+                metrics.TOKENS.labels(upstream, served, direction).inc(count)
 
     def _ttl(self, spec: JobSpec) -> int:
         return spec.result_ttl or self.settings.jobs.result_ttl

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from api_tasks import metrics
+from api_tasks import metrics, tracing
 from api_tasks.connections import connect, connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
@@ -91,6 +91,7 @@ class Gateway:
     async def start(self) -> None:
         """Connect and load the submit's scripts now, not on the first request, then settle
         the stream-token secret: configured, or one shared through Redis."""
+        await anyio.to_thread.run_sync(tracing.warm)  # the SDK's imports, off the loop
         try:
             await self.submitter.enqueuer.warm()
         except BrokerUnavailable as err:  # it serves anyway: 503s until Redis is back

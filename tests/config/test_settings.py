@@ -146,3 +146,15 @@ def test_worker_stops_when_a_named_key_variable_is_unset(tmp_path: Path) -> None
                           cwd=ROOT, env={"API_TASKS_CONFIG": path, "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "NOT_SET_KEY is not set" in done.stderr
+
+
+def test_metrics_off_in_a_settings_file_means_off(tmp_path: Path) -> None:
+    # YAML reads a bare off as false: it must not pass as port 0 (any free port)
+    path = _write(tmp_path, {"worker": {"metrics_port": False},
+                             "upstreams": [{"name": "a", "base_url": "http://a"}]})
+    assert load_settings(env={}, path=path).worker.metrics_port is None
+    text = Path(path).read_text().replace("metrics_port: false", "metrics_port: off")
+    Path(path).write_text(text)
+    assert load_settings(env={}, path=path).worker.metrics_port is None
+    assert load_settings(env={"API_TASKS_METRICS_PORT": "9999"}, path=path
+                         ).worker.metrics_port == 9999
