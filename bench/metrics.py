@@ -2,8 +2,8 @@
 
 One worker process (50 threads) runs the same chat jobs against the fake upstream
 with its metrics on (the default: every job counted, ``/metrics`` served), on with traces
-(``OTEL_TRACES_EXPORTER=console``: every span made and written, as JSON, to the worker's
-log: an exporter costlier than OTLP's batches), and off (``API_TASKS_METRICS_PORT=off``: nothing counted,
+(``OTEL_TRACES_EXPORTER=otlp``: every span made and sent in OTLP batches to a local
+collector that takes them), and off (``API_TASKS_METRICS_PORT=off``: nothing counted,
 no traces), three times each, alternating; the
 figure is the worker's CPU per job, the least of each mode's runs (the runs' spread is
 shown: one run's noise is as large as what is measured). Then 200 jobs are held in flight (the fake
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -42,7 +45,8 @@ def worker(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir
     env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
                     API_TASKS_PREFIX=f"{name}{time.monotonic_ns() % 100000}",
                     API_TASKS_METRICS_PORT=port,
-                    **({"OTEL_TRACES_EXPORTER": "console"} if traced else {}))
+                    **({"OTEL_TRACES_EXPORTER": "otlp",
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": _collector()} if traced else {}))
     process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
                             name=name).start(wait=False)
     stack.callback(process.stop)
@@ -50,6 +54,32 @@ def worker(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir
     wait_until(lambda: client.store.shell.run(alive(client.keys)), 120, "the worker's record")
     client.submit_chat(USER, model="warm").result(timeout=60)
     return client, process
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and answers 200, as a collector does."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+_collectors: list[ThreadingHTTPServer] = []
+
+
+def _collector() -> str:
+    """The URL of this bench's OTLP sink (started once)."""
+    if not _collectors:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _collectors.append(server)
+    return f"http://127.0.0.1:{_collectors[0].server_address[1]}/v1/traces"
 
 
 def cpu_per_job(client: Client, process: WorkerProcess, n: int) -> float:
