@@ -127,13 +127,15 @@ def render(now: dict[str, Any], before: dict[str, Any] | None, prefix: str) -> R
 
 
 def run(client: Client, interval: float, once: bool = False) -> int:
-    """Show the view until Ctrl-C (``once``: print one frame and return)."""
+    """Show the view until Ctrl-C (``once``: print one frame and return 0, or 4 when Redis
+    did not answer)."""
     prefix = client.settings.redis.prefix
     if once:
         from rich.console import Console
 
-        Console().print(render(snapshot(client), None, prefix))
-        return 0
+        now = snapshot(client)
+        Console().print(render(now, None, prefix))
+        return 4 if "error" in now else 0
     before: dict[str, Any] | None = None
     try:
         with Live(render({"at": time.time(), "error": "connecting"}, None, prefix),

@@ -18,7 +18,7 @@ from api_tasks import JobFailed
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError
-from tests.support.services import ROOT, Spawn
+from tests.support.services import ROOT, Spawn, free_port
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -71,3 +71,11 @@ def test_top_refuses_a_bad_interval(worker_env: dict[str, str]) -> None:
     done = subprocess.run([sys.executable, "-m", "api_tasks", "top", "--interval", "0"],
                           cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--interval" in done.stderr
+
+
+def test_top_once_with_redis_down_exits_4(worker_env: dict[str, str]) -> None:
+    down = {**worker_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([sys.executable, "-m", "api_tasks", "top", "--once"], cwd=ROOT,
+                          env=down, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 4 and "Redis unavailable" in done.stdout
+    assert "Traceback" not in done.stderr
