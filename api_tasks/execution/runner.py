@@ -184,7 +184,7 @@ class JobRunner:
         # a job's own base_url names one server: it never moves to another model
         chain = [run.spec.model] if run.spec.base_url else \
             self.settings.fallback_chain(run.spec.model)
-        route = _Route(chain, {0: self._leg(run, home, run.spec.model)})
+        route = _Route(chain, {0: self._leg(home, run.spec)})
         keyed = self.settings.gateway.key_limits(run.spec.owner)
         again = False  # the next call sent is a retry
         while True:
@@ -272,10 +272,10 @@ class JobRunner:
                 self.router.done(run.job_id, run.calls, leg.group, server, verdict,
                                  run.first_byte, pick.probe)
 
-    def _leg(self, run: Delivery, group: Upstream, model: str | None) -> _Leg:
-        """The call to ``group`` for ``model``: its payload and its token cost."""
-        spec = run.spec if model == run.spec.model else \
-            replace(run.spec, body={**run.spec.body, "model": model})
+    def _leg(self, group: Upstream, spec: JobSpec) -> _Leg:
+        """The call to ``group`` for ``spec`` (the job's, or its copy for a fallback model):
+        its payload and its token cost."""
+        model = spec.model
         payload = build_payload(self.settings, group, spec)
         scopes = [*group.limit_scopes(model), *self.settings.gateway.key_limits(spec.owner)]
         counted = any(limits.counts_tokens for _, limits in scopes) or any(
@@ -296,7 +296,7 @@ class JobRunner:
             model = route.chain[at]
             spec = replace(run.spec, body={**run.spec.body, "model": model}, upstream=None)
             try:
-                route.legs[at] = self._leg(run, resolve_upstream(self.settings, spec), model)
+                route.legs[at] = self._leg(resolve_upstream(self.settings, spec), spec)
             except InvalidJob:  # e.g. its upstream does not serve this endpoint
                 route.legs[at] = None
         return route.legs[at]
@@ -485,8 +485,7 @@ class JobRunner:
     def _finish(self, run: Delivery, status: JobStatus, *, response: dict[str, Any] | None = None,
                 error: dict[str, Any] | None = None) -> Outcome:
         finished = time.time()
-        served = run.deployment.name if run.deployment else None
-        tries = run.tries[-_TRIES_KEPT:]
+        served, tries = run.deployment.name if run.deployment else None, run.tries
         meta: dict[str, Any] = {
             "kind": run.spec.kind, "upstream": run.upstream.name if run.upstream else None,
             "deployment": served, "model": run.spec.model, "attempts": run.calls,
@@ -521,7 +520,8 @@ class JobRunner:
         upstream = run.upstream.name if run.upstream else ""
         self.tally.ended(run.job_id, status, finished, upstream, error)
         model = metrics.model_label(self.settings, upstream or None, run.spec.model)
-        served = metrics.model_label(self.settings, upstream or None, run.model or run.spec.model)
+        served = model if run.model in (None, run.spec.model) else \
+            metrics.model_label(self.settings, upstream or None, run.model)
         metrics.JOBS_ENDED.labels(run.spec.kind.value, upstream, model, run.queue,
                                   status.value).inc()
         metrics.QUEUE_TIME.labels(run.queue).observe(max(run.started_at - run.created_at, 0))
