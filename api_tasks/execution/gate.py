@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from api_tasks import metrics, tracing
-from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge
+from api_tasks.errors import ApiTasksError, CallCancelled, RequestTooLarge, UpstreamError
 from api_tasks.execution.delivery import Delivery, Outcome
 from api_tasks.execution.limits import Cooldowns, Hold, Limiter
 from api_tasks.record.leases import LeaseStore, Parked
@@ -94,16 +94,13 @@ class Gate:
                 raise Park(relook(admission.reason, wait), admission.reason, turn)
             if admission.go:
                 handle.flights = self.limiter.flights(scopes)
-            stopped = False
             if wait > 0:
-                reason = (admission.reason or Hold.TURN).value
-                metrics.LIMIT_WAIT.labels(reason).observe(wait)
-                with tracing.wait_span(reason, wait):
-                    stopped = handle.wait(wait)
-            if stopped:
-                if admission.go:
-                    self.limiter.settle(run.job_id, scopes, cost, answered=False)  # unused
-                raise handle.error() or CallCancelled("the job was stopped")
+                try:
+                    self.hold(handle, wait, admission.reason or Hold.TURN)
+                except UpstreamError:
+                    if admission.go:
+                        self.limiter.settle(run.job_id, scopes, cost, answered=False)  # unused
+                    raise
             if admission.go:
                 return
             waited += wait
