@@ -26,7 +26,7 @@ from api_tasks.execution.runner import JobRunner
 from api_tasks.execution.scheduler import Scheduler
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.execution.webhooks import WebhookSender
-from api_tasks.record.cluster import cluster_state
+from api_tasks.record.cluster import cluster_reader
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.record.store import JobStore
@@ -91,19 +91,8 @@ class Runtime:
         """Start the background threads (idempotent)."""
         if not self._started:
             self._started = True
-            worker = self.settings.worker
-            if self.app is not None and worker.metrics_port is None:
-                metrics.turn_off()
-            if self.app is not None and worker.metrics_port is not None:
-                # a scrape has its own connection, quick to give up: a hung Redis must cost
-                # it the cluster's gauges only, not the whole scrape or a job thread's slot
-                scrapes = connect(self.settings.redis, max_connections=2, socket_timeout=2.0)
-                metrics.register_cluster(lambda: cluster_state(scrapes, self.keys,
-                                                               self.settings))
-                port = metrics.serve(worker.metrics_host, worker.metrics_port)
-                if port is not None and self.heartbeat is not None:
-                    self.heartbeat.note(metrics_port=port)
-                    log.info("metrics on http://%s:%d/metrics", worker.metrics_host, port)
+            if self.app is not None:  # a worker: its metrics, or none at all
+                self._serve_metrics()
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()
@@ -115,6 +104,17 @@ class Runtime:
                 self.batches.start()
             if self.webhooks is not None:
                 self.webhooks.start()
+
+    def _serve_metrics(self) -> None:
+        worker = self.settings.worker
+        if worker.metrics_port is None:
+            metrics.turn_off()
+            return
+        metrics.register_cluster(cluster_reader(self.settings, self.keys))
+        port = metrics.serve(worker.metrics_host, worker.metrics_port)
+        if port is not None and self.heartbeat is not None:
+            self.heartbeat.note(metrics_port=port)
+            log.info("metrics on http://%s:%d/metrics", worker.metrics_host, port)
 
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""

@@ -39,6 +39,7 @@ _ROUTE = script("route")
 _ROUTED = script("routed")
 _DECAY_MS = 10_000  # a deployment's time to first byte fades with this time constant
 
+
 @dataclass(frozen=True)
 class Pick:
     """The deployment for a call (``wait``: seconds to its turn), or none: ``wait`` seconds

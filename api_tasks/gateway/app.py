@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api_tasks import metrics, tracing
-from api_tasks.connections import connect, connect_async, text
+from api_tasks.connections import connect_async, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
 from api_tasks.gateway.batches import cancel_batch, create_batch, get_batch, list_batches
@@ -43,7 +43,7 @@ from api_tasks.gateway.files import (
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.gateway.webhooks import list_deliveries
-from api_tasks.record.cluster import cluster_state
+from api_tasks.record.cluster import cluster_reader
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
 from api_tasks.record.reader import (
@@ -84,9 +84,7 @@ class Gateway:
         self.submitter = Submitter(settings, self.store)
         self.keyring = Keyring(settings.gateway)
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
-        # the cluster's gauges are read by a scrape, on a thread, over a connection of its own
-        scrapes = connect(settings.redis, max_connections=2, socket_timeout=2.0)
-        metrics.register_cluster(lambda: cluster_state(scrapes, self.keys, settings))
+        metrics.register_cluster(cluster_reader(settings, self.keys))  # read on a thread
 
     async def start(self) -> None:
         """Connect and load the submit's scripts now, not on the first request, then settle

@@ -8,10 +8,12 @@ scope is booked. Cheap whatever the load: lengths and cardinalities, no scans.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from api_tasks.connections import connect
 from api_tasks.record.deployments import deployment_states
 from api_tasks.record.keys import Keys
 from api_tasks.record.workers import STALE_AFTER
@@ -20,7 +22,7 @@ from config.settings import QUEUES as LANES
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["cluster_state", "limit_scopes"]
+__all__ = ["cluster_reader", "cluster_state", "limit_scopes"]
 
 
 def limit_scopes(settings: Settings) -> list[str]:
@@ -60,3 +62,10 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[s
     return {"queues": dict(zip(LANES, lanes, strict=True)), "waiting": waiting,
             "running": running, "batches_running": batches, "workers_alive": workers,
             "deployments": deployment_states(client, keys, settings), "limits": limits}
+
+
+def cluster_reader(settings: Settings, keys: Keys) -> Callable[[], dict[str, Any]]:
+    """``cluster_state`` for a process's scrapes, over a connection of their own that gives up
+    quickly: a hung Redis costs a scrape the cluster's gauges only, never a job's slot."""
+    client = connect(settings.redis, max_connections=2, socket_timeout=2.0)
+    return lambda: cluster_state(client, keys, settings)
