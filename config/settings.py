@@ -304,6 +304,15 @@ class Upstream(_Model):
                 scopes.append((f"{self.name}/{pattern}", limits))
         return scopes
 
+    def named_scopes(self) -> list[str]:
+        """Every limit scope these settings name (not the per-model ones ``auto`` learns)."""
+        learnt = self.limits.auto
+        scopes = [self.name] if self.limits.active and not learnt else []
+        scopes += [f"{self.name}/{pattern}" for pattern, limits in self.model_limits.items()
+                   if limits.active]
+        return scopes + [d.name for d in self.deployments or ()
+                         if d.limits.active and not d.limits.auto]
+
     def longest_call(self) -> float:
         """An upper bound on one job's time here: every attempt and every wait."""
         retry = self.retry
@@ -497,10 +506,14 @@ class GatewaySettings(_Model):
 
     def key_limits(self, name: str | None) -> list[tuple[str, Limits]]:
         """The limit scope of the gateway key ``name``, if it has limits."""
-        for key in self.keys:
-            if key.name == name and key.limits.active:
-                return [(f"key:{name}", key.limits)]
-        return []
+        return [(scope, key.limits) for scope, key in self._key_scopes() if key.name == name]
+
+    def named_scopes(self) -> list[str]:
+        """The limit scopes of the keys that have limits."""
+        return [scope for scope, _ in self._key_scopes()]
+
+    def _key_scopes(self) -> list[tuple[str, GatewayKey]]:
+        return [(f"key:{key.name}", key) for key in self.keys if key.limits.active]
 
 
 def _loop(fallbacks: dict[str, list[str]], model: str, path: list[str]) -> list[str]:

@@ -27,15 +27,8 @@ __all__ = ["cluster_reader", "cluster_state", "limit_scopes"]
 
 def limit_scopes(settings: Settings) -> list[str]:
     """The limit scopes the settings name (not the per-model ones ``limits: auto`` learns)."""
-    scopes = []
-    for group in settings.upstreams:
-        if group.limits.active and not group.limits.auto:
-            scopes.append(group.name)
-        scopes += [f"{group.name}/{pattern}" for pattern, limits in group.model_limits.items()
-                   if limits.active]
-        scopes += [d.name for d in group.deployments or () if d.limits.active
-                   and not d.limits.auto]
-    return scopes + [f"key:{key.name}" for key in settings.gateway.keys if key.limits.active]
+    return [scope for group in settings.upstreams for scope in group.named_scopes()] + \
+        settings.gateway.named_scopes()
 
 
 def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
