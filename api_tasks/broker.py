@@ -30,6 +30,7 @@ import os
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import orjson
 from celery import Celery
@@ -89,12 +90,32 @@ def task_message(task: str, args: list[Any], kwargs: dict[str, Any], task_id: st
     })
 
 
+def _broker(settings: Settings) -> tuple[str, str, dict[str, Any]]:
+    """kombu's URL, transport and Sentinel options for the configured Redis."""
+    where = settings.redis.sentinel
+    if where is None:
+        return settings.redis.url, "worker.transport:Transport", {}
+    login = ""
+    if where.username or where.password is not None:
+        login = f"{quote(where.username or '', safe='')}:{quote(where.password or '', safe='')}@"
+    host, port = where.nodes[0]  # the rest in an option (worker/transport.py says why)
+    url = f"sentinel://{login}{f'[{host}]' if ':' in host else host}:{port}/{where.db}"
+    credentials = {"username": where.sentinel_username, "password": where.sentinel_password}
+    sentinel_kwargs = {  # a Sentinel that hangs is passed over as fast as one that is down
+        "socket_connect_timeout": settings.redis.socket_connect_timeout,
+        "socket_timeout": settings.redis.socket_connect_timeout, "socket_keepalive": True,
+        **{k: v for k, v in credentials.items() if v is not None}}
+    return url, "worker.transport:SentinelTransport", {
+        "master_name": where.master, "sentinels": [list(node) for node in where.nodes],
+        "sentinel_kwargs": sentinel_kwargs}
+
+
 def create_app(settings: Settings) -> Celery:
     """A Celery app for these settings (used by workers and producers alike)."""
-    app = Celery("api_tasks", broker=settings.redis.url, include=["api_tasks.tasks"],
-                 set_as_current=False)
+    url, transport, options = _broker(settings)
+    app = Celery("api_tasks", broker=url, include=["api_tasks.tasks"], set_as_current=False)
     app.conf.update(
-        broker_transport="worker.transport:Transport",
+        broker_transport=transport,
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -116,6 +137,7 @@ def create_app(settings: Settings) -> Celery:
             "max_connections": pool_size(settings.worker.concurrency),
             # refused before decoding (worker/transport.py): no job is this large
             "max_message_bytes": settings.max_message_bytes(),
+            **options,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 
 from api_tasks.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
+    from config.sentinel_url import SentinelURL
     from config.settings import RedisSettings
 
 __all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "text",
@@ -51,17 +54,52 @@ def _options(settings: RedisSettings, socket_timeout: float,
     }
 
 
+class _SentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's pool for the primary, waiting for a free connection as ``connect``'s does."""
+
+
+class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
+                         redis.asyncio.BlockingConnectionPool):
+    """``_SentinelPool`` for asyncio callers."""
+
+
+def _sentinel_options(where: SentinelURL, options: dict[str, Any]) -> dict[str, Any]:
+    """How to reach the Sentinels: the pool's socket options, their own credentials.
+
+    Each new connection asks a Sentinel where the primary is, so after a failover the
+    next connection goes to the promoted replica; one to the old primary fails or is
+    refused as read-only, and is dropped.
+    """
+    keep = {"socket_connect_timeout", "socket_timeout", "socket_keepalive", "protocol"}
+    credentials = {"username": where.sentinel_username, "password": where.sentinel_password}
+    return {**{k: v for k, v in options.items() if k in keep},
+            **{k: v for k, v in credentials.items() if v is not None}}
+
+
+def _primary(where: SentinelURL, options: dict[str, Any]) -> dict[str, Any]:
+    return {**options, "db": where.db, "username": where.username, "password": where.password}
+
+
 def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
             max_connections: int = 100) -> redis.Redis:
-    """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL).
+    """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL;
+    a sentinel:// URL follows whichever server Sentinel names the primary).
 
     The default timeout suits blocking reads (``BLOCK_SLICE``); pass a shorter one
     for a client that only makes quick calls, so a hung Redis fails it fast. The pool
     holds ``max_connections``; a thread that finds them all busy waits for one (up to
     the socket timeout) instead of failing with "Too many connections".
     """
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.url, **_options(settings, socket_timeout, max_connections))
+    options = _options(settings, socket_timeout, max_connections)
+    where = settings.sentinel
+    if where is None:
+        pool: redis.BlockingConnectionPool = redis.BlockingConnectionPool.from_url(
+            settings.url, **options)
+    else:
+        manager = redis.sentinel.Sentinel(where.nodes,
+                                          sentinel_kwargs=_sentinel_options(where, options))
+        pool = _SentinelPool(where.master, manager,  # type: ignore[no-untyped-call]
+                             **_primary(where, options))
     return redis.Redis(connection_pool=pool)
 
 
@@ -69,8 +107,16 @@ def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE +
                   max_connections: int = 100) -> redis.asyncio.Redis:
     """``connect`` for asyncio callers (the HTTP gateway): the same options and bounds, and
     at most ``CONNECTING`` connections being opened at once."""
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        settings.url, **_options(settings, socket_timeout, max_connections))
+    options = _options(settings, socket_timeout, max_connections)
+    where = settings.sentinel
+    if where is None:
+        pool: redis.asyncio.BlockingConnectionPool = \
+            redis.asyncio.BlockingConnectionPool.from_url(settings.url, **options)
+    else:
+        manager = redis.asyncio.sentinel.Sentinel(
+            where.nodes, sentinel_kwargs=_sentinel_options(where, options))
+        pool = _AsyncSentinelPool(where.master, manager,  # type: ignore[no-untyped-call]
+                                  **_primary(where, options))
     chosen = pool.connection_class  # plain, TLS or Unix socket, from the URL
     pool.connection_class = type(f"Paced{chosen.__name__}", (_PacedConnect, chosen), {})
     return redis.asyncio.Redis(connection_pool=pool)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from config.allow_list import allow_list
+from config.sentinel_url import SentinelURL, parse_sentinel_url
 
 __all__ = [
     "Breaker",
@@ -331,9 +332,17 @@ class RedisSettings(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        scheme = urlsplit(value).scheme
+        if scheme == "sentinel":
+            parse_sentinel_url(value)
+        elif scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
         return value
+
+    @property
+    def sentinel(self) -> SentinelURL | None:
+        """The Sentinels to ask for the primary, when the URL names them."""
+        return parse_sentinel_url(self.url) if self.url.startswith("sentinel:") else None
 
     @field_validator("prefix")
     @classmethod

@@ -8,6 +8,10 @@ on consuming. A message larger than ``max_message_bytes`` (a transport
 option) is dropped the same way before it is decoded: a 50 MB message once
 took a worker to 2.4 GB. Errors from Celery's own handling of a message never
 reach this far: Celery catches them itself.
+
+Redis going away between kombu's ``BRPOP`` and its write of the unacked entry would lose
+the popped message; here it is kept and pushed back once Redis answers. ``SentinelTransport``
+is the same on the primary Redis Sentinel names.
 """
 
 from __future__ import annotations
@@ -15,17 +19,24 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
 import redis
+import redis.sentinel
 from kombu.transport import redis as kombu_redis
 
-__all__ = ["Transport"]
+__all__ = ["SentinelTransport", "Transport"]
 
 log = logging.getLogger(__name__)
+
+# Messages this process popped but could not record as unacked: Redis went away between
+# kombu's BRPOP and its write to the unacked hash (a failover, a restart). Nowhere else
+# holds them, so they go back on their queue once Redis answers again.
+_unrecorded: deque[tuple[str, Any]] = deque()
 
 
 class _SizeLimit:
@@ -72,6 +83,12 @@ class Channel(kombu_redis.Channel):
         if client:
             yield client
             return
+        if self.connection.client is None:
+            # Celery closes a broken connection's transport before its channel, whose
+            # close then gives back the unacked messages: kombu would rebuild the pool from
+            # the missing connection info and stop the worker ("Unrecoverable error").
+            # As a connection error it is ignored, and Redis keeps those messages anyway.
+            raise redis.ConnectionError("the broker connection is closed")
         pooled, pool = self._pooled, self.pool
         if pooled is None or pooled.connection_pool is not pool:
             pooled = self._pooled = self._create_client()
@@ -84,6 +101,26 @@ class Channel(kombu_redis.Channel):
                                      max_message_bytes=self.max_message_bytes, **client.keywords)
         return functools.partial(_SizedRedis, max_message_bytes=self.max_message_bytes)
 
+    def _brpop_start(self, timeout: Any = None) -> None:
+        if _unrecorded:
+            self._put_back()
+        super()._brpop_start(timeout)
+
+    def _put_back(self) -> None:
+        """Push the messages popped as Redis went away back to the head of their queue."""
+        count = len(_unrecorded)
+        try:
+            with self.conn_or_acquire() as client:
+                while _unrecorded:
+                    queue, message = _unrecorded[0]
+                    client.rpush(queue, json.dumps(message))  # BRPOP takes from the right
+                    _unrecorded.popleft()
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            log.warning("could not yet put back %d message(s) popped as Redis went away: %s",
+                        len(_unrecorded), err)
+            return
+        log.warning("put back %d message(s) popped as Redis went away", count)
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
@@ -92,14 +129,57 @@ class Channel(kombu_redis.Channel):
             raise Empty() from None
 
 
-class Transport(kombu_redis.Transport):
+class _SafeDelivery:
+    """Drops a message that is not a message envelope instead of stopping the worker, and
+    keeps one whose delivery Redis cut off, to put it back."""
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        try:
+            super()._deliver(message, queue)  # type: ignore[misc]
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            log.error("dropped a queue message that is not a message envelope (%s: %s)",
+                      type(err).__name__, err)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            # put back even if its entry was written after all: the claim drops a duplicate
+            _unrecorded.append((queue, message))
+            log.warning("Redis went away as a message was delivered (%s): it goes back on "
+                        "its queue when Redis answers again", err)
+            raise
+
+
+class Transport(_SafeDelivery, kombu_redis.Transport):
     """The Redis transport with the hardened channel."""
 
     Channel = Channel
 
-    def _deliver(self, message: Any, queue: str) -> None:
-        try:
-            super()._deliver(message, queue)
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            log.error("dropped a queue message that is not a message envelope (%s: %s)",
-                      type(err).__name__, err)
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The hardened channel on the primary Sentinel names (found again on each reconnect)."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *Channel.from_transport_options,
+        *(option for option in kombu_redis.SentinelChannel.from_transport_options
+          if option not in Channel.from_transport_options), "sentinels")
+    sentinels: list[tuple[str, int]] = []
+    master_name: str = ""
+    sentinel_kwargs: dict[str, Any] | None = None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # kombu reads the Sentinels from the broker URL's failover list, and failing over
+        # re-reads the transport from the next URL's scheme (kombu's own, not this one):
+        # so the URL names one Sentinel and all of them come as a transport option
+        params = {k: v for k, v in self._connparams(asynchronous).items()
+                  if k not in ("host", "port")}
+        manager = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs,
+                                          **params)
+        if asynchronous:  # kept so that kombu closes its connections to the Sentinels
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        return manager.master_for(self.master_name, redis.Redis).connection_pool
+
+
+class SentinelTransport(_SafeDelivery, kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the hardened channel."""
+
+    Channel = SentinelChannel

@@ -12,6 +12,7 @@ import redis
 
 from api_tasks.broker import create_app, task_message
 from api_tasks.record.keys import Keys
+from config.loader import load_settings
 from config.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -52,3 +53,16 @@ def test_our_message_is_celerys(settings: Settings, redis_client: redis.Redis,
     assert json.loads(ours)["properties"]["delivery_tag"] != json.loads(
         task_message("api_tasks.chat", args, kwargs, task_id, "bulk"))["properties"]["delivery_tag"]
     redis_client.delete(*redis_client.keys(f"{keys.prefix}:*"))
+
+
+def test_a_sentinel_url_gives_the_broker_every_sentinel_and_keeps_the_transport() -> None:
+    settings = load_settings(env={"REDIS_URL": "sentinel://:pw@s1:1,s2:2/main/4"
+                                               "?sentinel_password=sp"})
+    app = create_app(settings)
+    options = app.conf.broker_transport_options
+    assert app.conf.broker_transport == "worker.transport:SentinelTransport"
+    # one URL: kombu would switch to its own transport when failing over to a second one
+    assert app.conf.broker_url == "sentinel://:pw@s1:1/4"
+    assert options["sentinels"] == [["s1", 1], ["s2", 2]] and options["master_name"] == "main"
+    assert options["sentinel_kwargs"]["password"] == "sp"
+    assert "pw" not in app.connection_for_write().as_uri()  # Celery's banner masks it

@@ -86,6 +86,11 @@ def test_bad_env_value_names_the_variable() -> None:
     ({"upstreams": [{"name": "a", "base_url": "http://a",
                      "headers": {"Authorization": "Bearer x"}}]}, "upstreams[0].headers"),
     ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"redis": {"url": "sentinel://s1:26379"}}, "redis.url"),  # no primary's name
+    ({"redis": {"url": "sentinel:///jobs"}}, "redis.url"),
+    ({"redis": {"url": "sentinel://s1:port/jobs"}}, "redis.url"),
+    ({"redis": {"url": "sentinel://s1/jobs/first"}}, "redis.url"),
+    ({"redis": {"url": "sentinel://s1/jobs?ssl=1"}}, "unknown option 'ssl'"),
     ({"upstreams": [{"name": "a", "base_url": "http://a", "tokenizer": "o200k_base"}]},
      "upstreams[0].tokenizer"),
     ({"worker": {"pool": "prefork"}}, "worker.pool"),
@@ -158,3 +163,14 @@ def test_metrics_off_in_a_settings_file_means_off(tmp_path: Path) -> None:
     assert load_settings(env={}, path=path).worker.metrics_port is None
     assert load_settings(env={"API_TASKS_METRICS_PORT": "9999"}, path=path
                          ).worker.metrics_port == 9999
+
+
+def test_a_sentinel_url_names_the_sentinels_the_primary_and_both_logins() -> None:
+    settings = load_settings(env={"REDIS_URL": "sentinel://jobs:p%40ss@s1,s2:26380,[::1]:26381"
+                                                "/main/3?sentinel_password=s%3Acret"})
+    where = settings.redis.sentinel
+    assert where is not None
+    assert where.nodes == (("s1", 26379), ("s2", 26380), ("::1", 26381))
+    assert (where.master, where.db, where.username, where.password) == ("main", 3, "jobs", "p@ss")
+    assert (where.sentinel_username, where.sentinel_password) == (None, "s:cret")
+    assert load_settings(env={"REDIS_URL": "redis://r:1/0"}).redis.sentinel is None

@@ -83,6 +83,88 @@ class RedisServer:
             self.proc = None
 
 
+class SentinelGroup:
+    """A primary, a replica and three Sentinels watching them, all on loopback free ports."""
+
+    MASTER = "jobs"
+
+    def __init__(self, workdir: Path, down_after_ms: int = 3000) -> None:
+        self.workdir = workdir
+        self.down_after_ms = down_after_ms
+        self.primary = RedisServer(workdir / "primary", persist=True)
+        self.replica = RedisServer(workdir / "replica", persist=True, args=(
+            "--replicaof", "127.0.0.1", str(self.primary.port)))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        nodes = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"sentinel://{nodes}/{self.MASTER}/0"
+
+    def start(self) -> SentinelGroup:
+        self.primary.start()
+        self.replica.start()
+        for port in self.sentinel_ports:
+            home = self.workdir / f"sentinel-{port}"
+            home.mkdir(parents=True, exist_ok=True)
+            (home / "sentinel.conf").write_text("\n".join([  # Sentinel rewrites its own file
+                f"port {port}", "bind 127.0.0.1", f"dir {home}",
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2",
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.MASTER} 10000", ""]))
+            log = open(home / "sentinel.log", "ab")  # noqa: SIM115 - lives with the process
+            self.sentinels.append(subprocess.Popen(
+                [redis_binary(), str(home / "sentinel.conf"), "--sentinel"],
+                stdout=log, stderr=subprocess.STDOUT))
+        replica = redis.Redis(port=self.replica.port)
+        wait_until(lambda: replica.info("replication").get("master_link_status") == "up", 20,
+                   "the replica to sync")
+        wait_until(lambda: all(self._knows_replica(port) for port in self.sentinel_ports), 30,
+                   "every Sentinel to see the replica and the others")
+        return self
+
+    def _knows_replica(self, port: int) -> bool:
+        try:
+            state = redis.Redis(port=port).sentinel_master(self.MASTER)
+        except (redis.ConnectionError, redis.ResponseError):
+            return False
+        return int(state.get("num-slaves", 0)) >= 1 and int(state.get("num-other-sentinels",
+                                                                        0)) >= 2
+
+    def primary_port(self) -> int:
+        """The port Sentinel names for the primary now."""
+        state = redis.Redis(port=self.sentinel_ports[0]).sentinel_master(self.MASTER)
+        return int(state["port"])
+
+    def pause_until_replicated(self) -> None:
+        """Hold the primary's writers until the replica has all it acknowledged (the
+        replica's offset reaches the primary's)."""
+        primary = redis.Redis(port=self.primary.port)
+        primary.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+
+        def caught_up() -> bool:
+            info = primary.info("replication")
+            return int(info["slave0"]["offset"]) >= int(info["master_repl_offset"])
+        wait_until(caught_up, 10, "the replica to catch up")
+
+    @staticmethod
+    def role(port: int) -> str:
+        """What the server on ``port`` says it is now: master or slave (or down)."""
+        try:
+            return str(redis.Redis(port=port).info("replication")["role"])
+        except redis.ConnectionError:
+            return "down"
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait(10)
+        self.sentinels = []
+        self.replica.stop()
+        self.primary.stop()
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())

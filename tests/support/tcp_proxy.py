@@ -25,6 +25,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port), backlog=512)
         self.accepted = 0  # connections forwarded so far
+        self._trip: tuple[bytes, float] | None = None
+        self.tripped = threading.Event()
 
     @property
     def url(self) -> str:
@@ -52,6 +54,11 @@ class TcpProxy:
         for sock in sockets:
             _reset(sock)
 
+    def trip_after_reply(self, command: bytes, outage: float) -> None:
+        """Once: deliver the first reply with data to ``command`` (a BRPOP that popped a
+        message), then go down for ``outage`` seconds, as Redis failing at that instant."""
+        self._trip = (command, outage)
+
     def allow(self) -> None:
         """Forward new connections again."""
         self._refusing.clear()
@@ -78,14 +85,36 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._sockets.update((client, upstream))
+            sent: list[bytes] = [b""]  # the client's last command on this connection
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, sent, a is client),
+                                 daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, sent: list[bytes],
+              from_client: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if from_client:
+                    sent[0] = data
+                elif (outage := self._tripped_by(sent[0], data)) is not None:
+                    sink.sendall(data)
+                    sink.shutdown(socket.SHUT_WR)  # the reply arrives whole, then EOF
+                    with self._lock:
+                        self._sockets -= {source, sink}
+                    self.refuse()  # every other connection, and new ones, for the outage
+                    threading.Timer(outage, self.allow).start()
+                    self.tripped.set()
+                    return
                 sink.sendall(data)
         _reset(sink)
+
+    def _tripped_by(self, command: bytes, reply: bytes) -> float | None:
+        with self._lock:
+            trip = self._trip
+            if trip is None or trip[0] not in command or not reply.startswith(b"*2"):
+                return None
+            self._trip = None
+        return trip[1]
 
 
 def _reset(sock: socket.socket) -> None:

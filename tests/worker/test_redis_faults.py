@@ -18,6 +18,7 @@ from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
 from tests.support.services import RedisServer, Spawn, wait_until
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 USER = [{"role": "user", "content": "Hello"}]
@@ -91,3 +92,27 @@ def test_worker_started_before_redis_waits_then_consumes(
     assert early.proc.poll() is None
     figures.add("Redis down when the worker starts (job done after Redis came up)", 1, 0, 0, 0,
                 time.monotonic() - up)
+
+
+def test_a_message_popped_as_redis_goes_away_is_put_back_and_runs_once(
+        env: dict[str, str], own_redis: RedisServer, fake: FakeUpstream,
+        spawn: Spawn, model: str, figures: Figures) -> None:
+    """kombu pops a message, then writes its unacked entry: Redis lost in between would lose
+    the message. The worker keeps it and puts it back once Redis answers."""
+    own_redis.start()
+    proxy = TcpProxy(own_redis.port).start()
+    try:
+        worker = spawn({**env, "REDIS_URL": proxy.url}, "popped", concurrency=2)
+        proxy.trip_after_reply(b"BRPOP", outage=3.0)
+        client = Client(load_settings(env=env))  # the producer reaches Redis itself
+        job = client.submit_chat(USER, model=model)
+        assert proxy.tripped.wait(10)
+        started = time.monotonic()
+        assert job.result(timeout=60) is not None
+        assert "put back 1 message(s) popped as Redis went away" in worker.log()
+        counted = outcomes(lambda: [worker.log()], [job.id])
+        assert counted == [1] and len(fake.requests(model)) == 1
+    finally:
+        proxy.stop()
+    figures.add("Redis lost between kombu's BRPOP of a message and its unacked entry "
+                "(3 s outage)", 1, counted.count(0), 0, 0, time.monotonic() - started)

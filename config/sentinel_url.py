@@ -1,0 +1,72 @@
+"""``sentinel://`` URLs: the Sentinel nodes, the primary's name, and who to log in as."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["SENTINEL_PORT", "SentinelURL", "parse_sentinel_url"]
+
+SENTINEL_PORT = 26379
+_QUERY = ("sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """Where the Sentinels are, which primary they watch, and the credentials for each."""
+
+    nodes: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None  # for the data nodes (primary and replicas)
+    password: str | None = None
+    sentinel_username: str | None = None  # for the Sentinels themselves, when they ask
+    sentinel_password: str | None = None
+
+
+def _node(text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [::1]:26379
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host:
+        raise ValueError(f"a Sentinel address has no host: {text!r}")
+    if not port:
+        return host, SENTINEL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a Sentinel address has a bad port: {text!r}")
+    return host, int(port)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """``sentinel://[user:password@]host[:port][,host[:port]...]/<master>[/<db>]``, with
+    ``?sentinel_password=`` (and ``sentinel_username``) when the Sentinels ask for one."""
+    parts = urlsplit(url.strip())
+    if parts.scheme != "sentinel":
+        raise ValueError("a Sentinel URL starts with sentinel://")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
+        userinfo, hosts = "", parts.netloc
+    nodes = tuple(_node(host) for host in hosts.split(",") if host.strip())
+    if not nodes:
+        raise ValueError("name at least one Sentinel: sentinel://host:26379,host2:26379/mymaster")
+    path = [part for part in parts.path.split("/") if part]
+    if not path or len(path) > 2:
+        raise ValueError("give the primary's name Sentinel watches, and optionally the "
+                         "database: sentinel://host:26379/mymaster/0")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"the database must be a number, not {path[1]!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(_QUERY))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(_QUERY)})")
+    if parts.fragment:
+        raise ValueError("must not carry a fragment")
+    username, colon, password = userinfo.partition(":")
+    return SentinelURL(
+        nodes=nodes, master=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(username) or None,
+        password=unquote(password) if colon else None,
+        sentinel_username=query.get("sentinel_username", [None])[-1] or None,
+        sentinel_password=query.get("sentinel_password", [None])[-1] or None)
