@@ -70,9 +70,11 @@ def _sentinel_options(where: SentinelURL, options: dict[str, Any]) -> dict[str, 
     next connection goes to the promoted replica; one to the old primary fails or is
     refused as read-only, and is dropped.
     """
-    keep = {"socket_connect_timeout", "socket_timeout", "socket_keepalive", "protocol"}
+    keep = {"socket_connect_timeout", "socket_keepalive", "protocol"}
     credentials = {"username": where.sentinel_username, "password": where.sentinel_password}
     return {**{k: v for k, v in options.items() if k in keep},
+            # a Sentinel answers at once: one that hangs is passed over as fast as one down
+            "socket_timeout": options["socket_connect_timeout"],
             **{k: v for k, v in credentials.items() if v is not None}}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["SENTINEL_PORT", "SentinelURL", "parse_sentinel_url"]
 
@@ -57,10 +57,12 @@ def parse_sentinel_url(url: str) -> SentinelURL:
                          "database: sentinel://host:26379/mymaster/0")
     if len(path) == 2 and not path[1].isdigit():
         raise ValueError(f"the database must be a number, not {path[1]!r}")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - set(_QUERY))
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(_QUERY)})")
+    query: dict[str, str] = {}
+    for pair in filter(None, parts.query.split("&")):
+        name, _, value = pair.partition("=")
+        if name not in _QUERY:
+            raise ValueError(f"unknown option {name!r} (known: {', '.join(_QUERY)})")
+        query[name] = unquote(value)  # not parse_qs: a '+' in a password stays a '+'
     if parts.fragment:
         raise ValueError("must not carry a fragment")
     username, colon, password = userinfo.partition(":")
@@ -68,5 +70,5 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         nodes=nodes, master=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0,
         username=unquote(username) or None,
         password=unquote(password) if colon else None,
-        sentinel_username=query.get("sentinel_username", [None])[-1] or None,
-        sentinel_password=query.get("sentinel_password", [None])[-1] or None)
+        sentinel_username=query.get("sentinel_username") or None,
+        sentinel_password=query.get("sentinel_password") or None)

@@ -342,7 +342,7 @@ class RedisSettings(_Model):
     @property
     def sentinel(self) -> SentinelURL | None:
         """The Sentinels to ask for the primary, when the URL names them."""
-        return parse_sentinel_url(self.url) if self.url.startswith("sentinel:") else None
+        return parse_sentinel_url(self.url) if urlsplit(self.url).scheme == "sentinel" else None
 
     @field_validator("prefix")
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 import redis.sentinel
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
 
 __all__ = ["SentinelTransport", "Transport"]
 
@@ -113,7 +114,13 @@ class Channel(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 while _unrecorded:
                     queue, message = _unrecorded[0]
-                    client.rpush(queue, json.dumps(message))  # BRPOP takes from the right
+                    try:  # as kombu's own restore writes it (its JSON, its priority queue)
+                        payload = kombu_json.dumps(message)
+                        key = self._q_for_pri(queue, self._get_message_priority(message))
+                    except (TypeError, ValueError, KeyError) as err:
+                        log.error("dropped a popped message that cannot be put back: %s", err)
+                    else:
+                        client.rpush(key, payload)  # BRPOP takes from the right: next out
                     _unrecorded.popleft()
         except (redis.ConnectionError, redis.TimeoutError) as err:
             log.warning("could not yet put back %d message(s) popped as Redis went away: %s",
@@ -163,15 +170,17 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     sentinels: list[tuple[str, int]] = []
     master_name: str = ""
     sentinel_kwargs: dict[str, Any] | None = None
+    min_other_sentinels = 0
 
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
         # kombu reads the Sentinels from the broker URL's failover list, and failing over
         # re-reads the transport from the next URL's scheme (kombu's own, not this one):
         # so the URL names one Sentinel and all of them come as a transport option
-        params = {k: v for k, v in self._connparams(asynchronous).items()
-                  if k not in ("host", "port")}
-        manager = redis.sentinel.Sentinel(self.sentinels, sentinel_kwargs=self.sentinel_kwargs,
-                                          **params)
+        params = self._connparams(asynchronous)
+        nodes = self.sentinels or [(params["host"], params["port"])]
+        params = {k: v for k, v in params.items() if k not in ("host", "port")}
+        manager = redis.sentinel.Sentinel(nodes, min_other_sentinels=self.min_other_sentinels,
+                                          sentinel_kwargs=self.sentinel_kwargs, **params)
         if asynchronous:  # kept so that kombu closes its connections to the Sentinels
             self._async_sentinel_manager = manager
         else:

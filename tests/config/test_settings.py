@@ -167,10 +167,11 @@ def test_metrics_off_in_a_settings_file_means_off(tmp_path: Path) -> None:
 
 def test_a_sentinel_url_names_the_sentinels_the_primary_and_both_logins() -> None:
     settings = load_settings(env={"REDIS_URL": "sentinel://jobs:p%40ss@s1,s2:26380,[::1]:26381"
-                                                "/main/3?sentinel_password=s%3Acret"})
+                                                "/main/3?sentinel_password=s%3Acr+t"})
     where = settings.redis.sentinel
     assert where is not None
     assert where.nodes == (("s1", 26379), ("s2", 26380), ("::1", 26381))
     assert (where.master, where.db, where.username, where.password) == ("main", 3, "jobs", "p@ss")
-    assert (where.sentinel_username, where.sentinel_password) == (None, "s:cret")
+    assert (where.sentinel_username, where.sentinel_password) == (None, "s:cr+t")
     assert load_settings(env={"REDIS_URL": "redis://r:1/0"}).redis.sentinel is None
+    assert load_settings(env={"REDIS_URL": "SENTINEL://s1/jobs"}).redis.sentinel is not None

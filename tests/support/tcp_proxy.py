@@ -97,12 +97,14 @@ class TcpProxy:
                 if from_client:
                     sent[0] = data
                 elif (outage := self._tripped_by(sent[0], data)) is not None:
-                    sink.sendall(data)
-                    sink.shutdown(socket.SHUT_WR)  # the reply arrives whole, then EOF
+                    while (whole := _reply_length(data)) is None or len(data) < whole:
+                        data += source.recv(65536)  # the whole reply, however it came
                     with self._lock:
                         self._sockets -= {source, sink}
                     self.refuse()  # every other connection, and new ones, for the outage
                     threading.Timer(outage, self.allow).start()
+                    sink.sendall(data)
+                    sink.shutdown(socket.SHUT_WR)  # the reply arrives whole, then EOF
                     self.tripped.set()
                     return
                 sink.sendall(data)
@@ -115,6 +117,18 @@ class TcpProxy:
                 return None
             self._trip = None
         return trip[1]
+
+
+def _reply_length(data: bytes) -> int | None:
+    """The length of a RESP reply of two bulk strings (``*2``, as BRPOP's), or None while
+    its headers are not all in ``data``."""
+    at = data.index(b"\r\n") + 2 if b"\r\n" in data else None
+    for _ in range(2):
+        if at is None or b"\r\n" not in data[at:]:
+            return None
+        end = data.index(b"\r\n", at)
+        at = end + 2 + int(data[at + 1:end]) + 2  # "$<n>\r\n", n bytes, "\r\n"
+    return at
 
 
 def _reset(sock: socket.socket) -> None:
