@@ -139,14 +139,23 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
         yield span
 
 
-def queued(seconds: float, queue: str) -> None:
-    """The job's time in queue, on its delivery's span (an attribute: a span of its own
-    would cost a job as much again)."""
+def _recording() -> Any:
+    """The current span when traces are on and it records (its trace was sampled), else
+    None: a span under an unsampled one is never recorded, so it is not made at all."""
     if _tracer() is None:
-        return
+        return None
     from opentelemetry import trace
 
     span = trace.get_current_span()
+    return span if span.is_recording() else None
+
+
+def queued(seconds: float, queue: str) -> None:
+    """The job's time in queue, on its delivery's span (an attribute: a span of its own
+    would cost a job as much again)."""
+    span = _recording()
+    if span is None:
+        return
     span.set_attribute("api_tasks.queue_seconds", round(seconds, 6))
     span.set_attribute("messaging.destination.name", queue)
 
@@ -154,11 +163,10 @@ def queued(seconds: float, queue: str) -> None:
 @contextlib.contextmanager
 def wait_span(reason: str, seconds: float) -> Iterator[None]:
     """A span around a wait in the worker for a limit, a cool-down or a breaker."""
-    tracer = _tracer()
-    if tracer is None:
+    if _recording() is None:
         yield
         return
-    with tracer.start_as_current_span(f"api_tasks wait {reason}", attributes={
+    with _tracer().start_as_current_span(f"api_tasks wait {reason}", attributes={
             "api_tasks.wait.reason": reason, "api_tasks.wait.planned_s": seconds}):
         yield
 
@@ -167,10 +175,10 @@ def wait_span(reason: str, seconds: float) -> Iterator[None]:
 def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any]
               ) -> Iterator[Any]:
     """The CLIENT span of one upstream call, with the GenAI request attributes."""
-    tracer = _tracer()
-    if tracer is None:
+    if _recording() is None:
         yield None
         return
+    tracer = _tracer()
     from opentelemetry import trace
 
     operation = OPERATIONS.get(kind, kind)

@@ -99,6 +99,36 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
     assert "Hello" not in json.dumps(spans) and "traced answer" not in json.dumps(spans)
 
 
+def test_a_job_whose_submit_was_not_sampled_records_nothing(
+        memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
+        model: str) -> None:
+    from opentelemetry import context, trace
+
+    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
+           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    worker = spawn(env, "unsampled")
+    client = Client(load_settings(env={k: v for k, v in env.items()
+                                       if k != "FAKE_UPSTREAM_KEY"}))
+    fake.script(model, HttpError(503), Reply(content="answer"))
+    unsampled = trace.NonRecordingSpan(trace.SpanContext(
+        trace_id=0x5A4D, span_id=0x1, is_remote=True, trace_flags=trace.TraceFlags(0)))
+    token = context.attach(trace.set_span_in_context(unsampled))
+    try:  # the application's own trace was not sampled: the job's spans are not either
+        quiet = client.submit_chat(USER, model=model)
+    finally:
+        context.detach(token)
+    assert quiet.result(timeout=30) is not None
+    traced = client.submit_chat(USER, model=model)  # then one that is, as a barrier
+    assert traced.result(timeout=30) is not None
+    [submit] = [s for s in memory.get_finished_spans()
+                if s.attributes.get("messaging.message.id") == traced.id]
+    wanted = f"0x{submit.context.trace_id:032x}"
+    wait_until(lambda: any(s["context"]["trace_id"] == wanted for s in _spans(worker.log())),
+               20, "the sampled job's spans")
+    assert [s for s in _spans(worker.log()) if s["context"]["trace_id"] == f"0x{0x5A4D:032x}"
+            or s["attributes"].get("messaging.message.id") == quiet.id] == []
+
+
 def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
     code = ("import sys; from api_tasks import tracing; "
             "print(tracing.submit_headers('j', 'chat', 'm', 'bulk'), "
