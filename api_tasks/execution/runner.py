@@ -126,6 +126,11 @@ class JobRunner:
                                       message)
         if not claim.verdict.owned:
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
+            if claim.uncounted:  # cancelled before any worker took it: its end counts here
+                metrics.JOBS_ENDED.labels(
+                    kind.value, upstream.name,
+                    metrics.model_label(self.settings, upstream.name, spec.model), queue,
+                    JobStatus.CANCELLED.value).inc()
             return Outcome.DROPPED
         note_job(attempt=claim.attempt)
         tracing.queued(time.time() - claim.created_at, queue)

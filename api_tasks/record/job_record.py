@@ -77,10 +77,11 @@ class Field(StrEnum):
     TURN_ON = "turn_on"  # the deployment and model its reserved turn is under, JSON
     DEPLOYMENT = "deployment"  # the deployment that served it (or was called last)
     TRIES = "tries"  # each call's deployment, model and error (the last 32), JSON
+    UNCOUNTED = "uncounted"  # "1": cancelled while queued, its end in no worker's metrics yet
 
 
-# which attempt holds or ended it: the workers' business, not the caller's
-ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY})
+# the workers' business, not the caller's: which attempt holds or ended it, what to count
+ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED})
 
 
 def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:

@@ -94,6 +94,7 @@ class Claim:
     has_events: bool = False  # an earlier attempt wrote to the job's stream
     ended: str | None = None  # the final status, for ``Verdict.ENDED``
     turn_on: tuple[str, str | None] | None = None  # that turn's deployment and model
+    uncounted: bool = False  # an end no worker counted (cancelled while queued): count it
 
 
 class LeaseStore:
@@ -125,7 +126,7 @@ class LeaseStore:
         """
         keys = self.keys
         flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created, cool, turn, shown, on = self._claim(
+        verdict, delivery, created, cool, turn, shown, on, *uncounted = self._claim(
             keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
                   keys.cooldown(upstream), keys.events(job_id), keys.running(),
                   keys.running_messages()],
@@ -135,7 +136,8 @@ class LeaseStore:
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
                      int(cool) / 1000, None if not turn else float(turn) / 1000,
-                     text(shown) == "1", ended, tuple(json.loads(on)) if on else None)
+                     text(shown) == "1", ended, tuple(json.loads(on)) if on else None,
+                     bool(uncounted) and text(uncounted[0]) == "1")
 
     def renew(self, client: redis.Redis,
               held: list[tuple[str, str, list[str]]]) -> list[str]:

@@ -18,7 +18,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_tasks import JobFailed
+from api_tasks.broker import task_message
 from api_tasks.client import Client
+from api_tasks.record.job_record import JobStatus
 from api_tasks.record.workers import alive, records
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY
@@ -101,6 +103,35 @@ def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
     # labels stay bounded: no job's raw model name, no job id
     text = httpx.get(f"http://127.0.0.1:{_port(client)}/metrics", timeout=10).text
     assert model not in text and done[0].id not in text
+
+
+def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
+        own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str) -> None:
+    client, worker = own
+    fake.script(model + "-slow", Reply(delay=2.0))
+    busy = [client.submit_chat(USER, model=model + "-slow") for _ in range(8)]  # every slot
+    fake.wait_for_requests(model + "-slow", 8, timeout=30)
+    queued = [client.submit_chat(USER, model=model) for _ in range(2)]
+    for job in queued:
+        assert job.cancel() and job.status() is JobStatus.CANCELLED
+    for job in busy:
+        assert job.result(timeout=30) is not None
+    url = f"http://127.0.0.1:{_port(client)}/metrics"
+    # the worker drops the cancelled jobs' messages when it gets to them, and counts each once
+    wait_until(lambda: value(scrape(url), "api_tasks_jobs_total", status="cancelled") == 2,
+               20, "the cancelled jobs counted")
+    # a second delivery of one of them is dropped too, and not counted again
+    again = task_message("api_tasks.chat", [USER], {"model": model}, queued[0].id,
+                         "interactive")
+    client.redis.lpush(client.keys.queue("interactive"), again)
+    wait_until(lambda: worker.log().count(f"job {queued[0].id} is cancelled: delivery "
+                                          "dropped") == 2, 20, "the second delivery dropped")
+    samples = scrape(url)
+    assert value(samples, "api_tasks_jobs_total", status="cancelled", queue="interactive",
+                 kind="chat", upstream="fake") == 2
+    assert value(samples, "api_tasks_queue_depth", queue="interactive") == 0
+    assert "uncounted" not in queued[0].info()
+    assert not fake.requests(model)
 
 
 def test_the_gateway_counts_what_it_submitted(gateway: GatewayProcess, fake: FakeUpstream,

@@ -3,7 +3,8 @@
 -- id, then field/value pairs for a job nobody recorded (a plain Celery client's). The
 -- message is kept while the job runs, so a job whose message is lost can be sent again.
 -- Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
--- whether the job's stream has events, the deployment and model of that turn (JSON) or ''}.
+-- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
+-- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
 local s = redis.call('HGET', KEYS[1], 'status')
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
 local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
@@ -13,7 +14,8 @@ turn = turn and tostring(tonumber(turn) - now) or ''
 local on = turn ~= '' and redis.call('HGET', KEYS[1], 'turn_on') or ''
 local shown = tostring(redis.call('EXISTS', KEYS[5]))
 if ended(s) then
-  return {s, '0', created, cool, turn, shown, on}
+  local uncounted = s == 'cancelled' and redis.call('HDEL', KEYS[1], 'uncounted') == 1
+  return {s, '0', created, cool, turn, shown, on, uncounted and '1' or ''}
 end
 local holder = redis.call('GET', KEYS[3])
 if holder == ARGV[3] then

@@ -10,7 +10,8 @@ if not s then return {'missing'} end
 if ARGV[6] == '1' and s ~= 'queued' and s ~= 'waiting' then return {'running'} end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 if s ~= 'queued' and s ~= 'waiting' then return {'cancelling'} end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+-- no worker ran it, so none counted its end yet: the first to drop its message does
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'uncounted', '1')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
 local id = next_entry_id(KEYS[4], '0-1')
