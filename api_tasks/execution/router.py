@@ -61,8 +61,10 @@ class Router:
         self._route = client.register_script(_ROUTE)
         self._routed = client.register_script(_ROUTED)
 
-    def pick(self, job_id: str, group: Upstream, tried: Collection[str], cost: int) -> Pick:
-        """The deployment of ``group`` with the most room that the job has not tried."""
+    def pick(self, job_id: str, group: Upstream, tried: Collection[str], cost: int,
+             model: str | None = None) -> Pick:
+        """The deployment of ``group`` with the most room that the job has not tried (for
+        ``model``: a deployment that learns its limits keeps them per model)."""
         targets = group.targets()
         if group.deployments is None:  # one server: nothing to choose
             return Pick(None, -1.0) if targets[0].name in tried else Pick(targets[0])
@@ -70,8 +72,10 @@ class Router:
         args: list[str | float] = [job_id, self.lease_ms, cost, len(targets), _DECAY_MS]
         for deployment in targets:
             name = deployment.name
+            scope = deployment.limits.scope(name, model)  # as the limiter keeps it
             keys += [self.keys.breaker(name), self.keys.calls(name), self.keys.cooldown(name),
-                     self.keys.limit(name), self.keys.in_flight(name), self.keys.latency(name)]
+                     self.keys.limit(scope), self.keys.in_flight(scope),
+                     self.keys.latency(name)]
             req, tok, burst, _, cap = pace_args(deployment.limits)
             # a probe holds the deployment until its call can have ended
             args += ["1" if name in tried else "0", deployment.weight,

@@ -324,7 +324,7 @@ class JobRunner:
                 if leg is None:
                     continue
                 pick = self.router.pick(run.job_id, leg.group, route.tried | leg.too_small,
-                                        leg.cost)
+                                        leg.cost, leg.model)
                 if pick.deployment is not None:
                     route.at = at
                     return leg, pick
@@ -352,7 +352,7 @@ class JobRunner:
         if leg is None:
             return None
         others = {d.name for d in leg.group.targets() if d.name != name}
-        pick = self.router.pick(run.job_id, leg.group, others, leg.cost)
+        pick = self.router.pick(run.job_id, leg.group, others, leg.cost, leg.model)
         return None if pick.deployment is None else (leg, pick)
 
     def _limited_attempt(self, run: Delivery, handle: CallHandle, leg: _Leg,

@@ -73,6 +73,10 @@ def _settings(servers: dict[str, FakeUpstream], dead_port: int,
                  {"name": "sized-small", "base_url": url["a"],
                   "limits": {"tokens_per_minute": 300}},
                  {"name": "sized-big", "base_url": url["b"]}]},
+            {"name": "learnt", "models": ["learnt-*"], "retry": QUICK, "timeouts": timeouts,
+             "deployments": [
+                 {"name": "learnt-a", "base_url": url["a"], "weight": 100, "limits": "auto"},
+                 {"name": "learnt-b", "base_url": url["b"], "limits": "auto"}]},
             {"name": "primary", "base_url": url["c"], "models": ["fbp-*"], "retry": QUICK,
              "timeouts": timeouts},
             {"name": "second", "base_url": fallback_url, "models": ["fbs-*"], "retry": QUICK,
@@ -263,6 +267,24 @@ def test_each_deployment_keeps_its_own_limit(cluster: Cluster) -> None:
     # both took a share: together they went twice as fast as one could
     served = Counter(_tries(cluster, job.id)[-1]["deployment"] for job in jobs)
     assert served["paced-a"] >= 3 and served["paced-b"] >= 3
+
+
+def test_a_deployment_that_learnt_a_low_limit_is_routed_around(cluster: Cluster) -> None:
+    """Routing reads the limits a deployment learnt (per model) where the limiter keeps
+    them: the favoured deployment, found to allow 2 calls a minute, is passed over."""
+    model = f"learnt-{uuid.uuid4().hex[:8]}"
+    cluster.servers["a"].script(model, Reply(content="a", headers={
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1"}))
+    cluster.servers["b"].script(model, Reply(content="b", headers={
+        "x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "5999"}))
+    started = time.monotonic()
+    for _ in range(6):
+        assert cluster.client.submit_chat(USER, model=model).result(timeout=20) is not None
+    # weight 100 to 1 sends the first calls to a; once its limit is known (a call every
+    # 30 s or more) the rest go to b at once instead of waiting for a's turn
+    assert len(cluster.servers["a"].requests(model)) <= 2
+    assert len(cluster.servers["b"].requests(model)) >= 4
+    assert time.monotonic() - started < 15
 
 
 def test_a_model_falls_back_to_another_and_says_so(cluster: Cluster, fake: FakeUpstream) -> None:
