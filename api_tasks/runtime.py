@@ -119,7 +119,8 @@ class Runtime:
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
         self.redis.lpush(self.keys.queue(message["queue"]), task_message(
-            message["task"], message["args"], message["kwargs"], job_id, message["queue"]))
+            message["task"], message["args"], message["kwargs"], job_id, message["queue"],
+            message.get("headers")))
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""

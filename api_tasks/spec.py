@@ -107,15 +107,17 @@ class JobSpec:
         """The OpenAI endpoint this job calls."""
         return ENDPOINTS[self.kind]
 
-    def message(self, queue: str) -> dict[str, Any]:
-        """The task message that runs this job (to send it again after a wait)."""
+    def message(self, queue: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The task message that runs this job (to send it again after a wait), with the
+        ``headers`` it came with that a new one keeps (its trace's ``traceparent``)."""
         endpoint = self.endpoint
-        return {"task": endpoint.task, "args": [self.body.get(endpoint.first)],
-                "kwargs": self.task_kwargs(), "queue": queue}
+        message = {"task": endpoint.task, "args": [self.body.get(endpoint.first)],
+                   "kwargs": self.task_kwargs(), "queue": queue}
+        return {**message, "headers": dict(headers)} if headers else message
 
-    def message_json(self, queue: str) -> str:
+    def message_json(self, queue: str, headers: Mapping[str, str] | None = None) -> str:
         """``message`` as the JSON the job's record keeps (encoded once per delivery)."""
-        return json.dumps(self.message(queue), separators=(",", ":"))
+        return json.dumps(self.message(queue, headers), separators=(",", ":"))
 
     def task_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the Celery task (the first field goes positionally)."""

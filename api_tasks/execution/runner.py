@@ -101,9 +101,10 @@ class JobRunner:
         """Run a job to its end; return its final status (or why this delivery was dropped).
         ``traceparent``: its submit's trace, from the message's headers."""
         with job_context(job_id), tracing.job_span(job_id, kind, traceparent):
-            return self._run(job_id, kind, first, params)
+            return self._run(job_id, kind, first, params, traceparent)
 
-    def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any]) -> Outcome:
+    def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
+             traceparent: str | None) -> Outcome:
         try:
             spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
             upstream = resolve_upstream(self.settings, spec)
@@ -112,7 +113,8 @@ class JobRunner:
         queue = spec.queue or self.settings.jobs.default_queue
         note_job(queue=queue, upstream=upstream.name, model=spec.model)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
-        message = spec.message_json(queue)
+        # kept to send the job again after a wait: still in its submit's trace
+        message = spec.message_json(queue, {"traceparent": traceparent} if traceparent else None)
         fields = submit_fields(spec, upstream.name, queue)
         claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
         if claim.verdict is Verdict.BUSY:

@@ -129,6 +129,33 @@ def test_a_job_whose_submit_was_not_sampled_records_nothing(
             or s["attributes"].get("messaging.message.id") == quiet.id] == []
 
 
+def test_a_job_sent_again_after_a_wait_stays_in_its_submits_trace(
+        memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
+        model: str) -> None:
+    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
+           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    worker = spawn(env, "resent")
+    client = Client(load_settings(env={k: v for k, v in env.items()
+                                       if k != "FAKE_UPSTREAM_KEY"}))
+    # a 429 cools the upstream for 2 s, longer than a worker waits: the job parks, and its
+    # message is sent again when the cool-down ends
+    fake.script(model, HttpError(429, headers={"Retry-After": "2"}), Reply(content="later"))
+    job = client.submit_chat(USER, model=model)
+    assert job.result(timeout=30) is not None
+    assert job.info()["deliveries"] == "2"
+    [submit] = [s for s in memory.get_finished_spans()
+                if s.attributes.get("messaging.message.id") == job.id]
+    trace_id = f"0x{submit.context.trace_id:032x}"
+
+    def deliveries() -> list[dict[str, Any]]:
+        return [s for s in _spans(worker.log()) if s["name"] == "api_tasks job chat"
+                and s["attributes"].get("messaging.message.id") == job.id]
+    spans = wait_until(lambda: len(deliveries()) == 2 and deliveries(), 20, "both deliveries")
+    for span in spans:  # the second as much as the first: the submit's children
+        assert span["context"]["trace_id"] == trace_id
+        assert span["parent_id"] == f"0x{submit.context.span_id:016x}"
+
+
 def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
     code = ("import sys; from api_tasks import tracing; "
             "print(tracing.submit_headers('j', 'chat', 'm', 'bulk'), "
