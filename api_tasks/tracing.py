@@ -17,14 +17,15 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["call_span", "finish_call", "job_span", "queued", "submit_headers", "wait_span",
-           "warm"]
+__all__ = ["call_span", "carried", "finish_call", "job_span", "queued", "submit_headers",
+           "wait_span", "warm"]
 
 log = logging.getLogger(__name__)
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -97,6 +98,17 @@ def _exporter() -> Any:
         except ImportError:
             return None  # opentelemetry-exporter-otlp-proto-http is not installed
         return OTLPSpanExporter()
+    return None
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def carried(traceparent: str | None) -> dict[str, str] | None:
+    """The headers a job's message copy keeps of its trace: a W3C ``traceparent``, if the
+    delivery came with a well-formed one (it comes from the message, unchecked)."""
+    if traceparent and _TRACEPARENT.fullmatch(traceparent):
+        return {"traceparent": traceparent}
     return None
 
 

@@ -114,7 +114,7 @@ class JobRunner:
         note_job(queue=queue, upstream=upstream.name, model=spec.model)
         token = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
         # kept to send the job again after a wait: still in its submit's trace
-        message = spec.message_json(queue, {"traceparent": traceparent} if traceparent else None)
+        message = spec.message_json(queue, tracing.carried(traceparent))
         fields = submit_fields(spec, upstream.name, queue)
         claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
         if claim.verdict is Verdict.BUSY:
@@ -127,12 +127,9 @@ class JobRunner:
             claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name,
                                       message)
         if not claim.verdict.owned:
-            log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             if claim.uncounted:  # cancelled before any worker took it: its end counts here
-                metrics.JOBS_ENDED.labels(
-                    kind.value, upstream.name,
-                    metrics.model_label(self.settings, upstream.name, spec.model), queue,
-                    JobStatus.CANCELLED.value).inc()
+                self._count_cancel(kind.value, upstream.name, spec.model, queue)
+            log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         note_job(attempt=claim.attempt)
         tracing.queued(time.time() - claim.created_at, queue)
@@ -470,11 +467,19 @@ class JobRunner:
         claim = self.leases.claim(job_id, token, {Field.KIND: kind, Field.STORE_RESULT: "1"},
                                   time.time())
         if not claim.verdict.owned:
+            if claim.uncounted:
+                self._count_cancel(kind, "", None, "")
             return Outcome.DROPPED
         # a job refused for a kind it does not name is kept as a chat job
         run = Delivery(job_id, JobSpec(kind_of(kind) or Kind.CHAT, body={}), None, claim.attempt,
                        claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
+
+    def _count_cancel(self, kind: str, upstream: str, model: str | None, queue: str) -> None:
+        """Count the end of a job cancelled before any worker took it (no worker counted it)."""
+        metrics.JOBS_ENDED.labels(kind, upstream,
+                                  metrics.model_label(self.settings, upstream or None, model),
+                                  queue, JobStatus.CANCELLED.value).inc()
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""

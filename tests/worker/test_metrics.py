@@ -108,7 +108,7 @@ def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
 def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
         own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str) -> None:
     client, worker = own
-    fake.script(model + "-slow", Reply(delay=2.0))
+    fake.script(model + "-slow", Reply(delay=6.0))  # long enough to cancel the two meanwhile
     busy = [client.submit_chat(USER, model=model + "-slow") for _ in range(8)]  # every slot
     fake.wait_for_requests(model + "-slow", 8, timeout=30)
     queued = [client.submit_chat(USER, model=model) for _ in range(2)]
@@ -130,7 +130,7 @@ def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
     assert value(samples, "api_tasks_jobs_total", status="cancelled", queue="interactive",
                  kind="chat", upstream="fake") == 2
     assert value(samples, "api_tasks_queue_depth", queue="interactive") == 0
-    assert "uncounted" not in queued[0].info()
+    assert not client.redis.hexists(client.keys.job(queued[0].id), "uncounted")
     assert not fake.requests(model)
 
 

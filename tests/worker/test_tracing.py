@@ -129,6 +129,32 @@ def test_a_job_whose_submit_was_not_sampled_records_nothing(
             or s["attributes"].get("messaging.message.id") == quiet.id] == []
 
 
+def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:
+    from opentelemetry import context, trace
+
+    from api_tasks import tracing
+
+    def spans_made() -> tuple[Any, bool]:
+        with tracing.call_span("chat", "fake", "http://x", {"model": "m"}) as call:
+            outer = trace.get_current_span()
+            with tracing.wait_span("requests", 0.0):
+                waited = trace.get_current_span() is not outer  # a wait span of its own
+        return call, waited
+    for sampled, made in ((0, False), (1, True)):
+        parent = trace.NonRecordingSpan(trace.SpanContext(
+            trace_id=0x77, span_id=0x2, is_remote=True, trace_flags=trace.TraceFlags(sampled)))
+        token = context.attach(trace.set_span_in_context(parent))
+        try:
+            with tracing.job_span("j", "chat", None if sampled else "00-" + "0" * 30 + "77-"
+                                  + "0" * 15 + "2-00"):
+                call, waited = spans_made()
+        finally:
+            context.detach(token)
+        assert (call is not None, waited) == (made, made)
+    assert tracing.carried("00-" + "a" * 32 + "-" + "b" * 16 + "-01") is not None
+    assert tracing.carried("00-xyz\r\nX-Evil: 1") is None and tracing.carried(None) is None
+
+
 def test_a_job_sent_again_after_a_wait_stays_in_its_submits_trace(
         memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
         model: str) -> None:
