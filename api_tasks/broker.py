@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import os
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import orjson
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from api_tasks.connections import pool_size
+from api_tasks.json_codec import dumps
 from api_tasks.record.keys import Keys
 from api_tasks.spec import QUEUES
 
@@ -56,20 +55,13 @@ def _origin(pid: int) -> str:
     return str(anon_nodename())  # "gen<pid>@<host>", as Celery's producer says (per process)
 
 
-def _json(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:  # past 64-bit integers, non-string keys: json takes them
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def task_message(task: str, args: list[Any], kwargs: dict[str, Any], task_id: str,
                  lane: str, headers: Mapping[str, str] | None = None) -> bytes:
     """The message ``send_task(task, args, kwargs, task_id=, queue=lane)`` puts on the lane's
     list: Celery's protocol 2 in kombu's Redis envelope (tests/api_tasks/test_broker.py holds
     the two equal)."""
-    body = _json([args, kwargs, _EMBED])
-    return _json({
+    body = dumps([args, kwargs, _EMBED])
+    return dumps({
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",

@@ -96,7 +96,7 @@ LAYERS = {
     "gateway": {"record", "enqueue", "batches"},  # a producer too, on asyncio (files, batches)
 }
 BASE = {"errors", "spec", "connections", "background", "exit_codes", "job_logs", "metrics",
-        "tracing"}
+        "tracing", "json_codec"}
 
 
 def test_the_subpackages_follow_the_data_path() -> None:

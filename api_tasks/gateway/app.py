@@ -43,6 +43,7 @@ from api_tasks.gateway.files import (
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.gateway.webhooks import list_deliveries
+from api_tasks.json_codec import loads_exact
 from api_tasks.record.cluster import cluster_reader
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
@@ -130,8 +131,8 @@ class Gateway:
             if len(data) > limit:
                 raise _too_large(limit)
         try:
-            body = orjson.loads(data)
-        except orjson.JSONDecodeError as err:
+            body = loads_exact(data)
+        except ValueError as err:  # orjson's decode error is one too
             raise GatewayError(400, f"the body is not valid JSON: {err}",
                                code="invalid_json") from None
         if not isinstance(body, dict):

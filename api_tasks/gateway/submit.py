@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 import anyio
-import orjson
 import redis
 import redis.asyncio
 from anyio.to_thread import run_sync
@@ -18,6 +17,7 @@ from api_tasks.connections import text
 from api_tasks.enqueue import AsyncEnqueuer, Submission
 from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
+from api_tasks.json_codec import dumps
 from api_tasks.record.job_record import Field
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.spec import CONTROL_FIELDS, ENDPOINTS, Kind
@@ -115,7 +115,7 @@ class Submitter:
         if not idempotency_key or len(idempotency_key) > 255:
             raise GatewayError(400, "Idempotency-Key must be 1 to 255 characters",
                                param="Idempotency-Key", code="invalid_idempotency_key")
-        digest = hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        digest = hashlib.sha256(dumps(request, sort_keys=True)).hexdigest()
         name = self._idempotency_key(key, idempotency_key)
         found = None
         try:

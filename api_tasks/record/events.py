@@ -27,8 +27,7 @@ import json
 from enum import StrEnum
 from typing import Any
 
-import orjson
-
+from api_tasks.json_codec import loads
 from api_tasks.record.job_record import JobStatus
 
 __all__ = [
@@ -93,15 +92,6 @@ def final_event(status: JobStatus, seq: int, attempt: int, *,
 
 FINAL_TYPES = frozenset(FINAL_EVENT.values())  # the event types that end a stream
 _FIELD = EVENT_FIELD.encode()
-
-
-def loads(raw: bytes | str) -> Any:
-    """JSON by orjson on the hot paths; what orjson refuses (a lone surrogate escape) by
-    json, which takes it (``ValueError`` if neither does)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 def parse_entries(entries: Any) -> list[dict[str, Any]]:

@@ -27,7 +27,8 @@ from api_tasks.errors import (
     JobTimeout,
     StreamRestarted,
 )
-from api_tasks.record.events import FINAL_TYPES, EventType, entry_id, loads
+from api_tasks.json_codec import loads
+from api_tasks.record.events import FINAL_TYPES, EventType, entry_id
 from api_tasks.record.job_record import ATTEMPT_FIELDS, TERMINAL, JobStatus, job_view
 from api_tasks.record.store import READ_COUNT, AsyncJobStore, Cancel, JobStore
 

@@ -126,6 +126,24 @@ def test_an_idempotency_key_maps_a_retry_to_the_same_job(gateway: GatewayProcess
                                       extra_headers={"Idempotency-Key": key})
 
 
+def test_numbers_reach_the_upstream_as_written(gateway: GatewayProcess, fake: FakeUpstream,
+                                              model: str) -> None:
+    """An integer past 64 bits stays that integer (orjson alone would send 1e+20), with an
+    Idempotency-Key too (its digest is of the body as written)."""
+    fake.script(model, Reply(content="exact"))
+    body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+            f'"seed": 100000000000000000000, "temperature": 0.25}}').encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+               "Idempotency-Key": f"big-{model}"}
+    for _ in range(2):  # the retry maps to the same job
+        answered = httpx.post(gateway.url + "/v1/chat/completions", content=body,
+                              headers=headers, timeout=30)
+        assert answered.status_code == 200, answered.text
+    [sent] = fake.requests(model)
+    assert sent.body["seed"] == 10**20 and isinstance(sent.body["seed"], int)
+    assert sent.body["temperature"] == 0.25
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_goes_away_cancels_its_job(gateway: GatewayProcess, client: Client,
                                                  fake: FakeUpstream, model: str,
