@@ -135,7 +135,11 @@ def main() -> None:
                                              f"{mode}{round_}", "off" if mode == "off" else "0",
                                              traced=share)
                     figures[mode].append(cpu_per_job(client, process, n))
-        on, traced, sampled, off = (min(figures[mode]) for mode in modes)
+        least = {mode: min(runs) for mode, runs in figures.items()}
+        off, on, sampled, traced = (least[mode] for mode in ("off", "on", "sampled", "traced"))
+        print("runs, worker CPU per job (us):", ", ".join(
+            f"{mode} {' '.join(str(round(run * 1e6)) for run in runs)}"
+            for mode, runs in figures.items()))
         spread = max(max(runs) / min(runs) for runs in figures.values())
         held = FakeUpstream().start()
         stack.callback(held.stop)
