@@ -13,6 +13,8 @@ import time
 
 import redis
 
+from api_tasks.connections import reason
+
 __all__ = ["Loop", "Throttled"]
 
 _WARN_EVERY = 10.0  # seconds between two lines about the same trouble
@@ -69,7 +71,7 @@ class Loop:
                 self.tick()
             except Exception as err:  # the thread must outlive any one bad round
                 if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
-                    self._trouble.warn("%s: Redis unavailable (%s)", self._thread.name, err)
+                    self._trouble.warn("%s: Redis unavailable (%s)", self._thread.name, reason(err))
                 else:
                     self._trouble.warn("%s: round failed (%s)", self._thread.name, err,
                                        trace=True)

@@ -18,6 +18,7 @@ import redis
 
 from api_tasks.batches.cli import add_batch_commands, batch_command
 from api_tasks.client import Client
+from api_tasks.connections import reason
 from api_tasks.errors import (
     BrokerUnavailable,
     InvalidJob,
@@ -190,8 +191,9 @@ def _health(client: Client, args: argparse.Namespace) -> int:
             ids = [i for i in ids if i == args.worker or i.startswith(args.worker + ".")]
         workers = client.store.shell.run(records(client.keys, ids)) if ids else []
     except redis.RedisError as err:
-        report = {"status": "unavailable", "redis": f"unavailable: {err}", "workers": []}
-        print(json.dumps(report) if args.json else f"unhealthy: Redis unavailable ({err})",
+        report = {"status": "unavailable", "redis": f"unavailable: {reason(err)}", "workers": []}
+        print(json.dumps(report) if args.json else
+              f"unhealthy: Redis unavailable ({reason(err)})",
               file=sys.stdout if args.json else sys.stderr)
         return ExitCode.UNAVAILABLE
     now = time.time()

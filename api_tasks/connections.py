@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from config.sentinel_url import SentinelURL
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "text",
-           "text_map", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "reason",
+           "text", "text_map", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +194,13 @@ def broker_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as err:
-        raise BrokerUnavailable(f"Redis is unavailable: {err}") from err
+        raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
+
+
+def reason(err: BaseException) -> str:
+    """What went wrong, in a line: redis-py's own message, but for Sentinel's, which spells
+    out every Sentinel client it asked."""
+    said = str(err)
+    if isinstance(err, redis.sentinel.MasterNotFoundError) and " : " in said:
+        return said.split(" : ", 1)[0] + " (no Sentinel answered)"
+    return said

@@ -22,7 +22,7 @@ import redis.asyncio
 
 from api_tasks import metrics, tracing
 from api_tasks.broker import task_message
-from api_tasks.connections import connect
+from api_tasks.connections import connect, reason
 from api_tasks.errors import BrokerUnavailable
 from api_tasks.record.calls import Call, Failed, lua
 from api_tasks.record.job_record import queued, submit_fields
@@ -119,7 +119,7 @@ class Enqueuer:
         try:
             self.store.shell.load(_SCRIPTS)
         except redis.RedisError as err:
-            raise BrokerUnavailable(f"Redis is unavailable: {err}") from err
+            raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
     def enqueue(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
                 job_id: str | None = None, fields: Mapping[str, str] | None = None) -> str:
@@ -181,7 +181,7 @@ class AsyncEnqueuer:
         try:
             await self.store.shell.load(_SCRIPTS)
         except redis.RedisError as err:
-            raise BrokerUnavailable(f"Redis is unavailable: {err}") from err
+            raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
     async def send(self, submission: Submission) -> None:
         """Send a built submission whole; a caller who stops waiting does not stop it."""

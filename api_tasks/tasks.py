@@ -17,6 +17,7 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject
 
+from api_tasks.connections import reason
 from api_tasks.errors import WorkerStopping
 from api_tasks.runtime import current
 from api_tasks.spec import ENDPOINTS, Kind
@@ -49,7 +50,7 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
             log.exception("job %s: unexpected error", job_id)
             return runtime.runner.fail(job_id, kind, err)
     except (redis.RedisError, TimeoutError) as err:
-        log.error("job %s: Redis unavailable (%s); requeueing", job_id, err)
+        log.error("job %s: Redis unavailable (%s); requeueing", job_id, reason(err))
         time.sleep(1.0)  # a Redis that refuses writes must not become a hot requeue loop
         raise Reject("Redis unavailable", requeue=True) from None
 

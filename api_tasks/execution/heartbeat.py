@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from api_tasks.background import Loop
+from api_tasks.connections import reason
 from api_tasks.record.calls import SyncShell
 from api_tasks.record.keys import Keys
 from api_tasks.record.workers import HEARTBEAT_EVERY, beat, gone
@@ -44,7 +45,7 @@ class Heartbeat(Loop):
         try:
             self.tick()
         except redis.RedisError as err:  # the loop goes on trying
-            log.warning("heartbeat: Redis unavailable (%s)", err)
+            log.warning("heartbeat: Redis unavailable (%s)", reason(err))
         super().start()
 
     def stop(self, timeout: float = 2.0) -> None:

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api_tasks import metrics, tracing
-from api_tasks.connections import connect_async, text
+from api_tasks.connections import connect_async, reason, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
 from api_tasks.gateway.batches import cancel_batch, create_batch, get_batch, list_batches
@@ -534,7 +534,7 @@ async def readyz(request: Request) -> Response:
     try:
         workers = await gateway.store.shell.run(alive(gateway.keys))
     except (redis.ConnectionError, redis.TimeoutError) as err:
-        return JSONResponse({"status": "unavailable", "redis": f"unavailable: {err}",
+        return JSONResponse({"status": "unavailable", "redis": f"unavailable: {reason(err)}",
                              "workers": []}, status_code=503, headers={"Retry-After": "1"})
     ready = bool(workers)
     return JSONResponse({"status": "ready" if ready else "no_workers", "redis": "ok",

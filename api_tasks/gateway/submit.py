@@ -13,7 +13,7 @@ import redis
 import redis.asyncio
 from anyio.to_thread import run_sync
 
-from api_tasks.connections import text
+from api_tasks.connections import reason, text
 from api_tasks.enqueue import AsyncEnqueuer, Submission
 from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
@@ -30,7 +30,7 @@ _INLINE_BYTES = 64 * 1024  # a larger job is checked on a thread, off the event 
 
 def unavailable(err: BaseException) -> GatewayError:
     """Redis is down: 503, try again shortly."""
-    return GatewayError(503, f"the queue is unavailable: {err}", code="queue_unavailable",
+    return GatewayError(503, f"the queue is unavailable: {reason(err)}", code="queue_unavailable",
                         headers={"Retry-After": "1"})
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import hiredis
 import redis
 
+from api_tasks.connections import reason
+
 __all__ = ["Command", "EventWriter"]
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ class EventWriter:
                 if time.monotonic() > deadline:
                     _fail(batch, err)
                     return
-                log.warning("event writer: Redis unavailable (%s), retrying", err)
+                log.warning("event writer: Redis unavailable (%s), retrying", reason(err))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -66,3 +66,17 @@ def test_a_sentinel_url_gives_the_broker_every_sentinel_and_keeps_the_transport(
     assert options["sentinels"] == [["s1", 1], ["s2", 2]] and options["master_name"] == "main"
     assert options["sentinel_kwargs"]["password"] == "sp"
     assert "pw" not in app.connection_for_write().as_uri()  # Celery's banner masks it
+
+
+def test_no_sentinel_answering_is_said_in_a_line() -> None:
+    import redis.sentinel
+
+    from api_tasks.connections import reason
+    from tests.support.services import free_port
+
+    manager = redis.sentinel.Sentinel([("127.0.0.1", free_port()), ("127.0.0.1", free_port())],
+                                      sentinel_kwargs={"socket_connect_timeout": 1})
+    with pytest.raises(redis.sentinel.MasterNotFoundError) as caught:
+        manager.discover_master("jobs")
+    assert len(str(caught.value)) > 200  # redis-py spells out each Sentinel client
+    assert reason(caught.value) == "No master found for 'jobs' (no Sentinel answered)"
