@@ -215,10 +215,11 @@ def test_a_dead_deployment_opens_its_breaker_and_gets_no_more_calls(cluster: Clu
     # (at most one per worker thread), none after
     assert 3 <= len(dead) <= 3 + 8
     assert all(t["error"]["code"] == "connection_refused" for t in dead), dead
+    asked = time.monotonic()  # open_for is as the status command saw it, a moment later
     states = {s["deployment"]: s for s in _status(cluster)}
     assert states["flaky-dead"]["breaker"] == "open"
     assert states["flaky-live"]["breaker"] == "closed"
-    reopens = time.monotonic() + states["flaky-dead"]["open_for"]
+    reopens = asked + states["flaky-dead"]["open_for"]  # no later than it really reopens
     more = [cluster.client.submit_chat(USER, model=model) for _ in range(20)]
     for job in more:
         job.result(timeout=60)
