@@ -1,4 +1,4 @@
-"""What metrics and traces cost a worker: ``python -m bench.metrics [--jobs 1000] [--quick]``.
+"""What metrics and traces cost a worker: ``python -m bench.metrics [--jobs 1000] [--rounds 7]``.
 
 One worker process (50 threads) runs the same chat jobs against the fake upstream
 with its metrics on (the default: every job counted, ``/metrics`` served), on with traces
