@@ -35,7 +35,7 @@ from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from api_tasks.connections import pool_size
+from api_tasks.connections import pool_size, sentinel_options
 from api_tasks.json_codec import dumps
 from api_tasks.record.keys import Keys
 from api_tasks.spec import QUEUES
@@ -92,14 +92,9 @@ def _broker(settings: Settings) -> tuple[str, str, dict[str, Any]]:
         login = f"{quote(where.username or '', safe='')}:{quote(where.password or '', safe='')}@"
     host, port = where.nodes[0]  # the rest in an option (worker/transport.py says why)
     url = f"sentinel://{login}{f'[{host}]' if ':' in host else host}:{port}/{where.db}"
-    credentials = {"username": where.sentinel_username, "password": where.sentinel_password}
-    sentinel_kwargs = {  # a Sentinel that hangs is passed over as fast as one that is down
-        "socket_connect_timeout": settings.redis.socket_connect_timeout,
-        "socket_timeout": settings.redis.socket_connect_timeout, "socket_keepalive": True,
-        **{k: v for k, v in credentials.items() if v is not None}}
     return url, "worker.transport:SentinelTransport", {
         "master_name": where.master, "sentinels": [list(node) for node in where.nodes],
-        "sentinel_kwargs": sentinel_kwargs}
+        "sentinel_kwargs": sentinel_options(settings.redis, where)}
 
 
 def create_app(settings: Settings) -> Celery:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from config.settings import RedisSettings
 
 __all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "reason",
-           "text", "text_map", "wait_for_redis"]
+           "sentinel_options", "text", "text_map", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,19 @@ class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool,
     """``_SentinelPool`` for asyncio callers."""
 
 
-def _sentinel_options(where: SentinelURL, options: dict[str, Any]) -> dict[str, Any]:
-    """How to reach the Sentinels: the pool's socket options, their own credentials.
+def sentinel_options(settings: RedisSettings, where: SentinelURL) -> dict[str, Any]:
+    """How to reach the Sentinels (for the project's pools and the broker's alike): their own
+    credentials, and the connect timeout for every reply.
 
     Each new connection asks a Sentinel where the primary is, so after a failover the
     next connection goes to the promoted replica; one to the old primary fails or is
     refused as read-only, and is dropped.
     """
-    keep = {"socket_connect_timeout", "socket_keepalive", "protocol"}
     credentials = {"username": where.sentinel_username, "password": where.sentinel_password}
-    return {**{k: v for k, v in options.items() if k in keep},
+    timeout = settings.socket_connect_timeout
+    return {"socket_connect_timeout": timeout, "socket_keepalive": True, "protocol": 2,
             # a Sentinel answers at once: one that hangs is passed over as fast as one down
-            "socket_timeout": options["socket_connect_timeout"],
+            "socket_timeout": timeout,
             **{k: v for k, v in credentials.items() if v is not None}}
 
 
@@ -99,7 +100,7 @@ def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
             settings.url, **options)
     else:
         manager = redis.sentinel.Sentinel(where.nodes,
-                                          sentinel_kwargs=_sentinel_options(where, options))
+                                          sentinel_kwargs=sentinel_options(settings, where))
         pool = _SentinelPool(where.master, manager,  # type: ignore[no-untyped-call]
                              **_primary(where, options))
     return redis.Redis(connection_pool=pool)
@@ -116,7 +117,7 @@ def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE +
             redis.asyncio.BlockingConnectionPool.from_url(settings.url, **options)
     else:
         manager = redis.asyncio.sentinel.Sentinel(
-            where.nodes, sentinel_kwargs=_sentinel_options(where, options))
+            where.nodes, sentinel_kwargs=sentinel_options(settings, where))
         pool = _AsyncSentinelPool(where.master, manager,  # type: ignore[no-untyped-call]
                                   **_primary(where, options))
     chosen = pool.connection_class  # plain, TLS or Unix socket, from the URL

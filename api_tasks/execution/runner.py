@@ -128,7 +128,8 @@ class JobRunner:
                                       message)
         if not claim.verdict.owned:
             if claim.uncounted:  # cancelled before any worker took it: its end counts here
-                self._count_cancel(kind.value, upstream.name, spec.model, queue)
+                self._count_end(kind.value, upstream.name, spec.model, queue,
+                                JobStatus.CANCELLED)
             log.info("job %s is %s: delivery dropped", job_id, claim.ended or claim.verdict)
             return Outcome.DROPPED
         note_job(attempt=claim.attempt)
@@ -468,18 +469,19 @@ class JobRunner:
                                   time.time())
         if not claim.verdict.owned:
             if claim.uncounted:
-                self._count_cancel(kind, "", None, "")
+                self._count_end(kind, "", None, "", JobStatus.CANCELLED)
             return Outcome.DROPPED
         # a job refused for a kind it does not name is kept as a chat job
         run = Delivery(job_id, JobSpec(kind_of(kind) or Kind.CHAT, body={}), None, claim.attempt,
                        claim.created_at, token)
         return self._finish(run, JobStatus.FAILED, error={**err.to_error(), "attempts": 0})
 
-    def _count_cancel(self, kind: str, upstream: str, model: str | None, queue: str) -> None:
-        """Count the end of a job cancelled before any worker took it (no worker counted it)."""
-        metrics.JOBS_ENDED.labels(kind, upstream,
-                                  metrics.model_label(self.settings, upstream or None, model),
-                                  queue, JobStatus.CANCELLED.value).inc()
+    def _count_end(self, kind: str, upstream: str, model: str | None, queue: str,
+                   status: JobStatus) -> str:
+        """Count a job's end in ``api_tasks_jobs_total``; the model's label."""
+        label = metrics.model_label(self.settings, upstream or None, model)
+        metrics.JOBS_ENDED.labels(kind, upstream, label, queue, status.value).inc()
+        return label
 
     def fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
         """Last resort for a bug outside a call: the job ends failed, never hangs."""
@@ -531,11 +533,10 @@ class JobRunner:
         """The job's end in this process's metrics and tally (its liveness record)."""
         upstream = run.upstream.name if run.upstream else ""
         self.tally.ended(run.job_id, status, finished, upstream, error)
-        model = metrics.model_label(self.settings, upstream or None, run.spec.model)
+        model = self._count_end(run.spec.kind.value, upstream, run.spec.model, run.queue,
+                                status)
         served = model if run.model in (None, run.spec.model) else \
             metrics.model_label(self.settings, upstream or None, run.model)
-        metrics.JOBS_ENDED.labels(run.spec.kind.value, upstream, model, run.queue,
-                                  status.value).inc()
         metrics.QUEUE_TIME.labels(run.queue).observe(max(run.started_at - run.created_at, 0))
         metrics.RUN_TIME.labels(run.spec.kind.value, upstream).observe(
             max(finished - run.started_at, 0))
