@@ -25,30 +25,12 @@ from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import LIMITED_RPM
 from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.job_events import read_events
 from tests.support.services import ROOT, GatewayProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
 AUTH = {"Authorization": f"Bearer {KEY}"}
-FINAL = ("done", "error", "cancelled")
-
-
-def _events(response: httpx.Response, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """The events of an SSE response with their ``id``, up to the final one (or
-    ``stop_after`` of them)."""
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            current["id"] = line[4:]
-        elif line.startswith("data: "):
-            current.update(json.loads(line[6:]))
-        elif not line and current:
-            events.append(current)
-            current = {}
-            if events[-1]["type"] in FINAL or len(events) == stop_after:
-                break
-    return events
 
 
 def test_a_job_is_accepted_then_read_and_its_stream_resumed(gateway: GatewayProcess,
@@ -66,9 +48,9 @@ def test_a_job_is_accepted_then_read_and_its_stream_resumed(gateway: GatewayProc
         assert job["metadata"] == {"order": "42"} and job["stream_token"]
         url = f"/v1/jobs/{job['id']}/events"
         with http.stream("GET", url) as first:
-            seen = _events(first, stop_after=8)
+            seen = read_events(first, stop_after=8)
         with http.stream("GET", url, headers={"Last-Event-ID": seen[-1]["id"]}) as rest:
-            seen += _events(rest)
+            seen += read_events(rest)
         chunks = [e for e in seen if e["type"] == "chunk"]
         assert [e["seq"] for e in chunks] == list(range(len(chunks)))  # no gap, no repeat
         assert seen[-1]["type"] == "done"
@@ -79,11 +61,11 @@ def test_a_job_is_accepted_then_read_and_its_stream_resumed(gateway: GatewayProc
         assert text == "".join(pieces)
         # a reader that comes after the end gets everything, from the first event
         with http.stream("GET", url) as late:
-            assert _events(late) == seen
+            assert read_events(late) == seen
         # a browser's EventSource sends no header: the stream token stands in for it
         with httpx.stream("GET", gateway.url + url, params={"token": job["stream_token"]},
                           timeout=30) as by_token:
-            assert _events(by_token) == seen
+            assert read_events(by_token) == seen
         assert httpx.get(gateway.url + url, params={"token": "1.forged"}).status_code == 404
 
 
@@ -268,7 +250,7 @@ def test_embeddings_and_responses_jobs(gateway: GatewayProcess, fake: FakeUpstre
         job = created.json()
         assert job["url"] == url
         with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
-            seen = _events(events)
+            seen = read_events(events)
         assert seen[-1]["type"] == "done"
         ended = http.get(f"/v1/jobs/{job['id']}").json()
     assert ended["status"] == "succeeded" and ended["url"] == url

@@ -24,6 +24,7 @@ from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY, start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import Figures, outcomes
+from tests.support.job_events import FINAL, iter_events
 from tests.support.services import SentinelGroup, Spawn, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -110,17 +111,10 @@ def _follow_sse(url: str, seen: list[dict[str, Any]], cuts: list[str]) -> None:
                     cuts.append(str(response.status_code))
                     time.sleep(0.1)
                     continue
-                event: dict[str, Any] = {}
-                for line in response.iter_lines():
-                    if line.startswith("id: "):
-                        event["id"] = line[4:]
-                    elif line.startswith("data: "):
-                        event.update(json.loads(line[6:]))
-                    elif not line and event:
-                        seen.append(event)
-                        if event["type"] in ("done", "error", "cancelled"):
-                            return
-                        event = {}
+                for event in iter_events(response):
+                    seen.append(event)
+                    if event["type"] in FINAL:
+                        return
         except httpx.HTTPError as err:
             cuts.append(type(err).__name__)
         cuts.append("ended")
@@ -196,8 +190,7 @@ def test_primary_killed_under_load_sentinel_promotes_and_every_job_ends_once(
         primary = redis.Redis(port=group.replica.port)
         for job in jobs:  # one final event per job, on the promoted primary
             finals = [kind for _, fields in primary.xrange(client.keys.events(job.id))
-                      if (kind := json.loads(fields[b"event"])["type"])
-                      in ("done", "error", "cancelled")]
+                      if (kind := json.loads(fields[b"event"])["type"]) in FINAL]
             assert finals == ["done"], job.id
         counted = outcomes(spawn.logs, [job.id for job in jobs], timeout=30)
         assert counted == [1] * len(jobs)

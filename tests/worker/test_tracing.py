@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.services import ROOT, Spawn, wait_until
+from tests.support.services import ROOT, Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -49,20 +51,46 @@ def memory() -> Any:
     return exporter
 
 
+def _traced(worker_env: dict[str, str], spawn: Spawn, name: str,
+            **otel: str) -> tuple[WorkerProcess, Client]:
+    """A worker printing its spans (console exporter, set by OTEL_* variables only) on a
+    prefix of its own, and a producer on that prefix."""
+    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
+           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100", **otel}
+    return spawn(env, name), Client(load_settings(env={k: v for k, v in env.items()
+                                                       if k != "FAKE_UPSTREAM_KEY"}))
+
+
+def _submit_span(memory: Any, job_id: str) -> Any:
+    """This process's PRODUCER span for the submit of ``job_id``."""
+    [submit] = [s for s in memory.get_finished_spans()
+                if s.attributes.get("messaging.message.id") == job_id]
+    return submit
+
+
+@contextlib.contextmanager
+def _under(trace_id: int, sampled: bool) -> Iterator[None]:
+    """Run inside a remote parent span of ``trace_id``, sampled or not (an application's)."""
+    from opentelemetry import context, trace
+
+    parent = trace.NonRecordingSpan(trace.SpanContext(
+        trace_id=trace_id, span_id=0x1, is_remote=True, trace_flags=trace.TraceFlags(sampled)))
+    token = context.attach(trace.set_span_in_context(parent))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
 def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: dict[str, str],
                                                      spawn: Spawn, fake: FakeUpstream,
                                                      model: str) -> None:
-    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
-           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_SERVICE_NAME": "api-tasks-worker"}
-    worker = spawn(env, "traced")
-    client = Client(load_settings(env={k: v for k, v in env.items()
-                                       if k != "FAKE_UPSTREAM_KEY"}))
+    worker, client = _traced(worker_env, spawn, "traced",
+                             OTEL_SERVICE_NAME="api-tasks-worker")
     fake.script(model, HttpError(503), Reply(content="traced answer"))
     job = client.submit_chat(USER, model=model, max_tokens=50, temperature=0.3)
     assert job.result(timeout=30) is not None
-    [submit] = [s for s in memory.get_finished_spans()
-                if s.attributes.get("messaging.message.id") == job.id]
+    submit = _submit_span(memory, job.id)
     trace_id = f"0x{submit.context.trace_id:032x}"
 
     def ours() -> list[dict[str, Any]]:
@@ -102,26 +130,14 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
 def test_a_job_whose_submit_was_not_sampled_records_nothing(
         memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
         model: str) -> None:
-    from opentelemetry import context, trace
-
-    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
-           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    worker = spawn(env, "unsampled")
-    client = Client(load_settings(env={k: v for k, v in env.items()
-                                       if k != "FAKE_UPSTREAM_KEY"}))
+    worker, client = _traced(worker_env, spawn, "unsampled")
     fake.script(model, HttpError(503), Reply(content="answer"))
-    unsampled = trace.NonRecordingSpan(trace.SpanContext(
-        trace_id=0x5A4D, span_id=0x1, is_remote=True, trace_flags=trace.TraceFlags(0)))
-    token = context.attach(trace.set_span_in_context(unsampled))
-    try:  # the application's own trace was not sampled: the job's spans are not either
+    with _under(0x5A4D, sampled=False):  # the application's trace is not sampled: nor the job
         quiet = client.submit_chat(USER, model=model)
-    finally:
-        context.detach(token)
     assert quiet.result(timeout=30) is not None
     traced = client.submit_chat(USER, model=model)  # then one that is, as a barrier
     assert traced.result(timeout=30) is not None
-    [submit] = [s for s in memory.get_finished_spans()
-                if s.attributes.get("messaging.message.id") == traced.id]
+    submit = _submit_span(memory, traced.id)
     wanted = f"0x{submit.context.trace_id:032x}"
     wait_until(lambda: any(s["context"]["trace_id"] == wanted for s in _spans(worker.log())),
                20, "the sampled job's spans")
@@ -130,7 +146,7 @@ def test_a_job_whose_submit_was_not_sampled_records_nothing(
 
 
 def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:
-    from opentelemetry import context, trace
+    from opentelemetry import trace
 
     from api_tasks import tracing
 
@@ -140,16 +156,10 @@ def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:
             with tracing.wait_span("requests", 0.0):
                 waited = trace.get_current_span() is not outer  # a wait span of its own
         return call, waited
-    for sampled, made in ((0, False), (1, True)):
-        parent = trace.NonRecordingSpan(trace.SpanContext(
-            trace_id=0x77, span_id=0x2, is_remote=True, trace_flags=trace.TraceFlags(sampled)))
-        token = context.attach(trace.set_span_in_context(parent))
-        try:
-            with tracing.job_span("j", "chat", None if sampled else "00-" + "0" * 30 + "77-"
-                                  + "0" * 15 + "2-00"):
-                call, waited = spans_made()
-        finally:
-            context.detach(token)
+    for sampled, made in ((False, False), (True, True)):
+        with _under(0x77, sampled=sampled), tracing.job_span(
+                "j", "chat", None if sampled else "00-" + "0" * 30 + "77-" + "0" * 15 + "1-00"):
+            call, waited = spans_made()
         assert (call is not None, waited) == (made, made)
     assert tracing.carried("00-" + "a" * 32 + "-" + "b" * 16 + "-01") is not None
     assert tracing.carried("00-xyz\r\nX-Evil: 1") is None and tracing.carried(None) is None
@@ -158,19 +168,14 @@ def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:
 def test_a_job_sent_again_after_a_wait_stays_in_its_submits_trace(
         memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
         model: str) -> None:
-    env = {**worker_env, "API_TASKS_PREFIX": f"tr{uuid.uuid4().hex[:6]}",
-           "OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    worker = spawn(env, "resent")
-    client = Client(load_settings(env={k: v for k, v in env.items()
-                                       if k != "FAKE_UPSTREAM_KEY"}))
+    worker, client = _traced(worker_env, spawn, "resent")
     # a 429 cools the upstream for 2 s, longer than a worker waits: the job parks, and its
     # message is sent again when the cool-down ends
     fake.script(model, HttpError(429, headers={"Retry-After": "2"}), Reply(content="later"))
     job = client.submit_chat(USER, model=model)
     assert job.result(timeout=30) is not None
     assert job.info()["deliveries"] == "2"
-    [submit] = [s for s in memory.get_finished_spans()
-                if s.attributes.get("messaging.message.id") == job.id]
+    submit = _submit_span(memory, job.id)
     trace_id = f"0x{submit.context.trace_id:032x}"
 
     def deliveries() -> list[dict[str, Any]]:
