@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from api_tasks.connections import text, text_map
+from api_tasks.connections import reason, text, text_map
 from api_tasks.record.cluster import cluster_state
 from api_tasks.record.keys import Keys
 from api_tasks.record.workers import alive, records
@@ -46,7 +46,7 @@ def snapshot(client: Client) -> dict[str, Any]:
         batches = [(batch_id, text_map(info)) for batch_id, info in
                    zip(batch_ids, pipe.execute(), strict=False)]
     except redis.RedisError as err:
-        return {"at": time.time(), "error": str(err)}
+        return {"at": time.time(), "error": reason(err)}
     return {"at": time.time(), "state": state, "workers": workers, "batches": batches,
             "batches_total": len(batch_ids)}
 

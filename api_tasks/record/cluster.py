@@ -1,4 +1,4 @@
-"""What the cluster's state is right now, read from Redis in one round trip (for metrics).
+"""What the cluster's state is right now, read from Redis in two round trips (for metrics).
 
 Queue depth per lane, jobs waiting and running, batches running, workers alive,
 each deployment's breaker and load, and how far ahead each configured limit
@@ -32,7 +32,8 @@ def limit_scopes(settings: Settings) -> list[str]:
 
 
 def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
-    """The cluster's gauges, by name (``api_tasks.metrics.ClusterCollector`` exports them)."""
+    """The cluster's gauges, by name (``api_tasks.metrics.ClusterCollector`` exports them):
+    one pipeline for the counts and the limits, one for the deployments."""
     now = time.time()
     scopes = limit_scopes(settings)
     pipe = client.pipeline(transaction=False)
