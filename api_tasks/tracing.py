@@ -44,10 +44,10 @@ def _env_wants() -> bool:
 
 def _tracer() -> Any:
     """The tracer, or None when traces are off (then nothing of OpenTelemetry is loaded)."""
+    if "tracer" in _state:  # settled: every job asks several times
+        return _state["tracer"]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    if "tracer" in _state:
-        return _state["tracer"]
     if not _env_wants() and "opentelemetry.sdk.trace" not in sys.modules:
         return None  # nobody asked, and the application set up no SDK of its own
     if importlib.util.find_spec("opentelemetry.sdk") is None:
@@ -168,8 +168,8 @@ def queued(seconds: float, queue: str) -> None:
     span = _recording()
     if span is None:
         return
-    span.set_attribute("api_tasks.queue_seconds", round(seconds, 6))
-    span.set_attribute("messaging.destination.name", queue)
+    span.set_attributes({"api_tasks.queue_seconds": round(seconds, 6),
+                         "messaging.destination.name": queue})
 
 
 @contextlib.contextmanager
@@ -234,17 +234,19 @@ def finish_call(span: Any, response: Mapping[str, Any] | None, error_code: str |
         span.set_status(Status(StatusCode.ERROR))
         return
     response = response or {}
+    attributes: dict[str, Any] = {}
     for field, name in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
         if isinstance(response.get(field), str):
-            span.set_attribute(name, response[field])
+            attributes[name] = response[field]
     reasons = [c.get("finish_reason") for c in response.get("choices") or []
                if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
     if reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        attributes["gen_ai.response.finish_reasons"] = reasons
     usage = response.get("usage") or {}
     for fields, name in ((("prompt_tokens", "input_tokens"), "gen_ai.usage.input_tokens"),
                          (("completion_tokens", "output_tokens"),
                           "gen_ai.usage.output_tokens")):
         count = next((usage[f] for f in fields if isinstance(usage.get(f), int)), None)
         if count is not None:
-            span.set_attribute(name, count)
+            attributes[name] = count
+    span.set_attributes(attributes)  # one lock and one check, not one per attribute

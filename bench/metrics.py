@@ -1,15 +1,19 @@
-"""What metrics and traces cost a worker: ``python -m bench.metrics [--jobs 1000] [--rounds 7]``.
+"""What metrics and traces cost a worker: ``python -m bench.metrics [--jobs 500] [--rounds 5]
+[--launches 5]``.
 
-One worker process (50 threads) runs the same chat jobs against the fake upstream
-with its metrics on (the default: every job counted, ``/metrics`` served), on with traces
-(``OTEL_TRACES_EXPORTER=otlp``, spans sent in OTLP batches to a local collector that takes
-them) for 1 job in 10 (the SDK's ``parentbased_traceidratio`` sampler) and for every job,
-and off (``API_TASKS_METRICS_PORT=off``: nothing counted, no traces), in rounds of one run
-each; the figure is the worker's CPU per job, and each mode's ratio is the median over the
-rounds of its run over the round's "off" run (paired: a slow spell of the machine weighs on
-both; runs of one mode have been 1.45x apart). Then 200 jobs are held in flight (the fake
-answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the
-cluster's gauges from Redis too.
+Pairs of worker processes (50 threads each) run the same chat jobs against the fake upstream.
+In each pair one worker has its metrics off (``API_TASKS_METRICS_PORT=off``: nothing counted,
+no traces) and the other has them on (the default: every job counted, ``/metrics`` served), on
+with traces (``OTEL_TRACES_EXPORTER=otlp``, spans sent in OTLP batches, the SDK's defaults, to
+a local collector that takes them) for 1 job in 10 (the SDK's ``parentbased_traceidratio``
+sampler), or on with every job traced. A round gives each pair in turn a burst of jobs, half
+to each of its workers at once, so that a slow spell of this shared machine falls on both
+(runs in sequence have been 1.45x apart here). A worker's figure is its CPU over the rounds and
+a wait for its last spans' export, less what its pair's "off" worker spent while the pair sat
+idle, per job. Two workers of the same settings differ by up to 3% a launch, so every launch
+starts fresh pairs, and a mode's figures add up over the launches. Then 200 jobs are held in
+flight (the fake answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads
+the cluster's gauges from Redis too.
 """
 
 from __future__ import annotations
@@ -39,26 +43,30 @@ __all__ = ["main"]
 THREADS = 50
 
 
-def worker(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir: Path,
-           name: str, port: str, threads: int = THREADS, traced: float = 0.0
-           ) -> tuple[Client, WorkerProcess]:
-    """A worker with its metrics on (``port``) or off, with ``traced`` of its jobs traced
-    (0: traces off), and a producer."""
-    tracing = {"OTEL_TRACES_EXPORTER": "otlp",
-               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": _collector(),
-               # the SDK's standard sampler: a trace is recorded or not from its start
-               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-               "OTEL_TRACES_SAMPLER_ARG": str(traced)}
-    env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
-                    API_TASKS_PREFIX=f"{name}{time.monotonic_ns() % 100000}",
-                    API_TASKS_METRICS_PORT=port, **(tracing if traced else {}))
-    process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
-                            name=name).start(wait=False)
-    stack.callback(process.stop)
-    client = Client(load_settings(env=env))
-    wait_until(lambda: client.store.shell.run(alive(client.keys)), 120, "the worker's record")
-    client.submit_chat(USER, model="warm").result(timeout=60)
-    return client, process
+def workers(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir: Path,
+            specs: list[tuple[str, str, float]], threads: int = THREADS
+            ) -> list[tuple[Client, WorkerProcess]]:
+    """Workers (name, metrics port or "off", share of jobs traced: 0 for traces off), each
+    with a producer, started together and each warmed by a job."""
+    started = []
+    for name, port, traced in specs:
+        tracing = {"OTEL_TRACES_EXPORTER": "otlp",
+                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": _collector(),
+                   # the SDK's standard sampler: a trace is recorded or not from its start
+                   "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                   "OTEL_TRACES_SAMPLER_ARG": str(traced)}
+        env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
+                        API_TASKS_PREFIX=f"{name}{time.monotonic_ns() % 100000}",
+                        API_TASKS_METRICS_PORT=port, **(tracing if traced else {}))
+        process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
+                                name=name).start(wait=False)
+        stack.callback(process.stop)
+        started.append((Client(load_settings(env=env)), process))
+    for client, _ in started:
+        wait_until(lambda: client.store.shell.run(alive(client.keys)), 120,  # noqa: B023
+                   "the worker's record")
+        client.submit_chat(USER, model="warm").result(timeout=60)
+    return started
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -87,13 +95,54 @@ def _collector() -> str:
     return f"http://127.0.0.1:{_collectors[0].server_address[1]}/v1/traces"
 
 
-def cpu_per_job(client: Client, process: WorkerProcess, n: int) -> float:
-    """Worker CPU seconds per job over ``n`` jobs, all submitted at once."""
-    before = cpu_seconds(process.pid)
-    jobs = [client.submit_chat(USER, model="echo") for _ in range(n)]
+PAIRS = {"on": 0.0, "sampled": 0.1, "traced": 1.0}  # each beside a worker with metrics off
+EXPORT_DELAY = 5.0  # s: the SDK's batch span processor exports at least this often
+
+
+def burst(workers: list[tuple[Client, WorkerProcess]], n: int) -> list[float]:
+    """Each worker's CPU seconds per job over ``n`` jobs each, all submitted at once and in
+    turn (a slow spell of the machine falls on both)."""
+    before = [cpu_seconds(process.pid) for _, process in workers]
+    jobs = [client.submit_chat(USER, model="echo") for _ in range(n) for client, _ in workers]
     for job in jobs:
         job.result(timeout=300)
-    return (cpu_seconds(process.pid) - before) / n
+    return [(cpu_seconds(process.pid) - start) / n
+            for (_, process), start in zip(workers, before, strict=True)]
+
+
+def launch(redis: RedisServer, upstream: FakeUpstream, workdir: Path, k: int, n: int,
+           rounds: int) -> dict[str, tuple[float, float, list[float]]]:
+    """Fresh pairs of workers through ``rounds`` rounds: by mode, its worker's CPU per job,
+    its off worker's, and each round's ratio."""
+    with ExitStack() as stack:
+        started = workers(stack, redis, upstream, workdir, [
+            spec for mode, share in PAIRS.items()
+            for spec in ((f"off-{mode}{k}", "off", 0.0), (f"{mode}{k}", "0", share))])
+        pairs = {mode: (started[2 * i], started[2 * i + 1]) for i, mode in enumerate(PAIRS)}
+        for both in pairs.values():  # every code path loaded, the thread pools full
+            burst(list(both), n)
+        time.sleep(EXPORT_DELAY + 1)  # and the warm-up's spans exported
+        start = {mode: [cpu_seconds(process.pid) for _, process in both]
+                 for mode, both in pairs.items()}
+        inside = dict.fromkeys(pairs, 0.0)  # the off worker's CPU in its pair's rounds
+        runs: dict[str, list[float]] = {mode: [] for mode in pairs}
+        for _ in range(rounds):
+            for mode, both in pairs.items():
+                off_run, run = burst(list(both), n)
+                inside[mode] += off_run * n
+                runs[mode].append(run / off_run)
+        time.sleep(EXPORT_DELAY + 1)  # the last spans exported, in the figure too
+        figures = {}
+        for mode, ((_, off_process), (_, process)) in pairs.items():
+            off_begin, begin = start[mode]
+            idle = cpu_seconds(off_process.pid) - off_begin - inside[mode]
+            figures[mode] = ((cpu_seconds(process.pid) - begin - idle) / (n * rounds),
+                             inside[mode] / (n * rounds), runs[mode])
+        return figures
+
+
+def _pair(figures: tuple[float, float]) -> tuple[str, str]:
+    return f"{figures[0] * 1e6:.0f} us", f"{figures[1] * 1e6:.0f} us"
 
 
 def scrape_times(client: Client, upstream: FakeUpstream, in_flight: int) -> tuple[list[float],
@@ -118,57 +167,60 @@ def scrape_times(client: Client, upstream: FakeUpstream, in_flight: int) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="300 jobs a run")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--quick", action="store_true",
+                        help="200 jobs a burst, 2 launches of 3 rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--launches", type=int, default=5)
     args = parser.parse_args()
-    n = 300 if args.quick else args.jobs
+    n = 200 if args.quick else args.jobs
+    rounds = 3 if args.quick else args.rounds
+    launches = 2 if args.quick else args.launches
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         redis, upstream = local_services(stack, workdir, record=False)
         started = time.monotonic()
-        modes = {"off": 0.0, "on": 0.0, "traced": 1.0, "sampled": 0.1}  # share traced
-        figures: dict[str, list[float]] = {mode: [] for mode in modes}
-        for round_ in range(args.rounds):
-            for mode, share in modes.items():
-                with ExitStack() as inner:
-                    client, process = worker(inner, redis, upstream, workdir,
-                                             f"{mode}{round_}", "off" if mode == "off" else "0",
-                                             traced=share)
-                    figures[mode].append(cpu_per_job(client, process, n))
-        ratio = {mode: median([run / base for run, base in zip(runs, figures["off"],
-                                                               strict=True)])
-                 for mode, runs in figures.items()}
-        middle = {mode: median(runs) for mode, runs in figures.items()}
-        off, on, sampled, traced = (middle[mode] for mode in ("off", "on", "sampled", "traced"))
-        print("runs, worker CPU per job (us):", ", ".join(
-            f"{mode} {' '.join(str(round(run * 1e6)) for run in runs)}"
-            for mode, runs in figures.items()))
-        spread = max(max(runs) / min(runs) for runs in figures.values())
+        per_job: dict[str, tuple[float, float]] = dict.fromkeys(PAIRS, (0.0, 0.0))
+        rounds_ratio: dict[str, list[float]] = {mode: [] for mode in PAIRS}
+        launch_ratio: dict[str, list[float]] = {mode: [] for mode in PAIRS}
+        for k in range(launches):
+            for mode, (ours, off, runs) in launch(redis, upstream, workdir, k, n,
+                                                  rounds).items():
+                per_job[mode] = (per_job[mode][0] + ours / launches,
+                                 per_job[mode][1] + off / launches)
+                rounds_ratio[mode] += runs
+                launch_ratio[mode].append(ours / off)
+        ratio = {mode: ours / off for mode, (ours, off) in per_job.items()}
+        print("launches, worker CPU over its off worker's:", ", ".join(
+            f"{mode} {' '.join(f'{r:.3f}' for r in runs)}" for mode, runs in
+            launch_ratio.items()))
+        print("rounds, the same:", ", ".join(
+            f"{mode} {' '.join(f'{r:.2f}' for r in runs)}" for mode, runs in
+            rounds_ratio.items()), "(a traced worker's spans leave every 5 s: in some rounds)")
+        spread = (min(launch_ratio["on"]), max(launch_ratio["on"]))
         held = FakeUpstream().start()
         stack.callback(held.stop)
         with ExitStack() as inner:
-            client, _ = worker(inner, redis, held, workdir, "scrape", "0", threads=250)
+            [(client, _)] = workers(inner, redis, held, workdir, [("scrape", "0", 0.0)],
+                                    threads=250)
             times, seen = scrape_times(client, held, 200)
         rows: list[Row] = [
-            ("worker CPU per job, metrics on / off (medians; ratio: median of rounds)",
-             f"{on * 1e6:.0f} us", f"{off * 1e6:.0f} us",
+            ("worker CPU per job, metrics on / off", *_pair(per_job["on"]),
              f"{ratio['on']:.3f}x (target <= 1.05x)"),
             ("worker CPU per job, metrics and traces on, 1 trace in 10 / off",
-             f"{sampled * 1e6:.0f} us", f"{off * 1e6:.0f} us",
-             f"{ratio['sampled']:.3f}x (target <= 1.05x)"),
+             *_pair(per_job["sampled"]), f"{ratio['sampled']:.3f}x (target <= 1.05x)"),
             ("worker CPU per job, metrics and traces on, every trace / off",
-             f"{traced * 1e6:.0f} us", f"{off * 1e6:.0f} us", f"{ratio['traced']:.3f}x"),
-            ("the same, slowest run over fastest, any mode", f"{spread:.3f}x", "-",
-             "noise"),
+             *_pair(per_job["traced"]), f"{ratio['traced']:.3f}x"),
+            ("metrics on / off, one launch's ratio, least and most", f"{spread[0]:.3f}x",
+             f"{spread[1]:.3f}x", "noise"),
             (f"scrape of a worker with {seen} jobs in flight, median",
              f"{median(times) * 1000:.1f} ms", "-", "target < 50 ms"),
             ("the same, slowest of 20", f"{max(times) * 1000:.1f} ms",
              f"p90 {percentile(times, 90) * 1000:.1f} ms", "target < 50 ms"),
         ]
-        title = (f"\nmetrics: {n} jobs a run, one worker of {THREADS} threads, metrics off, on, "
-                 f"on with 1 trace in 10 and with every trace, {args.rounds} rounds "
-                 f"(reference: off); "
+        title = (f"\nmetrics: pairs of workers of {THREADS} threads, metrics off beside on, on "
+                 f"with 1 trace in 10 and with every trace; {launches} launches of {rounds} "
+                 f"rounds of {n} jobs each (reference: off); "
                  f"{time.monotonic() - started:.0f} s")
         print(table(title, rows), flush=True)
 
