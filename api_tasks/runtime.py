@@ -76,7 +76,7 @@ class Runtime:
         self.batches = BatchPump(Enqueuer(settings)) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
-        self.http = HttpClient()
+        self.http = HttpClient(worker.concurrency)  # a connection for every job thread
         # only a worker sends webhooks (it has the endpoints' secrets)
         self.webhooks = WebhookSender(self.redis, self.keys, settings,
                                       self.http) if app is not None else None

@@ -441,8 +441,10 @@ class JobRunner:
                     response: requests.Response, call: CallRequest) -> None:
         try:
             with response:
-                for data in self.http.reads(handle, response, call, call.max_response_bytes):
+                body = self.http.reads(handle, response, call, call.max_response_bytes)
+                for data in body:
                     if relay.feed(data):
+                        self.http.drain(response, body)  # keeps the connection for a next call
                         return
                 relay.close()
         except UpstreamError as err:

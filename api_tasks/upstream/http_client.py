@@ -11,6 +11,7 @@ total deadline).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -44,6 +45,11 @@ _READ_SIZE = 65536
 # what a requests Session sends by default (User-Agent, Accept-Encoding...), under the call's own
 _BASE_HEADERS = dict(requests.utils.default_headers())
 _ERROR_BODY_CAP = 65536
+# what a stream may still send after its last event (the chunked coding's end), and how long
+# it may take, for its connection to be kept
+_DRAIN_BYTES = 65536
+_DRAIN_SECONDS = 0.5
+_HOSTS = 32  # hosts whose connections are kept (upstream deployments, webhook endpoints)
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 408: "timeout_error", 409: "conflict_error",
@@ -137,10 +143,13 @@ class CallRequest:
 
 
 class HttpClient:
-    """Sends OpenAI-format requests; one session (connection pool) per thread."""
+    """Sends OpenAI-format requests: a session per thread, one pool of connections for all,
+    so that a job finds a warm connection (and TLS session) whatever thread runs it."""
 
     def __init__(self, pool_size: int = 4) -> None:
-        self._pool_size = pool_size
+        # kept per host: as many as calls may be in flight at once (the job threads)
+        self._adapter = _TrackedAdapter(pool_connections=_HOSTS, pool_maxsize=pool_size,
+                                        max_retries=0)
         self._local = threading.local()
 
     def session(self) -> requests.Session:
@@ -150,10 +159,8 @@ class HttpClient:
             session = requests.Session()
             # no proxies or .netrc from the environment: keys come only from settings
             session.trust_env = False
-            adapter = _TrackedAdapter(pool_connections=4, pool_maxsize=self._pool_size,
-                                      max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
+            session.mount("http://", self._adapter)
+            session.mount("https://", self._adapter)
             self._local.session = session
         return session
 
@@ -203,6 +210,29 @@ class HttpClient:
         with response:
             body = b"".join(self.reads(handle, response, call, call.max_response_bytes))
         return decode_json(body, response, call)
+
+    def drain(self, response: requests.Response, rest: Iterator[bytes]) -> None:
+        """Read the end of a body whose last event came (``rest``: its ``reads``), so that its
+        connection is used again rather than closed, which would cost the next call a new
+        connection (and TLS handshake); a server slow to end it, or sending more than
+        ``_DRAIN_BYTES``, loses the connection instead."""
+        connection = getattr(response.raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        timeout = sock.gettimeout() if sock is not None else None
+        try:
+            if sock is not None:
+                sock.settimeout(_DRAIN_SECONDS)
+            left = _DRAIN_BYTES
+            for data in rest:
+                left -= len(data)
+                if left < 0:
+                    return
+        except UpstreamError:
+            return
+        finally:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(timeout)  # the pool's next call sets its own
 
     def reads(self, handle: CallHandle, response: requests.Response, call: CallRequest,
               cap: int | None = None) -> Iterator[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -113,6 +114,33 @@ def test_pubsub_fans_out_the_same_events_live(client: Client, fake: FakeUpstream
     pubsub.close()
     assert [e["seq"] for e in got] == [e["seq"] for e in stored]
     assert got[-1]["type"] == "done"
+
+
+def test_calls_one_after_another_share_one_connection(client: Client, fake: FakeUpstream,
+                                                      model: str) -> None:
+    # a stream read to its [DONE] still holds the chunked coding's end: unread, its connection
+    # would be closed, and every call would pay a new one (with TLS, a handshake)
+    fake.script(model, Reply(pieces=PIECES))
+    for n in range(12):
+        job = client.submit_chat(USER, model=model, stream=n % 3 != 2)
+        assert job.result(timeout=20) is not None
+    ports = {request.port for request in fake.requests(model)}
+    assert len(fake.requests(model)) == 12
+    assert len(ports) <= 2, f"{len(ports)} connections for 12 calls one after another"
+
+
+def test_a_stream_slow_to_end_after_done_costs_its_connection_not_its_job(
+        client: Client, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(pieces=PIECES, end_delay=30.0))  # [DONE], then nothing for 30 s
+    started = time.monotonic()
+    job = client.submit_chat(USER, model=model, stream=True)
+    assert _content(list(job.stream(timeout=20))) == "".join(PIECES)
+    assert time.monotonic() - started < 10  # the job ended without waiting out the server
+    fake.script(model, Reply(pieces=PIECES))
+    second = client.submit_chat(USER, model=model, stream=True)  # on a new connection
+    assert _content(list(second.stream(timeout=20))) == "".join(PIECES)
+    first, last = fake.requests(model)
+    assert first.port != last.port
 
 
 def test_truncated_stream_fails(client: Client, fake: FakeUpstream, model: str) -> None:

@@ -182,6 +182,7 @@ def _stream_reply(ex: Exchange, step: Reply, text: str) -> None:
         return
     if step.done and not typed:
         send(fmt.event(_DONE))
+    w.pause(step.end_delay)
     w.end()
 
 

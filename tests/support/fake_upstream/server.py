@@ -33,6 +33,7 @@ class Recorded:
     body: dict[str, Any] | None  # None when the body is not a JSON object
     raw: bytes
     at: float  # time.monotonic() on arrival
+    port: int = 0  # the client's port: one per connection, so a reused connection shows
 
 
 class _Script:
@@ -266,7 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         upstream = self.server.upstream
         if upstream.record:
             headers = {k.lower(): v for k, v in self.headers.items()}
-            upstream._arrived(model, Recorded(path, headers, body, raw, time.monotonic()))
+            upstream._arrived(model, Recorded(path, headers, body, raw, time.monotonic(),
+                                                    self.client_address[1]))
         wire = Wire(self.connection)
         if upstream.first_byte_delay:
             time.sleep(upstream.first_byte_delay)  # an overloaded server, slow to answer

@@ -18,6 +18,7 @@ class Reply:
     delay: float = 0.0  # before the status line
     first_chunk_delay: float = 0.0  # after the headers, before the first event
     chunk_delay: float = 0.0  # between events
+    end_delay: float = 0.0  # after the last event, before the body's end (the last chunk)
     keepalive: bool = False  # ": keep-alive" comments like llama.cpp / OpenRouter
     event_lines: bool = False  # "event: message" before each data line, like some proxies
     crlf: bool = False
