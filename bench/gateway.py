@@ -1,6 +1,9 @@
 """The gateway's figures, each beside its reference from the same run: ``python -m bench.gateway
 [--quick]``. Latency and time to first chunk stand beside a direct call and the Python
-producer; readers, relay rate and submits are one gateway process's, with its memory."""
+producer; readers, relay rate and submits are one gateway process's, with its memory. The
+relay rate is measured with the jobs' events written by stand-ins for workers on other
+machines (the worker's own event functions, no upstream call): on this 2-core machine a worker
+relaying 1,000 live streams leaves too little CPU to find the gateway's limit."""
 
 from __future__ import annotations
 
@@ -17,9 +20,14 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
+import redis
 
+from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id, final_event
+from api_tasks.record.job_record import JobStatus
+from api_tasks.record.keys import Keys
 from bench.harness import Services, median, memory_mb, percentile, services
 from bench.run import table
 from bench.scenarios import USER, Row, direct_post, ms, our_client, timed
@@ -163,13 +171,17 @@ def submits(gateway: GatewayProcess, env: dict[str, str], n: int,
              f"{rate / producer:.2f}x (target >= 2,000/s)")]
 
 
-async def _read(port: int, job_id: str) -> tuple[int, str]:
-    """One SSE reader of a job's events to the end: (chunks, "" or what went wrong)."""
+async def _read(port: int, job_id: str,
+                connected: asyncio.Semaphore | None = None) -> tuple[int, str]:
+    """One SSE reader of a job's events to the end: (chunks, "" or what went wrong);
+    ``connected`` is released once its first bytes came."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
     writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode())
     data = bytearray()
     while piece := await reader.read(1 << 16):
+        if connected is not None and not data:
+            connected.release()
         data += piece
     writer.close()
     if not data.startswith(b"HTTP/1.1 200"):
@@ -184,6 +196,83 @@ async def _read(port: int, job_id: str) -> tuple[int, str]:
 
 async def _read_all(port: int, job_ids: list[str]) -> list[tuple[int, str]]:
     return await asyncio.gather(*(_read(port, job_id) for job_id in job_ids))
+
+
+_CHUNK = ('{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1767225600,'
+          '"model":"bench","choices":[{"index":0,"delta":{"content":"d%d "},'
+          '"finish_reason":null}]}')
+
+
+def _write_streams(redis_url: str, prefix: str, job_ids: list[str], chunks: int,
+                   interval: float) -> None:
+    """Stand in for workers on other machines: each job's chunks, then its final event, as
+    a worker's relay writes them (stream entry and publish), a chunk for every job each
+    ``interval`` seconds, one pipeline a round."""
+    client = redis.Redis.from_url(redis_url)
+    keys = Keys(prefix)
+    start = time.perf_counter()
+    for seq in range(chunks + 1):
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids:
+            event = chunk_event(seq, 1, _CHUNK % seq) if seq < chunks else final_event(
+                JobStatus.SUCCEEDED, seq, 1, finish_reason="stop")
+            pipe.xadd(keys.events(job_id), {EVENT_FIELD: event}, id=entry_id(1, seq))
+            pipe.publish(keys.channel(job_id), event)
+            if seq == 0:
+                pipe.expire(keys.events(job_id), 3600)
+        pipe.execute()
+        time.sleep(max(0.0, start + (seq + 1) * interval - time.perf_counter()))
+    client.close()
+
+
+async def _relayed(port: int, job_ids: list[str], readers: int, write: Any) -> tuple[
+        list[tuple[int, str]], float]:
+    """``readers`` readers per job connected first, then the events written (``write()``
+    in processes of its own); the readers' results and seconds from the first write."""
+    connected = asyncio.Semaphore(0)
+    tasks = [asyncio.create_task(_read(port, job_id, connected))
+             for job_id in job_ids for _ in range(readers)]
+    for _ in tasks:  # each has its answer's first bytes (the SSE retry line): listening
+        await asyncio.wait_for(connected.acquire(), 120)
+    start = time.perf_counter()
+    await asyncio.get_running_loop().run_in_executor(None, write)
+    results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
+
+
+def relay(gateway: GatewayProcess, env: dict[str, str], redis_url: str, jobs: int,
+          chunks: int = 40, interval: float = 0.04) -> list[Row]:
+    """Two readers for each of ``jobs`` jobs whose events come live from two stand-in
+    writer processes, a chunk a job every ``interval`` seconds: what one gateway relays."""
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60,
+                      limits=httpx.Limits(max_connections=50)) as http:
+        ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": DRIP, "messages": USER, "stream": True}}).json()["id"] for _ in range(jobs)]
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    halves = [ids[: jobs // 2], ids[jobs // 2:]]
+
+    def write() -> None:
+        with ProcessPoolExecutor(2) as pool:
+            list(pool.map(_write_streams, [redis_url] * 2, [env["API_TASKS_PREFIX"]] * 2,
+                          halves, [chunks] * 2, [interval] * 2))
+    peak, stop = [memory_mb(pid)], threading.Event()
+    sampler = threading.Thread(target=_peak_rss, args=(pid, stop, peak), daemon=True)
+    sampler.start()
+    results, elapsed = asyncio.run(_relayed(gateway.port, ids, 2, write))
+    stop.set()
+    sampler.join()
+    got = sum(count for count, _ in results)
+    failures = Counter(wrong for _, wrong in results if wrong)
+    for wrong, count in failures.most_common(3):
+        print(f"{count} relay reader(s): {wrong}", file=sys.stderr)
+    lost = 2 * jobs * chunks - got
+    written = jobs * (1 / interval)
+    return [(f"{2 * jobs} SSE readers of {jobs} jobs written live at {written:,.0f} "
+             f"chunks/s (stand-in workers)",
+             f"{len(results) - sum(failures.values())}/{len(results)} ok, "
+             f"{got / elapsed:,.0f} chunks/s, {lost} lost",
+             f"peak RSS {peak[0]:.0f} MB", "target: >= 20,000 chunks/s, <= 300 MB")]
 
 
 def _peak_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
@@ -237,6 +326,7 @@ def main() -> None:
         queued_env = svc.env()
         queued = _gateway(stack, svc, queued_env, "gateway-submits")
         rows += submits(queued, queued_env, sizes["submits"])
+        rows += relay(queued, queued_env, svc.redis.url, sizes["readers"])
         queued.stop()
         # latency at the default settings; then a worker with a thread for each live stream
         for phase in ("latency", "readers"):

@@ -7,12 +7,19 @@ Here a process subscribes once per job to the channel every event is published o
 The stream stays the record: a reader reads it (without blocking, on a pooled connection
 for that one call) when it starts, when what it heard does not follow on from what it has,
 and when it heard more than it may hold while it was busy.
+
+Nothing here sets a timer per event: a reader's wait ends at a deadline the hub keeps in a
+heap under one timer, and the connection is read without a timeout (a PING every few quiet
+seconds shows it alive). An ``asyncio.timeout`` per wait and per reply cost a fifth of a
+gateway's CPU relaying live streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 from collections import deque
@@ -35,13 +42,17 @@ _LINGER = 10.0  # seconds the connection stays open with nobody following
 class Heard:
     """What one reader heard on its job's channel since it last took it."""
 
-    __slots__ = ("closed", "events", "lost", "wake")
+    __slots__ = ("closed", "deadline", "due", "events", "lost", "timed_out", "waiting", "wake")
 
     def __init__(self) -> None:
         self.events: list[bytes] = []
         self.lost = False  # some were dropped: the stream has them
         self.closed = False  # the connection broke: follow again
         self.wake = asyncio.Event()
+        self.waiting = False  # in ``EventHub.wait``
+        self.timed_out = False  # that wait ended at its deadline
+        self.deadline = 0.0  # when that wait ends (loop time)
+        self.due: float | None = None  # when the hub looks at it next (its heap entry)
 
     def add(self, payload: bytes) -> None:
         """One more event (the oldest are dropped, and ``lost`` set, past ``HELD``)."""
@@ -91,6 +102,56 @@ class EventHub:
         self._unconfirmed: dict[bytes, deque[_Channel | None]] = {}
         self._connected: asyncio.Future[Any] | None = None
         self._listener: asyncio.Task[None] | None = None
+        # waiting readers by when the hub looks at them next, under one timer
+        self._due: list[tuple[float, int, Heard]] = []
+        self._order = itertools.count()  # ties in the heap never compare two Heards
+        self._timer: asyncio.TimerHandle | None = None
+        self._heard_at = 0.0  # loop time of the connection's last reply
+        self._busy_at = 0.0  # and of its last one that was not a PONG
+
+    async def wait(self, heard: Heard, seconds: float) -> bool:
+        """Until ``heard`` hears something (True) or ``seconds`` pass (False)."""
+        if heard.wake.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        heard.deadline = loop.time() + seconds
+        # a reader keeps one entry: one due before its deadline is looked at and moved on
+        if heard.due is None or heard.due > heard.deadline:
+            heard.due = heard.deadline
+            heapq.heappush(self._due, (heard.deadline, next(self._order), heard))
+            if self._timer is None or self._timer.when() > heard.deadline:
+                self._arm(loop)
+        heard.waiting, heard.timed_out = True, False
+        try:
+            await heard.wake.wait()
+        finally:
+            heard.waiting = False
+        return not heard.timed_out
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(self._due[0][0], self._expire, loop) if self._due else None
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End the waits whose deadline passed; move on the entries of readers whose
+        deadline moved since."""
+        now = loop.time()
+        while self._due and self._due[0][0] <= now:
+            due, _, heard = heapq.heappop(self._due)
+            if heard.due != due:
+                continue  # an earlier entry took its place
+            heard.due = None
+            if not heard.waiting:
+                continue  # it waits no more: its next wait makes a new entry
+            if heard.deadline > now:
+                heard.due = heard.deadline
+                heapq.heappush(self._due, (heard.deadline, next(self._order), heard))
+            else:
+                heard.timed_out = True
+                heard.wake.set()
+        self._timer = None
+        self._arm(loop)
 
     @contextlib.asynccontextmanager
     async def follow(self, channel: str) -> AsyncIterator[Heard]:
@@ -134,9 +195,10 @@ class EventHub:
     async def _run(self, connected: asyncio.Future[Any]) -> None:
         """Connect, then dispatch what the connection brings until it breaks or lingers idle;
         then every reader is told to follow again."""
-        # named, so CLIENT LIST tells which process each subscription connection serves
+        # named, so CLIENT LIST tells which process each subscription connection serves; read
+        # with no timeout (a timer per reply): _listen's pings show it alive
         kwargs = {**self._pool.connection_kwargs, "health_check_interval": 0,
-                  "client_name": f"{HUB_NAME}-{os.getpid()}"}
+                  "socket_timeout": None, "client_name": f"{HUB_NAME}-{os.getpid()}"}
         conn = self._pool.connection_class(**kwargs)
         failure: BaseException = redis.ConnectionError("the event connection closed")
         try:
@@ -165,24 +227,41 @@ class EventHub:
                 await conn.disconnect(nowait=True)
 
     async def _listen(self, conn: Any) -> None:
-        pinged = False
-        quiet = 0.0
-        while True:
-            reply = await conn.read_response(timeout=_PING, disconnect_on_error=False)
-            if reply is None:  # nothing for _PING seconds
-                if pinged:
-                    raise redis.ConnectionError("Redis did not answer a ping")
-                quiet += _PING
-                if not self._channels and not self._unconfirmed and quiet >= _LINGER:
+        """Dispatch what comes until the connection breaks (raised), Redis leaves a PING
+        unanswered (raised), or nobody has followed for ``_LINGER`` seconds (returns)."""
+        loop = asyncio.get_running_loop()
+        self._heard_at = self._busy_at = loop.time()
+        reading = loop.create_task(self._dispatch(conn, loop))
+        pinged: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({reading}, timeout=_PING)
+                if done:
+                    reading.result()  # raises what broke the connection
                     return
-                await conn.send_command("PING", check_health=False)
-                pinged = True
-                continue
-            pinged = False
+                now = loop.time()
+                if pinged is not None and self._heard_at < pinged:
+                    raise redis.ConnectionError("Redis did not answer a ping")
+                if not self._channels and not self._unconfirmed and \
+                        now - self._busy_at >= _LINGER:
+                    return
+                pinged = None
+                if now - self._heard_at >= _PING:
+                    pinged = now
+                    await conn.send_command("PING", check_health=False)
+        finally:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+
+    async def _dispatch(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            reply = await conn.read_response(disconnect_on_error=False)
+            self._heard_at = loop.time()
             if isinstance(reply, bytes) or reply[0] == b"pong":  # b"PONG" once unsubscribed
                 continue
             kind, name = reply[0], reply[1]
-            quiet = 0.0
+            self._busy_at = self._heard_at
             if kind == b"message":
                 entry = self._channels.get(name)
                 if entry is not None:

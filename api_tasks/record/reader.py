@@ -13,7 +13,6 @@ handles only run it, one on a sync client and one on asyncio.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -402,11 +401,8 @@ class AsyncJob:
                         if not events:
                             if read:
                                 continue
-                            try:
-                                async with asyncio.timeout(wait if idle is None
-                                                           else min(wait, idle)):
-                                    await heard.wake.wait()
-                            except TimeoutError:
+                            if not await self._store.hub.wait(
+                                    heard, wait if idle is None else min(wait, idle)):
                                 if idle is not None:
                                     yield IDLE
                                 read = True  # now and then the stream itself

@@ -207,3 +207,42 @@ def test_the_subscription_connection_closes_when_nobody_follows(
             assert ours() == 1  # and it opens again when someone follows
 
     _run(settings, body)
+
+
+def test_waits_end_at_their_own_deadlines_under_the_hubs_one_timer(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """Readers' waits end by the hub's heap of deadlines, not a timer each: each at its own
+    deadline, early when something is heard, and a shorter wait after a longer one still on
+    time."""
+    channel = f"hub-{uuid.uuid4().hex}"
+
+    async def body(store: AsyncJobStore) -> dict[str, tuple[bool, float]]:
+        hub, name = store.hub, store.keys.channel(channel)
+        ended: dict[str, tuple[bool, float]] = {}
+
+        async def waits(label: str, seconds: float, heard: object) -> None:
+            start = time.monotonic()
+            woke = await hub.wait(heard, seconds)  # type: ignore[arg-type]
+            ended[label] = (woke, time.monotonic() - start)
+
+        async with hub.follow(name) as a, hub.follow(name) as b, hub.follow(name) as c:
+            loop = asyncio.get_running_loop()
+            short = loop.create_task(waits("short", 5.0, a))
+            long_ = loop.create_task(waits("long", 30.0, b))
+            await _until(lambda: a.waiting and b.waiting, "both readers to wait")
+            await asyncio.to_thread(redis_client.publish, name, b"x")  # heard by all three
+            await asyncio.gather(short, long_)
+            b.take()
+            a.take()
+            await waits("after", 0.3, b)  # its 30 s entry is still in the heap
+            await waits("alone", 0.2, c)  # heard "x" before it waited: no wait at all
+            c.take()
+            await waits("timed", 0.25, c)
+        return ended
+
+    ended = run_with_store(settings, body, pool=4)
+    assert ended["short"][0] and ended["short"][1] < 5  # the publish came first
+    assert ended["long"][0] and ended["long"][1] < 5
+    assert not ended["after"][0] and 0.25 <= ended["after"][1] < 1.5
+    assert ended["alone"][0] and ended["alone"][1] < 0.1
+    assert not ended["timed"][0] and 0.2 <= ended["timed"][1] < 1.5
