@@ -106,6 +106,7 @@ class EventHub:
         self._due: list[tuple[float, int, Heard]] = []
         self._order = itertools.count()  # ties in the heap never compare two Heards
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the heap's timer is on
         self._heard_at = 0.0  # loop time of the connection's last reply
         self._busy_at = 0.0  # and of its last one that was not a PONG
 
@@ -114,6 +115,9 @@ class EventHub:
         if heard.wake.is_set():
             return True
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a hub used from a new loop: the old one's timer is dead
+            self._loop, self._timer = loop, None
+            self._due.clear()
         heard.deadline = loop.time() + seconds
         # a reader keeps one entry: one due before its deadline is looked at and moved on
         if heard.due is None or heard.due > heard.deadline:
@@ -147,7 +151,7 @@ class EventHub:
             if heard.deadline > now:
                 heard.due = heard.deadline
                 heapq.heappush(self._due, (heard.deadline, next(self._order), heard))
-            else:
+            elif not heard.wake.is_set():  # not heard something just before
                 heard.timed_out = True
                 heard.wake.set()
         self._timer = None
@@ -170,7 +174,7 @@ class EventHub:
         entry.followers.add(heard)
         try:
             if subscribe:
-                await conn.send_command("SUBSCRIBE", name, check_health=False)
+                await _send(conn, "SUBSCRIBE", name)
             try:
                 async with asyncio.timeout(_PING):
                     await asyncio.shield(entry.ready)
@@ -182,8 +186,8 @@ class EventHub:
             if not entry.followers and self._channels.get(name) is entry:
                 del self._channels[name]
                 self._unconfirmed.setdefault(name, deque()).append(None)
-                with contextlib.suppress(redis.RedisError, OSError):
-                    await conn.send_command("UNSUBSCRIBE", name, check_health=False)
+                with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+                    await _send(conn, "UNSUBSCRIBE", name)
 
     async def _connection(self) -> Any:
         if self._connected is None:
@@ -195,14 +199,16 @@ class EventHub:
     async def _run(self, connected: asyncio.Future[Any]) -> None:
         """Connect, then dispatch what the connection brings until it breaks or lingers idle;
         then every reader is told to follow again."""
-        # named, so CLIENT LIST tells which process each subscription connection serves; read
-        # with no timeout (a timer per reply): _listen's pings show it alive
+        # named, so CLIENT LIST tells which process each subscription connection serves
         kwargs = {**self._pool.connection_kwargs, "health_check_interval": 0,
-                  "socket_timeout": None, "client_name": f"{HUB_NAME}-{os.getpid()}"}
+                  "client_name": f"{HUB_NAME}-{os.getpid()}"}
         conn = self._pool.connection_class(**kwargs)
         failure: BaseException = redis.ConnectionError("the event connection closed")
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
+            # then read with no timeout (a timer per reply): _listen's pings show it alive,
+            # and each send has a timeout of its own (_send)
+            conn.socket_timeout = None
             connected.set_result(conn)
             await self._listen(conn)
         except BaseException as err:
@@ -248,11 +254,12 @@ class EventHub:
                 pinged = None
                 if now - self._heard_at >= _PING:
                     pinged = now
-                    await conn.send_command("PING", check_health=False)
+                    await _send(conn, "PING")
         finally:
             reading.cancel()
-            with contextlib.suppress(BaseException):
-                await reading
+            await asyncio.wait({reading})  # a cancel of this task itself still goes through
+            if not reading.cancelled():
+                reading.exception()  # retrieved: raised above, or moot once this one ended
 
     async def _dispatch(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -274,6 +281,15 @@ class EventHub:
                     del self._unconfirmed[name]
                 if sent is not None and not sent.ready.done():
                     sent.ready.set_result(None)
+
+
+async def _send(conn: Any, *args: Any) -> None:
+    """Send a command on the hub's connection, which has no timeout of its own."""
+    try:
+        async with asyncio.timeout(_PING):
+            await conn.send_command(*args, check_health=False)
+    except TimeoutError:
+        raise redis.ConnectionError(f"Redis took no {args[0]} for {_PING:g}s") from None
 
 
 def _as_connection_error(err: BaseException) -> redis.ConnectionError:

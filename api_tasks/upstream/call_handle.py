@@ -75,6 +75,12 @@ class CallHandle:
             if self.reason is not None:
                 _shutdown(sock)
 
+    def detach(self, sock: Any) -> None:
+        """Forget ``sock``: its connection went back to the pool, for another call."""
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+
     def abort(self, reason: Stop) -> None:
         """Stop the call: record why, wake any wait, close the socket."""
         with self._lock:

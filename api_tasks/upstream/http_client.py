@@ -49,7 +49,7 @@ _ERROR_BODY_CAP = 65536
 # it may take, for its connection to be kept
 _DRAIN_BYTES = 65536
 _DRAIN_SECONDS = 0.5
-_HOSTS = 32  # hosts whose connections are kept (upstream deployments, webhook endpoints)
+_HOSTS = 64  # hosts whose connections are kept (upstream deployments, webhook endpoints)
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 408: "timeout_error", 409: "conflict_error",
@@ -69,6 +69,7 @@ class _Tracked:
     sock: Any
     _dns_host: str
     port: int
+    handle: CallHandle | None = None  # the call that uses it now, told of its socket
 
     def _new_conn(self) -> Any:
         guard: AddressGuard | None = getattr(_guard, "current", None)
@@ -83,7 +84,7 @@ class _Tracked:
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
-        _attach(self.sock)
+        _attach(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         guard: AddressGuard | None = getattr(_guard, "current", None)
@@ -93,14 +94,27 @@ class _Tracked:
             if not guard.permits(peer, self.port):
                 raise AddressRefused(f"{self._dns_host} is connected to {peer}, which "
                                      "job_base_url_hosts does not name")
-        _attach(self.sock)
+        _attach(self)
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-def _attach(sock: Any) -> None:
+def _attach(conn: _Tracked) -> None:
     handle = current_handle()
     if handle is not None:
-        handle.attach(sock)
+        handle.attach(conn.sock)
+        conn.handle = handle
+
+
+class _Released:
+    """A pool whose connections forget their call as they come back: the next call on one
+    may be another job's, on another thread, which the first job's abort must not cut."""
+
+    def _put_conn(self, conn: Any) -> None:
+        handle = getattr(conn, "handle", None)
+        if handle is not None:
+            handle.detach(conn.sock)
+            conn.handle = None
+        super()._put_conn(conn)  # type: ignore[misc]
 
 
 class _TrackedHTTPConnection(_Tracked, HTTPConnection):
@@ -111,11 +125,11 @@ class _TrackedHTTPSConnection(_Tracked, HTTPSConnection):
     pass
 
 
-class _TrackedPool(HTTPConnectionPool):
+class _TrackedPool(_Released, HTTPConnectionPool):
     ConnectionCls = _TrackedHTTPConnection
 
 
-class _TrackedHTTPSPool(HTTPSConnectionPool):
+class _TrackedHTTPSPool(_Released, HTTPSConnectionPool):
     ConnectionCls = _TrackedHTTPSConnection
 
 
@@ -214,25 +228,28 @@ class HttpClient:
     def drain(self, response: requests.Response, rest: Iterator[bytes]) -> None:
         """Read the end of a body whose last event came (``rest``: its ``reads``), so that its
         connection is used again rather than closed, which would cost the next call a new
-        connection (and TLS handshake); a server slow to end it, or sending more than
-        ``_DRAIN_BYTES``, loses the connection instead."""
-        connection = getattr(response.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        timeout = sock.gettimeout() if sock is not None else None
+        connection (and TLS handshake); a server slow to end it (``_DRAIN_SECONDS`` in all),
+        or sending more than ``_DRAIN_BYTES``, loses the connection instead. A body that ends
+        at close is not read on: its connection is not kept anyway."""
+        raw = response.raw
+        sock = getattr(getattr(raw, "connection", None), "sock", None)
+        if not raw.chunked or sock is None:
+            return
+        timeout = sock.gettimeout()
+        deadline = time.monotonic() + _DRAIN_SECONDS
         try:
-            if sock is not None:
-                sock.settimeout(_DRAIN_SECONDS)
+            sock.settimeout(_DRAIN_SECONDS)
             left = _DRAIN_BYTES
             for data in rest:
                 left -= len(data)
-                if left < 0:
+                if left < 0 or time.monotonic() > deadline:
                     return
         except UpstreamError:
             return
         finally:
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.settimeout(timeout)  # the pool's next call sets its own
+            if raw.connection is not None:  # not yet back in the pool, where another call
+                with contextlib.suppress(OSError):  # may have it (and sets its own timeout)
+                    sock.settimeout(timeout)
 
     def reads(self, handle: CallHandle, response: requests.Response, call: CallRequest,
               cap: int | None = None) -> Iterator[bytes]:
