@@ -1,0 +1,157 @@
+"""What jobs and idle workers cost Redis: ``python -m bench.redis_cost [--quick]``.
+
+One Redis of its own, one worker at a time (ours, then the bare Celery task of
+``bench/reference.py`` with Celery's Redis result backend and ``get()``), the fake upstream in
+its own process. The figures are ``INFO commandstats`` and ``INFO cpu`` deltas (commands run
+inside Lua scripts count one each): per non-streamed job, submitted at once and each result
+read by its producer, less what the idle worker spends over the same time; per relayed chunk
+(streamed jobs of 100 chunks, 100 at once, less a non-streamed job each); and per second of
+an idle worker. One Redis core's ceiling is one second over the CPU per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.harness import Services, services
+from bench.run import table
+from bench.scenarios import USER, Row, our_client, warm_up
+
+__all__ = ["main"]
+
+IDLE_SECONDS = 20.0
+
+
+class Meter:
+    """Redis's command counts and CPU seconds between two looks (its own INFO calls left out)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def look(self) -> tuple[Counter[str], float]:
+        stats = self.client.info("commandstats")
+        calls = Counter({name.removeprefix("cmdstat_"): int(value["calls"])
+                         for name, value in stats.items() if name != "cmdstat_info"})
+        cpu = self.client.info("cpu")
+        return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    def over(self, action: Callable[[], Any]) -> tuple[Counter[str], float, float]:
+        """(commands by name, Redis CPU seconds, wall seconds) while ``action`` runs."""
+        calls, cpu = self.look()
+        start = time.perf_counter()
+        action()
+        elapsed = time.perf_counter() - start
+        after, cpu_after = self.look()
+        after.subtract(calls)
+        return +after, cpu_after - cpu, elapsed
+
+
+def _idle(meter: Meter) -> tuple[float, float, Counter[str]]:
+    """An idle worker's commands and Redis CPU seconds per second, and its commands."""
+    calls, cpu, elapsed = meter.over(lambda: time.sleep(IDLE_SECONDS))
+    return sum(calls.values()) / elapsed, cpu / elapsed, calls
+
+
+def _per_job(meter: Meter, run: Callable[[], Any], n: int, idle: tuple[float, float]
+             ) -> tuple[float, float, Counter[str]]:
+    """Commands and Redis CPU seconds per job over ``run()`` (n jobs), less the idle worker's
+    over the same time; the commands by name, per n jobs."""
+    calls, cpu, elapsed = meter.over(run)
+    return ((sum(calls.values()) - idle[0] * elapsed) / n, (cpu - idle[1] * elapsed) / n,
+            calls)
+
+
+def _ours(svc: Services, n: int, streams: int, chunks: int) -> dict[str, Any]:
+    env = svc.env()
+    meter = Meter(redis.Redis.from_url(svc.redis.url))
+    with svc.worker(env, name="ours"):
+        client = our_client(env)
+        warm_up(client)
+        with ThreadPoolExecutor(50) as pool:
+            def jobs(model: str, count: int, stream: bool) -> None:
+                submitted = [client.submit_chat(USER, model=model, stream=stream)
+                             for _ in range(count)]
+                list(pool.map(lambda job: job.result(timeout=120), submitted))
+            jobs("echo", 50, False)  # every pool and script warm
+            jobs(f"stream-{chunks}", 10, True)
+            time.sleep(2)  # the warm-up's last renewals and releases
+            rate, cpu, idle_calls = _idle(meter)
+            per_job = _per_job(meter, lambda: jobs("echo", n, False), n, (rate, cpu))
+            streamed = _per_job(meter, lambda: jobs(f"stream-{chunks}", streams, True),
+                                streams, (rate, cpu))
+    return {"idle": (rate, cpu, idle_calls), "job": per_job, "stream": streamed}
+
+
+def _bare(svc: Services, n: int) -> dict[str, Any]:
+    os.environ["REDIS_URL"] = svc.redis.url
+    from bench.reference import post  # reads REDIS_URL at import
+
+    meter = Meter(redis.Redis.from_url(svc.redis.url))
+    url = svc.upstream_url + "/chat/completions"
+    payload = {"messages": USER, "model": "echo"}
+    with svc.worker(svc.env(), app="bench.reference", name="bare"), \
+            ThreadPoolExecutor(50) as pool:
+        post.apply_async(args=[url, payload]).get(timeout=120)
+
+        def jobs(count: int) -> None:
+            sent = [post.apply_async(args=[url, payload]) for _ in range(count)]
+            list(pool.map(lambda result: result.get(timeout=120), sent))
+        jobs(50)
+        time.sleep(2)
+        rate, cpu, idle_calls = _idle(meter)
+        per_job = _per_job(meter, lambda: jobs(n), n, (rate, cpu))
+    return {"idle": (rate, cpu, idle_calls), "job": per_job}
+
+
+def _top(calls: Counter[str], n: int, count: int = 10) -> str:
+    return ", ".join(f"{name} {value / n:.1f}" for name, value in calls.most_common(count))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer jobs")
+    args = parser.parse_args()
+    n, streams, chunks = (100, 20, 100) if args.quick else (300, 100, 100)
+    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc:
+        started = time.monotonic()
+        ours = _ours(svc, n, streams, chunks)
+        bare = _bare(svc, n)
+    o_cmds, o_cpu, o_calls = ours["job"]
+    b_cmds, b_cpu, b_calls = bare["job"]
+    s_cmds, s_cpu, _ = ours["stream"]
+    chunk_cmds, chunk_cpu = (s_cmds - o_cmds) / chunks, (s_cpu - o_cpu) / chunks
+    o_idle, b_idle = ours["idle"], bare["idle"]
+    print(f"ours, commands per job: {_top(o_calls, n)}")
+    print(f"bare Celery, commands per job: {_top(b_calls, n)}")
+    print(f"ours idle, commands per second: {_top(o_idle[2], int(IDLE_SECONDS))}")
+    rows: list[Row] = [
+        (f"Redis commands per non-streamed job ({n} at once, result read)",
+         f"{o_cmds:.1f}", f"{b_cmds:.1f}", f"{o_cmds / b_cmds:.2f}x"),
+        ("Redis CPU per job", f"{o_cpu * 1e6:.0f} us", f"{b_cpu * 1e6:.0f} us",
+         f"{o_cpu / b_cpu:.2f}x (target <= 1.1x)"),
+        ("one Redis core's ceiling, jobs/s", f"{1 / o_cpu:,.0f}", f"{1 / b_cpu:,.0f}", "-"),
+        (f"Redis per relayed chunk ({streams} streams of {chunks} at once)",
+         f"{chunk_cmds:.2f} commands, {chunk_cpu * 1e6:.1f} us CPU", "-",
+         f"one core's ceiling {1 / chunk_cpu:,.0f} chunks/s" if chunk_cpu > 0 else "-"),
+        ("idle worker process: Redis commands per second", f"{o_idle[0]:.1f}",
+         f"{b_idle[0]:.1f}", "target <= 5/s"),
+        ("idle worker process: Redis CPU", f"{o_idle[1] * 1e3:.2f} ms/s",
+         f"{b_idle[1] * 1e3:.2f} ms/s", "-"),
+    ]
+    title = (f"\nRedis cost: one worker at a time on its own Redis, {n} jobs; "
+             f"{time.monotonic() - started:.0f} s")
+    print(table(title, rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
