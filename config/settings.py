@@ -492,6 +492,9 @@ class GatewaySettings(_Model):
     idempotency_ttl: int = Field(86400, ge=60, le=MAX_TTL)
     stream_token_ttl: int = Field(3600, ge=10, le=86400)
     keepalive: float = Field(15.0, gt=0, le=300)  # seconds between comments on an idle stream
+    # seconds a streamed call's answer waits for its first chunk (an error before it is then
+    # the status); past it, 200 and keep-alives, so no proxy idle timeout cuts a queued call
+    stream_hold: float = Field(30.0, ge=0, le=3600)
     batch_window: int = Field(200, ge=1, le=1000)  # jobs of one API batch queued or running
     # seconds before an API batch expires (OpenAI's "24h"; shorter only for tests)
     batch_lifetime: int = Field(86400, ge=1, le=86400)

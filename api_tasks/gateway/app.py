@@ -7,6 +7,7 @@ message and event code the Python producer runs too.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import fnmatch
@@ -269,24 +270,39 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
     frames named by their ``event:`` type, ending with the response's closing event."""
     sequence = [-1]  # a responses stream's last sequence_number: its error event comes next
     frames = _openai_frames(gateway, job, typed, sequence)
+    # the first frame in a task of its own: waiting for it with a deadline must not end frames
+    pending: asyncio.Future[bytes] = asyncio.ensure_future(anext(frames, b""))
+    settings = gateway.settings.gateway
     try:
-        # the status is decided by the first chunk or the error; the client may leave first
-        done, first = await _unless_disconnected(request, anext(frames, b""))
-    except JobFailed as err:
-        return _with(job_error(err.error), headers)
-    except EventsGone:  # ended long ago: its stream expired, its result may not have
-        _, error = await _settle(job)
-        return _with(job_error(error or _EXPIRED), headers)
-    if not done:
+        # the status is decided by the first chunk or the error if they come within the
+        # hold; the client may leave first
+        stayed, _ = await _unless_disconnected(
+            request, asyncio.wait({pending}, timeout=settings.stream_hold))
+    except BaseException:
+        pending.cancel()
+        raise
+    if not stayed:
+        pending.cancel()
         if cancellable:
             await _gone(gateway, job)
         return Response(status_code=499)
+    if pending.done():
+        try:
+            pending.result()
+        except JobFailed as err:
+            return _with(job_error(err.error), headers)
+        except EventsGone:  # ended long ago: its stream expired, its result may not have
+            _, error = await _settle(job)
+            return _with(job_error(error or _EXPIRED), headers)
 
     async def body() -> AsyncIterator[bytes]:
         ended = False
         try:
-            yield first or b""
             try:
+                while not pending.done():  # held past stream_hold: the status is sent
+                    if not (await asyncio.wait({pending}, timeout=settings.keepalive))[0]:
+                        yield b": keep-alive\n"
+                yield pending.result() or b""
                 async for frame in frames:
                     yield frame
                 if not typed:
@@ -299,6 +315,7 @@ async def _openai_stream(gateway: Gateway, request: Request, job: AsyncJob,
                              typed) if typed else _data({"error": error})
             ended = True
         finally:
+            pending.cancel()  # the client left while it was held
             if not ended and cancellable:
                 await _gone(gateway, job)
 

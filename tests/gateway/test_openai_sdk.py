@@ -4,6 +4,9 @@ completions, streamed and not, errors as the SDK's own classes, the job id in x-
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -12,8 +15,9 @@ import pytest
 from api_tasks.client import Client
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
+from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply, StreamError
-from tests.support.services import GatewayProcess, wait_until
+from tests.support.services import GatewayProcess, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -210,3 +214,64 @@ def test_a_responses_stream_failing_after_its_first_event(gateway: GatewayProces
     assert events[0].type == "response.created"
     assert events[-1].type == "error" and events[-1].message == "boom"
     assert events[-1].sequence_number == events[-2].sequence_number + 1
+
+
+@pytest.fixture(scope="module")
+def holding_gateway(worker_env: dict[str, str], workdir: Path,
+                    worker: WorkerProcess) -> Iterator[GatewayProcess]:
+    """A gateway that holds a streamed call's status for its first chunk 0.5 s only."""
+    def hold(config: dict[str, Any]) -> None:
+        config.setdefault("gateway", {}).update(stream_hold=0.5, keepalive=0.3)
+    process = start_gateway(worker_env, workdir, "holding-gateway", hold)
+    yield process
+    process.stop()
+
+
+def test_a_stream_held_past_its_hold_answers_200_and_keeps_the_line_alive(
+        holding_gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    """A job queued long (here: an upstream slow to answer) gets its 200 once the hold is
+    over, then keep-alive comments, which no proxy's idle timeout cuts; the SDK reads on."""
+    fake.script(model, Reply(delay=2.0, pieces=["slow ", "but ", "whole"]))
+    body = {"model": model, "messages": USER, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", holding_gateway.url + "/v1/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {KEY}"}) as answer:
+        assert answer.status_code == 200
+        lines = [line for line in answer.iter_lines() if line]
+    first = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert lines[:first] and all(line == ": keep-alive" for line in lines[:first])
+    assert lines[-1] == "data: [DONE]"
+    fake.script(model, Reply(delay=2.0, pieces=["slow ", "but ", "whole"]))
+    sdk = openai.OpenAI(base_url=holding_gateway.url + "/v1", api_key=KEY, max_retries=0,
+                        timeout=30)
+    chunks = list(sdk.chat.completions.create(model=model, messages=USER, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "slow but whole"
+
+
+def test_an_error_after_the_hold_is_an_error_event_the_sdk_raises(
+        holding_gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    fake.script(model, HttpError(400, error={"message": "too late to be a status",
+                                             "code": "bad_thing"}, delay=2.0))
+    sdk = openai.OpenAI(base_url=holding_gateway.url + "/v1", api_key=KEY, max_retries=0,
+                        timeout=30)
+    stream = sdk.chat.completions.create(model=model, messages=USER, stream=True)
+    with pytest.raises(openai.APIError) as raised:
+        list(stream)
+    assert not isinstance(raised.value, openai.APIStatusError)  # an event after the 200
+    assert "too late to be a status" in str(raised.value)
+
+
+def test_a_client_gone_after_the_hold_still_cancels_its_job(
+        holding_gateway: GatewayProcess, client: Client, fake: FakeUpstream,
+        model: str) -> None:
+    fake.script(model, Reply(delay=5.0, pieces=["never read"]))
+    body = {"model": model, "messages": USER, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", holding_gateway.url + "/v1/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {KEY}"}) as answer:
+        assert answer.status_code == 200
+        job_id = answer.headers["x-request-id"]
+        assert next(answer.iter_lines()) == ": keep-alive"  # then the client hangs up
+    wait_until(lambda: client.job(job_id).status().value == "cancelled", 10,
+               "the abandoned job to be cancelled")
