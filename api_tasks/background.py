@@ -65,8 +65,12 @@ class Loop:
         """One round of the loop's work."""
         raise NotImplementedError
 
+    def pause(self) -> bool:
+        """Wait for the next round (``interval`` seconds); True once stopping."""
+        return self._stopping.wait(self._interval)
+
     def _run(self) -> None:
-        while not self._stopping.wait(self._interval):
+        while not self.pause():
             try:
                 self.tick()
             except Exception as err:  # the thread must outlive any one bad round

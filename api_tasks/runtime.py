@@ -24,6 +24,7 @@ from api_tasks.execution.limits import Limiter
 from api_tasks.execution.reaper import Reaper
 from api_tasks.execution.runner import JobRunner
 from api_tasks.execution.scheduler import Scheduler
+from api_tasks.execution.sweeper import SweeperRole
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.execution.webhooks import WebhookSender
 from api_tasks.record.cluster import cluster_reader
@@ -65,21 +66,25 @@ class Runtime:
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
         self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval)
-        # only a worker (it has the app) sends waiting jobs again
-        self.scheduler = Scheduler(self.redis, self.keys, self.leases,
-                                   self._send) if app is not None else None
+        # one worker of the cluster at a time sends waiting jobs again, steps batches and
+        # sends webhooks: the one holding the sweeper role (only workers, which have the app)
+        role = SweeperRole(quick, self.keys, self.worker_id) if app is not None else None
+        self.role = role
+        sweeping = (lambda: role.held) if role is not None else (lambda: False)
+        self.scheduler = Scheduler(self.redis, self.keys, self.leases, self._send,
+                                   sweeping) if app is not None else None
         # only a worker (it has the app) says it is alive: probes count workers, not producers
         self.heartbeat = Heartbeat(quick, self.keys, self.worker_id, worker.concurrency,
                                    lambda: self.runner.tally.snapshot(self.watchdog.count())
                                    ) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
-        self.batches = BatchPump(Enqueuer(settings)) if app is not None else None
+        self.batches = BatchPump(Enqueuer(settings), sweeping) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient(worker.concurrency)  # a connection for every job thread
         # only a worker sends webhooks (it has the endpoints' secrets)
-        self.webhooks = WebhookSender(self.redis, self.keys, settings,
-                                      self.http) if app is not None else None
+        self.webhooks = WebhookSender(self.redis, self.keys, settings, self.http,
+                                      sweeping) if app is not None else None
         if any(limits.tokens_per_minute for upstream in settings.upstreams
                for limits in [upstream.limits, *upstream.model_limits.values()]):
             tokens.preload()  # the first job counted must not pay for loading an encoding
@@ -96,6 +101,8 @@ class Runtime:
             self.writer.start()
             self.watchdog.start()
             self.reaper.start()
+            if self.role is not None:
+                self.role.start()
             if self.scheduler is not None:
                 self.scheduler.start()
             if self.heartbeat is not None:
@@ -140,6 +147,8 @@ class Runtime:
             self.batches.stop()
         if self.webhooks is not None:
             self.webhooks.stop()
+        if self.role is not None:  # handed back once nothing here sweeps any more
+            self.role.stop()
         self.watchdog.stop()
         self.writer.close()
 

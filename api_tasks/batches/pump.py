@@ -29,6 +29,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -67,6 +68,7 @@ _STAGED_TTL = 3600  # a validation's staged marks, if its worker dies
 _FILE_MARGIN = 3600  # seconds an input file's bytes outlast its batch's window
 
 _EVERY = 0.2  # seconds between two passes over the active batches
+_QUIET = 2.0  # and between two looks while none is active (a new one waits at most this)
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
 # scripts keep two steppers at once safe, this only keeps them from doing the work twice)
 _TAKE_AT_MOST = 500  # lines sent in one step
@@ -81,8 +83,9 @@ _EXPIRED = error_object("batch_expired", "batch_expired", "This request could no
 class BatchPump(Loop):
     """A thread that moves every active batch forward, a few times a second."""
 
-    def __init__(self, client: Enqueuer) -> None:
+    def __init__(self, client: Enqueuer, sweeping: Callable[[], bool] = lambda: True) -> None:
         super().__init__("api-tasks-batches", _EVERY, log)
+        self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._client = client
         self._redis = client.redis
         self._keys = client.keys
@@ -98,8 +101,9 @@ class BatchPump(Loop):
         self._pieces = PieceCache()  # input files' pieces this pump read last
 
     def tick(self) -> None:
-        """One pass over the active batches."""
-        self.run_once()
+        """One pass over the active batches, if this process sweeps for the cluster."""
+        if self._sweeping():
+            self._interval = _EVERY if self.run_once() else _QUIET
 
     def run_once(self) -> int:
         """Step every active batch no other worker is stepping; returns how many."""

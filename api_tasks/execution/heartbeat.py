@@ -21,6 +21,7 @@ from api_tasks.record.workers import HEARTBEAT_EVERY, beat, gone
 __all__ = ["Heartbeat"]
 
 log = logging.getLogger(__name__)
+_TIDY_EVERY = 5  # beats between two tidyings of the workers index
 
 
 class Heartbeat(Loop):
@@ -35,6 +36,7 @@ class Heartbeat(Loop):
         self._info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                                       "concurrency": concurrency, "started_at": time.time()}
         self._status = status  # what changes: jobs running, ended, recent failures
+        self._beats = 0
 
     def note(self, **info: Any) -> None:
         """Say more of this worker in its record from now on (its metrics port...)."""
@@ -57,4 +59,6 @@ class Heartbeat(Loop):
     def tick(self) -> None:
         """Renew this worker's liveness record."""
         info = self._info if self._status is None else {**self._info, **self._status()}
-        self._shell.run_all(beat(self._keys, self._worker_id, info))
+        self._shell.run_all(beat(self._keys, self._worker_id, info,
+                                 tidy=self._beats % _TIDY_EVERY == 0))
+        self._beats += 1

@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
@@ -41,6 +42,7 @@ __all__ = ["WebhookSender", "retry_delay", "sign"]
 log = logging.getLogger(__name__)
 
 _EVERY = 0.5  # seconds between two looks for due deliveries
+_QUIET = 2.0  # and after a look that found none (a new delivery waits at most this)
 _TAKE = 20  # deliveries one look takes at most
 
 
@@ -63,8 +65,9 @@ class WebhookSender(Loop):
     """A thread that sends the webhook deliveries due, twice a second."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings,
-                 http: HttpClient) -> None:
+                 http: HttpClient, sweeping: Callable[[], bool] = lambda: True) -> None:
         super().__init__("api-tasks-webhooks", _EVERY, log)
+        self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._redis = client
         self._keys = keys
         self._settings = settings
@@ -74,8 +77,9 @@ class WebhookSender(Loop):
         self._done = client.register_script(script("webhook_done"))
 
     def tick(self) -> None:
-        """Send what is due."""
-        self.run_once()
+        """Send what is due, if this process sweeps for the cluster."""
+        if self._sweeping():
+            self._interval = _EVERY if self.run_once() else _QUIET
 
     def run_once(self) -> int:
         """Send the deliveries due now, one taken at a time (each under its own lease); how

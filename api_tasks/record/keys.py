@@ -90,6 +90,11 @@ class Keys:
         """Hash: the task message of each delayed job, sent again when it is due."""
         return f"{self.prefix}:delayed:messages"
 
+    def delayed_wake(self) -> str:
+        """List: at most one token, left by whatever adds a delayed job, for the sweeping
+        scheduler, which waits on it until the next due job it knows of."""
+        return f"{self.prefix}:delayed:wake"
+
     def running(self) -> str:
         """Sorted set: jobs a worker claimed, by when their lease lapses (ms)."""
         return f"{self.prefix}:running"
@@ -98,9 +103,10 @@ class Keys:
         """Hash: the task message of each claimed job, to send it again if it is lost."""
         return f"{self.prefix}:running:messages"
 
-    def scheduler_lock(self) -> str:
-        """String: held by the one worker sending due waiting jobs right now."""
-        return f"{self.prefix}:scheduler"
+    def sweeper(self) -> str:
+        """String: the token of the one worker that sweeps for the cluster (sends due jobs,
+        steps batches, sends webhooks); it lapses when not renewed."""
+        return f"{self.prefix}:sweeper"
 
     def reaper_lock(self) -> str:
         """String: held by the one worker sweeping for orphaned messages right now."""

@@ -178,19 +178,22 @@ class LeaseStore:
         keys = self.keys
         return Parked(int(self._park(
             keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
-                  keys.running(), keys.running_messages(), keys.cancel(job_id)],
+                  keys.running(), keys.running_messages(), keys.cancel(job_id),
+                  keys.delayed_wake()],
             args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
                   "" if turn is None else int(turn * 1000), int(lead * 1000),
                   "" if turn_on is None else json.dumps(turn_on)])))
 
-    def due(self, limit: int = 500) -> list[tuple[str, dict[str, Any], str]]:
+    def due(self, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
+                                             float | None]:
         """Waiting jobs whose wait is over: (job id, message to send, the score it is held
-        at until ``sent``)."""
-        flat = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()],
-                         args=[limit, _HOLD_MS])
+        at until ``sent``); and when the next waiting job is due (epoch s; None: none)."""
+        *flat, upcoming = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()],
+                                    args=[limit, _HOLD_MS])
         triples = zip(flat[::3], flat[1::3], flat[2::3], strict=True)
-        return [(text(job_id), json.loads(raw), text(held)) for job_id, raw, held in triples]
+        return ([(text(job_id), json.loads(raw), text(held)) for job_id, raw, held in triples],
+                float(upcoming) / 1000 if upcoming not in (b"", "", None) else None)
 
     def sent(self, job_id: str, held: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it is due again soon)."""
@@ -215,7 +218,8 @@ class LeaseStore:
         """
         keys = self.keys
         return bool(self._defer(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages()],
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
+                  keys.delayed_wake()],
             args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl]))
 
     def recover(self, cutoff_ms: int, limit: int = 500) -> list[str]:
@@ -230,7 +234,7 @@ class LeaseStore:
         for job_id in ids:
             outcome = Requeue(text(self._recover(
                 keys=[keys.running(), keys.job(job_id), keys.lease(job_id), keys.delayed(),
-                      keys.delayed_messages(), keys.running_messages()],
+                      keys.delayed_messages(), keys.running_messages(), keys.delayed_wake()],
                 args=[job_id, self.queued_ttl])))
             if outcome is Requeue.RECOVERED:
                 recovered.append(job_id)

@@ -20,16 +20,20 @@ _INDEX_TTL = 86400
 
 
 def beat(keys: Keys, worker_id: str, info: dict[str, Any], now: float | None = None,
-         ) -> list[Call[Any]]:
-    """The calls that record ``worker_id`` alive now (``info``: what a probe shows of it)."""
+         tidy: bool = True) -> list[Call[Any]]:
+    """The calls that record ``worker_id`` alive now (``info``: what a probe shows of it);
+    with ``tidy``, the index also drops the workers gone and has its TTL set again (every few
+    beats is enough: readers look at a window of time)."""
     now = time.time() if now is None else now
     record = json.dumps({**info, "id": worker_id, "seen_at": now}, separators=(",", ":"))
     ttl_ms = int(STALE_AFTER * 1000)
-    return [command("SET", keys.worker(worker_id), record, "PX", ttl_ms),
-            command("ZADD", keys.workers(), int(now * 1000), worker_id),
-            command("ZREMRANGEBYSCORE", keys.workers(), "-inf",
-                    int((now - STALE_AFTER) * 1000)),
-            command("EXPIRE", keys.workers(), _INDEX_TTL)]
+    calls: list[Call[Any]] = [command("SET", keys.worker(worker_id), record, "PX", ttl_ms),
+                              command("ZADD", keys.workers(), int(now * 1000), worker_id)]
+    if tidy:
+        calls += [command("ZREMRANGEBYSCORE", keys.workers(), "-inf",
+                          int((now - STALE_AFTER) * 1000)),
+                  command("EXPIRE", keys.workers(), _INDEX_TTL)]
+    return calls
 
 
 def gone(keys: Keys, worker_id: str) -> list[Call[Any]]:

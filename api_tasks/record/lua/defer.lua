@@ -1,4 +1,5 @@
--- KEYS: job, lease, delayed set, delayed messages. ARGV: job id, message, margin ms, ttl.
+-- KEYS: job, lease, delayed set, delayed messages, the scheduler's wake list. ARGV: job id,
+-- message, margin ms, ttl.
 -- A delivery that found the job held by another attempt: the job is looked at again when
 -- that lease would lapse, so a holder that gave its message back without its lease (a
 -- failed give-back) cannot leave the job with no message. Returns 1, or 0 if the lease is
@@ -10,4 +11,8 @@ redis.call('ZADD', KEYS[3], 'NX', due, ARGV[1])
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
+-- a token for the sweeping scheduler, which sleeps until the next due job it knows of
+redis.call('LPUSH', KEYS[5], '1')
+redis.call('LTRIM', KEYS[5], 0, 0)
+redis.call('EXPIRE', KEYS[5], ARGV[4])
 return 1

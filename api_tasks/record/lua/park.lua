@@ -1,4 +1,5 @@
--- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel.
+-- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel,
+-- the scheduler's wake list.
 -- ARGV: token, job id, wait ms, reason,
 -- message, ttl, turn ms from now ('' = none reserved), lead ms, the deployment and model the
 -- turn is under (JSON; '' when not known). The job leaves its worker
@@ -27,4 +28,8 @@ redis.call('ZADD', KEYS[3], due, ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[6])
+-- a token for the sweeping scheduler, which sleeps until the next due job it knows of
+redis.call('LPUSH', KEYS[8], '1')
+redis.call('LTRIM', KEYS[8], 0, 0)
+redis.call('EXPIRE', KEYS[8], ARGV[6])
 return 1
