@@ -138,17 +138,13 @@ class Runtime:
 
     def close(self) -> None:
         """Flush pending writes and stop the threads."""
+        # the sweeping first, then the role handed back at once: due jobs wait on it
+        for loop in (self.scheduler, self.batches, self.webhooks, self.role):
+            if loop is not None:
+                loop.stop()
         self.reaper.stop()
-        if self.scheduler is not None:
-            self.scheduler.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if self.batches is not None:
-            self.batches.stop()
-        if self.webhooks is not None:
-            self.webhooks.stop()
-        if self.role is not None:  # handed back once nothing here sweeps any more
-            self.role.stop()
         self.watchdog.stop()
         self.writer.close()
 

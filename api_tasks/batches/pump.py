@@ -69,6 +69,8 @@ _FILE_MARGIN = 3600  # seconds an input file's bytes outlast its batch's window
 
 _EVERY = 0.2  # seconds between two passes over the active batches
 _QUIET = 2.0  # and between two looks while none is active (a new one waits at most this)
+_HELPER = 5.0  # seconds between two passes of a worker that does not sweep: it steps what
+# the sweeper is not stepping, should it be slow on one batch
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
 # scripts keep two steppers at once safe, this only keeps them from doing the work twice)
 _TAKE_AT_MOST = 500  # lines sent in one step
@@ -101,9 +103,10 @@ class BatchPump(Loop):
         self._pieces = PieceCache()  # input files' pieces this pump read last
 
     def tick(self) -> None:
-        """One pass over the active batches, if this process sweeps for the cluster."""
-        if self._sweeping():
-            self._interval = _EVERY if self.run_once() else _QUIET
+        """One pass over the active batches: a few times a second in the process that sweeps
+        for the cluster, every few seconds in the others."""
+        stepped = self.run_once()
+        self._interval = (_EVERY if stepped else _QUIET) if self._sweeping() else _HELPER
 
     def run_once(self) -> int:
         """Step every active batch no other worker is stepping; returns how many."""

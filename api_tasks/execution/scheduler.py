@@ -45,7 +45,8 @@ class Scheduler(Loop):
         self._leases = leases
         self._send = send
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
-        self._upcoming: float | None = 0.0  # when the next waiting job is due (None: none)
+        # when the next waiting job is due (monotonic s; None: none waits)
+        self._upcoming: float | None = 0.0
         self._looked = 0.0  # monotonic time of the last look
 
     def pause(self) -> bool:
@@ -57,7 +58,7 @@ class Scheduler(Loop):
                 if self._stopping.wait(_IDLE):
                     return True
                 continue
-            left = _IDLE if self._upcoming is None else self._upcoming - time.time()
+            left = _IDLE if self._upcoming is None else self._upcoming - time.monotonic()
             if left < _SHORTEST or time.monotonic() - self._looked >= _CHECK:
                 return False
             try:
@@ -65,7 +66,7 @@ class Scheduler(Loop):
             except redis.RedisError:
                 return self._stopping.wait(_TICK)  # the tick says what is wrong
             if woken is not None:
-                return False
+                return self._stopping.is_set()  # the token a stop leaves ends the wait too
         return True
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -87,15 +88,15 @@ class Scheduler(Loop):
         if not self._sweeping():
             return
         self._looked = time.monotonic()
-        self._upcoming = time.time() + _TICK  # a failed look is tried again soon
+        self._upcoming = self._looked + _TICK  # a failed look is tried again soon
         due, upcoming = self._leases.due()
-        self._upcoming = upcoming
+        self._upcoming = None if upcoming is None else self._looked + upcoming
         for job_id, message, held in due:
             try:
                 self._send(job_id, message)
             except Exception as err:
                 log.error("scheduler: could not send job %s again (%s); will retry", job_id, err)
-                self._upcoming = time.time() + _TICK  # it is due again soon
+                self._upcoming = time.monotonic() + _TICK  # it is due again soon
                 with contextlib.suppress(redis.RedisError):  # else it is due when held ends
                     self._leases.sent(job_id, held, ok=False)
                 continue

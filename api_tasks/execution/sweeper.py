@@ -38,6 +38,7 @@ class SweeperRole(Loop):
         self._keep = client.register_script(script("sweeper_keep"))
         self._release = client.register_script(script("unlock"))
         self._until = 0.0  # monotonic time until which the role is this process's
+        self._ours_at = -_TTL  # when this process last had it confirmed
 
     @property
     def held(self) -> bool:
@@ -55,10 +56,12 @@ class SweeperRole(Loop):
     def tick(self) -> None:
         asked = time.monotonic()
         ttl = int(_TTL * 1000)
-        if self.held:
+        if asked - self._ours_at < _TTL:  # it may still be ours in Redis: keep it if so
             ours = bool(self._keep(keys=[self._key], args=[self._token, ttl]))
-        else:
+        else:  # a plain ask, the one command the processes that do not sweep send
             ours = bool(self._redis.set(self._key, self._token, nx=True, px=ttl))
+        if ours:
+            self._ours_at = asked
         if ours and not self.held:
             log.info("sweeper role taken: this worker sends due jobs, steps batches and "
                      "sends webhooks for the cluster")
@@ -67,7 +70,7 @@ class SweeperRole(Loop):
     def stop(self, timeout: float = 2.0) -> None:
         """Stop asking, and hand the role back if held, for another process to take."""
         super().stop(timeout)
-        if self.held:
+        if self.held or time.monotonic() - self._ours_at < _TTL:
             self._until = 0.0
             try:
                 self._release(keys=[self._key], args=[self._token])

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _EVERY = 0.5  # seconds between two looks for due deliveries
 _QUIET = 2.0  # and after a look that found none (a new delivery waits at most this)
+_HELPER = 5.0  # the same, for a worker that does not sweep: it joins in once it finds some
 _TAKE = 20  # deliveries one look takes at most
 
 
@@ -77,9 +78,11 @@ class WebhookSender(Loop):
         self._done = client.register_script(script("webhook_done"))
 
     def tick(self) -> None:
-        """Send what is due, if this process sweeps for the cluster."""
-        if self._sweeping():
-            self._interval = _EVERY if self.run_once() else _QUIET
+        """Send what is due; look again soon if some was (every worker then sends, each
+        delivery under its own lease), later if none, latest in a process that does not
+        sweep."""
+        tried = self.run_once()
+        self._interval = _EVERY if tried else _QUIET if self._sweeping() else _HELPER
 
     def run_once(self) -> int:
         """Send the deliveries due now, one taken at a time (each under its own lease); how

@@ -188,7 +188,8 @@ class LeaseStore:
     def due(self, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
                                              float | None]:
         """Waiting jobs whose wait is over: (job id, message to send, the score it is held
-        at until ``sent``); and when the next waiting job is due (epoch s; None: none)."""
+        at until ``sent``); and in how many seconds the next waiting job is due (None:
+        none waits)."""
         *flat, upcoming = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()],
                                     args=[limit, _HOLD_MS])
         triples = zip(flat[::3], flat[1::3], flat[2::3], strict=True)
@@ -197,8 +198,9 @@ class LeaseStore:
 
     def sent(self, job_id: str, held: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it is due again soon)."""
-        self._sent(keys=[self.keys.delayed(), self.keys.delayed_messages()],
-                   args=[job_id, held, "" if ok else _RETRY_MS])
+        self._sent(keys=[self.keys.delayed(), self.keys.delayed_messages(),
+                         self.keys.delayed_wake()],
+                   args=[job_id, held, "" if ok else _RETRY_MS, self.queued_ttl])
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
                        result: str | None, fields: list[str],

@@ -177,7 +177,10 @@ def test_auto_limits_are_learnt_from_the_upstreams_headers(
     assert quota.rejected <= 12
     taken = sorted(at for at, _, _ in quota.taken)
     assert len(taken) == 12
-    assert min(b - a for a, b in itertools.pairwise(taken[2:])) >= 0.4
+    # the call the cool-down released goes when its worker has it again, which can be a
+    # little after the turn it holds: the next, at its own turn, comes that much sooner
+    assert taken[3] - taken[2] >= 0.3
+    assert min(b - a for a, b in itertools.pairwise(taken[3:])) >= 0.4
 
 
 def test_auto_limits_name_no_rates(tmp_path: Path) -> None:
