@@ -31,7 +31,6 @@ _TICK = 0.1  # seconds between two tries while Redis fails
 _IDLE = 1.0  # the longest one wait on the wake list (a stop waits at most this)
 _CHECK = 10.0  # seconds between looks with no job known to wait (one added by hand, say)
 _SHORTEST = 0.005  # a job due sooner than this is sent now, not waited for
-_WAKE_TTL = 3600  # seconds a token this process leaves on the wake list lasts
 
 
 class Scheduler(Loop):
@@ -74,13 +73,8 @@ class Scheduler(Loop):
         grace is seconds; the holder that comes next looks once more, for nothing)."""
         self._stopping.set()
         if self._sweeping():
-            wake = self._keys.delayed_wake()
             with contextlib.suppress(redis.RedisError):
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.lpush(wake, "1")
-                pipe.ltrim(wake, 0, 0)
-                pipe.expire(wake, _WAKE_TTL)
-                pipe.execute()
+                self._leases.wake()
         super().stop(timeout)
 
     def tick(self) -> None:

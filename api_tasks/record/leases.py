@@ -45,8 +45,8 @@ _RETRY_MS = 1_000  # a due job whose send failed is due again after this
 # each script's KEYS, ARGV and replies are described at the top of its file
 _CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK = (script(name) for name in (
     "claim", "renew", "release", "restore", "park"))
-_DUE, _SENT, _DEFER, _RECOVER, _FINISH = (script(name) for name in (
-    "due", "sent", "defer", "recover", "finish"))
+_DUE, _SENT, _DEFER, _RECOVER, _FINISH, _WAKE = (script(name) for name in (
+    "due", "sent", "defer", "recover", "finish", "wake"))
 
 
 class Parked(IntEnum):
@@ -116,6 +116,7 @@ class LeaseStore:
         self._sent = client.register_script(_SENT)
         self._defer = client.register_script(_DEFER)
         self._recover = client.register_script(_RECOVER)
+        self._wake = client.register_script(_WAKE)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
               upstream: str = "", message: str = "") -> Claim:
@@ -195,6 +196,10 @@ class LeaseStore:
         triples = zip(flat[::3], flat[1::3], flat[2::3], strict=True)
         return ([(text(job_id), json.loads(raw), text(held)) for job_id, raw, held in triples],
                 float(upcoming) / 1000 if upcoming not in (b"", "", None) else None)
+
+    def wake(self) -> None:
+        """End the sweeping scheduler's wait on its wake list now."""
+        self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
 
     def sent(self, job_id: str, held: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it is due again soon)."""

@@ -12,6 +12,15 @@ local function now_ms()
   return clock_ms
 end
 
+-- Leave a token on the scheduler's wake list `key` (at most one is kept, for `ttl` seconds):
+-- the sweeping scheduler sleeps on it until the next due job it knows of, so whatever adds
+-- a waiting job says so.
+local function leave_wake(key, ttl)
+  redis.call('LPUSH', key, '1')
+  redis.call('LTRIM', key, 0, 0)
+  redis.call('EXPIRE', key, ttl)
+end
+
 -- The entry id to add to stream `key`: `wanted` ('<attempt>-<seq>'), or, if the stream
 -- already holds that id or a later one, the id just after its last entry.
 local function next_entry_id(key, wanted)

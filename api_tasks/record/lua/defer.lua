@@ -11,8 +11,5 @@ redis.call('ZADD', KEYS[3], 'NX', due, ARGV[1])
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
--- a token for the sweeping scheduler, which sleeps until the next due job it knows of
-redis.call('LPUSH', KEYS[5], '1')
-redis.call('LTRIM', KEYS[5], 0, 0)
-redis.call('EXPIRE', KEYS[5], ARGV[4])
+leave_wake(KEYS[5], ARGV[4])
 return 1

@@ -28,8 +28,5 @@ redis.call('ZADD', KEYS[3], due, ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[6])
--- a token for the sweeping scheduler, which sleeps until the next due job it knows of
-redis.call('LPUSH', KEYS[8], '1')
-redis.call('LTRIM', KEYS[8], 0, 0)
-redis.call('EXPIRE', KEYS[8], ARGV[6])
+leave_wake(KEYS[8], ARGV[6])
 return 1

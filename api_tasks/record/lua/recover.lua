@@ -20,7 +20,5 @@ redis.call('ZADD', KEYS[4], 'NX', now, ARGV[1])
 redis.call('HSETNX', KEYS[5], ARGV[1], message)
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('EXPIRE', KEYS[5], ARGV[2])
-redis.call('LPUSH', KEYS[7], '1')  -- the sweeping scheduler sends it now
-redis.call('LTRIM', KEYS[7], 0, 0)
-redis.call('EXPIRE', KEYS[7], ARGV[2])
+leave_wake(KEYS[7], ARGV[2])  -- the sweeping scheduler sends it now
 return 'recovered'

@@ -5,9 +5,7 @@ local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
 if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[3]), ARGV[1])
-  redis.call('LPUSH', KEYS[3], '1')  -- whoever sweeps next knows of it
-  redis.call('LTRIM', KEYS[3], 0, 0)
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  leave_wake(KEYS[3], ARGV[4])  -- whoever sweeps next knows of it
   return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
