@@ -17,8 +17,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -244,66 +245,75 @@ def relay(gateway: GatewayProcess, env: dict[str, str], redis_url: str, jobs: in
           chunks: int = 40, interval: float = 0.04) -> list[Row]:
     """Two readers for each of ``jobs`` jobs whose events come live from two stand-in
     writer processes, a chunk a job every ``interval`` seconds: what one gateway relays."""
-    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60,
-                      limits=httpx.Limits(max_connections=50)) as http:
-        ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
-            "model": DRIP, "messages": USER, "stream": True}}).json()["id"] for _ in range(jobs)]
-    assert gateway.proc is not None
-    pid = gateway.proc.pid
+    ids = _streamed_jobs(gateway, jobs)
     halves = [ids[: jobs // 2], ids[jobs // 2:]]
 
     def write() -> None:
         with ProcessPoolExecutor(2) as pool:
             list(pool.map(_write_streams, [redis_url] * 2, [env["API_TASKS_PREFIX"]] * 2,
                           halves, [chunks] * 2, [interval] * 2))
-    peak, stop = [memory_mb(pid)], threading.Event()
-    sampler = threading.Thread(target=_peak_rss, args=(pid, stop, peak), daemon=True)
-    sampler.start()
-    results, elapsed = asyncio.run(_relayed(gateway.port, ids, 2, write))
-    stop.set()
-    sampler.join()
+    with _peak_rss(gateway) as peak:
+        results, elapsed = asyncio.run(_relayed(gateway.port, ids, 2, write))
     got = sum(count for count, _ in results)
-    failures = Counter(wrong for _, wrong in results if wrong)
-    for wrong, count in failures.most_common(3):
-        print(f"{count} relay reader(s): {wrong}", file=sys.stderr)
+    failed = _failures(results, "relay")
     lost = 2 * jobs * chunks - got
     written = jobs * (1 / interval)
     return [(f"{2 * jobs} SSE readers of {jobs} jobs written live at {written:,.0f} "
              f"chunks/s (stand-in workers)",
-             f"{len(results) - sum(failures.values())}/{len(results)} ok, "
+             f"{len(results) - failed}/{len(results)} ok, "
              f"{got / elapsed:,.0f} chunks/s, {lost} lost",
              f"peak RSS {peak[0]:.0f} MB", "target: >= 20,000 chunks/s, <= 300 MB")]
 
 
-def _peak_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
-    while not stop.wait(0.1):
-        peak[0] = max(peak[0], memory_mb(pid))
+def _streamed_jobs(gateway: GatewayProcess, jobs: int) -> list[str]:
+    """The ids of ``jobs`` streamed jobs submitted through ``POST /v1/jobs``."""
+    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60,
+                      limits=httpx.Limits(max_connections=50)) as http:
+        return [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": DRIP, "messages": USER, "stream": True}}).json()["id"]
+            for _ in range(jobs)]
+
+
+@contextmanager
+def _peak_rss(gateway: GatewayProcess) -> Iterator[list[float]]:
+    """The gateway's peak RSS (MB) over the block, sampled every 0.1 s (``[0]`` of what it
+    yields, read after the block)."""
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    peak, stop = [memory_mb(pid)], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], memory_mb(pid))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def _failures(results: list[tuple[int, str]], what: str) -> int:
+    """How many readers went wrong; the three commonest reasons printed."""
+    failures = Counter(wrong for _, wrong in results if wrong)
+    for wrong, count in failures.most_common(3):
+        print(f"{count} {what} reader(s): {wrong}", file=sys.stderr)
+    return sum(failures.values())
 
 
 def readers(gateway: GatewayProcess, jobs: int) -> list[Row]:
     """``jobs`` live streamed jobs, each read by two SSE readers at once; then the same
     streams replayed by as many readers after they ended (the gateway's relay alone)."""
-    with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=60,
-                      limits=httpx.Limits(max_connections=50)) as http:
-        ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
-            "model": DRIP, "messages": USER, "stream": True}}).json()["id"] for _ in range(jobs)]
-    assert gateway.proc is not None
-    pid = gateway.proc.pid
+    ids = _streamed_jobs(gateway, jobs)
     rows: list[Row] = []
     for phase in ("live", "replayed"):
-        peak, stop = [memory_mb(pid)], threading.Event()
-        sampler = threading.Thread(target=_peak_rss, args=(pid, stop, peak), daemon=True)
-        sampler.start()
-        start = time.perf_counter()
-        results = asyncio.run(_read_all(gateway.port, ids + ids))
-        elapsed = time.perf_counter() - start
-        stop.set()
-        sampler.join()
+        with _peak_rss(gateway) as peak:
+            start = time.perf_counter()
+            results = asyncio.run(_read_all(gateway.port, ids + ids))
+            elapsed = time.perf_counter() - start
         chunks = sum(count for count, _ in results)
-        failures = Counter(wrong for _, wrong in results if wrong)
-        failed = sum(failures.values())
-        for wrong, count in failures.most_common(3):
-            print(f"{count} {phase} reader(s): {wrong}", file=sys.stderr)
+        failed = _failures(results, phase)
         readers_n = len(results)
         rows.append((f"{readers_n} SSE readers of {jobs} {phase} jobs ({DRIP})",
                      f"{readers_n - failed}/{readers_n} ok, {chunks / elapsed:,.0f} chunks/s",
