@@ -84,11 +84,13 @@ class Channel(kombu_redis.Channel):
         if client:
             yield client
             return
-        if self.connection.client is None:
+        if self.connection is None or self.connection.client is None:
             # Celery closes a broken connection's transport before its channel, whose
-            # close then gives back the unacked messages: kombu would rebuild the pool from
-            # the missing connection info and stop the worker ("Unrecoverable error").
-            # As a connection error it is ignored, and Redis keeps those messages anyway.
+            # close then gives back the unacked messages; and a job that ends after the
+            # channel closed acks on it: kombu would rebuild the pool from the missing
+            # connection info, or fail on the channel's cleared connection, and stop the
+            # worker ("Unrecoverable error"). As a connection error it is logged and passed
+            # over, and Redis keeps those messages for the reaper anyway.
             raise redis.ConnectionError("the broker connection is closed")
         pooled, pool = self._pooled, self.pool
         if pooled is None or pooled.connection_pool is not pool:

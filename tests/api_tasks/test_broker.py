@@ -80,3 +80,18 @@ def test_no_sentinel_answering_is_said_in_a_line() -> None:
         manager.discover_master("jobs")
     assert len(str(caught.value)) > 200  # redis-py spells out each Sentinel client
     assert reason(caught.value) == "No master found for 'jobs' (no Sentinel answered)"
+
+
+def test_a_message_acked_after_its_channel_closed_is_a_connection_error(
+        settings: Settings) -> None:
+    """A job that ends after Redis went away acks on a channel Celery has closed meanwhile:
+    that must be a connection error Celery logs, not one that stops the worker."""
+    app = create_app(settings)
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(f"acked-late-{uuid.uuid4().hex[:6]}")
+        queue.put({"n": 1})
+        message = queue.get(timeout=5)
+        queue.channel.close()  # as Celery's reconnect does
+        with pytest.raises(connection.connection_errors):
+            message.ack()
+        queue.close()
