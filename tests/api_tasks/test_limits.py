@@ -284,10 +284,14 @@ def test_bulk_jobs_waiting_for_a_limit_keep_their_place_in_line(
         assert job.result(timeout=60) is not None
     arrivals = sorted(fake.requests(model), key=lambda r: r.at)
     order = [int(r.body["messages"][0]["content"][1:]) for r in arrivals if r.body]
-    # the first second's calls reserve their turns in whatever order their threads run;
-    # after that, each goes in submit order (without the line: a random order)
+    # the two workers' 16 threads ask at once: the burst and the turns within reserve_ahead
+    # (13) go to whichever asks first, and a thread slow to start loses them; after that
+    # wave, each goes in submit order (without the line: a random order)
+    wave = 16
     assert sorted(order) == list(range(60))
-    assert max(abs(position - i) for position, i in enumerate(order)) <= 8, order
+    assert max(abs(position - i) for position, i in enumerate(order)) <= wave, order
+    assert max(abs(position - i) for position, i in enumerate(order)
+               if position >= wave and i >= wave) <= 8, order
 
 
 def test_jobs_held_by_one_models_limit_do_not_hold_up_other_models(
