@@ -65,12 +65,13 @@ class Runtime:
         # its own connection, failing fast: leases must be renewed whatever else hangs
         quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
-        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval)
-        # one worker of the cluster at a time sends waiting jobs again, steps batches and
-        # sends webhooks: the one holding the sweeper role (only workers, which have the app)
+        # one worker of the cluster at a time gives back dead workers' jobs, sends waiting
+        # jobs again, steps batches and sends webhooks: the one holding the sweeper role
+        # (only workers, which have the app)
         role = SweeperRole(quick, self.keys, self.worker_id) if app is not None else None
         self.role = role
         sweeping = (lambda: role.held) if role is not None else (lambda: False)
+        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval, sweeping)
         self.scheduler = Scheduler(self.redis, self.keys, self.leases, self._send,
                                    sweeping) if app is not None else None
         # only a worker (it has the app) says it is alive: probes count workers, not producers
@@ -78,7 +79,8 @@ class Runtime:
                                    lambda: self.runner.tally.snapshot(self.watchdog.count())
                                    ) if app is not None else None
         # only a worker (it has the app) moves detached batches forward
-        self.batches = BatchPump(Enqueuer(settings), sweeping) if app is not None else None
+        self.batches = BatchPump(Enqueuer(settings), self.redis,
+                                 sweeping) if app is not None else None
         self.limiter = Limiter(self.redis, self.keys, worker.reserve_ahead,
                                int(worker.lease_ttl * 1000))
         self.http = HttpClient(worker.concurrency)  # a connection for every job thread

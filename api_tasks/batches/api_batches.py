@@ -30,6 +30,7 @@ __all__ = ["COMPLETION_WINDOW", "BatchRecords", "batch_event", "batch_object",
            "output_file_ids"]
 
 COMPLETION_WINDOW = "24h"  # the only window OpenAI offers
+_WAKE_TTL = 3600  # seconds a token on the batch pump's wake list outlives any wait there
 _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
           "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
@@ -65,6 +66,7 @@ class BatchRecords:
         return batch_id, state, [
             command("HSET", key, *flat), command("EXPIRE", key, lifetime + queued_ttl),
             command("SADD", active, batch_id), command("EXPIRE", active, queued_ttl),
+            lua("wake", [self.keys.batches_wake()], [_WAKE_TTL]),  # the pump validates it
             lua("owner_index", [self.keys.owned_batches(owner)], [batch_id, INDEX_TTL])]
 
     def state(self, batch_id: str) -> Call[dict[str, str]]:
@@ -74,8 +76,9 @@ class BatchRecords:
     def cancel(self, batch_id: str, webhooks: Webhooks = NO_WEBHOOKS) -> Call[str]:
         """Stop a batch (``batch_cancel``, queueing ``webhooks`` if it ends at once): its
         status after the call, or ``missing``."""
-        return lua("batch_cancel", [self.keys.batch(batch_id), *webhooks[0]],
-                   [repr(time.time()), *webhooks[1]], text)
+        return lua("batch_cancel", [self.keys.batch(batch_id), self.keys.batches_wake(),
+                                    *webhooks[0]],
+                   [repr(time.time()), _WAKE_TTL, *webhooks[1]], text)
 
 
 def batch_event(keys: Keys, settings: Settings, owner: str, event: str,

@@ -96,7 +96,8 @@ class Batch:
                 total, size = total + self._push(key, lines, chunk), 0
         total += self._push(key, lines, chunk)
         jobs = self._client.settings.jobs
-        started = self._scripts["start"](keys=[key, lines, self._keys.batches()],
+        started = self._scripts["start"](keys=[key, lines, self._keys.batches(),
+                                               self._keys.batches_wake()],
                                          args=[self.id, total, jobs.queued_ttl, jobs.result_ttl])
         if text(started) == "missing":
             raise BatchNotFound(f"batch {self.id} expired while its file was uploading")

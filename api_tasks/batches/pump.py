@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks import metrics
-from api_tasks.background import Loop
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
 from api_tasks.batches.inputs import PieceCache, read_lines
@@ -44,6 +43,7 @@ from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
 from api_tasks.connections import text, text_map
 from api_tasks.errors import InvalidJob, error_object
+from api_tasks.execution.sweeper import Sweep
 from api_tasks.record.calls import Call, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script
@@ -67,8 +67,8 @@ _EXPIRE = script("batch_expire")
 _STAGED_TTL = 3600  # a validation's staged marks, if its worker dies
 _FILE_MARGIN = 3600  # seconds an input file's bytes outlast its batch's window
 
-_EVERY = 0.2  # seconds between two passes over the active batches
-_QUIET = 2.0  # and between two looks while none is active (a new one waits at most this)
+_EVERY = 0.2  # seconds between two passes over the active batches while they move
+_QUIET = 2.0  # the longest between two, as passes that move nothing space out (doubling)
 _HELPER = 5.0  # seconds between two passes of a worker that does not sweep: it steps what
 # the sweeper is not stepping, should it be slow on one batch
 _LOCK_MS = 10_000  # longer than a step; a stepper that dies holds its batch this long (the
@@ -82,12 +82,13 @@ _EXPIRED = error_object("batch_expired", "batch_expired", "This request could no
                         "before the completion window expired.")
 
 
-class BatchPump(Loop):
+class BatchPump(Sweep):
     """A thread that moves every active batch forward, a few times a second."""
 
-    def __init__(self, client: Enqueuer, sweeping: Callable[[], bool] = lambda: True) -> None:
-        super().__init__("api-tasks-batches", _EVERY, log)
-        self._sweeping = sweeping  # whether this process sweeps for the cluster now
+    def __init__(self, client: Enqueuer, waits: redis.Redis,
+                 sweeping: Callable[[], bool] = lambda: True) -> None:
+        super().__init__("api-tasks-batches", waits, client.keys.batches_wake(),
+                         client.settings.jobs.queued_ttl, sweeping, _HELPER, log)
         self._client = client
         self._redis = client.redis
         self._keys = client.keys
@@ -99,51 +100,58 @@ class BatchPump(Loop):
                           ("validated", _VALIDATED), ("invalid", _INVALID),
                           ("finalize", _FINALIZE), ("expire", _EXPIRE))}
         self._looked: dict[str, float] = {}
+        self._quiet = _EVERY  # seconds to the next pass while nothing moves
         self._shell = client.store.shell
         self._pieces = PieceCache()  # input files' pieces this pump read last
 
-    def tick(self) -> None:
-        """One pass over the active batches: a few times a second in the process that sweeps
-        for the cluster, every few seconds in the others."""
-        stepped = self.run_once()
-        self._interval = (_EVERY if stepped else _QUIET) if self._sweeping() else _HELPER
+    def sweep(self) -> float | None:
+        """One pass over the active batches: a few times a second while they move, in the
+        process that sweeps for the cluster (every few seconds in the others), less often
+        while they wait for their jobs; none active, it waits for one to start."""
+        active, moved = self.run_once()
+        self._quiet = _EVERY if moved else min(self._quiet * 2, _QUIET)
+        return self._quiet if active else None
 
-    def run_once(self) -> int:
-        """Step every active batch no other worker is stepping; returns how many."""
+    def run_once(self) -> tuple[int, int]:
+        """Step every active batch no other worker is stepping; how many are active, and how
+        many this pass moved (a line recorded or sent, a state changed)."""
         active = self._keys.batches()
         ids = [text(i) for i in self._redis.smembers(active)]
         if ids:
             self._redis.expire(active, self._ttl)
-        return sum(self._step_locked(batch_id) for batch_id in ids)
+        return len(ids), sum(self._step_locked(batch_id) for batch_id in ids)
 
     def _step_locked(self, batch_id: str) -> bool:
         lock = self._keys.batch_lock(batch_id)
         if not self._redis.set(lock, self._token, nx=True, px=_LOCK_MS):
             return False
         try:
-            self.step(batch_id)
+            return self.step(batch_id)
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception:  # one bad batch must not stop the others
             log.exception("batch %s: step failed", batch_id)
+            return False
         finally:
             self._scripts["release"](keys=[lock], args=[self._token])
-        return True
 
-    def step(self, batch_id: str) -> None:
+    def step(self, batch_id: str) -> bool:
         """Record, look after, cancel, send and close, once, for one batch (or check its
-        input, or make its output files, for a batch made through the Batches API)."""
+        input, or make its output files, for a batch made through the Batches API); whether
+        it moved."""
         state = text_map(self._redis.hgetall(self._keys.batch(batch_id)))
         if state.get("status") == BatchStatus.VALIDATING:
             self._validate(batch_id, state)
-            return
+            return True
         if state.get("status") == BatchStatus.FINALIZING:
             self._finalize(batch_id, state)
-            return
+            return True
+        moved = False
         if self._past_window(state) and self._scripts["expire"](
                 keys=[self._keys.batch(batch_id)], args=[repr(time.time())]):
             log.info("batch %s: past its completion window; expiring", batch_id)
             state.update(status=BatchStatus.CANCELLING.value, expiring="1")
+            moved = True
         jobs = text_map(self._redis.hgetall(self._keys.batch_jobs(batch_id)))
         store = self._client.store
         statuses = dict(zip(jobs, store.statuses(list(jobs)), strict=True))
@@ -155,6 +163,7 @@ class BatchPump(Loop):
                 stored = {**(stored or {}), "error": _EXPIRED}
             records.append(self._record(batch_id, job_id, jobs.pop(job_id)[2:], stored))
         self._shell.run_all(records)  # one round trip; each script records its line once
+        moved = moved or bool(records)
         for job_id, mark in jobs.items():
             self._look_after(batch_id, state, job_id, mark, statuses[job_id])
         if state.get("status") == BatchStatus.IN_PROGRESS and self._due_for_a_look(batch_id):
@@ -174,6 +183,8 @@ class BatchPump(Loop):
                 # wrote how it ends: completed, cancelled or expired)
                 self._finalize(batch_id, {**state, "ending": text(self._redis.hget(
                     self._keys.batch(batch_id), "ending") or b"completed")})
+            moved = moved or bool(closed)
+        return moved or bool(sent)
 
     @staticmethod
     def _past_window(state: dict[str, str]) -> bool:

@@ -2,8 +2,8 @@
 
 Celery's Redis transport keeps every delivered, unacked message in Redis and
 hands a dead worker's messages out again only after the visibility timeout
-(an hour or more, since it must exceed the longest job). Instead, every
-worker runs a reaper; one at a time (a lock in Redis) looks at unacked
+(an hour or more, since it must exceed the longest job). Instead, the
+worker that sweeps for the cluster (``sweeper.py``) looks at unacked
 messages older than two lease periods. A message whose job holds no lease
 has lost its worker: it goes back to the front of its queue at once (and a
 message of a job that already ended is dropped). A running job's lease is
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -36,22 +37,22 @@ class Reaper(Loop):
     """A thread that gives back orphaned messages every ``interval`` seconds."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
-                 interval: float) -> None:
+                 interval: float, sweeping: Callable[[], bool] = lambda: True) -> None:
         super().__init__("api-tasks-reaper", interval, log)
         self._redis = client
         self._keys = keys
         self._leases = leases
         self._sweep_every = interval
+        self._sweeping = sweeping  # whether this process sweeps for the cluster now
 
     def tick(self) -> None:
-        """One sweep."""
-        self.sweep()
+        """One sweep, if this process sweeps for the cluster."""
+        if self._sweeping():
+            self.sweep()
 
     def sweep(self, limit: int = 500) -> int:
-        """One pass, if no other worker is sweeping; returns how many jobs went back."""
-        lock_ms = max(int(self._sweep_every * 1000), 1000)
-        if not self._redis.set(self._keys.reaper_lock(), "1", nx=True, px=lock_ms):
-            return 0
+        """One pass; returns how many jobs went back (two at once are safe: each give-back is
+        one script)."""
         seconds, micros = self._redis.time()
         cutoff = seconds + micros / 1e6 - 2 * self._leases.lease_ms / 1000
         prefix = self._keys.celery_prefix()

@@ -26,8 +26,8 @@ import redis
 import requests
 
 from api_tasks import metrics
-from api_tasks.background import Loop
 from api_tasks.connections import text, text_map
+from api_tasks.execution.sweeper import Sweep
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
 from api_tasks.upstream.job_urls import AddressGuard
@@ -41,9 +41,8 @@ __all__ = ["WebhookSender", "retry_delay", "sign"]
 
 log = logging.getLogger(__name__)
 
-_EVERY = 0.5  # seconds between two looks for due deliveries
-_QUIET = 2.0  # and after a look that found none (a new delivery waits at most this)
-_HELPER = 5.0  # the same, for a worker that does not sweep: it joins in once it finds some
+_EVERY = 0.5  # seconds to the next look after one that sent some
+_HELPER = 5.0  # between two looks of a worker that does not sweep: it joins in once it finds some
 _TAKE = 20  # deliveries one look takes at most
 
 
@@ -62,13 +61,13 @@ def retry_delay(attempts: int, initial: float, cap: float, draw: float) -> float
     return float(min(cap, initial * 2 ** max(attempts - 1, 0)) * (0.9 + 0.2 * draw))
 
 
-class WebhookSender(Loop):
-    """A thread that sends the webhook deliveries due, twice a second."""
+class WebhookSender(Sweep):
+    """A thread that sends the webhook deliveries when they are due."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings,
                  http: HttpClient, sweeping: Callable[[], bool] = lambda: True) -> None:
-        super().__init__("api-tasks-webhooks", _EVERY, log)
-        self._sweeping = sweeping  # whether this process sweeps for the cluster now
+        super().__init__("api-tasks-webhooks", client, keys.webhooks_wake(),
+                         settings.webhooks.retry_for + 86400, sweeping, _HELPER, log)
         self._redis = client
         self._keys = keys
         self._settings = settings
@@ -77,29 +76,28 @@ class WebhookSender(Loop):
         self._take = client.register_script(script("webhook_take"))
         self._done = client.register_script(script("webhook_done"))
 
-    def tick(self) -> None:
+    def sweep(self) -> float | None:
         """Send what is due; look again soon if some was (every worker then sends, each
-        delivery under its own lease), later if none, latest in a process that does not
-        sweep."""
-        tried = self.run_once()
-        self._interval = _EVERY if tried else _QUIET if self._sweeping() else _HELPER
+        delivery under its own lease), else when the next is due."""
+        tried, upcoming = self.run_once()
+        return _EVERY if tried else upcoming
 
-    def run_once(self) -> int:
-        """Send the deliveries due now, one taken at a time (each under its own lease); how
-        many were tried."""
+    def run_once(self) -> tuple[int, float | None]:
+        """Send the deliveries due now, one taken at a time (each under its own lease): how
+        many were tried, and in how many seconds the next is due (None: none pending)."""
         hooks = self._settings.webhooks
         lease = int((2 * hooks.timeout + 5) * 1000)
         tried = 0
         while tried < _TAKE and not self.stopping:
             token = uuid.uuid4().hex
-            due = self._take(keys=[self._keys.webhooks()],
-                             args=[int(time.time() * 1000), lease, token,
-                                   self._keys.webhook("")])
+            due, upcoming = self._take(keys=[self._keys.webhooks()],
+                                       args=[int(time.time() * 1000), lease, token,
+                                             self._keys.webhook("")])
             if not due:
-                break
+                return tried, float(upcoming) / 1000 if upcoming else None
             self._deliver(text(due), token)
             tried += 1
-        return tried
+        return tried, 0.0
 
     def _deliver(self, delivery: str, token: str) -> None:
         state = text_map(self._redis.hgetall(self._keys.webhook(delivery)))

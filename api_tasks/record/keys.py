@@ -92,7 +92,7 @@ class Keys:
 
     def delayed_wake(self) -> str:
         """List: at most one token, left by whatever adds a delayed job, for the sweeping
-        scheduler, which waits on it until the next due job it knows of."""
+        scheduler, which waits on it until the next due job it knows of (``Sweep``)."""
         return f"{self.prefix}:delayed:wake"
 
     def running(self) -> str:
@@ -107,10 +107,6 @@ class Keys:
         """String: the token of the one worker that sweeps for the cluster (sends due jobs,
         steps batches, sends webhooks); it lapses when not renewed."""
         return f"{self.prefix}:sweeper"
-
-    def reaper_lock(self) -> str:
-        """String: held by the one worker sweeping for orphaned messages right now."""
-        return f"{self.prefix}:reaper"
 
     def batch(self, batch_id: str) -> str:
         """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
@@ -145,6 +141,11 @@ class Keys:
     def batches(self) -> str:
         """Set: the ids of batches still sending or waiting for jobs."""
         return f"{self.prefix}:batches"
+
+    def batches_wake(self) -> str:
+        """List: at most one token, left when a batch starts, for the sweeping batch pump,
+        which waits on it while no batch is active."""
+        return f"{self.prefix}:batches:wake"
 
     def batch_lock(self, batch_id: str) -> str:
         """String: held by the one worker stepping this batch right now."""
@@ -181,6 +182,11 @@ class Keys:
     def webhooks(self) -> str:
         """Sorted set: webhook deliveries by when each is due (ms), for the workers to send."""
         return f"{self.prefix}:webhooks"
+
+    def webhooks_wake(self) -> str:
+        """List: at most one token, left when a delivery is queued, for the sweeping webhook
+        sender, which waits on it until the next delivery it knows of is due."""
+        return f"{self.prefix}:webhooks:wake"
 
     def webhook(self, delivery_id: str) -> str:
         """Hash: one webhook delivery: its event, owner and endpoint, status and attempts."""

@@ -32,7 +32,7 @@ import redis
 from api_tasks.connections import text
 from api_tasks.record.job_record import TERMINAL
 from api_tasks.record.keys import Keys
-from api_tasks.record.scripts import script
+from api_tasks.record.scripts import script, sha
 from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 from api_tasks.record.writer import Command
 
@@ -45,8 +45,7 @@ _RETRY_MS = 1_000  # a due job whose send failed is due again after this
 # each script's KEYS, ARGV and replies are described at the top of its file
 _CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK = (script(name) for name in (
     "claim", "renew", "release", "restore", "park"))
-_DUE, _SENT, _DEFER, _RECOVER, _FINISH, _WAKE = (script(name) for name in (
-    "due", "sent", "defer", "recover", "finish", "wake"))
+_DUE, _SENT, _DEFER, _RECOVER = (script(name) for name in ("due", "sent", "defer", "recover"))
 
 
 class Parked(IntEnum):
@@ -116,7 +115,6 @@ class LeaseStore:
         self._sent = client.register_script(_SENT)
         self._defer = client.register_script(_DEFER)
         self._recover = client.register_script(_RECOVER)
-        self._wake = client.register_script(_WAKE)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
               upstream: str = "", message: str = "") -> Claim:
@@ -197,10 +195,6 @@ class LeaseStore:
         return ([(text(job_id), json.loads(raw), text(held)) for job_id, raw, held in triples],
                 float(upcoming) / 1000 if upcoming not in (b"", "", None) else None)
 
-    def wake(self) -> None:
-        """End the sweeping scheduler's wait on its wake list now."""
-        self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
-
     def sent(self, job_id: str, held: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it is due again soon)."""
         self._sent(keys=[self.keys.delayed(), self.keys.delayed_messages(),
@@ -213,10 +207,12 @@ class LeaseStore:
         """The one atomic write that ends a job, refused unless ``token`` still owns it (and
         queueing the ``webhooks`` of its end if it is not)."""
         keys = self.keys
-        return ("EVAL", _FINISH, 7 + len(webhooks[0]), keys.job(job_id), keys.result(job_id),
-                keys.events(job_id), keys.channel(job_id), keys.lease(job_id), keys.running(),
-                keys.running_messages(), *webhooks[0], token, ttl, event, event_id,
-                result or "", job_id, len(fields), *fields, *webhooks[1])
+        # by its SHA1: the writer sends it whole only to a Redis that lacks it
+        return ("EVALSHA", sha("finish"), 7 + len(webhooks[0]), keys.job(job_id),
+                keys.result(job_id), keys.events(job_id), keys.channel(job_id),
+                keys.lease(job_id), keys.running(), keys.running_messages(), *webhooks[0],
+                token, ttl, event, event_id, result or "", job_id, len(fields), *fields,
+                *webhooks[1])
 
     def defer(self, job_id: str, message: str) -> bool:
         """A delivery found the job held: look again when the holder's lease would lapse.
@@ -232,11 +228,9 @@ class LeaseStore:
     def recover(self, cutoff_ms: int, limit: int = 500) -> list[str]:
         """Send again the jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their ids."""
         keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrangebyscore(keys.running(), "-inf", cutoff_ms, 0, limit)
-        for key in (keys.running(), keys.running_messages()):  # they live while jobs run
-            pipe.expire(key, self.queued_ttl)
-        ids = [text(i) for i in pipe.execute()[0]]
+        # no TTL set here: every claim sets both keys' again
+        ids = [text(i) for i in self.redis.zrangebyscore(keys.running(), "-inf", cutoff_ms,
+                                                         0, limit)]
         recovered = []
         for job_id in ids:
             outcome = Requeue(text(self._recover(

@@ -10,11 +10,12 @@ the statuses that end a job are named in one place.
 from __future__ import annotations
 
 import functools
+import hashlib
 from importlib import resources
 
 from api_tasks.record.job_record import TERMINAL
 
-__all__ = ["script"]
+__all__ = ["named", "script", "sha"]
 
 
 def _read(name: str) -> str:
@@ -32,3 +33,19 @@ def _prelude() -> str:
 def script(name: str) -> str:
     """The source of ``api_tasks/record/lua/<name>.lua``, after the shared prelude."""
     return _prelude() + _read(name)
+
+
+_NAMES: dict[str, str] = {}  # the SHA1 of each script ``sha`` gave, and its name
+
+
+@functools.cache
+def sha(name: str) -> str:
+    """The SHA1 Redis knows script ``name`` by, for ``EVALSHA``."""
+    digest = hashlib.sha1(script(name).encode(), usedforsecurity=False).hexdigest()
+    _NAMES[digest] = name
+    return digest
+
+
+def named(digest: str) -> str | None:
+    """The name of the script whose SHA1 ``sha`` gave as ``digest``, if any."""
+    return _NAMES.get(digest)

@@ -40,7 +40,8 @@ def event_args(keys: Keys, settings: Settings, owner: str, event: str, subject_i
                           "type": event, "data": {"id": subject_id}}, separators=(",", ":"))
     ids = [f"{event_id}-{index}" for index in endpoints]
     ttl = settings.webhooks.retry_for + 86400  # a day to look at how the last try went
-    return ([keys.webhooks(), keys.owned_webhooks(owner), *(keys.webhook(i) for i in ids)],
+    return ([keys.webhooks(), keys.webhooks_wake(), keys.owned_webhooks(owner),
+             *(keys.webhook(i) for i in ids)],
             [payload, owner, int(now * 1000), ttl,
              *(item for pair in zip(ids, endpoints, strict=True) for item in pair)])
 

@@ -28,8 +28,10 @@ from typing import Any
 
 import hiredis
 import redis
+from redis.exceptions import NoScriptError
 
 from api_tasks.connections import reason
+from api_tasks.record.scripts import named, script
 
 __all__ = ["Command", "EventWriter"]
 
@@ -168,18 +170,34 @@ class EventWriter:
         try:
             packed = b"".join(map(hiredis.pack_command, commands))
             connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as err:
-                    replies.append(err)
+            replies = _read(connection, len(commands))
+            # a script Redis lacked (restarted, flushed): nothing of it ran, and it is its
+            # job's last write, so it runs now, sent whole, after the rest of the batch
+            unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
+                        and commands[i][0] == "EVALSHA" and named(commands[i][1])]
+            if unloaded:
+                connection.send_packed_command([b"".join(hiredis.pack_command(
+                    ("EVAL", script(str(named(commands[i][1]))), *commands[i][2:]))
+                    for i in unloaded)])  # type: ignore[no-untyped-call]
+                for i, reply in zip(unloaded, _read(connection, len(unloaded)), strict=True):
+                    replies[i] = reply
             return replies
         except BaseException:
             connection.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread
             raise
         finally:
             pool.release(connection)
+
+
+def _read(connection: Any, count: int) -> list[Any]:
+    """``count`` replies, an error reply as its exception."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(connection.read_response())
+        except redis.ResponseError as err:
+            replies.append(err)
+    return replies
 
 
 def _settle(batch: list[_Item],

@@ -116,7 +116,7 @@ class _Stepper:
         self.lock = client.keys.batch_lock(self.batch.id)
         assert client.redis.set(self.lock, "test", px=20_000)
         self.batch.upload(_write(tmp_path / "in.jsonl", lines), 3, "bulk")
-        self.pump = BatchPump(client)
+        self.pump = BatchPump(client, client.redis)
 
     def take(self, count: int) -> list[str]:
         jobs = [f"{self.batch.id}-{i}" for i in range(count)]

@@ -9,6 +9,7 @@ import redis
 
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Parked
+from api_tasks.record.scripts import script
 
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
@@ -28,6 +29,7 @@ def test_a_held_lease_is_renewed(redis_client: redis.Redis) -> None:
 
 def _finish(client: redis.Redis, store: LeaseStore, job_id: str, token: str) -> str:
     command = store.finish_command(job_id, token, 60, "{}", "1-1", None, ["status", "succeeded"])
+    client.script_load(script("finish"))  # by its SHA1: the writer sends it whole if need be
     return client.execute_command(*command).decode()
 
 

@@ -1,20 +1,29 @@
 """One worker process of a cluster sweeps at a time (``execution.sweeper``), another takes
-over when it stops or dies, and the sweeping scheduler sleeps until a job is due or parked."""
+over when it stops or dies, and the parts of the sweeping sleep until their work is due or
+a token on their wake list says there is more."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
 
+from api_tasks.client import Client
+from api_tasks.connections import connect
 from api_tasks.execution import sweeper
 from api_tasks.execution.scheduler import Scheduler
 from api_tasks.execution.sweeper import SweeperRole
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
-from tests.support.services import wait_until
+from api_tasks.record.scripts import script
+from config.loader import load_settings
+from config.settings import RedisSettings
+from tests.support.services import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +89,66 @@ def test_the_sweeping_scheduler_sends_a_job_parked_while_it_slept(
         assert sent[0][1] - parked_at < 0.5
     finally:
         scheduler.stop()
+
+
+class _Rounds(sweeper.Sweep):
+    """A part of the sweeping that counts its rounds and has nothing more to do after each."""
+
+    def __init__(self, client: redis.Redis, wake: str, role: list[bool]) -> None:
+        super().__init__("test-sweep", client, wake, 60, lambda: role[0], None,
+                         logging.getLogger(__name__))
+        self.rounds: list[float] = []
+
+    def sweep(self) -> float | None:
+        self.rounds.append(time.monotonic())
+        return None  # until woken
+
+
+def test_an_idle_sweep_sleeps_on_its_wake_list_until_a_token_and_hands_on_one_not_its_own(
+        tmp_path: Path) -> None:
+    """Idle, a part of the sweeping runs no round (one blocking pop every ten seconds); a
+    token ends the wait at once; a process that lost the role leaves the token it took for
+    the holder."""
+    server = RedisServer(tmp_path / "redis").start()  # its own: the only one blocked there
+    try:
+        own = redis.Redis.from_url(server.url)
+        wake = "sweep:wake"
+        leave = own.register_script(script("wake"))
+        role = [True]
+        part = _Rounds(connect(RedisSettings(url=server.url)), wake, role)
+
+        def waiting() -> bool:
+            return any(c.get("cmd") == "blpop" for c in own.client_list())
+        part.start()
+        try:
+            wait_until(lambda: part.rounds and waiting(), 5, "the wait on the wake list")
+            woken = time.monotonic()
+            leave(keys=[wake], args=[60])
+            wait_until(lambda: len(part.rounds) == 2, 5, "a round for the token")
+            assert part.rounds[1] - woken < 0.3
+            assert own.llen(wake) == 0
+            wait_until(waiting, 5, "the wait again")
+            role[0] = False  # the role moved on while this process waited
+            leave(keys=[wake], args=[60])
+            wait_until(lambda: own.llen(wake) == 1, 5, "the token handed on")
+            assert not waiting() and len(part.rounds) == 2  # idle: no round, no wait
+        finally:
+            part.stop()
+    finally:
+        server.stop()
+
+
+def test_starting_or_cancelling_a_batch_leaves_a_token_for_the_batch_pump(
+        redis_client: redis.Redis, worker_env: dict[str, str], tmp_path: Path) -> None:
+    # a prefix no worker sweeps: the tokens stay for the test to see
+    client = Client(load_settings(env={**worker_env,
+                                       "API_TASKS_PREFIX": f"tok{uuid.uuid4().hex[:6]}"}))
+    wake = client.keys.batches_wake()
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(line) + "\n")
+    batch = client.submit_batch(source, window=1, queue="bulk")
+    assert redis_client.lpop(wake) == b"1"
+    assert batch.cancel() == "cancelling"
+    assert redis_client.lpop(wake) == b"1"

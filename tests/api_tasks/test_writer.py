@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
 
+from api_tasks.record.scripts import sha
 from api_tasks.record.writer import EventWriter
-from tests.support.services import free_port
+from tests.support.services import RedisServer, free_port
 
 
 def test_many_threads_commands_land_in_order_with_their_replies(
@@ -66,3 +68,23 @@ def test_a_thread_waits_for_room_while_redis_is_away_then_gives_up() -> None:
             stuck.result(timeout=10)  # given up after retry_for, not hung
     finally:
         events.close()
+
+
+def test_a_script_redis_lacks_is_sent_whole_and_runs_once(tmp_path: Path) -> None:
+    """A job's finish goes by its SHA1; a Redis that lost its scripts (restarted, flushed)
+    runs it from its source, in the same write, and the rest of the batch is not repeated."""
+    server = RedisServer(tmp_path / "redis").start()
+    events = EventWriter(redis.Redis.from_url(server.url))
+    events.start()
+    try:
+        own = redis.Redis.from_url(server.url)
+        own.script_flush()
+        replies = events.write([("RPUSH", "seen", "before"),
+                                ("EVALSHA", sha("wake"), 1, "woken", 60),
+                                ("RPUSH", "seen", "after")], timeout=5)
+        assert replies[0] == 1 and replies[2] == 2
+        assert own.lrange("woken", 0, -1) == [b"1"]
+        assert own.lrange("seen", 0, -1) == [b"before", b"after"]
+    finally:
+        events.close()
+        server.stop()

@@ -12,9 +12,10 @@ local function now_ms()
   return clock_ms
 end
 
--- Leave a token on the scheduler's wake list `key` (at most one is kept, for `ttl` seconds):
--- the sweeping scheduler sleeps on it until the next due job it knows of, so whatever adds
--- a waiting job says so.
+-- Leave a token on a sweeping part's wake list `key` (at most one is kept, for `ttl` seconds):
+-- the scheduler, the batch pump and the webhook sender of the process that sweeps sleep on
+-- theirs until their next due work (api_tasks/execution/sweeper.py), so whatever gives them
+-- work says so.
 local function leave_wake(key, ttl)
   redis.call('LPUSH', key, '1')
   redis.call('LTRIM', key, 0, 0)
@@ -60,18 +61,20 @@ local function index_by_owner(key, id, ttl)
 end
 
 -- Queue webhook deliveries (api_tasks/execution/webhooks.py sends them) with the state change
--- that causes them, so each is sent at least once. KEYS[k]: the pending set, the owner's index
--- of deliveries, then one hash per delivery; ARGV from a: payload, owner, now (ms), ttl, then
--- each delivery's id and endpoint index. Nothing when KEYS[k] is absent.
+-- that causes them, so each is sent at least once. KEYS[k]: the pending set, the sender's
+-- wake list, the owner's index of deliveries, then one hash per delivery; ARGV from a:
+-- payload, owner, now (ms), ttl, then each delivery's id and endpoint index. Nothing when
+-- KEYS[k] is absent.
 local function add_webhooks(k, a)
   if not KEYS[k] then return end
-  for i = k + 2, #KEYS do
-    local j = a + 4 + 2 * (i - k - 2)
+  for i = k + 3, #KEYS do
+    local j = a + 4 + 2 * (i - k - 3)
     redis.call('HSET', KEYS[i], 'payload', ARGV[a], 'owner', ARGV[a + 1], 'endpoint',
                ARGV[j + 1], 'attempts', 0, 'first_at', ARGV[a + 2], 'status', 'pending')
     redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
     redis.call('ZADD', KEYS[k], ARGV[a + 2], ARGV[j])
-    index_by_owner(KEYS[k + 1], ARGV[j], ARGV[a + 3])
+    index_by_owner(KEYS[k + 2], ARGV[j], ARGV[a + 3])
   end
   redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
+  leave_wake(KEYS[k + 1], ARGV[a + 3])
 end

@@ -1,4 +1,4 @@
--- KEYS: batch, input, the set of active batches. ARGV: batch id, total, ttl, result ttl.
+-- KEYS: batch, input, the set of active batches, the batch pump's wake list. ARGV: batch id, total, ttl, result ttl.
 -- Hands the batch to the workers, unless it was cancelled (or expired) while uploading.
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'uploading' then
@@ -11,4 +11,5 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
+leave_wake(KEYS[4], ARGV[3])
 return 'in_progress'
