@@ -58,7 +58,8 @@ class Client(Enqueuer):
         # blocking reads (XREAD BLOCK) get their own pool, with a longer timeout
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,
-                              blocking=connect(settings.redis, max_connections=PRODUCER_POOL),
+                              blocking=connect(settings.redis.state(),
+                                               max_connections=PRODUCER_POOL),
                               notifier=job_notifier(self.keys, settings))
 
     def submit_chat(self, messages: Any, **params: Any) -> Job:

@@ -3,7 +3,9 @@
 A submit is one Redis round trip, a transaction: the job's record, its owner's index entry
 and its task message (``broker.task_message``), built here as calls (``Submissions``) and
 run by the sync ``Enqueuer`` (producers, the workers' batch pump) or the gateway's
-``AsyncEnqueuer``. ``Client`` (the producer API) is an ``Enqueuer`` that also hands back
+``AsyncEnqueuer``. With the state on a Redis apart from the broker (``redis.state_url``), it
+is two: the record's transaction, then the message; a message that did not go takes its
+record back out. ``Client`` (the producer API) is an ``Enqueuer`` that also hands back
 ``Job``s.
 """
 
@@ -24,7 +26,7 @@ from api_tasks import metrics, tracing
 from api_tasks.broker import task_message
 from api_tasks.connections import connect, reason
 from api_tasks.errors import BrokerUnavailable
-from api_tasks.record.calls import Call, Failed, lua
+from api_tasks.record.calls import AsyncShell, Call, Failed, SyncShell, lua
 from api_tasks.record.job_record import queued, submit_fields
 from api_tasks.record.keys import Keys
 from api_tasks.record.store import AsyncJobStore, JobRecords, JobStore
@@ -49,7 +51,9 @@ class Submission:
 
     job_id: str
     record: dict[str, str]
-    calls: tuple[Call[Any], ...]
+    calls: tuple[Call[Any], ...]  # the record's, on the state's Redis
+    send: Call[Any]  # the task message's, on the broker's (after the record: no worker finds
+    # a message without its record)
 
 
 class Submissions:
@@ -69,12 +73,37 @@ class Submissions:
         record = queued({**submit_fields(spec, upstream.name, lane), **(fields or {})})
         message = task_message(spec.endpoint.task, [first], spec.task_kwargs(), job_id, lane,
                                tracing.submit_headers(job_id, spec.kind, spec.model, lane))
-        # the record before the message: no worker finds a message without its record
         calls: list[Call[Any]] = [self.records.create(job_id, record)]
         if (index := self.records.index(job_id, record)) is not None:
             calls.append(index)
-        calls.append(lua("job_send", [self.records.keys.queue(lane)], [message]))
-        return Submission(job_id, record, tuple(calls))
+        return Submission(job_id, record, tuple(calls),
+                          lua("job_send", [self.records.keys.queue(lane)], [message]))
+
+
+def _together(submissions: list[Submission]) -> list[list[Call[Any]]]:
+    """Each submission's calls as one group, record and message (broker and state as one)."""
+    return [[*s.calls, s.send] for s in submissions]
+
+
+def _joined(records: list[list[Any] | Failed], sent: list[list[Any] | Failed]
+            ) -> list[list[Any] | Failed]:
+    """Each submission's replies, its record's then its message's, as one group's would be
+    (``sent``: those of the submissions whose record was written, in order); a record that
+    failed has its error for its message's reply: its message was not sent."""
+    out: list[list[Any] | Failed] = []
+    messages = iter(sent)
+    for written in records:
+        if isinstance(written, Failed):
+            out.append(Failed(written.error, [*written.replies, written.error]))
+            continue
+        message = next(messages)
+        out.append(Failed(message.error, [*written, *message.replies])
+                   if isinstance(message, Failed) else [*written, *message])
+    return out
+
+
+def _written(records: list[list[Any] | Failed]) -> list[int]:
+    return [i for i, written in enumerate(records) if not isinstance(written, Failed)]
 
 
 def _outcome(outcome: list[Any] | Failed) -> tuple[Exception | None, bool]:
@@ -105,21 +134,41 @@ class Enqueuer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # quick calls fail fast on a hung Redis (redis-py 8 caps a pool at 100 by default)
-        self.redis = connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
+        self.redis = connect(settings.redis.state(), socket_timeout=_QUICK_TIMEOUT,
                              max_connections=PRODUCER_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))
         self.submissions = Submissions(settings, self.store.records)
+        # the broker's Redis, for the task messages (the state's own, unless apart)
+        self.broker = SyncShell(connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
+                                        max_connections=PRODUCER_POOL)) \
+            if settings.redis.split else self.store.shell
 
     def warm(self) -> None:
         """Connect and load the submit's scripts now, so the first submit is as quick as the
         next."""
         try:
             self.store.shell.load(_SCRIPTS)
+            if self.broker is not self.store.shell:
+                self.broker.load(("job_send",))
         except redis.RedisError as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
+
+    def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
+        """Run submissions' calls: each one's replies, record's then message's, or ``Failed``.
+        Raises only if nothing was written (a record's round trip failed)."""
+        if self.broker is self.store.shell:
+            return self.store.shell.run_groups(_together(submissions), transaction=True)
+        records = self.store.shell.run_groups([list(s.calls) for s in submissions],
+                                              transaction=True)
+        written = _written(records)
+        try:
+            sent = self.broker.run_groups([[submissions[i].send] for i in written])
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            sent = [Failed(err, [err])] * len(written)
+        return _joined(records, sent)
 
     def enqueue(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
                 job_id: str | None = None, fields: Mapping[str, str] | None = None) -> str:
@@ -131,7 +180,7 @@ class Enqueuer:
         """
         submission = self.submissions.build(kind, first, params, job_id=job_id, fields=fields)
         try:
-            [outcome] = self.store.shell.run_groups([submission.calls], transaction=True)
+            [outcome] = self._send([submission])
         except (redis.ConnectionError, redis.TimeoutError) as err:
             # the transaction ran whole or not at all: no record waits for a lost message
             raise _seen(err) from err
@@ -152,8 +201,7 @@ class Enqueuer:
         if not submissions:
             return []
         try:
-            outcomes = self.store.shell.run_groups([s.calls for s in submissions],
-                                                   transaction=True)
+            outcomes = self._send(submissions)
         except (redis.ConnectionError, redis.TimeoutError) as err:
             return [_seen(err)] * len(submissions)
         for submission, outcome in zip(submissions, outcomes, strict=True):
@@ -169,9 +217,11 @@ class AsyncEnqueuer:
     transaction: under load one round trip carries many, at a fraction of the CPU each.
     """
 
-    def __init__(self, settings: Settings, store: AsyncJobStore) -> None:
+    def __init__(self, settings: Settings, store: AsyncJobStore,
+                 broker: AsyncShell | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.broker = broker or store.shell  # the broker's Redis (the state's, unless apart)
         self.submissions = Submissions(settings, store.records)
         self._waiting: list[tuple[Submission, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -180,6 +230,8 @@ class AsyncEnqueuer:
         """Connect and load the submit's scripts now."""
         try:
             await self.store.shell.load(_SCRIPTS)
+            if self.broker is not self.store.shell:
+                await self.broker.load(("job_send",))
         except redis.RedisError as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
@@ -205,11 +257,23 @@ class AsyncEnqueuer:
                     sent.set_exception(BrokerUnavailable("the gateway is stopping"))
             self._waiting = []
 
+    async def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
+        """``Enqueuer._send`` on asyncio."""
+        if self.broker is self.store.shell:
+            return await self.store.shell.run_groups(_together(submissions), transaction=True)
+        records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
+                                                    transaction=True)
+        written = _written(records)
+        try:
+            sent = await self.broker.run_groups([[submissions[i].send] for i in written])
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            sent = [Failed(err, [err])] * len(written)
+        return _joined(records, sent)
+
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:
         replies: list[Any] = [None] * len(batch)
         try:
-            replies = await self.store.shell.run_groups(
-                [submission.calls for submission, _ in batch], transaction=True)
+            replies = await self._send([submission for submission, _ in batch])
             outcomes = [_outcome(outcome) for outcome in replies]
         except Exception as err:  # the round trip failed: the transaction ran whole or not
             outcomes = [(_seen(err), False)] * len(batch)

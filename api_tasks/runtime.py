@@ -55,7 +55,11 @@ class Runtime:
         jobs, worker = settings.jobs, settings.worker
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         # one connection per job thread, or a shutdown's give-backs fail all at once
-        self.redis = connect(settings.redis, max_connections=pool_size(worker.concurrency))
+        self.redis = connect(settings.redis.state(), max_connections=pool_size(worker.concurrency))
+        # the broker's Redis, for task messages sent again and given back (the state's own,
+        # unless apart: redis.state_url)
+        self.broker = connect(settings.redis, max_connections=pool_size(worker.concurrency)) \
+            if settings.redis.split else self.redis
         self.keys = Keys(settings.redis.prefix)
         self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))
@@ -63,7 +67,7 @@ class Runtime:
                                  int(worker.lease_ttl * 1000), jobs.max_crashes)
         self.writer = EventWriter(self.redis)
         # its own connection, failing fast: leases must be renewed whatever else hangs
-        quick = connect(settings.redis, socket_timeout=max(worker.lease_ttl / 6, 0.5))
+        quick = connect(settings.redis.state(), socket_timeout=max(worker.lease_ttl / 6, 0.5))
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
         # one worker of the cluster at a time gives back dead workers' jobs, sends waiting
         # jobs again, steps batches and sends webhooks: the one holding the sweeper role
@@ -71,7 +75,7 @@ class Runtime:
         role = SweeperRole(quick, self.keys, self.worker_id) if app is not None else None
         self.role = role
         sweeping = (lambda: role.held) if role is not None else (lambda: False)
-        self.reaper = Reaper(self.redis, self.keys, self.leases, worker.reap_interval, sweeping)
+        self.reaper = Reaper(self.broker, self.keys, self.leases, worker.reap_interval, sweeping)
         self.scheduler = Scheduler(self.redis, self.keys, self.leases, self._send,
                                    sweeping) if app is not None else None
         # only a worker (it has the app) says it is alive: probes count workers, not producers
@@ -127,7 +131,7 @@ class Runtime:
 
     def _send(self, job_id: str, message: dict[str, Any]) -> None:
         """Send a waiting job's task message again (for the scheduler)."""
-        self.redis.lpush(self.keys.queue(message["queue"]), task_message(
+        self.broker.lpush(self.keys.queue(message["queue"]), task_message(
             message["task"], message["args"], message["kwargs"], job_id, message["queue"],
             message.get("headers")))
 

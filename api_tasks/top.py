@@ -36,7 +36,8 @@ def snapshot(client: Client) -> dict[str, Any]:
     """Everything the view shows, read now (``error`` when Redis did not answer)."""
     keys: Keys = client.keys
     try:
-        state = cluster_state(client.redis, keys, client.settings)
+        state = cluster_state(client.redis, keys, client.settings,
+                              client.broker.redis if client.settings.redis.split else None)
         ids = client.store.shell.run(alive(keys))
         workers = client.store.shell.run(records(keys, ids)) if ids else []
         batch_ids = sorted(text(b) for b in client.redis.smembers(keys.batches()))

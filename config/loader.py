@@ -30,6 +30,7 @@ Origins = dict[tuple[str | int, ...], str]
 # typed model validates the result and names the variable on failure.
 ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "REDIS_URL": (("redis", "url"), str),
+    "REDIS_STATE_URL": (("redis", "state_url"), str),
     "API_TASKS_PREFIX": (("redis", "prefix"), str),
     "API_TASKS_RESULT_TTL": (("jobs", "result_ttl"), str),
     "API_TASKS_POOL": (("worker", "pool"), str),

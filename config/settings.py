@@ -325,13 +325,18 @@ class RedisSettings(_Model):
     """Where Redis is and how our keys are named."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    # the project's state (records, results, streams, leases, limits, batches) on a Redis of
+    # its own; the Celery broker (queues, unacked messages) stays on ``url``
+    state_url: str | None = None
     prefix: str = "api_tasks"
     socket_connect_timeout: float = Field(5.0, gt=0)
     health_check_interval: int = Field(15, ge=0)
 
-    @field_validator("url")
+    @field_validator("url", "state_url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         scheme = urlsplit(value).scheme
         if scheme == "sentinel":
             parse_sentinel_url(value)
@@ -343,6 +348,16 @@ class RedisSettings(_Model):
     def sentinel(self) -> SentinelURL | None:
         """The Sentinels to ask for the primary, when the URL names them."""
         return parse_sentinel_url(self.url) if urlsplit(self.url).scheme == "sentinel" else None
+
+    @property
+    def split(self) -> bool:
+        """Whether the state lives on another Redis than the broker."""
+        return self.state_url is not None and self.state_url != self.url
+
+    def state(self) -> RedisSettings:
+        """These settings for the Redis that holds the project's state."""
+        return self.model_copy(update={"url": self.state_url, "state_url": None}) \
+            if self.split else self
 
     @field_validator("prefix")
     @classmethod

@@ -1,7 +1,10 @@
 """Session fixtures: one real Redis, one fake upstream, one real Celery worker.
 
 Every test that submits jobs uses models named uniquely for it, so scripted
-upstream behaviour and recorded requests never mix between tests.
+upstream behaviour and recorded requests never mix between tests. With
+``API_TASKS_TEST_STATE_APART=1`` the project's state lives on a second Redis, apart from the
+broker (``redis.state_url``): ``redis_client`` reaches the state's, ``broker_client`` the
+broker's (``scripts/test`` runs the core and fault tests so too).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ GATEWAY_HOOKED_KEY = "sk-gw-hooked-90b2"
 WEBHOOK_SECRET = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c="  # openai-python's test one
 GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
 LIMITED_RPM = 120  # the limited key's own limit: a call every half second
+STATE_APART = os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
 
 
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
@@ -88,6 +92,17 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
+def state_server(workdir: Path, redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The Redis of the project's state: the broker's own, or one apart."""
+    if not STATE_APART:
+        yield redis_server
+        return
+    server = RedisServer(workdir / "redis-state").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def fake() -> Iterator[FakeUpstream]:
     with FakeUpstream() as upstream:
         yield upstream
@@ -115,7 +130,8 @@ def webhook_trap() -> Iterator[WebhookReceiver]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
+def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServer,
+               fake: FakeUpstream,
                proxy: FaultProxy, webhook_receiver: WebhookReceiver,
                webhook_trap: WebhookReceiver) -> dict[str, str]:
     config = workdir / "settings.yaml"
@@ -144,6 +160,8 @@ def worker_env(workdir: Path, redis_server: RedisServer, fake: FakeUpstream,
                 "GW_HOOK_SECRET": WEBHOOK_SECRET,
                 "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1",
                 "API_TASKS_METRICS_PORT": "0"})  # many workers on one machine: any free port
+    if state_server is not redis_server:
+        env["REDIS_STATE_URL"] = state_server.url
     return env
 
 
@@ -174,8 +192,15 @@ def celery_app(client: Client) -> Iterator[Celery]:
 
 
 @pytest.fixture(scope="session")
-def redis_client(redis_server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(redis_server.url)
+def redis_client(state_server: RedisServer) -> redis.Redis:
+    """The Redis of the project's state (records, results, streams...)."""
+    return redis.Redis.from_url(state_server.url)
+
+
+@pytest.fixture(scope="session")
+def broker_client(redis_server: RedisServer, redis_client: redis.Redis) -> redis.Redis:
+    """The broker's Redis (queues, unacked messages): ``redis_client`` unless apart."""
+    return redis.Redis.from_url(redis_server.url) if STATE_APART else redis_client
 
 
 @pytest.fixture

@@ -47,7 +47,10 @@ def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
     def on_init(sender: Any = None, **_: Any) -> None:
-        wait_for_redis(runtime.install(settings, getattr(sender, "app", None)).redis)
+        installed = runtime.install(settings, getattr(sender, "app", None))
+        wait_for_redis(installed.redis)
+        if installed.broker is not installed.redis:
+            wait_for_redis(installed.broker)
 
     def on_logging(logger: logging.Logger, loglevel: Any = None, **_: Any) -> None:
         for handler in logger.handlers:  # every line says which job it is about

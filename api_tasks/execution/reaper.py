@@ -10,7 +10,10 @@ message of a job that already ended is dropped). A running job's lease is
 renewed by its worker, so a live job is never touched.
 
 This reads kombu's own bookkeeping (``unacked`` and ``unacked_index`` under
-the broker's key prefix) and writes it the way kombu's restore does. The same
+the broker's key prefix) and writes it the way kombu's restore does: the job's
+state taken back first (``restore``), then its message returned
+(``unacked_return``), two scripts since the broker and the state may be two
+Redis servers (a duplicate message is dropped by the claim; none is lost). The same
 sweep then sends again, from the copy kept at claim, any job still running
 whose lease lapsed longer ago than that: its message is gone too.
 """
@@ -27,6 +30,7 @@ import redis
 from api_tasks.background import Loop
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Requeue
+from api_tasks.record.scripts import script
 
 __all__ = ["Reaper"]
 
@@ -34,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class Reaper(Loop):
-    """A thread that gives back orphaned messages every ``interval`` seconds."""
+    """A thread that gives back orphaned messages every ``interval`` seconds (``client``: the
+    broker's Redis; the jobs' state goes through ``leases``)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, leases: LeaseStore,
                  interval: float, sweeping: Callable[[], bool] = lambda: True) -> None:
@@ -44,6 +49,7 @@ class Reaper(Loop):
         self._leases = leases
         self._sweep_every = interval
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
+        self._return = client.register_script(script("unacked_return"))
 
     def tick(self) -> None:
         """One sweep, if this process sweeps for the cluster."""
@@ -79,7 +85,12 @@ class Reaper(Loop):
         except (ValueError, KeyError, TypeError):
             return False  # not a task message of ours: kombu's own restore will see to it
         _mark_redelivered(payload)
-        outcome = self._leases.restore(tag.decode(), job_id, str(queue), json.dumps(payload))
+        outcome = self._leases.restore(job_id)  # the job's state first, then the message
+        if outcome is Requeue.ALIVE:
+            return False
+        prefix = self._keys.celery_prefix()
+        self._return(keys=[prefix + "unacked_index", prefix + "unacked", prefix + str(queue)],
+                     args=[tag, json.dumps(payload) if outcome is Requeue.RESTORED else ""])
         if outcome is Requeue.RESTORED:
             log.warning("reaper: job %s lost its worker; back on queue %s", job_id, queue)
         return outcome is Requeue.RESTORED

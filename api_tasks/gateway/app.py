@@ -45,6 +45,7 @@ from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.gateway.webhooks import list_deliveries
 from api_tasks.json_codec import loads_exact
+from api_tasks.record.calls import AsyncShell
 from api_tasks.record.cluster import cluster_reader
 from api_tasks.record.job_record import TERMINAL, Field
 from api_tasks.record.keys import Keys
@@ -79,11 +80,15 @@ class Gateway:
         self.settings = settings
         # a connection is held for one call at a time (waiting readers listen on the store's
         # hub): a few hundred serve thousands of readers, and bound the memory they take
-        self.redis = connect_async(settings.redis, max_connections=_POOL)
+        self.redis = connect_async(settings.redis.state(), max_connections=_POOL)
         self.keys = Keys(settings.redis.prefix)
         self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
                                    settings.jobs.queued_ttl, job_notifier(self.keys, settings))
-        self.submitter = Submitter(settings, self.store)
+        # the broker's Redis, for the task messages (the state's own, unless apart)
+        self.broker = connect_async(settings.redis, max_connections=_POOL) \
+            if settings.redis.split else self.redis
+        self.submitter = Submitter(settings, self.store, AsyncShell(self.broker)
+                                   if settings.redis.split else None)
         self.keyring = Keyring(settings.gateway)
         self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
         metrics.register_cluster(cluster_reader(settings, self.keys))  # read on a thread
@@ -108,6 +113,8 @@ class Gateway:
     async def close(self) -> None:
         """Release the Redis connections."""
         await self.redis.aclose()
+        if self.broker is not self.redis:
+            await self.broker.aclose()
 
     def key(self, request: Request) -> GatewayKey:
         """The caller's key (401 without a valid one)."""
@@ -550,6 +557,8 @@ async def readyz(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
         workers = await gateway.store.shell.run(alive(gateway.keys))
+        if gateway.broker is not gateway.redis:  # the broker's Redis must answer too
+            await gateway.broker.ping()
     except (redis.ConnectionError, redis.TimeoutError) as err:
         return JSONResponse({"status": "unavailable", "redis": f"unavailable: {reason(err)}",
                              "workers": []}, status_code=503, headers={"Retry-After": "1"})

@@ -18,6 +18,7 @@ from api_tasks.enqueue import AsyncEnqueuer, Submission
 from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
 from api_tasks.json_codec import dumps
+from api_tasks.record.calls import AsyncShell
 from api_tasks.record.job_record import Field
 from api_tasks.record.store import AsyncJobStore
 from api_tasks.spec import CONTROL_FIELDS, ENDPOINTS, Kind
@@ -40,9 +41,10 @@ Submitted = tuple[str, dict[str, str] | None]  # the job id, and its record if t
 class Submitter:
     """Checks a request against its key and enqueues it as a job."""
 
-    def __init__(self, settings: Settings, store: AsyncJobStore) -> None:
+    def __init__(self, settings: Settings, store: AsyncJobStore,
+                 broker: AsyncShell | None = None) -> None:
         self.settings = settings
-        self.enqueuer = AsyncEnqueuer(settings, store)
+        self.enqueuer = AsyncEnqueuer(settings, store, broker)
         self.keys = store.keys
         self._redis = store.redis
 

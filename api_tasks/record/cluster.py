@@ -31,21 +31,24 @@ def limit_scopes(settings: Settings) -> list[str]:
         settings.gateway.named_scopes()
 
 
-def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+def cluster_state(client: redis.Redis, keys: Keys, settings: Settings,
+                  broker: redis.Redis | None = None) -> dict[str, Any]:
     """The cluster's gauges, by name (``api_tasks.metrics.ClusterCollector`` exports them):
-    one pipeline for the counts and the limits, one for the deployments."""
+    one pipeline for the counts and the limits, one for the deployments (and one for the
+    queues' lengths on the ``broker``'s Redis, when it is not the state's)."""
     now = time.time()
     scopes = limit_scopes(settings)
     pipe = client.pipeline(transaction=False)
+    queues = pipe if broker is None else broker.pipeline(transaction=False)
     for lane in LANES:
-        pipe.llen(keys.queue(lane))
+        queues.llen(keys.queue(lane))
     pipe.zcard(keys.delayed())
     pipe.zcard(keys.running())
     pipe.scard(keys.batches())
     pipe.zcount(keys.workers(), int((now - STALE_AFTER) * 1000), "+inf")
     for scope in scopes:
         pipe.hmget(keys.limit(scope), "req", "tok")
-    replies = pipe.execute()
+    replies = pipe.execute() if broker is None else queues.execute() + pipe.execute()
     lanes, rest = replies[:len(LANES)], replies[len(LANES):]
     waiting, running, batches, workers = rest[:4]
     limits: dict[tuple[str, str], float] = {}
@@ -61,5 +64,7 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings) -> dict[s
 def cluster_reader(settings: Settings, keys: Keys) -> Callable[[], dict[str, Any]]:
     """``cluster_state`` for a process's scrapes, over a connection of their own that gives up
     quickly: a hung Redis costs a scrape the cluster's gauges only, never a job's slot."""
-    client = connect(settings.redis, max_connections=2, socket_timeout=2.0)
-    return lambda: cluster_state(client, keys, settings)
+    client = connect(settings.redis.state(), max_connections=2, socket_timeout=2.0)
+    broker = connect(settings.redis, max_connections=2, socket_timeout=2.0) \
+        if settings.redis.split else None
+    return lambda: cluster_state(client, keys, settings, broker)

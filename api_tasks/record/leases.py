@@ -74,10 +74,9 @@ class Verdict(StrEnum):
 class Requeue(StrEnum):
     """What giving back (``restore``) or sending again (``recover``) a job's message found."""
 
-    RESTORED = "restored"  # its unacked message is back on its queue
+    RESTORED = "restored"  # queued again: its unacked message goes back on its queue
     RECOVERED = "recovered"  # its kept message is due to be sent again
     ALIVE = "alive"  # a live lease says it is still running: left alone
-    GONE = "gone"  # no message to give back (acked, or taken care of already)
     ENDED = "ended"  # it ended: its message is dropped
 
 
@@ -156,14 +155,13 @@ class LeaseStore:
         return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id), keys.running(),
                                         keys.running_messages()], args=[token, job_id]))
 
-    def restore(self, tag: str, job_id: str, queue: str, message: str) -> Requeue:
-        """Put an unacked message back on its queue if its job's lease lapsed."""
-        celery = self.keys.celery_prefix()
+    def restore(self, job_id: str) -> Requeue:
+        """Take a dead worker's job back if its lease lapsed: ``RESTORED`` (its message is to
+        go back on its queue), ``ENDED`` (to be dropped) or ``ALIVE`` (left alone)."""
+        keys = self.keys
         return Requeue(text(self._restore(
-            keys=[celery + "unacked_index", celery + "unacked", self.keys.job(job_id),
-                  self.keys.lease(job_id), celery + queue, self.keys.running(),
-                  self.keys.running_messages()],
-            args=[tag, message, job_id])))
+            keys=[keys.job(job_id), keys.lease(job_id), keys.running(),
+                  keys.running_messages()], args=[job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: str, turn: float | None = None, lead: float = 0.0,

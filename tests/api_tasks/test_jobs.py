@@ -148,39 +148,42 @@ def test_invalid_jobs_are_refused_at_submit(client: Client, redis_client: redis.
     assert list(redis_client.scan_iter(match=f"*{job_id}*", count=1000)) == []
 
 
-def test_a_failed_send_of_any_kind_leaves_no_record(settings: Settings,
-                                                   redis_client: redis.Redis) -> None:
+def test_a_failed_send_of_any_kind_leaves_no_record(
+        settings: Settings, redis_client: redis.Redis, broker_client: redis.Redis) -> None:
     """Not only a lost connection: any error in the submit's transaction (here Redis refusing
     the message, as a lane's key holds something else) removes the new record."""
     own = Client(settings.model_copy(update={"redis": settings.redis.model_copy(
         update={"prefix": f"unsent{uuid.uuid4().hex[:6]}"})}))
-    redis_client.set(own.keys.queue("interactive"), "not a list", ex=60)
+    broker_client.set(own.keys.queue("interactive"), "not a list", ex=60)
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         own.submit_chat(USER, model="m-unsent")
-    assert list(redis_client.scan_iter(match=f"{own.keys.prefix}:*", count=1000)) == [
-        own.keys.queue("interactive").encode()]
+    assert {key for client in (redis_client, broker_client)
+            for key in client.scan_iter(match=f"{own.keys.prefix}:*", count=1000)} == {
+        own.keys.queue("interactive").encode()}
 
 
 def test_a_redis_that_forgot_its_scripts_never_shows_a_message_before_its_record(
-        settings: Settings, redis_client: redis.Redis) -> None:
+        settings: Settings, redis_client: redis.Redis, broker_client: redis.Redis) -> None:
     """After a restart or SCRIPT FLUSH the submit's scripts are reloaded; its message must still
     come out only once its record is in (a worker popping it first would run the job with a
     record of its own, the submit's fields lost)."""
     own = Client(settings.model_copy(update={"redis": settings.redis.model_copy(
         update={"prefix": f"flush{uuid.uuid4().hex[:6]}"})}))
     own.submit_chat(USER, model="m-flushed")  # the pool and scripts are warm
-    redis_client.delete(own.keys.queue("interactive"))
+    broker_client.delete(own.keys.queue("interactive"))
     seen: list[tuple[bytes, dict[bytes, bytes]]] = []
-    watcher = redis.Redis(connection_pool=redis_client.connection_pool)
+    watcher = redis.Redis(connection_pool=broker_client.connection_pool)
+    looker = redis.Redis(connection_pool=redis_client.connection_pool)
 
     def pop() -> None:  # as a worker's BRPOP would, then a look at the record at once
         _, raw = watcher.brpop([own.keys.queue("interactive")], timeout=10) or (b"", b"")
         job_id = json.loads(raw)["headers"]["id"] if raw else ""
-        seen.append((raw, watcher.hgetall(own.keys.job(job_id))))
+        seen.append((raw, looker.hgetall(own.keys.job(job_id))))
 
     thread = threading.Thread(target=pop)
     thread.start()
     redis_client.script_flush()
+    broker_client.script_flush()
     job = own.submit("chat", USER, {"model": "m-flushed"}, fields={"metadata": '{"a": "kept"}'})
     thread.join(15)
     [(raw, record)] = seen

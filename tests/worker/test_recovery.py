@@ -154,7 +154,7 @@ def test_a_poison_job_is_stopped_and_others_keep_flowing(
 
 def test_a_running_job_whose_message_is_gone_is_sent_again(
         env: dict[str, str], client: Client, fake: FakeUpstream, spawn: Spawn, model: str,
-        redis_client: redis.Redis, figures: Figures) -> None:
+        redis_client: redis.Redis, broker_client: redis.Redis, figures: Figures) -> None:
     """No single lost write may orphan a job: its worker dies and its message is gone
     from the broker too (as after a failed give-back), yet the job runs again, once."""
     fake.script(model, Reply(delay=30), Reply(content="recovered"))
@@ -163,10 +163,10 @@ def test_a_running_job_whose_message_is_gone_is_sent_again(
     fake.wait_for_requests(model, 1, timeout=10)
     doomed.kill()
     celery = client.keys.celery_prefix()
-    tags = redis_client.hkeys(celery + "unacked")
+    tags = broker_client.hkeys(celery + "unacked")
     assert len(tags) == 1
-    redis_client.hdel(celery + "unacked", *tags)  # the message is lost with its worker
-    redis_client.zrem(celery + "unacked_index", *tags)
+    broker_client.hdel(celery + "unacked", *tags)  # the message is lost with its worker
+    broker_client.zrem(celery + "unacked_index", *tags)
     assert job.info()["status"] == "running"
     started = time.monotonic()
     heir = spawn(env, "orphan-heir", concurrency=4)
