@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks import metrics
+from api_tasks.background import Sweep
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
 from api_tasks.batches.inputs import PieceCache, read_lines
@@ -43,7 +44,6 @@ from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
 from api_tasks.connections import text, text_map
 from api_tasks.errors import InvalidJob, error_object
-from api_tasks.execution.sweeper import Sweep
 from api_tasks.record.calls import Call, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
 from api_tasks.record.scripts import script

@@ -5,7 +5,7 @@ duplicate delivery waits in ``{prefix}:delayed``. Every worker runs a
 scheduler; the one whose process holds the sweeper role (``sweeper.py``) sends
 the due ones again. Rather than look a few times a second, it sleeps until the
 next due job it knows of, on a blocking pop of a wake list where every script
-that adds a waiting job leaves a token (``sweeper.Sweep``).
+that adds a waiting job leaves a token (``background.Sweep``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from api_tasks.execution.sweeper import Sweep
+from api_tasks.background import Sweep
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 

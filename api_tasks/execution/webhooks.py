@@ -26,8 +26,8 @@ import redis
 import requests
 
 from api_tasks import metrics
+from api_tasks.background import Sweep
 from api_tasks.connections import text, text_map
-from api_tasks.execution.sweeper import Sweep
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
 from api_tasks.upstream.job_urls import AddressGuard

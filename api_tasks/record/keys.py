@@ -92,7 +92,7 @@ class Keys:
 
     def delayed_wake(self) -> str:
         """List: at most one token, left by whatever adds a delayed job, for the sweeping
-        scheduler, which waits on it until the next due job it knows of (``Sweep``)."""
+        scheduler, which waits on it until the next due job it knows of (``background.Sweep``)."""
         return f"{self.prefix}:delayed:wake"
 
     def running(self) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from api_tasks.background import Sweep
 from api_tasks.client import Client
 from api_tasks.connections import connect
 from api_tasks.execution import sweeper
@@ -91,7 +92,7 @@ def test_the_sweeping_scheduler_sends_a_job_parked_while_it_slept(
         scheduler.stop()
 
 
-class _Rounds(sweeper.Sweep):
+class _Rounds(Sweep):
     """A part of the sweeping that counts its rounds and has nothing more to do after each."""
 
     def __init__(self, client: redis.Redis, wake: str, role: list[bool]) -> None:

@@ -5,27 +5,25 @@
 -- Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
 -- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
 -- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
-local s = redis.call('HGET', KEYS[1], 'status')
-local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[1]
+local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'turn_at', 'turn_on',
+                     'deliveries', 'crashes')
+local s, created = f[1], f[2] or ARGV[1]
 local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
 local now = now_ms()
-local turn = redis.call('HGET', KEYS[1], 'turn_at')
-turn = turn and tostring(tonumber(turn) - now) or ''
-local on = turn ~= '' and redis.call('HGET', KEYS[1], 'turn_on') or ''
+local turn = f[3] and tostring(tonumber(f[3]) - now) or ''
+local on = turn ~= '' and f[4] or ''
 local shown = tostring(redis.call('EXISTS', KEYS[5]))
 if ended(s) then
   local uncounted = s == 'cancelled' and redis.call('HDEL', KEYS[1], 'uncounted') == 1
   return {s, '0', created, cool, turn, shown, on, uncounted and '1' or ''}
 end
 local holder = redis.call('GET', KEYS[3])
-if holder == ARGV[3] then
-  return {'run', redis.call('HGET', KEYS[1], 'deliveries') or '1', created, cool, turn, shown,
-          on}
-end
+if holder == ARGV[3] then return {'run', f[5] or '1', created, cool, turn, shown, on} end
 if holder then return {'busy', '0', created, cool, turn, shown, on} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
-local n = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'token', ARGV[3])
+local n = tostring(tonumber(f[5] or '0') + 1)
+redis.call('HSET', KEYS[1], 'deliveries', n, 'status', 'running', 'started_at', ARGV[1],
+           'token', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[7])
@@ -36,8 +34,8 @@ if ARGV[6] ~= '' then
 end
 local verdict = 'run'
 if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
-elseif tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0') >= tonumber(ARGV[5]) then
+elseif tonumber(f[6] or '0') >= tonumber(ARGV[5]) then
   verdict = 'poison'
 end
-redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on')
-return {verdict, tostring(n), created, cool, turn, shown, on}
+if f[3] or f[4] then redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on') end
+return {verdict, n, created, cool, turn, shown, on}

@@ -4,13 +4,17 @@
 -- job field/value items follow, those items, then the webhooks' ARGV. A job already ended
 -- is never written twice. Stream entries keep the event in field 'event'
 -- (events.EVENT_FIELD).
-local s = redis.call('HGET', KEYS[1], 'status')
-if ended(s) then return 'ended' end
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'lost' end
+local held = redis.call('HMGET', KEYS[1], 'status', 'token')
+if ended(held[1]) then return 'ended' end
+if ARGV[1] ~= '' and held[2] ~= ARGV[1] then return 'lost' end
 local id = next_entry_id(KEYS[3], ARGV[4])
 local fields = tonumber(ARGV[7])
-redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + fields))
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
+local set = {unpack(ARGV, 8, 7 + fields)}
+if ARGV[1] ~= '' then
+  set[#set + 1] = 'ended_by'
+  set[#set + 1] = ARGV[1]
+end
+redis.call('HSET', KEYS[1], unpack(set))
 redis.call('HDEL', KEYS[1], 'token')
 redis.call('ZREM', KEYS[6], ARGV[6])
 redis.call('HDEL', KEYS[7], ARGV[6])
