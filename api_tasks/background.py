@@ -140,7 +140,10 @@ class Sweep(Loop):
                 return self._stopping.wait(_TICK)  # the round says what is wrong
             if woken is not None:
                 if not self._sweeping():  # the role moved on meanwhile: the token is its
-                    self.wake()
+                    try:
+                        self.wake()
+                    except redis.RedisError:  # its holder's round within _LOOK_EVERY finds it
+                        pass
                     continue
                 return self._stopping.is_set()  # the token a stop leaves ends the wait too
         return True

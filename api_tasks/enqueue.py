@@ -102,6 +102,13 @@ def _joined(records: list[list[Any] | Failed], sent: list[list[Any] | Failed]
     return out
 
 
+def _unknown(err: Exception) -> Failed:
+    """A message whose send failed on the way: it may have gone (a lost reply), so its record
+    stays (a message without its record would run with a bare one); the caller is told the
+    submit failed, as after a single Redis's lost reply. A record with no message lapses."""
+    return Failed(err, [None])
+
+
 def _written(records: list[list[Any] | Failed]) -> list[int]:
     return [i for i, written in enumerate(records) if not isinstance(written, Failed)]
 
@@ -167,7 +174,7 @@ class Enqueuer:
         try:
             sent = self.broker.run_groups([[submissions[i].send] for i in written])
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            sent = [Failed(err, [err])] * len(written)
+            sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
 
     def enqueue(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
@@ -267,7 +274,7 @@ class AsyncEnqueuer:
         try:
             sent = await self.broker.run_groups([[submissions[i].send] for i in written])
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            sent = [Failed(err, [err])] * len(written)
+            sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
 
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:

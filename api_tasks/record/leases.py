@@ -77,6 +77,8 @@ class Requeue(StrEnum):
     RESTORED = "restored"  # queued again: its unacked message goes back on its queue
     RECOVERED = "recovered"  # its kept message is due to be sent again
     ALIVE = "alive"  # a live lease says it is still running: left alone
+    WAITING = "waiting"  # it waits for a limit: the delayed set holds its message to send
+    GONE = "gone"  # nothing to send again (its record ended, expired or moved on)
     ENDED = "ended"  # it ended: its message is dropped
 
 
@@ -157,7 +159,8 @@ class LeaseStore:
 
     def restore(self, job_id: str) -> Requeue:
         """Take a dead worker's job back if its lease lapsed: ``RESTORED`` (its message is to
-        go back on its queue), ``ENDED`` (to be dropped) or ``ALIVE`` (left alone)."""
+        go back on its queue), ``ENDED`` or ``WAITING`` (to be dropped) or ``ALIVE`` (left
+        alone)."""
         keys = self.keys
         return Requeue(text(self._restore(
             keys=[keys.job(job_id), keys.lease(job_id), keys.running(),

@@ -8,7 +8,7 @@ import uuid
 import redis
 
 from api_tasks.record.keys import Keys
-from api_tasks.record.leases import LeaseStore, Parked
+from api_tasks.record.leases import LeaseStore, Parked, Requeue
 from api_tasks.record.scripts import script
 
 
@@ -76,3 +76,32 @@ def test_a_job_cancelled_before_it_parks_is_not_parked(redis_client: redis.Redis
     redis_client.set(keys.cancel(job_id), "1")
     assert store.park(job_id, "mine", 5.0, "requests", '{"task": "t"}') is Parked.CANCELLED
     assert redis_client.zscore(keys.delayed(), job_id) is None  # its worker ends it instead
+
+
+def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
+        redis_client: redis.Redis) -> None:
+    """Running: queued again, its message to go back (a crash counted); parked for a limit:
+    left to the delayed set (its old message would skip the wait); ended: dropped."""
+    store, keys, job_id = _store(redis_client)
+    redis_client.delete(keys.lease(job_id))  # its worker died
+    assert store.restore(job_id) is Requeue.RESTORED
+    assert redis_client.hget(keys.job(job_id), "status") == b"queued"
+    assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
+    assert not redis_client.zscore(keys.running(), job_id)
+    redis_client.hset(keys.job(job_id), "status", "waiting")
+    assert store.restore(job_id) is Requeue.WAITING
+    redis_client.hset(keys.job(job_id), "status", "succeeded")
+    assert store.restore(job_id) is Requeue.ENDED
+    redis_client.set(keys.lease(job_id), "other")
+    assert store.restore(job_id) is Requeue.ALIVE
+
+
+def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
+        redis_client: redis.Redis) -> None:
+    """A job in the running index whose record is gone, or whose claim kept no message, is
+    dropped from it, not a failed sweep."""
+    store, keys, job_id = _store(redis_client)  # claimed with no message kept
+    redis_client.delete(keys.lease(job_id))
+    redis_client.zadd(keys.running(), {job_id: 1, "expired-job": 1})
+    assert store.recover(10) == []
+    assert redis_client.zcard(keys.running()) == 0

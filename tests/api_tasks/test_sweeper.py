@@ -153,3 +153,39 @@ def test_starting_or_cancelling_a_batch_leaves_a_token_for_the_batch_pump(
     assert redis_client.lpop(wake) == b"1"
     assert batch.cancel() == "cancelling"
     assert redis_client.lpop(wake) == b"1"
+
+
+class _FlakyRedis:
+    """A Redis that hands a token to the wait once and then fails every call."""
+
+    def __init__(self) -> None:
+        self.popped = 0
+
+    def register_script(self, _source: str) -> object:
+        def run(**_: object) -> None:
+            raise redis.ConnectionError("Redis went away")
+        return run
+
+    def blpop(self, _keys: list[str], timeout: float = 0) -> tuple[bytes, bytes]:
+        self.popped += 1
+        if self.popped == 1:
+            return b"wake", b"1"
+        raise redis.ConnectionError("Redis went away")
+
+
+def test_a_sweep_outlives_a_failed_hand_on_of_its_token() -> None:
+    """Woken after the role moved on, a part hands the token on; Redis failing then must not
+    end its thread (the role lapses when Redis is flaky, just then)."""
+    asked: list[bool] = []
+
+    def sweeping() -> bool:  # held for its first round and its wait, then lost
+        asked.append(len(asked) < 2)
+        return asked[-1]
+    part = _Rounds(_FlakyRedis(), "wake", [True])  # type: ignore[arg-type]
+    part._sweeping = sweeping  # type: ignore[method-assign]
+    part.start()
+    try:
+        wait_until(lambda: len(asked) >= 4, 5, "a look at the role after the failed hand-on")
+        assert part._thread.is_alive() and len(part.rounds) == 1
+    finally:
+        part.stop()

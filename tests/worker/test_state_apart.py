@@ -17,6 +17,9 @@ import redis
 import yaml
 
 from api_tasks.client import Client
+from api_tasks.enqueue import _joined, _outcome, _unknown
+from api_tasks.errors import BrokerUnavailable
+from api_tasks.record.calls import Failed
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.figures import outcomes
@@ -123,3 +126,17 @@ def test_health_needs_both_servers(env: dict[str, str],
     assert time.monotonic() - started < 30
     broker.start()
     wait_until(lambda: health() == 0, 30, "healthy again")
+
+
+def test_a_message_that_may_have_gone_keeps_its_record_and_a_refused_one_does_not() -> None:
+    """Apart, a submit's message goes after its record: refused by the broker, the record is
+    taken back out; lost on the way (it may have gone), the record stays, or the worker would
+    run the job on a bare record of its own."""
+    lost = redis.TimeoutError("Timeout reading from the broker")
+    [maybe] = _joined([[1]], [_unknown(lost)])
+    error, orphaned = _outcome(maybe)
+    assert isinstance(error, BrokerUnavailable) and not orphaned
+    refusal = redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+    [refused] = _joined([[1]], [Failed(refusal, [refusal])])
+    error, orphaned = _outcome(refused)
+    assert error is refusal and orphaned
