@@ -8,6 +8,7 @@ seconds per loop (a Redis outage must not write ten lines a second), and the thr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -140,10 +141,9 @@ class Sweep(Loop):
                 return self._stopping.wait(_TICK)  # the round says what is wrong
             if woken is not None:
                 if not self._sweeping():  # the role moved on meanwhile: the token is its
-                    try:
+                    # should that fail, its holder's round within _LOOK_EVERY finds the work
+                    with contextlib.suppress(redis.RedisError):
                         self.wake()
-                    except redis.RedisError:  # its holder's round within _LOOK_EVERY finds it
-                        pass
                     continue
                 return self._stopping.is_set()  # the token a stop leaves ends the wait too
         return True
