@@ -22,7 +22,7 @@ if holder == ARGV[3] then return {'run', f[5] or '1', created, cool, turn, shown
 if holder then return {'busy', '0', created, cool, turn, shown, on} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = tostring(tonumber(f[5] or '0') + 1)
-redis.call('HSET', KEYS[1], 'deliveries', n, 'status', 'running', 'started_at', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', 'running', 'deliveries', n, 'started_at', ARGV[1],
            'token', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
