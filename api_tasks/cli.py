@@ -190,7 +190,7 @@ def _health(client: Client, args: argparse.Namespace) -> int:
         if args.worker:
             ids = [i for i in ids if i == args.worker or i.startswith(args.worker + ".")]
         workers = client.store.shell.run(records(client.keys, ids)) if ids else []
-        if client.broker is not client.store.shell:  # the broker's Redis must answer too
+        if client.apart:  # the broker's Redis must answer too
             client.broker.redis.ping()
     except redis.RedisError as err:
         report = {"status": "unavailable", "redis": f"unavailable: {reason(err)}", "workers": []}

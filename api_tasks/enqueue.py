@@ -1,12 +1,12 @@
 """Putting a job on the queue: validate, record, send. What producers and workers share.
 
-A submit is one Redis round trip, a transaction: the job's record, its owner's index entry
-and its task message (``broker.task_message``), built here as calls (``Submissions``) and
-run by the sync ``Enqueuer`` (producers, the workers' batch pump) or the gateway's
-``AsyncEnqueuer``. With the state on a Redis apart from the broker (``redis.state_url``), it
-is two: the record's transaction, then the message; a message that did not go takes its
-record back out. ``Client`` (the producer API) is an ``Enqueuer`` that also hands back
-``Job``s.
+A submit is one Redis round trip: the job's record and its task message
+(``broker.task_message``) in one script, or, for a job with an owner's index entry to add, a
+transaction of the three; built here as calls (``Submissions``) and run by the sync
+``Enqueuer`` (producers, the workers' batch pump) or the gateway's ``AsyncEnqueuer``. With the
+state on a Redis apart from the broker (``redis.state_url``), it is two: the record's
+transaction, then the message; a message the broker refused takes its record back out.
+``Client`` (the producer API) is an ``Enqueuer`` that also hands back ``Job``s.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class Submission:
     job_id: str
     record: dict[str, str]
     calls: tuple[Call[Any], ...]  # the record's, on the state's Redis
-    send: Call[Any]  # the task message's, on the broker's (after the record: no worker finds
-    # a message without its record)
+    send: Call[Any] | None  # the task message's, on the broker's (after the record: no worker
+    # finds a message without its record); None: the record's script sends it too
 
 
 class Submissions:
@@ -73,16 +73,25 @@ class Submissions:
         record = queued({**submit_fields(spec, upstream.name, lane), **(fields or {})})
         message = task_message(spec.endpoint.task, [first], spec.task_kwargs(), job_id, lane,
                                tracing.submit_headers(job_id, spec.kind, spec.model, lane))
-        calls: list[Call[Any]] = [self.records.create(job_id, record)]
-        if (index := self.records.index(job_id, record)) is not None:
-            calls.append(index)
-        return Submission(job_id, record, tuple(calls),
-                          lua("job_send", [self.records.keys.queue(lane)], [message]))
+        queue = self.records.keys.queue(lane)
+        index = self.records.index(job_id, record)
+        if index is None and not self.settings.redis.split:  # one script does it all
+            return Submission(job_id, record,
+                              (self.records.create(job_id, record, (queue, message)),), None)
+        calls = [self.records.create(job_id, record)] + ([] if index is None else [index])
+        return Submission(job_id, record, tuple(calls), lua("job_send", [queue], [message]))
 
 
-def _together(submissions: list[Submission]) -> list[list[Call[Any]]]:
-    """Each submission's calls as one group, record and message (broker and state as one)."""
-    return [[*s.calls, s.send] for s in submissions]
+def _together(submissions: list[Submission]) -> tuple[list[list[Call[Any]]], bool]:
+    """Each submission's calls as one group, record and message (broker and state as one),
+    and whether they must run as a transaction (a group of one script runs whole anyway)."""
+    groups = [[*s.calls] if s.send is None else [*s.calls, s.send] for s in submissions]
+    return groups, any(len(group) > 1 for group in groups)
+
+
+def _sends(submissions: list[Submission], written: list[int]) -> list[list[Call[Any]]]:
+    """The message calls of the submissions whose record was written (broker apart)."""
+    return [[send] for i in written if (send := submissions[i].send) is not None]
 
 
 def _joined(records: list[list[Any] | Failed], sent: list[list[Any] | Failed]
@@ -148,17 +157,22 @@ class Enqueuer:
                               settings.jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))
         self.submissions = Submissions(settings, self.store.records)
-        # the broker's Redis, for the task messages (the state's own, unless apart)
-        self.broker = SyncShell(connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
-                                        max_connections=PRODUCER_POOL)) \
-            if settings.redis.split else self.store.shell
+        self.apart = settings.redis.split  # the broker on a Redis of its own
+        self._broker = SyncShell(connect(settings.redis, socket_timeout=_QUICK_TIMEOUT,
+                                         max_connections=PRODUCER_POOL)) if self.apart else None
+
+    @property
+    def broker(self) -> SyncShell:
+        """The shell on the broker's Redis, for the task messages (the state's own, unless
+        apart)."""
+        return self._broker if self._broker is not None else self.store.shell
 
     def warm(self) -> None:
         """Connect and load the submit's scripts now, so the first submit is as quick as the
         next."""
         try:
             self.store.shell.load(_SCRIPTS)
-            if self.broker is not self.store.shell:
+            if self.apart:
                 self.broker.load(("job_send",))
         except redis.RedisError as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
@@ -166,13 +180,14 @@ class Enqueuer:
     def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
         """Run submissions' calls: each one's replies, record's then message's, or ``Failed``.
         Raises only if nothing was written (a record's round trip failed)."""
-        if self.broker is self.store.shell:
-            return self.store.shell.run_groups(_together(submissions), transaction=True)
+        if not self.apart:
+            groups, transaction = _together(submissions)
+            return self.store.shell.run_groups(groups, transaction=transaction)
         records = self.store.shell.run_groups([list(s.calls) for s in submissions],
                                               transaction=True)
         written = _written(records)
         try:
-            sent = self.broker.run_groups([[submissions[i].send] for i in written])
+            sent = self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
@@ -228,6 +243,7 @@ class AsyncEnqueuer:
                  broker: AsyncShell | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.apart = broker is not None  # the broker on a Redis of its own
         self.broker = broker or store.shell  # the broker's Redis (the state's, unless apart)
         self.submissions = Submissions(settings, store.records)
         self._waiting: list[tuple[Submission, asyncio.Future[None]]] = []
@@ -237,7 +253,7 @@ class AsyncEnqueuer:
         """Connect and load the submit's scripts now."""
         try:
             await self.store.shell.load(_SCRIPTS)
-            if self.broker is not self.store.shell:
+            if self.apart:
                 await self.broker.load(("job_send",))
         except redis.RedisError as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
@@ -266,13 +282,14 @@ class AsyncEnqueuer:
 
     async def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
         """``Enqueuer._send`` on asyncio."""
-        if self.broker is self.store.shell:
-            return await self.store.shell.run_groups(_together(submissions), transaction=True)
+        if not self.apart:
+            groups, transaction = _together(submissions)
+            return await self.store.shell.run_groups(groups, transaction=transaction)
         records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
                                                     transaction=True)
         written = _written(records)
         try:
-            sent = await self.broker.run_groups([[submissions[i].send] for i in written])
+            sent = await self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)

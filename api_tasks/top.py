@@ -37,7 +37,7 @@ def snapshot(client: Client) -> dict[str, Any]:
     keys: Keys = client.keys
     try:
         state = cluster_state(client.redis, keys, client.settings,
-                              client.broker.redis if client.settings.redis.split else None)
+                              client.broker.redis if client.apart else None)
         ids = client.store.shell.run(alive(keys))
         workers = client.store.shell.run(records(keys, ids)) if ids else []
         batch_ids = sorted(text(b) for b in client.redis.smembers(keys.batches()))

@@ -79,10 +79,14 @@ class JobRecords:
         self.queued_ttl = queued_ttl
         self.notifier = notifier
 
-    def create(self, job_id: str, record: dict[str, str]) -> Call[bool]:
-        """Write a new job's record (``queued(fields)``); False if the id already has one."""
+    def create(self, job_id: str, record: dict[str, str],
+               send: tuple[str, bytes] | None = None) -> Call[bool]:
+        """Write a new job's record (``queued(fields)``); False if the id already has one.
+        With ``send`` (a lane's key and a task message), push the message in the same script."""
         flat = [item for pair in record.items() for item in pair]
-        return lua("job_create", [self.keys.job(job_id)], [self.queued_ttl, *flat], bool)
+        keys = [self.keys.job(job_id)] if send is None else [self.keys.job(job_id), send[0]]
+        return lua("job_create", keys, [self.queued_ttl, "" if send is None else send[1],
+                                        *flat], bool)
 
     def index(self, job_id: str, fields: dict[str, str]) -> Call[Any] | None:
         """For a job just created with ``fields``: add it to its owner's index, if it has an

@@ -140,3 +140,32 @@ def test_a_message_that_may_have_gone_keeps_its_record_and_a_refused_one_does_no
     [refused] = _joined([[1]], [Failed(refusal, [refusal])])
     error, orphaned = _outcome(refused)
     assert error is refusal and orphaned
+
+
+def test_a_submit_is_one_script_on_one_redis_and_two_steps_apart(
+        worker_env: dict[str, str], servers: tuple[RedisServer, RedisServer]) -> None:
+    """No worker here: just what a submit sends. On one Redis, a job with no owner index is one
+    script (no transaction); apart, the record's transaction on the state, then the message's
+    script on the broker."""
+    broker, state = servers
+    prefix = f"sub{uuid.uuid4().hex[:6]}"
+
+    def commands(server: RedisServer) -> dict[str, int]:
+        stats = redis.Redis.from_url(server.url).info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()
+                if name in ("cmdstat_evalsha", "cmdstat_multi", "cmdstat_exec", "cmdstat_lpush")}
+
+    one = Client(load_settings(env={**worker_env, "REDIS_URL": broker.url,
+                                    "API_TASKS_PREFIX": prefix}))
+    one.warm()
+    redis.Redis.from_url(broker.url).config_resetstat()
+    one.submit_chat(USER, model="m-one")
+    assert commands(broker) == {"evalsha": 1, "lpush": 1}
+    apart = Client(load_settings(env={**worker_env, "REDIS_URL": broker.url,
+                                      "REDIS_STATE_URL": state.url, "API_TASKS_PREFIX": prefix}))
+    apart.warm()
+    for server in servers:
+        redis.Redis.from_url(server.url).config_resetstat()
+    apart.submit_chat(USER, model="m-apart")
+    assert commands(state) == {"evalsha": 1, "multi": 1, "exec": 1}
+    assert commands(broker) == {"evalsha": 1, "lpush": 1}
