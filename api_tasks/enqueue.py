@@ -243,7 +243,9 @@ class AsyncEnqueuer:
                  broker: AsyncShell | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.apart = broker is not None  # the broker on a Redis of its own
+        self.apart = settings.redis.split  # the broker on a Redis of its own, as Submissions
+        if self.apart and broker is None:
+            raise ValueError("the broker is apart from the state (redis.state_url): give its shell")
         self.broker = broker or store.shell  # the broker's Redis (the state's, unless apart)
         self.submissions = Submissions(settings, store.records)
         self._waiting: list[tuple[Submission, asyncio.Future[None]]] = []

@@ -81,4 +81,3 @@ class SweeperRole(Loop):
                 self._release(keys=[self._key], args=[self._token])
             except redis.RedisError as err:  # it lapses within its TTL
                 log.warning("sweeper role: not handed back (%s)", err)
-

@@ -14,7 +14,7 @@ end
 
 -- Leave a token on a sweeping part's wake list `key` (at most one is kept, for `ttl` seconds):
 -- the scheduler, the batch pump and the webhook sender of the process that sweeps sleep on
--- theirs until their next due work (api_tasks/execution/sweeper.py), so whatever gives them
+-- theirs until their next due work (``Sweep`` in api_tasks/background.py), so whatever gives them
 -- work says so.
 local function leave_wake(key, ttl)
   redis.call('LPUSH', key, '1')

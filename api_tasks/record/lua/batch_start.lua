@@ -1,4 +1,5 @@
--- KEYS: batch, input, the set of active batches, the batch pump's wake list. ARGV: batch id, total, ttl, result ttl.
+-- KEYS: batch, input, the set of active batches, the batch pump's wake list. ARGV: batch id,
+-- total, ttl, result ttl.
 -- Hands the batch to the workers, unless it was cancelled (or expired) while uploading.
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'uploading' then
