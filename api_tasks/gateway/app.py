@@ -44,7 +44,7 @@ from api_tasks.gateway.files import (
 from api_tasks.gateway.listing import limit, owned, page, page_response
 from api_tasks.gateway.submit import Submitter, unavailable
 from api_tasks.gateway.webhooks import list_deliveries
-from api_tasks.json_codec import loads_exact
+from api_tasks.json_codec import dumps, loads_exact
 from api_tasks.record.calls import AsyncShell
 from api_tasks.record.cluster import cluster_reader
 from api_tasks.record.job_record import TERMINAL, Field
@@ -176,6 +176,15 @@ class Gateway:
         }
 
 
+class _JobJSON(JSONResponse):
+    """A JSON answer that carries a job's response, which can be tens of MiB: rendered by
+    orjson, on the loop (a thread would not free it: the encoder holds the GIL), in a tenth
+    of the standard library encoder's time."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
 def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"the body is larger than jobs.max_request_bytes ({limit} bytes)",
                         code="request_too_large")
@@ -253,7 +262,7 @@ async def _openai_call(request: Request, kind: Kind) -> Response:
     response, error = outcome
     if error is not None:
         return _with(job_error(error), headers)
-    return JSONResponse(response, headers=headers)
+    return _JobJSON(response, headers=headers)
 
 
 async def _settle(job: AsyncJob) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -438,7 +447,7 @@ async def create_job(request: Request) -> Response:
         key, KINDS[url], job_body, queue, metadata=metadata,
         idempotency_key=request.headers.get("idempotency-key"), size=size, notify=notify)
     info = record if record is not None else await gateway.owned(key, job_id)
-    return JSONResponse(await gateway.job_object(job_id, info, key, token=True), status_code=202,
+    return _JobJSON(await gateway.job_object(job_id, info, key, token=True), status_code=202,
                         headers={"x-request-id": job_id})
 
 
@@ -461,7 +470,7 @@ async def get_job(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     key, job_id = gateway.key(request), request.path_params["job_id"]
     info = await gateway.owned(key, job_id)
-    return JSONResponse(await gateway.job_object(job_id, info, key, token=True))
+    return _JobJSON(await gateway.job_object(job_id, info, key, token=True))
 
 
 async def cancel_job(request: Request) -> Response:
@@ -471,7 +480,7 @@ async def cancel_job(request: Request) -> Response:
     await gateway.owned(key, job_id)
     await gateway.store.cancel(job_id)
     info = await gateway.owned(key, job_id)
-    return JSONResponse(await gateway.job_object(job_id, info, key))
+    return _JobJSON(await gateway.job_object(job_id, info, key))
 
 
 async def job_events(request: Request) -> Response:

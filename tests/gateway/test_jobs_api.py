@@ -15,18 +15,21 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from api_tasks.gateway.app import create_app
+from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id, final_event, reset_event
 from api_tasks.record.job_record import TERMINAL, JobStatus
+from api_tasks.record.keys import Keys
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
-from tests.conftest import LIMITED_RPM
+from tests.conftest import LIMITED_RPM, start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.job_events import read_events
-from tests.support.services import ROOT, GatewayProcess, wait_until
+from tests.support.services import ROOT, GatewayProcess, RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -44,7 +47,11 @@ def test_a_job_is_accepted_then_read_and_its_stream_resumed(gateway: GatewayProc
             "body": {"model": model, "messages": USER, "stream": True}})
         assert created.status_code == 202
         job = created.json()
+        assert set(job) == {"id", "object", "status", "url", "created_at", "started_at",
+                            "finished_at", "attempts", "response", "error", "metadata",
+                            "stream_token"}
         assert job["object"] == "job" and job["status"] in ("queued", "running")
+        assert job["url"] == "/v1/chat/completions" and job["created_at"] > 0
         assert job["metadata"] == {"order": "42"} and job["stream_token"]
         url = f"/v1/jobs/{job['id']}/events"
         with http.stream("GET", url) as first:
@@ -85,6 +92,9 @@ def test_other_keys_see_nothing_and_cancel_is_idempotent(gateway: GatewayProcess
         first = http.post(f"/v1/jobs/{job['id']}/cancel")
         again = http.post(f"/v1/jobs/{job['id']}/cancel")
         assert first.status_code == again.status_code == 200
+        for answer in (first, again):  # the job object, as GET shows it
+            assert answer.json()["id"] == job["id"] and answer.json()["object"] == "job"
+        assert again.json()["status"] in ("running", "cancelled")
         wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled",
                    15, "the job to be cancelled")
         assert http.get(f"/v1/jobs/{job['id']}").json()["error"]["code"] == "cancelled"
@@ -129,7 +139,15 @@ def test_the_gateway_refuses_what_it_must_with_an_openai_error(gateway: GatewayP
             body = {"model": model, "messages": USER, field: "x"}
             refused = http.post("/v1/chat/completions", json=body)
             assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+        missing = httpx.post(gateway.url + "/v1/jobs", json={
+            "url": "/v1/chat/completions", "body": {"model": model, "messages": USER}})
+        assert missing.status_code == 401
+        assert missing.json()["error"]["code"] == "missing_api_key"
         other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        lane = httpx.post(gateway.url + "/v1/jobs", headers=other, json={
+            "url": "/v1/chat/completions", "queue": "interactive",
+            "body": {"model": "allowed-" + model, "messages": USER}})
+        assert lane.status_code == 403 and lane.json()["error"]["param"] == "queue"
         no_model = httpx.post(gateway.url + "/v1/chat/completions", headers=other,
                               json={"messages": USER})  # would run on the default model
         assert no_model.status_code == 403 and no_model.json()["error"]["param"] == "model"
@@ -261,3 +279,81 @@ def test_embeddings_and_responses_jobs(gateway: GatewayProcess, fake: FakeUpstre
         assert [e["data"]["sequence_number"] for e in seen[:-1]] == list(range(len(seen) - 1))
         assert seen[-2]["data"]["type"] == "response.completed"
         assert ended["response"] == seen[-2]["data"]["response"]
+
+
+def _write(client: Any, keys: Any, job_id: str, events: list[tuple[str, str]]) -> None:
+    """Events of a job as a worker's relay writes them: stream entry, then publish."""
+    for entry, event in events:
+        client.xadd(keys.events(job_id), {EVENT_FIELD: event}, id=entry)
+        client.publish(keys.channel(job_id), event)
+    client.expire(keys.events(job_id), 600)
+
+
+def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
+        worker_env: dict[str, str], workdir: Path, redis_client: Any) -> None:
+    """On a prefix no worker serves, the job's events are written as two attempts of a
+    worker would (the second after a crash: ``reset`` first), while a reader waits."""
+    prefix = f"gw{uuid.uuid4().hex[:8]}"
+    gateway = start_gateway({**worker_env, "API_TASKS_PREFIX": prefix}, workdir,
+                            "unserved-gateway")
+    keys = Keys(prefix)
+    chunk = '{"choices":[{"index":0,"delta":{"content":"%s"}}]}'
+    try:
+        with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+            job = http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+                "model": "m", "messages": USER, "stream": True}}).json()
+            _write(redis_client, keys, job["id"], [
+                (entry_id(1, seq), chunk_event(seq, 1, chunk % f"a{seq}")) for seq in range(3)])
+            url = f"/v1/jobs/{job['id']}/events"
+            lines: list[str] = []
+            with http.stream("GET", url) as answer:
+                read = answer.iter_lines()
+                while lines.count(": keep-alive") < 1:  # nothing new for keepalive (0.5 s)
+                    lines.append(next(read))
+                _write(redis_client, keys, job["id"], [
+                    ("2-0", reset_event(2)), (entry_id(2, 0), chunk_event(0, 2, chunk % "b0")),
+                    (entry_id(2, 1), final_event(JobStatus.SUCCEEDED, 1, 2,
+                                                 finish_reason="stop"))])
+                lines += list(read)  # to the final event, then the end
+            ids = [line[4:] for line in lines if line.startswith("id: ")]
+            assert ids == ["1-1", "1-2", "1-3", "2-0", "2-1", "2-2"]
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert [e["type"] for e in events] == ["chunk"] * 3 + ["reset", "chunk", "done"]
+            assert events[3] == {"type": "reset", "seq": 0, "attempt": 2}
+            # ?after= as Last-Event-ID: from the next entry on, the reset with it
+            with http.stream("GET", url, params={"after": "1-2"}) as rest:
+                assert [e["id"] for e in read_events(rest)] == ["1-3", "2-0", "2-1", "2-2"]
+    finally:
+        gateway.stop()
+
+
+def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
+        worker_env: dict[str, str], workdir: Path) -> None:
+    own = RedisServer(workdir / f"gw-redis-{uuid.uuid4().hex[:6]}", persist=True).start()
+    env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
+    env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
+    gateway = start_gateway(env, workdir, "redis-down-gateway")
+    job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
+    try:
+        with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+            assert http.post("/v1/jobs", json=job).status_code == 202
+            own.stop()
+            for path, body in (("/v1/jobs", job), ("/v1/chat/completions", job["body"]),
+                               ("/v1/chat/completions", {**job["body"], "stream": True})):
+                down = http.post(path, json=body)
+                assert down.status_code == 503, down.text
+                assert int(down.headers["retry-after"]) >= 1
+                assert set(down.json()["error"]) == {"message", "type", "param", "code"}
+            assert http.get("/readyz").status_code == 503
+            assert http.get("/healthz").status_code == 200  # the process itself answers
+            own.start()
+            wait_until(lambda: http.post("/v1/jobs", json=job).status_code == 202, 15,
+                       "the gateway to submit again once Redis is back")
+        # the job before the outage and the one after: nothing half-done from the 503s
+        queued = redis.Redis.from_url(own.url)
+        lanes = queued.llen(f"{env['API_TASKS_PREFIX']}:celery:interactive")
+        records = list(queued.scan_iter(f"{env['API_TASKS_PREFIX']}:job:*"))
+        assert lanes == len(records) == 2
+    finally:
+        gateway.stop()
+        own.stop()

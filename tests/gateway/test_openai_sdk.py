@@ -4,6 +4,8 @@ completions, streamed and not, errors as the SDK's own classes, the job id in x-
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,3 +277,143 @@ def test_a_client_gone_after_the_hold_still_cancels_its_job(
         assert next(answer.iter_lines()) == ": keep-alive"  # then the client hangs up
     wait_until(lambda: client.job(job_id).status().value == "cancelled", 10,
                "the abandoned job to be cancelled")
+
+
+def test_completions_streamed_and_the_async_sdk_whole(gateway: GatewayProcess,
+                                                      fake: FakeUpstream, model: str) -> None:
+    fake.script(model, Reply(pieces=["once ", "upon"]), Reply(content="async chat"),
+                Reply(content="async text"), Reply(pieces=["a", "sync"]))
+    stream = _sdk(gateway).completions.create(model=model, prompt="tell me", stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "once upon"
+
+    async def main() -> tuple[str | None, str, str]:
+        sdk = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        chat = await sdk.chat.completions.create(model=model, messages=USER)
+        text = await sdk.completions.create(model=model, prompt="tell me")
+        streamed = await sdk.completions.create(model=model, prompt="tell me", stream=True)
+        pieces = "".join([c.choices[0].text async for c in streamed if c.choices])
+        await sdk.close()
+        return chat.choices[0].message.content, text.choices[0].text, pieces
+
+    assert asyncio.run(main()) == ("async chat", "async text", "async")
+
+
+def test_a_stream_is_data_lines_then_done_then_the_end(gateway: GatewayProcess,
+                                                       fake: FakeUpstream, model: str) -> None:
+    """No ``id:``, ``retry:`` or ``event:`` field (some openai-python versions fail on them)."""
+    fake.script(model, Reply(pieces=["x", "y", "z"], chunk_delay=0.05))
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": model, "messages": USER, "stream": True}) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in answer.iter_lines() if line]  # ends: the server closed
+    data = [line for line in lines if not line.startswith(":")]  # comments are allowed
+    assert data and all(line.startswith("data: ") for line in data), lines
+    assert data[-1] == "data: [DONE]" and data.count("data: [DONE]") == 1
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in
+                   (json.loads(line[6:]) for line in data[:-1]) if c["choices"]) == "xyz"
+
+
+def test_a_chat_stream_failing_after_its_first_chunk(gateway: GatewayProcess,
+                                                     fake: FakeUpstream, model: str) -> None:
+    """The status was sent with the first chunk: the error is a ``data:`` event, then the
+    end, with no ``[DONE]``; the SDK raises it as an error that is not a status."""
+    error = {"code": "server_error", "message": "the model fell over"}
+    fake.script(model, StreamError(after=1, error=error), StreamError(after=1, error=error))
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": model, "messages": USER, "stream": True}) as answer:
+        assert answer.status_code == 200
+        data = [line for line in answer.iter_lines() if line.startswith("data: ")]
+    assert len(data) >= 2 and "data: [DONE]" not in data
+    assert all(json.loads(line[6:])["object"] == "chat.completion.chunk" for line in data[:-1])
+    failed = json.loads(data[-1][6:])["error"]
+    assert failed["message"] == "the model fell over" and failed["code"] == "server_error"
+    stream = _sdk(gateway).chat.completions.create(model=model, messages=USER, stream=True)
+    with pytest.raises(openai.APIError) as raised:
+        list(stream)
+    assert not isinstance(raised.value, openai.APIStatusError)
+    assert "the model fell over" in str(raised.value)
+
+
+def test_an_account_out_of_credit_is_the_sdks_rate_limit_error(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    """A 429 that waiting cannot cure fails the job at once: the SDK's RateLimitError."""
+    out = HttpError(429, error={"message": "You exceeded your current quota",
+                                "type": "insufficient_quota", "code": "insufficient_quota"})
+    fake.script(model, out, out)
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as raised:
+            result = _sdk(gateway).chat.completions.create(model=model, messages=USER,
+                                                           stream=stream)
+            if stream:
+                list(result)  # type: ignore[arg-type]
+        assert raised.value.status_code == 429 and raised.value.code == "insufficient_quota"
+    assert len(fake.requests(model)) == 2  # one call each: nothing waited out or retried
+
+
+def test_the_lane_comes_from_a_header_and_a_key_keeps_to_its_own(
+        gateway: GatewayProcess, client: Client, fake: FakeUpstream, model: str) -> None:
+    allowed = "allowed-" + model  # the other key may use these models, in the bulk lane only
+    fake.script(allowed, *[Reply(content="done")] * 4)
+    sdk, other = _sdk(gateway), _sdk(gateway, OTHER_KEY)
+    lanes = {}
+    for header in (None, "bulk"):
+        extra = {"x-api-tasks-queue": header} if header else {}
+        raw = sdk.chat.completions.with_raw_response.create(model=allowed, messages=USER,
+                                                            extra_headers=extra)
+        lanes[header] = client.redis.hget(client.keys.job(raw.headers["x-request-id"]),
+                                          "queue")
+    assert lanes == {None: b"interactive", "bulk": b"bulk"}
+    with pytest.raises(openai.PermissionDeniedError) as denied:  # its default lane
+        other.chat.completions.create(model=allowed, messages=USER)
+    assert denied.value.param == "queue" and denied.value.code == "queue_not_allowed"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        sdk.chat.completions.create(model=allowed, messages=USER,
+                                    extra_headers={"x-api-tasks-queue": "fast"})
+    assert unknown.value.param == "queue"
+    # an Idempotency-Key is the key's own: the same one from another key is another job
+    key = {"Idempotency-Key": f"shared-{model}"}
+    mine = sdk.chat.completions.with_raw_response.create(model=allowed, messages=USER,
+                                                         extra_headers=key)
+    theirs = other.chat.completions.with_raw_response.create(
+        model=allowed, messages=USER, extra_headers={**key, "x-api-tasks-queue": "bulk"})
+    assert mine.headers["x-request-id"] != theirs.headers["x-request-id"]
+    assert len(fake.requests(allowed)) == 4
+
+
+@pytest.fixture(scope="module")
+def named_gateway(worker_env: dict[str, str], workdir: Path,
+                  worker: WorkerProcess) -> Iterator[GatewayProcess]:
+    """A gateway whose catch-all upstreams name their models: ``gpt-known``, ``known-*``."""
+    def name(config: dict[str, Any]) -> None:
+        for upstream in config["upstreams"]:
+            if "*" in upstream["models"]:
+                upstream["models"] = ["gpt-known", "known-*"]
+    process = start_gateway(worker_env, workdir, "named-gateway", name)
+    yield process
+    process.stop()
+
+
+def test_an_unknown_model_is_404_and_models_lists_the_configured_ones(
+        named_gateway: GatewayProcess, client: Client, fake: FakeUpstream) -> None:
+    sdk = _sdk(named_gateway)
+    unknown = f"unknown-{uuid.uuid4().hex[:8]}"
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as raised:
+            sdk.chat.completions.create(model=unknown, messages=USER, stream=stream)
+        assert raised.value.code == "model_not_found" and raised.value.param == "model"
+    with httpx.Client(base_url=named_gateway.url, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as http:
+        refused = http.post("/v1/jobs", json={"url": "/v1/chat/completions",
+                                              "body": {"model": unknown, "messages": USER}})
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    assert not [k for k in client.redis.scan_iter(f"{client.keys.prefix}:job:*")
+                if client.redis.hget(k, "model") == unknown.encode()]  # nothing enqueued
+    listed = sdk.models.list()
+    ids = [m.id for m in listed.data]
+    assert "gpt-known" in ids and not any("*" in i for i in ids)
+    assert all(m.object == "model" for m in listed.data)
+    fake.script("known-x", Reply(content="known"))
+    answer = sdk.chat.completions.create(model="known-x", messages=USER)
+    assert answer.choices[0].message.content == "known"
