@@ -43,7 +43,8 @@ GATEWAY_OTHER_KEY = "sk-gw-other-41aa"
 GATEWAY_HOOKED_KEY = "sk-gw-hooked-90b2"
 WEBHOOK_SECRET = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c="  # openai-python's test one
 GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
-LIMITED_RPM = 120  # the limited key's own limit: a call every half second
+LIMITED_RPM = 120  # the limited key's own limits: a call every half second,
+LIMITED_TPM = 60000  # and 1,000 tokens a second
 STATE_APART = os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
 
 
@@ -144,7 +145,8 @@ def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServ
             {"name": "other", "key_env": "GW_OTHER_KEY", "models": ["allowed-*"],
              "queues": ["bulk"]},
             {"name": "limited", "key_env": "GW_LIMITED_KEY",
-             "limits": {"requests_per_minute": LIMITED_RPM}},
+             "limits": {"requests_per_minute": LIMITED_RPM,
+                        "tokens_per_minute": LIMITED_TPM}},
             {"name": "hooked", "key_env": "GW_HOOKED_KEY", "webhooks": [
                 {"url": webhook_receiver.url, "secret_env": "GW_HOOK_SECRET"},
                 {"url": f"http://127.0.0.1:{free_port()}/hook", "secret_env": "GW_HOOK_SECRET",

@@ -26,7 +26,7 @@ from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
-from tests.conftest import LIMITED_RPM, start_gateway
+from tests.conftest import LIMITED_RPM, LIMITED_TPM, start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.job_events import read_events
 from tests.support.services import ROOT, GatewayProcess, RedisServer, wait_until
@@ -205,6 +205,25 @@ def test_a_key_with_its_own_limit_is_paced_cluster_wide(gateway: GatewayProcess,
     assert arrivals[-1] - arrivals[0] >= (n - 1) * 60 / LIMITED_RPM - 0.3, gaps
 
 
+def test_a_keys_tokens_per_minute_count_as_the_upstream_counts_them(
+        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    n = 4
+    with httpx.Client(base_url=gateway.url, headers=limited, timeout=30) as http:
+        ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
+            "model": model, "messages": USER, "max_tokens": 1000}}).json()["id"]
+            for _ in range(n)]
+        wait_until(lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "succeeded"
+                               for i in ids), 30, "the limited key's jobs to end")
+    arrivals = sorted(r.at for r in fake.requests(model))
+    assert len(arrivals) == n
+    # each call counts its prompt and its 1,000-token ceiling when it arrives (as OpenAI
+    # counts): about a second of the key's 1,000 tokens a second, where its requests a minute
+    # alone would let one go every half second
+    per_call = 1000 / (LIMITED_TPM / 60)
+    assert arrivals[-1] - arrivals[0] >= (n - 1) * per_call - 0.3, arrivals
+
+
 def test_a_gateway_refuses_to_start_when_a_keys_variable_is_unset(
         worker_env: dict[str, str], workdir: Any) -> None:
     env = {k: v for k, v in worker_env.items() if not k.startswith("GW_")}
@@ -255,6 +274,38 @@ def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
         final = json.loads(data.rsplit(b"data: ", 1)[1].split(b"\n", 1)[0])
         assert final["type"] == "done" and data.count(b'"type":"chunk"') == final["seq"]
         assert final["seq"] >= len(pieces)
+
+
+def test_a_slow_reader_of_a_streamed_call_never_makes_the_gateway_buffer_it(
+        gateway: GatewayProcess, fake: FakeUpstream, client: Any, model: str) -> None:
+    """The same through ``POST /v1/chat/completions`` with ``stream``: the SDK's way in."""
+    pieces = ["x" * 1000] * 20_000
+    fake.script(model, Reply(pieces=pieces))
+    assert gateway.proc is not None
+    before = _rss_mb(gateway.proc.pid)
+    body = json.dumps({"model": model, "messages": USER, "stream": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    fake.wait_for_requests(model, 1)
+    [job_id] = [k.decode().rsplit(":", 1)[1] for k in client.redis.scan_iter(
+        f"{client.keys.prefix}:job:*") if client.redis.hget(k, "model") == model.encode()]
+    wait_until(lambda: client.job(job_id).status() in TERMINAL, 60,
+               "the job to end while its caller reads nothing")
+    assert client.job(job_id).status() is JobStatus.SUCCEEDED
+    grown = _rss_mb(gateway.proc.pid) - before
+    assert grown < 12, f"the gateway grew {grown:.1f} MB for a caller that read nothing"
+    data = bytearray()
+    sock.settimeout(30)
+    while piece := sock.recv(1 << 20):
+        data += piece
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"data: [DONE]\n\n") == 1
+    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last chunk of the body
+    assert data.count(b"x" * 1000) == len(pieces)  # every piece, once, in the end
 
 
 @pytest.mark.parametrize(("url", "body"), [
