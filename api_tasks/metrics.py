@@ -79,7 +79,8 @@ RETRIES = Counter("api_tasks_retries", "Calls made again after a failed one.", [
 RATE_LIMITED = Counter("api_tasks_rate_limited", "Upstream answers of 429.",
                        ["upstream", "deployment"])
 LIMIT_WAIT = Histogram("api_tasks_limit_wait_seconds",
-                       "Time calls waited in a worker for a limit, a cool-down or a breaker.",
+                       "Time calls waited for a limit, a cool-down or a breaker (in a "
+                       "worker, or as planned when the job waits outside one).",
                        ["reason"], buckets=_SECONDS)
 CALLS_IN_FLIGHT = Gauge("api_tasks_calls_in_flight", "Upstream calls under way now.",
                         ["upstream"])

@@ -24,8 +24,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["call_span", "carried", "finish_call", "job_span", "queued", "submit_headers",
-           "wait_span", "warm"]
+__all__ = ["call_span", "carried", "finish_call", "job_span", "parked", "queued",
+           "submit_headers", "wait_span", "warm"]
 
 log = logging.getLogger(__name__)
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -181,6 +181,15 @@ def wait_span(reason: str, seconds: float) -> Iterator[None]:
     with _tracer().start_as_current_span(f"api_tasks wait {reason}", attributes={
             "api_tasks.wait.reason": reason, "api_tasks.wait.planned_s": seconds}):
         yield
+
+
+def parked(reason: str, seconds: float) -> None:
+    """A wait outside the worker, as an event on the delivery's span: the job's next
+    delivery, a span of its own, starts when the wait is over."""
+    span = _recording()
+    if span is not None:
+        span.add_event("api_tasks wait outside the worker", {
+            "api_tasks.wait.reason": reason, "api_tasks.wait.planned_s": seconds})
 
 
 @contextlib.contextmanager

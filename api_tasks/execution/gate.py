@@ -115,6 +115,9 @@ class Gate:
         if parked is Parked.PARKED:
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)
+            # counted as planned, as a wait in the worker is: no worker sees its end
+            metrics.LIMIT_WAIT.labels(park.reason.value).observe(park.wait)
+            tracing.parked(park.reason.value, park.wait)
             return Outcome.WAITING
         return None if parked is Parked.CANCELLED else Outcome.LOST
 

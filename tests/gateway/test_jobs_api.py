@@ -397,6 +397,7 @@ def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
                 assert set(down.json()["error"]) == {"message", "type", "param", "code"}
             assert http.get("/readyz").status_code == 503
             assert http.get("/healthz").status_code == 200  # the process itself answers
+            assert "\napi_tasks_redis_up 0.0\n" in http.get("/metrics").text
             own.start()
             wait_until(lambda: http.post("/v1/jobs", json=job).status_code == 202, 15,
                        "the gateway to submit again once Redis is back")

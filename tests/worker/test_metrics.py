@@ -105,6 +105,39 @@ def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
     assert model not in text and done[0].id not in text
 
 
+def test_a_worker_counts_retries_429s_and_the_waits_they_cost(
+        own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str) -> None:
+    client, _ = own
+    fake.script(model + "-again", HttpError(500, error={"message": "hiccup"}),
+                Reply(content="second time"))
+    # a 429 asking for 2 s: longer than a worker waits in place (reserve_ahead, 1 s), so the
+    # job waits outside it
+    fake.script(model + "-busy", HttpError(429, error={"message": "slow down"},
+                                           headers={"Retry-After": "2"}),
+                Reply(content="after the wait"))
+    url = f"http://127.0.0.1:{_port(client)}/metrics"
+    busy = client.submit_chat(USER, model=model + "-busy")
+    # the cluster's gauge, read from Redis at the scrape, while it is out (about 1.5 s)
+    wait_until(lambda: value(scrape(url), "api_tasks_waiting") == 1, 10,
+               "the job waiting outside the worker to show")
+    again = client.submit_chat(USER, model=model + "-again")
+    for job in (busy, again):
+        assert job.result(timeout=30) is not None
+    samples = scrape(url)
+    assert value(samples, "api_tasks_retries_total", upstream="fake") == 1  # not the 429's
+    assert value(samples, "api_tasks_rate_limited_total", upstream="fake") == 1
+    assert value(samples, "api_tasks_upstream_responses_total", **{"class": "5xx"}) == 1
+    assert value(samples, "api_tasks_upstream_responses_total", **{"class": "4xx"}) == 1
+    assert value(samples, "api_tasks_upstream_responses_total", **{"class": "2xx"}) == 2
+    # both waited out the cool-down (the whole deployment backs off): 2 s, and what was
+    # left of it when the second came
+    waits = value(samples, "api_tasks_limit_wait_seconds_count", reason="cooldown")
+    waited = value(samples, "api_tasks_limit_wait_seconds_sum", reason="cooldown")
+    assert waits >= 2 and 2.0 <= waited <= 4.5, (waits, waited)
+    assert value(samples, "api_tasks_jobs_total", status="succeeded") == 2
+    assert value(samples, "api_tasks_waiting") == 0  # none left outside the workers
+
+
 def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
         own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str) -> None:
     client, worker = own

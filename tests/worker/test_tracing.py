@@ -185,6 +185,11 @@ def test_a_job_sent_again_after_a_wait_stays_in_its_submits_trace(
     for span in spans:  # the second as much as the first: the submit's children
         assert span["context"]["trace_id"] == trace_id
         assert span["parent_id"] == f"0x{submit.context.span_id:016x}"
+    # the first says why the job left and for how long: the wait itself is in no worker
+    [outside] = [e for span in spans for e in span["events"]
+                 if e["name"] == "api_tasks wait outside the worker"]
+    assert outside["attributes"]["api_tasks.wait.reason"] == "cooldown"
+    assert 1.5 <= outside["attributes"]["api_tasks.wait.planned_s"] <= 2.0
 
 
 def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
