@@ -21,9 +21,11 @@ __all__ = ["JobFields", "JsonFormatter", "job_context", "note_job"]
 
 _current: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "api_tasks_job", default=None)
-# the LogRecord attributes every record has: what is not among them came from ``extra``
+# the LogRecord attributes every record has: what is not among them came from ``extra``;
+# and Celery's ``data``, its task's context (the job id, taken above, but also the reprs of
+# its arguments and return value: a plain Celery client's prompt)
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "job"}
+    "message", "asctime", "job", "data"}
 
 
 @contextlib.contextmanager

@@ -195,7 +195,8 @@ def parked(reason: str, seconds: float) -> None:
 @contextlib.contextmanager
 def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any]
               ) -> Iterator[Any]:
-    """The CLIENT span of one upstream call, with the GenAI request attributes."""
+    """The CLIENT span of one upstream call to ``base_url``, with the GenAI request
+    attributes (``provider``: the upstream's name, unless the server is a well-known one)."""
     if _recording() is None:
         yield None
         return
@@ -206,7 +207,7 @@ def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any
     model = payload.get("model")
     host, port = _server(base_url)
     attributes: dict[str, Any] = {
-        "gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
+        "gen_ai.operation.name": operation, "gen_ai.provider.name": _provider(host, provider),
         "server.address": host, "server.port": port}
     if isinstance(model, str):
         attributes["gen_ai.request.model"] = model
@@ -223,6 +224,16 @@ def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any
                                       record_exception=False,
                                       set_status_on_exception=False) as span:
         yield span
+
+
+def _provider(host: str, upstream: str) -> str:
+    """The conventions' well-known name of the provider serving ``host``, or the upstream's
+    own name for any other server (vLLM, Ollama, a proxy...)."""
+    if host == "api.openai.com":
+        return "openai"
+    if host.endswith(".openai.azure.com"):
+        return "azure.ai.openai"
+    return upstream
 
 
 @functools.lru_cache(maxsize=256)

@@ -212,7 +212,8 @@ class JobRunner:
                     metrics.RETRIES.labels(leg.group.name).inc()
                     again = False
                 flying = metrics.CALLS_IN_FLIGHT.labels(leg.group.name)
-                with tracing.call_span(run.spec.kind, leg.group.name, server.base_url,
+                with tracing.call_span(run.spec.kind, leg.group.name,
+                                       run.spec.base_url or server.base_url,
                                        leg.payload) as span:
                     flying.inc()
                     try:

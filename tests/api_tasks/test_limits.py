@@ -10,12 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
+from api_tasks.record.workers import alive, records
 from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
@@ -56,6 +59,15 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
     return Client(load_settings(env=env)), workers
 
 
+def _booked(port: int, scope: str) -> float:
+    """A worker's ``api_tasks_limit_booked_seconds`` of ``scope``'s requests."""
+    families = text_string_to_metric_families(
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    return sum(s.value for family in families for s in family.samples
+               if s.name == "api_tasks_limit_booked_seconds"
+               and s.labels == {"scope": scope, "unit": "requests"})
+
+
 def _most_in_window(times: list[float], window: float) -> int:
     times = sorted(times)
     return max(sum(1 for t in times if start <= t < start + window) for start in times)
@@ -68,6 +80,10 @@ def test_requests_per_minute_hold_across_worker_processes(
     # two processes each pacing alone to 600 a minute would get 429s here
     quota = fake.enforce(model, rpm=600, burst=2.0)
     jobs = [client.submit_chat(USER, model=model) for _ in range(40)]
+    # the scope's use of its budget, read from Redis at a worker's scrape: booked ahead
+    [port, _] = [int(r["metrics_port"]) for r in client.store.shell.run(
+        records(client.keys, client.store.shell.run(alive(client.keys))))]
+    wait_until(lambda: _booked(port, "limited") >= 1.0, 10, "the scope booked ahead")
     for job in jobs:
         assert job.result(timeout=60) is not None
     times = [r.at for r in fake.requests(model)]

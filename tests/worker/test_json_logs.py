@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from api_tasks.broker import create_app
 from api_tasks.client import Client
 from config.loader import load_settings
 from tests.conftest import SECRET as UPSTREAM_KEY
@@ -50,3 +51,16 @@ def test_each_line_about_a_job_carries_its_fields(worker_env: dict[str, str], sp
     # no line about the job is left plain: every line naming it is JSON
     assert not [line for line in log.splitlines()
                 if job.id in line and not line.startswith("{")]
+    # a plain Celery client's job: its arguments are its prompt, and no line shows them
+    prompt = f"a private prompt {uuid.uuid4().hex}"
+    app = create_app(client.settings)
+    try:
+        sent = app.send_task("api_tasks.chat", args=[[{"role": "user", "content": prompt}]],
+                             kwargs={"model": model}, queue="interactive")
+        assert client.job(sent.id).result(timeout=30) is not None
+    finally:
+        app.close()
+    wait_until(lambda: any(line.get("job_id") == sent.id and line["logger"] ==
+                           "celery.app.trace" for line in _lines(worker.log())), 10,
+               "Celery's line on the plain client's job")
+    assert prompt not in worker.log()

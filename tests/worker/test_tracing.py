@@ -199,3 +199,20 @@ def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert done.stdout.split() == ["{}", "False"], done.stderr
+
+
+def test_a_call_names_the_provider_and_the_server_it_went_to(memory: Any) -> None:
+    from api_tasks import tracing
+
+    for base_url, provider, host in (
+            ("https://api.openai.com/v1", "openai", "api.openai.com"),
+            ("https://acme.openai.azure.com/openai/v1", "azure.ai.openai",
+             "acme.openai.azure.com"),
+            ("http://user:pw@llm-a.internal:8000/v1", "local", "llm-a.internal")):
+        memory.clear()
+        with _under(0x99, sampled=True), tracing.job_span("j", "chat", None), \
+                tracing.call_span("chat", "local", base_url, {"model": "m"}):
+            pass
+        [call] = [s for s in memory.get_finished_spans() if s.name == "chat m"]
+        assert call.attributes["gen_ai.provider.name"] == provider
+        assert call.attributes["server.address"] == host  # never the URL's credentials
