@@ -258,8 +258,10 @@ def finish_call(span: Any, response: Mapping[str, Any] | None, error_code: str |
     for field, name in (("id", "gen_ai.response.id"), ("model", "gen_ai.response.model")):
         if isinstance(response.get(field), str):
             attributes[name] = response[field]
-    reasons = [c.get("finish_reason") for c in response.get("choices") or []
-               if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+    reasons: list[str] = [c["finish_reason"] for c in response.get("choices") or []
+                          if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
+    if not reasons and response.get("object") == "response":
+        reasons = _response_reasons(response)
     if reasons:
         attributes["gen_ai.response.finish_reasons"] = reasons
     usage = response.get("usage") or {}
@@ -270,3 +272,16 @@ def finish_call(span: Any, response: Mapping[str, Any] | None, error_code: str |
         if count is not None:
             attributes[name] = count
     span.set_attributes(attributes)  # one lock and one check, not one per attribute
+
+
+# what an incomplete Responses API response's reason is as a chat finish_reason
+_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+def _response_reasons(response: Mapping[str, Any]) -> list[str]:
+    """A Responses API response's end as the conventions' finish reasons (it has none)."""
+    if response.get("status") == "completed":
+        return ["stop"]
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return [_INCOMPLETE.get(reason, reason)] if isinstance(reason, str) else []

@@ -216,3 +216,19 @@ def test_a_call_names_the_provider_and_the_server_it_went_to(memory: Any) -> Non
         [call] = [s for s in memory.get_finished_spans() if s.name == "chat m"]
         assert call.attributes["gen_ai.provider.name"] == provider
         assert call.attributes["server.address"] == host  # never the URL's credentials
+
+
+def test_a_responses_call_has_finish_reasons_too(memory: Any) -> None:
+    from api_tasks import tracing
+
+    for response, reasons in (
+            ({"object": "response", "status": "completed"}, ("stop",)),
+            ({"object": "response", "status": "incomplete",
+              "incomplete_details": {"reason": "max_output_tokens"}}, ("length",)),
+            ({"choices": [{"finish_reason": "tool_calls"}]}, ("tool_calls",))):
+        memory.clear()
+        with tracing.job_span("j", "response", None), tracing.call_span(
+                "response", "local", "http://llm:8000/v1", {"model": "m"}) as span:
+            tracing.finish_call(span, response, None)
+        [call] = [s for s in memory.get_finished_spans() if s.name == "chat m"]
+        assert call.attributes["gen_ai.response.finish_reasons"] == reasons
