@@ -36,5 +36,7 @@ def dumps(value: Any, sort_keys: bool = False) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
     except (orjson.JSONEncodeError, TypeError):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+        # ASCII escapes keep a lone surrogate encodable; NaN beside a long integer is a
+        # ValueError here, never the invalid bare NaN
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
                           sort_keys=sort_keys).encode()

@@ -184,8 +184,8 @@ def wait_span(reason: str, seconds: float) -> Iterator[None]:
 
 
 def parked(reason: str, seconds: float) -> None:
-    """A wait outside the worker, as an event on the delivery's span: the job's next
-    delivery, a span of its own, starts when the wait is over."""
+    """A wait outside the worker, as an event on the delivery's span (the next delivery is
+    a span of its own)."""
     span = _recording()
     if span is not None:
         span.add_event("api_tasks wait outside the worker", {
@@ -195,8 +195,8 @@ def parked(reason: str, seconds: float) -> None:
 @contextlib.contextmanager
 def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any]
               ) -> Iterator[Any]:
-    """The CLIENT span of one upstream call to ``base_url``, with the GenAI request
-    attributes (``provider``: the upstream's name, unless the server is a well-known one)."""
+    """The CLIENT span of one call to ``base_url`` of upstream ``provider``, with the GenAI
+    request attributes."""
     if _recording() is None:
         yield None
         return
@@ -227,8 +227,7 @@ def call_span(kind: str, provider: str, base_url: str, payload: Mapping[str, Any
 
 
 def _provider(host: str, upstream: str) -> str:
-    """The conventions' well-known name of the provider serving ``host``, or the upstream's
-    own name for any other server (vLLM, Ollama, a proxy...)."""
+    """The conventions' name of the provider at ``host``, else the upstream's (vLLM...)."""
     if host == "api.openai.com":
         return "openai"
     if host.endswith(".openai.azure.com"):

@@ -43,8 +43,9 @@ GATEWAY_OTHER_KEY = "sk-gw-other-41aa"
 GATEWAY_HOOKED_KEY = "sk-gw-hooked-90b2"
 WEBHOOK_SECRET = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c="  # openai-python's test one
 GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
-LIMITED_RPM = 120  # the limited key's own limits: a call every half second,
-LIMITED_TPM = 60000  # and 1,000 tokens a second
+LIMITED_RPM = 120  # the limited key's own limit: a call every half second
+GATEWAY_TOKENED_KEY = "sk-gw-tokened-5d21"
+TOKENED_TPM = 60000  # the tokened key's own limit: 1,000 tokens a second
 STATE_APART = os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
 
 
@@ -145,8 +146,9 @@ def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServ
             {"name": "other", "key_env": "GW_OTHER_KEY", "models": ["allowed-*"],
              "queues": ["bulk"]},
             {"name": "limited", "key_env": "GW_LIMITED_KEY",
-             "limits": {"requests_per_minute": LIMITED_RPM,
-                        "tokens_per_minute": LIMITED_TPM}},
+             "limits": {"requests_per_minute": LIMITED_RPM}},
+            {"name": "tokened", "key_env": "GW_TOKENED_KEY",
+             "limits": {"tokens_per_minute": TOKENED_TPM}},
             {"name": "hooked", "key_env": "GW_HOOKED_KEY", "webhooks": [
                 {"url": webhook_receiver.url, "secret_env": "GW_HOOK_SECRET"},
                 {"url": f"http://127.0.0.1:{free_port()}/hook", "secret_env": "GW_HOOK_SECRET",
@@ -250,7 +252,8 @@ def start_gateway(worker_env: dict[str, str], workdir: Path, name: str,
     settings), started; the caller stops it."""
     env = {k: v for k, v in worker_env.items() if k != "FAKE_UPSTREAM_KEY"}
     env.update({"GW_MAIN_KEY": GATEWAY_KEY, "GW_OTHER_KEY": GATEWAY_OTHER_KEY,
-                "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY, "GW_HOOKED_KEY": GATEWAY_HOOKED_KEY})
+                "GW_LIMITED_KEY": GATEWAY_LIMITED_KEY, "GW_HOOKED_KEY": GATEWAY_HOOKED_KEY,
+                "GW_TOKENED_KEY": GATEWAY_TOKENED_KEY})
     if change is not None:
         config = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
         change(config)

@@ -109,15 +109,18 @@ class Gate:
         """The job leaves this worker to wait for its limit; it is sent again when due. None:
         it was cancelled meanwhile, and is for the caller to end."""
         turn_on = None if run.deployment is None else (run.deployment.name, run.model)
+        lead = self.ahead / 2  # a job with a turn is sent again this long before it
         parked = self.leases.park(run.job_id, run.token, park.wait, park.reason,
                                   run.message or run.spec.message_json(run.queue), park.turn,
-                                  self.ahead / 2, turn_on)
+                                  lead, turn_on)
         if parked is Parked.PARKED:
             log.info("job %s waits %.2fs for its %s limit, outside the worker",
                      run.job_id, park.wait, park.reason)
-            # counted as planned, as a wait in the worker is: no worker sees its end
-            metrics.LIMIT_WAIT.labels(park.reason.value).observe(park.wait)
-            tracing.parked(park.reason.value, park.wait)
+            # counted as planned, as a wait in the worker is (no worker sees its end); the
+            # lead is counted by the delivery that waits it out
+            outside = park.wait if park.turn is None else max(park.turn - lead, 0.0)
+            metrics.LIMIT_WAIT.labels(park.reason.value).observe(outside)
+            tracing.parked(park.reason.value, outside)
             return Outcome.WAITING
         return None if parked is Parked.CANCELLED else Outcome.LOST
 

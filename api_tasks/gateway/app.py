@@ -177,9 +177,10 @@ class Gateway:
 
 
 class _JobJSON(JSONResponse):
-    """A JSON answer that carries a job's response, which can be tens of MiB: rendered by
-    orjson, on the loop (a thread would not free it: the encoder holds the GIL), in a tenth
-    of the standard library encoder's time."""
+    """A JSON answer carrying a job's response (up to tens of MiB), rendered by orjson."""
+
+    # on the loop: a thread would not free it (the encoder holds the GIL), and orjson takes
+    # a tenth of the standard library encoder's time
 
     def render(self, content: Any) -> bytes:
         return dumps(content)

@@ -63,7 +63,7 @@ def _values(client: redis.Redis, name: bytes) -> list[Any]:
 
 
 def _stored_anywhere(client: redis.Redis, prefix: str, needle: bytes) -> list[str]:
-    """The keys under ``prefix`` whose name or value holds ``needle``."""
+    """The keys under ``prefix`` (all the project's) whose name or value holds ``needle``."""
     return [name.decode() for name in client.scan_iter(f"{prefix}:*")
             if needle in name or any(needle in (v or b"") for v in _values(client, name))]
 
@@ -121,7 +121,7 @@ def test_the_variable_alone_makes_a_key_named_default_never_kept_in_clear(
         log = gateway.log_path.read_text()
     finally:
         gateway.stop()
-    for presented in (secret, wrong):  # neither the key nor a wrong guess, anywhere
+    for presented in (secret, wrong):  # neither the key nor a wrong guess, in any key
         assert presented not in log
         assert _stored_anywhere(redis_client, client.keys.prefix, presented.encode()) == []
 
@@ -154,13 +154,14 @@ def test_a_key_given_as_its_hash(worker_env: dict[str, str], workdir: Path, clie
 def test_a_stream_token_reads_one_job_until_it_expires_through_any_gateway(
         gateway: GatewayProcess, worker_env: dict[str, str], workdir: Path, client: Client,
         redis_client: redis.Redis, fake: FakeUpstream, model: str) -> None:
-    fake.script(model, Reply(pieces=["one ", "job"]), Reply(content="another"))
+    fake.script(model, Reply(pieces=["one ", "job"]))
+    fake.script(model + "-b", Reply(content="another"))
     with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=30) as http:
         first, second = (http.post("/v1/jobs", json={
             "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": USER, "stream": stream}}).json()
-            for stream in (True, False))
+            "body": {"model": name, "messages": USER, "stream": stream}}).json()
+            for name, stream in ((model, True), (model + "-b", False)))
     other = start_gateway(worker_env, workdir, "second-gateway")  # same settings, apart
     try:
         events = f"/v1/jobs/{first['id']}/events"
@@ -196,27 +197,32 @@ def test_a_stream_token_reads_one_job_until_it_expires_through_any_gateway(
 
 def test_host_and_port_come_from_the_settings_or_the_environment(
         worker_env: dict[str, str], workdir: Path) -> None:
-    port = free_port()
+    port, host = free_port(), "127.0.0.2"  # a loopback address, but not the default one
     env = {**worker_env, "GW_MAIN_KEY": KEY, "GW_OTHER_KEY": "x", "GW_LIMITED_KEY": "y",
-           "GW_HOOKED_KEY": "z", "API_TASKS_GATEWAY_HOST": "127.0.0.1",
+           "GW_HOOKED_KEY": "z", "GW_TOKENED_KEY": "t", "API_TASKS_GATEWAY_HOST": host,
            "API_TASKS_GATEWAY_PORT": str(port)}
-    log = open(workdir / "env-port-gateway.log", "ab")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([sys.executable, "-m", "api_tasks", "gateway"], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    path = workdir / f"env-gateway-{uuid.uuid4().hex[:6]}.log"
+    with open(path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "api_tasks", "gateway"], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         def answers() -> bool:
-            assert process.poll() is None, (workdir / "env-port-gateway.log").read_text()
+            assert process.poll() is None, path.read_text()
             try:
-                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+                return httpx.get(f"http://{host}:{port}/healthz").status_code == 200
             except httpx.TransportError:
                 return False
-        wait_until(answers, 30, "the gateway on the port from API_TASKS_GATEWAY_PORT")
-        assert f"api-tasks gateway on http://127.0.0.1:{port}" in \
-            (workdir / "env-port-gateway.log").read_text()
+        wait_until(answers, 30, "the gateway where API_TASKS_GATEWAY_HOST/_PORT say")
+        assert f"api-tasks gateway on http://{host}:{port}" in path.read_text()
+        with pytest.raises(httpx.TransportError):  # and only there
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
     finally:
         process.terminate()
-        process.wait(15)
-        log.close()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def test_a_gateway_told_to_keep_jobs_lets_a_gone_clients_job_finish(

@@ -3,6 +3,7 @@ Last-Event-ID with no gap and no repeat, a reader after the end, cancel, and ten
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -26,7 +27,8 @@ from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_LIMITED_KEY as LIMITED_KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
-from tests.conftest import LIMITED_RPM, LIMITED_TPM, start_gateway
+from tests.conftest import GATEWAY_TOKENED_KEY as TOKENED_KEY
+from tests.conftest import LIMITED_RPM, TOKENED_TPM, start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.job_events import read_events
 from tests.support.services import ROOT, GatewayProcess, RedisServer, wait_until
@@ -207,20 +209,19 @@ def test_a_key_with_its_own_limit_is_paced_cluster_wide(gateway: GatewayProcess,
 
 def test_a_keys_tokens_per_minute_count_as_the_upstream_counts_them(
         gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
-    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    tokened = {"Authorization": f"Bearer {TOKENED_KEY}"}
     n = 4
-    with httpx.Client(base_url=gateway.url, headers=limited, timeout=30) as http:
+    with httpx.Client(base_url=gateway.url, headers=tokened, timeout=30) as http:
         ids = [http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
             "model": model, "messages": USER, "max_tokens": 1000}}).json()["id"]
             for _ in range(n)]
         wait_until(lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "succeeded"
-                               for i in ids), 30, "the limited key's jobs to end")
+                               for i in ids), 30, "the key's jobs to end")
     arrivals = sorted(r.at for r in fake.requests(model))
     assert len(arrivals) == n
     # each call counts its prompt and its 1,000-token ceiling when it arrives (as OpenAI
-    # counts): about a second of the key's 1,000 tokens a second, where its requests a minute
-    # alone would let one go every half second
-    per_call = 1000 / (LIMITED_TPM / 60)
+    # counts): about a second of the key's 1,000 tokens a second (the upstream has no limit)
+    per_call = 1000 / (TOKENED_TPM / 60)
     assert arrivals[-1] - arrivals[0] >= (n - 1) * per_call - 0.3, arrivals
 
 
@@ -332,7 +333,7 @@ def test_embeddings_and_responses_jobs(gateway: GatewayProcess, fake: FakeUpstre
         assert ended["response"] == seen[-2]["data"]["response"]
 
 
-def _write(client: Any, keys: Any, job_id: str, events: list[tuple[str, str]]) -> None:
+def _write(client: redis.Redis, keys: Keys, job_id: str, events: list[tuple[str, str]]) -> None:
     """Events of a job as a worker's relay writes them: stream entry, then publish."""
     for entry, event in events:
         client.xadd(keys.events(job_id), {EVENT_FIELD: event}, id=entry)
@@ -341,7 +342,7 @@ def _write(client: Any, keys: Any, job_id: str, events: list[tuple[str, str]]) -
 
 
 def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
-        worker_env: dict[str, str], workdir: Path, redis_client: Any) -> None:
+        worker_env: dict[str, str], workdir: Path, redis_client: redis.Redis) -> None:
     """On a prefix no worker serves, the job's events are written as two attempts of a
     worker would (the second after a crash: ``reset`` first), while a reader waits."""
     prefix = f"gw{uuid.uuid4().hex[:8]}"
@@ -380,12 +381,14 @@ def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
 
 def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
         worker_env: dict[str, str], workdir: Path) -> None:
-    own = RedisServer(workdir / f"gw-redis-{uuid.uuid4().hex[:6]}", persist=True).start()
-    env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
-    env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
-    gateway = start_gateway(env, workdir, "redis-down-gateway")
     job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
-    try:
+    with contextlib.ExitStack() as stack:
+        own = RedisServer(workdir / f"gw-redis-{uuid.uuid4().hex[:6]}", persist=True).start()
+        stack.callback(own.stop)
+        env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
+        env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
+        gateway = start_gateway(env, workdir, "redis-down-gateway")
+        stack.callback(gateway.stop)
         with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
             assert http.post("/v1/jobs", json=job).status_code == 202
             own.stop()
@@ -401,11 +404,8 @@ def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
             own.start()
             wait_until(lambda: http.post("/v1/jobs", json=job).status_code == 202, 15,
                        "the gateway to submit again once Redis is back")
-        # the job before the outage and the one after: nothing half-done from the 503s
+        # the job before the outage and the one after: the refused submits left nothing
         queued = redis.Redis.from_url(own.url)
         lanes = queued.llen(f"{env['API_TASKS_PREFIX']}:celery:interactive")
         records = list(queued.scan_iter(f"{env['API_TASKS_PREFIX']}:job:*"))
         assert lanes == len(records) == 2
-    finally:
-        gateway.stop()
-        own.stop()

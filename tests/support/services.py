@@ -256,7 +256,11 @@ class GatewayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._ready, 30, "the gateway to answer /healthz")
+        try:
+            wait_until(self._ready, 30, "the gateway to answer /healthz")
+        except BaseException:
+            self.stop()  # one that never answered must not outlive the test
+            raise
         return self
 
     def _ready(self) -> bool:
