@@ -10,11 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
@@ -22,6 +20,7 @@ from api_tasks.record.workers import alive, records
 from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
+from tests.support.scrape import scrape, value
 from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -61,11 +60,8 @@ def limited(worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
 
 def _booked(port: int, scope: str) -> float:
     """A worker's ``api_tasks_limit_booked_seconds`` of ``scope``'s requests."""
-    families = text_string_to_metric_families(
-        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
-    return sum(s.value for family in families for s in family.samples
-               if s.name == "api_tasks_limit_booked_seconds"
-               and s.labels == {"scope": scope, "unit": "requests"})
+    return value(scrape(f"http://127.0.0.1:{port}/metrics"), "api_tasks_limit_booked_seconds",
+                 scope=scope, unit="requests")
 
 
 def _most_in_window(times: list[float], window: float) -> int:

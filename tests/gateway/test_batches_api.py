@@ -15,11 +15,13 @@ import pytest
 import redis
 import yaml
 
+from api_tasks.client import Client
 from api_tasks.record.keys import Keys
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.scrape import workers_value
 from tests.support.services import GatewayProcess, Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -61,10 +63,12 @@ def _jsonl(sdk: openai.OpenAI, file_id: str) -> list[dict[str, Any]]:
 
 
 def test_a_batch_runs_to_completed_with_every_line_once(
-        gateway: GatewayProcess, fake: FakeUpstream, model: str) -> None:
+        gateway: GatewayProcess, client: Client, fake: FakeUpstream, model: str) -> None:
     bad = model + "-bad"
     fake.script(bad, HttpError(400, error={"message": "no", "code": "bad_line"}))
     sdk = _sdk(gateway)
+    counted = {outcome: workers_value(client, "api_tasks_batch_lines_total", outcome=outcome)
+               for outcome in ("completed", "failed")}
     lines = [_line(f"r{i}", bad if i % 3 == 0 else model) for i in range(30)]
     made = sdk.batches.create(input_file_id=_upload(sdk, lines), endpoint="/v1/chat/completions",
                               completion_window="24h", metadata={"run": "nightly"})
@@ -90,6 +94,9 @@ def test_a_batch_runs_to_completed_with_every_line_once(
     assert (out.purpose, out.bytes) == ("batch_output", len(
         sdk.files.content(batch.output_file_id).content))
     assert made.id in [b.id for b in sdk.batches.list(limit=1)]  # auto-paging, newest first
+    # the workers counted each line once, by its outcome
+    assert {outcome: workers_value(client, "api_tasks_batch_lines_total", outcome=outcome)
+            - before for outcome, before in counted.items()} == {"completed": 20, "failed": 10}
 
 
 def test_a_bad_input_file_ends_failed_naming_each_line_and_runs_nothing(

@@ -13,9 +13,11 @@ import openai
 import pytest
 import redis
 
+from api_tasks.client import Client
 from api_tasks.execution.webhooks import retry_delay, sign
 from tests.conftest import GATEWAY_HOOKED_KEY, GATEWAY_KEY, WEBHOOK_SECRET
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.scrape import workers_value
 from tests.support.services import GatewayProcess, wait_until
 from tests.support.webhook_receiver import WebhookReceiver
 
@@ -72,9 +74,11 @@ def test_retry_delays_double_up_to_the_cap() -> None:
 
 
 def test_a_completed_batch_is_announced_signed_retried_and_never_to_a_forbidden_address(
-        gateway: GatewayProcess, webhook_receiver: WebhookReceiver,
+        gateway: GatewayProcess, client: Client, webhook_receiver: WebhookReceiver,
         webhook_trap: WebhookReceiver, model: str) -> None:
     sdk = _sdk(gateway)
+    counted = {outcome: workers_value(client, "api_tasks_webhook_deliveries_total",
+                                      outcome=outcome) for outcome in ("delivered", "retrying")}
     webhook_receiver.answer(500, 302)  # then 200: three attempts, the redirect not followed
     batch = _batch(sdk, [_line(f"w{i}", model) for i in range(3)])
     needle = batch.id.encode()
@@ -96,6 +100,12 @@ def test_a_completed_batch_is_announced_signed_retried_and_never_to_a_forbidden_
     assert (delivered["event_type"], delivered["subject_id"]) == ("batch.completed", batch.id)
     assert delivered["url"] == webhook_receiver.url
     assert delivered["created_at"] <= delivered["last_attempt_at"] == delivered["delivered_at"]
+    # the workers counted the attempts: that one delivered after two tries (and the down
+    # endpoint's tries, below, are retries too)
+    grown = {outcome: workers_value(client, "api_tasks_webhook_deliveries_total",
+                                    outcome=outcome) - before
+             for outcome, before in counted.items()}
+    assert grown["delivered"] >= 1 and grown["retrying"] >= 2, grown
     # the second endpoint is down: retried, the batch long done; the third is refused
     wait_until(lambda: _delivery(gateway, batch.id, 1).get("attempts", 0) >= 2, 15,
                "the down endpoint to be tried twice")

@@ -25,6 +25,7 @@ from api_tasks.record.workers import alive, records
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.scrape import Samples, scrape, value
 from tests.support.services import (
     ROOT,
     GatewayProcess,
@@ -36,19 +37,6 @@ from tests.support.services import (
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str) -> Samples:
-    text = httpx.get(url, timeout=10).text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
 
 
 @pytest.fixture
