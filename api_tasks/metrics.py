@@ -36,6 +36,8 @@ __all__ = [
     "FIRST_CHUNK",
     "JOBS_ENDED",
     "JOBS_SUBMITTED",
+    "LIMIT_BUDGET",
+    "LIMIT_USED",
     "LIMIT_WAIT",
     "QUEUE_TIME",
     "RATE_LIMITED",
@@ -82,6 +84,12 @@ LIMIT_WAIT = Histogram("api_tasks_limit_wait_seconds",
                        "Time calls waited for a limit, a cool-down or a breaker (in a "
                        "worker, or as planned when the job waits outside one).",
                        ["reason"], buckets=_SECONDS)
+LIMIT_USED = Counter("api_tasks_limit_used",
+                     "Requests and tokens admitted under each configured limit scope (tokens "
+                     "as reserved when the call was admitted).", ["scope", "unit"])
+LIMIT_BUDGET = Gauge("api_tasks_limit_budget_per_minute",
+                     "Each configured limit scope's requests and tokens a minute.",
+                     ["scope", "unit"])
 CALLS_IN_FLIGHT = Gauge("api_tasks_calls_in_flight", "Upstream calls under way now.",
                         ["upstream"])
 CHUNKS = Counter("api_tasks_chunks_relayed", "Stream chunks written to Redis.", ["upstream"])
@@ -188,6 +196,12 @@ def register_cluster(read: Callable[[], Mapping[str, Any]]) -> None:
         collector = ClusterCollector(read)
         REGISTRY.register(collector)
         _registered.append(collector)
+
+
+def set_budgets(budgets: Mapping[tuple[str, str], float]) -> None:
+    """Export each configured limit scope's budget a minute, by (scope, unit)."""
+    for (scope, unit), per_minute in budgets.items():
+        LIMIT_BUDGET.labels(scope, unit).set(per_minute)
 
 
 def serve(host: str, port: int) -> int | None:

@@ -27,7 +27,7 @@ from api_tasks.execution.scheduler import Scheduler
 from api_tasks.execution.sweeper import SweeperRole
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.execution.webhooks import WebhookSender
-from api_tasks.record.cluster import cluster_reader
+from api_tasks.record.cluster import cluster_reader, limit_budgets
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.record.store import JobStore
@@ -124,6 +124,7 @@ class Runtime:
             metrics.turn_off()
             return
         metrics.register_cluster(cluster_reader(self.settings, self.keys))
+        metrics.set_budgets(limit_budgets(self.settings))
         port = metrics.serve(worker.metrics_host, worker.metrics_port)
         if port is not None and self.heartbeat is not None:
             self.heartbeat.note(metrics_port=port)

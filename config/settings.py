@@ -305,13 +305,14 @@ class Upstream(_Model):
                 scopes.append((f"{self.name}/{pattern}", limits))
         return scopes
 
-    def named_scopes(self) -> list[str]:
-        """Every limit scope these settings name (not the per-model ones ``auto`` learns)."""
-        learnt = self.limits.auto
-        scopes = [self.name] if self.limits.active and not learnt else []
-        scopes += [f"{self.name}/{pattern}" for pattern, limits in self.model_limits.items()
-                   if limits.active]
-        return scopes + [d.name for d in self.deployments or ()
+    def named_scopes(self) -> list[tuple[str, Limits]]:
+        """Every limit scope these settings name, with its limits (not the per-model ones
+        ``auto`` learns)."""
+        scopes = [(self.name, self.limits)] if self.limits.active and not self.limits.auto \
+            else []
+        scopes += [(f"{self.name}/{pattern}", limits)
+                   for pattern, limits in self.model_limits.items() if limits.active]
+        return scopes + [(d.name, d.limits) for d in self.deployments or ()
                          if d.limits.active and not d.limits.auto]
 
     def longest_call(self) -> float:
@@ -535,9 +536,9 @@ class GatewaySettings(_Model):
         """The limit scope of the gateway key ``name``, if it has limits."""
         return [(scope, key.limits) for scope, key in self._key_scopes() if key.name == name]
 
-    def named_scopes(self) -> list[str]:
-        """The limit scopes of the keys that have limits."""
-        return [scope for scope, _ in self._key_scopes()]
+    def named_scopes(self) -> list[tuple[str, Limits]]:
+        """The limit scopes of the keys that have limits, with their limits."""
+        return [(scope, key.limits) for scope, key in self._key_scopes()]
 
     def _key_scopes(self) -> list[tuple[str, GatewayKey]]:
         return [(f"key:{key.name}", key) for key in self.keys if key.limits.active]

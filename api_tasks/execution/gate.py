@@ -30,11 +30,12 @@ class Gate:
     """Holds each call until its upstream's cool-down and limits let it go."""
 
     def __init__(self, limiter: Limiter, cooldowns: Cooldowns, leases: LeaseStore,
-                 reserve_ahead: float) -> None:
+                 reserve_ahead: float, counted: frozenset[str] = frozenset()) -> None:
         self.limiter = limiter
         self.cooldowns = cooldowns
         self.leases = leases
         self.ahead = reserve_ahead
+        self.counted = counted  # the scopes the settings name: bounded metric labels
 
     def cooldown(self, run: Delivery, handle: CallHandle, server: str,
                  left: float | None = None) -> None:
@@ -86,6 +87,8 @@ class Gate:
         while True:
             admission = self.limiter.admit(run.job_id, scopes, cost, turn is not None, horizon,
                                            None if horizon is None else run.created_at)
+            if admission.go and turn is None:  # reserved now (a turn was counted when taken)
+                self._count(scopes, cost)
             wait = max(admission.wait, turn or 0.0) if admission.go else admission.wait
             if admission.go and wait > ahead:
                 raise Park(wait, admission.reason, wait)  # its place is kept meanwhile
@@ -104,6 +107,14 @@ class Gate:
             if admission.go:
                 return
             waited += wait
+
+    def _count(self, scopes: list[tuple[str, Limits]], cost: int) -> None:
+        """What a call takes of each configured scope's budget, in the metrics."""
+        for name, limits in scopes:
+            if name in self.counted:
+                metrics.LIMIT_USED.labels(name, "requests").inc()
+                if limits.tokens_per_minute:  # else the call's tokens were never counted
+                    metrics.LIMIT_USED.labels(name, "tokens").inc(cost)
 
     def park(self, run: Delivery, park: Park) -> Outcome | None:
         """The job leaves this worker to wait for its limit; it is sent again when due. None:

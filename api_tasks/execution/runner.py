@@ -38,6 +38,7 @@ from api_tasks.execution.tally import Tally
 from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
+from api_tasks.record.cluster import limit_scopes
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
 from api_tasks.record.job_record import (
     Field,
@@ -86,7 +87,8 @@ class JobRunner:
         self.store = store
         self.leases = leases
         self.cooldowns = Cooldowns(leases.redis, store.keys)
-        self.gate = Gate(limiter, self.cooldowns, leases, settings.worker.reserve_ahead)
+        self.gate = Gate(limiter, self.cooldowns, leases, settings.worker.reserve_ahead,
+                         frozenset(limit_scopes(settings)))
         self.writer = writer
         self.watchdog = watchdog
         self.http = http

@@ -20,14 +20,29 @@ from api_tasks.record.workers import STALE_AFTER
 from config.settings import QUEUES as LANES
 
 if TYPE_CHECKING:
-    from config.settings import Settings
+    from config.settings import Limits, Settings
 
-__all__ = ["cluster_reader", "cluster_state", "limit_scopes"]
+__all__ = ["cluster_reader", "cluster_state", "limit_budgets", "limit_scopes"]
 
 
 def limit_scopes(settings: Settings) -> list[str]:
     """The limit scopes the settings name (not the per-model ones ``limits: auto`` learns)."""
-    return [scope for group in settings.upstreams for scope in group.named_scopes()] + \
+    return [scope for scope, _ in _named(settings)]
+
+
+def limit_budgets(settings: Settings) -> dict[tuple[str, str], float]:
+    """Each named scope's budget a minute, by (scope, ``requests`` or ``tokens``)."""
+    budgets = {}
+    for scope, limits in _named(settings):
+        for unit, per_minute in (("requests", limits.requests_per_minute),
+                                 ("tokens", limits.tokens_per_minute)):
+            if per_minute:
+                budgets[(scope, unit)] = per_minute
+    return budgets
+
+
+def _named(settings: Settings) -> list[tuple[str, Limits]]:
+    return [pair for group in settings.upstreams for pair in group.named_scopes()] + \
         settings.gateway.named_scopes()
 
 

@@ -20,7 +20,7 @@ from api_tasks.record.workers import alive, records
 from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
-from tests.support.scrape import scrape, value
+from tests.support.scrape import scrape, value, workers_value
 from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,12 @@ def test_requests_per_minute_hold_across_worker_processes(
         assert job.result(timeout=60) is not None
     times = [r.at for r in fake.requests(model)]
     assert len(times) == 40 and quota.rejected == 0  # not one 429
+    # each scope's use of its budget, counted by the workers that admitted the calls, beside
+    # the budget each of them exports (Prometheus: sum of rate(used) over max(budget))
+    assert workers_value(client, "api_tasks_limit_used_total", scope="limited",
+                         unit="requests") == 40
+    assert workers_value(client, "api_tasks_limit_budget_per_minute", scope="limited",
+                         unit="requests") == 600 * len(workers)
     # 10 a second, with a one-second burst: never more than 21 in any second
     assert _most_in_window(times, 1.0) <= 21
     assert max(times) - min(times) >= (40 - 11) * 0.1 - 0.05
@@ -114,6 +120,9 @@ def test_tokens_counted_on_arrival_are_never_given_back(
         assert job.result(timeout=60) is not None
     times = sorted(r.at for r in fake.requests(arrive))
     assert times[-1] - times[0] >= 2.5  # (8 x ~510 - 1,000) / 1,000 a second
+    used = workers_value(client, "api_tasks_limit_used_total", scope="limited/arrive-*",
+                         unit="tokens")
+    assert 8 * 500 < used < 8 * 600  # each its prompt and its ceiling, as reserved
 
 
 def test_pacing_follows_what_the_upstream_says_it_has_left(
