@@ -1,5 +1,5 @@
 """What metrics and traces cost a worker: ``python -m bench.metrics [--jobs 500] [--rounds 5]
-[--launches 5]``.
+[--launches 5] [--split]``.
 
 Pairs of worker processes (50 threads each) run the same chat jobs against the fake upstream.
 In each pair one worker has its metrics off (``API_TASKS_METRICS_PORT=off``: nothing counted,
@@ -50,6 +50,7 @@ def workers(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdi
     with a producer, started together and each warmed by a job."""
     started = []
     for name, port, traced in specs:
+        kept = _UNEXPORTED if name.startswith("unexported") else {}
         tracing = {"OTEL_TRACES_EXPORTER": "otlp",
                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": _collector(),
                    # the SDK's standard sampler: a trace is recorded or not from its start
@@ -57,7 +58,7 @@ def workers(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdi
                    "OTEL_TRACES_SAMPLER_ARG": str(traced)}
         env = child_env(redis.url, OPENAI_BASE_URL=upstream.base_url + "/v1",
                         API_TASKS_PREFIX=f"{name}{time.monotonic_ns() % 100000}",
-                        API_TASKS_METRICS_PORT=port, **(tracing if traced else {}))
+                        API_TASKS_METRICS_PORT=port, **(tracing | kept if traced else {}))
         process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
                                 name=name).start(wait=False)
         stack.callback(process.stop)
@@ -96,6 +97,10 @@ def _collector() -> str:
 
 
 PAIRS = {"on": 0.0, "sampled": 0.1, "traced": 1.0}  # each beside a worker with metrics off
+# --split: where 1 trace in 10 costs (nothing recorded; recorded, never exported; exported)
+SPLIT = {"unsampled": 1e-9, "unexported": 0.1, "sampled": 0.1}
+_UNEXPORTED = {"OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_BSP_MAX_QUEUE_SIZE": "10000000",
+               "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "10000000"}  # spans kept until the end
 EXPORT_DELAY = 5.0  # s: the SDK's batch span processor exports at least this often
 
 
@@ -111,14 +116,14 @@ def burst(workers: list[tuple[Client, WorkerProcess]], n: int) -> list[float]:
 
 
 def launch(redis: RedisServer, upstream: FakeUpstream, workdir: Path, k: int, n: int,
-           rounds: int) -> dict[str, tuple[float, float, list[float]]]:
+           rounds: int, modes: dict[str, float]) -> dict[str, tuple[float, float, list[float]]]:
     """Fresh pairs of workers through ``rounds`` rounds: by mode, its worker's CPU per job,
     its off worker's, and each round's ratio."""
     with ExitStack() as stack:
         started = workers(stack, redis, upstream, workdir, [
-            spec for mode, share in PAIRS.items()
+            spec for mode, share in modes.items()
             for spec in ((f"off-{mode}{k}", "off", 0.0), (f"{mode}{k}", "0", share))])
-        pairs = {mode: (started[2 * i], started[2 * i + 1]) for i, mode in enumerate(PAIRS)}
+        pairs = {mode: (started[2 * i], started[2 * i + 1]) for i, mode in enumerate(modes)}
         for both in pairs.values():  # every code path loaded, the thread pools full
             burst(list(both), n)
         time.sleep(EXPORT_DELAY + 1)  # and the warm-up's spans exported
@@ -172,7 +177,11 @@ def main() -> None:
                         help="200 jobs a burst, 2 launches of 3 rounds")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--launches", type=int, default=5)
+    parser.add_argument("--split", action="store_true",
+                        help="where 1 trace in 10 costs: nothing recorded, recorded but never "
+                             "exported, exported (no scrape)")
     args = parser.parse_args()
+    modes = SPLIT if args.split else PAIRS
     n = 200 if args.quick else args.jobs
     rounds = 3 if args.quick else args.rounds
     launches = 2 if args.quick else args.launches
@@ -180,12 +189,12 @@ def main() -> None:
         workdir = Path(tmp)
         redis, upstream = local_services(stack, workdir, record=False)
         started = time.monotonic()
-        per_job: dict[str, tuple[float, float]] = dict.fromkeys(PAIRS, (0.0, 0.0))
-        rounds_ratio: dict[str, list[float]] = {mode: [] for mode in PAIRS}
-        launch_ratio: dict[str, list[float]] = {mode: [] for mode in PAIRS}
+        per_job: dict[str, tuple[float, float]] = dict.fromkeys(modes, (0.0, 0.0))
+        rounds_ratio: dict[str, list[float]] = {mode: [] for mode in modes}
+        launch_ratio: dict[str, list[float]] = {mode: [] for mode in modes}
         for k in range(launches):
             for mode, (ours, off, runs) in launch(redis, upstream, workdir, k, n,
-                                                  rounds).items():
+                                                  rounds, modes).items():
                 per_job[mode] = (per_job[mode][0] + ours / launches,
                                  per_job[mode][1] + off / launches)
                 rounds_ratio[mode] += runs
@@ -197,6 +206,15 @@ def main() -> None:
         print("rounds, the same:", ", ".join(
             f"{mode} {' '.join(f'{r:.2f}' for r in runs)}" for mode, runs in
             rounds_ratio.items()), "(a traced worker's spans leave every 5 s: in some rounds)")
+        if args.split:
+            print(table(f"\nmetrics: where 1 trace in 10 costs, {launches} launches of {rounds} "
+                        f"rounds of {n} jobs (reference: metrics and traces off)", [
+                (f"worker CPU per job, {what} / off", *_pair(per_job[mode]),
+                 f"{ratio[mode]:.3f}x, {(per_job[mode][0] - per_job[mode][1]) * 1e6:.0f} us")
+                for mode, what in (("unsampled", "traces on, nothing sampled"),
+                                   ("unexported", "1 in 10 recorded, never exported"),
+                                   ("sampled", "1 in 10 recorded and exported"))]), flush=True)
+            return
         spread = (min(launch_ratio["on"]), max(launch_ratio["on"]))
         held = FakeUpstream().start()
         stack.callback(held.stop)
