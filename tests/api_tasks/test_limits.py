@@ -16,11 +16,10 @@ import yaml
 
 from api_tasks import JobFailed, JobStatus
 from api_tasks.client import Client
-from api_tasks.record.workers import alive, records
 from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
-from tests.support.scrape import scrape, value, workers_value
+from tests.support.scrape import metrics_ports, scrape, value, workers_value
 from tests.support.services import Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -77,8 +76,7 @@ def test_requests_per_minute_hold_across_worker_processes(
     quota = fake.enforce(model, rpm=600, burst=2.0)
     jobs = [client.submit_chat(USER, model=model) for _ in range(40)]
     # the scope's use of its budget, read from Redis at a worker's scrape: booked ahead
-    [port, _] = [int(r["metrics_port"]) for r in client.store.shell.run(
-        records(client.keys, client.store.shell.run(alive(client.keys))))]
+    [port, _] = metrics_ports(client)
     wait_until(lambda: _booked(port, "limited") >= 1.0, 10, "the scope booked ahead")
     for job in jobs:
         assert job.result(timeout=60) is not None

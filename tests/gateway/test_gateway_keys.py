@@ -25,6 +25,7 @@ from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.job_events import read_events
+from tests.support.records import jobs_of_model
 from tests.support.services import ROOT, GatewayProcess, WorkerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -226,8 +227,8 @@ def test_host_and_port_come_from_the_settings_or_the_environment(
 
 
 def test_a_gateway_told_to_keep_jobs_lets_a_gone_clients_job_finish(
-        worker_env: dict[str, str], workdir: Path, client: Client, redis_client: redis.Redis,
-        fake: FakeUpstream, model: str) -> None:
+        worker_env: dict[str, str], workdir: Path, client: Client, fake: FakeUpstream,
+        model: str) -> None:
     def keep(config: dict[str, Any]) -> None:
         config["gateway"]["cancel_on_disconnect"] = False
     gateway = start_gateway(worker_env, workdir, "keeping-gateway", keep)
@@ -240,8 +241,7 @@ def test_a_gateway_told_to_keep_jobs_lets_a_gone_clients_job_finish(
         fake.wait_for_requests(model, 1)
     finally:
         gateway.stop()
-    [job_id] = [k.decode().rsplit(":", 1)[1] for k in redis_client.scan_iter(
-        f"{client.keys.prefix}:job:*") if redis_client.hget(k, "model") == model.encode()]
+    [job_id] = jobs_of_model(client, model)
     answer = client.job(job_id).result(timeout=15)
     assert answer is not None
     assert answer["choices"][0]["message"]["content"] == "finished anyway"

@@ -31,6 +31,7 @@ from tests.conftest import GATEWAY_TOKENED_KEY as TOKENED_KEY
 from tests.conftest import LIMITED_RPM, TOKENED_TPM, start_gateway
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.job_events import read_events
+from tests.support.records import jobs_of_model
 from tests.support.services import ROOT, GatewayProcess, RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
@@ -243,6 +244,25 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+def _unread(gateway: GatewayProcess, request: bytes) -> socket.socket:
+    """A connection that sends ``request`` and then reads nothing, into a small buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    sock.sendall(request)
+    return sock
+
+
+def _rest(sock: socket.socket) -> bytes:
+    """Everything the connection brings until the server closes it."""
+    data = bytearray()
+    sock.settimeout(30)
+    while piece := sock.recv(1 << 20):
+        data += piece
+    sock.close()
+    return bytes(data)
+
+
 def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
         gateway: GatewayProcess, fake: FakeUpstream, client: Any, model: str) -> None:
     # a 26 MB stream written to Redis far faster than it is read, in pieces small enough that
@@ -254,11 +274,9 @@ def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
         before = _rss_mb(gateway.proc.pid)
         job = http.post("/v1/jobs", json={"url": "/v1/chat/completions", "body": {
             "model": model, "messages": USER, "stream": True}}).json()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", gateway.port))
-        sock.sendall(f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode())
+        sock = _unread(gateway, f"GET /v1/jobs/{job['id']}/events HTTP/1.1\r\n"
+                                f"Host: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                                f"Connection: close\r\n\r\n".encode())
         # its status from Redis: a GET of the job would bring its whole response through
         wait_until(lambda: client.job(job["id"]).status() in TERMINAL, 60,
                    "the job to end while its reader reads nothing")
@@ -266,11 +284,7 @@ def test_a_reader_that_does_not_read_never_makes_the_gateway_buffer_its_stream(
         grown = _rss_mb(gateway.proc.pid) - before
         # the gateway holds what one read brought and a socket buffer, not the stream
         assert grown < 12, f"the gateway grew {grown:.1f} MB for a reader that read nothing"
-        data = bytearray()
-        sock.settimeout(30)
-        while piece := sock.recv(1 << 20):
-            data += piece
-        sock.close()
+        data = _rest(sock)
         # every chunk arrives after all: as many as the final event counts, the pieces among them
         final = json.loads(data.rsplit(b"data: ", 1)[1].split(b"\n", 1)[0])
         assert final["type"] == "done" and data.count(b'"type":"chunk"') == final["seq"]
@@ -285,25 +299,18 @@ def test_a_slow_reader_of_a_streamed_call_never_makes_the_gateway_buffer_it(
     assert gateway.proc is not None
     before = _rss_mb(gateway.proc.pid)
     body = json.dumps({"model": model, "messages": USER, "stream": True}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gateway.port))
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                 f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    sock = _unread(gateway, f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                            .encode() + body)
     fake.wait_for_requests(model, 1)
-    [job_id] = [k.decode().rsplit(":", 1)[1] for k in client.redis.scan_iter(
-        f"{client.keys.prefix}:job:*") if client.redis.hget(k, "model") == model.encode()]
+    [job_id] = jobs_of_model(client, model)
     wait_until(lambda: client.job(job_id).status() in TERMINAL, 60,
                "the job to end while its caller reads nothing")
     assert client.job(job_id).status() is JobStatus.SUCCEEDED
     grown = _rss_mb(gateway.proc.pid) - before
     assert grown < 12, f"the gateway grew {grown:.1f} MB for a caller that read nothing"
-    data = bytearray()
-    sock.settimeout(30)
-    while piece := sock.recv(1 << 20):
-        data += piece
-    sock.close()
+    data = _rest(sock)
     assert data.startswith(b"HTTP/1.1 200") and data.count(b"data: [DONE]\n\n") == 1
     assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last chunk of the body
     assert data.count(b"x" * 1000) == len(pieces)  # every piece, once, in the end

@@ -19,6 +19,7 @@ from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply, StreamError
+from tests.support.records import jobs_of_model
 from tests.support.services import GatewayProcess, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -160,8 +161,7 @@ def test_a_client_that_goes_away_cancels_its_job(gateway: GatewayProcess, client
         sdk.chat.completions.create(model=model, messages=USER, stream=stream)
     fake.wait_for_requests(model, 1)
     # the gateway's jobs live where this producer's do: find the one of this model
-    ids = [k.decode().rsplit(":", 1)[1] for k in client.redis.scan_iter(
-        f"{client.keys.prefix}:job:*") if client.redis.hget(k, "model") == model.encode()]
+    ids = jobs_of_model(client, model)
     assert len(ids) == 1
     wait_until(lambda: client.job(ids[0]).status().value == "cancelled", 10,
                "the abandoned job to be cancelled")
@@ -408,8 +408,7 @@ def test_an_unknown_model_is_404_and_models_lists_the_configured_ones(
         refused = http.post("/v1/jobs", json={"url": "/v1/chat/completions",
                                               "body": {"model": unknown, "messages": USER}})
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
-    assert not [k for k in client.redis.scan_iter(f"{client.keys.prefix}:job:*")
-                if client.redis.hget(k, "model") == unknown.encode()]  # nothing enqueued
+    assert jobs_of_model(client, unknown) == []  # nothing enqueued
     listed = sdk.models.list()
     ids = [m.id for m in listed.data]
     assert "gpt-known" in ids and not any("*" in i for i in ids)

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api_tasks.client import Client
 from api_tasks.record.workers import alive, records
 
-__all__ = ["Samples", "scrape", "value", "workers_value"]
+__all__ = ["Samples", "metrics_ports", "scrape", "value", "workers_value"]
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -26,17 +26,21 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
 
 
-def workers_value(client: Client, name: str, **labels: str) -> float:
-    """``value`` summed over the live workers of ``client``'s prefix (each its own port; one
-    stopped a moment ago, its record not yet lapsed, has nothing to say)."""
+def metrics_ports(client: Client) -> list[int]:
+    """The ``/metrics`` ports of the live workers of ``client``'s prefix, from their records."""
     found = client.store.shell.run(records(client.keys, client.store.shell.run(
         alive(client.keys))))
+    return [int(record["metrics_port"]) for record in found if record.get("metrics_port")]
+
+
+def workers_value(client: Client, name: str, **labels: str) -> float:
+    """``value`` summed over the live workers of ``client``'s prefix (one stopped a moment
+    ago, its record not yet lapsed, has nothing to say)."""
     total = 0.0
-    for record in found:
-        if record.get("metrics_port"):
-            try:
-                samples = scrape(f"http://127.0.0.1:{record['metrics_port']}/metrics")
-            except httpx.ConnectError:
-                continue
-            total += value(samples, name, **labels)
+    for port in metrics_ports(client):
+        try:
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        except httpx.ConnectError:
+            continue
+        total += value(samples, name, **labels)
     return total

@@ -25,7 +25,7 @@ from api_tasks.record.workers import alive, records
 from config.loader import load_settings
 from tests.conftest import GATEWAY_KEY
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.scrape import Samples, scrape, value
+from tests.support.scrape import Samples, metrics_ports, scrape, value
 from tests.support.services import (
     ROOT,
     GatewayProcess,
@@ -48,9 +48,8 @@ def own(worker_env: dict[str, str], spawn: Spawn) -> Iterator[tuple[Client, Work
 
 
 def _port(client: Client) -> int:
-    [record] = client.store.shell.run(records(client.keys, client.store.shell.run(
-        alive(client.keys))))
-    return int(record["metrics_port"])
+    [port] = metrics_ports(client)
+    return port
 
 
 def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
