@@ -1,9 +1,9 @@
 """``python -m api_tasks top``: a live view of the cluster, read from Redis only.
 
 Lanes and their depth, each worker's jobs and rate (from its liveness record),
-each limit scope's booking, the deployments' breakers and cool-downs, running
-batches and recent failures. Any process with the settings can run it; it
-costs the workers nothing.
+each limit scope's use of its budget and the wait it sets, the deployments'
+breakers and cool-downs, running batches and recent failures. Any process with
+the settings can run it; it costs the workers nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from api_tasks.connections import reason, text, text_map
-from api_tasks.record.cluster import cluster_state
+from api_tasks.record.cluster import cluster_state, limit_budgets
 from api_tasks.record.keys import Keys
 from api_tasks.record.workers import alive, records
 
@@ -49,7 +49,7 @@ def snapshot(client: Client) -> dict[str, Any]:
     except redis.RedisError as err:
         return {"at": time.time(), "error": reason(err)}
     return {"at": time.time(), "state": state, "workers": workers, "batches": batches,
-            "batches_total": len(batch_ids)}
+            "batches_total": len(batch_ids), "budgets": limit_budgets(client.settings)}
 
 
 def _ended(worker: dict[str, Any]) -> int:
@@ -90,11 +90,7 @@ def render(now: dict[str, Any], before: dict[str, Any] | None, prefix: str) -> R
                         f"{now['at'] - worker.get('seen_at', now['at']):.1f}s ago")
     workers.caption = f"cluster: {total_rate:.1f} jobs/s"
 
-    limits = Table(title="limits (booked ahead)", title_justify="left")
-    for column in ("scope", "unit", "booked"):
-        limits.add_column(column)
-    for (scope, unit), booked in sorted(state["limits"].items()):
-        limits.add_row(scope, unit, f"{booked:.2f}s")
+    limits = _limits(now, before, seconds)
 
     deployments = Table(title="deployments", title_justify="left")
     for column in ("upstream/deployment", "breaker", "in flight", "cool-down"):
@@ -125,6 +121,24 @@ def render(now: dict[str, Any], before: dict[str, Any] | None, prefix: str) -> R
                          failure["job_id"], failure["upstream"], str(failure["code"]),
                          str(failure["status"] or "-"))
     return Group(title, lanes, workers, limits, deployments, batches, failures)
+
+
+def _limits(now: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> Table:
+    """Each configured scope's budget, its use since the last frame, the wait a call asking
+    now would have (its budget booked that far ahead) and the jobs in its line."""
+    state, was = now["state"], (before or {}).get("state") or {}
+    table = Table(title="limits", title_justify="left")
+    for column in ("scope", "unit", "budget/min", "used/min", "use", "wait", "in line"):
+        table.add_column(column)
+    for (scope, unit), budget in sorted(now["budgets"].items()):
+        spent = state["limits_used"].get((scope, unit), 0) - \
+            was.get("limits_used", {}).get((scope, unit), 0)
+        rate = spent / seconds * 60 if seconds > 0 and spent >= 0 else None
+        table.add_row(scope, unit, f"{budget:g}", "-" if rate is None else f"{rate:.0f}",
+                      "-" if rate is None else f"{rate / budget:.0%}",
+                      f"{state['limits'].get((scope, unit), 0.0):.2f}s",
+                      str(state["lines"].get(scope, 0)))
+    return table
 
 
 def run(client: Client, interval: float, once: bool = False) -> int:

@@ -36,7 +36,12 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _env_wants() -> bool:
+@functools.cache
+def _env_wants() -> bool | None:
+    """Whether the ``OTEL_*`` variables ask for traces (None: they turn the SDK off); read
+    once, as the SDK reads them once (a job asks several times, and ``os.environ`` is slow)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
     exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
     return exporter not in ("", "none") or (exporter == "" and any(
         os.environ.get(name) for name in _ENDPOINTS))
@@ -46,9 +51,10 @@ def _tracer() -> Any:
     """The tracer, or None when traces are off (then nothing of OpenTelemetry is loaded)."""
     if "tracer" in _state:  # settled: every job asks several times
         return _state["tracer"]
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    wants = _env_wants()
+    if wants is None:
         return None
-    if not _env_wants() and "opentelemetry.sdk.trace" not in sys.modules:
+    if not wants and "opentelemetry.sdk.trace" not in sys.modules:
         return None  # nobody asked, and the application set up no SDK of its own
     if importlib.util.find_spec("opentelemetry.sdk") is None:
         return None
@@ -141,14 +147,58 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
     if tracer is None:
         yield None
         return
-    from opentelemetry import propagate, trace
+    from opentelemetry import context, propagate, trace
 
+    name = f"api_tasks job {kind}"
+    attributes = {"messaging.system": "celery", "messaging.message.id": job_id}
+    if _dropped(traceparent, name, attributes):  # as the SDK decides, less its span objects
+        token = context.attach(_state["quiet"])
+        try:
+            yield None
+        finally:
+            context.detach(token)
+        return
     parent = propagate.extract({"traceparent": traceparent} if traceparent else {})
-    with tracer.start_as_current_span(f"api_tasks job {kind}", context=parent,
-                                      kind=trace.SpanKind.CONSUMER, record_exception=False,
-                                      attributes={"messaging.system": "celery",
-                                                  "messaging.message.id": job_id}) as span:
+    with tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.CONSUMER,
+                                      record_exception=False, attributes=attributes) as span:
         yield span
+
+
+def _dropped(traceparent: str | None, name: str, attributes: Mapping[str, str]) -> bool:
+    """Whether the sampler records nothing for a delivery whose submit's trace was not
+    sampled: known once from its description (the ``parentbased_*`` samplers never record
+    under an unsampled remote parent), else asked as the SDK would ask it."""
+    if not traceparent or not _TRACEPARENT.fullmatch(traceparent) or \
+            int(traceparent[-2:], 16) & 1 or traceparent.startswith("ff") or \
+            traceparent[3:35] == "0" * 32 or traceparent[36:52] == "0" * 16:
+        return False  # sampled, or no valid parent: the SDK decides
+    if "drops" not in _state:
+        _state["drops"] = _drops_unsampled()
+    if _state["drops"] is not None:
+        return bool(_state["drops"])
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    trace_id = int(traceparent[3:35], 16)
+    parent = trace.NonRecordingSpan(trace.SpanContext(
+        trace_id, int(traceparent[36:52], 16), is_remote=True, trace_flags=trace.TraceFlags(0)))
+    verdict = trace.get_tracer_provider().sampler.should_sample(  # type: ignore[attr-defined]
+        trace.set_span_in_context(parent), trace_id, name, trace.SpanKind.CONSUMER, attributes)
+    return verdict.decision is Decision.DROP
+
+
+def _drops_unsampled() -> bool | None:
+    """True when the SDK's sampler never records under an unsampled remote parent, False when
+    the provider is not the SDK's, None when the sampler must be asked each time."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return False
+    _state["quiet"] = trace.set_span_in_context(trace.INVALID_SPAN)  # for every such job
+    return True if "remoteParentNotSampled:AlwaysOffSampler," in \
+        provider.sampler.get_description() else None
 
 
 def _recording() -> Any:

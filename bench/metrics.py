@@ -5,15 +5,16 @@ Pairs of worker processes (50 threads each) run the same chat jobs against the f
 In each pair one worker has its metrics off (``API_TASKS_METRICS_PORT=off``: nothing counted,
 no traces) and the other has them on (the default: every job counted, ``/metrics`` served), on
 with traces (``OTEL_TRACES_EXPORTER=otlp``, spans sent in OTLP batches, the SDK's defaults, to
-a local collector that takes them) for 1 job in 10 (the SDK's ``parentbased_traceidratio``
-sampler), or on with every job traced. A round gives each pair in turn a burst of jobs, half
-to each of its workers at once, so that a slow spell of this shared machine falls on both
-(runs in sequence have been 1.45x apart here). A worker's figure is its CPU over the rounds and
-a wait for its last spans' export, less what its pair's "off" worker spent while the pair sat
-idle, per job. Two workers of the same settings differ by up to 3% a launch, so every launch
-starts fresh pairs, and a mode's figures add up over the launches. Then 200 jobs are held in
-flight (the fake answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads
-the cluster's gauges from Redis too.
+a local collector that takes them) for 1 job in 10, or on with every job traced: this process
+traces its submits, sampling each at its worker's share, and the workers follow (the SDK's
+``parentbased_traceidratio`` sampler). A round gives each pair in turn a burst of jobs, half to
+each of its workers at once, so that a slow spell of this shared machine falls on both (runs in
+sequence have been 1.45x apart here). A worker's figure is its CPU over the rounds and a wait
+for its last spans' export, less what its pair's "off" worker spent while the pair sat idle,
+per job. Two workers of the same settings differ by up to 3% a launch, so every launch starts
+fresh pairs, and a mode's figures add up over the launches. Then 200 jobs are held in flight
+(the fake answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the
+cluster's gauges from Redis too.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from contextvars import ContextVar
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -43,9 +45,16 @@ __all__ = ["main"]
 THREADS = 50
 
 
+class Worker(NamedTuple):
+    """A worker process, its producer, and the share of its jobs whose submits are sampled."""
+
+    client: Client
+    process: WorkerProcess
+    traced: float
+
+
 def workers(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdir: Path,
-            specs: list[tuple[str, str, float]], threads: int = THREADS
-            ) -> list[tuple[Client, WorkerProcess]]:
+            specs: list[tuple[str, str, float]], threads: int = THREADS) -> list[Worker]:
     """Workers (name, metrics port or "off", share of jobs traced: 0 for traces off), each
     with a producer, started together and each warmed by a job."""
     started = []
@@ -62,12 +71,42 @@ def workers(stack: ExitStack, redis: RedisServer, upstream: FakeUpstream, workdi
         process = WorkerProcess(env, workdir / f"{name}.log", concurrency=threads,
                                 name=name).start(wait=False)
         stack.callback(process.stop)
-        started.append((Client(load_settings(env=env)), process))
-    for client, _ in started:
+        started.append(Worker(Client(load_settings(env=env)), process, traced))
+    for client, _, _ in started:
         wait_until(lambda: client.store.shell.run(alive(client.keys)), 120,  # noqa: B023
                    "the worker's record")
         client.submit_chat(USER, model="warm").result(timeout=60)
     return started
+
+
+_SHARE: ContextVar[float] = ContextVar("share", default=0.0)
+
+
+def trace_submits() -> None:
+    """Trace this process's submits, as the application of the issue's flow does: a submit's
+    sampler decides (at the share of the worker it goes to), its worker follows the
+    ``traceparent``. The producer's own spans go nowhere."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler, SamplingResult, TraceIdRatioBased
+
+    class Share(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            return TraceIdRatioBased(_SHARE.get()).should_sample(*args, **kwargs)
+
+        def get_description(self) -> str:
+            return "the share of the worker a submit goes to"
+
+    trace.set_tracer_provider(TracerProvider(sampler=Share()))
+
+
+def submit(worker: Worker) -> Any:
+    """One chat job to ``worker``, its trace sampled at its share."""
+    token = _SHARE.set(worker.traced)
+    try:
+        return worker.client.submit_chat(USER, model="echo")
+    finally:
+        _SHARE.reset(token)
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -104,15 +143,15 @@ _UNEXPORTED = {"OTEL_BSP_SCHEDULE_DELAY": "3600000", "OTEL_BSP_MAX_QUEUE_SIZE": 
 EXPORT_DELAY = 5.0  # s: the SDK's batch span processor exports at least this often
 
 
-def burst(workers: list[tuple[Client, WorkerProcess]], n: int) -> list[float]:
+def burst(workers: list[Worker], n: int) -> list[float]:
     """Each worker's CPU seconds per job over ``n`` jobs each, all submitted at once and in
     turn (a slow spell of the machine falls on both)."""
-    before = [cpu_seconds(process.pid) for _, process in workers]
-    jobs = [client.submit_chat(USER, model="echo") for _ in range(n) for client, _ in workers]
+    before = [cpu_seconds(worker.process.pid) for worker in workers]
+    jobs = [submit(worker) for _ in range(n) for worker in workers]
     for job in jobs:
         job.result(timeout=300)
-    return [(cpu_seconds(process.pid) - start) / n
-            for (_, process), start in zip(workers, before, strict=True)]
+    return [(cpu_seconds(worker.process.pid) - start) / n
+            for worker, start in zip(workers, before, strict=True)]
 
 
 def launch(redis: RedisServer, upstream: FakeUpstream, workdir: Path, k: int, n: int,
@@ -127,7 +166,7 @@ def launch(redis: RedisServer, upstream: FakeUpstream, workdir: Path, k: int, n:
         for both in pairs.values():  # every code path loaded, the thread pools full
             burst(list(both), n)
         time.sleep(EXPORT_DELAY + 1)  # and the warm-up's spans exported
-        start = {mode: [cpu_seconds(process.pid) for _, process in both]
+        start = {mode: [cpu_seconds(worker.process.pid) for worker in both]
                  for mode, both in pairs.items()}
         inside = dict.fromkeys(pairs, 0.0)  # the off worker's CPU in its pair's rounds
         runs: dict[str, list[float]] = {mode: [] for mode in pairs}
@@ -138,7 +177,7 @@ def launch(redis: RedisServer, upstream: FakeUpstream, workdir: Path, k: int, n:
                 runs[mode].append(run / off_run)
         time.sleep(EXPORT_DELAY + 1)  # the last spans exported, in the figure too
         figures = {}
-        for mode, ((_, off_process), (_, process)) in pairs.items():
+        for mode, ((_, off_process, _), (_, process, _)) in pairs.items():
             off_begin, begin = start[mode]
             idle = cpu_seconds(off_process.pid) - off_begin - inside[mode]
             figures[mode] = ((cpu_seconds(process.pid) - begin - idle) / (n * rounds),
@@ -185,6 +224,7 @@ def main() -> None:
     n = 200 if args.quick else args.jobs
     rounds = 3 if args.quick else args.rounds
     launches = 2 if args.quick else args.launches
+    trace_submits()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         redis, upstream = local_services(stack, workdir, record=False)
@@ -219,8 +259,8 @@ def main() -> None:
         held = FakeUpstream().start()
         stack.callback(held.stop)
         with ExitStack() as inner:
-            [(client, _)] = workers(inner, redis, held, workdir, [("scrape", "0", 0.0)],
-                                    threads=250)
+            [(client, _, _)] = workers(inner, redis, held, workdir, [("scrape", "0", 0.0)],
+                                       threads=250)
             times, seen = scrape_times(client, held, 200)
         rows: list[Row] = [
             ("worker CPU per job, metrics on / off", *_pair(per_job["on"]),

@@ -1,8 +1,9 @@
 """What the cluster's state is right now, read from Redis in two round trips (for metrics).
 
 Queue depth per lane, jobs waiting and running, batches running, workers alive,
-each deployment's breaker and load, and how far ahead each configured limit
-scope is booked. Cheap whatever the load: lengths and cardinalities, no scans.
+each deployment's breaker and load, and for each configured limit scope how far
+ahead it is booked, what it has spent and how many jobs stand in its line. Cheap
+whatever the load: lengths and cardinalities, no scans.
 """
 
 from __future__ import annotations
@@ -62,18 +63,24 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings,
     pipe.scard(keys.batches())
     pipe.zcount(keys.workers(), int((now - STALE_AFTER) * 1000), "+inf")
     for scope in scopes:
-        pipe.hmget(keys.limit(scope), "req", "tok")
+        pipe.hmget(keys.limit(scope), "req", "tok", "used_req", "used_tok")
+        pipe.zcard(keys.line(scope))
     replies = pipe.execute() if broker is None else queues.execute() + pipe.execute()
     lanes, rest = replies[:len(LANES)], replies[len(LANES):]
     waiting, running, batches, workers = rest[:4]
     limits: dict[tuple[str, str], float] = {}
-    for scope, (req, tok) in zip(scopes, rest[4:], strict=True):
-        for unit, tat in (("requests", req), ("tokens", tok)):
+    used: dict[tuple[str, str], int] = {}
+    lines: dict[str, int] = {}
+    for at, scope in enumerate(scopes):
+        (req, tok, used_req, used_tok), lines[scope] = rest[4 + 2 * at: 6 + 2 * at]
+        for unit, tat, spent in (("requests", req, used_req), ("tokens", tok, used_tok)):
             if tat is not None:
                 limits[(scope, unit)] = max(float(tat) - now * 1000, 0.0) / 1000
+                used[(scope, unit)] = int(spent or 0)
     return {"queues": dict(zip(LANES, lanes, strict=True)), "waiting": waiting,
             "running": running, "batches_running": batches, "workers_alive": workers,
-            "deployments": deployment_states(client, keys, settings), "limits": limits}
+            "deployments": deployment_states(client, keys, settings), "limits": limits,
+            "limits_used": used, "lines": lines}
 
 
 def cluster_reader(settings: Settings, keys: Keys) -> Callable[[], dict[str, Any]]:

@@ -26,6 +26,7 @@ from api_tasks.client import Client
 from config.errors import ConfigError
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
+from tests.support.scrape import metrics_ports, scrape, value
 from tests.support.services import WorkerProcess, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -120,6 +121,29 @@ def test_calls_spread_over_the_deployments_by_weight(cluster: Cluster) -> None:
     assert served["pair-b"] == len(cluster.servers["b"].requests(model))
     assert served["pair-a"] + served["pair-b"] == 120
     assert 0.6 <= served["pair-a"] / 120 <= 0.9  # weight 3 to 1: about three quarters
+
+
+def _gauge(cluster: Cluster, name: str, deployment: str) -> float:
+    """A deployment's cluster gauge, read from Redis at a scrape of the worker."""
+    [port] = metrics_ports(cluster.client)
+    return value(scrape(f"http://127.0.0.1:{port}/metrics"), name, deployment=deployment)
+
+
+def test_each_deployments_calls_in_flight_are_a_gauge(cluster: Cluster) -> None:
+    model = f"pair-{uuid.uuid4().hex[:8]}"
+    for server in ("a", "b"):
+        cluster.servers[server].script(model, Reply(content="ok", delay=3.0))
+    jobs = [cluster.client.submit_chat(USER, model=model) for _ in range(6)]
+
+    def held() -> list[float]:
+        return [_gauge(cluster, "api_tasks_deployment_calls_in_flight", name)
+                for name in ("pair-a", "pair-b")]
+    # each call is held 3 s upstream: the gauges add up to those the servers hold
+    wait_until(lambda: sum(held()) == 6, 10, "six calls in flight")
+    assert held() == [len(cluster.servers[s].requests(model)) for s in ("a", "b")]
+    for job in jobs:
+        job.result(timeout=30)
+    wait_until(lambda: sum(held()) == 0, 10, "none in flight")
 
 
 def test_a_failed_call_moves_to_the_other_deployment_at_once(cluster: Cluster) -> None:
@@ -220,6 +244,10 @@ def test_a_dead_deployment_opens_its_breaker_and_gets_no_more_calls(cluster: Clu
     assert states["flaky-dead"]["breaker"] == "open"
     assert states["flaky-live"]["breaker"] == "closed"
     reopens = asked + states["flaky-dead"]["open_for"]  # no later than it really reopens
+    # the cluster's gauge, read from Redis at a scrape: open, unless it may have reopened
+    assert _gauge(cluster, "api_tasks_deployment_breaker_open", "flaky-dead") == 1 or \
+        time.monotonic() >= reopens
+    assert _gauge(cluster, "api_tasks_deployment_breaker_open", "flaky-live") == 0
     more = [cluster.client.submit_chat(USER, model=model) for _ in range(20)]
     for job in more:
         job.result(timeout=60)

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from rich.console import Console
 
-from api_tasks import JobFailed, JobStatus
+from api_tasks import JobFailed, JobStatus, top
 from api_tasks.client import Client
 from config.errors import ConfigError
 from config.loader import load_settings
@@ -63,6 +64,16 @@ def _booked(port: int, scope: str) -> float:
                  scope=scope, unit="requests")
 
 
+def _top_row(now: dict[str, Any], before: dict[str, Any], scope: str) -> list[str]:
+    """The cells of ``scope``'s row in ``top``'s limits table."""
+    console = Console(record=True, width=240)
+    console.print(top.render(now, before, "p"))
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]]
+            for line in console.export_text().splitlines() if line.startswith("│")]
+    [row] = [row for row in rows if row[0] == scope]
+    return row
+
+
 def _most_in_window(times: list[float], window: float) -> int:
     times = sorted(times)
     return max(sum(1 for t in times if start <= t < start + window) for start in times)
@@ -74,6 +85,7 @@ def test_requests_per_minute_hold_across_worker_processes(
     # the upstream's own limit, with a little more burst than ours (as real ones have):
     # two processes each pacing alone to 600 a minute would get 429s here
     quota = fake.enforce(model, rpm=600, burst=2.0)
+    before = top.snapshot(client)
     jobs = [client.submit_chat(USER, model=model) for _ in range(40)]
     # the scope's use of its budget, read from Redis at a worker's scrape: booked ahead
     [port, _] = metrics_ports(client)
@@ -88,6 +100,12 @@ def test_requests_per_minute_hold_across_worker_processes(
                          unit="requests") == 40
     assert workers_value(client, "api_tasks_limit_budget_per_minute", scope="limited",
                          unit="requests") == 600 * len(workers)
+    # and in Redis for the whole cluster, which `top` shows against the budget
+    after = top.snapshot(client)
+    assert after["state"]["limits_used"][("limited", "requests")] == 40
+    row = _top_row(after, before, "limited")
+    assert row[:3] == ["limited", "requests", "600"]
+    assert row[3] == f"{40 / (after['at'] - before['at']) * 60:.0f}"  # a minute's rate
     # 10 a second, with a one-second burst: never more than 21 in any second
     assert _most_in_window(times, 1.0) <= 21
     assert max(times) - min(times) >= (40 - 11) * 0.1 - 0.05

@@ -21,7 +21,7 @@ from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
-from tests.support.scrape import workers_value
+from tests.support.scrape import scrape, value, workers_value
 from tests.support.services import GatewayProcess, Spawn, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,12 @@ def test_a_batch_runs_to_completed_with_every_line_once(
                               completion_window="24h", metadata={"run": "nightly"})
     assert (made.status, made.object, made.metadata, made.endpoint) == (
         "validating", "batch", {"run": "nightly"}, "/v1/chat/completions")
+    # the cluster's gauge, read from Redis by whichever process is scraped: the gateway here
+    running = value(scrape(gateway.url + "/metrics"), "api_tasks_batches_running")
+    assert running >= 1
     batch, seen = _until_ended(sdk, made.id)
+    wait_until(lambda: value(scrape(gateway.url + "/metrics"), "api_tasks_batches_running")
+               <= running - 1, 10, "the batch no longer counted as running")
     assert batch.status == "completed", (batch, seen)
     assert batch.request_counts.model_dump() == {"total": 30, "completed": 20, "failed": 10}
     assert batch.model == bad and batch.errors is None

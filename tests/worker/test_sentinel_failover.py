@@ -211,3 +211,38 @@ def test_primary_killed_under_load_sentinel_promotes_and_every_job_ends_once(
                 f"{promoted:.1f} s, producers back in {producer_back:.1f} s)", len(jobs),
                 counted.count(0), sum(n - 1 for n in counted if n > 1),
                 len(fake.requests(model)) - len(jobs) - 1, recovered_in)  # less the SDK's
+
+
+def test_the_state_on_a_sentinel_url_of_its_own_follows_the_failover_too(
+        env: dict[str, str], group: SentinelGroup, fake: FakeUpstream, spawn: Spawn,
+        model: str) -> None:
+    # the broker on database 0, the state (records, results, streams) on database 1, each
+    # by its own sentinel:// URL: both connections must follow the promotion
+    apart = {**env, "REDIS_STATE_URL": group.url.rsplit("/", 1)[0] + "/1"}
+    fake.script(model, Reply(pieces=PIECES, chunk_delay=0.05, delay=0.5))
+    spawn(apart, "sentinel-state", concurrency=16)
+    client = Client(load_settings(env=apart))
+    assert client.apart
+    before = [client.submit_chat(USER, model=model, stream=i % 2 == 0) for i in range(40)]
+    fake.wait_for_requests(model, 16, timeout=30)
+    group.pause_until_replicated()
+    group.primary.stop(crash=True)
+    wait_until(lambda: group.primary_port() == group.replica.port, 30,
+               "Sentinel to promote the replica")
+
+    def submitted() -> Job | None:
+        try:
+            return client.submit_chat(USER, model=model, stream=True)
+        except BrokerUnavailable:
+            return None
+    after = [wait_until(submitted, 30, "a submit on the new primary", interval=0.2)
+             for _ in range(10)]
+    jobs = before + after
+    assert [_text(job) for job in jobs] == [TEXT] * len(jobs)
+    promoted = redis.Redis(port=group.replica.port, db=1)
+    for job in jobs:  # one final event per job, on the state's database of the new primary
+        finals = [kind for _, fields in promoted.xrange(client.keys.events(job.id))
+                  if (kind := json.loads(fields[b"event"])["type"]) in FINAL]
+        assert finals == ["done"], job.id
+    assert not redis.Redis(port=group.replica.port, db=0).exists(client.keys.job(jobs[0].id))
+    assert outcomes(spawn.logs, [job.id for job in jobs], timeout=30) == [1] * len(jobs)

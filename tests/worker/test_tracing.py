@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -127,6 +129,39 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
     assert "Hello" not in json.dumps(spans) and "traced answer" not in json.dumps(spans)
 
 
+def test_a_worker_whose_application_set_up_the_sdk_records_the_trace_in_memory(
+        memory: Any, worker_env: dict[str, str], workdir: Path, fake: FakeUpstream,
+        model: str) -> None:
+    # no OTEL_* variable: the worker's own application made the SDK's provider, with the
+    # in-memory exporter, and the project's spans go there
+    dump = workdir / f"spans-{uuid.uuid4().hex[:6]}.jsonl"
+    env = {**worker_env, "API_TASKS_PREFIX": f"tm{uuid.uuid4().hex[:6]}",
+           "TRACED_SPANS": str(dump)}
+    worker = WorkerProcess(env, workdir / f"{dump.stem}.log", concurrency=4, name="in-memory",
+                           app="tests.support.traced_worker").start()
+    try:
+        client = Client(load_settings(env={k: v for k, v in env.items()
+                                           if k != "FAKE_UPSTREAM_KEY"}))
+        fake.script(model, Reply(content="kept in memory"))
+        job = client.submit_chat(USER, model=model, max_tokens=20)
+        assert job.result(timeout=30) is not None
+        worker.signal(signal.SIGTERM)  # a warm shutdown: the application writes its spans
+        assert worker.wait(30) == 0
+    finally:
+        worker.stop()
+    submit = _submit_span(memory, job.id)
+    spans = [json.loads(line) for line in dump.read_text().splitlines()]
+    [consumer] = [s for s in spans if s["name"] == "api_tasks job chat"]
+    [call] = [s for s in spans if s["name"] == f"chat {model}"]
+    assert consumer["context"]["trace_id"] == f"0x{submit.context.trace_id:032x}"
+    assert consumer["parent_id"] == f"0x{submit.context.span_id:016x}"
+    assert call["parent_id"] == consumer["context"]["span_id"]
+    assert call["kind"] == "SpanKind.CLIENT"
+    assert call["attributes"]["gen_ai.request.max_tokens"] == 20
+    assert call["attributes"]["gen_ai.usage.output_tokens"] > 0
+    assert "Hello" not in dump.read_text() and "kept in memory" not in dump.read_text()
+
+
 def test_a_job_whose_submit_was_not_sampled_records_nothing(
         memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
         model: str) -> None:
@@ -143,6 +178,43 @@ def test_a_job_whose_submit_was_not_sampled_records_nothing(
                20, "the sampled job's spans")
     assert [s for s in _spans(worker.log()) if s["context"]["trace_id"] == f"0x{0x5A4D:032x}"
             or s["attributes"].get("messaging.message.id") == quiet.id] == []
+
+
+def test_a_worker_whose_sampler_ignores_its_parent_still_records_an_unsampled_submit(
+        memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
+        model: str) -> None:
+    # the worker skips the SDK for a delivery whose submit was not sampled only when its own
+    # sampler, asked, would record nothing: always_on records it all the same
+    worker, client = _traced(worker_env, spawn, "always", OTEL_TRACES_SAMPLER="always_on")
+    fake.script(model, Reply(content="answer"))
+    with _under(0x5A4E, sampled=False):
+        job = client.submit_chat(USER, model=model)
+    assert job.result(timeout=30) is not None
+
+    def ours() -> list[dict[str, Any]]:
+        return [s for s in _spans(worker.log()) if s["context"]["trace_id"] == f"0x{0x5A4E:032x}"]
+    spans = wait_until(lambda: len(ours()) >= 2 and ours(), 20, "the job's spans")
+    assert {s["name"] for s in spans} == {"api_tasks job chat", f"chat {model}"}
+
+
+def test_a_jobs_own_base_url_is_the_server_its_call_span_names(
+        memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
+        model: str) -> None:
+    worker, client = _traced(worker_env, spawn, "own-url")
+    host, port = fake.base_url.removeprefix("http://").split(":")
+    open_model = "open-" + model  # upstream "open" names another port; the job, the fake's
+    fake.script(open_model, Reply(content="there"))
+    job = client.submit_chat(USER, model=open_model, base_url=fake.base_url + "/v1")
+    assert job.result(timeout=30) is not None
+    trace_id = f"0x{_submit_span(memory, job.id).context.trace_id:032x}"
+
+    def call() -> list[dict[str, Any]]:
+        return [s for s in _spans(worker.log()) if s["context"]["trace_id"] == trace_id
+                and s["name"] == f"chat {open_model}"]
+    [span] = wait_until(call, 20, "the call's span")
+    assert (span["attributes"]["server.address"], span["attributes"]["server.port"]) == (
+        host, int(port))
+    assert span["attributes"]["gen_ai.provider.name"] == "open"
 
 
 def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:

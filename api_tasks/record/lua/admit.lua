@@ -102,6 +102,8 @@ for i = 1, scopes do
     if arg(i, k) > 0 and not reserved then
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       redis.call('HSET', pace, field, tostring(tat + arg(i, k) * (field == 'req' and 1 or cost)))
+      -- what the scope has spent, as reserved (``top`` shows its rate beside the budget)
+      redis.call('HINCRBY', pace, 'used_' .. field, field == 'req' and 1 or cost)
       redis.call('PEXPIRE', pace, 3600000)
     end
   end
