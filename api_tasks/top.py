@@ -1,7 +1,7 @@
 """``python -m api_tasks top``: a live view of the cluster, read from Redis only.
 
 Lanes and their depth, each worker's jobs and rate (from its liveness record),
-each limit scope's use of its budget and the wait it sets, the deployments'
+each limit scope's use of its budget and how far ahead it is booked, the deployments'
 breakers and cool-downs, running batches and recent failures. Any process with
 the settings can run it; it costs the workers nothing.
 """
@@ -124,11 +124,12 @@ def render(now: dict[str, Any], before: dict[str, Any] | None, prefix: str) -> R
 
 
 def _limits(now: dict[str, Any], before: dict[str, Any] | None, seconds: float) -> Table:
-    """Each configured scope's budget, its use since the last frame, the wait a call asking
-    now would have (its budget booked that far ahead) and the jobs in its line."""
+    """Each configured scope's budget, what it reserved since the last frame, how far ahead
+    its budget is booked (a call past the burst waits that long) and the jobs in its line."""
     state, was = now["state"], (before or {}).get("state") or {}
     table = Table(title="limits", title_justify="left")
-    for column in ("scope", "unit", "budget/min", "used/min", "use", "wait", "in line"):
+    for column in ("scope", "unit", "budget/min", "reserved/min", "of budget", "booked ahead",
+                   "in line"):
         table.add_column(column)
     for (scope, unit), budget in sorted(now["budgets"].items()):
         spent = state["limits_used"].get((scope, unit), 0) - \

@@ -151,8 +151,9 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
 
     name = f"api_tasks job {kind}"
     attributes = {"messaging.system": "celery", "messaging.message.id": job_id}
-    if _dropped(traceparent, name, attributes):  # as the SDK decides, less its span objects
-        token = context.attach(_state["quiet"])
+    parent = _unsampled(traceparent)
+    if parent is not None:  # the SDK would make a span that records nothing: not its cost
+        token = context.attach(trace.set_span_in_context(parent))
         try:
             yield None
         finally:
@@ -164,41 +165,38 @@ def job_span(job_id: str, kind: str, traceparent: str | None) -> Iterator[Any]:
         yield span
 
 
-def _dropped(traceparent: str | None, name: str, attributes: Mapping[str, str]) -> bool:
-    """Whether the sampler records nothing for a delivery whose submit's trace was not
-    sampled: known once from its description (the ``parentbased_*`` samplers never record
-    under an unsampled remote parent), else asked as the SDK would ask it."""
+def _unsampled(traceparent: str | None) -> Any:
+    """The remote parent of a delivery whose submit's trace was not sampled, when the
+    worker's sampler records nothing under such a parent; else None (the SDK decides)."""
     if not traceparent or not _TRACEPARENT.fullmatch(traceparent) or \
             int(traceparent[-2:], 16) & 1 or traceparent.startswith("ff") or \
             traceparent[3:35] == "0" * 32 or traceparent[36:52] == "0" * 16:
-        return False  # sampled, or no valid parent: the SDK decides
-    if "drops" not in _state:
-        _state["drops"] = _drops_unsampled()
-    if _state["drops"] is not None:
-        return bool(_state["drops"])
+        return None  # sampled, or not a valid parent
+    if "drops" not in _state:  # the provider and its sampler are set for good
+        from opentelemetry import trace
+
+        _state["drops"] = drops_unsampled(getattr(trace.get_tracer_provider(), "sampler",
+                                                  None))
+    if not _state["drops"]:
+        return None
     from opentelemetry import trace
-    from opentelemetry.sdk.trace.sampling import Decision
 
-    trace_id = int(traceparent[3:35], 16)
-    parent = trace.NonRecordingSpan(trace.SpanContext(
-        trace_id, int(traceparent[36:52], 16), is_remote=True, trace_flags=trace.TraceFlags(0)))
-    verdict = trace.get_tracer_provider().sampler.should_sample(  # type: ignore[attr-defined]
-        trace.set_span_in_context(parent), trace_id, name, trace.SpanKind.CONSUMER, attributes)
-    return verdict.decision is Decision.DROP
+    return trace.NonRecordingSpan(trace.SpanContext(
+        int(traceparent[3:35], 16), int(traceparent[36:52], 16), is_remote=True,
+        trace_flags=trace.TraceFlags(0)))
 
 
-def _drops_unsampled() -> bool | None:
-    """True when the SDK's sampler never records under an unsampled remote parent, False when
-    the provider is not the SDK's, None when the sampler must be asked each time."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
+def drops_unsampled(sampler: Any) -> bool:
+    """Whether ``sampler`` is one of the SDK's ``parentbased_*`` samplers (not a subclass
+    that decides otherwise) set to record nothing under an unsampled remote parent."""
+    if sampler is None:
         return False
-    _state["quiet"] = trace.set_span_in_context(trace.INVALID_SPAN)  # for every such job
-    return True if "remoteParentNotSampled:AlwaysOffSampler," in \
-        provider.sampler.get_description() else None
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    return isinstance(sampler, ParentBased) and \
+        type(sampler).should_sample is ParentBased.should_sample and \
+        "remoteParentNotSampled:AlwaysOffSampler," in \
+        sampler.get_description()  # type: ignore[no-untyped-call]
 
 
 def _recording() -> Any:

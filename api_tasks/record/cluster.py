@@ -64,7 +64,8 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings,
     pipe.zcount(keys.workers(), int((now - STALE_AFTER) * 1000), "+inf")
     for scope in scopes:
         pipe.hmget(keys.limit(scope), "req", "tok", "used_req", "used_tok")
-        pipe.zcard(keys.line(scope))
+        # entries lapse unless their jobs ask again: only those still in line
+        pipe.zcount(keys.line_until(scope), int(now * 1000), "+inf")
     replies = pipe.execute() if broker is None else queues.execute() + pipe.execute()
     lanes, rest = replies[:len(LANES)], replies[len(LANES):]
     waiting, running, batches, workers = rest[:4]
@@ -76,7 +77,7 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings,
         for unit, tat, spent in (("requests", req, used_req), ("tokens", tok, used_tok)):
             if tat is not None:
                 limits[(scope, unit)] = max(float(tat) - now * 1000, 0.0) / 1000
-                used[(scope, unit)] = int(spent or 0)
+                used[(scope, unit)] = int(float(spent or 0))
     return {"queues": dict(zip(LANES, lanes, strict=True)), "waiting": waiting,
             "running": running, "batches_running": batches, "workers_alive": workers,
             "deployments": deployment_states(client, keys, settings), "limits": limits,

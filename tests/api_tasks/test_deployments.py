@@ -124,9 +124,12 @@ def test_calls_spread_over_the_deployments_by_weight(cluster: Cluster) -> None:
 
 
 def _gauge(cluster: Cluster, name: str, deployment: str) -> float:
-    """A deployment's cluster gauge, read from Redis at a scrape of the worker."""
+    """A deployment's cluster gauge, read from Redis at a scrape of the worker (it must be
+    there: a missing one is not a zero)."""
     [port] = metrics_ports(cluster.client)
-    return value(scrape(f"http://127.0.0.1:{port}/metrics"), name, deployment=deployment)
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert any(n == name and ("deployment", deployment) in labels for n, labels in samples)
+    return value(samples, name, deployment=deployment)
 
 
 def test_each_deployments_calls_in_flight_are_a_gauge(cluster: Cluster) -> None:
@@ -138,9 +141,9 @@ def test_each_deployments_calls_in_flight_are_a_gauge(cluster: Cluster) -> None:
     def held() -> list[float]:
         return [_gauge(cluster, "api_tasks_deployment_calls_in_flight", name)
                 for name in ("pair-a", "pair-b")]
-    # each call is held 3 s upstream: the gauges add up to those the servers hold
-    wait_until(lambda: sum(held()) == 6, 10, "six calls in flight")
-    assert held() == [len(cluster.servers[s].requests(model)) for s in ("a", "b")]
+    # each call is held 3 s upstream: the gauges are the calls each server holds
+    wait_until(lambda: held() == [len(cluster.servers[s].requests(model)) for s in "ab"] and
+               sum(held()) == 6, 10, "six calls in flight, where the servers have them")
     for job in jobs:
         job.result(timeout=30)
     wait_until(lambda: sum(held()) == 0, 10, "none in flight")

@@ -105,7 +105,9 @@ def test_requests_per_minute_hold_across_worker_processes(
     assert after["state"]["limits_used"][("limited", "requests")] == 40
     row = _top_row(after, before, "limited")
     assert row[:3] == ["limited", "requests", "600"]
-    assert row[3] == f"{40 / (after['at'] - before['at']) * 60:.0f}"  # a minute's rate
+    rate = 40 / (after["at"] - before["at"]) * 60  # what it reserved, as a minute's rate
+    assert row[3:5] == [f"{rate:.0f}", f"{rate / 600:.0%}"]
+    assert float(row[5].removesuffix("s")) >= 0 and row[6] == "0"  # booked ahead; in line
     # 10 a second, with a one-second burst: never more than 21 in any second
     assert _most_in_window(times, 1.0) <= 21
     assert max(times) - min(times) >= (40 - 11) * 0.1 - 0.05

@@ -217,6 +217,42 @@ def test_a_jobs_own_base_url_is_the_server_its_call_span_names(
     assert span["attributes"]["gen_ai.provider.name"] == "open"
 
 
+def test_an_unsampled_delivery_keeps_its_trace_without_a_span_of_its_own(memory: Any) -> None:
+    from opentelemetry import trace
+
+    from api_tasks import tracing
+
+    parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"
+    with tracing.job_span("j", "chat", parent) as span:
+        current = trace.get_current_span().get_span_context()
+    # no span object: the parent itself is current (the SDK would make a child that records
+    # nothing), so spans others start under it stay in the submit's trace, unsampled
+    assert span is None and not current.trace_flags.sampled
+    assert (current.trace_id, current.span_id) == (int("ab" * 16, 16), int("cd" * 8, 16))
+    with tracing.job_span("j", "chat", parent[:-2] + "01") as span:  # sampled: the SDK's span
+        assert span is not None and span.get_span_context().span_id != int("cd" * 8, 16)
+
+
+def test_only_samplers_that_drop_under_an_unsampled_parent_skip_the_sdk() -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    from api_tasks import tracing
+
+    class Picky(sampling.ParentBased):  # decides for itself: asked through the SDK
+        def should_sample(self, *args: Any, **kwargs: Any) -> sampling.SamplingResult:
+            return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE)
+
+    for sampler, skips in (
+            (sampling.ParentBasedTraceIdRatio(0.1), True), (sampling.DEFAULT_ON, True),
+            (sampling.DEFAULT_OFF, True), (sampling.ALWAYS_ON, False),
+            (sampling.TraceIdRatioBased(0.1), False),
+            (sampling.AlwaysRecordSampler(sampling.DEFAULT_ON), False),
+            (sampling.ParentBased(sampling.ALWAYS_ON,
+                                  remote_parent_not_sampled=sampling.ALWAYS_ON), False),
+            (Picky(sampling.ALWAYS_ON), False), (None, False)):
+        assert tracing.drops_unsampled(sampler) is skips, sampler
+
+
 def test_no_span_is_made_under_an_unsampled_one(memory: Any) -> None:
     from opentelemetry import trace
 

@@ -102,9 +102,10 @@ for i = 1, scopes do
     if arg(i, k) > 0 and not reserved then
       local tat = math.max(tonumber(redis.call('HGET', pace, field) or '0'), now)
       redis.call('HSET', pace, field, tostring(tat + arg(i, k) * (field == 'req' and 1 or cost)))
-      -- what the scope has spent, as reserved (``top`` shows its rate beside the budget)
-      redis.call('HINCRBY', pace, 'used_' .. field, field == 'req' and 1 or cost)
       redis.call('PEXPIRE', pace, 3600000)
+      -- what the scope has reserved (``top`` shows its rate beside the budget); a float, so
+      -- that no cost, however large, can make it fail
+      redis.call('HINCRBYFLOAT', pace, 'used_' .. field, field == 'req' and 1 or cost)
     end
   end
   if arg(i, 5) > 0 and wait <= reserve then
