@@ -57,45 +57,69 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class _Labelled:
+    """``labels()`` without the lock once a child exists (every job looks up several: the
+    locked path costs eight times as much, and label values are bounded)."""
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        child = None if named else self._metrics.get(values)  # type: ignore[attr-defined]
+        return child if child is not None else \
+            super().labels(*values, **named)  # type: ignore[misc]
+
+
+class _Counter(_Labelled, Counter):
+    pass
+
+
+class _Gauge(_Labelled, Gauge):
+    pass
+
+
+class _Histogram(_Labelled, Histogram):
+    pass
+
+
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-JOBS_SUBMITTED = Counter("api_tasks_jobs_submitted", "Jobs submitted by this process.",
-                         ["kind", "upstream", "model", "queue"])
-JOBS_ENDED = Counter("api_tasks_jobs", "Jobs this process ended, by final status.",
-                     ["kind", "upstream", "model", "queue", "status"])
-QUEUE_TIME = Histogram("api_tasks_job_queue_seconds",
-                       "From submit to the start of the attempt that ended the job.",
-                       ["queue"], buckets=_SECONDS)
-RUN_TIME = Histogram("api_tasks_job_run_seconds",
-                     "From the start of the attempt that ended the job to its end.",
-                     ["kind", "upstream"], buckets=_SECONDS)
-FIRST_CHUNK = Histogram("api_tasks_time_to_first_chunk_seconds",
-                        "From submit to a streamed job's first chunk in Redis.",
-                        ["upstream"], buckets=_SECONDS)
-TOKENS = Counter("api_tasks_tokens", "Tokens the upstreams reported, in and out.",
-                 ["upstream", "model", "direction"])
-RESPONSES = Counter("api_tasks_upstream_responses",
-                    "Upstream calls by how they ended: 2xx, 4xx, 5xx, or error (no answer).",
-                    ["upstream", "deployment", "class"])
-RETRIES = Counter("api_tasks_retries", "Calls made again after a failed one.", ["upstream"])
-RATE_LIMITED = Counter("api_tasks_rate_limited", "Upstream answers of 429.",
-                       ["upstream", "deployment"])
-LIMIT_WAIT = Histogram("api_tasks_limit_wait_seconds",
-                       "Time calls waited for a limit, a cool-down or a breaker (in a "
-                       "worker, or as planned when the job waits outside one).",
-                       ["reason"], buckets=_SECONDS)
-LIMIT_USED = Counter("api_tasks_limit_used",
-                     "Requests and tokens admitted under each configured limit scope (tokens "
-                     "as reserved when the call was admitted).", ["scope", "unit"])
-LIMIT_BUDGET = Gauge("api_tasks_limit_budget_per_minute",
-                     "Each configured limit scope's requests and tokens a minute.",
-                     ["scope", "unit"])
-CALLS_IN_FLIGHT = Gauge("api_tasks_calls_in_flight", "Upstream calls under way now.",
-                        ["upstream"])
-CHUNKS = Counter("api_tasks_chunks_relayed", "Stream chunks written to Redis.", ["upstream"])
-BATCH_LINES = Counter("api_tasks_batch_lines", "Batch lines recorded, by outcome.", ["outcome"])
-WEBHOOKS = Counter("api_tasks_webhook_deliveries", "Webhook delivery attempts, by outcome.",
-                   ["outcome"])
+JOBS_SUBMITTED = _Counter("api_tasks_jobs_submitted", "Jobs submitted by this process.",
+                          ["kind", "upstream", "model", "queue"])
+JOBS_ENDED = _Counter("api_tasks_jobs", "Jobs this process ended, by final status.",
+                      ["kind", "upstream", "model", "queue", "status"])
+QUEUE_TIME = _Histogram("api_tasks_job_queue_seconds",
+                        "From submit to the start of the attempt that ended the job.",
+                        ["queue"], buckets=_SECONDS)
+RUN_TIME = _Histogram("api_tasks_job_run_seconds",
+                      "From the start of the attempt that ended the job to its end.",
+                      ["kind", "upstream"], buckets=_SECONDS)
+FIRST_CHUNK = _Histogram("api_tasks_time_to_first_chunk_seconds",
+                         "From submit to a streamed job's first chunk in Redis.",
+                         ["upstream"], buckets=_SECONDS)
+TOKENS = _Counter("api_tasks_tokens", "Tokens the upstreams reported, in and out.",
+                  ["upstream", "model", "direction"])
+RESPONSES = _Counter("api_tasks_upstream_responses",
+                     "Upstream calls by how they ended: 2xx, 4xx, 5xx, or error (no answer).",
+                     ["upstream", "deployment", "class"])
+RETRIES = _Counter("api_tasks_retries", "Calls made again after a failed one.", ["upstream"])
+RATE_LIMITED = _Counter("api_tasks_rate_limited", "Upstream answers of 429.",
+                        ["upstream", "deployment"])
+LIMIT_WAIT = _Histogram("api_tasks_limit_wait_seconds",
+                        "Time calls waited for a limit, a cool-down or a breaker (in a "
+                        "worker, or as planned when the job waits outside one).",
+                        ["reason"], buckets=_SECONDS)
+LIMIT_USED = _Counter("api_tasks_limit_used",
+                      "Requests and tokens admitted under each configured limit scope (tokens "
+                      "as reserved when the call was admitted).", ["scope", "unit"])
+LIMIT_BUDGET = _Gauge("api_tasks_limit_budget_per_minute",
+                      "Each configured limit scope's requests and tokens a minute.",
+                      ["scope", "unit"])
+CALLS_IN_FLIGHT = _Gauge("api_tasks_calls_in_flight", "Upstream calls under way now.",
+                         ["upstream"])
+CHUNKS = _Counter("api_tasks_chunks_relayed", "Stream chunks written to Redis.", ["upstream"])
+BATCH_LINES = _Counter("api_tasks_batch_lines", "Batch lines recorded, by outcome.", ["outcome"])
+WEBHOOKS = _Counter("api_tasks_webhook_deliveries", "Webhook delivery attempts, by outcome.",
+                    ["outcome"])
 
 
 def model_label(settings: Settings, upstream: str | None, model: str | None) -> str:

@@ -54,9 +54,12 @@ def _tracer() -> Any:
     wants = _env_wants()
     if wants is None:
         return None
-    if not wants and "opentelemetry.sdk.trace" not in sys.modules:
-        return None  # nobody asked, and the application set up no SDK of its own
-    if importlib.util.find_spec("opentelemetry.sdk") is None:
+    if not wants:
+        sdk = sys.modules.get("opentelemetry.sdk.trace")
+        if sdk is None or not isinstance(sys.modules["opentelemetry.trace"].get_tracer_provider(),
+                                         sdk.TracerProvider):
+            return None  # nobody asked, and the application set up no SDK (yet): cheaply
+    elif importlib.util.find_spec("opentelemetry.sdk") is None:
         return None
     with _lock:
         if "tracer" not in _state:
