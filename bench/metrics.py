@@ -9,12 +9,13 @@ a local collector that takes them) for 1 job in 10, or on with every job traced:
 traces its submits, sampling each at its worker's share, and the workers follow (the SDK's
 ``parentbased_traceidratio`` sampler). A round gives each pair in turn a burst of jobs, half to
 each of its workers at once, so that a slow spell of this shared machine falls on both (runs in
-sequence have been 1.45x apart here). A worker's figure is its CPU over the rounds and a wait
-for its last spans' export, less what its pair's "off" worker spent while the pair sat idle,
-per job. Two workers of the same settings differ by up to 3% a launch, so every launch starts
-fresh pairs, and a mode's figures add up over the launches. Then 200 jobs are held in flight
-(the fake answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the
-cluster's gauges from Redis too.
+sequence have been 1.45x apart here). The workers run on one core, this process and Redis on
+the other (see ``pin``). A worker's figure is its CPU over the rounds and a wait for its last
+spans' export, less what its pair's "off" worker spent while the pair sat idle, per job. Two
+workers of the same settings differ by up to 3% a launch, so every launch starts fresh pairs,
+and a mode's figures add up over the launches. Then 200 jobs are held in flight (the fake
+answers after 10 s) and ``/metrics`` is scraped 20 times: each scrape reads the cluster's
+gauges from Redis too.
 """
 
 from __future__ import annotations
