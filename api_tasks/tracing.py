@@ -59,7 +59,13 @@ def _tracer() -> Any:
         if sdk is None or not isinstance(sys.modules["opentelemetry.trace"].get_tracer_provider(),
                                          sdk.TracerProvider):
             return None  # nobody asked, and the application set up no SDK (yet): cheaply
-    elif importlib.util.find_spec("opentelemetry.sdk") is None:
+    elif not _installed():  # for good: said once, and never looked for again
+        with _lock:
+            if "tracer" not in _state:
+                log.warning("traces are off: the OTEL_* variables ask for them, but the "
+                            "OpenTelemetry SDK is not installed (pip install "
+                            "'api-tasks[tracing]')")
+                _state["tracer"] = None
         return None
     with _lock:
         if "tracer" not in _state:
@@ -68,6 +74,15 @@ def _tracer() -> Any:
                 return None
             _state["tracer"] = tracer
     return _state["tracer"]
+
+
+def _installed() -> bool:
+    """Whether the OpenTelemetry SDK can be imported (``OTEL_*`` variables set for a whole
+    cluster reach processes without it too)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.sdk") is not None
+    except ImportError:  # its parent package is missing: find_spec imports it first
+        return False
 
 
 def _setup() -> tuple[Any, bool]:

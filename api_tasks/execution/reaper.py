@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from api_tasks.background import Loop
+from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Requeue
 from api_tasks.record.scripts import script
@@ -73,8 +74,9 @@ class Reaper(Loop):
         # message left anywhere (a failed give-back, a lost requeue): send it again
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
         for job_id in self._leases.recover(lapsed, limit):
-            log.warning("reaper: job %s was running with no worker and no message; sent "
-                        "again", job_id)
+            with job_context(job_id):  # a JSON line names its job in a field too
+                log.warning("reaper: job %s was running with no worker and no message; sent "
+                            "again", job_id)
             given += 1
         return given
 
@@ -92,7 +94,9 @@ class Reaper(Loop):
         self._return(keys=[prefix + "unacked_index", prefix + "unacked", prefix + str(queue)],
                      args=[tag, json.dumps(payload) if outcome is Requeue.RESTORED else ""])
         if outcome is Requeue.RESTORED:
-            log.warning("reaper: job %s lost its worker; back on queue %s", job_id, queue)
+            with job_context(job_id):
+                note_job(queue=str(queue))
+                log.warning("reaper: job %s lost its worker; back on queue %s", job_id, queue)
         return outcome is Requeue.RESTORED
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from api_tasks.background import Sweep
+from api_tasks.job_logs import job_context
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 
@@ -47,7 +48,9 @@ class Scheduler(Sweep):
             try:
                 self._send(job_id, message)
             except Exception as err:
-                log.error("scheduler: could not send job %s again (%s); will retry", job_id, err)
+                with job_context(job_id):  # a JSON line names its job in a field too
+                    log.error("scheduler: could not send job %s again (%s); will retry",
+                              job_id, err)
                 upcoming = _RETRY  # it is due again soon
                 with contextlib.suppress(redis.RedisError):  # else it is due when held ends
                     self._leases.sent(job_id, held, ok=False)
@@ -55,5 +58,7 @@ class Scheduler(Sweep):
             try:
                 self._leases.sent(job_id, held)
             except redis.RedisError as err:  # due again when held ends: sent twice at worst
-                log.warning("scheduler: job %s sent, but not marked sent (%s)", job_id, err)
+                with job_context(job_id):
+                    log.warning("scheduler: job %s sent, but not marked sent (%s)", job_id,
+                                err)
         return upcoming

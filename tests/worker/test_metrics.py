@@ -23,6 +23,7 @@ from api_tasks.client import Client
 from api_tasks.record.job_record import JobStatus
 from api_tasks.record.workers import alive, records
 from config.loader import load_settings
+from config.settings import Settings
 from tests.conftest import GATEWAY_KEY
 from tests.support.fake_upstream import FakeUpstream, HttpError, Reply
 from tests.support.scrape import Samples, metrics_ports, scrape, value
@@ -187,8 +188,9 @@ def test_every_metric_the_dashboard_queries_exists(own: tuple[Client, WorkerProc
 def test_a_real_prometheus_scrapes_a_worker(own: tuple[Client, WorkerProcess], fake: FakeUpstream,
                                             model: str, tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("no prometheus binary: scripts/test installs Debian's prometheus as root")
+    # a missing binary fails the test, as a missing browser fails the playground's: a skip
+    # would let a run without it pass
+    assert binary, "install Debian's prometheus (scripts/test does, as root)"
     client, _ = own
     for job in [client.submit_chat(USER, model=model) for _ in range(3)]:
         assert job.result(timeout=30) is not None
@@ -239,3 +241,15 @@ def test_metrics_off_serve_and_count_nothing(worker_env: dict[str, str], spawn: 
     wait_until(lambda: record()["ended"] == {"succeeded": 1}, 10, "the record to say so")
     assert "metrics_port" not in record()
     assert "metrics on http" not in worker.log()
+
+
+def test_a_model_label_is_a_configured_name_or_glob_never_a_raw_string(
+        settings: Settings) -> None:
+    from api_tasks.metrics import model_label
+
+    assert model_label(settings, "tight", "tight-mini") == "tight-*"  # the glob it matched
+    assert model_label(settings, "fake", "layered-x") == "*"  # the catch-all's glob
+    # a job's own string that matches nothing of its upstream's: no label of its own
+    assert model_label(settings, "tight", "job-123e4567-random") == ""
+    assert model_label(settings, "no-such-upstream", "anything") == ""
+    assert model_label(settings, "fake", None) == ""

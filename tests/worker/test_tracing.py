@@ -90,7 +90,7 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
     worker, client = _traced(worker_env, spawn, "traced",
                              OTEL_SERVICE_NAME="api-tasks-worker")
     fake.script(model, HttpError(503), Reply(content="traced answer"))
-    job = client.submit_chat(USER, model=model, max_tokens=50, temperature=0.3)
+    job = client.submit_chat(USER, model=model, max_tokens=50, temperature=0.3, top_p=0.9)
     assert job.result(timeout=30) is not None
     submit = _submit_span(memory, job.id)
     trace_id = f"0x{submit.context.trace_id:032x}"
@@ -118,6 +118,7 @@ def test_one_trace_from_submit_to_each_upstream_call(memory: Any, worker_env: di
         assert attributes["gen_ai.request.model"] == model
         assert attributes["gen_ai.request.max_tokens"] == 50
         assert attributes["gen_ai.request.temperature"] == 0.3
+        assert attributes["gen_ai.request.top_p"] == 0.9
         assert attributes["gen_ai.provider.name"] == "fake"
         assert attributes["server.address"] == "127.0.0.1"
     assert failed["attributes"]["error.type"] == "overloaded"  # the upstream's code for its 503
@@ -307,6 +308,26 @@ def test_without_otel_settings_nothing_of_opentelemetry_is_loaded() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert done.stdout.split() == ["{}", "False"], done.stderr
+
+
+def test_otel_settings_without_the_sdk_installed_change_nothing() -> None:
+    # the variables reach a process without the SDK (set for a whole cluster): a finder that
+    # refuses every opentelemetry module stands for it not being installed
+    code = (
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'opentelemetry':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "from api_tasks import tracing\n"
+        "with tracing.job_span('j', 'chat', '00-' + 'a' * 32 + '-' + 'b' * 16 + '-01') as s:\n"
+        "    print(s, tracing.submit_headers('j', 'chat', 'm', 'bulk'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                      "OTEL_TRACES_EXPORTER": "otlp"})
+    assert done.returncode == 0 and done.stdout.split() == ["None", "{}"], done.stderr
+    assert done.stderr.count("OpenTelemetry SDK is not installed") == 1  # said once
 
 
 def test_a_call_names_the_provider_and_the_server_it_went_to(memory: Any) -> None:
