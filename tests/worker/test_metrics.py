@@ -253,3 +253,19 @@ def test_a_model_label_is_a_configured_name_or_glob_never_a_raw_string(
     assert model_label(settings, "tight", "job-123e4567-random") == ""
     assert model_label(settings, "no-such-upstream", "anything") == ""
     assert model_label(settings, "fake", None) == ""
+
+
+def test_a_metrics_port_already_taken_costs_a_warning_not_the_process(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from api_tasks import metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level("WARNING", logger="api_tasks.metrics"):
+            assert metrics.serve("127.0.0.1", port) is None
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    assert "its own worker.metrics_port, or 0" in caplog.text  # and what to do about it

@@ -79,3 +79,27 @@ def test_top_once_with_redis_down_exits_4(worker_env: dict[str, str]) -> None:
                           env=down, capture_output=True, text=True, timeout=60)
     assert done.returncode == 4 and "Redis unavailable" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_top_shows_cool_downs_and_running_batches_with_their_progress() -> None:
+    from rich.console import Console
+
+    from api_tasks import top
+
+    state = {"queues": {"interactive": 0, "bulk": 3}, "waiting": 1, "running": 2,
+             "limits": {}, "limits_used": {}, "lines": {}, "deployments": [
+                 {"upstream": "pair", "deployment": "pair-a", "breaker": "open",
+                  "open_for": 4.2, "calls_in_flight": 0, "cooldown": 2.5},
+                 {"upstream": "solo", "deployment": "solo", "breaker": None,
+                  "open_for": None, "calls_in_flight": None, "cooldown": 0.0}]}
+    now = {"at": time.time(), "state": state, "workers": [], "budgets": {},
+           "batches": [("batch_abc", {"status": "in_progress", "completed": "7",
+                                      "failed": "1", "total": "20"})], "batches_total": 1}
+    console = Console(record=True, width=200)
+    console.print(top.render(now, None, "p"))
+    rows = {cells[0]: cells[1:] for line in console.export_text().splitlines()
+            if line.startswith("│") and (cells := [c.strip() for c in line.split("│")[1:-1]])}
+    assert rows["pair/pair-a"] == ["open 4s", "0", "2.5s"]  # breaker, in flight, cool-down
+    assert rows["solo/solo"] == ["-", "-", "-"]
+    assert rows["batch_abc"] == ["in_progress", "7", "1", "20"]
+    assert rows["bulk"] == ["3"] and rows["waiting (limits)"] == ["1"]

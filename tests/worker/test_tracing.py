@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from api_tasks.client import Client
 from config.loader import load_settings
@@ -161,6 +162,33 @@ def test_a_worker_whose_application_set_up_the_sdk_records_the_trace_in_memory(
     assert call["attributes"]["gen_ai.request.max_tokens"] == 20
     assert call["attributes"]["gen_ai.usage.output_tokens"] > 0
     assert "Hello" not in dump.read_text() and "kept in memory" not in dump.read_text()
+
+
+def test_a_wait_for_a_limit_in_the_worker_is_a_span_of_the_job(
+        memory: Any, worker_env: dict[str, str], spawn: Spawn, fake: FakeUpstream,
+        workdir: Path, model: str) -> None:
+    config = workdir / f"traced-limits-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump({
+        "worker": {"reserve_ahead": 5},
+        "upstreams": [{"name": "paced", "base_url": fake.base_url, "limits": {
+            "requests_per_minute": 120, "burst_seconds": 0.01, "utilization": 1.0}}]}))
+    worker, client = _traced({**worker_env, "API_TASKS_CONFIG": str(config)}, spawn, "paced")
+    fake.script(model, Reply(content="paced"))
+    # a call every half second, no burst: the later ones wait their turn in the worker
+    jobs = [client.submit_chat(USER, model=model) for _ in range(3)]
+    for job in jobs:
+        assert job.result(timeout=30) is not None
+    ids = {f"0x{_submit_span(memory, job.id).context.trace_id:032x}" for job in jobs}
+
+    def waits() -> list[dict[str, Any]]:
+        return [s for s in _spans(worker.log()) if s["context"]["trace_id"] in ids
+                and s["name"] == "api_tasks wait requests"]
+    spans = wait_until(lambda: len(waits()) >= 2 and waits(), 20, "the waits' spans")
+    consumers = {s["context"]["span_id"]: s for s in _spans(worker.log())
+                 if s["name"] == "api_tasks job chat"}
+    for span in spans:  # each under its job's delivery, with what it planned to wait
+        assert span["parent_id"] in consumers
+        assert 0 < span["attributes"]["api_tasks.wait.planned_s"] <= 1.5
 
 
 def test_a_job_whose_submit_was_not_sampled_records_nothing(
