@@ -83,6 +83,51 @@ class RedisServer:
             self.proc = None
 
 
+class RedisClusterGroup:
+    """Primaries of a Redis Cluster on loopback free ports, each serving an equal share of the
+    16384 slots (no replicas): what the state must fit, every script and transaction within
+    one slot. Built with CLUSTER ADDSLOTSRANGE and MEET, so no ``redis-cli`` is needed."""
+
+    SLOTS = 16384
+
+    def __init__(self, workdir: Path, primaries: int = 3) -> None:
+        # the bus port given too: the default, the port + 10000, may be past 65535
+        self.buses = [free_port() for _ in range(primaries)]
+        self.nodes = [RedisServer(workdir / f"node-{i}", args=(
+            "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+            "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf"))
+            for i, bus in enumerate(self.buses)]
+
+    @property
+    def url(self) -> str:
+        """Any one node: a cluster client learns the others from it."""
+        return self.nodes[0].url
+
+    def start(self) -> RedisClusterGroup:
+        for node in self.nodes:
+            node.start()
+        share = self.SLOTS // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = self.SLOTS - 1 if i == len(self.nodes) - 1 else (i + 1) * share - 1
+            redis.Redis(port=node.port).execute_command("CLUSTER", "ADDSLOTSRANGE",
+                                                        i * share, last)
+        first = redis.Redis(port=self.nodes[0].port)
+        for node, bus in zip(self.nodes[1:], self.buses[1:], strict=True):
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus)
+        wait_until(lambda: all(self._ready(node.port) for node in self.nodes), 30,
+                   "every node to see the whole cluster")
+        return self
+
+    def _ready(self, port: int) -> bool:
+        info = redis.Redis(port=port).cluster("INFO")
+        return info.get("cluster_state") == "ok" and \
+            int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 class SentinelGroup:
     """A primary, a replica and three Sentinels watching them, all on loopback free ports."""
 
