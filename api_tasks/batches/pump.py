@@ -223,8 +223,7 @@ class BatchPump(Sweep):
         # its file's bytes must outlast its window, and its finalizing after that
         keep = int(float(state.get("expires_at") or time.time()) - time.time()) + _FILE_MARGIN
         self._scripts["validated"](keys=[keys.batch(batch_id), staged,
-                                         keys.batch_input(batch_id), keys.batches(),
-                                         keys.file_data(file_id)],
+                                         keys.batch_input(batch_id), keys.file_data(file_id)],
                                    args=[checked.total, self._ttl, now, checked.model,
                                          max(keep, _FILE_MARGIN)])
 

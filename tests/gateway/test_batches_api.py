@@ -358,3 +358,19 @@ def test_a_file_opening_with_a_byte_order_mark_runs(gateway: GatewayProcess,
     assert batch.status == "completed", (batch, seen)
     assert sorted(line["custom_id"] for line in _jsonl(sdk, batch.output_file_id)) == [
         "b0", "b1", "b2"]
+
+
+def test_a_batchs_input_file_bytes_outlast_a_shorter_file_expiry(
+        gateway: GatewayProcess, client: Client, fake: FakeUpstream, model: str) -> None:
+    sdk = _sdk(gateway)
+    data = (json.dumps(_line("x", model)) + "\n").encode()
+    source = sdk.files.create(file=("input.jsonl", data), purpose="batch",
+                              expires_after={"anchor": "created_at", "seconds": 3600}).id
+    assert client.redis.ttl(client.keys.file_data(source)) <= 3600
+    made = sdk.batches.create(input_file_id=source, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    # once it starts, the bytes it reads its lines from are kept past its 24 h window
+    wait_until(lambda: client.redis.ttl(client.keys.file_data(source)) > 24 * 3600, 30,
+               "the input file's bytes kept for the batch")
+    batch, _ = _until_ended(sdk, made.id)
+    assert batch.status == "completed"
