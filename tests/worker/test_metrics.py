@@ -63,11 +63,14 @@ def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
     done = [client.submit_chat(USER, model=model) for _ in range(5)]
     done.append(client.submit_chat(USER, model=model + "-s", stream=True))
     bad = [client.submit_chat(USER, model=model + "-bad") for _ in range(2)]
-    for job in done:
-        assert job.result(timeout=30) is not None
+    results = [job.result(timeout=30) for job in done]
     for job in bad:
         with pytest.raises(JobFailed):
             job.result(timeout=30)
+    usage = [result.get("usage") or {} for result in results if result is not None]
+    assert len(usage) == 6
+    chunks = [entry for entry, fields in client.redis.xrange(client.keys.events(done[-1].id))
+              if json.loads(fields[b"event"])["type"] == "chunk"]
     # the producer (this process) counted what it sent
     assert REGISTRY.get_sample_value("api_tasks_jobs_submitted_total", labels) == before + 8
     samples = scrape(f"http://127.0.0.1:{_port(client)}/metrics")
@@ -77,11 +80,13 @@ def test_a_worker_counts_the_jobs_it_ran(own: tuple[Client, WorkerProcess],
     assert value(samples, "api_tasks_job_run_seconds_count", kind="chat") == 8
     assert value(samples, "api_tasks_job_queue_seconds_count", queue="interactive") == 8
     assert value(samples, "api_tasks_time_to_first_chunk_seconds_count") == 1
-    assert value(samples, "api_tasks_chunks_relayed_total", upstream="fake") >= 3
+    # as many chunks as the streamed job's events hold, as many tokens as the answers reported
+    assert value(samples, "api_tasks_chunks_relayed_total", upstream="fake") == len(chunks) >= 3
     assert value(samples, "api_tasks_upstream_responses_total", **{"class": "2xx"}) == 6
     assert value(samples, "api_tasks_upstream_responses_total", **{"class": "4xx"}) == 2
-    assert value(samples, "api_tasks_tokens_total", direction="in") > 0
-    assert value(samples, "api_tasks_tokens_total", direction="out") > 0
+    for direction, field in (("in", "prompt_tokens"), ("out", "completion_tokens")):
+        assert value(samples, "api_tasks_tokens_total", direction=direction) == sum(
+            u.get(field, 0) for u in usage) > 0
     assert value(samples, "api_tasks_calls_in_flight") == 0
     # what only Redis knows, read at the scrape
     assert value(samples, "api_tasks_redis_up") == 1
