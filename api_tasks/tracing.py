@@ -190,15 +190,13 @@ def _unsampled(traceparent: str | None) -> Any:
             int(traceparent[-2:], 16) & 1 or traceparent.startswith("ff") or \
             traceparent[3:35] == "0" * 32 or traceparent[36:52] == "0" * 16:
         return None  # sampled, or not a valid parent
-    if "drops" not in _state:  # the provider and its sampler are set for good
-        from opentelemetry import trace
+    from opentelemetry import trace
 
+    if "drops" not in _state:  # the provider and its sampler are set for good
         _state["drops"] = drops_unsampled(getattr(trace.get_tracer_provider(), "sampler",
                                                   None))
     if not _state["drops"]:
         return None
-    from opentelemetry import trace
-
     return trace.NonRecordingSpan(trace.SpanContext(
         int(traceparent[3:35], 16), int(traceparent[36:52], 16), is_remote=True,
         trace_flags=trace.TraceFlags(0)))

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from rich.console import Console
 
 from api_tasks import JobFailed, JobStatus, top
 from api_tasks.client import Client
@@ -22,6 +21,7 @@ from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError, Quota, Reply
 from tests.support.scrape import metrics_ports, scrape, value, workers_value
 from tests.support.services import Spawn, WorkerProcess, wait_until
+from tests.support.top_view import top_rows
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -64,16 +64,6 @@ def _booked(port: int, scope: str) -> float:
                  scope=scope, unit="requests")
 
 
-def _top_row(now: dict[str, Any], before: dict[str, Any], scope: str) -> list[str]:
-    """The cells of ``scope``'s row in ``top``'s limits table."""
-    console = Console(record=True, width=240)
-    console.print(top.render(now, before, "p"))
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]]
-            for line in console.export_text().splitlines() if line.startswith("│")]
-    [row] = [row for row in rows if row[0] == scope]
-    return row
-
-
 def _most_in_window(times: list[float], window: float) -> int:
     times = sorted(times)
     return max(sum(1 for t in times if start <= t < start + window) for start in times)
@@ -103,7 +93,7 @@ def test_requests_per_minute_hold_across_worker_processes(
     # and in Redis for the whole cluster, which `top` shows against the budget
     after = top.snapshot(client)
     assert after["state"]["limits_used"][("limited", "requests")] == 40
-    row = _top_row(after, before, "limited")
+    [row] = [row for row in top_rows(after, before) if row[0] == "limited"]
     assert row[:3] == ["limited", "requests", "600"]
     rate = 40 / (after["at"] - before["at"]) * 60  # what it reserved, as a minute's rate
     assert row[3:5] == [f"{rate:.0f}", f"{rate / 600:.0%}"]

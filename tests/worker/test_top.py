@@ -19,6 +19,7 @@ from api_tasks.client import Client
 from config.loader import load_settings
 from tests.support.fake_upstream import FakeUpstream, HttpError
 from tests.support.services import ROOT, Spawn, free_port
+from tests.support.top_view import top_rows
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
@@ -82,10 +83,6 @@ def test_top_once_with_redis_down_exits_4(worker_env: dict[str, str]) -> None:
 
 
 def test_top_shows_cool_downs_and_running_batches_with_their_progress() -> None:
-    from rich.console import Console
-
-    from api_tasks import top
-
     state = {"queues": {"interactive": 0, "bulk": 3}, "waiting": 1, "running": 2,
              "limits": {}, "limits_used": {}, "lines": {}, "deployments": [
                  {"upstream": "pair", "deployment": "pair-a", "breaker": "open",
@@ -95,10 +92,7 @@ def test_top_shows_cool_downs_and_running_batches_with_their_progress() -> None:
     now = {"at": time.time(), "state": state, "workers": [], "budgets": {},
            "batches": [("batch_abc", {"status": "in_progress", "completed": "7",
                                       "failed": "1", "total": "20"})], "batches_total": 1}
-    console = Console(record=True, width=200)
-    console.print(top.render(now, None, "p"))
-    rows = {cells[0]: cells[1:] for line in console.export_text().splitlines()
-            if line.startswith("│") and (cells := [c.strip() for c in line.split("│")[1:-1]])}
+    rows = {cells[0]: cells[1:] for cells in top_rows(now, None) if cells}
     assert rows["pair/pair-a"] == ["open 4s", "0", "2.5s"]  # breaker, in flight, cool-down
     assert rows["solo/solo"] == ["-", "-", "-"]
     assert rows["batch_abc"] == ["in_progress", "7", "1", "20"]
