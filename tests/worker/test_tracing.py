@@ -183,11 +183,14 @@ def test_a_wait_for_a_limit_in_the_worker_is_a_span_of_the_job(
     def waits() -> list[dict[str, Any]]:
         return [s for s in _spans(worker.log()) if s["context"]["trace_id"] in ids
                 and s["name"] == "api_tasks wait requests"]
+    def consumers() -> dict[str, dict[str, Any]]:
+        return {s["context"]["span_id"]: s for s in _spans(worker.log())
+                if s["name"] == "api_tasks job chat" and s["context"]["trace_id"] in ids}
     spans = wait_until(lambda: len(waits()) >= 2 and waits(), 20, "the waits' spans")
-    consumers = {s["context"]["span_id"]: s for s in _spans(worker.log())
-                 if s["name"] == "api_tasks job chat"}
+    # a job's own span ends (and is exported) after its result is stored: wait for all three
+    delivered = wait_until(lambda: len(consumers()) == 3 and consumers(), 20, "the jobs' spans")
     for span in spans:  # each under its job's delivery, with what it planned to wait
-        assert span["parent_id"] in consumers
+        assert span["parent_id"] in delivered
         assert 0 < span["attributes"]["api_tasks.wait.planned_s"] <= 1.5
 
 
