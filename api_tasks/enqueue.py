@@ -54,6 +54,9 @@ class Submission:
     calls: tuple[Call[Any], ...]  # the record's, on the state's Redis
     send: Call[Any] | None  # the task message's, on the broker's (after the record: no worker
     # finds a message without its record); None: the record's script sends it too
+    index: Call[Any] | None = None  # its owner's index of jobs, written after the record
+    # (on another slot on a Redis Cluster; a listing meeting an id before its record would
+    # drop it): a job it misses is still found by its id
 
 
 class Submissions:
@@ -75,11 +78,12 @@ class Submissions:
                                tracing.submit_headers(job_id, spec.kind, spec.model, lane))
         queue = self.records.keys.queue(lane)
         index = self.records.index(job_id, record)
-        if index is None and not self.settings.redis.split:  # one script does it all
+        if not self.settings.redis.split:  # one script does it all
             return Submission(job_id, record,
-                              (self.records.create(job_id, record, (queue, message)),), None)
-        calls = [self.records.create(job_id, record)] + ([] if index is None else [index])
-        return Submission(job_id, record, tuple(calls), lua("job_send", [queue], [message]))
+                              (self.records.create(job_id, record, (queue, message)),), None,
+                              index)
+        return Submission(job_id, record, (self.records.create(job_id, record),),
+                          lua("job_send", [queue], [message]), index)
 
 
 def _together(submissions: list[Submission]) -> tuple[list[list[Call[Any]]], bool]:
@@ -87,6 +91,14 @@ def _together(submissions: list[Submission]) -> tuple[list[list[Call[Any]]], boo
     and whether they must run as a transaction (a group of one script runs whole anyway)."""
     groups = [[*s.calls] if s.send is None else [*s.calls, s.send] for s in submissions]
     return groups, any(len(group) > 1 for group in groups)
+
+
+def _indexes(submissions: list[Submission], written: list[int] | None = None
+             ) -> list[list[Call[Any]]]:
+    """The owner index calls of the submissions (of those ``written``, when given), each a
+    group of its own: run after the records, their replies are not looked at."""
+    chosen = submissions if written is None else [submissions[i] for i in written]
+    return [[s.index] for s in chosen if s.index is not None]
 
 
 def _sends(submissions: list[Submission], written: list[int]) -> list[list[Call[Any]]]:
@@ -152,7 +164,7 @@ class Enqueuer:
         # quick calls fail fast on a hung Redis (redis-py 8 caps a pool at 100 by default)
         self.redis = connect(settings.redis.state(), socket_timeout=_QUICK_TIMEOUT,
                              max_connections=PRODUCER_POOL)
-        self.keys = Keys(settings.redis.prefix)
+        self.keys = Keys(settings.redis.prefix, settings.redis.shards)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))
@@ -182,15 +194,26 @@ class Enqueuer:
         Raises only if nothing was written (a record's round trip failed)."""
         if not self.apart:
             groups, transaction = _together(submissions)
-            return self.store.shell.run_groups(groups, transaction=transaction)
+            indexes = [] if transaction else _indexes(submissions)  # in the same round trip
+            replies = self.store.shell.run_groups(groups + indexes, transaction=transaction)
+            if transaction:
+                self._index(_indexes(submissions))
+            return replies[:len(groups)]
         records = self.store.shell.run_groups([list(s.calls) for s in submissions],
-                                              transaction=True)
+                                              transaction=len(submissions) > 1)
         written = _written(records)
+        self._index(_indexes(submissions, written))
         try:
             sent = self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
+
+    def _index(self, groups: list[list[Call[Any]]]) -> None:
+        """Write owner index entries; a Redis that fails them costs a listing the jobs only."""
+        if groups:
+            with contextlib.suppress(redis.RedisError):
+                self.store.shell.run_groups(groups)
 
     def enqueue(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
                 job_id: str | None = None, fields: Mapping[str, str] | None = None) -> str:
@@ -286,15 +309,27 @@ class AsyncEnqueuer:
         """``Enqueuer._send`` on asyncio."""
         if not self.apart:
             groups, transaction = _together(submissions)
-            return await self.store.shell.run_groups(groups, transaction=transaction)
+            indexes = [] if transaction else _indexes(submissions)  # in the same round trip
+            replies = await self.store.shell.run_groups(groups + indexes,
+                                                        transaction=transaction)
+            if transaction:
+                await self._index(_indexes(submissions))
+            return replies[:len(groups)]
         records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
-                                                    transaction=True)
+                                                    transaction=len(submissions) > 1)
         written = _written(records)
+        await self._index(_indexes(submissions, written))
         try:
             sent = await self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
+
+    async def _index(self, groups: list[list[Call[Any]]]) -> None:
+        """``Enqueuer._index`` on asyncio."""
+        if groups:
+            with contextlib.suppress(redis.RedisError):
+                await self.store.shell.run_groups(groups)
 
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:
         replies: list[Any] = [None] * len(batch)

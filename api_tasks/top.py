@@ -40,7 +40,8 @@ def snapshot(client: Client) -> dict[str, Any]:
                               client.broker.redis if client.apart else None)
         ids = client.store.shell.run(alive(keys))
         workers = client.store.shell.run(records(keys, ids)) if ids else []
-        batch_ids = sorted(text(b) for b in client.redis.smembers(keys.batches()))
+        batch_ids = sorted(text(b) for shard in keys.every_shard
+                           for b in client.redis.smembers(keys.batches(shard)))
         pipe = client.redis.pipeline(transaction=False)
         for batch_id in batch_ids[:_BATCHES_SHOWN]:
             pipe.hgetall(keys.batch(batch_id))

@@ -32,6 +32,7 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "REDIS_URL": (("redis", "url"), str),
     "REDIS_STATE_URL": (("redis", "state_url"), str),
     "API_TASKS_PREFIX": (("redis", "prefix"), str),
+    "API_TASKS_REDIS_SHARDS": (("redis", "shards"), str),
     "API_TASKS_RESULT_TTL": (("jobs", "result_ttl"), str),
     "API_TASKS_POOL": (("worker", "pool"), str),
     "API_TASKS_CONCURRENCY": (("worker", "concurrency"), str),

@@ -330,6 +330,10 @@ class RedisSettings(_Model):
     # its own; the Celery broker (queues, unacked messages) stays on ``url``
     state_url: str | None = None
     prefix: str = "api_tasks"
+    # job shards: a job's keys (and its batch's) carry the hash tag of one, so that on a Redis
+    # Cluster each job's scripts run on one slot while the shards spread over the nodes; set
+    # it once (a few per primary), as changing it strands the jobs in flight
+    shards: int = Field(1, ge=1, le=1024)
     socket_connect_timeout: float = Field(5.0, gt=0)
     health_check_interval: int = Field(15, ge=0)
 

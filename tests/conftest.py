@@ -3,8 +3,9 @@
 Every test that submits jobs uses models named uniquely for it, so scripted
 upstream behaviour and recorded requests never mix between tests. With
 ``API_TASKS_TEST_STATE_APART=1`` the project's state lives on a second Redis, apart from the
-broker (``redis.state_url``): ``redis_client`` reaches the state's, ``broker_client`` the
-broker's (``scripts/test`` runs the core and fault tests so too).
+broker (``redis.state_url``) and the jobs spread over 4 shards (``redis.shards``):
+``redis_client`` reaches the state's, ``broker_client`` the broker's (``scripts/test`` runs the
+core and fault tests so too, and ``slot_audit`` checks what a Redis Cluster would refuse).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tests.support.services import (
     WorkerProcess,
     free_port,
 )
+from tests.support.slot_audit import CROSS_SLOT_LEFT, SlotAudit, cross_slot
 from tests.support.webhook_receiver import WebhookReceiver
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
@@ -104,6 +106,24 @@ def state_server(workdir: Path, redis_server: RedisServer) -> Iterator[RedisServ
     server.stop()
 
 
+_CROSS_SLOT: dict[str, bytes] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slot_audit(workdir: Path, state_server: RedisServer) -> Iterator[None]:
+    """With the state apart, what a Redis Cluster would refuse of the state's commands: only
+    what ``CROSS_SLOT_LEFT`` lists (the work left, which may only shrink)."""
+    if not STATE_APART:
+        yield
+        return
+    audit = SlotAudit("127.0.0.1", state_server.port, workdir / "state-monitor.log").start()
+    yield
+    audit.stop()
+    _CROSS_SLOT.update(cross_slot(audit.path, redis.Redis.from_url(state_server.url)))
+    unexpected = sorted(set(_CROSS_SLOT) - CROSS_SLOT_LEFT)
+    assert not unexpected, f"cross-slot on a Redis Cluster: {unexpected}"
+
+
 @pytest.fixture(scope="session")
 def fake() -> Iterator[FakeUpstream]:
     with FakeUpstream() as upstream:
@@ -166,6 +186,7 @@ def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServ
                 "API_TASKS_METRICS_PORT": "0"})  # many workers on one machine: any free port
     if state_server is not redis_server:
         env["REDIS_STATE_URL"] = state_server.url
+        env["API_TASKS_REDIS_SHARDS"] = "4"  # jobs over 4 shards, so the audit sees them apart
     return env
 
 
@@ -244,6 +265,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _FIGURES.rows:
         terminalreporter.write_sep("-", "reliability figures (see RELIABILITY.md)")
         terminalreporter.write_line(_FIGURES.table())
+    if _CROSS_SLOT:
+        terminalreporter.write_sep("-", "what a Redis Cluster would refuse (issue 15)")
+        for name, keys in sorted(_CROSS_SLOT.items()):
+            terminalreporter.write_line(f"{name}: {keys.decode(errors='replace')}")
 
 
 def start_gateway(worker_env: dict[str, str], workdir: Path, name: str,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from api_tasks.batches.files import INDEX_TTL
 from api_tasks.batches.state import BatchStatus
 from api_tasks.connections import text, text_map
-from api_tasks.record.calls import Call, command, lua
+from api_tasks.record.calls import Call, Writes, command, lua
 from api_tasks.record.keys import Keys
 from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks, event_args
 
@@ -49,8 +49,8 @@ class BatchRecords:
 
     def create(self, owner: str, input_file_id: str, filename: str, endpoint: str,
                metadata: dict[str, str] | None, output_ttl: int, window: int, lifetime: int,
-               queued_ttl: int) -> tuple[str, dict[str, str], list[Call[Any]]]:
-        """A new batch, ``validating``: its id, its hash, and the calls that hand it to the
+               queued_ttl: int) -> tuple[str, dict[str, str], Writes]:
+        """A new batch, ``validating``: its id, its hash, and the writes that hand it to the
         workers. It expires ``lifetime`` seconds after creation."""
         batch_id = f"batch_{uuid.uuid4().hex}"
         now = time.time()
@@ -61,24 +61,28 @@ class BatchRecords:
                  "created_at": repr(now), "expires_at": repr(now + lifetime),
                  "window": str(window), "queue": "bulk", "total": "0", "sent": "0",
                  "completed": "0", "failed": "0", "cancelled": "0"}
-        key, active = self.keys.batch(batch_id), self.keys.batches()
+        key, active = self.keys.batch(batch_id), self.keys.batches(self.keys.shard(batch_id))
         flat = [item for pair in state.items() for item in pair]
-        return batch_id, state, [
-            command("HSET", key, *flat), command("EXPIRE", key, lifetime + queued_ttl),
-            command("SADD", active, batch_id), command("EXPIRE", active, queued_ttl),
-            lua("wake", [self.keys.batches_wake()], [_WAKE_TTL]),  # the pump validates it
-            lua("owner_index", [self.keys.owned_batches(owner)], [batch_id, INDEX_TTL])]
+        return batch_id, state, Writes(
+            [command("HSET", key, *flat), command("EXPIRE", key, lifetime + queued_ttl),
+             command("SADD", active, batch_id), command("EXPIRE", active, queued_ttl)],
+            [lua("owner_index", [self.keys.owned_batches(owner)], [batch_id, INDEX_TTL]),
+             self.wake()])  # the pump validates it
 
     def state(self, batch_id: str) -> Call[dict[str, str]]:
         """A batch's hash (empty if there is none)."""
         return command("HGETALL", self.keys.batch(batch_id), parse=text_map)
 
-    def cancel(self, batch_id: str, webhooks: Webhooks = NO_WEBHOOKS) -> Call[str]:
-        """Stop a batch (``batch_cancel``, queueing ``webhooks`` if it ends at once): its
-        status after the call, or ``missing``."""
-        return lua("batch_cancel", [self.keys.batch(batch_id), self.keys.batches_wake(),
-                                    *webhooks[0]],
-                   [repr(time.time()), _WAKE_TTL, *webhooks[1]], text)
+    def cancel(self, batch_id: str, webhooks: Webhooks = NO_WEBHOOKS) -> list[Call[Any]]:
+        """Stop a batch (``batch_cancel``, queueing ``webhooks`` if it ends at once), then
+        wake the pump: the first call's reply is its status after, or ``missing``."""
+        return [lua("batch_cancel", [self.keys.batch(batch_id), *webhooks.keys],
+                    [repr(time.time()), *webhooks.args], text), self.wake(), *webhooks.after]
+
+    def wake(self) -> Call[Any]:
+        """Wake the sweeping batch pump (a batch to validate or to stop): apart from the
+        batch's script, as the wake list lives on another slot on a Redis Cluster."""
+        return lua("wake", [self.keys.batches_wake()], [_WAKE_TTL])
 
 
 def batch_event(keys: Keys, settings: Settings, owner: str, event: str,

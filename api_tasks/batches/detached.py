@@ -71,7 +71,8 @@ class Batch:
         self._client = client
         self._keys = client.keys
         self._redis = client.redis
-        self._scripts = {"start": self._redis.register_script(_START)}
+        self._scripts = {"start": self._redis.register_script(_START),
+                         "wake": self._redis.register_script(script("wake"))}
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
@@ -96,11 +97,13 @@ class Batch:
                 total, size = total + self._push(key, lines, chunk), 0
         total += self._push(key, lines, chunk)
         jobs = self._client.settings.jobs
-        started = self._scripts["start"](keys=[key, lines, self._keys.batches(),
-                                               self._keys.batches_wake()],
-                                         args=[self.id, total, jobs.queued_ttl, jobs.result_ttl])
+        started = self._scripts["start"](
+            keys=[key, lines, self._keys.batches(self._keys.shard(self.id))],
+            args=[self.id, total, jobs.queued_ttl, jobs.result_ttl])
         if text(started) == "missing":
             raise BatchNotFound(f"batch {self.id} expired while its file was uploading")
+        if text(started) == "in_progress":  # the pump waits for a batch to start
+            self._scripts["wake"](keys=[self._keys.batches_wake()], args=[jobs.queued_ttl])
 
     def _push(self, key: str, lines: str, chunk: list[str]) -> int:
         count = len(chunk)
@@ -133,10 +136,11 @@ class Batch:
         """Stop new sends at once; the workers cancel its queued jobs within a step (running
         ones finish). Returns the batch's status after the call."""
         with broker_errors():
-            verdict = self._client.store.shell.run(BatchRecords(self._keys).cancel(self.id))
+            verdict, *_ = self._client.store.shell.run_all(
+                BatchRecords(self._keys).cancel(self.id))
         if verdict == "missing":
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
-        return verdict
+        return str(verdict)
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         """The status once the batch has ended (``JobTimeout`` if ``timeout`` passes)."""

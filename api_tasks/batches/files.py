@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from api_tasks.connections import text_map
-from api_tasks.record.calls import Call, command, lua
+from api_tasks.record.calls import Call, Writes, command, lua
 from api_tasks.record.keys import Keys
 from config.settings import FILE_TTL_RANGE
 
@@ -50,16 +50,17 @@ class FileRecords:
         return [command("RPUSH", data, piece), command("EXPIRE", data, ttl)]
 
     def create(self, file_id: str, owner: str, filename: str, size: int, purpose: Purpose,
-               ttl: int) -> tuple[dict[str, str], list[Call[Any]]]:
-        """A file whose pieces are all in: its record, and the calls that make it visible."""
+               ttl: int) -> tuple[dict[str, str], Writes]:
+        """A file whose pieces are all in: its record, and the writes that make it visible."""
         now = time.time()
         meta = {"filename": filename, "bytes": str(size), "purpose": purpose.value,
                 "owner": owner, "created_at": str(int(now)), "expires_at": str(int(now) + ttl)}
         key = self.keys.file(file_id)
         flat = [item for pair in meta.items() for item in pair]
-        return meta, [command("HSET", key, *flat), command("EXPIRE", key, ttl),
-                      command("EXPIRE", self.keys.file_data(file_id), ttl),
-                      lua("owner_index", [self.keys.owned_files(owner)], [file_id, INDEX_TTL])]
+        return meta, Writes(
+            [command("HSET", key, *flat), command("EXPIRE", key, ttl),
+             command("EXPIRE", self.keys.file_data(file_id), ttl)],
+            [lua("owner_index", [self.keys.owned_files(owner)], [file_id, INDEX_TTL])])
 
     def meta(self, file_id: str) -> Call[dict[str, str]]:
         """A file's record (empty if there is none)."""

@@ -115,10 +115,12 @@ class BatchPump(Sweep):
     def run_once(self) -> tuple[int, int]:
         """Step every active batch no other worker is stepping; how many are active, and how
         many this pass moved (a line recorded or sent, a state changed)."""
-        active = self._keys.batches()
-        ids = [text(i) for i in self._redis.smembers(active)]
-        if ids:
-            self._redis.expire(active, self._ttl)
+        ids = []
+        for shard in self._keys.every_shard:
+            active = self._keys.batches(shard)
+            if found := [text(i) for i in self._redis.smembers(active)]:
+                self._redis.expire(active, self._ttl)
+                ids += found
         return len(ids), sum(self._step_locked(batch_id) for batch_id in ids)
 
     def _step_locked(self, batch_id: str) -> bool:
@@ -176,7 +178,7 @@ class BatchPump(Sweep):
             sent = self._cancel_unsent(batch_id, state)
         if not jobs and not sent:  # nothing outstanding: perhaps the batch is done
             closed = self._scripts["close"](keys=[*self._all_keys(batch_id),
-                                                  self._keys.batches()],
+                                                  self._keys.batches(self._keys.shard(batch_id))],
                                             args=[batch_id, repr(time.time()),
                                                   self._client.settings.jobs.result_ttl])
             if closed == 2:  # made through the Batches API: its files, now (the close
@@ -214,18 +216,20 @@ class BatchPump(Sweep):
                      checked.found)
             hooks = batch_event(keys, settings, state.get("owner", ""), "batch.failed",
                                 batch_id)
-            self._scripts["invalid"](keys=[keys.batch(batch_id), staged, keys.batches(),
-                                           *hooks[0]],
-                                     args=[batch_id, now, json.dumps(checked.problems),
-                                           int(state.get("output_ttl") or self._ttl),
-                                           *hooks[1]])
+            if self._scripts["invalid"](keys=[keys.batch(batch_id), staged,
+                                              keys.batches(keys.shard(batch_id)), *hooks.keys],
+                                        args=[batch_id, now, json.dumps(checked.problems),
+                                              int(state.get("output_ttl") or self._ttl),
+                                              *hooks.args]) and hooks.after:
+                shell.run_all(hooks.after)
             return
-        # its file's bytes must outlast its window, and its finalizing after that
+        # its file's bytes must outlast its window, and its finalizing after that (kept
+        # first, apart from the batch's script: the file lives on another slot on a cluster)
         keep = int(float(state.get("expires_at") or time.time()) - time.time()) + _FILE_MARGIN
+        shell.run(lua("keep_at_least", [keys.file_data(file_id)], [max(keep, _FILE_MARGIN)]))
         self._scripts["validated"](keys=[keys.batch(batch_id), staged,
-                                         keys.batch_input(batch_id), keys.file_data(file_id)],
-                                   args=[checked.total, self._ttl, now, checked.model,
-                                         max(keep, _FILE_MARGIN)])
+                                         keys.batch_input(batch_id)],
+                                   args=[checked.total, self._ttl, now, checked.model])
 
     def _finalize(self, batch_id: str, state: dict[str, str]) -> None:
         """Make a finished API batch's output and error files, and end it."""
@@ -235,12 +239,18 @@ class BatchPump(Sweep):
                  self._list_bytes(keys.batch_errors(batch_id))]
         hooks = batch_event(keys, self._client.settings, state["owner"],
                             f"batch.{state.get('ending', 'completed')}", batch_id)
-        self._scripts["finalize"](
-            keys=[keys.batch(batch_id), keys.batch_output(batch_id), keys.batch_errors(batch_id),
-                  keys.file(output), keys.file(errors), keys.owned_files(state["owner"]),
-                  keys.batches(), *hooks[0]],
-            args=[batch_id, repr(time.time()), *sizes, output, errors,
-                  int(state.get("output_ttl") or self._ttl), INDEX_TTL, *hooks[1]])
+        # the files go into their owner's index after (on another slot on a Redis Cluster)
+        after: list[Call[Any]] = [
+            lua("owner_index", [keys.owned_files(state["owner"])], [file_id, INDEX_TTL])
+            for file_id, size in zip((output, errors), sizes, strict=True) if size]
+        if self._scripts["finalize"](
+                keys=[keys.batch(batch_id), keys.batch_output(batch_id),
+                      keys.batch_errors(batch_id), keys.file(output), keys.file(errors),
+                      keys.batches(keys.shard(batch_id)), *hooks.keys],
+                args=[batch_id, repr(time.time()), *sizes, output, errors,
+                      int(state.get("output_ttl") or self._ttl), *hooks.args]) \
+                and after + hooks.after:
+            self._shell.run_all(after + hooks.after)
 
     def _list_bytes(self, key: str) -> int:
         """The size of a list's entries as a JSONL file (one newline each)."""

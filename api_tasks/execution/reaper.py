@@ -73,11 +73,12 @@ class Reaper(Loop):
         # a running job with no lease for longer than the unacked sweep needs has no
         # message left anywhere (a failed give-back, a lost requeue): send it again
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
-        for job_id in self._leases.recover(lapsed, limit):
-            with job_context(job_id):  # a JSON line names its job in a field too
-                log.warning("reaper: job %s was running with no worker and no message; sent "
-                            "again", job_id)
-            given += 1
+        for shard in self._keys.every_shard:
+            for job_id in self._leases.recover(shard, lapsed, limit):
+                with job_context(job_id):  # a JSON line names its job in a field too
+                    log.warning("reaper: job %s was running with no worker and no message; "
+                                "sent again", job_id)
+                given += 1
         return given
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:

@@ -38,6 +38,7 @@ from api_tasks.execution.tally import Tally
 from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
+from api_tasks.record.calls import packed
 from api_tasks.record.cluster import limit_scopes
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
 from api_tasks.record.job_record import (
@@ -519,10 +520,11 @@ class JobRunner:
                               f"job.{status.value}", run.job_id,
                               job_event_id(run.job_id)) \
             if run.spec.notify and run.spec.owner else NO_WEBHOOKS
-        [outcome] = self.writer.write([self.leases.finish_command(
+        # its webhooks' index and wake-up follow the script (other slots on a Redis Cluster)
+        outcome, *_ = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.attempt, run.published), result, fields, webhooks)],
-            timeout=_WRITE_TIMEOUT)
+            entry_id(run.attempt, run.published), result, fields, webhooks),
+            *map(packed, webhooks.after)], timeout=_WRITE_TIMEOUT)
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)

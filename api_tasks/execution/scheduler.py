@@ -1,7 +1,7 @@
 """Send again, when they are due, the jobs waiting outside any worker.
 
 A job parked for a limit (``api_tasks.execution.limits``) or a deferred
-duplicate delivery waits in ``{prefix}:delayed``. Every worker runs a
+duplicate delivery waits in its shard's ``{prefix}:delayed:{s<n>}``. Every worker runs a
 scheduler; the one whose process holds the sweeper role (``sweeper.py``) sends
 the due ones again. Rather than look a few times a second, it sleeps until the
 next due job it knows of, on a blocking pop of a wake list where every script
@@ -36,6 +36,7 @@ class Scheduler(Sweep):
                  sweeping: Callable[[], bool] = lambda: True) -> None:
         super().__init__("api-tasks-scheduler", client, keys.delayed_wake(), leases.queued_ttl,
                          sweeping, None, log)
+        self._keys = keys
         self._leases = leases
         self._send = send
 
@@ -43,7 +44,16 @@ class Scheduler(Sweep):
         """Send the due jobs, if this process sweeps for the cluster; when the next is due."""
         if not self._sweeping():
             return 0.0
-        due, upcoming = self._leases.due()
+        upcoming: float | None = None
+        for shard in self._keys.every_shard:
+            soonest = self._send_due(shard)
+            if soonest is not None:
+                upcoming = soonest if upcoming is None else min(upcoming, soonest)
+        return upcoming
+
+    def _send_due(self, shard: int) -> float | None:
+        """Send a shard's due jobs; when its next is due."""
+        due, upcoming = self._leases.due(shard)
         for job_id, message, held in due:
             try:
                 self._send(job_id, message)

@@ -95,7 +95,14 @@ class Watchdog(Loop):
                 handle.abort(Stop.LOST)
 
     def _check_cancel(self, handles: list[CallHandle]) -> None:
-        flags = self._redis.mget([self._keys.cancel(h.job_id) for h in handles])
-        for handle, flag in zip(handles, flags, strict=True):
-            if flag is not None:
-                handle.abort(Stop.CANCELLED)
+        # one MGET a shard: on a Redis Cluster a shard's keys share a slot, others' may not
+        by_shard: dict[int, list[CallHandle]] = {}
+        for handle in handles:
+            by_shard.setdefault(self._keys.shard(handle.job_id), []).append(handle)
+        pipe = self._redis.pipeline(transaction=False)
+        for group in by_shard.values():
+            pipe.mget([self._keys.cancel(h.job_id) for h in group])
+        for group, flags in zip(by_shard.values(), pipe.execute(), strict=True):
+            for handle, flag in zip(group, flags, strict=True):
+                if flag is not None:
+                    handle.abort(Stop.CANCELLED)

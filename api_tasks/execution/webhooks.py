@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -83,23 +82,33 @@ class WebhookSender(Sweep):
         return _EVERY if tried else upcoming
 
     def run_once(self) -> tuple[int, float | None]:
-        """Send the deliveries due now, one taken at a time (each under its own lease): how
-        many were tried, and in how many seconds the next is due (None: none pending)."""
+        """Send the deliveries due now, shard by shard, one taken at a time (each under its
+        own lease): how many were tried, and in how many seconds the next is due (None: none
+        pending)."""
+        tried, upcoming = 0, None
+        for shard in self._keys.every_shard:
+            sent, soonest = self._send_due(shard, _TAKE - tried)
+            tried += sent
+            if soonest is not None:
+                upcoming = soonest if upcoming is None else min(upcoming, soonest)
+        return tried, upcoming
+
+    def _send_due(self, shard: int, most: int) -> tuple[int, float | None]:
+        """Send up to ``most`` of a shard's due deliveries; how many, and when its next is
+        due (0.0: more are due now)."""
         hooks = self._settings.webhooks
         lease = int((2 * hooks.timeout + 5) * 1000)
+        pending = self._keys.webhooks(shard)
         tried = 0
-        while tried < _TAKE and not self.stopping:
-            token = uuid.uuid4().hex
-            due, upcoming = self._take(keys=[self._keys.webhooks()],
-                                       args=[int(time.time() * 1000), lease, token,
-                                             self._keys.webhook("")])
+        while tried < most and not self.stopping:
+            due, held = self._take(keys=[pending], args=[int(time.time() * 1000), lease])
             if not due:
-                return tried, float(upcoming) / 1000 if upcoming else None
-            self._deliver(text(due), token)
+                return tried, float(held) / 1000 if held else None
+            self._deliver(pending, text(due), text(held))
             tried += 1
         return tried, 0.0
 
-    def _deliver(self, delivery: str, token: str) -> None:
+    def _deliver(self, pending: str, delivery: str, held: str) -> None:
         state = text_map(self._redis.hgetall(self._keys.webhook(delivery)))
         hooks = self._settings.webhooks
         endpoint = self._settings.webhook(state.get("owner", ""),
@@ -138,5 +147,5 @@ class WebhookSender(Sweep):
         if error:
             log.info("webhook %s: attempt %d failed (%s)%s", delivery, attempts, error,
                      "" if again else "; given up")
-        self._done(keys=[self._keys.webhooks(), self._keys.webhook(delivery)],
-                   args=[delivery, int(time.time() * 1000), status, error, again, token])
+        self._done(keys=[pending, self._keys.webhook(delivery)],
+                   args=[delivery, int(time.time() * 1000), status, error, again, held])

@@ -82,11 +82,11 @@ async def create_batch(request: Request) -> Response:
         raise GatewayError(400, f"file {file_id} has purpose {meta.get('purpose')!r}, not "
                            "'batch'", param="input_file_id", code="invalid_input_file")
     settings = gateway.settings
-    batch_id, state, calls = BatchRecords(gateway.keys).create(
+    batch_id, state, writes = BatchRecords(gateway.keys).create(
         key.name, file_id, meta.get("filename", ""), endpoint, metadata, output_ttl,
         settings.gateway.batch_window, settings.gateway.batch_lifetime,
         settings.jobs.queued_ttl)
-    await shell.run_all(calls, transaction=True)
+    await shell.write(writes)
     return JSONResponse(batch_object(batch_id, state))
 
 
@@ -114,7 +114,7 @@ async def cancel_batch(request: Request) -> Response:
                            f"({state.get('status')})", param="id", code="batch_ended")
     gateway = request.app.state.gateway
     records = BatchRecords(gateway.keys)
-    await gateway.store.shell.run(records.cancel(batch_id, batch_event(
+    await gateway.store.shell.run_all(records.cancel(batch_id, batch_event(
         gateway.keys, gateway.settings, state["owner"], "batch.cancelled", batch_id)))
     return JSONResponse(batch_object(batch_id, await _owned(request, batch_id)))
 

@@ -155,9 +155,9 @@ async def upload_file(request: Request) -> Response:
             raise GatewayError(400, f"purpose must be 'batch', not {purpose!r}: only batch "
                                "inputs are kept", param="purpose", code="invalid_purpose")
         ttl = _ttl(form.fields, limits.default_ttl)
-        meta, calls = records.create(file_id, key.name, form.filename, form.size,
-                                     Purpose.BATCH, ttl)
-        await shell.run_all(calls, transaction=True)
+        meta, writes = records.create(file_id, key.name, form.filename, form.size,
+                                      Purpose.BATCH, ttl)
+        await shell.write(writes)
     except BaseException:
         if stored:  # no file: its pieces go now, not when they expire
             with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):

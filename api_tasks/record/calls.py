@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from api_tasks.record.scripts import script
+from api_tasks.record.scripts import script, sha
 
-__all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "command", "lua"]
+__all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "Writes", "command", "lua", "packed"]
 
 T = TypeVar("T")
 
@@ -36,6 +36,16 @@ class Call(Generic[T]):
     parse: Callable[[Any], T]
     script: str = ""  # a Lua script's name (``api_tasks/record/lua/<name>.lua``)
     keys: tuple[str, ...] = ()  # the script's KEYS
+
+
+class Writes(NamedTuple):
+    """The calls that make a record: the record itself (one transaction: its keys share a
+    slot), then what lives on other slots on a Redis Cluster (its owner's index, the wake-up
+    of whatever sweeps for it), after it: a listing that met an id before its record would
+    drop it from the index."""
+
+    record: list[Call[Any]]
+    after: list[Call[Any]]
 
 
 def command(*args: Any, parse: Callable[[Any], T] = _same) -> Call[T]:
@@ -55,6 +65,14 @@ def _command(call: Call[Any], script: Callable[[str], Any]) -> tuple[Any, ...]:
     if not call.script:
         return call.args
     return ("EVALSHA", script(call.script).sha, len(call.keys), *call.keys, *call.args)
+
+
+def packed(call: Call[Any]) -> tuple[Any, ...]:
+    """A call as a raw command for the event writer (a script by EVALSHA: the writer sends
+    it whole to a Redis that lacks it)."""
+    if not call.script:
+        return call.args
+    return ("EVALSHA", sha(call.script), len(call.keys), *call.keys, *call.args)
 
 
 def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[list[Any]]:
@@ -113,6 +131,12 @@ class SyncShell:
             raise replies.error
         return replies
 
+    def write(self, writes: Writes) -> None:
+        """Run a record's ``Writes`` in their order (an error reply is raised)."""
+        self.run_all(writes.record, transaction=len(writes.record) > 1)
+        if writes.after:
+            self.run_all(writes.after)
+
     def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
                    transaction: bool = False) -> list[list[Any] | Failed]:
         """Send groups of calls in one round trip (a ``transaction`` runs whole: MULTI/EXEC):
@@ -169,6 +193,12 @@ class AsyncShell:
         if isinstance(replies, Failed):
             raise replies.error
         return replies
+
+    async def write(self, writes: Writes) -> None:
+        """Run a record's ``Writes`` in their order, as ``SyncShell.write``."""
+        await self.run_all(writes.record, transaction=len(writes.record) > 1)
+        if writes.after:
+            await self.run_all(writes.after)
 
     async def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
                          transaction: bool = False) -> list[list[Any] | Failed]:

@@ -58,22 +58,24 @@ def cluster_state(client: redis.Redis, keys: Keys, settings: Settings,
     queues = pipe if broker is None else broker.pipeline(transaction=False)
     for lane in LANES:
         queues.llen(keys.queue(lane))
-    pipe.zcard(keys.delayed())
-    pipe.zcard(keys.running())
-    pipe.scard(keys.batches())
     pipe.zcount(keys.workers(), int((now - STALE_AFTER) * 1000), "+inf")
+    for shard in keys.every_shard:
+        pipe.zcard(keys.delayed(shard))
+        pipe.zcard(keys.running(shard))
+        pipe.scard(keys.batches(shard))
     for scope in scopes:
         pipe.hmget(keys.limit(scope), "req", "tok", "used_req", "used_tok")
         # entries lapse unless their jobs ask again: only those still in line
         pipe.zcount(keys.line_until(scope), int(now * 1000), "+inf")
     replies = pipe.execute() if broker is None else queues.execute() + pipe.execute()
-    lanes, rest = replies[:len(LANES)], replies[len(LANES):]
-    waiting, running, batches, workers = rest[:4]
+    lanes, (workers, *rest) = replies[:len(LANES)], replies[len(LANES):]
+    counts, rest = rest[:3 * keys.shards], rest[3 * keys.shards:]
+    waiting, running, batches = (sum(counts[i::3]) for i in range(3))
     limits: dict[tuple[str, str], float] = {}
     used: dict[tuple[str, str], int] = {}
     lines: dict[str, int] = {}
     for at, scope in enumerate(scopes):
-        (req, tok, used_req, used_tok), lines[scope] = rest[4 + 2 * at: 6 + 2 * at]
+        (req, tok, used_req, used_tok), lines[scope] = rest[2 * at: 2 + 2 * at]
         for unit, tat, spent in (("requests", req, used_req), ("tokens", tok, used_tok)):
             if tat is not None:
                 limits[(scope, unit)] = max(float(tat) - now * 1000, 0.0) / 1000

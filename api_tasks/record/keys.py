@@ -6,6 +6,7 @@ All are plain strings or JSON, and every one is written with a TTL.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 __all__ = ["Keys"]
@@ -13,33 +14,60 @@ __all__ = ["Keys"]
 
 @dataclass(frozen=True)
 class Keys:
-    """Names of a job's keys under ``prefix``."""
+    """Names of a job's keys under ``prefix``, spread over ``shards`` job shards."""
 
     prefix: str = "api_tasks"
+    shards: int = 1
+
+    def shard(self, job_id: str) -> int:
+        """The shard a job (or batch) lives in: a batch line's (``<batch id>-<n>``) is its
+        batch's, so that a batch's scripts reach its lines' keys on one slot. Dashes do not
+        count, so that a webhook event's id (``evt_`` and the subject's id without them)
+        names its subject's shard too."""
+        if self.shards == 1:
+            return 0
+        if job_id.startswith("batch_"):
+            core = job_id.removeprefix("batch_").split("-", 1)[0]
+        else:
+            core = job_id.replace("-", "")
+        return zlib.crc32(core.encode()) % self.shards
+
+    @property
+    def every_shard(self) -> range:
+        """The shards, for those who sweep them all (the reaper, the scheduler, the pump)."""
+        return range(self.shards)
+
+    def _file_tag(self, file_id: str) -> str:
+        # a batch's output and error files (``file-<batch's hex>-output``) are in its shard
+        return self._tag(file_id.removeprefix("file-").split("-", 1)[0])
+
+    def _tag(self, job_id: str) -> str:
+        # a hash tag: a Redis Cluster places every key of one shard on one slot
+        return f"{{s{self.shard(job_id)}}}"
 
     def job(self, job_id: str) -> str:
         """Hash: the job's state (status, timestamps, attempts, spec)."""
-        return f"{self.prefix}:job:{job_id}"
+        return f"{self.prefix}:job:{self._tag(job_id)}:{job_id}"
 
     def result(self, job_id: str) -> str:
         """String: the final JSON envelope (response or error)."""
-        return f"{self.prefix}:result:{job_id}"
+        return f"{self.prefix}:result:{self._tag(job_id)}:{job_id}"
 
     def events(self, job_id: str) -> str:
         """Stream: every event of the job in order (chunks, then done/error/cancelled)."""
-        return f"{self.prefix}:events:{job_id}"
+        return f"{self.prefix}:events:{self._tag(job_id)}:{job_id}"
 
     def channel(self, job_id: str) -> str:
         """Pub/sub channel: the same events, live, for fan-out."""
-        return f"{self.prefix}:channel:{job_id}"
+        return f"{self.prefix}:channel:{self._tag(job_id)}:{job_id}"
 
     def cancel(self, job_id: str) -> str:
         """String: present when the job was asked to stop."""
-        return f"{self.prefix}:cancel:{job_id}"
+        return f"{self.prefix}:cancel:{self._tag(job_id)}:{job_id}"
 
     def lease(self, job_id: str) -> str:
         """String: the attempt token of the worker running the job; expires unless renewed."""
-        return f"{self.prefix}:lease:{job_id}"
+        return f"{self.prefix}:lease:{self._tag(job_id)}:{job_id}"
 
     def cooldown(self, upstream: str) -> str:
         """String: present while the upstream asked everyone to back off (429)."""
@@ -82,26 +110,26 @@ class Keys:
         """Hash: the token cost of each job in a scope's line (what its head needs kept)."""
         return f"{self.prefix}:line:{scope}:costs"
 
-    def delayed(self) -> str:
+    def delayed(self, shard: int) -> str:
         """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""
-        return f"{self.prefix}:delayed"
+        return f"{self.prefix}:delayed:{{s{shard}}}"
 
-    def delayed_messages(self) -> str:
+    def delayed_messages(self, shard: int) -> str:
         """Hash: the task message of each delayed job, sent again when it is due."""
-        return f"{self.prefix}:delayed:messages"
+        return f"{self.prefix}:delayed:messages:{{s{shard}}}"
 
     def delayed_wake(self) -> str:
         """List: at most one token, left by whatever adds a delayed job, for the sweeping
         scheduler, which waits on it until the next due job it knows of (``background.Sweep``)."""
         return f"{self.prefix}:delayed:wake"
 
-    def running(self) -> str:
+    def running(self, shard: int) -> str:
         """Sorted set: jobs a worker claimed, by when their lease lapses (ms)."""
-        return f"{self.prefix}:running"
+        return f"{self.prefix}:running:{{s{shard}}}"
 
-    def running_messages(self) -> str:
+    def running_messages(self, shard: int) -> str:
         """Hash: the task message of each claimed job, to send it again if it is lost."""
-        return f"{self.prefix}:running:messages"
+        return f"{self.prefix}:running:messages:{{s{shard}}}"
 
     def sweeper(self) -> str:
         """String: the token of the one worker that sweeps for the cluster (sends due jobs,
@@ -110,12 +138,12 @@ class Keys:
 
     def batch(self, batch_id: str) -> str:
         """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
-        return f"{self.prefix}:batch:{batch_id}"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}"
 
     def batch_staged(self, batch_id: str, token: str) -> str:
         """List: the checked lines of a batch's input file, staged by one validation before
         they become its input (expires with the upload window)."""
-        return f"{self.prefix}:batch:{batch_id}:staged:{token}"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:staged:{token}"
 
     def owned_batches(self, owner: str) -> str:
         """Sorted set: a gateway key's batches, by creation time (us), for ``GET
@@ -124,23 +152,23 @@ class Keys:
 
     def batch_input(self, batch_id: str) -> str:
         """List: the batch's input lines, as uploaded (deleted when the batch ends)."""
-        return f"{self.prefix}:batch:{batch_id}:input"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:input"
 
     def batch_jobs(self, batch_id: str) -> str:
         """Hash: the batch's jobs sent and not yet recorded, job id -> custom_id."""
-        return f"{self.prefix}:batch:{batch_id}:jobs"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:jobs"
 
     def batch_output(self, batch_id: str) -> str:
         """List: the batch's output lines (OpenAI Batch format), in the order they ended."""
-        return f"{self.prefix}:batch:{batch_id}:output"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:output"
 
     def batch_errors(self, batch_id: str) -> str:
         """List: the batch's error-file lines."""
-        return f"{self.prefix}:batch:{batch_id}:errors"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:errors"
 
-    def batches(self) -> str:
-        """Set: the ids of batches still sending or waiting for jobs."""
-        return f"{self.prefix}:batches"
+    def batches(self, shard: int) -> str:
+        """Set: the ids of a shard's batches still sending or waiting for jobs."""
+        return f"{self.prefix}:batches:{{s{shard}}}"
 
     def batches_wake(self) -> str:
         """List: at most one token, left when a batch starts, for the sweeping batch pump,
@@ -149,7 +177,7 @@ class Keys:
 
     def batch_lock(self, batch_id: str) -> str:
         """String: held by the one worker stepping this batch right now."""
-        return f"{self.prefix}:batch:{batch_id}:lock"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:lock"
 
     def worker(self, worker_id: str) -> str:
         """String: a worker process's liveness record (JSON); expires unless renewed."""
@@ -169,19 +197,24 @@ class Keys:
 
     def file(self, file_id: str) -> str:
         """Hash: an uploaded file's name, size, purpose, owner and times."""
-        return f"{self.prefix}:file:{file_id}"
+        return f"{self.prefix}:file:{self._file_tag(file_id)}:{file_id}"
 
     def file_data(self, file_id: str) -> str:
         """List: an uploaded file's bytes, in pieces of at most 1 MiB."""
-        return f"{self.prefix}:file:{file_id}:data"
+        return f"{self.prefix}:file:{self._file_tag(file_id)}:{file_id}:data"
 
     def owned_files(self, owner: str) -> str:
         """Sorted set: a gateway key's files, by upload time (us), for ``GET /v1/files``."""
         return f"{self.prefix}:owner:{owner}:files"
 
-    def webhooks(self) -> str:
-        """Sorted set: webhook deliveries by when each is due (ms), for the workers to send."""
-        return f"{self.prefix}:webhooks"
+    def webhooks(self, shard: int) -> str:
+        """Sorted set: a shard's webhook deliveries by when each is due (ms), for the workers
+        to send."""
+        return f"{self.prefix}:webhooks:{{s{shard}}}"
+
+    def delivery_shard(self, delivery_id: str) -> int:
+        """The shard of a webhook delivery (``evt_<subject>-<endpoint>``): its subject's."""
+        return self.shard(delivery_id.rsplit("-", 1)[0].removeprefix("evt_"))
 
     def webhooks_wake(self) -> str:
         """List: at most one token, left when a delivery is queued, for the sweeping webhook
@@ -190,7 +223,7 @@ class Keys:
 
     def webhook(self, delivery_id: str) -> str:
         """Hash: one webhook delivery: its event, owner and endpoint, status and attempts."""
-        return f"{self.prefix}:webhook:{delivery_id}"
+        return f"{self.prefix}:webhook:{{s{self.delivery_shard(delivery_id)}}}:{delivery_id}"
 
     def owned_webhooks(self, owner: str) -> str:
         """Sorted set: a gateway key's webhook deliveries, by when each was queued (us), for

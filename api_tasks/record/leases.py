@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from api_tasks.connections import text
+from api_tasks.record.calls import Call, Failed, SyncShell, command, lua
 from api_tasks.record.job_record import TERMINAL
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script, sha
@@ -116,6 +117,8 @@ class LeaseStore:
         self._sent = client.register_script(_SENT)
         self._defer = client.register_script(_DEFER)
         self._recover = client.register_script(_RECOVER)
+        self._wake = client.register_script(script("wake"))
+        self._shell = SyncShell(client)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
               upstream: str = "", message: str = "") -> Claim:
@@ -124,18 +127,24 @@ class LeaseStore:
         ``message`` (the task message as JSON, "" for none) stays in the record while the
         job runs, so the job can be sent again if its own message is lost.
         """
-        keys = self.keys
+        keys, shard = self.keys, self.keys.shard(job_id)
         flat = [item for pair in fields.items() for item in pair]
-        verdict, delivery, created, cool, turn, shown, on, *uncounted = self._claim(
-            keys=[keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
-                  keys.cooldown(upstream), keys.events(job_id), keys.running(),
-                  keys.running_messages()],
-            args=[repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes,
-                  message, job_id, *flat])
+        # the upstream's cool-down is read beside the claim, not in it: on a Redis Cluster
+        # it lives on another slot than the job's keys
+        [replies] = self._shell.run_groups([[
+            command("PTTL", keys.cooldown(upstream)),
+            lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
+                          keys.events(job_id), keys.running(shard),
+                          keys.running_messages(shard)],
+                [repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, message,
+                 job_id, *flat])]])
+        if isinstance(replies, Failed):
+            raise replies.error
+        cool, (verdict, delivery, created, turn, shown, on, *uncounted) = replies
         found = text(verdict)
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
-                     int(cool) / 1000, None if not turn else float(turn) / 1000,
+                     max(int(cool), 0) / 1000, None if not turn else float(turn) / 1000,
                      text(shown) == "1", ended, tuple(json.loads(on)) if on else None,
                      bool(uncounted) and text(uncounted[0]) == "1")
 
@@ -143,28 +152,42 @@ class LeaseStore:
               held: list[tuple[str, str, list[str]]]) -> list[str]:
         """Renew leases (and slots in flight) of (job id, token, in-flight keys); return
         the job ids another attempt took over (not those this attempt just ended)."""
-        pipe = client.pipeline(transaction=False)
-        for job_id, token, flights in held:
-            self._renew(keys=[self.keys.job(job_id), self.keys.lease(job_id),
-                              self.keys.running(), *flights],
-                        args=[token, self.lease_ms, job_id], client=pipe)
-        results = pipe.execute()
-        return [job_id for (job_id, _, _), ok in zip(held, results, strict=True) if ok == -1]
+        keys, shell = self.keys, SyncShell(client)
+        renewed = shell.run_groups([[lua("renew", [keys.job(job_id), keys.lease(job_id),
+                                                   keys.running(keys.shard(job_id))],
+                                         [token, self.lease_ms, job_id])]
+                                    for job_id, token, _ in held])
+        lost: list[str] = []
+        flights: list[Call[Any]] = []
+        for (job_id, _, held_flights), reply in zip(held, renewed, strict=True):
+            if isinstance(reply, Failed):
+                raise reply.error
+            [until] = reply
+            if until == -1:
+                lost.append(job_id)
+            elif until not in (0, -1):  # the slots in flight live as long as the lease: on
+                # other slots than the job's on a Redis Cluster, so apart from its script
+                flights += [command("ZADD", flight, "XX", until, job_id)
+                            for flight in held_flights]
+        if flights:
+            shell.run_groups([[call] for call in flights])
+        return lost
 
     def release(self, job_id: str, token: str) -> bool:
         """Give a job back (the worker is stopping); True if it was still ours."""
-        keys = self.keys
-        return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id), keys.running(),
-                                        keys.running_messages()], args=[token, job_id]))
+        keys, shard = self.keys, self.keys.shard(job_id)
+        return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id),
+                                        keys.running(shard), keys.running_messages(shard)],
+                                  args=[token, job_id]))
 
     def restore(self, job_id: str) -> Requeue:
         """Take a dead worker's job back if its lease lapsed: ``RESTORED`` (its message is to
         go back on its queue), ``ENDED`` or ``WAITING`` (to be dropped) or ``ALIVE`` (left
         alone)."""
-        keys = self.keys
+        keys, shard = self.keys, self.keys.shard(job_id)
         return Requeue(text(self._restore(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.running(),
-                  keys.running_messages()], args=[job_id])))
+            keys=[keys.job(job_id), keys.lease(job_id), keys.running(shard),
+                  keys.running_messages(shard)], args=[job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: str, turn: float | None = None, lead: float = 0.0,
@@ -175,22 +198,31 @@ class LeaseStore:
         ``turn``: seconds to the turn it reserved (kept in the record, with ``turn_on``: the
         deployment and model it is under); it is sent again ``lead`` seconds before it.
         """
-        keys = self.keys
-        return Parked(int(self._park(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
-                  keys.running(), keys.running_messages(), keys.cancel(job_id),
-                  keys.delayed_wake()],
+        keys, shard = self.keys, self.keys.shard(job_id)
+        parked = Parked(int(self._park(
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(shard),
+                  keys.delayed_messages(shard), keys.running(shard),
+                  keys.running_messages(shard), keys.cancel(job_id)],
             args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
                   "" if turn is None else int(turn * 1000), int(lead * 1000),
                   "" if turn_on is None else json.dumps(turn_on)])))
+        if parked is Parked.PARKED:
+            self.wake()
+        return parked
 
-    def due(self, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
-                                             float | None]:
-        """Waiting jobs whose wait is over: (job id, message to send, the score it is held
-        at until ``sent``); and in how many seconds the next waiting job is due (None:
-        none waits)."""
-        *flat, upcoming = self._due(keys=[self.keys.delayed(), self.keys.delayed_messages()],
+    def wake(self) -> None:
+        """Leave the sweeping scheduler a token: a job waits now (after the script that
+        made it wait, as the wake list lives on another slot on a Redis Cluster)."""
+        self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
+
+    def due(self, shard: int, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
+                                                         float | None]:
+        """A shard's waiting jobs whose wait is over: (job id, message to send, the score it
+        is held at until ``sent``); and in how many seconds the shard's next waiting job is
+        due (None: none waits)."""
+        *flat, upcoming = self._due(keys=[self.keys.delayed(shard),
+                                          self.keys.delayed_messages(shard)],
                                     args=[limit, _HOLD_MS])
         triples = zip(flat[::3], flat[1::3], flat[2::3], strict=True)
         return ([(text(job_id), json.loads(raw), text(held)) for job_id, raw, held in triples],
@@ -198,47 +230,57 @@ class LeaseStore:
 
     def sent(self, job_id: str, held: str, ok: bool = True) -> None:
         """A due job's message went out again (or, if not ``ok``, it is due again soon)."""
-        self._sent(keys=[self.keys.delayed(), self.keys.delayed_messages(),
-                         self.keys.delayed_wake()],
-                   args=[job_id, held, "" if ok else _RETRY_MS, self.queued_ttl])
+        shard = self.keys.shard(job_id)
+        again = self._sent(keys=[self.keys.delayed(shard), self.keys.delayed_messages(shard)],
+                           args=[job_id, held, "" if ok else _RETRY_MS])
+        if int(again) == 2:  # due again soon: whoever sweeps next knows of it
+            self.wake()
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
                        result: str | None, fields: list[str],
                        webhooks: Webhooks = NO_WEBHOOKS) -> Command:
         """The one atomic write that ends a job, refused unless ``token`` still owns it (and
         queueing the ``webhooks`` of its end if it is not)."""
-        keys = self.keys
-        # by its SHA1: the writer sends it whole only to a Redis that lacks it
-        return ("EVALSHA", sha("finish"), 7 + len(webhooks[0]), keys.job(job_id),
-                keys.result(job_id), keys.events(job_id), keys.channel(job_id),
-                keys.lease(job_id), keys.running(), keys.running_messages(), *webhooks[0],
-                token, ttl, event, event_id, result or "", job_id, len(fields), *fields,
-                *webhooks[1])
+        keys, shard = self.keys, self.keys.shard(job_id)
+        # by its SHA1: the writer sends it whole only to a Redis that lacks it; the channel
+        # is no key (on a Redis Cluster a PUBLISH reaches every node from any)
+        return ("EVALSHA", sha("finish"), 6 + len(webhooks[0]), keys.job(job_id),
+                keys.result(job_id), keys.events(job_id), keys.lease(job_id),
+                keys.running(shard), keys.running_messages(shard), *webhooks[0],
+                token, ttl, event, event_id, result or "", job_id, keys.channel(job_id),
+                len(fields), *fields, *webhooks[1])
 
     def defer(self, job_id: str, message: str) -> bool:
         """A delivery found the job held: look again when the holder's lease would lapse.
 
         False if the lease is already gone (the caller claims again).
         """
-        keys = self.keys
-        return bool(self._defer(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(), keys.delayed_messages(),
-                  keys.delayed_wake()],
+        keys, shard = self.keys, self.keys.shard(job_id)
+        deferred = bool(self._defer(
+            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(shard),
+                  keys.delayed_messages(shard)],
             args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl]))
+        if deferred:
+            self.wake()
+        return deferred
 
-    def recover(self, cutoff_ms: int, limit: int = 500) -> list[str]:
-        """Send again the jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their ids."""
+    def recover(self, shard: int, cutoff_ms: int, limit: int = 500) -> list[str]:
+        """Send again a shard's jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their
+        ids."""
         keys = self.keys
         # no TTL set here: every claim sets both keys' again
-        ids = [text(i) for i in self.redis.zrangebyscore(keys.running(), "-inf", cutoff_ms,
-                                                         0, limit)]
+        ids = [text(i) for i in self.redis.zrangebyscore(keys.running(shard), "-inf",
+                                                         cutoff_ms, 0, limit)]
         recovered = []
         for job_id in ids:
             outcome = Requeue(text(self._recover(
-                keys=[keys.running(), keys.job(job_id), keys.lease(job_id), keys.delayed(),
-                      keys.delayed_messages(), keys.running_messages(), keys.delayed_wake()],
+                keys=[keys.running(shard), keys.job(job_id), keys.lease(job_id),
+                      keys.delayed(shard), keys.delayed_messages(shard),
+                      keys.running_messages(shard)],
                 args=[job_id, self.queued_ttl])))
             if outcome is Requeue.RECOVERED:
                 recovered.append(job_id)
+        if recovered:
+            self.wake()  # the sweeping scheduler sends them now
         return recovered
 

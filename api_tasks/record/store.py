@@ -109,21 +109,22 @@ class JobRecords:
         return lua("job_discard", [keys.job(job_id), keys.result(job_id), keys.events(job_id),
                                    keys.cancel(job_id)], [], bool)
 
-    def cancel(self, job_id: str, info: dict[str, str], queued_only: bool) -> Call[Cancel]:
+    def cancel(self, job_id: str, info: dict[str, str], queued_only: bool) -> list[Call[Any]]:
         """Ask a job to stop (``info``: its record); with ``queued_only`` a running job is
-        left to finish. A job that ends here tells its owner's webhooks if it asked to."""
+        left to finish. A job that ends here tells its owner's webhooks if it asked to (the
+        calls after the first, whose reply is the ``Cancel``)."""
         result = envelope(job_id, JobStatus.CANCELLED, meta_from(info), error=_CANCELLED)
         event = final_event(JobStatus.CANCELLED, 0, 0, error=_CANCELLED)
         keys = self.keys
         owner = info.get(Field.OWNER)
         hooks = self.notifier(owner, "job.cancelled", job_id) \
             if self.notifier and owner and info.get(Field.NOTIFY) == "1" else NO_WEBHOOKS
-        return lua("job_cancel",
-                   [keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
-                    keys.events(job_id), keys.channel(job_id), *hooks[0]],
-                   [repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
-                    "1" if queued_only else "0", *hooks[1]],
-                   lambda reply: Cancel(text(reply[0])))
+        return [lua("job_cancel",
+                    [keys.job(job_id), keys.cancel(job_id), keys.result(job_id),
+                     keys.events(job_id), *hooks.keys],
+                    [repr(time.time()), self.result_ttl, result, event, EVENT_FIELD,
+                     "1" if queued_only else "0", keys.channel(job_id), *hooks.args],
+                    lambda reply: Cancel(text(reply[0]))), *hooks.after]
 
     def status(self, job_id: str) -> Call[str | None]:
         """The job's status, or None if there is no such job."""
@@ -233,7 +234,9 @@ class JobStore:
 
     def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop; with ``queued_only`` a running job is left to finish."""
-        return self.shell.run(self.records.cancel(job_id, self.info(job_id), queued_only))
+        verdict, *_ = self.shell.run_all(self.records.cancel(job_id, self.info(job_id),
+                                                             queued_only))
+        return Cancel(verdict)
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""
@@ -297,8 +300,9 @@ class AsyncJobStore:
 
     async def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop (as ``JobStore.cancel``)."""
-        return await self.shell.run(self.records.cancel(job_id, await self.info(job_id),
-                                                        queued_only))
+        verdict, *_ = await self.shell.run_all(self.records.cancel(
+            job_id, await self.info(job_id), queued_only))
+        return Cancel(verdict)
 
     async def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""

@@ -3,7 +3,9 @@ deliveries read back.
 
 ``event_args`` builds the KEYS and ARGV of ``add_webhooks`` (the Lua prelude), which a script
 that ends a batch or a job runs with its own change, so each delivery is queued exactly when
-what it reports happens, and sent at least once (``execution/webhooks.py`` sends them).
+what it reports happens, and sent at least once (``execution/webhooks.py`` sends them). The
+deliveries live in their subject's shard; what lives elsewhere (the owner's index of
+deliveries, the sender's wake list) is written by the calls that follow the script.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import json
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from api_tasks.connections import text_map
-from api_tasks.record.calls import Call, command
+from api_tasks.record.calls import Call, command, lua
 from api_tasks.record.keys import Keys
 
 if TYPE_CHECKING:
@@ -24,8 +26,18 @@ if TYPE_CHECKING:
 __all__ = ["NO_WEBHOOKS", "DeliveryStatus", "WebhookRecords", "Webhooks", "delivery_object",
            "event_args", "job_event_id", "job_notifier"]
 
-Webhooks = tuple[list[str], list[Any]]  # add_webhooks' KEYS and ARGV
-NO_WEBHOOKS: Webhooks = ([], [])
+
+
+class Webhooks(NamedTuple):
+    """What queues an event's deliveries: ``add_webhooks``' KEYS and ARGV, for the script
+    that makes the change, then the calls to run after it."""
+
+    keys: list[str]
+    args: list[Any]
+    after: list[Call[Any]]
+
+
+NO_WEBHOOKS = Webhooks([], [], [])
 
 
 def event_args(keys: Keys, settings: Settings, owner: str, event: str, subject_id: str,
@@ -40,10 +52,16 @@ def event_args(keys: Keys, settings: Settings, owner: str, event: str, subject_i
                           "type": event, "data": {"id": subject_id}}, separators=(",", ":"))
     ids = [f"{event_id}-{index}" for index in endpoints]
     ttl = settings.webhooks.retry_for + 86400  # a day to look at how the last try went
-    return ([keys.webhooks(), keys.webhooks_wake(), keys.owned_webhooks(owner),
-             *(keys.webhook(i) for i in ids)],
-            [payload, owner, int(now * 1000), ttl,
-             *(item for pair in zip(ids, endpoints, strict=True) for item in pair)])
+    # the owner's index and the wake list live on other slots than the subject's on a
+    # Redis Cluster: written just after (an index entry whose delivery is not there is
+    # skipped by a listing; a lost wake-up delays the sending to the sender's next look)
+    after: list[Call[Any]] = [lua("owner_index", [keys.owned_webhooks(owner)], [i, ttl])
+                              for i in ids]
+    after.append(lua("wake", [keys.webhooks_wake()], [ttl]))
+    return Webhooks([keys.webhooks(keys.shard(subject_id)), *(keys.webhook(i) for i in ids)],
+                    [payload, owner, int(now * 1000), ttl,
+                     *(item for pair in zip(ids, endpoints, strict=True) for item in pair)],
+                    after)
 
 
 def job_event_id(job_id: str) -> str:

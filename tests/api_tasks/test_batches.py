@@ -181,7 +181,7 @@ def test_a_batch_cancelled_while_uploading_sends_nothing(
                  3, "bulk")
     state = batch.status()
     assert (state["status"], state["sent"]) == ("cancelled", 0)
-    assert not client.redis.sismember(client.keys.batches(), batch.id)
+    assert not client.redis.sismember(client.keys.batches(client.keys.shard(batch.id)), batch.id)
     assert client.redis.exists(client.keys.batch_input(batch.id)) == 0
     assert fake.requests(model) == []
 

@@ -75,7 +75,7 @@ def test_a_job_cancelled_before_it_parks_is_not_parked(redis_client: redis.Redis
     store, keys, job_id = _store(redis_client)
     redis_client.set(keys.cancel(job_id), "1")
     assert store.park(job_id, "mine", 5.0, "requests", '{"task": "t"}') is Parked.CANCELLED
-    assert redis_client.zscore(keys.delayed(), job_id) is None  # its worker ends it instead
+    assert redis_client.zscore(keys.delayed(0), job_id) is None  # its worker ends it instead
 
 
 def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
@@ -87,7 +87,7 @@ def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
     assert store.restore(job_id) is Requeue.RESTORED
     assert redis_client.hget(keys.job(job_id), "status") == b"queued"
     assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
-    assert not redis_client.zscore(keys.running(), job_id)
+    assert not redis_client.zscore(keys.running(0), job_id)
     redis_client.hset(keys.job(job_id), "status", "waiting")
     assert store.restore(job_id) is Requeue.WAITING
     redis_client.hset(keys.job(job_id), "status", "succeeded")
@@ -102,6 +102,6 @@ def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
     dropped from it, not a failed sweep."""
     store, keys, job_id = _store(redis_client)  # claimed with no message kept
     redis_client.delete(keys.lease(job_id))
-    redis_client.zadd(keys.running(), {job_id: 1, "expired-job": 1})
-    assert store.recover(10) == []
-    assert redis_client.zcard(keys.running()) == 0
+    redis_client.zadd(keys.running(0), {job_id: 1, "expired-job": 1})
+    assert store.recover(0, 10) == []
+    assert redis_client.zcard(keys.running(0)) == 0

@@ -57,7 +57,7 @@ def test_a_streamed_job_runs_to_one_recorded_end(runtime: Runtime, fake: FakeUps
     assert runtime.runner.run(job_id, "chat", USER, {"model": model, "stream": True}) \
         is Outcome.DROPPED
     assert len(fake.requests(model)) == 1 and len(_events(runtime, job_id)) == 7
-    assert not runtime.redis.zscore(runtime.keys.running(), job_id)
+    assert not runtime.redis.zscore(runtime.keys.running(runtime.keys.shard(job_id)), job_id)
 
 
 def test_a_server_error_is_retried_and_a_bad_request_is_not(runtime: Runtime,

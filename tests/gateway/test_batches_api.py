@@ -304,9 +304,10 @@ def test_a_batch_reads_its_lines_from_its_file_and_keeps_no_copy(
                "the batch to start")
     prefix = wide_gateway.env["API_TASKS_PREFIX"]
     # its input is where every 256th line starts in the file, not a copy of the file
-    assert redis_client.llen(f"{prefix}:batch:{made.id}:input") == 3
+    keys = Keys(prefix, int(wide_gateway.env.get("API_TASKS_REDIS_SHARDS", "1")))
+    assert redis_client.llen(keys.batch_input(made.id)) == 3
     held = sum(redis_client.memory_usage(key) or 0
-               for key in redis_client.scan_iter(f"{prefix}:batch:{made.id}*"))
+               for key in redis_client.scan_iter(f"{keys.batch(made.id)}*"))
     assert held < size / 10, (held, size)
     batch, seen = _until_ended(sdk, made.id, timeout=120)
     assert batch.status == "completed", (batch, seen)
@@ -317,7 +318,6 @@ def test_a_batch_reads_its_lines_from_its_file_and_keeps_no_copy(
     assert len(output) == len(answers) == 600
     assert answers == {custom_id: "echo: " + content for custom_id, content in texts.items()}
     # each line's output holds its response: the job keeps only its status, not its result
-    keys = Keys(prefix)
     assert not any(redis_client.exists(keys.result(f"{made.id}-{i}")) for i in range(600))
     assert all(redis_client.hgetall(keys.job(f"{made.id}-{i}")) == {b"status": b"succeeded"}
                and redis_client.ttl(keys.job(f"{made.id}-{i}")) > 3600

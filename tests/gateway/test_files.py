@@ -13,6 +13,7 @@ import openai
 import pytest
 import redis
 
+from api_tasks.record.keys import Keys
 from tests.conftest import GATEWAY_KEY as KEY
 from tests.conftest import GATEWAY_OTHER_KEY as OTHER_KEY
 from tests.conftest import start_gateway
@@ -23,6 +24,12 @@ pytestmark = pytest.mark.integration
 
 def _sdk(gateway: GatewayProcess, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _keys(gateway: GatewayProcess) -> Keys:
+    """The key names of the gateway's prefix and shards."""
+    env = gateway.env
+    return Keys(env["API_TASKS_PREFIX"], int(env.get("API_TASKS_REDIS_SHARDS", "1")))
 
 
 def _file_keys(redis_client: redis.Redis, prefix: str) -> set[bytes]:
@@ -48,12 +55,13 @@ def test_a_file_goes_up_and_comes_back_byte_for_byte(gateway: GatewayProcess,
     assert made.id.startswith("file-") and made.expires_at == made.created_at + 3600
     assert sdk.files.retrieve(made.id) == made
     assert sdk.files.content(made.id).read() == data
-    prefix = gateway.env["API_TASKS_PREFIX"]
-    assert 3500 < redis_client.ttl(f"{prefix}:file:{made.id}:data") <= 3600
+    keys = _keys(gateway)
+    assert redis_client.exists(keys.file(made.id)) == 1
+    assert 3500 < redis_client.ttl(keys.file_data(made.id)) <= 3600
     assert sdk.files.delete(made.id).deleted is True
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(made.id)
-    assert not redis_client.exists(f"{prefix}:file:{made.id}", f"{prefix}:file:{made.id}:data")
+    assert not redis_client.exists(keys.file(made.id), keys.file_data(made.id))
 
 
 def test_a_keys_files_list_newest_first_and_page_as_the_sdk_expects(
@@ -139,8 +147,9 @@ def test_a_file_over_the_cap_is_refused_whether_or_not_it_says_its_size(
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "file_too_large"
     fits = _sdk(small_gateway).files.create(file=("ok.jsonl", b"z" * 99_000), purpose="batch")
     assert fits.bytes == 99_000
+    keys = _keys(small_gateway)
     assert _file_keys(redis_client, prefix) - before == {
-        f"{prefix}:file:{fits.id}".encode(), f"{prefix}:file:{fits.id}:data".encode()}
+        keys.file(fits.id).encode(), keys.file_data(fits.id).encode()}
 
 
 def test_a_large_upload_and_download_pass_through_without_being_held(

@@ -167,7 +167,7 @@ def test_a_key_lists_its_own_jobs_newest_first_page_by_page(gateway: GatewayProc
             "url": "/v1/completions", "queue": "bulk",
             "body": {"model": "allowed-x", "prompt": "x"}}).json()["id"]
         # a job whose record expired leaves the listing (and the index) when it is met
-        redis_client.delete(f"{settings.redis.prefix}:job:{ours[2]}")
+        redis_client.delete(Keys(settings.redis.prefix, settings.redis.shards).job(ours[2]))
         listed: list[str] = []
         page = http.get("/v1/jobs", params={"limit": 2}).json()
         assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]
@@ -355,7 +355,7 @@ def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
     prefix = f"gw{uuid.uuid4().hex[:8]}"
     gateway = start_gateway({**worker_env, "API_TASKS_PREFIX": prefix}, workdir,
                             "unserved-gateway")
-    keys = Keys(prefix)
+    keys = Keys(prefix, int(worker_env.get("API_TASKS_REDIS_SHARDS", "1")))
     chunk = '{"choices":[{"index":0,"delta":{"content":"%s"}}]}'
     try:
         with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:

@@ -179,7 +179,9 @@ def test_a_queued_job_cancelled_before_any_worker_saw_it_is_announced(
     job = own.submit_chat([{"role": "user", "content": "x"}], model="m-queued",
                           owner="hooked", notify=True)
     assert job.cancel() is True
-    key = f"{own.keys.prefix}:webhook:evt_{job.id.replace('-', '')}-0"
-    payload = json.loads(redis_client.hget(key, "payload") or b"{}")
+    delivery = f"evt_{job.id.replace('-', '')}-0"
+    payload = json.loads(redis_client.hget(own.keys.webhook(delivery), "payload") or b"{}")
     assert (payload.get("type"), payload.get("data")) == ("job.cancelled", {"id": job.id})
-    assert redis_client.zscore(own.keys.webhooks(), f"evt_{job.id.replace('-', '')}-0")
+    assert redis_client.zscore(own.keys.webhooks(own.keys.shard(job.id)), delivery)
+    # in its job's shard, so that the job's script reaches it on a Redis Cluster
+    assert own.keys.webhook(delivery).split(":")[2] == own.keys.job(job.id).split(":")[2]

@@ -23,8 +23,9 @@ def run_with_store(settings: Settings, body: Callable[[AsyncJobStore], Awaitable
     async def main() -> T:
         client = connect_async(settings.redis, max_connections=pool)
         try:
-            return await body(AsyncJobStore(client, Keys(settings.redis.prefix),
-                                            settings.jobs.result_ttl, settings.jobs.queued_ttl))
+            keys = Keys(settings.redis.prefix, settings.redis.shards)
+            return await body(AsyncJobStore(client, keys, settings.jobs.result_ttl,
+                                            settings.jobs.queued_ttl))
         finally:
             await client.aclose()
     return asyncio.run(main())

@@ -173,8 +173,9 @@ def test_a_running_job_whose_message_is_gone_is_sent_again(
     response = job.result(timeout=30)
     assert response is not None and response["choices"][0]["message"]["content"] == "recovered"
     assert "was running with no worker and no message; sent again" in heir.log()
-    assert not redis_client.hexists(client.keys.running_messages(), job.id)  # gone with the run
-    assert not redis_client.zscore(client.keys.running(), job.id)
+    shard = client.keys.shard(job.id)
+    assert not redis_client.hexists(client.keys.running_messages(shard), job.id)  # gone with it
+    assert not redis_client.zscore(client.keys.running(shard), job.id)
     assert job.info()["crashes"] == "1"  # its worker was lost, as far as anyone can tell
     counted = _outcomes(spawn, [job])
     assert counted == [1]

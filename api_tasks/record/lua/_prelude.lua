@@ -61,20 +61,18 @@ local function index_by_owner(key, id, ttl)
 end
 
 -- Queue webhook deliveries (api_tasks/execution/webhooks.py sends them) with the state change
--- that causes them, so each is sent at least once. KEYS[k]: the pending set, the sender's
--- wake list, the owner's index of deliveries, then one hash per delivery; ARGV from a:
--- payload, owner, now (ms), ttl, then each delivery's id and endpoint index. Nothing when
--- KEYS[k] is absent.
+-- that causes them, so each is sent at least once. KEYS[k]: the shard's pending set, then one
+-- hash per delivery; ARGV from a: payload, owner, now (ms), ttl, then each delivery's id and
+-- endpoint index. Nothing when KEYS[k] is absent. Its caller then indexes them by owner and
+-- wakes the sender (``Webhooks.after``).
 local function add_webhooks(k, a)
   if not KEYS[k] then return end
-  for i = k + 3, #KEYS do
-    local j = a + 4 + 2 * (i - k - 3)
+  for i = k + 1, #KEYS do
+    local j = a + 4 + 2 * (i - k - 1)
     redis.call('HSET', KEYS[i], 'payload', ARGV[a], 'owner', ARGV[a + 1], 'endpoint',
                ARGV[j + 1], 'attempts', 0, 'first_at', ARGV[a + 2], 'status', 'pending')
     redis.call('EXPIRE', KEYS[i], ARGV[a + 3])
     redis.call('ZADD', KEYS[k], ARGV[a + 2], ARGV[j])
-    index_by_owner(KEYS[k + 2], ARGV[j], ARGV[a + 3])
   end
   redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
-  leave_wake(KEYS[k + 1], ARGV[a + 3])
 end

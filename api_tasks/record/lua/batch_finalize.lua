@@ -1,9 +1,9 @@
--- KEYS: batch, output, errors, output file, error file, the owner's file index, the set of
--- active batches. ARGV: batch id, now, output bytes, error bytes, output file id, error file
--- id, file ttl, index ttl; then the webhooks of its end (``add_webhooks``: KEYS from 8, ARGV
--- from 9). A finalizing batch (every line recorded, made through the
--- Batches API) gets its output and error files (each only if it has lines: records that
--- read the batch's lists) and ends as it was ending.
+-- KEYS: batch, output, errors, output file, error file (all in the batch's shard), the
+-- shard's set of active batches. ARGV: batch id, now, output bytes, error bytes, output file
+-- id, error file id, file ttl; then the webhooks of its end (``add_webhooks``: KEYS from 7,
+-- ARGV from 8). A finalizing batch (every line recorded, made through the Batches API) gets
+-- its output and error files (each only if it has lines: records that read the batch's
+-- lists; its caller then indexes them by owner) and ends as it was ending.
 if redis.call('HGET', KEYS[1], 'status') ~= 'finalizing' then return 0 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local created = tostring(math.floor(tonumber(ARGV[2])))
@@ -18,14 +18,13 @@ for i = 1, 2 do
                'created_at', created, 'expires_at', expires, 'batch', ARGV[1], 'list', which)
     redis.call('EXPIRE', KEYS[3 + i], ARGV[7])
     redis.call('EXPIRE', KEYS[1 + i], ARGV[7])
-    index_by_owner(KEYS[6], ARGV[4 + i], ARGV[8])
     ids[i] = ARGV[4 + i]
   end
 end
 local ending = redis.call('HGET', KEYS[1], 'ending')
 redis.call('HSET', KEYS[1], 'status', ending, ending .. '_at', ARGV[2], 'finished_at', ARGV[2],
            'output_file_id', ids[1], 'error_file_id', ids[2])
-redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
-add_webhooks(8, 9)
+add_webhooks(7, 8)
 return 1

@@ -1,6 +1,6 @@
--- KEYS: batch, input, the set of active batches, the batch pump's wake list. ARGV: batch id,
--- total, ttl, result ttl.
--- Hands the batch to the workers, unless it was cancelled (or expired) while uploading.
+-- KEYS: batch, input, its shard's set of active batches. ARGV: batch id, total, ttl, result
+-- ttl. Hands the batch to the workers (its caller then wakes the pump), unless it was
+-- cancelled (or expired) while uploading.
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'uploading' then
   redis.call('DEL', KEYS[2])
@@ -12,5 +12,4 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
-leave_wake(KEYS[4], ARGV[3])
 return 'in_progress'

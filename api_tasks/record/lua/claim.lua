@@ -1,36 +1,34 @@
--- KEYS: job, cancel, lease, the upstream's cool-down, events, running index, running
--- messages. ARGV: now, ttl, token, lease_ms, max_crashes, the task message ('' = none), job
+-- KEYS: job, cancel, lease, events, running index, running messages. ARGV: now, ttl, token, lease_ms, max_crashes, the task message ('' = none), job
 -- id, then field/value pairs for a job nobody recorded (a plain Celery client's). The
 -- message is kept while the job runs, so a job whose message is lost can be sent again.
--- Returns {verdict, delivery, created_at, cool-down ms left, ms to a reserved turn or '',
+-- Returns {verdict, delivery, created_at, ms to a reserved turn or '',
 -- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
 -- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'turn_at', 'turn_on',
                      'deliveries', 'crashes')
 local s, created = f[1], f[2] or ARGV[1]
-local cool = tostring(math.max(redis.call('PTTL', KEYS[4]), 0))
 local now = now_ms()
 local turn = f[3] and tostring(tonumber(f[3]) - now) or ''
 local on = turn ~= '' and f[4] or ''
-local shown = tostring(redis.call('EXISTS', KEYS[5]))
+local shown = tostring(redis.call('EXISTS', KEYS[4]))
 if ended(s) then
   local uncounted = s == 'cancelled' and redis.call('HDEL', KEYS[1], 'uncounted') == 1
-  return {s, '0', created, cool, turn, shown, on, uncounted and '1' or ''}
+  return {s, '0', created, turn, shown, on, uncounted and '1' or ''}
 end
 local holder = redis.call('GET', KEYS[3])
-if holder == ARGV[3] then return {'run', f[5] or '1', created, cool, turn, shown, on} end
-if holder then return {'busy', '0', created, cool, turn, shown, on} end
+if holder == ARGV[3] then return {'run', f[5] or '1', created, turn, shown, on} end
+if holder then return {'busy', '0', created, turn, shown, on} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = tostring(tonumber(f[5] or '0') + 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'deliveries', n, 'started_at', ARGV[1],
            'token', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), ARGV[7])
-redis.call('EXPIRE', KEYS[6], ARGV[2])
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), ARGV[7])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
 if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[7], ARGV[7], ARGV[6])
-  redis.call('EXPIRE', KEYS[7], ARGV[2])
+  redis.call('HSET', KEYS[6], ARGV[7], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[2])
 end
 local verdict = 'run'
 if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
@@ -38,4 +36,4 @@ elseif tonumber(f[6] or '0') >= tonumber(ARGV[5]) then
   verdict = 'poison'
 end
 if f[3] or f[4] then redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on') end
-return {verdict, n, created, cool, turn, shown, on}
+return {verdict, n, created, turn, shown, on}

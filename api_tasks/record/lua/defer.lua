@@ -1,5 +1,5 @@
--- KEYS: job, lease, delayed set, delayed messages, the scheduler's wake list. ARGV: job id,
--- message, margin ms, ttl.
+-- KEYS: job, lease, delayed set, delayed messages (its caller then wakes the scheduler).
+-- ARGV: job id, message, margin ms, ttl.
 -- A delivery that found the job held by another attempt: the job is looked at again when
 -- that lease would lapse, so a holder that gave its message back without its lease (a
 -- failed give-back) cannot leave the job with no message. Returns 1, or 0 if the lease is
@@ -11,5 +11,4 @@ redis.call('ZADD', KEYS[3], 'NX', due, ARGV[1])
 redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
-leave_wake(KEYS[5], ARGV[4])
 return 1

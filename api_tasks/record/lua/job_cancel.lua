@@ -1,6 +1,6 @@
--- KEYS: job, cancel, result, events, channel, then the webhooks of an end here
--- (``add_webhooks``). ARGV: now, ttl, envelope, event, field, '1' to leave a running job
--- alone, then the webhooks' ARGV. Returns {verdict} (``store.Cancel``). A queued job ends here and now; its final event
+-- KEYS: job, cancel, result, events, then the webhooks of an end here (``add_webhooks``).
+-- ARGV: now, ttl, envelope, event, field, '1' to leave a running job alone, its pub/sub
+-- channel, then the webhooks' ARGV. Returns {verdict} (``store.Cancel``). A queued job ends here and now; its final event
 -- follows whatever the stream holds (a job requeued by a stopping worker may have
 -- chunks of an earlier attempt).
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -17,6 +17,6 @@ redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
 local id = next_entry_id(KEYS[4], '0-1')
 redis.call('XADD', KEYS[4], id, ARGV[5], ARGV[4])
 redis.call('EXPIRE', KEYS[4], ARGV[2])
-redis.call('PUBLISH', KEYS[5], ARGV[4])
-add_webhooks(6, 7)
+redis.call('PUBLISH', ARGV[7], ARGV[4])
+add_webhooks(5, 8)
 return {'cancelled'}

@@ -1,5 +1,5 @@
--- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel,
--- the scheduler's wake list.
+-- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel
+-- (its caller then wakes the scheduler).
 -- ARGV: token, job id, wait ms, reason,
 -- message, ttl, turn ms from now ('' = none reserved), lead ms, the deployment and model the
 -- turn is under (JSON; '' when not known). The job leaves its worker
@@ -28,5 +28,4 @@ redis.call('ZADD', KEYS[3], due, ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[6])
-leave_wake(KEYS[8], ARGV[6])
 return 1

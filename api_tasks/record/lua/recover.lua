@@ -1,5 +1,5 @@
--- KEYS: running index, job, lease, delayed set, delayed messages, running messages, the
--- scheduler's wake list. ARGV: job id, ttl. A job whose lease lapsed a while ago (the unacked sweep had its chance
+-- KEYS: running index, job, lease, delayed set, delayed messages, running messages (its
+-- caller then wakes the scheduler, which sends the job now). ARGV: job id, ttl. A job whose lease lapsed a while ago (the unacked sweep had its chance
 -- first): if it is still running it lost its worker and its message, so it counts a crash
 -- and is sent again from the message its claim kept. Returns 'alive', 'gone' or
 -- 'recovered'.
@@ -20,5 +20,4 @@ redis.call('ZADD', KEYS[4], 'NX', now, ARGV[1])
 redis.call('HSETNX', KEYS[5], ARGV[1], message)
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 redis.call('EXPIRE', KEYS[5], ARGV[2])
-leave_wake(KEYS[7], ARGV[2])  -- the sweeping scheduler sends it now
 return 'recovered'
