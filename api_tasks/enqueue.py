@@ -86,11 +86,10 @@ class Submissions:
                           lua("job_send", [queue], [message]), index)
 
 
-def _together(submissions: list[Submission]) -> tuple[list[list[Call[Any]]], bool]:
-    """Each submission's calls as one group, record and message (broker and state as one),
-    and whether they must run as a transaction (a group of one script runs whole anyway)."""
-    groups = [[*s.calls] if s.send is None else [*s.calls, s.send] for s in submissions]
-    return groups, any(len(group) > 1 for group in groups)
+def _together(submissions: list[Submission]) -> list[list[Call[Any]]]:
+    """Each submission's calls as one group (broker and state as one: its one script writes
+    the record and sends the message, so no transaction is needed), then its owner index."""
+    return [[*s.calls] for s in submissions] + _indexes(submissions)
 
 
 def _indexes(submissions: list[Submission], written: list[int] | None = None
@@ -193,12 +192,7 @@ class Enqueuer:
         """Run submissions' calls: each one's replies, record's then message's, or ``Failed``.
         Raises only if nothing was written (a record's round trip failed)."""
         if not self.apart:
-            groups, transaction = _together(submissions)
-            indexes = [] if transaction else _indexes(submissions)  # in the same round trip
-            replies = self.store.shell.run_groups(groups + indexes, transaction=transaction)
-            if transaction:
-                self._index(_indexes(submissions))
-            return replies[:len(groups)]
+            return self.store.shell.run_groups(_together(submissions))[:len(submissions)]
         records = self.store.shell.run_groups([list(s.calls) for s in submissions],
                                               transaction=len(submissions) > 1)
         written = _written(records)
@@ -308,13 +302,8 @@ class AsyncEnqueuer:
     async def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
         """``Enqueuer._send`` on asyncio."""
         if not self.apart:
-            groups, transaction = _together(submissions)
-            indexes = [] if transaction else _indexes(submissions)  # in the same round trip
-            replies = await self.store.shell.run_groups(groups + indexes,
-                                                        transaction=transaction)
-            if transaction:
-                await self._index(_indexes(submissions))
-            return replies[:len(groups)]
+            return (await self.store.shell.run_groups(_together(submissions)))[
+                :len(submissions)]
         records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
                                                     transaction=len(submissions) > 1)
         written = _written(records)

@@ -136,8 +136,8 @@ class Batch:
         """Stop new sends at once; the workers cancel its queued jobs within a step (running
         ones finish). Returns the batch's status after the call."""
         with broker_errors():
-            verdict, *_ = self._client.store.shell.run_all(
-                BatchRecords(self._keys).cancel(self.id))
+            first, *after = BatchRecords(self._keys).cancel(self.id)
+            verdict = self._client.store.shell.run_then(first, after)
         if verdict == "missing":
             raise BatchNotFound(f"no batch {self.id!r} (never submitted, or expired)")
         return str(verdict)

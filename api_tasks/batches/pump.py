@@ -221,7 +221,7 @@ class BatchPump(Sweep):
                                         args=[batch_id, now, json.dumps(checked.problems),
                                               int(state.get("output_ttl") or self._ttl),
                                               *hooks.args]) and hooks.after:
-                shell.run_all(hooks.after)
+                shell.follow(hooks.after)
             return
         # its file's bytes must outlast its window, and its finalizing after that (kept
         # first, apart from the batch's script: the file lives on another slot on a cluster)
@@ -250,7 +250,7 @@ class BatchPump(Sweep):
                 args=[batch_id, repr(time.time()), *sizes, output, errors,
                       int(state.get("output_ttl") or self._ttl), *hooks.args]) \
                 and after + hooks.after:
-            self._shell.run_all(after + hooks.after)
+            self._shell.follow(after + hooks.after)
 
     def _list_bytes(self, key: str) -> int:
         """The size of a list's entries as a JSONL file (one newline each)."""

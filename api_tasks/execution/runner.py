@@ -520,11 +520,13 @@ class JobRunner:
                               f"job.{status.value}", run.job_id,
                               job_event_id(run.job_id)) \
             if run.spec.notify and run.spec.owner else NO_WEBHOOKS
-        # its webhooks' index and wake-up follow the script (other slots on a Redis Cluster)
-        outcome, *_ = self.writer.write([self.leases.finish_command(
+        [outcome] = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.attempt, run.published), result, fields, webhooks),
-            *map(packed, webhooks.after)], timeout=_WRITE_TIMEOUT)
+            entry_id(run.attempt, run.published), result, fields, webhooks)],
+            timeout=_WRITE_TIMEOUT)
+        if outcome == b"ok" and webhooks.after:  # its deliveries' index and the sender's
+            # wake-up (other slots on a Redis Cluster): lost, they cost a listing or a delay
+            self.writer.submit([packed(call) for call in webhooks.after])
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)

@@ -74,6 +74,7 @@ class WebhookSender(Sweep):
         self._guard = AddressGuard(tuple(settings.webhooks.private_hosts))
         self._take = client.register_script(script("webhook_take"))
         self._done = client.register_script(script("webhook_done"))
+        self._first = 0  # the shard the last look started at
 
     def sweep(self) -> float | None:
         """Send what is due; look again soon if some was (every worker then sends, each
@@ -86,7 +87,10 @@ class WebhookSender(Sweep):
         own lease): how many were tried, and in how many seconds the next is due (None: none
         pending)."""
         tried, upcoming = 0, None
-        for shard in self._keys.every_shard:
+        shards = self._keys.every_shard
+        self._first = (self._first + 1) % len(shards)  # each look starts one shard on, so a
+        # shard with a backlog does not hold the others' deliveries back
+        for shard in [*shards[self._first:], *shards[:self._first]]:
             sent, soonest = self._send_due(shard, _TAKE - tried)
             tried += sent
             if soonest is not None:

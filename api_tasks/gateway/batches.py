@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -86,7 +87,8 @@ async def create_batch(request: Request) -> Response:
         key.name, file_id, meta.get("filename", ""), endpoint, metadata, output_ttl,
         settings.gateway.batch_window, settings.gateway.batch_lifetime,
         settings.jobs.queued_ttl)
-    await shell.write(writes)
+    with anyio.CancelScope(shield=True):  # made, it is indexed whatever the client does
+        await shell.write(writes)
     return JSONResponse(batch_object(batch_id, state))
 
 
@@ -114,8 +116,9 @@ async def cancel_batch(request: Request) -> Response:
                            f"({state.get('status')})", param="id", code="batch_ended")
     gateway = request.app.state.gateway
     records = BatchRecords(gateway.keys)
-    await gateway.store.shell.run_all(records.cancel(batch_id, batch_event(
-        gateway.keys, gateway.settings, state["owner"], "batch.cancelled", batch_id)))
+    first, *after = records.cancel(batch_id, batch_event(
+        gateway.keys, gateway.settings, state["owner"], "batch.cancelled", batch_id))
+    await gateway.store.shell.run_then(first, after)
     return JSONResponse(batch_object(batch_id, await _owned(request, batch_id)))
 
 

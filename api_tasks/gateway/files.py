@@ -157,12 +157,14 @@ async def upload_file(request: Request) -> Response:
         ttl = _ttl(form.fields, limits.default_ttl)
         meta, writes = records.create(file_id, key.name, form.filename, form.size,
                                       Purpose.BATCH, ttl)
-        await shell.write(writes)
+        await shell.run_all(writes.record, transaction=True)
     except BaseException:
         if stored:  # no file: its pieces go now, not when they expire
             with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
                 await shell.run(records.discard(file_id))
         raise
+    with anyio.CancelScope(shield=True):  # the file is made: its index follows, whatever
+        await shell.follow(writes.after)  # the client does now
     return JSONResponse(file_object(file_id, meta))
 
 

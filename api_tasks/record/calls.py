@@ -9,6 +9,7 @@ workers), ``AsyncShell`` on a ``redis.asyncio.Redis`` (the HTTP gateway).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -22,6 +23,7 @@ from api_tasks.record.scripts import script, sha
 __all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "Writes", "command", "lua", "packed"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _same(reply: Any) -> Any:
@@ -75,6 +77,22 @@ def packed(call: Call[Any]) -> tuple[Any, ...]:
     return ("EVALSHA", sha(call.script), len(call.keys), *call.keys, *call.args)
 
 
+def _logged(replies: list[list[Any] | Failed]) -> None:
+    """Log the failures among replies of calls that follow a write."""
+    for failed in replies:
+        if isinstance(failed, Failed):
+            log.warning("a call after a write failed, the write stands (%s)", failed.error)
+
+
+def _first(first: list[Any] | Failed, rest: list[list[Any] | Failed]) -> Any:
+    """The first call's reply of ``run_then`` (raised if it failed); the others' failures
+    logged."""
+    _logged(rest)
+    if isinstance(first, Failed):
+        raise first.error
+    return first[0]
+
+
 def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[list[Any]]:
     """A pipeline's replies cut back into its groups."""
     out, at = [], 0
@@ -126,16 +144,33 @@ class SyncShell:
     def run_all(self, calls: Sequence[Call[T]], *, transaction: bool = False) -> list[T]:
         """Send calls in one round trip; their replies in order (an error reply is raised).
         A ``transaction`` runs whole (MULTI/EXEC): no other client sees it half done."""
+        if not calls:
+            return []
         [replies] = self.run_groups([calls], transaction=transaction)
         if isinstance(replies, Failed):
             raise replies.error
         return replies
 
     def write(self, writes: Writes) -> None:
-        """Run a record's ``Writes`` in their order (an error reply is raised)."""
+        """Run a record's ``Writes`` in their order; an error is raised only if the record
+        was not written (what follows it is harmless to lose: logged)."""
         self.run_all(writes.record, transaction=len(writes.record) > 1)
-        if writes.after:
-            self.run_all(writes.after)
+        self.follow(writes.after)
+
+    def follow(self, calls: Sequence[Call[Any]]) -> None:
+        """Run calls that follow a write and are harmless to lose (an index entry, a
+        wake-up), in one round trip: their failures, and the round trip's, only logged."""
+        try:
+            _logged(self.run_groups([[call] for call in calls]))
+        except redis.RedisError as err:
+            log.warning("calls after a write failed, the write stands (%s)", err)
+
+    def run_then(self, call: Call[T], after: Sequence[Call[Any]]) -> T:
+        """Run ``call`` and the calls that follow it in one round trip: its reply (its error
+        raised); theirs, harmless to lose, only logged if they fail."""
+        first, *rest = self.run_groups([[call], *([a] for a in after)])
+        reply: T = _first(first, rest)
+        return reply
 
     def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
                    transaction: bool = False) -> list[list[Any] | Failed]:
@@ -189,6 +224,8 @@ class AsyncShell:
 
     async def run_all(self, calls: Sequence[Call[T]], *, transaction: bool = False) -> list[T]:
         """Send calls in one round trip, as ``SyncShell.run_all``."""
+        if not calls:
+            return []
         [replies] = await self.run_groups([calls], transaction=transaction)
         if isinstance(replies, Failed):
             raise replies.error
@@ -197,8 +234,20 @@ class AsyncShell:
     async def write(self, writes: Writes) -> None:
         """Run a record's ``Writes`` in their order, as ``SyncShell.write``."""
         await self.run_all(writes.record, transaction=len(writes.record) > 1)
-        if writes.after:
-            await self.run_all(writes.after)
+        await self.follow(writes.after)
+
+    async def follow(self, calls: Sequence[Call[Any]]) -> None:
+        """``SyncShell.follow`` on asyncio."""
+        try:
+            _logged(await self.run_groups([[call] for call in calls]))
+        except redis.RedisError as err:
+            log.warning("calls after a write failed, the write stands (%s)", err)
+
+    async def run_then(self, call: Call[T], after: Sequence[Call[Any]]) -> T:
+        """``SyncShell.run_then`` on asyncio."""
+        first, *rest = await self.run_groups([[call], *([a] for a in after)])
+        reply: T = _first(first, rest)
+        return reply
 
     async def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
                          transaction: bool = False) -> list[list[Any] | Failed]:

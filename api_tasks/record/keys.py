@@ -42,32 +42,37 @@ class Keys:
         return self._tag(file_id.removeprefix("file-").split("-", 1)[0])
 
     def _tag(self, job_id: str) -> str:
-        # a hash tag: a Redis Cluster places every key of one shard on one slot
-        return f"{{s{self.shard(job_id)}}}"
+        # a hash tag: a Redis Cluster places every key of one shard on one slot; one shard
+        # (a single Redis) keeps the names the project always had
+        return f"{{s{self.shard(job_id)}}}:" if self.shards > 1 else ""
+
+    def _at(self, shard: int) -> str:
+        """The tag of a shard's own index, after its name ("" with one shard)."""
+        return f":{{s{shard}}}" if self.shards > 1 else ""
 
     def job(self, job_id: str) -> str:
         """Hash: the job's state (status, timestamps, attempts, spec)."""
-        return f"{self.prefix}:job:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:job:{self._tag(job_id)}{job_id}"
 
     def result(self, job_id: str) -> str:
         """String: the final JSON envelope (response or error)."""
-        return f"{self.prefix}:result:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:result:{self._tag(job_id)}{job_id}"
 
     def events(self, job_id: str) -> str:
         """Stream: every event of the job in order (chunks, then done/error/cancelled)."""
-        return f"{self.prefix}:events:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:events:{self._tag(job_id)}{job_id}"
 
     def channel(self, job_id: str) -> str:
         """Pub/sub channel: the same events, live, for fan-out."""
-        return f"{self.prefix}:channel:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:channel:{self._tag(job_id)}{job_id}"
 
     def cancel(self, job_id: str) -> str:
         """String: present when the job was asked to stop."""
-        return f"{self.prefix}:cancel:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:cancel:{self._tag(job_id)}{job_id}"
 
     def lease(self, job_id: str) -> str:
         """String: the attempt token of the worker running the job; expires unless renewed."""
-        return f"{self.prefix}:lease:{self._tag(job_id)}:{job_id}"
+        return f"{self.prefix}:lease:{self._tag(job_id)}{job_id}"
 
     def cooldown(self, upstream: str) -> str:
         """String: present while the upstream asked everyone to back off (429)."""
@@ -112,11 +117,11 @@ class Keys:
 
     def delayed(self, shard: int) -> str:
         """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""
-        return f"{self.prefix}:delayed:{{s{shard}}}"
+        return f"{self.prefix}:delayed{self._at(shard)}"
 
     def delayed_messages(self, shard: int) -> str:
         """Hash: the task message of each delayed job, sent again when it is due."""
-        return f"{self.prefix}:delayed:messages:{{s{shard}}}"
+        return f"{self.prefix}:delayed:messages{self._at(shard)}"
 
     def delayed_wake(self) -> str:
         """List: at most one token, left by whatever adds a delayed job, for the sweeping
@@ -125,11 +130,11 @@ class Keys:
 
     def running(self, shard: int) -> str:
         """Sorted set: jobs a worker claimed, by when their lease lapses (ms)."""
-        return f"{self.prefix}:running:{{s{shard}}}"
+        return f"{self.prefix}:running{self._at(shard)}"
 
     def running_messages(self, shard: int) -> str:
         """Hash: the task message of each claimed job, to send it again if it is lost."""
-        return f"{self.prefix}:running:messages:{{s{shard}}}"
+        return f"{self.prefix}:running:messages{self._at(shard)}"
 
     def sweeper(self) -> str:
         """String: the token of the one worker that sweeps for the cluster (sends due jobs,
@@ -138,12 +143,12 @@ class Keys:
 
     def batch(self, batch_id: str) -> str:
         """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}"
 
     def batch_staged(self, batch_id: str, token: str) -> str:
         """List: the checked lines of a batch's input file, staged by one validation before
         they become its input (expires with the upload window)."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:staged:{token}"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:staged:{token}"
 
     def owned_batches(self, owner: str) -> str:
         """Sorted set: a gateway key's batches, by creation time (us), for ``GET
@@ -152,23 +157,23 @@ class Keys:
 
     def batch_input(self, batch_id: str) -> str:
         """List: the batch's input lines, as uploaded (deleted when the batch ends)."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:input"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:input"
 
     def batch_jobs(self, batch_id: str) -> str:
         """Hash: the batch's jobs sent and not yet recorded, job id -> custom_id."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:jobs"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:jobs"
 
     def batch_output(self, batch_id: str) -> str:
         """List: the batch's output lines (OpenAI Batch format), in the order they ended."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:output"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:output"
 
     def batch_errors(self, batch_id: str) -> str:
         """List: the batch's error-file lines."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:errors"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:errors"
 
     def batches(self, shard: int) -> str:
         """Set: the ids of a shard's batches still sending or waiting for jobs."""
-        return f"{self.prefix}:batches:{{s{shard}}}"
+        return f"{self.prefix}:batches{self._at(shard)}"
 
     def batches_wake(self) -> str:
         """List: at most one token, left when a batch starts, for the sweeping batch pump,
@@ -177,11 +182,12 @@ class Keys:
 
     def batch_lock(self, batch_id: str) -> str:
         """String: held by the one worker stepping this batch right now."""
-        return f"{self.prefix}:batch:{self._tag(batch_id)}:{batch_id}:lock"
+        return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}:lock"
 
     def worker(self, worker_id: str) -> str:
-        """String: a worker process's liveness record (JSON); expires unless renewed."""
-        return f"{self.prefix}:worker:{worker_id}"
+        """String: a worker process's liveness record (JSON); expires unless renewed. All on
+        one slot (``{w}``), so that one MGET reads them on a Redis Cluster."""
+        return f"{self.prefix}:worker:{'{w}:' if self.shards > 1 else ''}{worker_id}"
 
     def workers(self) -> str:
         """Sorted set: worker ids, by when each was last heard of (ms)."""
@@ -197,11 +203,11 @@ class Keys:
 
     def file(self, file_id: str) -> str:
         """Hash: an uploaded file's name, size, purpose, owner and times."""
-        return f"{self.prefix}:file:{self._file_tag(file_id)}:{file_id}"
+        return f"{self.prefix}:file:{self._file_tag(file_id)}{file_id}"
 
     def file_data(self, file_id: str) -> str:
         """List: an uploaded file's bytes, in pieces of at most 1 MiB."""
-        return f"{self.prefix}:file:{self._file_tag(file_id)}:{file_id}:data"
+        return f"{self.prefix}:file:{self._file_tag(file_id)}{file_id}:data"
 
     def owned_files(self, owner: str) -> str:
         """Sorted set: a gateway key's files, by upload time (us), for ``GET /v1/files``."""
@@ -210,11 +216,13 @@ class Keys:
     def webhooks(self, shard: int) -> str:
         """Sorted set: a shard's webhook deliveries by when each is due (ms), for the workers
         to send."""
-        return f"{self.prefix}:webhooks:{{s{shard}}}"
+        return f"{self.prefix}:webhooks{self._at(shard)}"
 
-    def delivery_shard(self, delivery_id: str) -> int:
-        """The shard of a webhook delivery (``evt_<subject>-<endpoint>``): its subject's."""
-        return self.shard(delivery_id.rsplit("-", 1)[0].removeprefix("evt_"))
+    @staticmethod
+    def _subject(delivery_id: str) -> str:
+        """What a webhook delivery (``evt_<subject>-<endpoint>``) is about, as far as its
+        shard goes: its subject's id, or that id without its dashes."""
+        return delivery_id.rsplit("-", 1)[0].removeprefix("evt_")
 
     def webhooks_wake(self) -> str:
         """List: at most one token, left when a delivery is queued, for the sweeping webhook
@@ -223,7 +231,7 @@ class Keys:
 
     def webhook(self, delivery_id: str) -> str:
         """Hash: one webhook delivery: its event, owner and endpoint, status and attempts."""
-        return f"{self.prefix}:webhook:{{s{self.delivery_shard(delivery_id)}}}:{delivery_id}"
+        return f"{self.prefix}:webhook:{self._tag(self._subject(delivery_id))}{delivery_id}"
 
     def owned_webhooks(self, owner: str) -> str:
         """Sorted set: a gateway key's webhook deliveries, by when each was queued (us), for

@@ -23,6 +23,7 @@ a script that fails halfway.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -38,6 +39,8 @@ from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 from api_tasks.record.writer import Command
 
 __all__ = ["Claim", "LeaseStore", "Parked", "Requeue", "Verdict"]
+
+log = logging.getLogger(__name__)
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -213,8 +216,12 @@ class LeaseStore:
 
     def wake(self) -> None:
         """Leave the sweeping scheduler a token: a job waits now (after the script that
-        made it wait, as the wake list lives on another slot on a Redis Cluster)."""
-        self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
+        made it wait, as the wake list lives on another slot on a Redis Cluster). Lost, it
+        delays the scheduler's look by its idle period at most: logged, not raised."""
+        try:
+            self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
+        except redis.RedisError as err:
+            log.warning("the scheduler's wake-up was not left (%s)", err)
 
     def due(self, shard: int, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
                                                          float | None]:

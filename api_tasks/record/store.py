@@ -234,9 +234,8 @@ class JobStore:
 
     def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop; with ``queued_only`` a running job is left to finish."""
-        verdict, *_ = self.shell.run_all(self.records.cancel(job_id, self.info(job_id),
-                                                             queued_only))
-        return Cancel(verdict)
+        first, *after = self.records.cancel(job_id, self.info(job_id), queued_only)
+        return Cancel(self.shell.run_then(first, after))
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""
@@ -300,9 +299,8 @@ class AsyncJobStore:
 
     async def cancel(self, job_id: str, *, queued_only: bool = False) -> Cancel:
         """Ask a job to stop (as ``JobStore.cancel``)."""
-        verdict, *_ = await self.shell.run_all(self.records.cancel(
-            job_id, await self.info(job_id), queued_only))
-        return Cancel(verdict)
+        first, *after = self.records.cancel(job_id, await self.info(job_id), queued_only)
+        return Cancel(await self.shell.run_then(first, after))
 
     async def status(self, job_id: str) -> str | None:
         """The job's status, or None if there is no such job."""

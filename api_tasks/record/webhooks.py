@@ -65,8 +65,9 @@ def event_args(keys: Keys, settings: Settings, owner: str, event: str, subject_i
 
 
 def job_event_id(job_id: str) -> str:
-    """The id of the webhook event that tells a job's end (one per job)."""
-    return f"evt_{job_id.replace('-', '')}"
+    """The id of the webhook event that tells a job's end (one per job): without dashes, but
+    for a batch line's (``<batch id>-<n>``), whose dash says which shard it is in."""
+    return f"evt_{job_id if job_id.startswith('batch_') else job_id.replace('-', '')}"
 
 
 def job_notifier(keys: Keys, settings: Settings) -> Callable[[str, str, str], Webhooks]:

@@ -32,8 +32,7 @@ CROSS_SLOT_LEFT: frozenset[str] = frozenset({
 })
 # Not in the workload the audit watches, and still across slots: the limits (``admit``,
 # ``settle``, ``observe``: a call's scopes, its group's and its gateway key's), the routing
-# (``route``, ``routed``: a group's deployments), and the workers' liveness records read with
-# one MGET.
+# (``route``, ``routed``: a group's deployments).
 
 _TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
@@ -102,8 +101,21 @@ def cross_slot(path: Path, client: redis.Redis) -> dict[str, bytes]:
     def spans(keys: Iterable[bytes]) -> bool:
         return len({key_slot(k) for k in keys}) > 1
 
+    def single(args: list[bytes]) -> tuple[str, set[bytes]] | None:
+        """Check one command outside a transaction; the script it opens, if it is one."""
+        name, keys = args[0].upper(), keys_of(args)
+        if name in (b"EVALSHA", b"EVAL"):
+            label = _label(args, names)
+            if spans(keys):
+                found.setdefault(f"script {label}", b" ".join(keys[:4]))
+            return label, set(keys)
+        if name not in _SPLIT and spans(keys):
+            found.setdefault(f"command {name.decode()}", b" ".join(keys[:4]))
+        return None
+
     script: tuple[str, set[bytes]] | None = None  # the script whose commands follow
-    open_multi: dict[str, list[list[bytes]]] = {}
+    # a transaction's lines come together at its EXEC (Redis runs it at once): the one open
+    block: tuple[str, list[list[bytes]]] | None = None
     for line in _lines(path):
         parsed = _parse(line)
         if parsed is None or not parsed[1]:
@@ -117,28 +129,28 @@ def cross_slot(path: Path, client: redis.Redis) -> dict[str, bytes]:
                     found.setdefault(f"script {script[0]} undeclared", undeclared[0])
             continue
         script = None
+        if block is not None and block[0] != source:  # never ended: each checked alone
+            for command in block[1]:
+                single(command)
+            block = None
         if name == b"MULTI":
-            open_multi[source] = []
+            block = (source, [])
             continue
-        if source in open_multi:
+        if block is not None:
             if name in (b"EXEC", b"DISCARD"):
-                block = open_multi.pop(source)
-                keys = [k for command in block for k in keys_of(command)]
+                keys = [k for command in block[1] for k in keys_of(command)]
                 if spans(keys):
-                    commands = " ".join(sorted({_label(c, names) for c in block}))
+                    commands = " ".join(sorted({_label(c, names) for c in block[1]}))
                     found.setdefault(f"transaction {commands}", b" ".join(keys[:4]))
+                block = None
                 continue
-            open_multi[source].append(args)
-            if name not in (b"EVALSHA", b"EVAL"):
-                continue
-        keys = keys_of(args)
-        if name in (b"EVALSHA", b"EVAL"):
-            label = _label(args, names)
-            script = (label, set(keys))
-            if spans(keys):
-                found.setdefault(f"script {label}", b" ".join(keys[:4]))
-        elif name not in _SPLIT and spans(keys):
-            found.setdefault(f"command {name.decode()}", b" ".join(keys[:4]))
+            block[1].append(args)
+            if name in (b"EVALSHA", b"EVAL"):
+                script = (_label(args, names), set(keys_of(args)))
+                if spans(script[1]):
+                    found.setdefault(f"script {script[0]}", b" ".join(keys_of(args)[:4]))
+            continue
+        script = single(args)
     return found
 
 

@@ -144,9 +144,9 @@ def test_a_message_that_may_have_gone_keeps_its_record_and_a_refused_one_does_no
 
 def test_a_submit_is_one_script_on_one_redis_and_two_steps_apart(
         worker_env: dict[str, str], servers: tuple[RedisServer, RedisServer]) -> None:
-    """No worker here: just what a submit sends. On one Redis, a job with no owner index is one
-    script (no transaction); apart, the record's transaction on the state, then the message's
-    script on the broker."""
+    """No worker here: just what a submit sends. On one Redis, a job is one script (no
+    transaction); apart, the record's script on the state (a transaction only for several
+    jobs at once), then the message's script on the broker."""
     broker, state = servers
     prefix = f"sub{uuid.uuid4().hex[:6]}"
 
@@ -167,5 +167,5 @@ def test_a_submit_is_one_script_on_one_redis_and_two_steps_apart(
     for server in servers:
         redis.Redis.from_url(server.url).config_resetstat()
     apart.submit_chat(USER, model="m-apart")
-    assert commands(state) == {"evalsha": 1, "multi": 1, "exec": 1}
+    assert commands(state) == {"evalsha": 1}
     assert commands(broker) == {"evalsha": 1, "lpush": 1}
