@@ -163,7 +163,7 @@ class Enqueuer:
         # quick calls fail fast on a hung Redis (redis-py 8 caps a pool at 100 by default)
         self.redis = connect(settings.redis.state(), socket_timeout=_QUICK_TIMEOUT,
                              max_connections=PRODUCER_POOL)
-        self.keys = Keys(settings.redis.prefix, settings.redis.shards)
+        self.keys = Keys.of(settings)
         self.store = JobStore(self.redis, self.keys, settings.jobs.result_ttl,
                               settings.jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))

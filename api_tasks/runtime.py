@@ -60,7 +60,7 @@ class Runtime:
         # unless apart: redis.state_url)
         self.broker = connect(settings.redis, max_connections=pool_size(worker.concurrency)) \
             if settings.redis.split else self.redis
-        self.keys = Keys(settings.redis.prefix, settings.redis.shards)
+        self.keys = Keys.of(settings)
         self.store = JobStore(self.redis, self.keys, jobs.result_ttl, jobs.queued_ttl,
                               notifier=job_notifier(self.keys, settings))
         self.leases = LeaseStore(self.redis, self.keys, jobs.queued_ttl,

@@ -20,6 +20,7 @@ import redis
 import requests
 
 from api_tasks import metrics, tracing
+from api_tasks.connections import reason
 from api_tasks.errors import (
     APIStatusError,
     CallCancelled,
@@ -48,7 +49,7 @@ from api_tasks.record.job_record import (
     finish_fields,
     submit_fields,
 )
-from api_tasks.record.leases import LeaseStore, Verdict
+from api_tasks.record.leases import Claim, LeaseStore, Verdict
 from api_tasks.record.store import JobStore
 from api_tasks.record.webhooks import NO_WEBHOOKS, event_args, job_event_id
 from api_tasks.record.writer import EventWriter
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 _WRITE_TIMEOUT = 300.0  # the writer retries a down Redis for 120 s; never wait forever
 _MIN_COOLDOWN = 0.1  # seconds: 429s that cost no attempt must never become a hot loop
 _TRIES_KEPT = 32  # calls a job's record lists (a job rate limited for an hour makes many)
+_CLAIM_AGAIN = 0.25  # seconds between claims while Redis is out of reach
 
 
 class JobRunner:
@@ -106,6 +108,25 @@ class JobRunner:
         with job_context(job_id), tracing.job_span(job_id, kind, traceparent):
             return self._run(job_id, kind, first, params, traceparent)
 
+    def _claim(self, job_id: str, token: str, fields: dict[str, str], upstream: str,
+               message: str) -> Claim:
+        """Claim the job, again while Redis is out of reach for less than a lease (a
+        failover): this worker holds its message, whose rejection would fail too, leaving it
+        to the reaper (two leases); a claim retried with its token finds its own."""
+        deadline = time.monotonic() + self.leases.lease_ms / 1000
+        said = False
+        while True:
+            try:
+                return self.leases.claim(job_id, token, fields, time.time(), upstream, message)
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                if time.monotonic() >= deadline:
+                    raise
+                if not said:
+                    log.warning("job %s: Redis unavailable at its claim (%s); trying again "
+                                "for up to a lease", job_id, reason(err))
+                    said = True
+                time.sleep(_CLAIM_AGAIN)
+
     def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
              traceparent: str | None) -> Outcome:
         try:
@@ -119,7 +140,7 @@ class JobRunner:
         # kept to send the job again after a wait: still in its submit's trace
         message = spec.message_json(queue, tracing.carried(traceparent))
         fields = submit_fields(spec, upstream.name, queue)
-        claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name, message)
+        claim = self._claim(job_id, token, fields, upstream.name, message)
         if claim.verdict is Verdict.BUSY:
             # never just drop it: the holder may have given its message back but not its
             # lease (a failed give-back), and then this message is the job's only one

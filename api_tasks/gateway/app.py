@@ -81,7 +81,7 @@ class Gateway:
         # a connection is held for one call at a time (waiting readers listen on the store's
         # hub): a few hundred serve thousands of readers, and bound the memory they take
         self.redis = connect_async(settings.redis.state(), max_connections=_POOL)
-        self.keys = Keys(settings.redis.prefix, settings.redis.shards)
+        self.keys = Keys.of(settings)
         self.store = AsyncJobStore(self.redis, self.keys, settings.jobs.result_ttl,
                                    settings.jobs.queued_ttl, job_notifier(self.keys, settings))
         # the broker's Redis, for the task messages (the state's own, unless apart)

@@ -7,7 +7,12 @@ All are plain strings or JSON, and every one is written with a TTL.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 __all__ = ["Keys"]
 
@@ -18,6 +23,17 @@ class Keys:
 
     prefix: str = "api_tasks"
     shards: int = 1
+    # deployment -> its upstream group: a group's scopes and deployments share a slot
+    groups: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Keys:
+        """The key names of these settings: their prefix, shards and upstream groups."""
+        groups: dict[str, str] = {}
+        for upstream in settings.upstreams:
+            for deployment in upstream.deployments or ():
+                groups.setdefault(deployment.name, upstream.name)
+        return cls(settings.redis.prefix, settings.redis.shards, groups)
 
     def shard(self, job_id: str) -> int:
         """The shard a job (or batch) lives in: a batch line's (``<batch id>-<n>``) is its
@@ -45,6 +61,16 @@ class Keys:
         # a hash tag: a Redis Cluster places every key of one shard on one slot; one shard
         # (a single Redis) keeps the names the project always had
         return f"{{s{self.shard(job_id)}}}:" if self.shards > 1 else ""
+
+    def _group(self, name: str) -> str:
+        """The hash tag of the upstream group a scope or deployment belongs to ("" with one
+        shard): a group's limits, cool-downs, breakers and loads are read and written by one
+        script on a Redis Cluster. A gateway key's own scope (``key:<name>``) is a group of
+        its own."""
+        if self.shards == 1:
+            return ""
+        head = name.split("/", 1)[0]
+        return f"{{g:{self.groups.get(head, head)}}}:"
 
     def _at(self, shard: int) -> str:
         """The tag of a shard's own index, after its name ("" with one shard)."""
@@ -76,44 +102,44 @@ class Keys:
 
     def cooldown(self, upstream: str) -> str:
         """String: present while the upstream asked everyone to back off (429)."""
-        return f"{self.prefix}:cooldown:{upstream}"
+        return f"{self.prefix}:cooldown:{self._group(upstream)}{upstream}"
 
     def calls(self, deployment: str) -> str:
         """Sorted set: job ids calling a deployment now, by lease expiry (ms): its load."""
-        return f"{self.prefix}:calls:{deployment}"
+        return f"{self.prefix}:calls:{self._group(deployment)}{deployment}"
 
     def latency(self, deployment: str) -> str:
         """Hash: a deployment's time to first byte, a peak-sensitive moving average (``ewma``,
         ms), and when it was last measured (``at``, ms)."""
-        return f"{self.prefix}:latency:{deployment}"
+        return f"{self.prefix}:latency:{self._group(deployment)}{deployment}"
 
     def breaker(self, deployment: str) -> str:
         """Hash: a deployment's circuit breaker (open_until, probe_until, opened_at; ms)."""
-        return f"{self.prefix}:breaker:{deployment}"
+        return f"{self.prefix}:breaker:{self._group(deployment)}{deployment}"
 
     def breaker_failures(self, deployment: str) -> str:
         """Sorted set: a deployment's recent failed calls, by time (ms)."""
-        return f"{self.prefix}:breaker:{deployment}:failures"
+        return f"{self.prefix}:breaker:{self._group(deployment)}{deployment}:failures"
 
     def limit(self, scope: str) -> str:
         """Hash: a limit scope's pacing state (theoretical arrival times, ms)."""
-        return f"{self.prefix}:limit:{scope}"
+        return f"{self.prefix}:limit:{self._group(scope)}{scope}"
 
     def in_flight(self, scope: str) -> str:
         """Sorted set: job ids calling within a limit scope, by lease expiry (ms)."""
-        return f"{self.prefix}:inflight:{scope}"
+        return f"{self.prefix}:inflight:{self._group(scope)}{scope}"
 
     def line(self, scope: str) -> str:
         """Sorted set: jobs waiting for a limit scope without a turn, by submit time (ms)."""
-        return f"{self.prefix}:line:{scope}"
+        return f"{self.prefix}:line:{self._group(scope)}{scope}"
 
     def line_until(self, scope: str) -> str:
         """Sorted set: when each job in a scope's line leaves it unless it asks again (ms)."""
-        return f"{self.prefix}:line:{scope}:until"
+        return f"{self.prefix}:line:{self._group(scope)}{scope}:until"
 
     def line_costs(self, scope: str) -> str:
         """Hash: the token cost of each job in a scope's line (what its head needs kept)."""
-        return f"{self.prefix}:line:{scope}:costs"
+        return f"{self.prefix}:line:{self._group(scope)}{scope}:costs"
 
     def delayed(self, shard: int) -> str:
         """Sorted set: jobs waiting (for a limit) outside any worker, by due time (ms)."""

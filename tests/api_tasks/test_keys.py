@@ -74,3 +74,17 @@ def test_a_batchs_webhook_event_is_queued_in_its_shard(settings: Settings) -> No
     # its owner's index and the sender's wake-up follow the script, on slots of their own
     assert [call.script for call in hooks.after] == ["owner_index"] * (len(hooks.keys) - 1) \
         + ["wake"]
+
+
+def test_an_upstream_groups_limits_and_deployments_share_a_slot() -> None:
+    """Everything ``admit``, ``route`` and ``routed`` touch for one group: its scopes (its
+    own, a model glob's, a deployment's, a learnt model's) and its deployments' state."""
+    keys = Keys("p", 8, {"pair-a": "pair", "pair-b": "pair"})
+    group = [keys.limit("pair"), keys.in_flight("pair/gpt-*"), keys.line("pair-a"),
+             keys.line_until("pair-b/m-1"), keys.line_costs("pair"), keys.cooldown("pair-a"),
+             keys.calls("pair-b"), keys.latency("pair-a"), keys.breaker("pair-b"),
+             keys.breaker_failures("pair-a"), keys.limit("pair/org/model")]
+    assert len({_slot(k) for k in group}) == 1
+    assert keys.breaker("pair-a") == "p:breaker:{g:pair}:pair-a"
+    assert keys.limit("key:main") == "p:limit:{g:key:main}:key:main"  # a key's: its own
+    assert Keys("p", 1, {"pair-a": "pair"}).limit("pair-a") == "p:limit:pair-a"

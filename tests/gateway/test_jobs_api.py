@@ -167,7 +167,7 @@ def test_a_key_lists_its_own_jobs_newest_first_page_by_page(gateway: GatewayProc
             "url": "/v1/completions", "queue": "bulk",
             "body": {"model": "allowed-x", "prompt": "x"}}).json()["id"]
         # a job whose record expired leaves the listing (and the index) when it is met
-        redis_client.delete(Keys(settings.redis.prefix, settings.redis.shards).job(ours[2]))
+        redis_client.delete(Keys.of(settings).job(ours[2]))
         listed: list[str] = []
         page = http.get("/v1/jobs", params={"limit": 2}).json()
         assert page["object"] == "list" and len(page["data"]) == 2 and page["has_more"]

@@ -23,7 +23,7 @@ def run_with_store(settings: Settings, body: Callable[[AsyncJobStore], Awaitable
     async def main() -> T:
         client = connect_async(settings.redis, max_connections=pool)
         try:
-            keys = Keys(settings.redis.prefix, settings.redis.shards)
+            keys = Keys.of(settings)
             return await body(AsyncJobStore(client, keys, settings.jobs.result_ttl,
                                             settings.jobs.queued_ttl))
         finally:

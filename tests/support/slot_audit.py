@@ -30,9 +30,9 @@ CROSS_SLOT_LEFT: frozenset[str] = frozenset({
     # transaction, so that a failed round trip wrote none
     "transaction job_create",
 })
-# Not in the workload the audit watches, and still across slots: the limits (``admit``,
-# ``settle``, ``observe``: a call's scopes, its group's and its gateway key's), the routing
-# (``route``, ``routed``: a group's deployments).
+# Still across slots, and in no test of the second pass: a call under both its upstream group's
+# limits and its gateway key's own (``admit`` and ``settle`` over both scopes). The limits'
+# tests pass the audit (``API_TASKS_TEST_STATE_APART=1``), but are too long for that pass.
 
 _TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
