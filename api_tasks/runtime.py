@@ -138,6 +138,7 @@ class Runtime:
 
     def stop_calls(self) -> int:
         """Abort every call in flight so its job is requeued; returns how many."""
+        self.runner.stopping.set()
         count = self.watchdog.abort_all(Stop.SHUTDOWN)
         if count:
             log.warning("shutdown grace over: requeueing %d job(s) still in flight", count)

@@ -19,11 +19,14 @@ with OpenAI's Batch API): size Redis for it, with ``noeviction``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+import redis
 
 from api_tasks.batches.api_batches import BatchRecords
 from api_tasks.batches.lines import check_file, read_batch
@@ -46,6 +49,7 @@ MAX_WINDOW = 1000
 
 
 _START = script("batch_start")
+log = logging.getLogger(__name__)
 
 
 def upload_batch(client: Enqueuer, source: Path, *, window: int = 200,
@@ -102,8 +106,13 @@ class Batch:
             args=[self.id, total, jobs.queued_ttl, jobs.result_ttl])
         if text(started) == "missing":
             raise BatchNotFound(f"batch {self.id} expired while its file was uploading")
-        if text(started) == "in_progress":  # the pump waits for a batch to start
-            self._scripts["wake"](keys=[self._keys.batches_wake()], args=[jobs.queued_ttl])
+        if text(started) == "in_progress":  # the pump waits for a batch to start: lost,
+            # the wake-up delays its first step to the pump's next look
+            try:
+                self._scripts["wake"](keys=[self._keys.batches_wake()], args=[jobs.queued_ttl])
+            except redis.RedisError as err:
+                log.warning("batch %s started; the pump's wake-up was not left (%s)", self.id,
+                            err)
 
     def _push(self, key: str, lines: str, chunk: list[str]) -> int:
         count = len(chunk)

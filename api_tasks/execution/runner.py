@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -98,6 +99,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.limiter = limiter
         self.router = Router(leases.redis, store.keys, leases.lease_ms)
+        self.stopping = threading.Event()  # set when the shutdown grace is over
         self.tally = Tally()
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
 
@@ -125,7 +127,8 @@ class JobRunner:
                     log.warning("job %s: Redis unavailable at its claim (%s); trying again "
                                 "for up to a lease", job_id, reason(err))
                     said = True
-                time.sleep(_CLAIM_AGAIN)
+                if self.stopping.wait(_CLAIM_AGAIN):  # the grace is over: requeue it
+                    raise WorkerStopping(job_id) from err
 
     def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
              traceparent: str | None) -> Outcome:
@@ -545,8 +548,9 @@ class JobRunner:
             run.job_id, run.token, self._ttl(run.spec), event,
             entry_id(run.attempt, run.published), result, fields, webhooks)],
             timeout=_WRITE_TIMEOUT)
-        if outcome == b"ok" and webhooks.after:  # its deliveries' index and the sender's
-            # wake-up (other slots on a Redis Cluster): lost, they cost a listing or a delay
+        if outcome != b"lost" and webhooks.after:  # its deliveries' index and the sender's
+            # wake-up (other slots on a Redis Cluster; lost, they cost a listing or a delay),
+            # also after an "ended": the finish may have run before a lost reply
             self.writer.submit([packed(call) for call in webhooks.after])
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,

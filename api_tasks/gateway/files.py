@@ -159,9 +159,11 @@ async def upload_file(request: Request) -> Response:
                                       Purpose.BATCH, ttl)
         await shell.run_all(writes.record, transaction=True)
     except BaseException:
-        if stored:  # no file: its pieces go now, not when they expire
+        if stored:  # no file: its pieces go now, not when they expire (unless the record was
+            # written after all, its reply lost: then the file stands)
             with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
-                await shell.run(records.discard(file_id))
+                if not await shell.run(records.meta(file_id)):
+                    await shell.run(records.discard(file_id))
         raise
     with anyio.CancelScope(shield=True):  # the file is made: its index follows, whatever
         await shell.follow(writes.after)  # the client does now

@@ -78,10 +78,11 @@ class Field(StrEnum):
     DEPLOYMENT = "deployment"  # the deployment that served it (or was called last)
     TRIES = "tries"  # each call's deployment, model and error (the last 32), JSON
     UNCOUNTED = "uncounted"  # "1": cancelled while queued, its end in no worker's metrics yet
+    CLAIMED = "claimed"  # the holding attempt's claim reply (JSON), for a claim retried
 
 
 # the workers' business, not the caller's: which attempt holds or ended it, what to count
-ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED})
+ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED, Field.CLAIMED})
 
 
 def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:

@@ -105,3 +105,24 @@ def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
     redis_client.zadd(keys.running(0), {job_id: 1, "expired-job": 1})
     assert store.recover(0, 10) == []
     assert redis_client.zcard(keys.running(0)) == 0
+
+
+def test_a_claim_retried_after_a_lost_reply_gets_the_first_ones_answer(
+        redis_client: redis.Redis) -> None:
+    """A worker that lost a claim's reply (a failover) claims again with the same token: it
+    must not run a job the first claim found cancelled or poisonous, nor lose its turn."""
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}")
+    store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
+    cancelled, poisonous, parked = (uuid.uuid4().hex for _ in range(3))
+    redis_client.set(keys.cancel(cancelled), "1")
+    redis_client.hset(keys.job(poisonous), mapping={"status": "queued", "crashes": 3})
+    redis_client.hset(keys.job(parked), mapping={
+        "status": "queued", "turn_at": int(time.time() * 1000) + 60_000,
+        "turn_on": '["dep", "m"]'})
+    for job_id, verdict in ((cancelled, "cancel"), (poisonous, "poison"), (parked, "run")):
+        first = store.claim(job_id, "mine", {}, time.time())
+        again = store.claim(job_id, "mine", {}, time.time())
+        assert first.verdict == verdict and again == first
+    assert first.turn is not None and first.turn_on == ("dep", "m")  # the turn it reserved
+    # and a claim by another attempt still finds the job held
+    assert store.claim(parked, "other", {}, time.time()).verdict == "busy"

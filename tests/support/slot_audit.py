@@ -114,8 +114,9 @@ def cross_slot(path: Path, client: redis.Redis) -> dict[str, bytes]:
         return None
 
     script: tuple[str, set[bytes]] | None = None  # the script whose commands follow
-    # a transaction's lines come together at its EXEC (Redis runs it at once): the one open
-    block: tuple[str, list[list[bytes]]] | None = None
+    # each client's open transaction: Redis shows its MULTI when it comes, and the commands
+    # it queued at its EXEC, so other clients' lines may come between
+    blocks: dict[str, list[list[bytes]]] = {}
     for line in _lines(path):
         parsed = _parse(line)
         if parsed is None or not parsed[1]:
@@ -129,28 +130,25 @@ def cross_slot(path: Path, client: redis.Redis) -> dict[str, bytes]:
                     found.setdefault(f"script {script[0]} undeclared", undeclared[0])
             continue
         script = None
-        if block is not None and block[0] != source:  # never ended: each checked alone
-            for command in block[1]:
-                single(command)
-            block = None
         if name == b"MULTI":
-            block = (source, [])
+            blocks[source] = []
             continue
-        if block is not None:
-            if name in (b"EXEC", b"DISCARD"):
-                keys = [k for command in block[1] for k in keys_of(command)]
-                if spans(keys):
-                    commands = " ".join(sorted({_label(c, names) for c in block[1]}))
-                    found.setdefault(f"transaction {commands}", b" ".join(keys[:4]))
-                block = None
-                continue
-            block[1].append(args)
-            if name in (b"EVALSHA", b"EVAL"):
-                script = (_label(args, names), set(keys_of(args)))
-                if spans(script[1]):
-                    found.setdefault(f"script {script[0]}", b" ".join(keys_of(args)[:4]))
+        block = blocks.get(source)
+        if block is None:
+            script = single(args)
             continue
-        script = single(args)
+        if name in (b"EXEC", b"DISCARD"):
+            del blocks[source]
+            keys = [k for command in block for k in keys_of(command)]
+            if spans(keys):
+                commands = " ".join(sorted({_label(c, names) for c in block}))
+                found.setdefault(f"transaction {commands}", b" ".join(keys[:4]))
+            continue
+        block.append(args)
+        if name in (b"EVALSHA", b"EVAL"):
+            script = (_label(args, names), set(keys_of(args)))
+            if spans(script[1]):
+                found.setdefault(f"script {script[0]}", b" ".join(keys_of(args)[:4]))
     return found
 
 

@@ -1,11 +1,12 @@
--- KEYS: job, cancel, lease, events, running index, running messages. ARGV: now, ttl, token, lease_ms, max_crashes, the task message ('' = none), job
--- id, then field/value pairs for a job nobody recorded (a plain Celery client's). The
--- message is kept while the job runs, so a job whose message is lost can be sent again.
+-- KEYS: job, cancel, lease, events, running index, running messages. ARGV: now, ttl, token,
+-- lease_ms, max_crashes, the task message ('' = none), job id, then field/value pairs for a
+-- job nobody recorded (a plain Celery client's). The message is kept while the job runs, so
+-- a job whose message is lost can be sent again; the reply too, for a claim retried.
 -- Returns {verdict, delivery, created_at, ms to a reserved turn or '',
 -- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
 -- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'turn_at', 'turn_on',
-                     'deliveries', 'crashes')
+                     'deliveries', 'crashes', 'claimed')
 local s, created = f[1], f[2] or ARGV[1]
 local now = now_ms()
 local turn = f[3] and tostring(tonumber(f[3]) - now) or ''
@@ -16,12 +17,22 @@ if ended(s) then
   return {s, '0', created, turn, shown, on, uncounted and '1' or ''}
 end
 local holder = redis.call('GET', KEYS[3])
-if holder == ARGV[3] then return {'run', f[5] or '1', created, turn, shown, on} end
+-- a claim retried after a lost reply: the answer the first one got (its turn was cleared)
+if holder == ARGV[3] then
+  if f[7] then return cjson.decode(f[7]) end
+  return {'run', f[5] or '1', created, turn, shown, on}
+end
 if holder then return {'busy', '0', created, turn, shown, on} end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = tostring(tonumber(f[5] or '0') + 1)
+local verdict = 'run'
+if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
+elseif tonumber(f[6] or '0') >= tonumber(ARGV[5]) then
+  verdict = 'poison'
+end
+local reply = {verdict, n, created, turn, shown, on}
 redis.call('HSET', KEYS[1], 'status', 'running', 'deliveries', n, 'started_at', ARGV[1],
-           'token', ARGV[3])
+           'token', ARGV[3], 'claimed', cjson.encode(reply))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), ARGV[7])
@@ -30,10 +41,5 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[6], ARGV[7], ARGV[6])
   redis.call('EXPIRE', KEYS[6], ARGV[2])
 end
-local verdict = 'run'
-if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
-elseif tonumber(f[6] or '0') >= tonumber(ARGV[5]) then
-  verdict = 'poison'
-end
 if f[3] or f[4] then redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on') end
-return {verdict, n, created, turn, shown, on}
+return reply
