@@ -89,15 +89,15 @@ class Submissions:
 def _together(submissions: list[Submission]) -> list[list[Call[Any]]]:
     """Each submission's calls as one group (broker and state as one: its one script writes
     the record and sends the message, so no transaction is needed), then its owner index."""
-    return [[*s.calls] for s in submissions] + _indexes(submissions)
+    return [[*s.calls] for s in submissions] + [[call] for call in _indexes(submissions)]
 
 
 def _indexes(submissions: list[Submission], written: list[int] | None = None
-             ) -> list[list[Call[Any]]]:
-    """The owner index calls of the submissions (of those ``written``, when given), each a
-    group of its own: run after the records, their replies are not looked at."""
+             ) -> list[Call[Any]]:
+    """The owner index calls of the submissions (of those ``written``, when given): run
+    after the records, their replies are not looked at."""
     chosen = submissions if written is None else [submissions[i] for i in written]
-    return [[s.index] for s in chosen if s.index is not None]
+    return [s.index for s in chosen if s.index is not None]
 
 
 def _sends(submissions: list[Submission], written: list[int]) -> list[list[Call[Any]]]:
@@ -196,18 +196,12 @@ class Enqueuer:
         records = self.store.shell.run_groups([list(s.calls) for s in submissions],
                                               transaction=len(submissions) > 1)
         written = _written(records)
-        self._index(_indexes(submissions, written))
+        self.store.shell.follow(_indexes(submissions, written))
         try:
             sent = self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
-
-    def _index(self, groups: list[list[Call[Any]]]) -> None:
-        """Write owner index entries; a Redis that fails them costs a listing the jobs only."""
-        if groups:
-            with contextlib.suppress(redis.RedisError):
-                self.store.shell.run_groups(groups)
 
     def enqueue(self, kind: Kind, first: Any, params: Mapping[str, Any], *,
                 job_id: str | None = None, fields: Mapping[str, str] | None = None) -> str:
@@ -307,18 +301,12 @@ class AsyncEnqueuer:
         records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
                                                     transaction=len(submissions) > 1)
         written = _written(records)
-        await self._index(_indexes(submissions, written))
+        await self.store.shell.follow(_indexes(submissions, written))
         try:
             sent = await self.broker.run_groups(_sends(submissions, written))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
-
-    async def _index(self, groups: list[list[Call[Any]]]) -> None:
-        """``Enqueuer._index`` on asyncio."""
-        if groups:
-            with contextlib.suppress(redis.RedisError):
-                await self.store.shell.run_groups(groups)
 
     async def _send_batch(self, batch: list[tuple[Submission, asyncio.Future[None]]]) -> None:
         replies: list[Any] = [None] * len(batch)

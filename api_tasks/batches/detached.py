@@ -19,14 +19,11 @@ with OpenAI's Batch API): size Redis for it, with ``noeviction``.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-
-import redis
 
 from api_tasks.batches.api_batches import BatchRecords
 from api_tasks.batches.lines import check_file, read_batch
@@ -49,7 +46,6 @@ MAX_WINDOW = 1000
 
 
 _START = script("batch_start")
-log = logging.getLogger(__name__)
 
 
 def upload_batch(client: Enqueuer, source: Path, *, window: int = 200,
@@ -75,8 +71,7 @@ class Batch:
         self._client = client
         self._keys = client.keys
         self._redis = client.redis
-        self._scripts = {"start": self._redis.register_script(_START),
-                         "wake": self._redis.register_script(script("wake"))}
+        self._scripts = {"start": self._redis.register_script(_START)}
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
@@ -108,11 +103,7 @@ class Batch:
             raise BatchNotFound(f"batch {self.id} expired while its file was uploading")
         if text(started) == "in_progress":  # the pump waits for a batch to start: lost,
             # the wake-up delays its first step to the pump's next look
-            try:
-                self._scripts["wake"](keys=[self._keys.batches_wake()], args=[jobs.queued_ttl])
-            except redis.RedisError as err:
-                log.warning("batch %s started; the pump's wake-up was not left (%s)", self.id,
-                            err)
+            self._client.store.shell.follow([BatchRecords(self._keys).wake()])
 
     def _push(self, key: str, lines: str, chunk: list[str]) -> int:
         count = len(chunk)

@@ -220,7 +220,7 @@ class BatchPump(Sweep):
                                               keys.batches(keys.shard(batch_id)), *hooks.keys],
                                         args=[batch_id, now, json.dumps(checked.problems),
                                               int(state.get("output_ttl") or self._ttl),
-                                              *hooks.args]) and hooks.after:
+                                              *hooks.args]):
                 shell.follow(hooks.after)
             return
         # its file's bytes must outlast its window, and its finalizing after that (kept
@@ -248,8 +248,7 @@ class BatchPump(Sweep):
                       keys.batch_errors(batch_id), keys.file(output), keys.file(errors),
                       keys.batches(keys.shard(batch_id)), *hooks.keys],
                 args=[batch_id, repr(time.time()), *sizes, output, errors,
-                      int(state.get("output_ttl") or self._ttl), *hooks.args]) \
-                and after + hooks.after:
+                      int(state.get("output_ttl") or self._ttl), *hooks.args]):
             self._shell.follow(after + hooks.after)
 
     def _list_bytes(self, key: str) -> int:

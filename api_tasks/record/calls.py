@@ -61,17 +61,10 @@ def lua(name: str, keys: Sequence[str], args: Sequence[Any],
     return Call(tuple(args), parse, name, tuple(keys))
 
 
-def _command(call: Call[Any], script: Callable[[str], Any]) -> tuple[Any, ...]:
-    """A call as one pipelined command: a script by EVALSHA alone (redis-py's pipelined
-    scripts cost a ``SCRIPT EXISTS`` round trip first, each time)."""
-    if not call.script:
-        return call.args
-    return ("EVALSHA", script(call.script).sha, len(call.keys), *call.keys, *call.args)
-
-
 def packed(call: Call[Any]) -> tuple[Any, ...]:
-    """A call as a raw command for the event writer (a script by EVALSHA: the writer sends
-    it whole to a Redis that lacks it)."""
+    """A call as one raw command, for a pipeline or the event writer: a script by EVALSHA
+    alone (redis-py's pipelined scripts cost a ``SCRIPT EXISTS`` round trip first, each
+    time), sent whole again by its runner to a Redis that lacks it."""
     if not call.script:
         return call.args
     return ("EVALSHA", sha(call.script), len(call.keys), *call.keys, *call.args)
@@ -181,7 +174,7 @@ class SyncShell:
             return [[] for _ in groups]
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
-            pipe.execute_command(*_command(call, self._script))  # type: ignore[no-untyped-call]
+            pipe.execute_command(*packed(call))  # type: ignore[no-untyped-call]
         out: list[list[Any] | Failed] = []
         for group, replies in zip(groups, _grouped(groups, pipe.execute(raise_on_error=False)),
                                   strict=True):
@@ -256,7 +249,7 @@ class AsyncShell:
             return [[] for _ in groups]
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
-            pipe.execute_command(*_command(call, self._script))
+            pipe.execute_command(*packed(call))
         out: list[list[Any] | Failed] = []
         replies_of = _grouped(groups, await pipe.execute(raise_on_error=False))
         for group, replies in zip(groups, replies_of, strict=True):

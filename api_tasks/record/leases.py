@@ -23,7 +23,6 @@ a script that fails halfway.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -39,8 +38,6 @@ from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
 from api_tasks.record.writer import Command
 
 __all__ = ["Claim", "LeaseStore", "Parked", "Requeue", "Verdict"]
-
-log = logging.getLogger(__name__)
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -120,7 +117,6 @@ class LeaseStore:
         self._sent = client.register_script(_SENT)
         self._defer = client.register_script(_DEFER)
         self._recover = client.register_script(_RECOVER)
-        self._wake = client.register_script(script("wake"))
         self._shell = SyncShell(client)
 
     def claim(self, job_id: str, token: str, fields: dict[str, str], now: float,
@@ -168,7 +164,7 @@ class LeaseStore:
             [until] = reply
             if until == -1:
                 lost.append(job_id)
-            elif until not in (0, -1):  # the slots in flight live as long as the lease: on
+            elif until:  # the slots in flight live as long as the lease: on
                 # other slots than the job's on a Redis Cluster, so apart from its script
                 flights += [command("ZADD", flight, "XX", until, job_id)
                             for flight in held_flights]
@@ -218,10 +214,7 @@ class LeaseStore:
         """Leave the sweeping scheduler a token: a job waits now (after the script that
         made it wait, as the wake list lives on another slot on a Redis Cluster). Lost, it
         delays the scheduler's look by its idle period at most: logged, not raised."""
-        try:
-            self._wake(keys=[self.keys.delayed_wake()], args=[self.queued_ttl])
-        except redis.RedisError as err:
-            log.warning("the scheduler's wake-up was not left (%s)", err)
+        self._shell.follow([lua("wake", [self.keys.delayed_wake()], [self.queued_ttl])])
 
     def due(self, shard: int, limit: int = 500) -> tuple[list[tuple[str, dict[str, Any], str]],
                                                          float | None]:
