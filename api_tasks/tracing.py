@@ -76,9 +76,10 @@ def _tracer() -> Any:
     return _state["tracer"]
 
 
+@functools.cache
 def _installed() -> bool:
     """Whether the OpenTelemetry SDK can be imported (``OTEL_*`` variables set for a whole
-    cluster reach processes without it too)."""
+    cluster reach processes without it too); looked up once a process."""
     try:
         return importlib.util.find_spec("opentelemetry.sdk") is not None
     except ImportError:  # its parent package is missing: find_spec imports it first
