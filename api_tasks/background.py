@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import redis
 
-from api_tasks.connections import reason
+from api_tasks.connections import UNAVAILABLE, reason
 from api_tasks.record.scripts import script
 
 __all__ = ["Loop", "Sweep", "Throttled"]
@@ -83,7 +83,7 @@ class Loop:
             try:
                 self.tick()
             except Exception as err:  # the thread must outlive any one bad round
-                if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+                if isinstance(err, UNAVAILABLE):
                     self._trouble.warn("%s: Redis unavailable (%s)", self._thread.name, reason(err))
                 else:
                     self._trouble.warn("%s: round failed (%s)", self._thread.name, err,

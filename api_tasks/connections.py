@@ -4,27 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import weakref
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
+from redis._parsers import AsyncCommandsParser, CommandsParser
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
+from redis.retry import Retry
 
 from api_tasks.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
+    from config.cluster_url import ClusterURL
     from config.sentinel_url import SentinelURL
     from config.settings import RedisSettings
 
-__all__ = ["BLOCK_SLICE", "broker_errors", "connect", "connect_async", "pool_size", "reason",
-           "sentinel_options", "text", "text_map", "wait_for_redis"]
+__all__ = ["BLOCK_SLICE", "UNAVAILABLE", "broker_errors", "connect", "connect_async", "is_cluster",
+           "pool_size", "reason", "sentinel_options", "text", "text_map", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
+
+# What says a Redis is out of reach for now: a connection that failed or timed out, and on a
+# Redis Cluster a node that lost its slots' quorum or is taking them back (``CLUSTERDOWN``,
+# ``TRYAGAIN``, ``MASTERDOWN``): each is waited out or told to the caller alike.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, MasterDownError)
 
 # Blocking reads wait in slices this long, well under the socket timeout,
 # so a dead connection is noticed and a caller's deadline is honoured.
@@ -94,6 +108,8 @@ def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
     the socket timeout) instead of failing with "Too many connections".
     """
     options = _options(settings, socket_timeout, max_connections)
+    if (nodes := settings.cluster) is not None:
+        return _cluster(nodes, options)
     where = settings.sentinel
     if where is None:
         pool: redis.BlockingConnectionPool = redis.BlockingConnectionPool.from_url(
@@ -111,6 +127,8 @@ def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE +
     """``connect`` for asyncio callers (the HTTP gateway): the same options and bounds, and
     at most ``CONNECTING`` connections being opened at once."""
     options = _options(settings, socket_timeout, max_connections)
+    if (nodes := settings.cluster) is not None:
+        return _async_cluster(nodes, options)
     where = settings.sentinel
     if where is None:
         pool: redis.asyncio.BlockingConnectionPool = \
@@ -123,6 +141,133 @@ def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE +
     chosen = pool.connection_class  # plain, TLS or Unix socket, from the URL
     pool.connection_class = type(f"Paced{chosen.__name__}", (_PacedConnect, chosen), {})
     return redis.asyncio.Redis(connection_pool=pool)
+
+
+def _cluster_options(nodes: ClusterURL, options: dict[str, Any]) -> dict[str, Any]:
+    """``_options`` for a cluster client: per node, with the URL's login."""
+    options = {k: v for k, v in options.items() if k not in ("timeout", "health_check_interval")}
+    return {**options, "username": nodes.username, "password": nodes.password,
+            "ssl": nodes.tls,
+            # a primary down stops its own slots, not the client (with the servers'
+            # cluster-require-full-coverage no, the others go on)
+            "require_full_coverage": False,
+            # redis-py tries a node out of reach again for seconds; the project's own
+            # retries (a claim's, the event writer's) wait for a failover, so a call to a
+            # dead node fails in a fraction of a second and the others go on meanwhile
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)}
+
+
+def _cluster(nodes: ClusterURL, options: dict[str, Any]) -> redis.Redis:
+    """A Redis Cluster client, a pool per node, waiting for a free connection as ``connect``'s
+    does; typed as ``redis.Redis``, whose commands it offers (the few places that differ ask
+    ``is_cluster``)."""
+    client = redis.cluster.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                       for host, port in nodes.nodes],
+        connection_pool_class=redis.BlockingConnectionPool,
+        **_cluster_options(nodes, options))
+    client.commands_parser.__class__ = _Parser  # built (and loaded) by the client
+    return cast("redis.Redis", client)
+
+
+def _async_cluster(nodes: ClusterURL, options: dict[str, Any]) -> redis.asyncio.Redis:
+    """``_cluster`` for asyncio callers (``_AsyncCluster``)."""
+    bound = options["max_connections"]
+    client = _AsyncCluster(
+        startup_nodes=[redis.asyncio.cluster.ClusterNode(host, port)
+                       for host, port in nodes.nodes],
+        **{**_cluster_options(nodes, options), "max_connections": 2 * bound})
+    client.commands_parser = _AsyncParser()
+    client.bound, client.wait_for = bound, options["timeout"]
+    return cast("redis.asyncio.Redis", client)
+
+
+_GATED: contextvars.ContextVar[bool] = contextvars.ContextVar("api_tasks_gated", default=False)
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """redis-py's asyncio cluster client, but a call that finds ``bound`` calls out waits for
+    one to end (up to ``wait_for`` seconds), as ``connect_async``'s pool does: redis-py's
+    fails at once when a node's connections are all busy. A call or pipeline holds at most
+    one connection a node, so the nodes' pools (twice as big, for redirects the client
+    follows inside a call) never run out."""
+
+    bound = 100
+    wait_for = BLOCK_SLICE
+    _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+
+    @contextlib.asynccontextmanager
+    async def gate(self) -> AsyncIterator[None]:
+        """Hold one of the ``bound`` calls (a call made inside one holds none more)."""
+        if _GATED.get():
+            yield
+            return
+        gates = self.__dict__.setdefault("_gates", weakref.WeakKeyDictionary())
+        loop = asyncio.get_running_loop()
+        gate = gates.get(loop)
+        if gate is None:
+            gate = gates[loop] = asyncio.Semaphore(self.bound)
+        try:
+            async with asyncio.timeout(self.wait_for):
+                await gate.acquire()
+        except TimeoutError:
+            raise redis.ConnectionError("no Redis connection came free in time") from None
+        held = _GATED.set(True)
+        try:
+            yield
+        finally:
+            _GATED.reset(held)
+            gate.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.gate():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None,
+                 shard_hint: Any | None = None) -> redis.asyncio.cluster.ClusterPipeline:
+        if shard_hint:
+            raise redis.RedisError("shard_hint is not supported on a Redis Cluster")
+        return _GatedPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _GatedPipeline(redis.asyncio.cluster.ClusterPipeline):
+    """A pipeline that holds one of its client's calls while it runs."""
+
+    async def execute(self, raise_on_error: bool = True,
+                      allow_redirections: bool = True) -> list[Any]:
+        client = cast("_AsyncCluster", self.cluster_client)
+        async with client.gate():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def _stream_keys(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The keys of an ``XREAD`` (the first half of what follows ``STREAMS``); None for any
+    other command. redis-py's cluster client asks the server (``COMMAND GETKEYS``) before
+    every command whose keys move, which would double the reads of a job's stream."""
+    if text(args[0]).upper() != "XREAD":
+        return None
+    words = [text(arg).upper() if isinstance(arg, (str, bytes)) else "" for arg in args]
+    after = args[words.index("STREAMS") + 1:] if "STREAMS" in words else ()
+    return tuple(after[:len(after) // 2]) or None
+
+
+class _Parser(CommandsParser):
+    """Finds an ``XREAD``'s keys itself (``_stream_keys``)."""
+
+    def get_keys(self, redis_conn: Any, *args: Any) -> Any:
+        return _stream_keys(args) or super().get_keys(redis_conn, *args)  # type: ignore[no-untyped-call]
+
+
+class _AsyncParser(AsyncCommandsParser):
+    """``_Parser`` for the asyncio cluster client."""
+
+    async def get_keys(self, *args: Any) -> Any:
+        return _stream_keys(args) or await super().get_keys(*args)
+
+
+def is_cluster(client: redis.Redis | redis.asyncio.Redis) -> bool:
+    """Whether a client from ``connect``/``connect_async`` is a Redis Cluster's."""
+    return isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
 
 
 CONNECTING = 32
@@ -171,7 +316,7 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
         try:
             client.ping()
             return
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             now = time.monotonic()
             if now - said >= say_every:
                 log.warning("waiting for Redis (%s)", err)
@@ -194,7 +339,7 @@ def broker_errors() -> Iterator[None]:
     """Raise a Redis connection failure as ``BrokerUnavailable``, with its reason."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as err:
+    except UNAVAILABLE as err:
         raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
 

@@ -24,7 +24,7 @@ import redis.asyncio
 
 from api_tasks import metrics, tracing
 from api_tasks.broker import task_message
-from api_tasks.connections import connect, reason
+from api_tasks.connections import UNAVAILABLE, connect, reason
 from api_tasks.errors import BrokerUnavailable
 from api_tasks.record.calls import AsyncShell, Call, Failed, SyncShell, lua
 from api_tasks.record.job_record import queued, submit_fields
@@ -129,6 +129,13 @@ def _unknown(err: Exception) -> Failed:
     return Failed(err, [None])
 
 
+def _whole(shell: SyncShell | AsyncShell, submissions: list[Submission]) -> bool:
+    """Whether several records (broker apart) go in one transaction, so that a failed round
+    trip wrote all or none. Not on a Redis Cluster, where a transaction keeps to one slot:
+    there each record's one script is whole, and one whose message was not sent lapses."""
+    return len(submissions) > 1 and not shell.cluster
+
+
 def _written(records: list[list[Any] | Failed]) -> list[int]:
     return [i for i, written in enumerate(records) if not isinstance(written, Failed)]
 
@@ -150,7 +157,7 @@ def _created(outcome: Any) -> bool:
 
 def _seen(err: Exception) -> Exception:
     """The error a submitter sees: ``BrokerUnavailable`` for a Redis out of reach."""
-    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(err, UNAVAILABLE):
         return BrokerUnavailable(f"Redis is unavailable, job not submitted: {err}")
     return err
 
@@ -194,12 +201,12 @@ class Enqueuer:
         if not self.apart:
             return self.store.shell.run_groups(_together(submissions))[:len(submissions)]
         records = self.store.shell.run_groups([list(s.calls) for s in submissions],
-                                              transaction=len(submissions) > 1)
+                                              transaction=_whole(self.store.shell, submissions))
         written = _written(records)
         self.store.shell.follow(_indexes(submissions, written))
         try:
             sent = self.broker.run_groups(_sends(submissions, written))
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
 
@@ -214,7 +221,7 @@ class Enqueuer:
         submission = self.submissions.build(kind, first, params, job_id=job_id, fields=fields)
         try:
             [outcome] = self._send([submission])
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             # the transaction ran whole or not at all: no record waits for a lost message
             raise _seen(err) from err
         error, orphaned = _outcome(outcome)
@@ -235,7 +242,7 @@ class Enqueuer:
             return []
         try:
             outcomes = self._send(submissions)
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             return [_seen(err)] * len(submissions)
         for submission, outcome in zip(submissions, outcomes, strict=True):
             if _created(outcome):  # not a line sent again: its job was counted then
@@ -298,13 +305,13 @@ class AsyncEnqueuer:
         if not self.apart:
             return (await self.store.shell.run_groups(_together(submissions)))[
                 :len(submissions)]
-        records = await self.store.shell.run_groups([list(s.calls) for s in submissions],
-                                                    transaction=len(submissions) > 1)
+        records = await self.store.shell.run_groups(
+            [list(s.calls) for s in submissions], transaction=_whole(self.store.shell, submissions))
         written = _written(records)
         await self.store.shell.follow(_indexes(submissions, written))
         try:
             sent = await self.broker.run_groups(_sends(submissions, written))
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             sent = [_unknown(err)] * len(written)
         return _joined(records, sent)
 

@@ -21,11 +21,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from config.allow_list import allow_list
+from config.cluster_url import CLUSTER_SCHEMES, ClusterURL, parse_cluster_url
 from config.sentinel_url import SentinelURL, parse_sentinel_url
 
 __all__ = [
@@ -339,20 +341,41 @@ class RedisSettings(_Model):
 
     @field_validator("url", "state_url")
     @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
+    def _check_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         scheme = urlsplit(value).scheme
         if scheme == "sentinel":
             parse_sentinel_url(value)
+        elif scheme in CLUSTER_SCHEMES:
+            if info.field_name == "url":  # kombu's Redis transport has no cluster client
+                raise ValueError("the Celery broker cannot be a Redis Cluster: give the "
+                                 "cluster as state_url and a plain Redis as url")
+            parse_cluster_url(value)
         elif scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must start with redis://, rediss://, unix:// or sentinel://")
+            raise ValueError("must start with redis://, rediss://, unix:// or sentinel:// "
+                             "(state_url also redis+cluster:// or rediss+cluster://)")
         return value
 
     @property
     def sentinel(self) -> SentinelURL | None:
         """The Sentinels to ask for the primary, when the URL names them."""
         return parse_sentinel_url(self.url) if urlsplit(self.url).scheme == "sentinel" else None
+
+    @field_validator("shards")
+    @classmethod
+    def _check_shards(cls, value: int, info: ValidationInfo) -> int:
+        state = info.data.get("state_url")  # checked before: a field above this one
+        if value < 2 and state and urlsplit(state).scheme in CLUSTER_SCHEMES:
+            raise ValueError("a Redis Cluster (state_url) holds the state over job shards: "
+                             "set a few per primary")
+        return value
+
+    @property
+    def cluster(self) -> ClusterURL | None:
+        """The Redis Cluster's nodes, when the URL names one (only the state's may)."""
+        return parse_cluster_url(self.url) if urlsplit(self.url).scheme in CLUSTER_SCHEMES \
+            else None
 
     @property
     def split(self) -> bool:

@@ -2,10 +2,12 @@
 
 Every test that submits jobs uses models named uniquely for it, so scripted
 upstream behaviour and recorded requests never mix between tests. With
-``API_TASKS_TEST_STATE_APART=1`` the project's state lives on a second Redis, apart from the
-broker (``redis.state_url``) and the jobs spread over 4 shards (``redis.shards``):
-``redis_client`` reaches the state's, ``broker_client`` the broker's (``scripts/test`` runs the
-core and fault tests so too, and ``slot_audit`` checks what a Redis Cluster would refuse).
+``API_TASKS_TEST_STATE_CLUSTER=1`` the project's state lives on a Redis Cluster of 3 primaries,
+apart from the broker (``redis.state_url``), its jobs over 12 shards (``redis.shards``;
+``scripts/test`` runs the core and fault tests so too); with ``API_TASKS_TEST_STATE_APART=1``
+on a second plain Redis over 4 shards, where ``slot_audit`` checks what a cluster would refuse.
+``redis_client`` reaches the state's Redis (a cluster client on a cluster), ``broker_client``
+the broker's.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 import yaml
 from celery import Celery
+from redis.cluster import RedisCluster
 
 from api_tasks.broker import create_app
 from api_tasks.client import Client
@@ -31,6 +34,7 @@ from tests.support.fault_proxy import FaultProxy
 from tests.support.figures import Figures
 from tests.support.services import (
     GatewayProcess,
+    RedisClusterGroup,
     RedisServer,
     Spawn,
     WorkerProcess,
@@ -48,7 +52,9 @@ GATEWAY_LIMITED_KEY = "sk-gw-limited-0c3f"
 LIMITED_RPM = 120  # the limited key's own limit: a call every half second
 GATEWAY_TOKENED_KEY = "sk-gw-tokened-5d21"
 TOKENED_TPM = 60000  # the tokened key's own limit: 1,000 tokens a second
-STATE_APART = os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
+# the state on a Redis Cluster of 3 primaries (apart from the broker, which cannot be one)
+STATE_CLUSTER = os.environ.get("API_TASKS_TEST_STATE_CLUSTER") == "1"
+STATE_APART = STATE_CLUSTER or os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
 
 
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
@@ -96,12 +102,15 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def state_server(workdir: Path, redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The Redis of the project's state: the broker's own, or one apart."""
+def state_server(workdir: Path, redis_server: RedisServer
+                 ) -> Iterator[RedisServer | RedisClusterGroup]:
+    """The Redis of the project's state: the broker's own, or one apart (or a cluster)."""
     if not STATE_APART:
         yield redis_server
         return
-    server = RedisServer(workdir / "redis-state").start()
+    server = RedisClusterGroup(workdir / "state-cluster") if STATE_CLUSTER \
+        else RedisServer(workdir / "redis-state")
+    server.start()
     yield server
     server.stop()
 
@@ -110,10 +119,11 @@ _CROSS_SLOT: dict[str, bytes] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def slot_audit(workdir: Path, state_server: RedisServer) -> Iterator[None]:
+def slot_audit(workdir: Path, state_server: RedisServer | RedisClusterGroup) -> Iterator[None]:
     """With the state apart, what a Redis Cluster would refuse of the state's commands: only
-    what ``CROSS_SLOT_LEFT`` lists (the work left, which may only shrink)."""
-    if not STATE_APART:
+    what ``CROSS_SLOT_LEFT`` lists (the work left, which may only shrink). On a cluster the
+    cluster itself refuses them."""
+    if not isinstance(state_server, RedisServer) or not STATE_APART:
         yield
         return
     audit = SlotAudit("127.0.0.1", state_server.port, workdir / "state-monitor.log").start()
@@ -152,7 +162,8 @@ def webhook_trap() -> Iterator[WebhookReceiver]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServer,
+def worker_env(workdir: Path, redis_server: RedisServer,
+               state_server: RedisServer | RedisClusterGroup,
                fake: FakeUpstream,
                proxy: FaultProxy, webhook_receiver: WebhookReceiver,
                webhook_trap: WebhookReceiver) -> dict[str, str]:
@@ -184,7 +195,10 @@ def worker_env(workdir: Path, redis_server: RedisServer, state_server: RedisServ
                 "GW_HOOK_SECRET": WEBHOOK_SECRET,
                 "API_TASKS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1",
                 "API_TASKS_METRICS_PORT": "0"})  # many workers on one machine: any free port
-    if state_server is not redis_server:
+    if isinstance(state_server, RedisClusterGroup):
+        env["REDIS_STATE_URL"] = state_server.cluster_url
+        env["API_TASKS_REDIS_SHARDS"] = "12"  # a few per primary
+    elif state_server is not redis_server:
         env["REDIS_STATE_URL"] = state_server.url
         env["API_TASKS_REDIS_SHARDS"] = "4"  # jobs over 4 shards, so the audit sees them apart
     return env
@@ -217,8 +231,11 @@ def celery_app(client: Client) -> Iterator[Celery]:
 
 
 @pytest.fixture(scope="session")
-def redis_client(state_server: RedisServer) -> redis.Redis:
-    """The Redis of the project's state (records, results, streams...)."""
+def redis_client(state_server: RedisServer | RedisClusterGroup) -> redis.Redis:
+    """The Redis of the project's state (records, results, streams...): on a cluster, a
+    cluster client (which offers ``redis.Redis``'s commands)."""
+    if isinstance(state_server, RedisClusterGroup):
+        return cast("redis.Redis", RedisCluster.from_url(state_server.url))
     return redis.Redis.from_url(state_server.url)
 
 

@@ -42,7 +42,7 @@ from api_tasks.batches.inputs import PieceCache, read_lines
 from api_tasks.batches.lines import line_params, record_for, usage_of
 from api_tasks.batches.state import BatchStatus
 from api_tasks.batches.validation import Checked, check_input
-from api_tasks.connections import text, text_map
+from api_tasks.connections import UNAVAILABLE, text, text_map
 from api_tasks.errors import InvalidJob, error_object
 from api_tasks.record.calls import Call, lua
 from api_tasks.record.job_record import TERMINAL, Field, JobStatus
@@ -129,7 +129,7 @@ class BatchPump(Sweep):
             return False
         try:
             return self.step(batch_id)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except UNAVAILABLE:
             raise
         except Exception:  # one bad batch must not stop the others
             log.exception("batch %s: step failed", batch_id)

@@ -69,6 +69,7 @@ class Cooldowns:
 _ADMIT = script("admit")
 _SETTLE = script("settle")
 _OBSERVE = script("observe")
+_GIVE_BACK = script("give_back")
 
 
 _LINE_GRACE_MS = 15_000  # a job in line that does not ask again within its wait and this
@@ -120,6 +121,13 @@ class _Scope:
         return pace_args(self.limits)
 
 
+def _hash_tag(key: str) -> str:
+    """The hash tag of a key (its first ``{...}``): "" for none (one shard, one Redis)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start >= 0 and end > start + 1 else ""
+
+
 def _correction(limits: Limits, unused: int, answered: bool, counted: int | None) -> int:
     """What the upstream counted of an answered call beyond its reservation (negative: less),
     as the scope's rule has it: the usage, or the arrival charge (``counted``, if known)."""
@@ -159,6 +167,7 @@ class Limiter:
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
         self._observe = client.register_script(_OBSERVE)
+        self._give = client.register_script(_GIVE_BACK)
 
     def flights(self, scopes: list[tuple[str, Limits]]) -> list[str]:
         """The in-flight sets a call under these scopes holds a slot in."""
@@ -175,7 +184,25 @@ class Limiter:
         """
         if not scopes:
             return Admission(True, 0.0, Hold.NOTHING)
-        parts = [_Scope(name, limits) for name, limits in scopes]
+        taken: list[list[_Scope]] = []
+        worst = Admission(True, 0.0, Hold.NOTHING)
+        # scopes on different slots (a gateway key's own beside its upstream group's, on a
+        # Redis Cluster) are admitted a slot at a time: a turn that a later slot refuses is
+        # given back, and the call goes at the latest turn any gave
+        for parts in self._by_slot(scopes):
+            admission = self._admit_in(parts, job_id, cost, reserved, horizon, place)
+            if not admission.go:
+                for given in taken:
+                    self._give_back(job_id, given, 0 if reserved else cost, reserved)
+                return admission
+            taken.append(parts)
+            if admission.wait >= worst.wait:
+                worst = admission
+        return worst
+
+    def _admit_in(self, parts: list[_Scope], job_id: str, cost: int, reserved: bool,
+                  horizon: float | None, place: float | None) -> Admission:
+        """``admit`` under scopes that share a slot: one script."""
         keys = [key for part in parts for key in (
             self.keys.limit(part.name), self.keys.in_flight(part.name),
             self.keys.line(part.name), self.keys.line_until(part.name),
@@ -189,6 +216,19 @@ class Limiter:
                   *[value for part in parts for value in part.args()]])
         return Admission(text(verdict) == "turn", float(wait) / 1000, Hold(text(reason)))
 
+    def _give_back(self, job_id: str, parts: list[_Scope], cost: int, reserved: bool) -> None:
+        """Undo a turn ``_admit_in`` just gave (only its slot, if the job held its turn)."""
+        self._give(keys=self._keys(parts), args=[job_id, cost, *[
+            0 if reserved else value for part in parts for value in part.args()[:2]]])
+
+    def _by_slot(self, scopes: list[tuple[str, Limits]]) -> list[list[_Scope]]:
+        """The scopes as groups that share a slot, in the order given (one group but on a
+        Redis Cluster's layout, ``redis.shards`` > 1)."""
+        groups: dict[str, list[_Scope]] = {}
+        for name, limits in scopes:
+            groups.setdefault(_hash_tag(self.keys.limit(name)), []).append(_Scope(name, limits))
+        return list(groups.values())
+
     def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int,
                answered: bool = True, counted: int | None = None) -> None:
         """The call ended: free its slot, charge what it overran, and give back what it did
@@ -197,8 +237,7 @@ class Limiter:
         how many more tokens than it reserved an upstream counting on arrival charged it (its
         reported prompt plus the reply's ceiling, less the reservation), to correct what the
         scope knows it spent (``observe``)."""
-        if scopes:
-            parts = [_Scope(name, limits) for name, limits in scopes]
+        for parts in self._by_slot(scopes):
             self._settle(keys=self._keys(parts), args=[job_id, *[
                 value for part in parts for value in (
                     part.args()[1], unused if part.limits.accounting == "usage"
@@ -211,10 +250,16 @@ class Limiter:
         and its limits: no scope draws its reserve down, a model's scope paces no faster
         than the upstream's own limit, and none faster than what other callers on the key
         leave it. ``cost``: the tokens the call reserved, if the upstream took it."""
-        parts = [_Scope(name, limits) for name, limits in scopes if limits.tokens_per_minute
-                 or limits.requests_per_minute or limits.auto]
-        if not parts or not reported.said:
+        if not reported.said:
             return
+        for parts in self._by_slot([(name, limits) for name, limits in scopes
+                                    if limits.tokens_per_minute or limits.requests_per_minute
+                                    or limits.auto]):
+            self._observe_in(parts, reported, model, cost)
+
+    def _observe_in(self, parts: list[_Scope], reported: Reported, model: str,
+                    cost: int | None) -> None:
+        """``observe`` for scopes that share a slot: one script."""
         args: list[str | float] = []
         for part in parts:
             # an upstream-wide scope may serve several models, each with its own limit

@@ -21,7 +21,7 @@ import redis
 import requests
 
 from api_tasks import metrics, tracing
-from api_tasks.connections import reason
+from api_tasks.connections import UNAVAILABLE, reason
 from api_tasks.errors import (
     APIStatusError,
     CallCancelled,
@@ -120,7 +120,7 @@ class JobRunner:
         while True:
             try:
                 return self.leases.claim(job_id, token, fields, time.time(), upstream, message)
-            except (redis.ConnectionError, redis.TimeoutError) as err:
+            except UNAVAILABLE as err:
                 if time.monotonic() >= deadline:
                     raise
                 if not said:

@@ -100,8 +100,9 @@ class Watchdog(Loop):
         for handle in handles:
             by_shard.setdefault(self._keys.shard(handle.job_id), []).append(handle)
         pipe = self._redis.pipeline(transaction=False)
-        for group in by_shard.values():
-            pipe.mget([self._keys.cancel(h.job_id) for h in group])
+        for group in by_shard.values():  # not pipe.mget: a cluster's pipeline refuses it
+            pipe.execute_command(  # type: ignore[no-untyped-call]
+                "MGET", *(self._keys.cancel(h.job_id) for h in group))
         for group, flags in zip(by_shard.values(), pipe.execute(), strict=True):
             for handle, flag in zip(group, flags, strict=True):
                 if flag is not None:

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api_tasks import metrics, tracing
-from api_tasks.connections import connect_async, reason, text
+from api_tasks.connections import UNAVAILABLE, connect_async, reason, text
 from api_tasks.errors import BrokerUnavailable, JobFailed, StreamRestarted
 from api_tasks.gateway.auth import Keyring, StreamTokens
 from api_tasks.gateway.batches import cancel_batch, create_batch, get_batch, list_batches
@@ -569,7 +569,7 @@ async def readyz(request: Request) -> Response:
         workers = await gateway.store.shell.run(alive(gateway.keys))
         if gateway.broker is not gateway.redis:  # the broker's Redis must answer too
             await gateway.broker.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as err:
+    except UNAVAILABLE as err:
         return JSONResponse({"status": "unavailable", "redis": f"unavailable: {reason(err)}",
                              "workers": []}, status_code=503, headers={"Retry-After": "1"})
     ready = bool(workers)
@@ -577,11 +577,14 @@ async def readyz(request: Request) -> Response:
                          "workers": workers}, status_code=200 if ready else 503)
 
 
+_UNAVAILABLE_OR_SAID: tuple[type[Exception], ...] = (*UNAVAILABLE, BrokerUnavailable)
+
+
 @contextlib.contextmanager
 def _redis_errors() -> Any:
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError, BrokerUnavailable) as err:
+    except _UNAVAILABLE_OR_SAID as err:
         raise unavailable(err) from None
 
 

@@ -13,7 +13,7 @@ import redis
 import redis.asyncio
 from anyio.to_thread import run_sync
 
-from api_tasks.connections import reason, text
+from api_tasks.connections import UNAVAILABLE, reason, text
 from api_tasks.enqueue import AsyncEnqueuer, Submission
 from api_tasks.errors import BrokerUnavailable, InvalidJob, UnknownModel
 from api_tasks.gateway.errors import GatewayError
@@ -127,7 +127,7 @@ class Submitter:
                     return None
                 if (found := await self._redis.get(name)) is not None:
                     break
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             raise unavailable(err) from None
         earlier, _, earlier_digest = text(found or "").partition(" ")
         try:
@@ -136,7 +136,7 @@ class Submitter:
                 await self._redis.set(name, f"{job_id} {digest}",
                                       ex=self.settings.gateway.idempotency_ttl)
                 return None
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except UNAVAILABLE as err:
             raise unavailable(err) from None
         if earlier_digest != digest:
             raise GatewayError(409, "this Idempotency-Key was used with a different request",

@@ -9,6 +9,7 @@ workers), ``AsyncShell`` on a ``redis.asyncio.Redis`` (the HTTP gateway).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
+from api_tasks.connections import UNAVAILABLE, is_cluster
 from api_tasks.record.scripts import script, sha
 
 __all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "Writes", "command", "lua", "packed"]
@@ -95,6 +97,42 @@ def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[
     return out
 
 
+def _first_key(call: Call[Any]) -> Any:
+    if call.script:
+        return call.keys[0] if call.keys else None
+    return call.args[1] if len(call.args) > 1 else None
+
+
+def _by_node(cluster: Any, groups: Sequence[Sequence[Call[Any]]]) -> list[list[int]]:
+    """The groups (their indexes) by the Redis Cluster node that serves their first key, so
+    that a node out of reach fails only its own."""
+    parts: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        key = next((k for k in map(_first_key, group) if k is not None), None)
+        node = "" if key is None else \
+            cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
+        parts.setdefault(node, []).append(index)
+    return list(parts.values())
+
+
+def _merged(groups: Sequence[Sequence[Call[Any]]], parts: list[list[int]],
+            outcomes: Sequence[list[list[Any] | Failed] | BaseException]
+            ) -> list[list[Any] | Failed]:
+    """The nodes' outcomes back in the groups' order, a node's failed round trip as
+    ``Failed`` for each of its groups; raised if every node's failed."""
+    if all(isinstance(outcome, BaseException) for outcome in outcomes):
+        raise next(o for o in outcomes if isinstance(o, BaseException))
+    out: list[list[Any] | Failed] = [[] for _ in groups]
+    for at, outcome in zip(parts, outcomes, strict=True):
+        for position, index in enumerate(at):
+            if isinstance(outcome, BaseException):
+                error = outcome if isinstance(outcome, Exception) else Exception(outcome)
+                out[index] = Failed(error, [error] * len(groups[index]))
+            else:
+                out[index] = outcome[position]
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
     """A group of calls that did not all succeed: the first error, and every reply (an
@@ -126,6 +164,7 @@ class SyncShell:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.cluster = is_cluster(client)  # transactions keep to one slot
         self._scripts: dict[str, Any] = {}
 
     def run(self, call: Call[T]) -> T:
@@ -169,9 +208,24 @@ class SyncShell:
                    transaction: bool = False) -> list[list[Any] | Failed]:
         """Send groups of calls in one round trip (a ``transaction`` runs whole: MULTI/EXEC):
         each group's parsed replies, or ``Failed``. A script Redis lacked is loaded and run
-        again, after the rest of its group. Raises only if the round trip itself failed."""
+        again, after the rest of its group. Raises only if the round trip itself failed (on
+        a Redis Cluster, one a node: a node out of reach fails its own groups)."""
         if not any(groups):
             return [[] for _ in groups]
+        if self.cluster and not transaction and len(groups) > 1:
+            parts = _by_node(self.redis, groups)
+            if len(parts) > 1:
+                outcomes: list[list[list[Any] | Failed] | BaseException] = []
+                for at in parts:
+                    try:
+                        outcomes.append(self._run_groups([groups[i] for i in at], False))
+                    except UNAVAILABLE as err:
+                        outcomes.append(err)
+                return _merged(groups, parts, outcomes)
+        return self._run_groups(groups, transaction)
+
+    def _run_groups(self, groups: Sequence[Sequence[Call[Any]]],
+                    transaction: bool) -> list[list[Any] | Failed]:
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
             pipe.execute_command(*packed(call))  # type: ignore[no-untyped-call]
@@ -207,6 +261,7 @@ class AsyncShell:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.redis = client
+        self.cluster = is_cluster(client)  # transactions keep to one slot
         self._scripts: dict[str, Any] = {}
 
     async def run(self, call: Call[T]) -> T:
@@ -244,9 +299,25 @@ class AsyncShell:
 
     async def run_groups(self, groups: Sequence[Sequence[Call[Any]]], *,
                          transaction: bool = False) -> list[list[Any] | Failed]:
-        """Send groups of calls in one round trip, as ``SyncShell.run_groups``."""
+        """Send groups of calls in one round trip, as ``SyncShell.run_groups`` (a cluster's
+        nodes at once)."""
         if not any(groups):
             return [[] for _ in groups]
+        if self.cluster and not transaction and len(groups) > 1:
+            await self.redis.initialize()  # the cluster's slots known
+            parts = _by_node(self.redis, groups)
+            if len(parts) > 1:
+                outcomes = await asyncio.gather(
+                    *(self._run_groups([groups[i] for i in at], False) for at in parts),
+                    return_exceptions=True)
+                for outcome in outcomes:  # a failure other than a node out of reach: raised
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, UNAVAILABLE):
+                        raise outcome
+                return _merged(groups, parts, outcomes)
+        return await self._run_groups(groups, transaction)
+
+    async def _run_groups(self, groups: Sequence[Sequence[Call[Any]]],
+                          transaction: bool) -> list[list[Any] | Failed]:
         pipe = self.redis.pipeline(transaction=transaction)
         for call in (call for group in groups for call in group):
             pipe.execute_command(*packed(call))

@@ -22,12 +22,16 @@ import heapq
 import itertools
 import logging
 import os
+import random
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+
+from api_tasks.connections import is_cluster
 
 __all__ = ["HELD", "HUB_NAME", "EventHub", "Heard"]
 
@@ -95,7 +99,7 @@ class EventHub:
     """One pub/sub connection, opened on first use, that every reader of a process shares."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
-        self._pool = client.connection_pool
+        self._redis = client
         self._channels: dict[bytes, _Channel] = {}
         # per channel, the SUBSCRIBE (its _Channel) and UNSUBSCRIBE (None) Redis has yet to
         # confirm, in the order sent: a reader may read the stream once its SUBSCRIBE is in
@@ -199,13 +203,14 @@ class EventHub:
     async def _run(self, connected: asyncio.Future[Any]) -> None:
         """Connect, then dispatch what the connection brings until it breaks or lingers idle;
         then every reader is told to follow again."""
-        # named, so CLIENT LIST tells which process each subscription connection serves
-        kwargs = {**self._pool.connection_kwargs, "health_check_interval": 0,
-                  "client_name": f"{HUB_NAME}-{os.getpid()}"}
-        conn = self._pool.connection_class(**kwargs)
         failure: BaseException = redis.ConnectionError("the event connection closed")
+        conn: Any = None
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]
+            kind, options = await _plain_connection(self._redis)
+            # named, so CLIENT LIST tells which process each subscription connection serves
+            conn = kind(**{**options, "health_check_interval": 0,
+                           "client_name": f"{HUB_NAME}-{os.getpid()}"})
+            await conn.connect()
             # then read with no timeout (a timer per reply): _listen's pings show it alive,
             # and each send has a timeout of its own (_send)
             conn.socket_timeout = None
@@ -229,8 +234,9 @@ class EventHub:
                     heard.close()
             self._channels.clear()
             self._unconfirmed.clear()
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
 
     async def _listen(self, conn: Any) -> None:
         """Dispatch what comes until the connection breaks (raised), Redis leaves a PING
@@ -290,6 +296,17 @@ async def _send(conn: Any, *args: Any) -> None:
             await conn.send_command(*args, check_health=False)
     except TimeoutError:
         raise redis.ConnectionError(f"Redis took no {args[0]} for {_PING:g}s") from None
+
+
+async def _plain_connection(client: redis.asyncio.Redis) -> tuple[Any, dict[str, Any]]:
+    """The class and options of a plain connection to the client's Redis; on a Redis Cluster
+    to any primary (a classic ``PUBLISH`` reaches the subscribers on every node)."""
+    if is_cluster(client):
+        cluster = cast("redis.asyncio.cluster.RedisCluster", client)
+        await cluster.initialize()
+        node = random.choice(cluster.get_primaries())
+        return node.connection_class, node.connection_kwargs
+    return client.connection_pool.connection_class, client.connection_pool.connection_kwargs
 
 
 def _as_connection_error(err: BaseException) -> redis.ConnectionError:

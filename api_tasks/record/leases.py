@@ -129,17 +129,19 @@ class LeaseStore:
         keys, shard = self.keys, self.keys.shard(job_id)
         flat = [item for pair in fields.items() for item in pair]
         # the upstream's cool-down is read beside the claim, not in it: on a Redis Cluster
-        # it lives on another slot than the job's keys
-        [replies] = self._shell.run_groups([[
-            command("PTTL", keys.cooldown(upstream)),
-            lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
-                          keys.events(job_id), keys.running(shard),
-                          keys.running_messages(shard)],
-                [repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, message,
-                 job_id, *flat])]])
+        # it lives on another slot than the job's keys, maybe on a node out of reach (then
+        # it is taken as none)
+        cooled, replies = self._shell.run_groups([
+            [command("PTTL", keys.cooldown(upstream))],
+            [lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
+                           keys.events(job_id), keys.running(shard),
+                           keys.running_messages(shard)],
+                 [repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, message,
+                  job_id, *flat])]])
         if isinstance(replies, Failed):
             raise replies.error
-        cool, (verdict, delivery, created, turn, shown, on, *uncounted) = replies
+        cool = 0 if isinstance(cooled, Failed) else cooled[0]
+        [(verdict, delivery, created, turn, shown, on, *uncounted)] = replies
         found = text(verdict)
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),

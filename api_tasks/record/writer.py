@@ -18,19 +18,21 @@ ignore that refusal).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis
-from redis.exceptions import NoScriptError
+import redis.cluster
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 
-from api_tasks.connections import reason
+from api_tasks.connections import UNAVAILABLE, is_cluster, reason
 from api_tasks.record.scripts import named, script
 
 __all__ = ["Command", "EventWriter"]
@@ -59,6 +61,10 @@ class EventWriter:
         self._waiting = 0  # job threads waiting for room
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
+        # on a Redis Cluster: the client, and the items held for a node out of reach
+        self._cluster = cast("redis.cluster.RedisCluster", client) if is_cluster(client) \
+            else None
+        self._held = _Held()
 
     def start(self) -> None:
         """Start the thread."""
@@ -114,9 +120,17 @@ class EventWriter:
         self._thread.join(timeout)
 
     def _take(self) -> list[_Item]:
+        """What is queued (empty once closed, or when items held for a node are due)."""
         with self._ready:
-            while not self._queue and not self._closed:
-                self._ready.wait()
+            while not self._queue:
+                if self._held:
+                    if self._held.left() <= 0:
+                        break  # held items are due: try them again
+                    self._ready.wait(self._held.left())
+                elif self._closed:
+                    break
+                else:
+                    self._ready.wait()
             batch = []
             count = 0
             while self._queue and count < self._max_batch:
@@ -128,65 +142,231 @@ class EventWriter:
     def _run(self) -> None:
         while True:
             batch = self._take()
-            if not batch:
+            if not batch and not self._held:
                 return
+            done = batch
             try:
-                self._flush(batch)
+                done = self._flush(batch) if self._cluster is None \
+                    else self._flush_cluster(self._cluster, batch)
             except Exception as err:  # the thread must outlive any one bad batch
                 log.exception("event writer: batch failed")
                 _fail(batch, err)
             finally:
                 with self._lock:
-                    self._pending -= sum(size for _, _, size in batch)
+                    self._pending -= sum(size for _, _, size in done)
                     if self._waiting:
                         self._room.notify_all()
 
-    def _flush(self, batch: list[_Item]) -> None:
+    def _flush(self, batch: list[_Item]) -> list[_Item]:
+        """Write the batch as one pipeline, trying again while Redis is out of reach (up to
+        ``retry_for``); the items settled or failed (all of them)."""
         deadline = time.monotonic() + self._retry_for
         delay = 0.05
-        while True:
-            try:
-                results = self._execute(batch)
-            except (redis.ConnectionError, redis.TimeoutError) as err:
-                if time.monotonic() > deadline:
-                    _fail(batch, err)
-                    return
-                log.warning("event writer: Redis unavailable (%s), retrying", reason(err))
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            _settle(batch, results)
-            return
-
-    def _execute(self, batch: list[_Item]) -> list[Any]:
-        """Send the batch as one pipeline on a pooled connection and read every reply.
-
-        Packed with hiredis and read raw: redis-py's ``Pipeline`` spends more per command
-        (callbacks, hooks, bookkeeping) than the relay spends on a whole chunk.
-        """
-        commands = [command for item in batch for command in item[0]]
         pool = self._redis.connection_pool
-        connection = pool.get_connection()
-        try:
-            packed = b"".join(map(hiredis.pack_command, commands))
-            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-            replies = _read(connection, len(commands))
-            # a script Redis lacked (restarted, flushed): nothing of it ran, and it is its
-            # job's last write, so it runs now, sent whole, after the rest of the batch
-            unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
-                        and commands[i][0] == "EVALSHA" and named(commands[i][1])]
-            if unloaded:
-                connection.send_packed_command([b"".join(hiredis.pack_command(
-                    ("EVAL", script(str(named(commands[i][1]))), *commands[i][2:]))
-                    for i in unloaded)])  # type: ignore[no-untyped-call]
-                for i, reply in zip(unloaded, _read(connection, len(unloaded)), strict=True):
-                    replies[i] = reply
-            return replies
-        except BaseException:
-            connection.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread
-            raise
-        finally:
+        commands = [command for item in batch for command in item[0]]
+        while True:
+            results = _exchange({pool: commands})[pool]
+            down = next((r for r in results[:1] if isinstance(r, UNAVAILABLE)), None)
+            if down is None:
+                _settle(batch, results)
+                return batch
+            if time.monotonic() > deadline:
+                _fail(batch, down)
+                return batch
+            log.warning("event writer: Redis unavailable (%s), retrying", reason(down))
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _flush_cluster(self, cluster: redis.cluster.RedisCluster,
+                       batch: list[_Item]) -> list[_Item]:
+        """Write the batch on a Redis Cluster, each node's share on a connection of its own.
+        The items of a node out of reach are held, with every later item of their slots (a
+        job's writes stay in order), and tried again after a pause while the others go on.
+        Returns the items settled or failed."""
+        now = time.monotonic()
+        out = self._held.release(now)
+        for item in batch:
+            slot = _slot(cluster, item[0])
+            if self._held.holds(slot):
+                self._held.hold(slot, item, now)
+            else:
+                out.append((slot, item))
+        replies = _routed(cluster, [command for _, item in out for command in item[0]])
+        done: list[_Item] = []
+        offset = 0
+        for slot, item in out:
+            mine = replies[offset:offset + len(item[0])]
+            offset += len(item[0])
+            if (down := next((r for r in mine if isinstance(r, UNAVAILABLE)), None)) is None:
+                _settle([item], mine)
+                done.append(item)
+            else:
+                self._held.hold(slot, item, now, down)
+        for items, err in self._held.expired(now, self._retry_for):
+            _fail(items, err)
+            done += items
+        if self._held.pause(now):
+            log.warning("event writer: %d slots of the cluster out of reach (%s), retrying",
+                        len(self._held.slots), reason(self._held.error))
+            with contextlib.suppress(redis.RedisError):  # learn who serves them now
+                cluster.nodes_manager.initialize()
+        return done
+
+
+class _Held:
+    """Items waiting for a cluster node out of reach: per slot, in order, tried again
+    together after a pause that doubles up to 2 s."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, deque[_Item]] = {}
+        self.since: dict[int, float] = {}  # when each slot was first held (its deadline)
+        self.error: Exception = redis.ConnectionError("a node is out of reach")
+        self.due = 0.0
+        self.delay = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.slots)
+
+    def holds(self, slot: int) -> bool:
+        """Whether a slot's items wait (a later item of it must wait behind them)."""
+        return slot in self.slots
+
+    def left(self) -> float:
+        """Seconds until the held items are due."""
+        return max(self.due - time.monotonic(), 0.0)
+
+    def hold(self, slot: int, item: _Item, now: float, error: Exception | None = None) -> None:
+        """Hold an item behind its slot's others (``error``: what its node answered)."""
+        self.slots.setdefault(slot, deque()).append(item)
+        self.since.setdefault(slot, now)
+        if error is not None:
+            self.error = error
+
+    def release(self, now: float) -> list[tuple[int, _Item]]:
+        """Every held item, in order, once they are due (else none)."""
+        if not self.slots or now < self.due:
+            return []
+        out = [(slot, item) for slot, items in self.slots.items() for item in items]
+        self.slots.clear()
+        return out
+
+    def expired(self, now: float, retry_for: float) -> list[tuple[list[_Item], Exception]]:
+        """The items of slots held past ``retry_for``, taken out; a slot written since is
+        forgotten."""
+        gone = []
+        for slot in list(self.since):
+            if slot not in self.slots:
+                del self.since[slot]
+            elif now - self.since[slot] > retry_for:
+                gone.append((list(self.slots.pop(slot)), self.error))
+                del self.since[slot]
+        return gone
+
+    def pause(self, now: float) -> bool:
+        """After a round: whether items are held (the next try is then a pause away)."""
+        if not self.slots:
+            self.delay = 0.0
+            return False
+        self.delay = min(self.delay * 2 or 0.05, 2.0)
+        self.due = now + self.delay
+        return True
+
+
+_ANY = -1  # the "slot" of a command with no key (a ``PING``): the cluster's default node
+
+
+def _slot(cluster: redis.cluster.RedisCluster, commands: Sequence[Command]) -> int:
+    """The slot of an item's writes (a job's keys and its channel share one)."""
+    command = commands[0]
+    if command[0] in ("EVALSHA", "EVAL"):
+        key = command[3] if int(command[2]) else None
+    else:
+        key = command[1] if len(command) > 1 else None
+    return _ANY if key is None else int(cluster.keyslot(key))  # type: ignore[no-untyped-call]
+
+
+def _routed(cluster: redis.cluster.RedisCluster, commands: list[Command]) -> list[Any]:
+    """Every command's reply, each sent to the node serving its slot (a node out of reach:
+    its commands' replies are the error)."""
+    by_node: dict[Any, list[int]] = {}
+    for index, command in enumerate(commands):
+        slot = _slot(cluster, [command])
+        if slot == _ANY:
+            node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+        else:
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+        by_node.setdefault(node.redis_connection.connection_pool, []).append(index)
+    sent = _exchange({pool: [commands[i] for i in at] for pool, at in by_node.items()})
+    replies: list[Any] = [None] * len(commands)
+    for pool, at in by_node.items():
+        for index, reply in zip(at, sent[pool], strict=True):
+            replies[index] = reply
+    # a slot that moved: nothing ran there; the client's own routing follows it
+    for index, reply in enumerate(replies):
+        if isinstance(reply, (MovedError, AskError, TryAgainError, ClusterDownError)):
+            try:
+                replies[index] = cluster.execute_command(  # type: ignore[no-untyped-call]
+                    *commands[index])
+            except redis.RedisError as err:
+                replies[index] = err
+    return replies
+
+
+def _exchange(work: dict[Any, list[Command]]) -> dict[Any, list[Any]]:
+    """Send each pool's commands on one of its connections, then read each's replies (all
+    the sends first: a cluster's nodes work at once). Packed with hiredis and read raw:
+    redis-py's ``Pipeline`` spends more per command (callbacks, hooks, bookkeeping) than the
+    relay spends on a whole chunk. A pool whose Redis is out of reach has the error for
+    every reply."""
+    out: dict[Any, list[Any]] = {}
+    sent: list[tuple[Any, Any]] = []
+    try:
+        for pool, commands in work.items():
+            if not commands:
+                out[pool] = []
+                continue
+            try:
+                connection = pool.get_connection()
+            except UNAVAILABLE as err:
+                out[pool] = [err] * len(commands)
+                continue
+            sent.append((pool, connection))
+            try:
+                connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+            except UNAVAILABLE as err:
+                connection.disconnect()
+                out[pool] = [err] * len(commands)
+        for pool, connection in sent:
+            if pool not in out:
+                try:
+                    out[pool] = _replies(connection, work[pool])
+                except UNAVAILABLE as err:
+                    connection.disconnect()  # replies may be unread
+                    out[pool] = [err] * len(work[pool])
+    except BaseException:
+        for _, connection in sent:
+            connection.disconnect()  # replies may be unread
+        raise
+    finally:
+        for pool, connection in sent:
             pool.release(connection)
+    return out
+
+
+def _replies(connection: Any, commands: list[Command]) -> list[Any]:
+    """Every reply to ``commands`` sent on ``connection``; a script Redis lacked (restarted,
+    flushed) ran nothing, and it is its job's last write, so it runs now, sent whole, after
+    the rest."""
+    replies = _read(connection, len(commands))
+    unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
+                and commands[i][0] == "EVALSHA" and named(commands[i][1])]
+    if unloaded:
+        connection.send_packed_command([b"".join(hiredis.pack_command(
+            ("EVAL", script(str(named(commands[i][1]))), *commands[i][2:]))
+            for i in unloaded)])
+        for i, reply in zip(unloaded, _read(connection, len(unloaded)), strict=True):
+            replies[i] = reply
+    return replies
 
 
 def _read(connection: Any, count: int) -> list[Any]:

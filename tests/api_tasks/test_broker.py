@@ -34,7 +34,7 @@ def _decoded(raw: bytes) -> dict[str, Any]:
     {"model": "m", "temperature": 0.5, "max_tokens": 7},
     {"model": "m", "seed": 2**70, "stop": ["é", "\u2028"], "metadata": {"1": [None, True]}},
 ])
-def test_our_message_is_celerys(settings: Settings, redis_client: redis.Redis,
+def test_our_message_is_celerys(settings: Settings, broker_client: redis.Redis,
                                 kwargs: dict[str, Any]) -> None:
     keys = Keys(f"msg{uuid.uuid4().hex[:6]}")
     own = settings.model_copy(update={"redis": settings.redis.model_copy(
@@ -47,12 +47,12 @@ def test_our_message_is_celerys(settings: Settings, redis_client: redis.Redis,
                       queue="bulk", argsrepr="(job)", kwargsrepr="(job)")
     finally:
         app.close()
-    [celerys] = redis_client.lrange(keys.queue("bulk"), 0, -1)
+    [celerys] = broker_client.lrange(keys.queue("bulk"), 0, -1)
     ours = task_message("api_tasks.chat", args, kwargs, task_id, "bulk")
     assert _decoded(ours) == _decoded(celerys)
     assert json.loads(ours)["properties"]["delivery_tag"] != json.loads(
         task_message("api_tasks.chat", args, kwargs, task_id, "bulk"))["properties"]["delivery_tag"]
-    redis_client.delete(*redis_client.keys(f"{keys.prefix}:*"))
+    broker_client.delete(*broker_client.keys(f"{keys.prefix}:*"))
 
 
 def test_a_sentinel_url_gives_the_broker_every_sentinel_and_keeps_the_transport() -> None:

@@ -22,7 +22,7 @@ AHEAD = 0.3  # worker.reserve_ahead: waits up to this long happen in the worker
 
 
 def _gate(client: redis.Redis) -> tuple[Gate, Cooldowns, Keys]:
-    keys = Keys(f"gate{uuid.uuid4().hex[:6]}")
+    keys = Keys(f"gate{uuid.uuid4().hex[:6]}", shards=4)  # a Redis Cluster's layout too
     leases = LeaseStore(client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     cooldowns = Cooldowns(client, keys)
     return Gate(Limiter(client, keys, AHEAD, 5000), cooldowns, leases, AHEAD), cooldowns, keys
@@ -75,3 +75,26 @@ def test_a_call_bigger_than_its_token_limit_fails_at_once(redis_client: redis.Re
     run, handle = _run(upstream)
     with pytest.raises(RequestTooLarge, match="more than the tokens_per_minute of u"):
         gate.admit(run, handle, upstream.limit_scopes("m"), cost=500)
+
+
+def test_a_call_under_its_group_and_its_key_gives_back_the_turn_one_kept_when_the_other_says_wait(
+        redis_client: redis.Redis) -> None:
+    """On a Redis Cluster's layout an upstream group's scope and a gateway key's own live on
+    different slots, so they are admitted one after the other: a turn the upstream reserved
+    for a call its key then refuses is given back, not lost to the calls behind it."""
+    keys = Keys(f"both{uuid.uuid4().hex[:6]}", shards=4)
+    assert keys.limit("u").split("}")[0] != keys.limit("key:k").split("}")[0]  # two hash tags
+    limiter = Limiter(redis_client, keys, reserve_ahead=5.0, lease_ms=5000)
+    paced = Limits(requests_per_minute=60, utilization=1.0, burst_seconds=0.01)
+    scopes = [("u", paced), ("key:k", Limits(max_in_flight=1))]
+    first = limiter.admit("job-a", scopes, cost=1)
+    assert first.go and first.wait == 0.0
+    refused = limiter.admit("job-b", scopes, cost=1)  # the upstream says 1 s; the key is full
+    assert not refused.go and refused.reason is Hold.CONCURRENCY
+    assert redis_client.zrange(keys.in_flight("key:k"), 0, -1) == [b"job-a"]
+    limiter.settle("job-a", scopes, unused=0)
+    again = limiter.admit("job-b", scopes, cost=1)
+    # the turn a second from the first call is still free: had job-b's first turn been
+    # kept, this one would be two seconds away
+    assert again.go and 0.5 < again.wait <= 1.0, again
+    assert redis_client.zrange(keys.in_flight("key:k"), 0, -1) == [b"job-b"]

@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -28,6 +28,7 @@ from api_tasks.record.reader import AsyncJob, follow_on
 from api_tasks.record.store import AsyncJobStore
 from config.settings import Settings
 from tests.support.async_store import run_with_store
+from tests.support.services import primaries
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -68,7 +69,7 @@ def _write(r: redis.Redis, store: AsyncJobStore, job_id: str, first: int, count:
     pipe = r.pipeline(transaction=False)
     for seq in range(first, first + count):
         pipe.xadd(keys.events(job_id), {EVENT_FIELD: _chunk(seq)}, id=entry_id(1, seq))
-        pipe.publish(keys.channel(job_id), _chunk(seq))
+        pipe.execute_command("PUBLISH", keys.channel(job_id), _chunk(seq))  # a cluster's too
     pipe.execute()
 
 
@@ -91,8 +92,14 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 15) -> N
 
 
 def _subscribers(r: redis.Redis, store: AsyncJobStore, job_ids: list[str]) -> int:
-    counts = r.pubsub_numsub(*(store.keys.channel(j) for j in job_ids))
-    return sum(count for _, count in counts)
+    return sum(count for node in primaries(r)
+               for _, count in node.pubsub_numsub(*(store.keys.channel(j) for j in job_ids)))
+
+
+def _hub_connections(r: redis.Redis) -> list[dict[str, Any]]:
+    """This process's hub connections, on whichever node of a cluster they are."""
+    return [c for node in primaries(r) for c in node.client_list()
+            if c.get("name") == f"{HUB_NAME}-{os.getpid()}"]
 
 
 def test_hundreds_of_waiting_readers_on_a_pool_of_four(settings: Settings,
@@ -107,8 +114,7 @@ def test_hundreds_of_waiting_readers_on_a_pool_of_four(settings: Settings,
         readers = [asyncio.create_task(_read_all(store, job_id)) for job_id in job_ids]
         await _until(lambda: _subscribers(redis_client, store, job_ids) == len(job_ids),
                      "every reader subscribed")
-        ours = [c for c in redis_client.client_list()
-                if c.get("name") == f"{HUB_NAME}-{os.getpid()}"]
+        ours = _hub_connections(redis_client)
         assert len(ours) == 1 and int(ours[0]["sub"]) == len(job_ids)
         for job_id in job_ids:
             _write(redis_client, store, job_id, 0, 3)
@@ -128,7 +134,7 @@ def test_a_killed_subscription_loses_nothing(settings: Settings,
         reader = asyncio.create_task(_read_all(store, job_id))
         await _until(lambda: _subscribers(redis_client, store, [job_id]) == 1, "subscribed")
         _write(redis_client, store, job_id, 0, 5)
-        assert redis_client.client_kill_filter(_type="pubsub") >= 1
+        assert sum(node.client_kill_filter(_type="pubsub") for node in primaries(redis_client)) >= 1
         _write(redis_client, store, job_id, 5, 5)  # published while nobody listened
         await _until(lambda: _subscribers(redis_client, store, [job_id]) == 1, "back")
         _write(redis_client, store, job_id, 10, 5)
@@ -194,10 +200,9 @@ def test_the_subscription_connection_closes_when_nobody_follows(
 
     monkeypatch.setattr(hub, "_PING", 0.2)
     monkeypatch.setattr(hub, "_LINGER", 0.5)
-    name = f"{HUB_NAME}-{os.getpid()}"
 
     def ours() -> int:
-        return sum(1 for c in redis_client.client_list() if c.get("name") == name)
+        return len(_hub_connections(redis_client))
 
     async def body(store: AsyncJobStore) -> None:
         async with store.hub.follow(store.keys.channel(f"hub-{uuid.uuid4().hex}")):

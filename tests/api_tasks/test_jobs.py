@@ -173,7 +173,7 @@ def test_a_redis_that_forgot_its_scripts_never_shows_a_message_before_its_record
     broker_client.delete(own.keys.queue("interactive"))
     seen: list[tuple[bytes, dict[bytes, bytes]]] = []
     watcher = redis.Redis(connection_pool=broker_client.connection_pool)
-    looker = redis.Redis(connection_pool=redis_client.connection_pool)
+    looker = redis_client
 
     def pop() -> None:  # as a worker's BRPOP would, then a look at the record at once
         _, raw = watcher.brpop([own.keys.queue("interactive")], timeout=10) or (b"", b"")

@@ -13,7 +13,7 @@ from api_tasks.record.scripts import script
 
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
-    keys = Keys(f"lease{uuid.uuid4().hex[:6]}")
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=4)
     store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     job_id = uuid.uuid4().hex
     assert store.claim(job_id, "mine", {}, time.time()).verdict == "run"
@@ -102,16 +102,19 @@ def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
     dropped from it, not a failed sweep."""
     store, keys, job_id = _store(redis_client)  # claimed with no message kept
     redis_client.delete(keys.lease(job_id))
-    redis_client.zadd(keys.running(0), {job_id: 1, "expired-job": 1})
-    assert store.recover(0, 10) == []
-    assert redis_client.zcard(keys.running(0)) == 0
+    shard = keys.shard(job_id)
+    expired = next(other for other in (uuid.uuid4().hex for _ in range(1000))
+                   if keys.shard(other) == shard)  # a job of the same shard, long gone
+    redis_client.zadd(keys.running(shard), {job_id: 1, expired: 1})
+    assert store.recover(shard, 10) == []
+    assert redis_client.zcard(keys.running(shard)) == 0
 
 
 def test_a_claim_retried_after_a_lost_reply_gets_the_first_ones_answer(
         redis_client: redis.Redis) -> None:
     """A worker that lost a claim's reply (a failover) claims again with the same token: it
     must not run a job the first claim found cancelled or poisonous, nor lose its turn."""
-    keys = Keys(f"lease{uuid.uuid4().hex[:6]}")
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=4)
     store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     cancelled, poisonous, parked = (uuid.uuid4().hex for _ in range(3))
     redis_client.set(keys.cancel(cancelled), "1")

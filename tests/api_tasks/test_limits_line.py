@@ -18,7 +18,7 @@ BULK = 0.05  # a bulk job books at most this far ahead (reserve_ahead)
 
 
 def _limiter(redis_client: redis.Redis) -> tuple[Limiter, Keys]:
-    keys = Keys(f"line{uuid.uuid4().hex[:6]}")
+    keys = Keys(f"line{uuid.uuid4().hex[:6]}", shards=4)
     return Limiter(redis_client, keys, reserve_ahead=BULK, lease_ms=5000), keys
 
 
@@ -68,7 +68,7 @@ def test_newer_small_calls_leave_a_big_head_of_the_line_room_for_its_tokens(
 def test_a_job_that_must_wait_in_one_scope_takes_no_turn_ahead_of_older_jobs_in_another(
         redis_client: redis.Redis) -> None:
     limiter, keys = _limiter(redis_client)
-    upstream, model = ("u", TEN_A_MINUTE), ("m", ONE_A_SECOND)
+    upstream, model = ("u", TEN_A_MINUTE), ("u/m*", ONE_A_SECOND)  # its model scope
     _spend(limiter, [upstream], 10)
     assert not limiter.admit("old", [upstream], 1, horizon=BULK, place=1.0).go
     redis_client.hset(keys.limit("u"), "req", "0")  # the upstream has budget free now
@@ -79,4 +79,4 @@ def test_a_job_that_must_wait_in_one_scope_takes_no_turn_ahead_of_older_jobs_in_
     assert not answer.go and answer.reason == "requests"
     assert redis_client.hget(keys.limit("u"), "req") == before  # nothing booked upstream
     assert redis_client.zscore(keys.line("u"), "new") == 2000  # it waits in both lines
-    assert redis_client.zscore(keys.line("m"), "new") == 2000
+    assert redis_client.zscore(keys.line("u/m*"), "new") == 2000

@@ -24,7 +24,7 @@ from api_tasks.record.leases import LeaseStore
 from api_tasks.record.scripts import script
 from config.loader import load_settings
 from config.settings import RedisSettings
-from tests.support.services import RedisServer, wait_until
+from tests.support.services import RedisServer, primaries, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_one_process_holds_the_role_and_another_takes_it_when_it_stops_or_dies(
     monkeypatch.setattr(sweeper, "_EVERY", 0.1)
     monkeypatch.setattr(sweeper, "_TTL", 2.0)  # a starved thread keeps the role 1.5 s
     monkeypatch.setattr(sweeper, "_MARGIN", 0.5)
-    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}")
+    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=4)
     first, second = (SweeperRole(redis_client, keys, name) for name in ("first", "second"))
     first.start()
     second.start()
@@ -69,16 +69,16 @@ def test_the_sweeping_scheduler_sends_a_job_parked_while_it_slept(
     """An idle scheduler blocks on the wake list for up to a second; a job parked meanwhile
     for 50 ms leaves a token there, and is sent within a few tenths of a second, not a
     second later."""
-    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}")
+    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=4)
     leases = LeaseStore(redis_client, keys, 3600, 30_000, 3)
     sent: list[tuple[str, float]] = []
     scheduler = Scheduler(redis_client, keys, leases,
                           lambda job_id, _message: sent.append((job_id, time.monotonic())))
     scheduler.start()
     try:
-        wait_until(lambda: redis_client.client_list() and any(
-            c.get("cmd") == "blpop" for c in redis_client.client_list()), 5,
-            "the scheduler to wait on its wake list")
+        wait_until(lambda: any(c.get("cmd") == "blpop" for node in primaries(redis_client)
+                               for c in node.client_list()), 5,
+                   "the scheduler to wait on its wake list")
         token = "t1"
         job_id = f"job-{uuid.uuid4().hex[:8]}"
         redis_client.hset(keys.job(job_id), mapping={"status": "running", "token": token})

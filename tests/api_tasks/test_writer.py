@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from api_tasks.connections import connect
 from api_tasks.record.scripts import sha
 from api_tasks.record.writer import EventWriter
-from tests.support.services import RedisServer, free_port
+from config.settings import RedisSettings
+from tests.support.services import RedisClusterGroup, RedisServer, free_port
 
 
 def test_many_threads_commands_land_in_order_with_their_replies(
@@ -88,3 +90,33 @@ def test_a_script_redis_lacks_is_sent_whole_and_runs_once(tmp_path: Path) -> Non
     finally:
         events.close()
         server.stop()
+
+
+def test_on_a_cluster_a_node_out_of_reach_holds_only_its_own_slots_writes(
+        tmp_path: Path) -> None:
+    """Each node's share of a batch goes on a connection of its own: while one primary is
+    down its slots' writes wait, in order, and every other slot's go on; they land once it
+    is back."""
+    group = RedisClusterGroup(tmp_path, persist=True).start()
+    client = connect(RedisSettings(state_url=group.cluster_url, shards=6).state())
+    writer = EventWriter(client)
+    writer.start()
+    try:
+        victim = group.nodes[1]
+        owner = {node.port: node for node in group.nodes}
+        names = [f"w:{{s{n}}}:events" for n in range(40)]  # spread over every node
+        down = next(k for k in names if owner[client.get_node_from_key(k).port] is victim)
+        up = [k for k in names if owner[client.get_node_from_key(k).port] is not victim]
+        victim.stop(crash=True)
+        held = [writer.submit([("XADD", down, f"1-{seq}", "n", seq)], wait=True)
+                for seq in range(1, 4)]
+        for key in up:  # the other nodes' slots are written at once
+            writer.write([("XADD", key, "1-1", "n", 1)], timeout=5)
+        assert not any(future.done() for future in held if future is not None)
+        victim.start()
+        for future in held:
+            assert future is not None and future.result(timeout=30)
+        assert [entry_id for entry_id, _ in client.xrange(down)] == [b"1-1", b"1-2", b"1-3"]
+    finally:
+        writer.close()
+        group.stop()

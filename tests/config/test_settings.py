@@ -165,6 +165,41 @@ def test_metrics_off_in_a_settings_file_means_off(tmp_path: Path) -> None:
                          ).worker.metrics_port == 9999
 
 
+def test_a_cluster_url_names_the_state_clusters_nodes_and_its_login() -> None:
+    settings = load_settings(env={
+        "REDIS_URL": "redis://queue:6379/0", "API_TASKS_REDIS_SHARDS": "12",
+        "REDIS_STATE_URL": "rediss+cluster://app:p%40ss@n1,n2:7001,[::1]:7002/0"})
+    assert settings.redis.cluster is None  # the broker's
+    where = settings.redis.state().cluster
+    assert where is not None and where.tls
+    assert where.nodes == (("n1", 6379), ("n2", 7001), ("::1", 7002))
+    assert (where.username, where.password) == ("app", "p@ss")
+    plain = load_settings(env={"REDIS_STATE_URL": "REDIS+CLUSTER://n1", "API_TASKS_REDIS_SHARDS":
+                               "3"}).redis.state().cluster
+    assert plain is not None and not plain.tls and plain.username is None
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"REDIS_URL": "redis+cluster://n1"},
+     "redis.url (environment variable REDIS_URL): Value error, the Celery broker cannot be a "
+     "Redis Cluster"),
+    ({"REDIS_STATE_URL": "redis+cluster://n1"},
+     "redis.shards (/"),  # one shard: the defaults' value, named with its file
+    ({"REDIS_STATE_URL": "redis+cluster://n1/2", "API_TASKS_REDIS_SHARDS": "6"},
+     "only database 0"),
+    ({"REDIS_STATE_URL": "redis+cluster://n1:99999", "API_TASKS_REDIS_SHARDS": "6"},
+     "bad port: 'n1:99999'"),
+    ({"REDIS_STATE_URL": "redis+cluster://n1?ssl=1", "API_TASKS_REDIS_SHARDS": "6"},
+     "takes no options"),
+    ({"REDIS_STATE_URL": "redis+cluster://", "API_TASKS_REDIS_SHARDS": "6"},
+     "name at least one node"),
+])
+def test_a_bad_cluster_url_names_the_setting(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    assert needle in str(caught.value)
+
+
 def test_a_sentinel_url_names_the_sentinels_the_primary_and_both_logins() -> None:
     settings = load_settings(env={"REDIS_URL": "sentinel://jobs:p%40ss@s1,s2:26380,[::1]:26381"
                                                 "/main/3?sentinel_password=s%3Acr+t"})

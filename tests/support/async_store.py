@@ -21,7 +21,7 @@ def run_with_store(settings: Settings, body: Callable[[AsyncJobStore], Awaitable
     """Run ``body`` on a fresh event loop with an ``AsyncJobStore`` on a client of its own,
     whose pool holds ``pool`` connections."""
     async def main() -> T:
-        client = connect_async(settings.redis, max_connections=pool)
+        client = connect_async(settings.redis.state(), max_connections=pool)
         try:
             keys = Keys.of(settings)
             return await body(AsyncJobStore(client, keys, settings.jobs.result_ttl,

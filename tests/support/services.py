@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,11 +91,13 @@ class RedisClusterGroup:
 
     SLOTS = 16384
 
-    def __init__(self, workdir: Path, primaries: int = 3) -> None:
-        # the bus port given too: the default, the port + 10000, may be past 65535
+    def __init__(self, workdir: Path, primaries: int = 3, persist: bool = False) -> None:
+        # the bus port given too: the default, the port + 10000, may be past 65535; a node
+        # down stops its own slots only (as RELIABILITY.md advises)
         self.buses = [free_port() for _ in range(primaries)]
-        self.nodes = [RedisServer(workdir / f"node-{i}", args=(
+        self.nodes = [RedisServer(workdir / f"node-{i}", persist=persist, args=(
             "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+            "--cluster-require-full-coverage", "no",
             "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf"))
             for i, bus in enumerate(self.buses)]
 
@@ -102,6 +105,11 @@ class RedisClusterGroup:
     def url(self) -> str:
         """Any one node: a cluster client learns the others from it."""
         return self.nodes[0].url
+
+    @property
+    def cluster_url(self) -> str:
+        """Every node, as the project's settings name a cluster (``redis+cluster://``)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
     def start(self) -> RedisClusterGroup:
         for node in self.nodes:
@@ -114,9 +122,14 @@ class RedisClusterGroup:
         first = redis.Redis(port=self.nodes[0].port)
         for node, bus in zip(self.nodes[1:], self.buses[1:], strict=True):
             first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus)
-        wait_until(lambda: all(self._ready(node.port) for node in self.nodes), 30,
-                   "every node to see the whole cluster")
+        self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until every node sees the whole cluster serving every slot (after a restart a node
+        answers ``CLUSTERDOWN`` until it has caught up)."""
+        wait_until(lambda: all(self._ready(node.port) for node in self.nodes), timeout,
+                   "every node to see the whole cluster")
 
     def _ready(self, port: int) -> bool:
         info = redis.Redis(port=port).cluster("INFO")
@@ -352,3 +365,11 @@ class Spawn:
     def stop_all(self) -> None:
         for process in self.started:
             process.stop()
+
+
+def primaries(client: redis.Redis) -> list[redis.Redis]:
+    """A plain client on each primary of the state's Redis: the one server, or each node of
+    a cluster (pub/sub subscriptions and client lists are each node's own)."""
+    if isinstance(client, RedisCluster):
+        return [node.redis_connection for node in client.get_primaries()]
+    return [client]

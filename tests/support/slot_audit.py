@@ -23,16 +23,11 @@ from api_tasks.record import scripts
 
 __all__ = ["CROSS_SLOT_LEFT", "SlotAudit", "cross_slot"]
 
-# The work left for state past one Redis (issue 15): what the suite's core and fault tests
-# still run across slots. It may only shrink; the audit fails on anything not listed.
-CROSS_SLOT_LEFT: frozenset[str] = frozenset({
-    # with the broker apart, a round trip's records (several jobs, any shards) are one
-    # transaction, so that a failed round trip wrote none
-    "transaction job_create",
-})
-# Still across slots, and in no test of the second pass: a call under both its upstream group's
-# limits and its gateway key's own (``admit`` and ``settle`` over both scopes). The limits'
-# tests pass the audit (``API_TASKS_TEST_STATE_APART=1``), but are too long for that pass.
+# What the state's commands may still run across slots on a plain Redis, and why a cluster
+# does not: with the broker apart, a round trip's records (several jobs, any shards) are one
+# transaction on a plain Redis, so that a failed round trip wrote none; on a cluster, one
+# script each (``enqueue._whole``). The audit fails on anything not listed.
+CROSS_SLOT_LEFT: frozenset[str] = frozenset({"transaction job_create"})
 
 _TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)

@@ -39,12 +39,12 @@ def _still_works(client: Client, model: str) -> None:
 
 @pytest.mark.parametrize("garbage", [b"this is not json {", b"\xff\xfe\x00", b"123",
                                      b'{"body": "x"}', b"[1, 2]"])
-def test_garbage_on_the_queue_is_dropped_and_logged(client: Client, redis_client: redis.Redis,
+def test_garbage_on_the_queue_is_dropped_and_logged(client: Client, broker_client: redis.Redis,
                                                     worker: WorkerProcess, model: str,
                                                     garbage: bytes) -> None:
     queue = client.keys.celery_prefix() + "interactive"
     before = worker.log().count("dropped a queue message")
-    redis_client.lpush(queue, garbage)
+    broker_client.lpush(queue, garbage)
     _still_works(client, model)
     assert worker.proc is not None and worker.proc.poll() is None
     assert worker.log().count("dropped a queue message") == before + 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -132,7 +133,8 @@ def test_a_worker_counts_retries_429s_and_the_waits_they_cost(
 
 
 def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
-        own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str) -> None:
+        own: tuple[Client, WorkerProcess], fake: FakeUpstream, model: str,
+        broker_client: redis.Redis) -> None:
     client, worker = own
     fake.script(model + "-slow", Reply(delay=6.0))  # long enough to cancel the two meanwhile
     busy = [client.submit_chat(USER, model=model + "-slow") for _ in range(8)]  # every slot
@@ -149,7 +151,7 @@ def test_a_job_cancelled_before_any_worker_took_it_is_counted_once(
     # a second delivery of one of them is dropped too, and not counted again
     again = task_message("api_tasks.chat", [USER], {"model": model}, queued[0].id,
                          "interactive")
-    client.redis.lpush(client.keys.queue("interactive"), again)
+    broker_client.lpush(client.keys.queue("interactive"), again)
     wait_until(lambda: worker.log().count(f"job {queued[0].id} is cancelled: delivery "
                                           "dropped") == 2, 20, "the second delivery dropped")
     samples = scrape(url)

@@ -1,0 +1,59 @@
+"""``redis+cluster://`` URLs: some nodes of a Redis Cluster (a client learns the rest from
+them) and who to log in as."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+__all__ = ["CLUSTER_SCHEMES", "ClusterURL", "parse_cluster_url"]
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")  # the second over TLS
+_PORT = 6379
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """Where to start looking for the cluster's nodes, and the credentials for each."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def _node(text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [::1]:6379
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host:
+        raise ValueError(f"a cluster node's address has no host: {text!r}")
+    if not port:
+        return host, _PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a cluster node's address has a bad port: {text!r}")
+    return host, int(port)
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """``redis+cluster://[user:password@]host[:port][,host[:port]...]`` (``rediss+cluster``
+    for TLS); a cluster has one database, so the path is empty or ``/0``."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError("a Redis Cluster URL starts with redis+cluster:// or rediss+cluster://")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
+        userinfo, hosts = "", parts.netloc
+    nodes = tuple(_node(host.strip()) for host in hosts.split(",") if host.strip())
+    if not nodes:
+        raise ValueError("name at least one node: redis+cluster://node-1:6379,node-2:6379")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0")
+    if parts.query or parts.fragment:
+        raise ValueError("a Redis Cluster URL takes no options (?...) or fragment (#...)")
+    username, colon, password = userinfo.partition(":")
+    return ClusterURL(nodes=nodes, username=unquote(username) or None,
+                      password=unquote(password) if colon else None,
+                      tls=parts.scheme == "rediss+cluster")
