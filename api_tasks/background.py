@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import redis
 
 from api_tasks.connections import UNAVAILABLE, reason
 from api_tasks.record.scripts import script
 
-__all__ = ["Loop", "Sweep", "Throttled"]
+__all__ = ["Loop", "Sweep", "Throttled", "each"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _WARN_EVERY = 10.0  # seconds between two lines about the same trouble
 _LONGEST = 10.0  # the longest one wait on a wake list (under the pool's socket timeout)
@@ -27,6 +32,20 @@ _LOOK_EVERY = 30.0  # a sweeping round runs this often at least, woken or not (a
 _SHORTEST = 0.005  # a round due sooner than this runs now, not waited for
 _TICK = 0.1  # seconds between two tries while Redis fails
 _ROLE_EVERY = 1.0  # how often a part with nothing to do elsewhere sees whether it sweeps now
+
+
+def each(items: Iterable[T], visit: Callable[[T], R]) -> tuple[list[R], Exception | None]:
+    """``visit`` every item (a job shard, a batch): one whose Redis is out of reach (on a
+    Redis Cluster, a primary down) keeps none of the others from theirs. The results, and
+    the first such error, for the caller to raise once it has used them."""
+    results: list[R] = []
+    failed: Exception | None = None
+    for item in items:
+        try:
+            results.append(visit(item))
+        except UNAVAILABLE as err:
+            failed = failed or err
+    return results, failed
 
 
 class Throttled:
@@ -107,6 +126,17 @@ class Sweep(Loop):
         self._leave = client.register_script(script("wake"))
         self._next: float | None = 0.0  # monotonic time the next round is due (None: woken)
         self._swept_at = 0.0  # monotonic time of the last round
+        self._turn = random.randrange(1 << 16)  # the job shard the next round starts at
+
+    def shards(self, every: range) -> list[int]:
+        """The job shards this round visits, each round starting one on (a shard with a
+        backlog does not hold the others back): every one in the process that sweeps; one
+        elsewhere, so that a helper's look costs the same whatever the shard count (the
+        helpers, starting at random ones, still cover them all between them)."""
+        self._turn = (self._turn + 1) % len(every)
+        if not self._sweeping():
+            return [every[self._turn]]
+        return [*every[self._turn:], *every[:self._turn]]
 
     def sweep(self) -> float | None:
         """One round; in how many seconds the next is due (None: when woken)."""

@@ -19,7 +19,14 @@ import redis.cluster
 import redis.sentinel
 from redis._parsers import AsyncCommandsParser, CommandsParser
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from api_tasks.errors import BrokerUnavailable
@@ -30,15 +37,18 @@ if TYPE_CHECKING:
     from config.settings import RedisSettings
 
 __all__ = ["BLOCK_SLICE", "UNAVAILABLE", "broker_errors", "connect", "connect_async", "is_cluster",
-           "pool_size", "reason", "sentinel_options", "text", "text_map", "wait_for_redis"]
+           "pool_size", "reason", "sentinel_options", "text", "text_map", "wait_for_cluster",
+           "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
 # What says a Redis is out of reach for now: a connection that failed or timed out, and on a
 # Redis Cluster a node that lost its slots' quorum or is taking them back (``CLUSTERDOWN``,
-# ``TRYAGAIN``, ``MASTERDOWN``): each is waited out or told to the caller alike.
+# ``TRYAGAIN``, ``MASTERDOWN``), no node answering, or a slot no node serves: each is waited
+# out or told to the caller alike.
 UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, MasterDownError)
+    redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, MasterDownError,
+    RedisClusterUnreachableError, SlotNotCoveredError)
 
 # Blocking reads wait in slices this long, well under the socket timeout,
 # so a dead connection is noticed and a caller's deadline is honoured.
@@ -144,8 +154,9 @@ def connect_async(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE +
 
 
 def _cluster_options(nodes: ClusterURL, options: dict[str, Any]) -> dict[str, Any]:
-    """``_options`` for a cluster client: per node, with the URL's login."""
-    options = {k: v for k, v in options.items() if k not in ("timeout", "health_check_interval")}
+    """``_options`` for a cluster client: per node, with the URL's login (the sync client's
+    pool waits ``timeout`` for a free connection; the asyncio one has no such wait)."""
+    options = {k: v for k, v in options.items() if k != "health_check_interval"}
     return {**options, "username": nodes.username, "password": nodes.password,
             "ssl": nodes.tls,
             # a primary down stops its own slots, not the client (with the servers'
@@ -161,24 +172,26 @@ def _cluster(nodes: ClusterURL, options: dict[str, Any]) -> redis.Redis:
     """A Redis Cluster client, a pool per node, waiting for a free connection as ``connect``'s
     does; typed as ``redis.Redis``, whose commands it offers (the few places that differ ask
     ``is_cluster``)."""
-    client = redis.cluster.RedisCluster(
-        startup_nodes=[redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                       for host, port in nodes.nodes],
-        connection_pool_class=redis.BlockingConnectionPool,
-        **_cluster_options(nodes, options))
-    client.commands_parser.__class__ = _Parser  # built (and loaded) by the client
+    try:  # (it asks a node for the slots now: a cluster out of reach fails here)
+        client = redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                           for host, port in nodes.nodes],
+            connection_pool_class=redis.BlockingConnectionPool,
+            **_cluster_options(nodes, options))
+        client.commands_parser = _Parser(client)  # type: ignore[no-untyped-call]
+    except (redis.RedisError, RedisClusterException) as err:
+        raise BrokerUnavailable(f"Redis is unavailable: no node of the Redis Cluster "
+                                f"answered ({reason(err)})") from err
     return cast("redis.Redis", client)
 
 
 def _async_cluster(nodes: ClusterURL, options: dict[str, Any]) -> redis.asyncio.Redis:
     """``_cluster`` for asyncio callers (``_AsyncCluster``)."""
-    bound = options["max_connections"]
+    given = _cluster_options(nodes, options)
     client = _AsyncCluster(
+        given.pop("max_connections"), given.pop("timeout"),
         startup_nodes=[redis.asyncio.cluster.ClusterNode(host, port)
-                       for host, port in nodes.nodes],
-        **{**_cluster_options(nodes, options), "max_connections": 2 * bound})
-    client.commands_parser = _AsyncParser()
-    client.bound, client.wait_for = bound, options["timeout"]
+                       for host, port in nodes.nodes], **given)
     return cast("redis.asyncio.Redis", client)
 
 
@@ -192,9 +205,13 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
     one connection a node, so the nodes' pools (twice as big, for redirects the client
     follows inside a call) never run out."""
 
-    bound = 100
-    wait_for = BLOCK_SLICE
-    _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+    def __init__(self, bound: int, wait_for: float, **options: Any) -> None:
+        super().__init__(**{**options, "max_connections": 2 * bound})
+        self.bound = bound
+        self.wait_for = wait_for
+        self.commands_parser = _AsyncParser()
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                               asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
     @contextlib.asynccontextmanager
     async def gate(self) -> AsyncIterator[None]:
@@ -202,11 +219,10 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
         if _GATED.get():
             yield
             return
-        gates = self.__dict__.setdefault("_gates", weakref.WeakKeyDictionary())
         loop = asyncio.get_running_loop()
-        gate = gates.get(loop)
+        gate = self._gates.get(loop)
         if gate is None:
-            gate = gates[loop] = asyncio.Semaphore(self.bound)
+            gate = self._gates[loop] = asyncio.Semaphore(self.bound)
         try:
             async with asyncio.timeout(self.wait_for):
                 await gate.acquire()
@@ -320,6 +336,24 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
             now = time.monotonic()
             if now - said >= say_every:
                 log.warning("waiting for Redis (%s)", err)
+                said = now
+            time.sleep(poll)
+
+
+def wait_for_cluster(settings: RedisSettings, poll: float = 0.5,
+                     say_every: float = 10.0) -> None:
+    """Block until a Redis Cluster the settings name answers (its client asks for the slots
+    when built, so a worker waits before it builds its own, as ``wait_for_redis`` waits for
+    a plain Redis); at once for any other Redis."""
+    said = 0.0
+    while settings.cluster is not None:
+        try:
+            connect(settings, socket_timeout=2.0, max_connections=2).close()
+            return
+        except BrokerUnavailable as err:
+            now = time.monotonic()
+            if now - said >= say_every:
+                log.warning("waiting for the Redis Cluster (%s)", err)
                 said = now
             time.sleep(poll)
 

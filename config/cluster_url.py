@@ -3,8 +3,10 @@ them) and who to log in as."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
+
+from config.url_nodes import parse_nodes
 
 __all__ = ["CLUSTER_SCHEMES", "ClusterURL", "parse_cluster_url"]
 
@@ -18,23 +20,8 @@ class ClusterURL:
 
     nodes: tuple[tuple[str, int], ...]
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
-
-
-def _node(text: str) -> tuple[str, int]:
-    if text.startswith("["):  # [::1]:6379
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = text.partition(":")
-    if not host:
-        raise ValueError(f"a cluster node's address has no host: {text!r}")
-    if not port:
-        return host, _PORT
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"a cluster node's address has a bad port: {text!r}")
-    return host, int(port)
 
 
 def parse_cluster_url(url: str) -> ClusterURL:
@@ -46,7 +33,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if not at:
         userinfo, hosts = "", parts.netloc
-    nodes = tuple(_node(host.strip()) for host in hosts.split(",") if host.strip())
+    nodes = parse_nodes(hosts, _PORT, "a cluster node")
     if not nodes:
         raise ValueError("name at least one node: redis+cluster://node-1:6379,node-2:6379")
     if parts.path.strip("/") not in ("", "0"):

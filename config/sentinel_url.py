@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
+
+from config.url_nodes import parse_nodes
 
 __all__ = ["SENTINEL_PORT", "SentinelURL", "parse_sentinel_url"]
 
@@ -19,24 +21,9 @@ class SentinelURL:
     master: str
     db: int = 0
     username: str | None = None  # for the data nodes (primary and replicas)
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     sentinel_username: str | None = None  # for the Sentinels themselves, when they ask
-    sentinel_password: str | None = None
-
-
-def _node(text: str) -> tuple[str, int]:
-    if text.startswith("["):  # [::1]:26379
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = text.partition(":")
-    if not host:
-        raise ValueError(f"a Sentinel address has no host: {text!r}")
-    if not port:
-        return host, SENTINEL_PORT
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"a Sentinel address has a bad port: {text!r}")
-    return host, int(port)
+    sentinel_password: str | None = field(default=None, repr=False)
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -48,7 +35,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if not at:
         userinfo, hosts = "", parts.netloc
-    nodes = tuple(_node(host) for host in hosts.split(",") if host.strip())
+    nodes = parse_nodes(hosts, SENTINEL_PORT, "a Sentinel")
     if not nodes:
         raise ValueError("name at least one Sentinel: sentinel://host:26379,host2:26379/mymaster")
     path = [part for part in parts.path.split("/") if part]

@@ -55,6 +55,8 @@ TOKENED_TPM = 60000  # the tokened key's own limit: 1,000 tokens a second
 # the state on a Redis Cluster of 3 primaries (apart from the broker, which cannot be one)
 STATE_CLUSTER = os.environ.get("API_TASKS_TEST_STATE_CLUSTER") == "1"
 STATE_APART = STATE_CLUSTER or os.environ.get("API_TASKS_TEST_STATE_APART") == "1"
+# the job shards the session's state is laid out in (for tests that name keys themselves)
+STATE_SHARDS = 12 if STATE_CLUSTER else 4 if STATE_APART else 1
 
 
 def upstream_settings(fake_url: str, proxy_url: str) -> list[dict[str, Any]]:
@@ -197,10 +199,10 @@ def worker_env(workdir: Path, redis_server: RedisServer,
                 "API_TASKS_METRICS_PORT": "0"})  # many workers on one machine: any free port
     if isinstance(state_server, RedisClusterGroup):
         env["REDIS_STATE_URL"] = state_server.cluster_url
-        env["API_TASKS_REDIS_SHARDS"] = "12"  # a few per primary
+        env["API_TASKS_REDIS_SHARDS"] = str(STATE_SHARDS)  # a few per primary
     elif state_server is not redis_server:
         env["REDIS_STATE_URL"] = state_server.url
-        env["API_TASKS_REDIS_SHARDS"] = "4"  # jobs over 4 shards, so the audit sees them apart
+        env["API_TASKS_REDIS_SHARDS"] = str(STATE_SHARDS)  # so the audit sees them apart
     return env
 
 

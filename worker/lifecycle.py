@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import after_setup_logger, worker_init, worker_shutdown, worker_shutting_down
 
 from api_tasks import runtime
-from api_tasks.connections import wait_for_redis
+from api_tasks.connections import wait_for_cluster, wait_for_redis
 from api_tasks.job_logs import JobFields, JsonFormatter
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def connect_signals(settings: Settings) -> None:
     """Hook the runtime into this worker process's life."""
 
     def on_init(sender: Any = None, **_: Any) -> None:
+        wait_for_cluster(settings.redis.state())  # a cluster client needs one to build
         installed = runtime.install(settings, getattr(sender, "app", None))
         wait_for_redis(installed.redis)
         if installed.broker is not installed.redis:

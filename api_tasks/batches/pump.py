@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from api_tasks import metrics
-from api_tasks.background import Sweep
+from api_tasks.background import Sweep, each
 from api_tasks.batches.api_batches import batch_event, output_file_ids
 from api_tasks.batches.files import INDEX_TTL, FileRecords
 from api_tasks.batches.inputs import PieceCache, read_lines
@@ -115,13 +115,19 @@ class BatchPump(Sweep):
     def run_once(self) -> tuple[int, int]:
         """Step every active batch no other worker is stepping; how many are active, and how
         many this pass moved (a line recorded or sent, a state changed)."""
-        ids = []
-        for shard in self._keys.every_shard:
-            active = self._keys.batches(shard)
-            if found := [text(i) for i in self._redis.smembers(active)]:
-                self._redis.expire(active, self._ttl)
-                ids += found
-        return len(ids), sum(self._step_locked(batch_id) for batch_id in ids)
+        found, unlisted = each(self.shards(self._keys.every_shard), self._active)
+        ids = [batch_id for listed in found for batch_id in listed]
+        moved, unstepped = each(ids, self._step_locked)
+        if (failed := unlisted or unstepped) is not None:  # the others were stepped
+            raise failed
+        return len(ids), sum(moved)
+
+    def _active(self, shard: int) -> list[str]:
+        """The ids of a shard's active batches (its list kept while it has some)."""
+        active = self._keys.batches(shard)
+        if found := [text(i) for i in self._redis.smembers(active)]:
+            self._redis.expire(active, self._ttl)
+        return found
 
     def _step_locked(self, batch_id: str) -> bool:
         lock = self._keys.batch_lock(batch_id)

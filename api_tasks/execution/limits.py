@@ -28,6 +28,7 @@ read from Redis, O(1) whatever a call costs:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from api_tasks.connections import text
-from api_tasks.record.keys import Keys
+from api_tasks.record.keys import Keys, hash_tag
 from api_tasks.record.scripts import script
 from api_tasks.upstream.rate_headers import Reported, warn_once
 
@@ -121,13 +122,6 @@ class _Scope:
         return pace_args(self.limits)
 
 
-def _hash_tag(key: str) -> str:
-    """The hash tag of a key (its first ``{...}``): "" for none (one shard, one Redis)."""
-    start = key.find("{")
-    end = key.find("}", start + 1)
-    return key[start + 1:end] if start >= 0 and end > start + 1 else ""
-
-
 def _correction(limits: Limits, unused: int, answered: bool, counted: int | None) -> int:
     """What the upstream counted of an answered call beyond its reservation (negative: less),
     as the scope's rule has it: the usage, or the arrival charge (``counted``, if known)."""
@@ -189,15 +183,23 @@ class Limiter:
         # scopes on different slots (a gateway key's own beside its upstream group's, on a
         # Redis Cluster) are admitted a slot at a time: a turn that a later slot refuses is
         # given back, and the call goes at the latest turn any gave
-        for parts in self._by_slot(scopes):
-            admission = self._admit_in(parts, job_id, cost, reserved, horizon, place)
-            if not admission.go:
-                for given in taken:
-                    self._give_back(job_id, given, 0 if reserved else cost, reserved)
-                return admission
-            taken.append(parts)
-            if admission.wait >= worst.wait:
-                worst = admission
+        try:
+            for parts in self._by_slot(scopes):
+                admission = self._admit_in(parts, job_id, cost, reserved, horizon, place)
+                if not admission.go:
+                    self._give_back(job_id, taken, cost, reserved)
+                    return admission
+                taken.append(parts)
+                if admission.wait >= worst.wait:
+                    worst = admission
+        except Exception:
+            with contextlib.suppress(redis.RedisError):
+                self._give_back(job_id, taken, cost, reserved)
+            raise
+        if len(taken) > 1 and worst.wait * 1000 > self.reserve_ms:
+            # a slot that took a place in flight for its own near turn: the call waits for
+            # a later one, so it holds none meanwhile (as one script would have taken none)
+            self._give_back(job_id, taken, cost, reserved=True)
         return worst
 
     def _admit_in(self, parts: list[_Scope], job_id: str, cost: int, reserved: bool,
@@ -216,17 +218,20 @@ class Limiter:
                   *[value for part in parts for value in part.args()]])
         return Admission(text(verdict) == "turn", float(wait) / 1000, Hold(text(reason)))
 
-    def _give_back(self, job_id: str, parts: list[_Scope], cost: int, reserved: bool) -> None:
-        """Undo a turn ``_admit_in`` just gave (only its slot, if the job held its turn)."""
-        self._give(keys=self._keys(parts), args=[job_id, cost, *[
-            0 if reserved else value for part in parts for value in part.args()[:2]]])
+    def _give_back(self, job_id: str, taken: list[list[_Scope]], cost: int,
+                   reserved: bool) -> None:
+        """Undo the turns ``_admit_in`` just gave under each group of scopes (only their
+        places in flight, if the job held its turn already)."""
+        for parts in taken:
+            self._give(keys=self._keys(parts), args=[job_id, 0 if reserved else cost, *[
+                0 if reserved else value for part in parts for value in part.args()[:2]]])
 
     def _by_slot(self, scopes: list[tuple[str, Limits]]) -> list[list[_Scope]]:
         """The scopes as groups that share a slot, in the order given (one group but on a
         Redis Cluster's layout, ``redis.shards`` > 1)."""
         groups: dict[str, list[_Scope]] = {}
         for name, limits in scopes:
-            groups.setdefault(_hash_tag(self.keys.limit(name)), []).append(_Scope(name, limits))
+            groups.setdefault(hash_tag(self.keys.limit(name)), []).append(_Scope(name, limits))
         return list(groups.values())
 
     def settle(self, job_id: str, scopes: list[tuple[str, Limits]], unused: int,

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from api_tasks.background import Loop
+from api_tasks.background import Loop, each
 from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Requeue
@@ -73,12 +73,15 @@ class Reaper(Loop):
         # a running job with no lease for longer than the unacked sweep needs has no
         # message left anywhere (a failed give-back, a lost requeue): send it again
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
-        for shard in self._keys.every_shard:
-            for job_id in self._leases.recover(shard, lapsed, limit):
-                with job_context(job_id):  # a JSON line names its job in a field too
-                    log.warning("reaper: job %s was running with no worker and no message; "
-                                "sent again", job_id)
-                given += 1
+        recovered, failed = each(self._keys.every_shard,
+                                 lambda shard: self._leases.recover(shard, lapsed, limit))
+        for job_id in (job_id for found in recovered for job_id in found):
+            with job_context(job_id):  # a JSON line names its job in a field too
+                log.warning("reaper: job %s was running with no worker and no message; "
+                            "sent again", job_id)
+            given += 1
+        if failed is not None:  # a shard out of reach: the others were swept
+            raise failed
         return given
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:

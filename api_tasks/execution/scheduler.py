@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from api_tasks.background import Sweep
+from api_tasks.background import Sweep, each
 from api_tasks.job_logs import job_context
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
@@ -44,12 +44,10 @@ class Scheduler(Sweep):
         """Send the due jobs, if this process sweeps for the cluster; when the next is due."""
         if not self._sweeping():
             return 0.0
-        upcoming: float | None = None
-        for shard in self._keys.every_shard:
-            soonest = self._send_due(shard)
-            if soonest is not None:
-                upcoming = soonest if upcoming is None else min(upcoming, soonest)
-        return upcoming
+        found, failed = each(self._keys.every_shard, self._send_due)
+        if failed is not None:  # the other shards' due jobs went; this round is tried again
+            raise failed
+        return min((soonest for soonest in found if soonest is not None), default=None)
 
     def _send_due(self, shard: int) -> float | None:
         """Send a shard's due jobs; when its next is due."""

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import redis
 
 from api_tasks.background import Loop
+from api_tasks.record.calls import Failed, SyncShell, command
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore
 from api_tasks.upstream.call_handle import CallHandle, Stop
@@ -39,6 +40,7 @@ class Watchdog(Loop):
                  leases: LeaseStore) -> None:
         super().__init__("api-tasks-watchdog", interval, log)
         self._redis = client
+        self._shell = SyncShell(client)  # a cluster's nodes each on their own
         self._keys = keys
         self._leases = leases
         self._renew_every = leases.lease_ms / 3000.0
@@ -79,11 +81,13 @@ class Watchdog(Loop):
         for handle in handles:
             if now > handle.deadline:
                 handle.abort(Stop.DEADLINE)
-        if handles:
-            self._check_cancel(handles)
-        if now - self._renewed >= self._renew_every:
-            self._renew(handles)
-            self._renewed = now
+        try:
+            if handles:
+                self._check_cancel(handles)
+        finally:  # a cancel check that failed must not keep the leases from their renewal
+            if now - self._renewed >= self._renew_every:
+                self._renew(handles)
+                self._renewed = now
 
     def _renew(self, handles: list[CallHandle]) -> None:
         held = [(h.job_id, h.token, h.flights) for h in handles if h.token]
@@ -99,11 +103,11 @@ class Watchdog(Loop):
         by_shard: dict[int, list[CallHandle]] = {}
         for handle in handles:
             by_shard.setdefault(self._keys.shard(handle.job_id), []).append(handle)
-        pipe = self._redis.pipeline(transaction=False)
-        for group in by_shard.values():  # not pipe.mget: a cluster's pipeline refuses it
-            pipe.execute_command(  # type: ignore[no-untyped-call]
-                "MGET", *(self._keys.cancel(h.job_id) for h in group))
-        for group, flags in zip(by_shard.values(), pipe.execute(), strict=True):
-            for handle, flag in zip(group, flags, strict=True):
+        replies = self._shell.run_groups([[command("MGET", *(
+            self._keys.cancel(h.job_id) for h in group))] for group in by_shard.values()])
+        for group, reply in zip(by_shard.values(), replies, strict=True):
+            if isinstance(reply, Failed):  # its node is out of reach: looked at next tick
+                continue
+            for handle, flag in zip(group, reply[0], strict=True):
                 if flag is not None:
                     handle.abort(Stop.CANCELLED)

@@ -25,7 +25,7 @@ import redis
 import requests
 
 from api_tasks import metrics
-from api_tasks.background import Sweep
+from api_tasks.background import Sweep, each
 from api_tasks.connections import text, text_map
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script
@@ -74,7 +74,6 @@ class WebhookSender(Sweep):
         self._guard = AddressGuard(tuple(settings.webhooks.private_hosts))
         self._take = client.register_script(script("webhook_take"))
         self._done = client.register_script(script("webhook_done"))
-        self._first = 0  # the shard the last look started at
 
     def sweep(self) -> float | None:
         """Send what is due; look again soon if some was (every worker then sends, each
@@ -86,16 +85,18 @@ class WebhookSender(Sweep):
         """Send the deliveries due now, shard by shard, one taken at a time (each under its
         own lease): how many were tried, and in how many seconds the next is due (None: none
         pending)."""
-        tried, upcoming = 0, None
-        shards = self._keys.every_shard
-        self._first = (self._first + 1) % len(shards)  # each look starts one shard on, so a
-        # shard with a backlog does not hold the others' deliveries back
-        for shard in [*shards[self._first:], *shards[:self._first]]:
+        tried = 0
+
+        def visit(shard: int) -> float | None:
+            nonlocal tried
             sent, soonest = self._send_due(shard, _TAKE - tried)
             tried += sent
-            if soonest is not None:
-                upcoming = soonest if upcoming is None else min(upcoming, soonest)
-        return tried, upcoming
+            return soonest
+
+        found, failed = each(self.shards(self._keys.every_shard), visit)
+        if failed is not None:  # the other shards' deliveries went
+            raise failed
+        return tried, min((soonest for soonest in found if soonest is not None), default=None)
 
     def _send_due(self, shard: int, most: int) -> tuple[int, float | None]:
         """Send up to ``most`` of a shard's due deliveries; how many, and when its next is

@@ -22,7 +22,8 @@ from redis.exceptions import NoScriptError
 from api_tasks.connections import UNAVAILABLE, is_cluster
 from api_tasks.record.scripts import script, sha
 
-__all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "Writes", "command", "lua", "packed"]
+__all__ = ["AsyncShell", "Call", "Failed", "SyncShell", "Writes", "command", "first_key", "lua",
+           "packed"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -97,10 +98,12 @@ def _grouped(groups: Sequence[Sequence[Call[Any]]], replies: list[Any]) -> list[
     return out
 
 
-def _first_key(call: Call[Any]) -> Any:
-    if call.script:
-        return call.keys[0] if call.keys else None
-    return call.args[1] if len(call.args) > 1 else None
+def first_key(command: tuple[Any, ...]) -> Any:
+    """A packed command's first key (a script's first KEYS entry), None for none (the key
+    a Redis Cluster routes it by)."""
+    if command[0] in ("EVALSHA", "EVAL"):
+        return command[3] if int(command[2]) else None
+    return command[1] if len(command) > 1 else None
 
 
 def _by_node(cluster: Any, groups: Sequence[Sequence[Call[Any]]]) -> list[list[int]]:
@@ -108,7 +111,8 @@ def _by_node(cluster: Any, groups: Sequence[Sequence[Call[Any]]]) -> list[list[i
     that a node out of reach fails only its own."""
     parts: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
-        key = next((k for k in map(_first_key, group) if k is not None), None)
+        key = next((k for k in (first_key(packed(call)) for call in group) if k is not None),
+                   None)
         node = "" if key is None else \
             cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
         parts.setdefault(node, []).append(index)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from config.settings import Settings
 
-__all__ = ["Keys"]
+__all__ = ["Keys", "hash_tag"]
 
 
 @dataclass(frozen=True)
@@ -276,3 +276,11 @@ class Keys:
         """List: a lane's task messages, as kombu's Redis transport keeps them (no TTL: the
         workers empty it)."""
         return f"{self.celery_prefix()}{lane}"
+
+
+def hash_tag(key: str) -> str:
+    """A key's hash tag (its first ``{...}``, what a Redis Cluster places it by): "" for
+    none (one shard, one Redis)."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1:end] if start >= 0 and end > start + 1 else ""

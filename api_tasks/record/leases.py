@@ -23,6 +23,7 @@ a script that fails halfway.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -31,13 +32,15 @@ import redis
 
 from api_tasks.connections import text
 from api_tasks.record.calls import Call, Failed, SyncShell, command, lua
+from api_tasks.record.exchange import Command
 from api_tasks.record.job_record import TERMINAL
 from api_tasks.record.keys import Keys
 from api_tasks.record.scripts import script, sha
 from api_tasks.record.webhooks import NO_WEBHOOKS, Webhooks
-from api_tasks.record.writer import Command
 
 __all__ = ["Claim", "LeaseStore", "Parked", "Requeue", "Verdict"]
+
+log = logging.getLogger(__name__)
 
 _DEFER_MARGIN_MS = 250  # a deferred delivery looks again this long after the lease would lapse
 _HOLD_MS = 30_000  # a due job being sent is due again after this, should its sender die
@@ -160,9 +163,13 @@ class LeaseStore:
                                     for job_id, token, _ in held])
         lost: list[str] = []
         flights: list[Call[Any]] = []
+        failed = [reply for reply in renewed if isinstance(reply, Failed)]
+        if failed:  # (on a Redis Cluster, the jobs of a node out of reach: the rest go on)
+            log.warning("%d of %d leases not renewed (%s)", len(failed), len(held),
+                        failed[0].error)
         for (job_id, _, held_flights), reply in zip(held, renewed, strict=True):
             if isinstance(reply, Failed):
-                raise reply.error
+                continue
             [until] = reply
             if until == -1:
                 lost.append(job_id)

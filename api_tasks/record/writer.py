@@ -14,11 +14,14 @@ takes instead of growing the worker's memory.
 Stream entries carry ids we chose, so re-sending a batch after a connection
 error cannot add an entry twice (Redis refuses the smaller-or-equal id and we
 ignore that refusal).
+
+On a Redis Cluster each node gets its share of a flush on a connection of its own
+(``exchange``), and the writes of a node out of reach wait apart, in order per slot, while
+the others go on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -27,18 +30,16 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, cast
 
-import hiredis
 import redis
 import redis.cluster
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, MovedError, RedisClusterException
 
 from api_tasks.connections import UNAVAILABLE, is_cluster, reason
-from api_tasks.record.scripts import named, script
+from api_tasks.record.exchange import Command, exchange, routed, slot_of
 
-__all__ = ["Command", "EventWriter"]
+__all__ = ["EventWriter"]
 
 log = logging.getLogger(__name__)
-Command = tuple[Any, ...]
 _Item = tuple[Sequence[Command], "Future[list[Any]] | None", int]
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 _MAX_PENDING = 16 * 1024 * 1024  # bytes of commands queued or being written, per process
@@ -144,73 +145,95 @@ class EventWriter:
             batch = self._take()
             if not batch and not self._held:
                 return
-            done = batch
             try:
-                done = self._flush(batch) if self._cluster is None \
-                    else self._flush_cluster(self._cluster, batch)
+                if self._cluster is None:
+                    self._flush(batch)
+                else:  # what it holds for a node out of reach is bounded apart
+                    self._flush_cluster(self._cluster, batch)
             except Exception as err:  # the thread must outlive any one bad batch
                 log.exception("event writer: batch failed")
                 _fail(batch, err)
             finally:
                 with self._lock:
-                    self._pending -= sum(size for _, _, size in done)
+                    self._pending -= sum(size for _, _, size in batch)
                     if self._waiting:
                         self._room.notify_all()
 
-    def _flush(self, batch: list[_Item]) -> list[_Item]:
+    def _flush(self, batch: list[_Item]) -> None:
         """Write the batch as one pipeline, trying again while Redis is out of reach (up to
-        ``retry_for``); the items settled or failed (all of them)."""
+        ``retry_for``)."""
         deadline = time.monotonic() + self._retry_for
         delay = 0.05
         pool = self._redis.connection_pool
         commands = [command for item in batch for command in item[0]]
         while True:
-            results = _exchange({pool: commands})[pool]
+            results = exchange({pool: commands})[pool]
             down = next((r for r in results[:1] if isinstance(r, UNAVAILABLE)), None)
             if down is None:
                 _settle(batch, results)
-                return batch
+                return
             if time.monotonic() > deadline:
                 _fail(batch, down)
-                return batch
+                return
             log.warning("event writer: Redis unavailable (%s), retrying", reason(down))
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _flush_cluster(self, cluster: redis.cluster.RedisCluster,
-                       batch: list[_Item]) -> list[_Item]:
+    def _flush_cluster(self, cluster: redis.cluster.RedisCluster, batch: list[_Item]) -> None:
         """Write the batch on a Redis Cluster, each node's share on a connection of its own.
-        The items of a node out of reach are held, with every later item of their slots (a
-        job's writes stay in order), and tried again after a pause while the others go on.
-        Returns the items settled or failed."""
+        The items of a node out of reach (or of a slot that moved) are held, with every later
+        item of their slots (a job's writes stay in order), and tried again after a pause
+        while the others go on."""
         now = time.monotonic()
-        out = self._held.release(now)
-        for item in batch:
-            slot = _slot(cluster, item[0])
-            if self._held.holds(slot):
-                self._held.hold(slot, item, now)
-            else:
-                out.append((slot, item))
-        replies = _routed(cluster, [command for _, item in out for command in item[0]])
-        done: list[_Item] = []
-        offset = 0
-        for slot, item in out:
-            mine = replies[offset:offset + len(item[0])]
-            offset += len(item[0])
-            if (down := next((r for r in mine if isinstance(r, UNAVAILABLE)), None)) is None:
-                _settle([item], mine)
-                done.append(item)
-            else:
-                self._held.hold(slot, item, now, down)
-        for items, err in self._held.expired(now, self._retry_for):
-            _fail(items, err)
-            done += items
-        if self._held.pause(now):
-            log.warning("event writer: %d slots of the cluster out of reach (%s), retrying",
-                        len(self._held.slots), reason(self._held.error))
-            with contextlib.suppress(redis.RedisError):  # learn who serves them now
-                cluster.nodes_manager.initialize()
-        return done
+        released = self._held.release(now)
+        try:
+            out = list(released)
+            for item in batch:
+                slot = slot_of(cluster, item[0][0])
+                if self._held.holds(slot):
+                    self._hold(slot, item, now, None)
+                else:
+                    out.append((slot, item))
+            replies = routed(cluster, [command for _, item in out for command in item[0]])
+            failed = False
+            offset = 0
+            for slot, item in out:
+                mine = replies[offset:offset + len(item[0])]
+                offset += len(item[0])
+                # (an item that went while an earlier one of its slot did not: only if the
+                # slot moved between the two, mid-pipeline; its stream then lacks the earlier)
+                error = next((r for r in mine if isinstance(r, _AGAIN)), None)
+                if error is None:
+                    _settle([item], mine)
+                else:
+                    self._hold(slot, item, now, error)
+                    failed = True
+            for items, err in self._held.expired(now, self._retry_for):
+                _fail(items, err)
+        except Exception as err:  # what was taken out to try again must not be lost
+            _fail([item for _, item in released], err)
+            raise
+        if released or failed:  # tried: the next try of what is held is a pause away
+            self._held.pause(now)
+            if self._held:
+                log.warning("event writer: %d slots of the cluster out of reach (%s), "
+                            "retrying", len(self._held.slots), reason(self._held.error))
+                try:  # learn who serves them now (a failover, a slot that moved)
+                    cluster.nodes_manager.initialize()
+                except (redis.RedisError, RedisClusterException) as err:
+                    log.debug("event writer: slots not learnt anew (%s)", err)
+
+    def _hold(self, slot: int, item: _Item, now: float, error: Exception | None) -> None:
+        """Hold an item behind its slot's others; past ``max_pending_bytes`` held, the slot
+        gives up (its items fail: holding more would grow without bound)."""
+        if self._held.bytes + item[2] > self._max_pending:
+            _fail([*self._held.drop(slot), item], error or self._held.error)
+        else:
+            self._held.hold(slot, item, now, error)
+
+
+# replies that say: nothing ran, send it again
+_AGAIN: tuple[type[Exception], ...] = (*UNAVAILABLE, MovedError, AskError)
 
 
 class _Held:
@@ -220,12 +243,18 @@ class _Held:
     def __init__(self) -> None:
         self.slots: dict[int, deque[_Item]] = {}
         self.since: dict[int, float] = {}  # when each slot was first held (its deadline)
-        self.error: Exception = redis.ConnectionError("a node is out of reach")
+        self.errors: dict[int, Exception] = {}  # what each slot's node last answered
+        self.bytes = 0
         self.due = 0.0
         self.delay = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.slots)
+
+    @property
+    def error(self) -> Exception:
+        """One held slot's error, to say why in a line."""
+        return next(iter(self.errors.values()), redis.ConnectionError("a node is out of reach"))
 
     def holds(self, slot: int) -> bool:
         """Whether a slot's items wait (a later item of it must wait behind them)."""
@@ -235,149 +264,49 @@ class _Held:
         """Seconds until the held items are due."""
         return max(self.due - time.monotonic(), 0.0)
 
-    def hold(self, slot: int, item: _Item, now: float, error: Exception | None = None) -> None:
+    def hold(self, slot: int, item: _Item, now: float, error: Exception | None) -> None:
         """Hold an item behind its slot's others (``error``: what its node answered)."""
         self.slots.setdefault(slot, deque()).append(item)
         self.since.setdefault(slot, now)
-        if error is not None:
-            self.error = error
+        self.bytes += item[2]
+        if error is not None or slot not in self.errors:
+            self.errors[slot] = error or redis.ConnectionError("a node is out of reach")
+
+    def drop(self, slot: int) -> list[_Item]:
+        """A slot's items, taken out for good."""
+        items = list(self.slots.pop(slot, ()))
+        self.bytes -= sum(item[2] for item in items)
+        self.since.pop(slot, None)
+        self.errors.pop(slot, None)
+        return items
 
     def release(self, now: float) -> list[tuple[int, _Item]]:
-        """Every held item, in order, once they are due (else none)."""
+        """Every held item, in order, once they are due (else none); a slot's deadline runs
+        on until one of its writes lands."""
         if not self.slots or now < self.due:
             return []
         out = [(slot, item) for slot, items in self.slots.items() for item in items]
         self.slots.clear()
+        self.bytes = 0
         return out
 
     def expired(self, now: float, retry_for: float) -> list[tuple[list[_Item], Exception]]:
-        """The items of slots held past ``retry_for``, taken out; a slot written since is
+        """The items of slots held past ``retry_for``, taken out; a slot no longer held is
         forgotten."""
         gone = []
         for slot in list(self.since):
             if slot not in self.slots:
                 del self.since[slot]
+                self.errors.pop(slot, None)
             elif now - self.since[slot] > retry_for:
-                gone.append((list(self.slots.pop(slot)), self.error))
-                del self.since[slot]
+                error = self.errors[slot]
+                gone.append((self.drop(slot), error))
         return gone
 
-    def pause(self, now: float) -> bool:
-        """After a round: whether items are held (the next try is then a pause away)."""
-        if not self.slots:
-            self.delay = 0.0
-            return False
-        self.delay = min(self.delay * 2 or 0.05, 2.0)
+    def pause(self, now: float) -> None:
+        """After a try: the next a pause away (doubling while items stay held)."""
+        self.delay = min(self.delay * 2 or 0.05, 2.0) if self.slots else 0.0
         self.due = now + self.delay
-        return True
-
-
-_ANY = -1  # the "slot" of a command with no key (a ``PING``): the cluster's default node
-
-
-def _slot(cluster: redis.cluster.RedisCluster, commands: Sequence[Command]) -> int:
-    """The slot of an item's writes (a job's keys and its channel share one)."""
-    command = commands[0]
-    if command[0] in ("EVALSHA", "EVAL"):
-        key = command[3] if int(command[2]) else None
-    else:
-        key = command[1] if len(command) > 1 else None
-    return _ANY if key is None else int(cluster.keyslot(key))  # type: ignore[no-untyped-call]
-
-
-def _routed(cluster: redis.cluster.RedisCluster, commands: list[Command]) -> list[Any]:
-    """Every command's reply, each sent to the node serving its slot (a node out of reach:
-    its commands' replies are the error)."""
-    by_node: dict[Any, list[int]] = {}
-    for index, command in enumerate(commands):
-        slot = _slot(cluster, [command])
-        if slot == _ANY:
-            node = cluster.get_default_node()  # type: ignore[no-untyped-call]
-        else:
-            node = cluster.nodes_manager.get_node_from_slot(slot)
-        by_node.setdefault(node.redis_connection.connection_pool, []).append(index)
-    sent = _exchange({pool: [commands[i] for i in at] for pool, at in by_node.items()})
-    replies: list[Any] = [None] * len(commands)
-    for pool, at in by_node.items():
-        for index, reply in zip(at, sent[pool], strict=True):
-            replies[index] = reply
-    # a slot that moved: nothing ran there; the client's own routing follows it
-    for index, reply in enumerate(replies):
-        if isinstance(reply, (MovedError, AskError, TryAgainError, ClusterDownError)):
-            try:
-                replies[index] = cluster.execute_command(  # type: ignore[no-untyped-call]
-                    *commands[index])
-            except redis.RedisError as err:
-                replies[index] = err
-    return replies
-
-
-def _exchange(work: dict[Any, list[Command]]) -> dict[Any, list[Any]]:
-    """Send each pool's commands on one of its connections, then read each's replies (all
-    the sends first: a cluster's nodes work at once). Packed with hiredis and read raw:
-    redis-py's ``Pipeline`` spends more per command (callbacks, hooks, bookkeeping) than the
-    relay spends on a whole chunk. A pool whose Redis is out of reach has the error for
-    every reply."""
-    out: dict[Any, list[Any]] = {}
-    sent: list[tuple[Any, Any]] = []
-    try:
-        for pool, commands in work.items():
-            if not commands:
-                out[pool] = []
-                continue
-            try:
-                connection = pool.get_connection()
-            except UNAVAILABLE as err:
-                out[pool] = [err] * len(commands)
-                continue
-            sent.append((pool, connection))
-            try:
-                connection.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
-            except UNAVAILABLE as err:
-                connection.disconnect()
-                out[pool] = [err] * len(commands)
-        for pool, connection in sent:
-            if pool not in out:
-                try:
-                    out[pool] = _replies(connection, work[pool])
-                except UNAVAILABLE as err:
-                    connection.disconnect()  # replies may be unread
-                    out[pool] = [err] * len(work[pool])
-    except BaseException:
-        for _, connection in sent:
-            connection.disconnect()  # replies may be unread
-        raise
-    finally:
-        for pool, connection in sent:
-            pool.release(connection)
-    return out
-
-
-def _replies(connection: Any, commands: list[Command]) -> list[Any]:
-    """Every reply to ``commands`` sent on ``connection``; a script Redis lacked (restarted,
-    flushed) ran nothing, and it is its job's last write, so it runs now, sent whole, after
-    the rest."""
-    replies = _read(connection, len(commands))
-    unloaded = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
-                and commands[i][0] == "EVALSHA" and named(commands[i][1])]
-    if unloaded:
-        connection.send_packed_command([b"".join(hiredis.pack_command(
-            ("EVAL", script(str(named(commands[i][1]))), *commands[i][2:]))
-            for i in unloaded)])
-        for i, reply in zip(unloaded, _read(connection, len(unloaded)), strict=True):
-            replies[i] = reply
-    return replies
-
-
-def _read(connection: Any, count: int) -> list[Any]:
-    """``count`` replies, an error reply as its exception."""
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(connection.read_response())
-        except redis.ResponseError as err:
-            replies.append(err)
-    return replies
 
 
 def _settle(batch: list[_Item],
@@ -390,7 +319,7 @@ def _settle(batch: list[_Item],
                       and _DUPLICATE_ID not in str(r)), None)
         if error is not None:
             log.error("event writer: command failed: %s", error)
-        if future is not None:
+        if future is not None and not future.done():  # (failed once already: a lost batch)
             if error is None:
                 future.set_result(mine)
             else:
@@ -400,7 +329,7 @@ def _settle(batch: list[_Item],
 def _fail(batch: list[_Item], err: Exception) -> None:
     log.error("event writer: giving up on %d items: %s", len(batch), err)
     for _, future, _ in batch:
-        if future is not None:
+        if future is not None and not future.done():
             future.set_exception(err)
 
 

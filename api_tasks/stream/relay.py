@@ -17,8 +17,9 @@ from typing import Any
 from api_tasks.errors import InvalidResponseError, StreamError, UpstreamError
 from api_tasks.json_codec import loads
 from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id
+from api_tasks.record.exchange import Command
 from api_tasks.record.keys import Keys
-from api_tasks.record.writer import Command, EventWriter
+from api_tasks.record.writer import EventWriter
 from api_tasks.stream.assemble import Assembler, assembler_for
 from api_tasks.stream.sse import SSEDecoder, SSEEvent
 from api_tasks.upstream.redact import scrub

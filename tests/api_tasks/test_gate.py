@@ -17,12 +17,13 @@ from api_tasks.record.leases import LeaseStore
 from api_tasks.spec import JobSpec
 from api_tasks.upstream.call_handle import CallHandle
 from config.settings import Limits, Upstream
+from tests.conftest import STATE_SHARDS
 
 AHEAD = 0.3  # worker.reserve_ahead: waits up to this long happen in the worker
 
 
 def _gate(client: redis.Redis) -> tuple[Gate, Cooldowns, Keys]:
-    keys = Keys(f"gate{uuid.uuid4().hex[:6]}", shards=4)  # a Redis Cluster's layout too
+    keys = Keys(f"gate{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     leases = LeaseStore(client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     cooldowns = Cooldowns(client, keys)
     return Gate(Limiter(client, keys, AHEAD, 5000), cooldowns, leases, AHEAD), cooldowns, keys

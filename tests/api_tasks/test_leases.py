@@ -10,10 +10,11 @@ import redis
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Parked, Requeue
 from api_tasks.record.scripts import script
+from tests.conftest import STATE_SHARDS
 
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
-    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     job_id = uuid.uuid4().hex
     assert store.claim(job_id, "mine", {}, time.time()).verdict == "run"
@@ -114,7 +115,7 @@ def test_a_claim_retried_after_a_lost_reply_gets_the_first_ones_answer(
         redis_client: redis.Redis) -> None:
     """A worker that lost a claim's reply (a failover) claims again with the same token: it
     must not run a job the first claim found cancelled or poisonous, nor lose its turn."""
-    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
     cancelled, poisonous, parked = (uuid.uuid4().hex for _ in range(3))
     redis_client.set(keys.cancel(cancelled), "1")

@@ -9,6 +9,7 @@ import redis
 from api_tasks.execution.limits import Limiter
 from api_tasks.record.keys import Keys
 from config.settings import Limits
+from tests.conftest import STATE_SHARDS
 
 ONE_A_SECOND = Limits(requests_per_minute=60, burst_seconds=1, utilization=1.0)
 # slow refills (a call every 6 s, a token every 60 ms): no answer below hangs on the clock
@@ -18,7 +19,7 @@ BULK = 0.05  # a bulk job books at most this far ahead (reserve_ahead)
 
 
 def _limiter(redis_client: redis.Redis) -> tuple[Limiter, Keys]:
-    keys = Keys(f"line{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"line{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     return Limiter(redis_client, keys, reserve_ahead=BULK, lease_ms=5000), keys
 
 

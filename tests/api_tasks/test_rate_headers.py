@@ -12,6 +12,7 @@ from api_tasks.execution.limits import Limiter
 from api_tasks.record.keys import Keys
 from api_tasks.upstream.rate_headers import Reported, reported
 from config.settings import Limits
+from tests.conftest import STATE_SHARDS
 
 
 def test_openais_headers_are_read() -> None:
@@ -39,7 +40,7 @@ def test_nonsense_is_ignored_with_one_warning(caplog: pytest.LogCaptureFixture) 
 
 def test_an_upstream_with_little_left_holds_every_workers_next_calls(
         redis_client: redis.Redis) -> None:
-    keys = Keys(f"rh{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"rh{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     limiter = Limiter(redis_client, keys, reserve_ahead=5.0, lease_ms=10_000)
     scopes = [("u", Limits(tokens_per_minute=60000, utilization=1.0, burst_seconds=1.0))]
     limiter.observe(scopes, Reported(remaining_tokens=0))  # the upstream is out
@@ -58,7 +59,7 @@ def test_an_upstream_with_little_left_holds_every_workers_next_calls(
 
 def test_an_upstream_limit_below_the_configured_one_paces_the_scope(
         redis_client: redis.Redis) -> None:
-    keys = Keys(f"rh{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"rh{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     limiter = Limiter(redis_client, keys, reserve_ahead=5.0, lease_ms=10_000)
     scopes = [("u/m*", Limits(tokens_per_minute=600000, utilization=1.0, burst_seconds=0.1))]
     # the model's scope says 10,000 tokens a second; the upstream says 1,000 a second

@@ -13,6 +13,7 @@ from api_tasks.record.events import EVENT_FIELD
 from api_tasks.record.keys import Keys
 from api_tasks.record.writer import EventWriter
 from api_tasks.stream.relay import StreamRelay
+from tests.conftest import STATE_SHARDS
 
 
 def _sse(pieces: list[str]) -> bytes:
@@ -34,7 +35,7 @@ def _stored(client: redis.Redis, keys: Keys, job_id: str) -> list[tuple[str, dic
 
 def test_chunks_split_anywhere_land_in_order_with_their_ids(
         redis_client: redis.Redis, writer: EventWriter) -> None:
-    keys, job_id = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=4), uuid.uuid4().hex
+    keys, job_id = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS), uuid.uuid4().hex
     pieces = ["Hé", "llo", " wörld", "!"]
     body = _sse(pieces)
     relay = StreamRelay(job_id, 2, "chat", keys, writer, 60, 65536)
@@ -57,7 +58,7 @@ def test_chunks_split_anywhere_land_in_order_with_their_ids(
 
 def test_a_stream_past_its_cap_stops_with_everything_before_it_kept(
         redis_client: redis.Redis, writer: EventWriter) -> None:
-    keys, job_id = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=4), uuid.uuid4().hex
+    keys, job_id = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS), uuid.uuid4().hex
     relay = StreamRelay(job_id, 1, "chat", keys, writer, 60, 65536, max_events=10)
     with pytest.raises(StreamError) as caught:
         relay.feed(_sse(["x"] * 50))
@@ -74,7 +75,7 @@ def _typed(events: list[dict[str, object]], done: bool = False) -> bytes:
 
 def test_a_responses_stream_ends_well_only_with_its_closing_event(
         redis_client: redis.Redis, writer: EventWriter) -> None:
-    keys = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=4)
+    keys = Keys(f"relay{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
     opened = [{"type": "response.created", "sequence_number": 0, "response": {"id": "r"}},
               {"type": "response.output_text.delta", "sequence_number": 1, "delta": "Hi"}]
     closing = {"type": "response.completed", "sequence_number": 2,

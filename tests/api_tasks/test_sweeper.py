@@ -24,6 +24,7 @@ from api_tasks.record.leases import LeaseStore
 from api_tasks.record.scripts import script
 from config.loader import load_settings
 from config.settings import RedisSettings
+from tests.conftest import STATE_SHARDS
 from tests.support.services import RedisServer, primaries, wait_until
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def test_one_process_holds_the_role_and_another_takes_it_when_it_stops_or_dies(
     monkeypatch.setattr(sweeper, "_EVERY", 0.1)
     monkeypatch.setattr(sweeper, "_TTL", 2.0)  # a starved thread keeps the role 1.5 s
     monkeypatch.setattr(sweeper, "_MARGIN", 0.5)
-    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=4)
+    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=STATE_SHARDS)
     first, second = (SweeperRole(redis_client, keys, name) for name in ("first", "second"))
     first.start()
     second.start()
@@ -69,7 +70,7 @@ def test_the_sweeping_scheduler_sends_a_job_parked_while_it_slept(
     """An idle scheduler blocks on the wake list for up to a second; a job parked meanwhile
     for 50 ms leaves a token there, and is sent within a few tenths of a second, not a
     second later."""
-    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=4)
+    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=STATE_SHARDS)
     leases = LeaseStore(redis_client, keys, 3600, 30_000, 3)
     sent: list[tuple[str, float]] = []
     scheduler = Scheduler(redis_client, keys, leases,

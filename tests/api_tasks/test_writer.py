@@ -4,6 +4,7 @@ to their own submitter, re-sent stream ids ignored, and back-pressure while Redi
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from api_tasks.connections import connect
 from api_tasks.record.scripts import sha
 from api_tasks.record.writer import EventWriter
 from config.settings import RedisSettings
-from tests.support.services import RedisClusterGroup, RedisServer, free_port
+from tests.support.services import RedisClusterGroup, RedisServer, free_port, wait_until
 
 
 def test_many_threads_commands_land_in_order_with_their_replies(
@@ -95,28 +96,46 @@ def test_a_script_redis_lacks_is_sent_whole_and_runs_once(tmp_path: Path) -> Non
 def test_on_a_cluster_a_node_out_of_reach_holds_only_its_own_slots_writes(
         tmp_path: Path) -> None:
     """Each node's share of a batch goes on a connection of its own: while one primary is
-    down its slots' writes wait, in order, and every other slot's go on; they land once it
-    is back."""
+    down its slots' writes wait, in order, and every other slot's go on (a steady stream of
+    them, as under load); they land once it is back."""
     group = RedisClusterGroup(tmp_path, persist=True).start()
     client = connect(RedisSettings(state_url=group.cluster_url, shards=6).state())
     writer = EventWriter(client)
     writer.start()
+    done = threading.Event()
     try:
         victim = group.nodes[1]
         owner = {node.port: node for node in group.nodes}
         names = [f"w:{{s{n}}}:events" for n in range(40)]  # spread over every node
         down = next(k for k in names if owner[client.get_node_from_key(k).port] is victim)
         up = [k for k in names if owner[client.get_node_from_key(k).port] is not victim]
+        written: list[float] = []
+
+        def steady() -> None:  # other slots' writes all along, a flush every few ms
+            seq = 0
+            while not done.is_set():
+                seq += 1
+                writer.write([("XADD", up[seq % len(up)], f"1-{seq}", "n", seq)], timeout=5)
+                written.append(time.monotonic())
+                time.sleep(0.005)
+
+        traffic = threading.Thread(target=steady)
+        traffic.start()
         victim.stop(crash=True)
         held = [writer.submit([("XADD", down, f"1-{seq}", "n", seq)], wait=True)
                 for seq in range(1, 4)]
-        for key in up:  # the other nodes' slots are written at once
-            writer.write([("XADD", key, "1-1", "n", 1)], timeout=5)
+        stopped_at = time.monotonic()
+        wait_until(lambda: sum(1 for at in written if at > stopped_at) > 50, 10,
+                   "other slots' writes to go on while the node is down")
         assert not any(future.done() for future in held if future is not None)
         victim.start()
+        back_at = time.monotonic()
         for future in held:
-            assert future is not None and future.result(timeout=30)
+            assert future is not None and future.result(timeout=15)
+        assert time.monotonic() - back_at < 15  # not at the end of retry_for (120 s)
         assert [entry_id for entry_id, _ in client.xrange(down)] == [b"1-1", b"1-2", b"1-3"]
+        assert traffic.is_alive()  # the steady writes never failed
     finally:
+        done.set()
         writer.close()
         group.stop()

@@ -188,7 +188,7 @@ def test_a_cluster_url_names_the_state_clusters_nodes_and_its_login() -> None:
     ({"REDIS_STATE_URL": "redis+cluster://n1/2", "API_TASKS_REDIS_SHARDS": "6"},
      "only database 0"),
     ({"REDIS_STATE_URL": "redis+cluster://n1:99999", "API_TASKS_REDIS_SHARDS": "6"},
-     "bad port: 'n1:99999'"),
+     "a cluster node's address has a bad port"),
     ({"REDIS_STATE_URL": "redis+cluster://n1?ssl=1", "API_TASKS_REDIS_SHARDS": "6"},
      "takes no options"),
     ({"REDIS_STATE_URL": "redis+cluster://", "API_TASKS_REDIS_SHARDS": "6"},
@@ -198,6 +198,17 @@ def test_a_bad_cluster_url_names_the_setting(env: dict[str, str], needle: str) -
     with pytest.raises(ConfigError) as caught:
         load_settings(env=env)
     assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize("variable", ["REDIS_STATE_URL", "REDIS_URL"])
+@pytest.mark.parametrize("url", ["redis+cluster://app:s3/cr3t@n1:7000",
+                                 "sentinel://app:s3#cr3t@s1/main"])
+def test_a_password_that_breaks_its_url_is_never_repeated(variable: str, url: str) -> None:
+    """An unencoded '/' or '#' ends the address inside the password: the error must not show
+    what it read there."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={variable: url, "API_TASKS_REDIS_SHARDS": "6"})
+    assert "s3" not in str(caught.value) and "cr3t" not in str(caught.value)
 
 
 def test_a_sentinel_url_names_the_sentinels_the_primary_and_both_logins() -> None:
