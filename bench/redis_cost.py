@@ -74,8 +74,8 @@ def _per_job(meter: Meter, run: Callable[[], Any], n: int, idle: tuple[float, fl
             calls)
 
 
-def _ours(svc: Services, n: int, streams: int, chunks: int) -> dict[str, Any]:
-    env = svc.env()
+def _ours(svc: Services, n: int, streams: int, chunks: int, shards: int) -> dict[str, Any]:
+    env = {**svc.env(), "API_TASKS_REDIS_SHARDS": str(shards)}
     meter = Meter(redis.Redis.from_url(svc.redis.url))
     with svc.worker(env, name="ours"):
         client = our_client(env)
@@ -132,11 +132,13 @@ def _top(calls: Counter[str], n: int, count: int = 10) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer jobs")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="job shards (redis.shards), as for a Redis Cluster")
     args = parser.parse_args()
     n, streams, chunks = (100, 20, 100) if args.quick else (300, 100, 100)
     with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc:
         started = time.monotonic()
-        ours = _ours(svc, n, streams, chunks)
+        ours = _ours(svc, n, streams, chunks, args.shards)
         bare = _bare(svc, n)
     o_cmds, o_cpu, o_calls = ours["job"]
     b_cmds, b_cpu, b_calls = bare["job"]
@@ -164,7 +166,8 @@ def main() -> None:
         ("idle worker process: Redis CPU", f"{o_idle[1] * 1e3:.2f} ms/s",
          f"{b_idle[1] * 1e3:.2f} ms/s", "-"),
     ]
-    title = (f"\nRedis cost: one worker at a time on its own Redis, {n} jobs; "
+    title = (f"\nRedis cost: one worker at a time on its own Redis, {n} jobs, "
+             f"{args.shards} job shard{'s' if args.shards > 1 else ''}; "
              f"{time.monotonic() - started:.0f} s")
     print(table(title, rows), flush=True)
 

@@ -124,8 +124,8 @@ def _zero_config_upstream(env: Mapping[str, str]) -> dict[str, Any]:
 def _validate(data: dict[str, Any], origins: Origins, env: Mapping[str, str]) -> Settings:
     try:
         settings = Settings.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_describe(err, origins)) from err
+    except ValidationError as err:  # not chained: its input values may hold a password
+        raise ConfigError(_describe(err, origins)) from None
     keyed = [_with_key(upstream, index, env, origins)
              for index, upstream in enumerate(settings.upstreams)]
     gateway_keys = []

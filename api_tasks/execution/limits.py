@@ -183,23 +183,28 @@ class Limiter:
         # scopes on different slots (a gateway key's own beside its upstream group's, on a
         # Redis Cluster) are admitted a slot at a time: a turn that a later slot refuses is
         # given back, and the call goes at the latest turn any gave
+        refused: Admission | None = None
         try:
             for parts in self._by_slot(scopes):
                 admission = self._admit_in(parts, job_id, cost, reserved, horizon, place)
                 if not admission.go:
-                    self._give_back(job_id, taken, cost, reserved)
-                    return admission
+                    refused = admission
+                    break
                 taken.append(parts)
                 if admission.wait >= worst.wait:
                     worst = admission
         except Exception:
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(redis.RedisError):  # the error says what went wrong
                 self._give_back(job_id, taken, cost, reserved)
             raise
+        if refused is not None:
+            self._give_back(job_id, taken, cost, reserved)
+            return refused
         if len(taken) > 1 and worst.wait * 1000 > self.reserve_ms:
             # a slot that took a place in flight for its own near turn: the call waits for
             # a later one, so it holds none meanwhile (as one script would have taken none)
-            self._give_back(job_id, taken, cost, reserved=True)
+            with contextlib.suppress(redis.RedisError):  # it lapses with the lease anyway
+                self._give_back(job_id, taken, cost, reserved=True)
         return worst
 
     def _admit_in(self, parts: list[_Scope], job_id: str, cost: int, reserved: bool,

@@ -65,11 +65,13 @@ class Reaper(Loop):
         prefix = self._keys.celery_prefix()
         tags: list[bytes] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
             prefix + "unacked_index", "-inf", cutoff, 0, limit))
-        given = 0
+        given, unreached = 0, None
         if tags:
             entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
-            given = sum(self._give_back(tag, raw) for tag, raw
-                        in zip(tags, entries, strict=True) if raw is not None)
+            # a job whose shard is out of reach keeps none of the others from their turn
+            back, unreached = each([(tag, raw) for tag, raw in zip(tags, entries, strict=True)
+                                    if raw is not None], lambda entry: self._give_back(*entry))
+            given = sum(back)
         # a running job with no lease for longer than the unacked sweep needs has no
         # message left anywhere (a failed give-back, a lost requeue): send it again
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
@@ -80,7 +82,7 @@ class Reaper(Loop):
                 log.warning("reaper: job %s was running with no worker and no message; "
                             "sent again", job_id)
             given += 1
-        if failed is not None:  # a shard out of reach: the others were swept
+        if (failed := unreached or failed) is not None:  # the others were swept
             raise failed
         return given
 

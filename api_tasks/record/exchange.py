@@ -21,7 +21,7 @@ from api_tasks.connections import UNAVAILABLE
 from api_tasks.record.calls import first_key
 from api_tasks.record.scripts import named, script
 
-__all__ = ["ANY", "Command", "exchange", "routed", "slot_of"]
+__all__ = ["ANY", "Command", "exchange", "followed", "routed", "slot_of"]
 
 Command = tuple[Any, ...]
 ANY = -1  # the "slot" of a command with no key (a ``PING``): the cluster's default node
@@ -57,6 +57,23 @@ def routed(cluster: redis.cluster.RedisCluster, commands: Sequence[Command]) -> 
         for index, reply in zip(at, sent[pool], strict=True):
             replies[index] = reply
     return replies
+
+
+def followed(cluster: redis.cluster.RedisCluster, command: Command) -> Any:
+    """A command sent again through the cluster client's own routing, which follows an
+    ``ASK`` to the node taking its slot in (a script that node lacks sent whole): its reply,
+    or its error."""
+    try:
+        try:
+            return cluster.execute_command(*command)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            name = named(command[1]) if command[0] == "EVALSHA" else None
+            if name is None:
+                raise
+            return cluster.execute_command(  # type: ignore[no-untyped-call]
+                "EVAL", script(name), *command[2:])
+    except (redis.RedisError, RedisClusterException) as err:
+        return err
 
 
 def exchange(work: dict[Any, list[Command]]) -> dict[Any, list[Any]]:

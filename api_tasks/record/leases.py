@@ -177,8 +177,7 @@ class LeaseStore:
                 # other slots than the job's on a Redis Cluster, so apart from its script
                 flights += [command("ZADD", flight, "XX", until, job_id)
                             for flight in held_flights]
-        if flights:
-            shell.run_groups([[call] for call in flights])
+        shell.follow(flights)  # (on other slots: one out of reach costs no renewal)
         return lost
 
     def release(self, job_id: str, token: str) -> bool:

@@ -35,7 +35,7 @@ import redis.cluster
 from redis.exceptions import AskError, MovedError, RedisClusterException
 
 from api_tasks.connections import UNAVAILABLE, is_cluster, reason
-from api_tasks.record.exchange import Command, exchange, routed, slot_of
+from api_tasks.record.exchange import ANY, Command, exchange, followed, routed, slot_of
 
 __all__ = ["EventWriter"]
 
@@ -83,21 +83,30 @@ class EventWriter:
         future: Future[list[Any]] | None = Future() if wait else None
         if size is None:
             size = _size(commands)
+        slot = slot_of(self._cluster, commands[0]) if self._cluster is not None else ANY
         with self._lock:
-            if self._pending > 0 and self._pending + size > self._max_pending:
-                self._wait_for_room(size, timeout)
+            if self._behind(size, slot):
+                self._wait_for_room(size, slot, timeout)
             self._pending += size
             self._queue.append((commands, future, size))
             self._ready.notify()
         return future
 
-    def _wait_for_room(self, size: int, timeout: float | None) -> None:
+    def _behind(self, size: int, slot: int) -> bool:
+        """Whether ``size`` more bytes would put the writer too far behind: past
+        ``max_pending_bytes`` queued, or, for a slot whose node is out of reach (a Redis
+        Cluster's), past as much held for such nodes (the jobs writing to it wait, not the
+        others, and nothing is dropped)."""
+        if self._pending > 0 and self._pending + size > self._max_pending:
+            return True
+        return self._held.holds(slot) and self._held.bytes + size > self._max_pending
+
+    def _wait_for_room(self, size: int, slot: int, timeout: float | None) -> None:
         """With the lock held: wait until the writer has caught up enough."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waiting += 1
         try:
-            while self._pending > 0 and self._pending + size > self._max_pending \
-                    and not self._closed:
+            while self._behind(size, slot) and not self._closed:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("the event writer is too far behind")
@@ -191,7 +200,7 @@ class EventWriter:
             for item in batch:
                 slot = slot_of(cluster, item[0][0])
                 if self._held.holds(slot):
-                    self._hold(slot, item, now, None)
+                    self._held.hold(slot, item, now, None)
                 else:
                     out.append((slot, item))
             replies = routed(cluster, [command for _, item in out for command in item[0]])
@@ -200,17 +209,21 @@ class EventWriter:
             for slot, item in out:
                 mine = replies[offset:offset + len(item[0])]
                 offset += len(item[0])
+                if not any(isinstance(r, _AGAIN) for r in mine):  # a slot moving in: follow
+                    mine = [followed(cluster, command) if isinstance(reply, AskError) else reply
+                            for command, reply in zip(item[0], mine, strict=True)]
                 # (an item that went while an earlier one of its slot did not: only if the
                 # slot moved between the two, mid-pipeline; its stream then lacks the earlier)
-                error = next((r for r in mine if isinstance(r, _AGAIN)), None)
+                error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
                 if error is None:
                     _settle([item], mine)
                 else:
-                    self._hold(slot, item, now, error)
+                    self._held.hold(slot, item, now, error)
                     failed = True
             for items, err in self._held.expired(now, self._retry_for):
                 _fail(items, err)
-        except Exception as err:  # what was taken out to try again must not be lost
+        except Exception as err:  # nothing taken out or held this round may stay untold
+            self._held.discard(batch)
             _fail([item for _, item in released], err)
             raise
         if released or failed:  # tried: the next try of what is held is a pause away
@@ -223,17 +236,10 @@ class EventWriter:
                 except (redis.RedisError, RedisClusterException) as err:
                     log.debug("event writer: slots not learnt anew (%s)", err)
 
-    def _hold(self, slot: int, item: _Item, now: float, error: Exception | None) -> None:
-        """Hold an item behind its slot's others; past ``max_pending_bytes`` held, the slot
-        gives up (its items fail: holding more would grow without bound)."""
-        if self._held.bytes + item[2] > self._max_pending:
-            _fail([*self._held.drop(slot), item], error or self._held.error)
-        else:
-            self._held.hold(slot, item, now, error)
-
-
-# replies that say: nothing ran, send it again
-_AGAIN: tuple[type[Exception], ...] = (*UNAVAILABLE, MovedError, AskError)
+# replies that say: nothing ran, send it again once the slots are learnt anew (an ``ASK`` is
+# followed at once)
+_AGAIN: tuple[type[Exception], ...] = (*UNAVAILABLE, MovedError)
+_STILL_AGAIN: tuple[type[Exception], ...] = (*_AGAIN, AskError)  # an ASK followed in vain
 
 
 class _Held:
@@ -271,6 +277,17 @@ class _Held:
         self.bytes += item[2]
         if error is not None or slot not in self.errors:
             self.errors[slot] = error or redis.ConnectionError("a node is out of reach")
+
+    def discard(self, items: list[_Item]) -> None:
+        """Take these items out wherever they are held (their senders were told they failed)."""
+        gone = {id(item) for item in items}
+        for slot in list(self.slots):
+            kept = deque(item for item in self.slots[slot] if id(item) not in gone)
+            self.bytes -= sum(item[2] for item in self.slots[slot]) - sum(i[2] for i in kept)
+            if kept:
+                self.slots[slot] = kept
+            else:
+                del self.slots[slot]
 
     def drop(self, slot: int) -> list[_Item]:
         """A slot's items, taken out for good."""

@@ -97,10 +97,11 @@ def test_on_a_cluster_a_node_out_of_reach_holds_only_its_own_slots_writes(
         tmp_path: Path) -> None:
     """Each node's share of a batch goes on a connection of its own: while one primary is
     down its slots' writes wait, in order, and every other slot's go on (a steady stream of
-    them, as under load); they land once it is back."""
+    them, as under load); past the writer's bound, a job writing to it waits, not the
+    others, and nothing is dropped; they land once it is back."""
     group = RedisClusterGroup(tmp_path, persist=True).start()
     client = connect(RedisSettings(state_url=group.cluster_url, shards=6).state())
-    writer = EventWriter(client)
+    writer = EventWriter(client, max_pending_bytes=2000)  # 200 entries of ~30 bytes: past it
     writer.start()
     done = threading.Event()
     try:
@@ -122,18 +123,27 @@ def test_on_a_cluster_a_node_out_of_reach_holds_only_its_own_slots_writes(
         traffic = threading.Thread(target=steady)
         traffic.start()
         victim.stop(crash=True)
-        held = [writer.submit([("XADD", down, f"1-{seq}", "n", seq)], wait=True)
-                for seq in range(1, 4)]
+        handed: list[int] = []
+
+        def stranded() -> None:  # a job streaming to the dead node's slot, as the relay does
+            for seq in range(1, 201):
+                writer.submit([("XADD", down, f"1-{seq}", "n", "x" * 20)])
+                handed.append(seq)
+
+        blocked = threading.Thread(target=stranded)
+        blocked.start()
         stopped_at = time.monotonic()
         wait_until(lambda: sum(1 for at in written if at > stopped_at) > 50, 10,
                    "other slots' writes to go on while the node is down")
-        assert not any(future.done() for future in held if future is not None)
+        assert blocked.is_alive() and len(handed) < 200  # it waits for room: held ones are kept
         victim.start()
         back_at = time.monotonic()
-        for future in held:
-            assert future is not None and future.result(timeout=15)
+        blocked.join(30)
+        last = writer.submit([("XADD", down, "1-201", "n", "x")], wait=True)
+        assert last is not None and last.result(timeout=30)
         assert time.monotonic() - back_at < 15  # not at the end of retry_for (120 s)
-        assert [entry_id for entry_id, _ in client.xrange(down)] == [b"1-1", b"1-2", b"1-3"]
+        ids = [entry_id for entry_id, _ in client.xrange(down)]
+        assert ids == [f"1-{seq}".encode() for seq in range(1, 202)]  # all, in order
         assert traffic.is_alive()  # the steady writes never failed
     finally:
         done.set()

@@ -55,15 +55,13 @@ def test_a_dead_primary_stops_only_its_shards_jobs_and_they_end_once_when_it_is_
     worker = spawn(env, "sharded", concurrency=200)  # the default
     client = Client(load_settings(env=env))
     jobs = [client.submit_chat([{"role": "user", "content": f"job {n}"}], model=model,
-                               stream=n % 4 == 0) for n in range(300)]
-    fake.wait_for_requests(model, 150, timeout=30)
+                               stream=n % 4 == 0) for n in range(200)]
+    fake.wait_for_requests(model, 200, timeout=30)  # every one in flight
     nodes = RedisCluster.from_url(cluster.url)
-    # a node without the sweeper role's key (whose loss stops the sweeping: RELIABILITY.md)
-    # and the workers' records, so that the reaper runs all along and would run again any
-    # job whose lease lapsed
-    kept = {int(nodes.get_node_from_key(key).port) for key in (
-        client.keys.sweeper(), client.keys.workers(), client.keys.worker("x"))}
-    victim = next(node for node in cluster.nodes if node.port not in kept)
+    # a node without the sweeper role's key (whose loss stops the sweeping: RELIABILITY.md),
+    # so that the reaper runs all along and would run again any job whose lease lapsed
+    sweeping = int(nodes.get_node_from_key(client.keys.sweeper()).port)
+    victim = next(node for node in cluster.nodes if node.port != sweeping)
 
     def on_victim(job_id: str) -> bool:
         return int(nodes.get_node_from_key(client.keys.job(job_id)).port) == victim.port
@@ -83,26 +81,25 @@ def test_a_dead_primary_stops_only_its_shards_jobs_and_they_end_once_when_it_is_
         except BrokerUnavailable:
             refused += 1
     assert refused and went
-    for job in jobs[:300]:
-        if job.id in stranded:  # its record is out of reach: said so, at once
-            with pytest.raises(BrokerUnavailable):
-                job.status()
+    for job in [job for job in jobs if job.id in stranded][:5]:
+        with pytest.raises(BrokerUnavailable):  # its record is out of reach: said so, at once
+            job.status()
     victim.start()
     cluster.wait_ready()  # until then, a reader of its shards is told Redis is unavailable
     for job in jobs:
         assert _text(job.result(timeout=90)) == "".join(PIECES)
     recovered = time.monotonic() - killed
-    for job in jobs[:300:4]:  # a stream replays whole, across the outage too
+    for job in jobs[:200:4]:  # a stream replays whole, across the outage too
         assert "".join(job.text_stream(timeout=10)) == "".join(PIECES)
     ended = outcomes(lambda: [worker.log()], [job.id for job in jobs])
     assert ended == [1] * len(jobs)
     calls = Counter(str(r.body["messages"][-1]["content"]) for r in fake.requests(model)
                     if r.body is not None)
-    for n, job in enumerate(jobs[:300]):  # the others' leases held through the outage
+    for n, job in enumerate(jobs[:200]):  # the others' leases held through the outage
         assert calls[f"job {n}"] == 1 or job.id in stranded, (n, calls[f"job {n}"])
     repeated = sum(calls.values()) - len(jobs)
     figures.add(f"a primary of the state's Redis Cluster SIGKILLed (1 of 3, 12 shards, no "
-                f"replica), 300 jobs in flight, {len(stranded)} of them in its shards; restarted "
+                f"replica), 200 jobs in flight, {len(stranded)} of them in its shards; restarted "
                 "after the others' jobs ended", len(jobs), 0, 0, repeated, recovered)
 
 
