@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ class Reaper(Loop):
         self._sweep_every = interval
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._return = client.register_script(script("unacked_return"))
+        self._turn = random.randrange(1 << 16)  # the job shard the next backstop looks at
 
     def tick(self) -> None:
         """One sweep, if this process sweeps for the cluster."""
@@ -75,7 +77,11 @@ class Reaper(Loop):
         # a running job with no lease for longer than the unacked sweep needs has no
         # message left anywhere (a failed give-back, a lost requeue): send it again
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
-        recovered, failed = each(self._keys.every_shard,
+        # one job shard a sweep, in turn: the backstop costs the same whatever the shard
+        # count (a job it finds waits a few sweeps more; it is rare, and safe to wait)
+        shards = self._keys.every_shard
+        self._turn = (self._turn + 1) % len(shards)
+        recovered, failed = each([shards[self._turn]],
                                  lambda shard: self._leases.recover(shard, lapsed, limit))
         for job_id in (job_id for found in recovered for job_id in found):
             with job_context(job_id):  # a JSON line names its job in a field too
