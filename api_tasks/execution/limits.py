@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from api_tasks.connections import text
 from api_tasks.record.keys import Keys, hash_tag
@@ -71,6 +72,7 @@ _ADMIT = script("admit")
 _SETTLE = script("settle")
 _OBSERVE = script("observe")
 _GIVE_BACK = script("give_back")
+_OUT_OF_REACH = (redis.RedisError, RedisClusterException)  # a give-back lost: its turn lapses
 
 
 _LINE_GRACE_MS = 15_000  # a job in line that does not ask again within its wait and this
@@ -194,7 +196,7 @@ class Limiter:
                 if admission.wait >= worst.wait:
                     worst = admission
         except Exception:
-            with contextlib.suppress(redis.RedisError):  # the error says what went wrong
+            with contextlib.suppress(*_OUT_OF_REACH):  # the error says what went wrong
                 self._give_back(job_id, taken, cost, reserved)
             raise
         if refused is not None:
@@ -203,7 +205,7 @@ class Limiter:
         if len(taken) > 1 and worst.wait * 1000 > self.reserve_ms:
             # a slot that took a place in flight for its own near turn: the call waits for
             # a later one, so it holds none meanwhile (as one script would have taken none)
-            with contextlib.suppress(redis.RedisError):  # it lapses with the lease anyway
+            with contextlib.suppress(*_OUT_OF_REACH):  # it lapses with the lease anyway
                 self._give_back(job_id, taken, cost, reserved=True)
         return worst
 

@@ -550,8 +550,10 @@ class JobRunner:
             timeout=_WRITE_TIMEOUT)
         if outcome != b"lost" and webhooks.after:  # its deliveries' index and the sender's
             # wake-up (other slots on a Redis Cluster; lost, they cost a listing or a delay),
-            # also after an "ended": the finish may have run before a lost reply
-            self.writer.submit([packed(call) for call in webhooks.after])
+            # also after an "ended": the finish may have run before a lost reply; each on its
+            # own, so that one whose node is out of reach holds none of the others back
+            for call in webhooks.after:
+                self.writer.submit([packed(call)])
         if outcome != b"ok":
             log.warning("job %s: this attempt's outcome was not recorded (%s)", run.job_id,
                         outcome.decode() if isinstance(outcome, bytes) else outcome)

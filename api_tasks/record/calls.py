@@ -17,7 +17,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from api_tasks.connections import UNAVAILABLE, is_cluster
 from api_tasks.record.scripts import script, sha
@@ -198,7 +198,7 @@ class SyncShell:
         wake-up), in one round trip: their failures, and the round trip's, only logged."""
         try:
             _logged(self.run_groups([[call] for call in calls]))
-        except redis.RedisError as err:
+        except (redis.RedisError, RedisClusterException) as err:
             log.warning("calls after a write failed, the write stands (%s)", err)
 
     def run_then(self, call: Call[T], after: Sequence[Call[Any]]) -> T:
@@ -292,7 +292,7 @@ class AsyncShell:
         """``SyncShell.follow`` on asyncio."""
         try:
             _logged(await self.run_groups([[call] for call in calls]))
-        except redis.RedisError as err:
+        except (redis.RedisError, RedisClusterException) as err:
             log.warning("calls after a write failed, the write stands (%s)", err)
 
     async def run_then(self, call: Call[T], after: Sequence[Call[Any]]) -> T:

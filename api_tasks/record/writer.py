@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import redis
 import redis.cluster
-from redis.exceptions import AskError, MovedError, RedisClusterException
+from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException
 
 from api_tasks.connections import UNAVAILABLE, is_cluster, reason
 from api_tasks.record.exchange import ANY, Command, exchange, followed, routed, slot_of
@@ -99,7 +99,7 @@ class EventWriter:
         others, and nothing is dropped)."""
         if self._pending > 0 and self._pending + size > self._max_pending:
             return True
-        return self._held.holds(slot) and self._held.bytes + size > self._max_pending
+        return self._held.bounds(slot) and self._held.bytes + size > self._max_pending
 
     def _wait_for_room(self, size: int, slot: int, timeout: float | None) -> None:
         """With the lock held: wait until the writer has caught up enough."""
@@ -195,6 +195,7 @@ class EventWriter:
         while the others go on."""
         now = time.monotonic()
         released = self._held.release(now)
+        again = {id(item) for _, item in released}  # (their bytes are counted as held still)
         try:
             out = list(released)
             for item in batch:
@@ -209,23 +210,28 @@ class EventWriter:
             for slot, item in out:
                 mine = replies[offset:offset + len(item[0])]
                 offset += len(item[0])
+                counted = id(item) in again
+                if self._held.holds(slot):  # an earlier item of its slot waits: so does it
+                    self._held.hold(slot, item, now, None, counted)  # (written, if it went:
+                    continue  # sent again, a stream entry is refused and a script replays)
                 if not any(isinstance(r, _AGAIN) for r in mine):  # a slot moving in: follow
                     mine = [followed(cluster, command) if isinstance(reply, AskError) else reply
                             for command, reply in zip(item[0], mine, strict=True)]
-                # (an item that went while an earlier one of its slot did not: only if the
-                # slot moved between the two, mid-pipeline; its stream then lacks the earlier)
                 error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
                 if error is None:
                     _settle([item], mine)
+                    self._held.settled(item, counted)
                 else:
-                    self._held.hold(slot, item, now, error)
+                    self._held.hold(slot, item, now, error, counted)
                     failed = True
             for items, err in self._held.expired(now, self._retry_for):
                 _fail(items, err)
         except Exception as err:  # nothing taken out or held this round may stay untold
-            self._held.discard(batch)
+            self._held.discard([*batch, *(item for _, item in released)], again)
             _fail([item for _, item in released], err)
             raise
+        finally:
+            self._held.trying.clear()
         if released or failed:  # tried: the next try of what is held is a pause away
             self._held.pause(now)
             if self._held:
@@ -239,7 +245,9 @@ class EventWriter:
 # replies that say: nothing ran, send it again once the slots are learnt anew (an ``ASK`` is
 # followed at once)
 _AGAIN: tuple[type[Exception], ...] = (*UNAVAILABLE, MovedError)
-_STILL_AGAIN: tuple[type[Exception], ...] = (*_AGAIN, AskError)  # an ASK followed in vain
+# an ASK followed in vain (redis-py gives up on a slot still moving with a ClusterError)
+_STILL_AGAIN: tuple[type[Exception], ...] = (*_AGAIN, AskError, ClusterError,
+                                             RedisClusterException)
 
 
 class _Held:
@@ -250,7 +258,8 @@ class _Held:
         self.slots: dict[int, deque[_Item]] = {}
         self.since: dict[int, float] = {}  # when each slot was first held (its deadline)
         self.errors: dict[int, Exception] = {}  # what each slot's node last answered
-        self.bytes = 0
+        self.trying: set[int] = set()  # slots whose held items are being tried again now
+        self.bytes = 0  # of the items held, or taken out to be tried again
         self.due = 0.0
         self.delay = 0.0
 
@@ -266,28 +275,40 @@ class _Held:
         """Whether a slot's items wait (a later item of it must wait behind them)."""
         return slot in self.slots
 
+    def bounds(self, slot: int) -> bool:
+        """Whether a job writing to this slot is bound by the bytes held (read by the
+        submitting threads, while the writer may be trying the slot again)."""
+        return slot in self.slots or slot in self.trying
+
     def left(self) -> float:
         """Seconds until the held items are due."""
         return max(self.due - time.monotonic(), 0.0)
 
-    def hold(self, slot: int, item: _Item, now: float, error: Exception | None) -> None:
-        """Hold an item behind its slot's others (``error``: what its node answered)."""
+    def hold(self, slot: int, item: _Item, now: float, error: Exception | None,
+             counted: bool = False) -> None:
+        """Hold an item behind its slot's others (``error``: what its node answered;
+        ``counted``: taken out by ``release``, its bytes still counted)."""
         self.slots.setdefault(slot, deque()).append(item)
         self.since.setdefault(slot, now)
-        self.bytes += item[2]
+        if not counted:
+            self.bytes += item[2]
         if error is not None or slot not in self.errors:
             self.errors[slot] = error or redis.ConnectionError("a node is out of reach")
 
-    def discard(self, items: list[_Item]) -> None:
-        """Take these items out wherever they are held (their senders were told they failed)."""
-        gone = {id(item) for item in items}
+    def discard(self, items: list[_Item], counted: set[int]) -> None:
+        """Forget these items (their senders were told they failed), held or not (``counted``:
+        the ids of those ``release`` took out, whose bytes are counted either way)."""
+        gone = {id(item): item for item in items}
         for slot in list(self.slots):
             kept = deque(item for item in self.slots[slot] if id(item) not in gone)
-            self.bytes -= sum(item[2] for item in self.slots[slot]) - sum(i[2] for i in kept)
+            for item in self.slots[slot]:
+                if id(item) in gone and id(item) not in counted:
+                    self.bytes -= item[2]
             if kept:
                 self.slots[slot] = kept
             else:
                 del self.slots[slot]
+        self.bytes -= sum(gone[key][2] for key in counted if key in gone)
 
     def drop(self, slot: int) -> list[_Item]:
         """A slot's items, taken out for good."""
@@ -298,14 +319,20 @@ class _Held:
         return items
 
     def release(self, now: float) -> list[tuple[int, _Item]]:
-        """Every held item, in order, once they are due (else none); a slot's deadline runs
-        on until one of its writes lands."""
+        """Every held item, in order, once they are due (else none), to be tried again: each
+        is then ``settled`` or held again; a slot's deadline runs on until one of its writes
+        lands."""
         if not self.slots or now < self.due:
             return []
         out = [(slot, item) for slot, items in self.slots.items() for item in items]
+        self.trying = set(self.slots)
         self.slots.clear()
-        self.bytes = 0
         return out
+
+    def settled(self, item: _Item, counted: bool) -> None:
+        """An item written (``counted``: one taken out by ``release``)."""
+        if counted:
+            self.bytes -= item[2]
 
     def expired(self, now: float, retry_for: float) -> list[tuple[list[_Item], Exception]]:
         """The items of slots held past ``retry_for``, taken out; a slot no longer held is
