@@ -61,6 +61,7 @@ class EventWriter:
         self._room = threading.Condition(self._lock)  # job threads wait here for room
         self._waiting = 0  # job threads waiting for room
         self._closed = False
+        self._done = False  # the thread has taken its last batch: what comes now is refused
         self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
         # on a Redis Cluster: the client, and the items held for a node out of reach
         self._cluster = cast("redis.cluster.RedisCluster", client) if is_cluster(client) \
@@ -87,6 +88,11 @@ class EventWriter:
         with self._lock:
             if self._behind(size, slot):
                 self._wait_for_room(size, slot, timeout)
+            if self._done:  # closed and flushed: nobody would write it
+                log.error("event writer: closed, %d commands not written", len(commands))
+                if future is not None:
+                    future.set_exception(RuntimeError("the event writer is closed"))
+                return future
             self._pending += size
             self._queue.append((commands, future, size))
             self._ready.notify()
@@ -153,7 +159,11 @@ class EventWriter:
         while True:
             batch = self._take()
             if not batch and not self._held:
-                return
+                with self._lock:  # (a thread woken by close may have queued since)
+                    if not self._queue:
+                        self._done = True
+                        return
+                continue
             try:
                 if self._cluster is None:
                     self._flush(batch)

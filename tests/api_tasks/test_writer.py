@@ -73,6 +73,21 @@ def test_a_thread_waits_for_room_while_redis_is_away_then_gives_up() -> None:
         events.close()
 
 
+def test_a_write_after_the_writer_closed_fails_at_once(redis_client: redis.Redis) -> None:
+    """A job still finishing when the process stops hands its write to a writer that has
+    taken its last batch: it is told so, rather than waiting for a write nobody makes."""
+    events = EventWriter(redis_client)
+    events.start()
+    key = f"closed:{uuid.uuid4().hex}"
+    assert events.write([("SET", key, "1", "EX", 60)], timeout=5) == [b"OK"]  # one went
+    events.close()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="closed"):
+        events.write([("SET", key, "2", "EX", 60)], timeout=30)
+    assert time.monotonic() - started < 1
+    assert redis_client.get(key) == b"1"
+
+
 def test_a_script_redis_lacks_is_sent_whole_and_runs_once(tmp_path: Path) -> None:
     """A job's finish goes by its SHA1; a Redis that lost its scripts (restarted, flushed)
     runs it from its source, in the same write, and the rest of the batch is not repeated."""
