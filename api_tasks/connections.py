@@ -8,7 +8,7 @@ import contextvars
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -327,17 +327,7 @@ def wait_for_redis(client: redis.Redis, poll: float = 0.5, say_every: float = 10
     Celery's own reconnect backs off to 30 s between tries; polling here lets a
     worker started before Redis begin consuming within a second of Redis coming up.
     """
-    said = 0.0
-    while True:
-        try:
-            client.ping()
-            return
-        except UNAVAILABLE as err:
-            now = time.monotonic()
-            if now - said >= say_every:
-                log.warning("waiting for Redis (%s)", err)
-                said = now
-            time.sleep(poll)
+    _wait(client.ping, UNAVAILABLE, "Redis", poll, say_every)
 
 
 def wait_for_cluster(settings: RedisSettings, poll: float = 0.5,
@@ -345,15 +335,24 @@ def wait_for_cluster(settings: RedisSettings, poll: float = 0.5,
     """Block until a Redis Cluster the settings name answers (its client asks for the slots
     when built, so a worker waits before it builds its own, as ``wait_for_redis`` waits for
     a plain Redis); at once for any other Redis."""
+    if settings.cluster is not None:
+        _wait(lambda: connect(settings, socket_timeout=2.0, max_connections=2).close(),
+              (BrokerUnavailable,), "the Redis Cluster", poll, say_every)
+
+
+def _wait(attempt: Callable[[], object], errors: tuple[type[Exception], ...], what: str,
+          poll: float, say_every: float) -> None:
+    """Call ``attempt`` every ``poll`` seconds until it raises none of ``errors``, saying
+    so every ``say_every`` seconds."""
     said = 0.0
-    while settings.cluster is not None:
+    while True:
         try:
-            connect(settings, socket_timeout=2.0, max_connections=2).close()
+            attempt()
             return
-        except BrokerUnavailable as err:
+        except errors as err:
             now = time.monotonic()
             if now - said >= say_every:
-                log.warning("waiting for the Redis Cluster (%s)", err)
+                log.warning("waiting for %s (%s)", what, err)
                 said = now
             time.sleep(poll)
 

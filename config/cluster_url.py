@@ -4,9 +4,9 @@ them) and who to log in as."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from config.url_nodes import parse_nodes
+from config.url_nodes import parse_nodes, split_login
 
 __all__ = ["CLUSTER_SCHEMES", "ClusterURL", "parse_cluster_url"]
 
@@ -30,9 +30,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
     parts = urlsplit(url.strip())
     if parts.scheme not in CLUSTER_SCHEMES:
         raise ValueError("a Redis Cluster URL starts with redis+cluster:// or rediss+cluster://")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        userinfo, hosts = "", parts.netloc
+    username, password, hosts = split_login(parts.netloc)
     nodes = parse_nodes(hosts, _PORT, "a cluster node")
     if not nodes:
         raise ValueError("name at least one node: redis+cluster://node-1:6379,node-2:6379")
@@ -40,7 +38,5 @@ def parse_cluster_url(url: str) -> ClusterURL:
         raise ValueError("a Redis Cluster has only database 0")
     if parts.query or parts.fragment:
         raise ValueError("a Redis Cluster URL takes no options (?...) or fragment (#...)")
-    username, colon, password = userinfo.partition(":")
-    return ClusterURL(nodes=nodes, username=unquote(username) or None,
-                      password=unquote(password) if colon else None,
+    return ClusterURL(nodes=nodes, username=username, password=password,
                       tls=parts.scheme == "rediss+cluster")

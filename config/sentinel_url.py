@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from config.url_nodes import parse_nodes
+from config.url_nodes import parse_nodes, split_login
 
 __all__ = ["SENTINEL_PORT", "SentinelURL", "parse_sentinel_url"]
 
@@ -32,9 +32,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     parts = urlsplit(url.strip())
     if parts.scheme != "sentinel":
         raise ValueError("a Sentinel URL starts with sentinel://")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        userinfo, hosts = "", parts.netloc
+    username, password, hosts = split_login(parts.netloc)
     nodes = parse_nodes(hosts, SENTINEL_PORT, "a Sentinel")
     if not nodes:
         raise ValueError("name at least one Sentinel: sentinel://host:26379,host2:26379/mymaster")
@@ -52,10 +50,8 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         query[name] = unquote(value)  # not parse_qs: a '+' in a password stays a '+'
     if parts.fragment:
         raise ValueError("must not carry a fragment")
-    username, colon, password = userinfo.partition(":")
     return SentinelURL(
         nodes=nodes, master=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0,
-        username=unquote(username) or None,
-        password=unquote(password) if colon else None,
+        username=username, password=password,
         sentinel_username=query.get("sentinel_username") or None,
         sentinel_password=query.get("sentinel_password") or None)

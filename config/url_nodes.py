@@ -1,9 +1,11 @@
-"""The ``host[:port],host[:port]...`` list of a URL naming several servers (Sentinels, a
-Redis Cluster's nodes)."""
+"""The login and the ``host[:port],host[:port]...`` list of a URL naming several servers
+(Sentinels, a Redis Cluster's nodes)."""
 
 from __future__ import annotations
 
-__all__ = ["parse_nodes"]
+from urllib.parse import unquote
+
+__all__ = ["parse_nodes", "split_login"]
 
 # an error never repeats the text: a password holding '/', '#', '?' or '@' unencoded ends
 # the URL's address early, and what follows would be part of it
@@ -28,3 +30,13 @@ def parse_nodes(hosts: str, default_port: int, what: str) -> tuple[tuple[str, in
             raise ValueError(f"{what}'s address has a bad port ({_ENCODE})")
         nodes.append((host, int(port) if port else default_port))
     return tuple(nodes)
+
+
+def split_login(netloc: str) -> tuple[str | None, str | None, str]:
+    """A URL's ``[user[:password]@]hosts`` as the user, the password (each unquoted, None
+    when not given) and the hosts."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        userinfo, hosts = "", netloc
+    username, colon, password = userinfo.partition(":")
+    return unquote(username) or None, unquote(password) if colon else None, hosts
