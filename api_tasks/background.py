@@ -21,7 +21,7 @@ import redis
 from api_tasks.connections import UNAVAILABLE, reason
 from api_tasks.record.scripts import script
 
-__all__ = ["Loop", "Sweep", "Throttled", "each"]
+__all__ = ["Loop", "Sweep", "Throttled", "Turns", "each"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,6 +46,19 @@ def each(items: Iterable[T], visit: Callable[[T], R]) -> tuple[list[R], Exceptio
         except UNAVAILABLE as err:
             failed = failed or err
     return results, failed
+
+
+class Turns:
+    """Job shards taken in turn, from a random one (so that processes starting together do
+    not all look at the same shard first)."""
+
+    def __init__(self) -> None:
+        self._turn = random.randrange(1 << 16)
+
+    def next(self, every: range) -> int:
+        """The next shard of ``every``."""
+        self._turn = (self._turn + 1) % len(every)
+        return every[self._turn]
 
 
 class Throttled:
@@ -126,17 +139,17 @@ class Sweep(Loop):
         self._leave = client.register_script(script("wake"))
         self._next: float | None = 0.0  # monotonic time the next round is due (None: woken)
         self._swept_at = 0.0  # monotonic time of the last round
-        self._turn = random.randrange(1 << 16)  # the job shard the next round starts at
+        self._turns = Turns()  # the job shard the next round starts at
 
     def shards(self, every: range) -> list[int]:
         """The job shards this round visits, each round starting one on (a shard with a
         backlog does not hold the others back): every one in the process that sweeps; one
         elsewhere, so that a helper's look costs the same whatever the shard count (the
         helpers, starting at random ones, still cover them all between them)."""
-        self._turn = (self._turn + 1) % len(every)
+        first = self._turns.next(every)
         if not self._sweeping():
-            return [every[self._turn]]
-        return [*every[self._turn:], *every[:self._turn]]
+            return [first]
+        return [*every[first:], *every[:first]]
 
     def sweep(self) -> float | None:
         """One round; in how many seconds the next is due (None: when woken)."""

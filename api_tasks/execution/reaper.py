@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from api_tasks.background import Loop, each
+from api_tasks.background import Loop, Turns, each
 from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Requeue
@@ -52,7 +51,7 @@ class Reaper(Loop):
         self._sweep_every = interval
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._return = client.register_script(script("unacked_return"))
-        self._turn = random.randrange(1 << 16)  # the job shard the next backstop looks at
+        self._turns = Turns()  # the job shard the next backstop looks at
 
     def tick(self) -> None:
         """One sweep, if this process sweeps for the cluster."""
@@ -79,9 +78,7 @@ class Reaper(Loop):
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
         # one job shard a sweep, in turn: the backstop costs the same whatever the shard
         # count (a job it finds waits a few sweeps more; it is rare, and safe to wait)
-        shards = self._keys.every_shard
-        self._turn = (self._turn + 1) % len(shards)
-        recovered, failed = each([shards[self._turn]],
+        recovered, failed = each([self._turns.next(self._keys.every_shard)],
                                  lambda shard: self._leases.recover(shard, lapsed, limit))
         for job_id in (job_id for found in recovered for job_id in found):
             with job_context(job_id):  # a JSON line names its job in a field too

@@ -39,7 +39,6 @@ class Watchdog(Loop):
     def __init__(self, client: redis.Redis, keys: Keys, interval: float,
                  leases: LeaseStore) -> None:
         super().__init__("api-tasks-watchdog", interval, log)
-        self._redis = client
         self._shell = SyncShell(client)  # a cluster's nodes each on their own
         self._keys = keys
         self._leases = leases
@@ -91,7 +90,7 @@ class Watchdog(Loop):
 
     def _renew(self, handles: list[CallHandle]) -> None:
         held = [(h.job_id, h.token, h.flights) for h in handles if h.token]
-        lost = set(self._leases.renew(self._redis, held)) if held else set()
+        lost = set(self._leases.renew(self._shell, held)) if held else set()
         for handle in handles:
             if handle.job_id in lost:
                 log.warning("job %s: another attempt took it over; stopping this one",

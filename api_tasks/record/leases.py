@@ -152,11 +152,11 @@ class LeaseStore:
                      text(shown) == "1", ended, tuple(json.loads(on)) if on else None,
                      bool(uncounted) and text(uncounted[0]) == "1")
 
-    def renew(self, client: redis.Redis,
-              held: list[tuple[str, str, list[str]]]) -> list[str]:
-        """Renew leases (and slots in flight) of (job id, token, in-flight keys); return
-        the job ids another attempt took over (not those this attempt just ended)."""
-        keys, shell = self.keys, SyncShell(client)
+    def renew(self, shell: SyncShell, held: list[tuple[str, str, list[str]]]) -> list[str]:
+        """Renew leases (and slots in flight) of (job id, token, in-flight keys), on the
+        caller's shell (the watchdog's quick client); return the job ids another attempt
+        took over (not those this attempt just ended)."""
+        keys = self.keys
         renewed = shell.run_groups([[lua("renew", [keys.job(job_id), keys.lease(job_id),
                                                    keys.running(keys.shard(job_id))],
                                          [token, self.lease_ms, job_id])]

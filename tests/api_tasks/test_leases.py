@@ -7,6 +7,7 @@ import uuid
 
 import redis
 
+from api_tasks.record.calls import SyncShell
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Parked, Requeue
 from api_tasks.record.scripts import script
@@ -24,7 +25,7 @@ def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
 def test_a_held_lease_is_renewed(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)
     redis_client.pexpire(keys.lease(job_id), 100)
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
     assert redis_client.pttl(keys.lease(job_id)) > 1000
 
 
@@ -40,36 +41,36 @@ def test_a_job_this_attempt_just_ended_parked_or_released_is_not_lost(
     # call: that is no takeover, and warning about it would cry wolf
     store, _, job_id = _store(redis_client)
     assert _finish(redis_client, store, job_id, "mine") == "ok"
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
     store, _, job_id = _store(redis_client)
     assert store.park(job_id, "mine", 5.0, "requests", '{"task": "t"}')
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
     store, _, job_id = _store(redis_client)
     assert store.release(job_id, "mine")
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == []
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
 
 
 def test_a_job_another_attempt_took_is_lost_whatever_it_did_with_it(
         redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")  # claimed again
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
     assert store.park(job_id, "another", 5.0, "requests", '{"task": "t"}')  # ... and parked
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")
     assert _finish(redis_client, store, job_id, "another") == "ok"  # ... and finished
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
 
 
 def test_a_job_given_back_or_gone_is_lost(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)  # the reaper gave its message back
     redis_client.hset(keys.job(job_id), "status", "queued")
     redis_client.hdel(keys.job(job_id), "token")
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
     store, keys, job_id = _store(redis_client)  # its record expired or was deleted
     redis_client.delete(keys.job(job_id))
-    assert store.renew(redis_client, [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
 
 
 def test_a_job_cancelled_before_it_parks_is_not_parked(redis_client: redis.Redis) -> None:
