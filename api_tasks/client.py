@@ -82,7 +82,8 @@ class Client(Enqueuer):
                job_id: str | None = None, fields: Mapping[str, str] | None = None) -> Job:
         """Validate, record and enqueue a job (``InvalidJob`` names a bad field); see
         ``Enqueuer.enqueue`` for ``job_id`` and ``fields``."""
-        return Job(self, self.enqueue(kind, first, params, job_id=job_id, fields=fields))
+        return Job(self, self.enqueue(kind, first, params, job_id=job_id, fields=fields),
+                   short=not params.get("stream"))
 
     def dry_run(self, kind: Kind, first: Any, params: Mapping[str, Any]) -> DryRun:
         """What a job would send, after every payload layer, without enqueuing anything.

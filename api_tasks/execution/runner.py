@@ -519,7 +519,7 @@ class JobRunner:
             return self._fail(job_id, kind, err)
 
     def _fail(self, job_id: str, kind: str, err: BaseException) -> Outcome:
-        if self.leases.redis.exists(self.store.keys.lease(job_id)):
+        if self.leases.held(job_id):
             log.error("job %s: left to the attempt that holds its lease", job_id)
             return Outcome.DROPPED
         run = Delivery(job_id, JobSpec(kind_of(kind) or Kind.CHAT, body={}), None, 0,

@@ -79,10 +79,12 @@ class Field(StrEnum):
     TRIES = "tries"  # each call's deployment, model and error (the last 32), JSON
     UNCOUNTED = "uncounted"  # "1": cancelled while queued, its end in no worker's metrics yet
     CLAIMED = "claimed"  # the holding attempt's claim reply (JSON), for a claim retried
+    LEASE_UNTIL = "lease_until"  # when the holding attempt's lease lapses unless renewed (ms)
 
 
 # the workers' business, not the caller's: which attempt holds or ended it, what to count
-ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED, Field.CLAIMED})
+ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED, Field.CLAIMED,
+                            Field.LEASE_UNTIL})
 
 
 def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:

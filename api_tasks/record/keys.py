@@ -96,10 +96,6 @@ class Keys:
         """String: present when the job was asked to stop."""
         return f"{self.prefix}:cancel:{self._tag(job_id)}{job_id}"
 
-    def lease(self, job_id: str) -> str:
-        """String: the attempt token of the worker running the job; expires unless renewed."""
-        return f"{self.prefix}:lease:{self._tag(job_id)}{job_id}"
-
     def cooldown(self, upstream: str) -> str:
         """String: present while the upstream asked everyone to back off (429)."""
         return f"{self.prefix}:cooldown:{self._group(upstream)}{upstream}"

@@ -1,8 +1,8 @@
 """Exactly one outcome per job: claims, leases, and the fenced finish.
 
 A worker claims a job before calling the upstream: the claim writes a fresh
-attempt token into the job record and takes a lease (a key that expires
-unless the worker renews it). Then:
+attempt token into the job record with a lease (``lease_until``, by Redis's
+clock) that lapses unless the worker renews it. Then:
 
 - a second delivery of a finished job is dropped; one of a job whose lease
   another token holds is deferred until that lease would lapse (never acked
@@ -47,8 +47,8 @@ _HOLD_MS = 30_000  # a due job being sent is due again after this, should its se
 _RETRY_MS = 1_000  # a due job whose send failed is due again after this
 
 # each script's KEYS, ARGV and replies are described at the top of its file
-_CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK = (script(name) for name in (
-    "claim", "renew", "release", "restore", "park"))
+_CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK, _HELD = (script(name) for name in (
+    "claim", "renew", "release", "restore", "park", "held"))
 _DUE, _SENT, _DEFER, _RECOVER = (script(name) for name in ("due", "sent", "defer", "recover"))
 
 
@@ -116,6 +116,7 @@ class LeaseStore:
         self._release = client.register_script(_RELEASE)
         self._restore = client.register_script(_RESTORE)
         self._park = client.register_script(_PARK)
+        self._held = client.register_script(_HELD)
         self._due = client.register_script(_DUE)
         self._sent = client.register_script(_SENT)
         self._defer = client.register_script(_DEFER)
@@ -126,8 +127,8 @@ class LeaseStore:
               upstream: str = "", message: str = "") -> Claim:
         """Take the job for attempt ``token``, unless it is finished or held.
 
-        ``message`` (the task message as JSON, "" for none) stays in the record while the
-        job runs, so the job can be sent again if its own message is lost.
+        ``message`` (the task message as JSON, "" for none) is kept beside the record while
+        the job runs, so the job can be sent again if its own message is lost.
         """
         keys, shard = self.keys, self.keys.shard(job_id)
         flat = [item for pair in fields.items() for item in pair]
@@ -136,9 +137,8 @@ class LeaseStore:
         # it is taken as none)
         cooled, replies = self._shell.run_groups([
             [command("PTTL", keys.cooldown(upstream))],
-            [lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.lease(job_id),
-                           keys.events(job_id), keys.running(shard),
-                           keys.running_messages(shard)],
+            [lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.events(job_id),
+                           keys.running(shard), keys.running_messages(shard)],
                  [repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, message,
                   job_id, *flat])]])
         if isinstance(replies, Failed):
@@ -157,7 +157,7 @@ class LeaseStore:
         caller's shell (the watchdog's quick client); return the job ids another attempt
         took over (not those this attempt just ended)."""
         keys = self.keys
-        renewed = shell.run_groups([[lua("renew", [keys.job(job_id), keys.lease(job_id),
+        renewed = shell.run_groups([[lua("renew", [keys.job(job_id),
                                                    keys.running(keys.shard(job_id))],
                                          [token, self.lease_ms, job_id])]
                                     for job_id, token, _ in held])
@@ -183,9 +183,12 @@ class LeaseStore:
     def release(self, job_id: str, token: str) -> bool:
         """Give a job back (the worker is stopping); True if it was still ours."""
         keys, shard = self.keys, self.keys.shard(job_id)
-        return bool(self._release(keys=[keys.job(job_id), keys.lease(job_id),
-                                        keys.running(shard), keys.running_messages(shard)],
-                                  args=[token, job_id]))
+        return bool(self._release(keys=[keys.job(job_id), keys.running(shard),
+                                        keys.running_messages(shard)], args=[token, job_id]))
+
+    def held(self, job_id: str) -> bool:
+        """Whether an attempt holds the job now (its lease has not lapsed)."""
+        return bool(self._held(keys=[self.keys.job(job_id)]))
 
     def restore(self, job_id: str) -> Requeue:
         """Take a dead worker's job back if its lease lapsed: ``RESTORED`` (its message is to
@@ -193,8 +196,8 @@ class LeaseStore:
         alone)."""
         keys, shard = self.keys, self.keys.shard(job_id)
         return Requeue(text(self._restore(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.running(shard),
-                  keys.running_messages(shard)], args=[job_id])))
+            keys=[keys.job(job_id), keys.running(shard), keys.running_messages(shard)],
+            args=[job_id])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: str, turn: float | None = None, lead: float = 0.0,
@@ -207,9 +210,8 @@ class LeaseStore:
         """
         keys, shard = self.keys, self.keys.shard(job_id)
         parked = Parked(int(self._park(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(shard),
-                  keys.delayed_messages(shard), keys.running(shard),
-                  keys.running_messages(shard), keys.cancel(job_id)],
+            keys=[keys.job(job_id), keys.delayed(shard), keys.delayed_messages(shard),
+                  keys.running(shard), keys.running_messages(shard), keys.cancel(job_id)],
             args=[token, job_id, max(int(wait * 1000), 1), reason, message,
                   self.queued_ttl,
                   "" if turn is None else int(turn * 1000), int(lead * 1000),
@@ -252,9 +254,9 @@ class LeaseStore:
         keys, shard = self.keys, self.keys.shard(job_id)
         # by its SHA1: the writer sends it whole only to a Redis that lacks it; the channel
         # is no key (on a Redis Cluster a PUBLISH reaches every node from any)
-        return ("EVALSHA", sha("finish"), 6 + len(webhooks[0]), keys.job(job_id),
-                keys.result(job_id), keys.events(job_id), keys.lease(job_id),
-                keys.running(shard), keys.running_messages(shard), *webhooks[0],
+        return ("EVALSHA", sha("finish"), 5 + len(webhooks[0]), keys.job(job_id),
+                keys.result(job_id), keys.events(job_id), keys.running(shard),
+                keys.running_messages(shard), *webhooks[0],
                 token, ttl, event, event_id, result or "", job_id, keys.channel(job_id),
                 len(fields), *fields, *webhooks[1])
 
@@ -265,8 +267,7 @@ class LeaseStore:
         """
         keys, shard = self.keys, self.keys.shard(job_id)
         deferred = bool(self._defer(
-            keys=[keys.job(job_id), keys.lease(job_id), keys.delayed(shard),
-                  keys.delayed_messages(shard)],
+            keys=[keys.job(job_id), keys.delayed(shard), keys.delayed_messages(shard)],
             args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl]))
         if deferred:
             self.wake()
@@ -282,9 +283,8 @@ class LeaseStore:
         recovered = []
         for job_id in ids:
             outcome = Requeue(text(self._recover(
-                keys=[keys.running(shard), keys.job(job_id), keys.lease(job_id),
-                      keys.delayed(shard), keys.delayed_messages(shard),
-                      keys.running_messages(shard)],
+                keys=[keys.running(shard), keys.job(job_id), keys.delayed(shard),
+                      keys.delayed_messages(shard), keys.running_messages(shard)],
                 args=[job_id, self.queued_ttl])))
             if outcome is Requeue.RECOVERED:
                 recovered.append(job_id)

@@ -208,9 +208,12 @@ class _Clock:
 class Job:
     """A submitted job, identified by ``id``."""
 
-    def __init__(self, client: Reader, job_id: str) -> None:
+    def __init__(self, client: Reader, job_id: str, *, short: bool = False) -> None:
         self.id = job_id
         self._store = client.store
+        # submitted by this handle without streaming: its stream holds a few events at most,
+        # so waiting reads it from the start (``_short_result``)
+        self.short = short
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -242,6 +245,8 @@ class Job:
         Raises ``JobFailed`` (``.error`` is the error object), ``JobCancelled``,
         or ``JobTimeout`` when ``timeout`` seconds pass first.
         """
+        if self.short:
+            return self._short_result(timeout)
         try:
             tail = _guard(self._store.tail, self.id)
             if tail and tail[0]["type"] in FINAL_TYPES:
@@ -253,6 +258,23 @@ class Job:
         except EventsGone:
             pass  # the stored result tells how it ended
         return outcome(self.id, _guard(self._store.result, self.id))
+
+    def _short_result(self, timeout: float | None) -> dict[str, Any] | None:
+        """``result`` of a short stream: read from its start, with no look for its newest
+        entry first, and the stored result read in the same round trip as each wait."""
+        clock = _Clock(timeout)
+        after = "0-0"
+        while True:
+            events, stored = _guard(self._store.read_result, self.id, after,
+                                    clock.block_ms(self.id))
+            final = next((event for event in events if event["type"] in FINAL_TYPES), None)
+            if final is not None:
+                raise_for(self.id, final)
+                return outcome(self.id, stored)
+            if events:
+                after = events[-1]["id"]
+            elif stored is not None or _guard(self._store.status, self.id) in TERMINAL:
+                return outcome(self.id, stored)  # ended, but its final event is gone
 
     def stream(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield the upstream's chunks in order from the first, then stop at the end.

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -265,6 +265,15 @@ class JobStore:
     def read(self, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
         """The events after ``after``, waiting up to ``block_ms`` for the first."""
         return self._blocking.run(self.records.read(job_id, after, block_ms))
+
+    def read_result(self, job_id: str, after: str, block_ms: int
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """``read``, then the stored result envelope in the same round trip: Redis reads it
+        once the wait is over, so after a final event it is there."""
+        calls: list[Call[Any]] = [self.records.read(job_id, after, block_ms),
+                                  self.records.result(job_id)]
+        events, stored = self._blocking.run_all(calls)
+        return cast(list[dict[str, Any]], events), cast(dict[str, Any] | None, stored)
 
 
 class AsyncJobStore:

@@ -65,6 +65,20 @@ def test_the_scripts_share_one_ended_check_built_from_terminal() -> None:
         assert "== 'succeeded' or" not in path.read_text(encoding="utf-8"), path.name
 
 
+def test_each_script_gets_the_helpers_it_names_and_no_line_of_them_is_lost() -> None:
+    prelude = (LUA / "_prelude.lua").read_text(encoding="utf-8")
+    code = [line for line in prelude.splitlines() if line and not line.startswith("--")]
+    finish, claim = script("finish"), script("claim")
+    everything = "".join(script(path.name.removesuffix(".lua")) for path in LUA.iterdir()
+                         if not path.name.startswith("_"))
+    assert [line for line in code if line not in everything] == []  # every helper is whole
+    assert "local function add_entry" in finish and "local function paced" not in finish
+    assert "local function lease_holder" in claim and "local function now_ms" in claim
+    held = re.search(r"local HELD = \{(.*)\}", prelude)
+    assert held and set(re.findall(r"'([a-z_]+)'", held.group(1))) == {
+        Field.TOKEN, Field.LEASE_UNTIL}
+
+
 def test_views_read_what_submit_and_finish_write() -> None:
     spec = build_spec("chat", [{"role": "user", "content": "hi"}],
                       {"model": "m", "stream": True, "result_ttl": 60}, 1 << 20)

@@ -19,12 +19,12 @@ def _slot(key: str) -> int:
 
 def test_one_shard_keeps_the_documented_names() -> None:
     keys = Keys("p")
-    assert [keys.job("j"), keys.lease("j"), keys.events("j"), keys.channel("j"),
+    assert [keys.job("j"), keys.events("j"), keys.channel("j"),
             keys.running(0), keys.running_messages(0), keys.delayed(0), keys.batches(0),
             keys.batch("batch_b"), keys.batch_input("batch_b"), keys.file("file-f"),
             keys.file_data("file-f"), keys.webhooks(0), keys.webhook("evt_j-0"),
             keys.worker("w")] == [
-        "p:job:j", "p:lease:j", "p:events:j", "p:channel:j", "p:running",
+        "p:job:j", "p:events:j", "p:channel:j", "p:running",
         "p:running:messages", "p:delayed", "p:batches", "p:batch:batch_b",
         "p:batch:batch_b:input", "p:file:file-f", "p:file:file-f:data", "p:webhooks",
         "p:webhook:evt_j-0", "p:worker:w"]
@@ -39,7 +39,7 @@ def test_a_jobs_keys_and_its_shards_indexes_share_a_slot() -> None:
         delivery = f"{job_event_id(job_id)}-0"
         slots = {_slot(k) for k in (
             keys.job(job_id), keys.result(job_id), keys.events(job_id), keys.cancel(job_id),
-            keys.lease(job_id), keys.running(shard), keys.running_messages(shard),
+            keys.running(shard), keys.running_messages(shard),
             keys.delayed(shard), keys.delayed_messages(shard), keys.webhooks(shard),
             keys.webhook(delivery))}
         assert len(slots) == 1, job_id
@@ -60,7 +60,7 @@ def test_a_batch_its_lines_files_and_events_share_a_slot() -> None:
             keys.batch_output(batch_id), keys.batch_errors(batch_id),
             keys.batch_staged(batch_id, "t"), keys.batch_lock(batch_id), keys.batches(shard),
             keys.file(output), keys.file(errors), keys.webhook(f"{event}-1"),
-            keys.job(line), keys.lease(line), keys.running(keys.shard(line)),
+            keys.job(line), keys.running(keys.shard(line)),
             keys.webhook(f"{job_event_id(line)}-0"))}
         assert len(slots) == 1, batch_id
 

@@ -22,11 +22,24 @@ def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
     return store, keys, job_id
 
 
+def _redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def _lapse(client: redis.Redis, keys: Keys, job_id: str) -> None:
+    """Its worker died: the lease beside its token lapsed."""
+    client.hset(keys.job(job_id), "lease_until", _redis_ms(client) - 1)
+
+
 def test_a_held_lease_is_renewed(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)
-    redis_client.pexpire(keys.lease(job_id), 100)
+    _lapse(redis_client, keys, job_id)  # while Redis was away
+    assert not store.held(job_id)
     assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
-    assert redis_client.pttl(keys.lease(job_id)) > 1000
+    assert store.held(job_id)
+    [until] = redis_client.hmget(keys.job(job_id), "lease_until")
+    assert int(until) - _redis_ms(redis_client) > 4000
 
 
 def _finish(client: redis.Redis, store: LeaseStore, job_id: str, token: str) -> str:
@@ -85,7 +98,7 @@ def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
     """Running: queued again, its message to go back (a crash counted); parked for a limit:
     left to the delayed set (its old message would skip the wait); ended: dropped."""
     store, keys, job_id = _store(redis_client)
-    redis_client.delete(keys.lease(job_id))  # its worker died
+    _lapse(redis_client, keys, job_id)
     assert store.restore(job_id) is Requeue.RESTORED
     assert redis_client.hget(keys.job(job_id), "status") == b"queued"
     assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
@@ -94,7 +107,8 @@ def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
     assert store.restore(job_id) is Requeue.WAITING
     redis_client.hset(keys.job(job_id), "status", "succeeded")
     assert store.restore(job_id) is Requeue.ENDED
-    redis_client.set(keys.lease(job_id), "other")
+    redis_client.hset(keys.job(job_id), mapping={"token": "other",
+                                                 "lease_until": _redis_ms(redis_client) + 5000})
     assert store.restore(job_id) is Requeue.ALIVE
 
 
@@ -103,7 +117,7 @@ def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
     """A job in the running index whose record is gone, or whose claim kept no message, is
     dropped from it, not a failed sweep."""
     store, keys, job_id = _store(redis_client)  # claimed with no message kept
-    redis_client.delete(keys.lease(job_id))
+    _lapse(redis_client, keys, job_id)
     shard = keys.shard(job_id)
     expired = next(other for other in (uuid.uuid4().hex for _ in range(1000))
                    if keys.shard(other) == shard)  # a job of the same shard, long gone
@@ -131,3 +145,31 @@ def test_a_claim_retried_after_a_lost_reply_gets_the_first_ones_answer(
     assert first.turn is not None and first.turn_on == ("dep", "m")  # the turn it reserved
     # and a claim by another attempt still finds the job held
     assert store.claim(parked, "other", {}, time.time()).verdict == "busy"
+
+
+def test_a_claim_keeps_its_lease_in_the_record_and_its_message_beside_it(
+        redis_client: redis.Redis) -> None:
+    """While it runs the record holds its token and lease (hidden from callers), and its
+    message is kept beside it (the record stays a compact listpack); the end drops them, and
+    its final event follows whatever its stream holds."""
+    keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
+    store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
+    job_id = uuid.uuid4().hex
+    assert store.claim(job_id, "mine", {}, time.time(), message='{"task": "t"}').verdict == "run"
+    token, until = redis_client.hmget(keys.job(job_id), "token", "lease_until")
+    assert token == b"mine"
+    shard = keys.shard(job_id)
+    assert redis_client.hget(keys.running_messages(shard), job_id) == b'{"task": "t"}'
+    assert redis_client.object("encoding", keys.job(job_id)) == b"listpack"
+    assert 4000 < int(until) - _redis_ms(redis_client) <= 5000
+    assert redis_client.zscore(keys.running(shard), job_id) == int(until)
+    assert 0 < redis_client.ttl(keys.job(job_id)) <= 60
+    assert store.claim(job_id, "other", {}, time.time()).verdict == "busy"
+    redis_client.xadd(keys.events(job_id), {"event": "{}"}, id="1-5")  # chunks went ahead
+    assert _finish(redis_client, store, job_id, "mine") == "ok"  # it wanted 1-1
+    assert [entry_id for entry_id, _ in redis_client.xrange(keys.events(job_id))] == [
+        b"1-5", b"1-6"]
+    assert redis_client.hmget(keys.job(job_id), "token", "lease_until") == [None, None]
+    assert redis_client.hget(keys.running_messages(shard), job_id) is None
+    assert not store.held(job_id)
+    assert redis_client.zscore(keys.running(shard), job_id) is None

@@ -82,8 +82,9 @@ def test_the_sweeping_scheduler_sends_a_job_parked_while_it_slept(
                    "the scheduler to wait on its wake list")
         token = "t1"
         job_id = f"job-{uuid.uuid4().hex[:8]}"
-        redis_client.hset(keys.job(job_id), mapping={"status": "running", "token": token})
-        redis_client.set(keys.lease(job_id), token, px=30_000)
+        until = int(time.time() * 1000) + 30_000  # (this machine's clock is Redis's)
+        redis_client.hset(keys.job(job_id), mapping={"status": "running", "token": token,
+                                                     "lease_until": until})
         parked_at = time.monotonic()
         leases.park(job_id, token, 0.05, "limit", '{"task": "t"}')
         wait_until(lambda: sent, 5, "the parked job to be sent again")

@@ -1,5 +1,6 @@
--- Put before every script by api_tasks/record/scripts.py (with ended(status), built from
--- api_tasks.record.job_record.TERMINAL): the helpers the scripts share.
+-- The helpers the scripts share: api_tasks/record/scripts.py puts before each script those it
+-- names (and ended(status), built from api_tasks.record.job_record.TERMINAL). Blocks are a
+-- blank line apart.
 
 -- The server's clock in milliseconds (scripts replicate their effects, so TIME is allowed),
 -- read once a script: a script runs in an instant.
@@ -22,17 +23,28 @@ local function leave_wake(key, ttl)
   redis.call('EXPIRE', key, ttl)
 end
 
--- The entry id to add to stream `key`: `wanted` ('<attempt>-<seq>'), or, if the stream
--- already holds that id or a later one, the id just after its last entry.
-local function next_entry_id(key, wanted)
+-- Add `value` under `field` to stream `key` at id `wanted` ('<attempt>-<seq>'), or, if the
+-- stream already holds that id or a later one, just after its last entry. The wanted id is
+-- tried first: it is free but for a writer that went on after a lost reply, so the stream's
+-- last entry is seldom read.
+local function add_entry(key, wanted, field, value)
+  local added = redis.pcall('XADD', key, wanted, field, value)
+  if type(added) ~= 'table' or not added.err then return added end
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  if not last then return wanted end
+  if not last then return redis.call('XADD', key, wanted, field, value) end  -- its own error
   local la, ls = string.match(last[1], '(%d+)-(%d+)')
-  local wa, ws = string.match(wanted, '(%d+)-(%d+)')
-  la, ls, wa, ws = tonumber(la), tonumber(ls), tonumber(wa), tonumber(ws)
-  if wa < la or (wa == la and ws <= ls) then return la .. '-' .. (ls + 1) end
-  return wanted
+  return redis.call('XADD', key, la .. '-' .. (tonumber(ls) + 1), field, value)
 end
+
+-- The attempt holding a job: the token in its record while the lease beside it has not
+-- lapsed (``lease_until``, ms by this clock, which a renewal moves on), else nil.
+local function lease_holder(token, lease_until)
+  if token and lease_until and tonumber(lease_until) > now_ms() then return token end
+  return nil
+end
+
+-- What a job's record holds only while an attempt runs it: its token and lease.
+local HELD = {'token', 'lease_until'}
 
 -- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, the
 -- upstream's own when its headers said its limit is lower, or slower still while other

@@ -1,13 +1,12 @@
--- KEYS: job, result, events, lease, running index, running messages, then the webhooks of
--- its end (``add_webhooks``). ARGV: token ('' = whoever holds it, for the last-resort
--- failure), ttl, event, wanted entry id, result ('' for none), job id, its pub/sub channel,
--- how many job field/value items follow, those items, then the webhooks' ARGV. A job already ended
--- is never written twice. Stream entries keep the event in field 'event'
--- (events.EVENT_FIELD).
+-- KEYS: job, result, events, running index, running messages, then the webhooks of its end
+-- (``add_webhooks``). ARGV: token ('' = whoever holds it, for the last-resort failure), ttl,
+-- event, wanted entry id, result ('' for none), job id, its pub/sub channel, how many job
+-- field/value items follow, those items, then the webhooks' ARGV. A job already ended is
+-- never written twice. Stream entries keep the event in field 'event' (events.EVENT_FIELD).
 local held = redis.call('HMGET', KEYS[1], 'status', 'token')
 if ended(held[1]) then return 'ended' end
 if ARGV[1] ~= '' and held[2] ~= ARGV[1] then return 'lost' end
-local id = next_entry_id(KEYS[3], ARGV[4])
+add_entry(KEYS[3], ARGV[4], 'event', ARGV[3])  -- first: the one write that may be refused
 local fields = tonumber(ARGV[8])
 local set = {unpack(ARGV, 9, 8 + fields)}
 if ARGV[1] ~= '' then
@@ -15,14 +14,12 @@ if ARGV[1] ~= '' then
   set[#set + 1] = ARGV[1]
 end
 redis.call('HSET', KEYS[1], unpack(set))
-redis.call('HDEL', KEYS[1], 'token')
-redis.call('ZREM', KEYS[5], ARGV[6])
-redis.call('HDEL', KEYS[6], ARGV[6])
+redis.call('HDEL', KEYS[1], unpack(HELD))
+redis.call('ZREM', KEYS[4], ARGV[6])
+redis.call('HDEL', KEYS[5], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2]) end
-redis.call('XADD', KEYS[3], id, 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('PUBLISH', ARGV[7], ARGV[3])
-redis.call('DEL', KEYS[4])
-add_webhooks(7, 9 + fields)
+add_webhooks(6, 9 + fields)
 return 'ok'

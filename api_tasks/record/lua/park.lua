@@ -1,5 +1,5 @@
--- KEYS: job, lease, delayed set, delayed messages, running index, running messages, cancel
--- (its caller then wakes the scheduler).
+-- KEYS: job, delayed set, delayed messages, running index, running messages, cancel (its
+-- caller then wakes the scheduler).
 -- ARGV: token, job id, wait ms, reason,
 -- message, ttl, turn ms from now ('' = none reserved), lead ms, the deployment and model the
 -- turn is under (JSON; '' when not known). The job leaves its worker
@@ -7,7 +7,7 @@
 -- when parked, 0 when another attempt holds it, 2 when it was cancelled meanwhile (its
 -- worker ends it now rather than park a job nobody wants).
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[7]) == 1 then return 2 end
+if redis.call('EXISTS', KEYS[6]) == 1 then return 2 end
 local now = now_ms()
 local due = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'waiting', 'waiting_until', tostring(due / 1000),
@@ -20,12 +20,11 @@ else
   redis.call('HDEL', KEYS[1], 'turn_at', 'turn_on')
 end
 redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
-redis.call('HDEL', KEYS[1], 'token')
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[5], ARGV[2])
-redis.call('HDEL', KEYS[6], ARGV[2])
-redis.call('ZADD', KEYS[3], due, ARGV[2])
-redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
+redis.call('HDEL', KEYS[1], unpack(HELD))
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('HDEL', KEYS[5], ARGV[2])
+redis.call('ZADD', KEYS[2], due, ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
-redis.call('EXPIRE', KEYS[4], ARGV[6])
 return 1

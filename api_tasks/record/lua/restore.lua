@@ -1,19 +1,20 @@
--- KEYS: job, lease, running index, running messages. ARGV: job id.
+-- KEYS: job, running index, running messages. ARGV: job id.
 -- Takes a dead worker's job back, unless a live lease says it is still running: 'alive'
 -- (left alone), 'ended' or 'waiting' (its message is to be dropped: it ended, or it was
 -- parked for a limit and the delayed set sends it when due) or 'restored' (queued again, a
 -- crash counted if it was running: its message is to go back on its queue,
 -- ``unacked_return``; a job still queued was delivered and never claimed).
 -- The broker's unacked entry is not touched here: it may live on another Redis.
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
-local s = redis.call('HGET', KEYS[1], 'status')
+local f = redis.call('HMGET', KEYS[1], 'status', 'token', 'lease_until')
+if lease_holder(f[2], f[3]) then return 'alive' end
+local s = f[1]
 if ended(s) then return 'ended' end
 if s == 'waiting' then return 'waiting' end
 if s == 'running' then
   redis.call('HINCRBY', KEYS[1], 'crashes', 1)
   redis.call('HSET', KEYS[1], 'status', 'queued')
-  redis.call('HDEL', KEYS[1], 'token')
+  redis.call('HDEL', KEYS[1], unpack(HELD))
 end
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
 return 'restored'
