@@ -19,9 +19,11 @@ import redis.cluster
 import redis.sentinel
 from redis._parsers import AsyncCommandsParser, CommandsParser
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import (
     ClusterDownError,
     MasterDownError,
+    NoScriptError,
     RedisClusterException,
     RedisClusterUnreachableError,
     SlotNotCoveredError,
@@ -168,12 +170,50 @@ def _cluster_options(nodes: ClusterURL, options: dict[str, Any]) -> dict[str, An
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)}
 
 
+class _NodeScript(Script):
+    """A script on a Redis Cluster that one node lacks (restarted, new): sent whole to that
+    node (``EVAL``, which keeps it there), where redis-py would load it on every primary,
+    and so fail while any one of them is out of reach."""
+
+    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        keys, args = list(keys or []), list(args or [])
+        client = client or self.registered_client
+        if not isinstance(client, redis.cluster.RedisCluster):  # (a pipeline's)
+            return super().__call__(keys, args, client)
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(cast(str, self.script), len(keys), *keys, *args)
+
+
+class _AsyncNodeScript(AsyncScript):
+    """``_NodeScript`` for asyncio callers."""
+
+    async def __call__(self, keys: Any = None, args: Any = None,
+                       client: Any = None) -> Any:
+        keys, args = list(keys or []), list(args or [])
+        client = client or self.registered_client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return await super().__call__(keys, args, client)
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(cast(str, self.script), len(keys), *keys, *args)
+
+
+class _Cluster(redis.cluster.RedisCluster):
+    """redis-py's cluster client, its scripts ``_NodeScript``s."""
+
+    def register_script(self, script: Any) -> Any:
+        return _NodeScript(self, script)
+
+
 def _cluster(nodes: ClusterURL, options: dict[str, Any]) -> redis.Redis:
     """A Redis Cluster client, a pool per node, waiting for a free connection as ``connect``'s
     does; typed as ``redis.Redis``, whose commands it offers (the few places that differ ask
     ``is_cluster``)."""
     try:  # (it asks a node for the slots now: a cluster out of reach fails here)
-        client = redis.cluster.RedisCluster(
+        client = _Cluster(
             startup_nodes=[redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
                            for host, port in nodes.nodes],
             connection_pool_class=redis.BlockingConnectionPool,
@@ -212,6 +252,9 @@ class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
         self.commands_parser = _AsyncParser()
         self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                                asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+    def register_script(self, script: Any) -> Any:
+        return _AsyncNodeScript(self, script)
 
     @contextlib.asynccontextmanager
     async def gate(self) -> AsyncIterator[None]:

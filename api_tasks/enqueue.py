@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import redis
 import redis.asyncio
+from redis.exceptions import RedisClusterException
 
 from api_tasks import metrics, tracing
 from api_tasks.broker import task_message
@@ -192,7 +193,7 @@ class Enqueuer:
             self.store.shell.load(_SCRIPTS)
             if self.apart:
                 self.broker.load(("job_send",))
-        except redis.RedisError as err:
+        except (redis.RedisError, RedisClusterException) as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
     def _send(self, submissions: list[Submission]) -> list[list[Any] | Failed]:
@@ -275,7 +276,7 @@ class AsyncEnqueuer:
             await self.store.shell.load(_SCRIPTS)
             if self.apart:
                 await self.broker.load(("job_send",))
-        except redis.RedisError as err:
+        except (redis.RedisError, RedisClusterException) as err:
             raise BrokerUnavailable(f"Redis is unavailable: {reason(err)}") from err
 
     async def send(self, submission: Submission) -> None:

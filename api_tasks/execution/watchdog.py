@@ -90,9 +90,11 @@ class Watchdog(Loop):
 
     def _renew(self, handles: list[CallHandle]) -> None:
         held = [(h.job_id, h.token, h.flights) for h in handles if h.token]
+        # by attempt, not by job: a job given back and delivered again to this same process
+        # has two attempts here, the old one lost and the new one holding it
         lost = set(self._leases.renew(self._shell, held)) if held else set()
         for handle in handles:
-            if handle.job_id in lost:
+            if (handle.job_id, handle.token) in lost:
                 log.warning("job %s: another attempt took it over; stopping this one",
                             handle.job_id)
                 handle.abort(Stop.LOST)

@@ -250,9 +250,24 @@ class SyncShell:
         return out
 
     def load(self, names: Sequence[str]) -> None:
-        """Load scripts into Redis now, so the first calls find them."""
-        for name in names:
-            self.redis.script_load(script(name))
+        """Load scripts into Redis now, so the first calls find them (on a Redis Cluster, into
+        each primary that answers: one out of reach gets them later, sent whole by the first
+        call that needs them there; raised only if none answers)."""
+        if not self.cluster:
+            for name in names:
+                self.redis.script_load(script(name))
+            return
+        cluster: Any = self.redis
+        errors = []
+        primaries = cluster.get_primaries()
+        for node in primaries:
+            try:
+                for name in names:
+                    cluster.execute_command("SCRIPT LOAD", script(name), target_nodes=node)
+            except UNAVAILABLE as err:
+                errors.append(err)
+        if errors and len(errors) == len(primaries):
+            raise errors[0]
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:
@@ -344,8 +359,23 @@ class AsyncShell:
 
     async def load(self, names: Sequence[str]) -> None:
         """Load scripts into Redis now, as ``SyncShell.load``."""
-        for name in names:
-            await self.redis.script_load(script(name))
+        if not self.cluster:
+            for name in names:
+                await self.redis.script_load(script(name))
+            return
+        cluster: Any = self.redis
+        await cluster.initialize()  # (its primaries known)
+        errors = []
+        primaries = cluster.get_primaries()
+        for node in primaries:
+            try:
+                for name in names:
+                    await cluster.execute_command("SCRIPT LOAD", script(name),
+                                                  target_nodes=node)
+            except UNAVAILABLE as err:
+                errors.append(err)
+        if errors and len(errors) == len(primaries):
+            raise errors[0]
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:

@@ -9,7 +9,6 @@ failure is only its own commands'.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -21,7 +20,7 @@ from api_tasks.connections import UNAVAILABLE
 from api_tasks.record.calls import first_key
 from api_tasks.record.scripts import named, script
 
-__all__ = ["ANY", "Command", "exchange", "followed", "routed", "slot_of"]
+__all__ = ["ANY", "Command", "exchange", "followed", "pool_of", "slot_of"]
 
 Command = tuple[Any, ...]
 ANY = -1  # the "slot" of a command with no key (a ``PING``): the cluster's default node
@@ -33,30 +32,19 @@ def slot_of(cluster: redis.cluster.RedisCluster, command: Command) -> int:
     return ANY if key is None else int(cluster.keyslot(key))  # type: ignore[no-untyped-call]
 
 
-def routed(cluster: redis.cluster.RedisCluster, commands: Sequence[Command]) -> list[Any]:
-    """Every command's reply, each sent to the node serving its slot, the nodes at once. A
-    node out of reach, or a slot no node serves, is the error for each of its commands; a
-    slot that moved (``MOVED``, ``ASK``) is that error, for the caller to send again once
-    the client has learnt the slots anew (nothing ran)."""
-    by_node: dict[Any, list[int]] = {}
-    replies: list[Any] = [None] * len(commands)
-    for index, command in enumerate(commands):
-        slot = slot_of(cluster, command)
-        try:
-            if slot == ANY:
-                node = cluster.get_default_node()  # type: ignore[no-untyped-call]
-            else:
-                node = cluster.nodes_manager.get_node_from_slot(slot)
-        except (redis.RedisError, RedisClusterException) as err:
-            replies[index] = err if isinstance(err, UNAVAILABLE) \
-                else redis.ConnectionError(f"no node serves slot {slot}: {err}")
-            continue
-        by_node.setdefault(node.redis_connection.connection_pool, []).append(index)
-    sent = exchange({pool: [commands[i] for i in at] for pool, at in by_node.items()})
-    for pool, at in by_node.items():
-        for index, reply in zip(at, sent[pool], strict=True):
-            replies[index] = reply
-    return replies
+def pool_of(cluster: redis.cluster.RedisCluster, slot: int) -> Any:
+    """The connection pool of the node serving ``slot`` (the default node's for ``ANY``);
+    raises ``redis.ConnectionError`` when no node serves it."""
+    try:
+        if slot == ANY:
+            node = cluster.get_default_node()  # type: ignore[no-untyped-call]
+        else:
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+    except (redis.RedisError, RedisClusterException) as err:
+        if isinstance(err, UNAVAILABLE):
+            raise
+        raise redis.ConnectionError(f"no node serves slot {slot}: {err}") from err
+    return node.redis_connection.connection_pool
 
 
 def followed(cluster: redis.cluster.RedisCluster, command: Command) -> Any:

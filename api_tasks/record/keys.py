@@ -163,6 +163,13 @@ class Keys:
         steps batches, sends webhooks); it lapses when not renewed."""
         return f"{self.prefix}:sweeper"
 
+    def sweeper_stand_ins(self) -> list[str]:
+        """Strings: the sweeper role's stand-ins, one in each job shard's slot, taken in
+        order while the role's own node is out of reach (on a Redis Cluster); none with one
+        shard."""
+        return [f"{self.prefix}:sweeper:{{s{n}}}" for n in range(self.shards)] \
+            if self.shards > 1 else []
+
     def batch(self, batch_id: str) -> str:
         """Hash: a detached batch's state, counts and summed usage (``usage.<name>``)."""
         return f"{self.prefix}:batch:{self._tag(batch_id)}{batch_id}"

@@ -152,27 +152,28 @@ class LeaseStore:
                      text(shown) == "1", ended, tuple(json.loads(on)) if on else None,
                      bool(uncounted) and text(uncounted[0]) == "1")
 
-    def renew(self, shell: SyncShell, held: list[tuple[str, str, list[str]]]) -> list[str]:
+    def renew(self, shell: SyncShell, held: list[tuple[str, str, list[str]]]
+              ) -> list[tuple[str, str]]:
         """Renew leases (and slots in flight) of (job id, token, in-flight keys), on the
-        caller's shell (the watchdog's quick client); return the job ids another attempt
-        took over (not those this attempt just ended)."""
+        caller's shell (the watchdog's quick client); return the (job id, token) of the
+        attempts another attempt took over (not those that just ended the job)."""
         keys = self.keys
         renewed = shell.run_groups([[lua("renew", [keys.job(job_id),
                                                    keys.running(keys.shard(job_id))],
                                          [token, self.lease_ms, job_id])]
                                     for job_id, token, _ in held])
-        lost: list[str] = []
+        lost: list[tuple[str, str]] = []
         flights: list[Call[Any]] = []
         failed = [reply for reply in renewed if isinstance(reply, Failed)]
         if failed:  # (on a Redis Cluster, the jobs of a node out of reach: the rest go on)
             log.warning("%d of %d leases not renewed (%s)", len(failed), len(held),
                         failed[0].error)
-        for (job_id, _, held_flights), reply in zip(held, renewed, strict=True):
+        for (job_id, token, held_flights), reply in zip(held, renewed, strict=True):
             if isinstance(reply, Failed):
                 continue
             [until] = reply
             if until == -1:
-                lost.append(job_id)
+                lost.append((job_id, token))
             elif until:  # the slots in flight live as long as the lease: on
                 # other slots than the job's on a Redis Cluster, so apart from its script
                 flights += [command("ZADD", flight, "XX", until, job_id)

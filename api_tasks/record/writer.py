@@ -15,19 +15,21 @@ Stream entries carry ids we chose, so re-sending a batch after a connection
 error cannot add an entry twice (Redis refuses the smaller-or-equal id and we
 ignore that refusal).
 
-On a Redis Cluster each node gets its share of a flush on a connection of its own
-(``exchange``), and the writes of a node out of reach wait apart, in order per slot, while
-the others go on.
+On a Redis Cluster each node gets its share of a flush on a connection of its own, from a
+thread of its own (``_Flight``): a node that stops answering (a network dropping its packets)
+holds only its own slots' writes for as long as its connection waits, and the writes of a
+node out of reach wait apart, in order per slot, while the others go on.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from typing import Any, cast
 
 import redis
@@ -35,7 +37,7 @@ import redis.cluster
 from redis.exceptions import AskError, ClusterError, MovedError, RedisClusterException
 
 from api_tasks.connections import UNAVAILABLE, is_cluster, reason
-from api_tasks.record.exchange import ANY, Command, exchange, followed, routed, slot_of
+from api_tasks.record.exchange import ANY, Command, exchange, followed, pool_of, slot_of
 
 __all__ = ["EventWriter"]
 
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 _Item = tuple[Sequence[Command], "Future[list[Any]] | None", int]
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 _MAX_PENDING = 16 * 1024 * 1024  # bytes of commands queued or being written, per process
+# seconds a flush waits for a cluster node's share before going on without it (a healthy
+# node answers in milliseconds; one that stops answering holds only its own slots)
+_STALL = 0.25
 
 
 class EventWriter:
@@ -63,10 +68,15 @@ class EventWriter:
         self._closed = False
         self._done = False  # the thread has taken its last batch: what comes now is refused
         self._thread = threading.Thread(target=self._run, name="api-tasks-writer", daemon=True)
-        # on a Redis Cluster: the client, and the items held for a node out of reach
+        # on a Redis Cluster: the client, the items held for a node out of reach, each node's
+        # share in flight (by its pool), and whether one landed since the writer last looked
         self._cluster = cast("redis.cluster.RedisCluster", client) if is_cluster(client) \
             else None
         self._held = _Held()
+        self._flights: dict[Any, _Flight] = {}
+        self._landed = False
+        self._lanes = _Lanes()
+        self._learning: Future[Any] | None = None  # the slots being learnt anew
 
     def start(self) -> None:
         """Start the thread."""
@@ -74,7 +84,8 @@ class EventWriter:
 
     def submit(self, commands: Sequence[Command], wait: bool = False,
                timeout: float | None = None, size: int | None = None) -> Future[list[Any]] | None:
-        """Queue commands; with ``wait``, return a future done once they are in Redis.
+        """Queue commands; with ``wait``, return a future done once they are in Redis (on a
+        Redis Cluster, commands that keep to one slot).
 
         Blocks while the writer is more than ``max_pending_bytes`` behind (at most
         ``timeout`` seconds, then ``TimeoutError``; the writer gives up on a down Redis
@@ -84,7 +95,12 @@ class EventWriter:
         future: Future[list[Any]] | None = Future() if wait else None
         if size is None:
             size = _size(commands)
-        slot = slot_of(self._cluster, commands[0]) if self._cluster is not None else ANY
+        slot = ANY
+        if self._cluster is not None:  # a node's share carries items whole, in order
+            slot = slot_of(self._cluster, commands[0])
+            if any(slot_of(self._cluster, command) != slot for command in commands[1:]):
+                raise ValueError("the commands handed over together must keep to one slot "
+                                 "(a job's keys and its channel share one)")
         with self._lock:
             if self._behind(size, slot):
                 self._wait_for_room(size, slot, timeout)
@@ -138,15 +154,16 @@ class EventWriter:
     def _take(self) -> list[_Item]:
         """What is queued (empty once closed, or when items held for a node are due)."""
         with self._ready:
-            while not self._queue:
+            while not self._queue and not self._landed:
                 if self._held:
                     if self._held.left() <= 0:
                         break  # held items are due: try them again
                     self._ready.wait(self._held.left())
-                elif self._closed:
+                elif self._closed and not self._flights:
                     break
                 else:
                     self._ready.wait()
+            self._landed = False
             batch = []
             count = 0
             while self._queue and count < self._max_batch:
@@ -158,10 +175,11 @@ class EventWriter:
     def _run(self) -> None:
         while True:
             batch = self._take()
-            if not batch and not self._held:
+            if not batch and not self._held and not self._flights:
                 with self._lock:  # (a thread woken by close may have queued since)
-                    if not self._queue:
+                    if not self._queue and self._closed:
                         self._done = True
+                        self._lanes.close()
                         return
                 continue
             try:
@@ -199,41 +217,26 @@ class EventWriter:
             delay = min(delay * 2, 2.0)
 
     def _flush_cluster(self, cluster: redis.cluster.RedisCluster, batch: list[_Item]) -> None:
-        """Write the batch on a Redis Cluster, each node's share on a connection of its own.
-        The items of a node out of reach (or of a slot that moved) are held, with every later
-        item of their slots (a job's writes stay in order), and tried again after a pause
-        while the others go on."""
+        """Write the batch on a Redis Cluster, each node's share on a connection and a thread
+        of its own (``_Flight``), waiting ``_STALL`` at most for them. The items of a node out
+        of reach (or of a slot that moved) are held, with every later item of their slots (a
+        job's writes stay in order), and tried again after a pause; those of a node still
+        answering a share wait behind it; the others go on."""
         now = time.monotonic()
         released = self._held.release(now)
         again = {id(item) for _, item in released}  # (their bytes are counted as held still)
+        failed = False
         try:
-            out = list(released)
-            for item in batch:
-                slot = slot_of(cluster, item[0][0])
-                if self._held.holds(slot):
-                    self._held.hold(slot, item, now, None)
-                else:
-                    out.append((slot, item))
-            replies = routed(cluster, [command for _, item in out for command in item[0]])
-            failed = False
-            offset = 0
-            for slot, item in out:
-                mine = replies[offset:offset + len(item[0])]
-                offset += len(item[0])
-                counted = id(item) in again
-                if self._held.holds(slot):  # an earlier item of its slot waits: so does it
-                    self._held.hold(slot, item, now, None, counted)  # (written, if it went:
-                    continue  # sent again, a stream entry is refused and a script replays)
-                if not any(isinstance(r, _AGAIN) for r in mine):  # a slot moving in: follow
-                    mine = [followed(cluster, command) if isinstance(reply, AskError) else reply
-                            for command, reply in zip(item[0], mine, strict=True)]
-                error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
-                if error is None:
-                    _settle([item], mine)
-                    self._held.settled(item, counted)
-                else:
-                    self._held.hold(slot, item, now, error, counted)
-                    failed = True
+            work = [*released, *((slot_of(cluster, item[0][0]), item) for item in batch)]
+            while True:  # (what waited behind a share that landed goes next)
+                if work:
+                    held, launched = self._route(cluster, work, again, now)
+                    wait(launched, timeout=_STALL)  # (not for a share sent before, still out)
+                    failed = failed or held
+                work, landed_failed = self._land(now)
+                failed = failed or landed_failed
+                if not work:
+                    break
             for items, err in self._held.expired(now, self._retry_for):
                 _fail(items, err)
         except Exception as err:  # nothing taken out or held this round may stay untold
@@ -247,10 +250,175 @@ class EventWriter:
             if self._held:
                 log.warning("event writer: %d slots of the cluster out of reach (%s), "
                             "retrying", len(self._held.slots), reason(self._held.error))
-                try:  # learn who serves them now (a failover, a slot that moved)
-                    cluster.nodes_manager.initialize()
-                except (redis.RedisError, RedisClusterException) as err:
-                    log.debug("event writer: slots not learnt anew (%s)", err)
+                self._learn(cluster)
+
+    def _route(self, cluster: redis.cluster.RedisCluster, work: list[tuple[int, _Item]],
+               counted: set[int], now: float) -> tuple[bool, list[Future[Any]]]:
+        """Send each node its share of ``work`` (slot, item), in order: an item of a held slot
+        is held behind it, one of a slot whose node still answers a share waits behind that
+        share. Whether a slot no node serves held some, and the shares sent."""
+        failed = False
+        shares: dict[Any, list[tuple[int, _Item]]] = {}
+        aloft = self._held.aloft
+        for slot, item in work:
+            mine = id(item) in counted or id(item) in aloft  # its bytes counted as held
+            if self._held.holds(slot):
+                aloft.discard(id(item))
+                self._held.hold(slot, item, now, None, mine)
+                continue
+            flying = self._held.flying.get(slot)  # (even if the slot moved meanwhile)
+            try:
+                pool = flying if flying is not None else pool_of(cluster, slot)
+            except UNAVAILABLE as err:
+                aloft.discard(id(item))
+                self._held.hold(slot, item, now, err, mine)
+                failed = True
+                continue
+            if not mine:  # in flight, its bytes count as held: the bound holds for them
+                self._held.bytes += item[2]
+            aloft.add(id(item))
+            self._held.flying[slot] = pool
+            flight = self._flights.get(pool)
+            if flight is not None:
+                flight.behind.append((slot, item))
+            else:
+                shares.setdefault(pool, []).append((slot, item))
+        launched = []
+        for pool, items in shares.items():
+            flight = _Flight(self._lanes.run(_address(pool), _send_share, cluster, pool,
+                                             [item[0] for _, item in items]), items)
+            self._flights[pool] = flight
+            flight.future.add_done_callback(self._on_landed)
+            launched.append(flight.future)
+        return failed, launched
+
+    def _on_landed(self, _: Future[Any]) -> None:
+        with self._lock:
+            self._landed = True
+            self._ready.notify()
+
+    def _land(self, now: float) -> tuple[list[tuple[int, _Item]], bool]:
+        """Take in the shares that landed: settle their items or hold them; what waited
+        behind them, to send next; and whether some were held."""
+        nxt: list[tuple[int, _Item]] = []
+        failed = False
+        for pool, flight in list(self._flights.items()):
+            if not flight.future.done():
+                continue
+            del self._flights[pool]
+            for slot, _ in (*flight.items, *flight.behind):
+                self._held.flying.pop(slot, None)
+            left = list(flight.items)  # not yet settled or held
+            try:
+                for (slot, item), mine in zip(flight.items, flight.future.result(),
+                                              strict=True):
+                    self._held.aloft.discard(id(item))
+                    left.pop(0)
+                    if self._held.holds(slot):  # an earlier item of its slot waits: so does
+                        self._held.hold(slot, item, now, None, True)  # it (written, if it
+                        continue  # went: sent again, a stream entry is refused, a script replays)
+                    error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
+                    if error is None:
+                        _settle([item], mine)
+                        self._held.settled(item, True)
+                    else:
+                        self._held.hold(slot, item, now, error, True)
+                        failed = True
+            except Exception as err:  # (a bug) the rest fail, their bytes freed
+                log.exception("event writer: a node's share failed")
+                for _, item in (*left, *flight.behind):
+                    self._held.aloft.discard(id(item))
+                    self._held.settled(item, True)
+                _fail([item for _, item in (*left, *flight.behind)], err)
+                continue
+            nxt += flight.behind  # (held now, if their slot's items were)
+        return nxt, failed
+
+    def _learn(self, cluster: redis.cluster.RedisCluster) -> None:
+        """Learn who serves the held slots now (a failover, a slot that moved), on a thread
+        of its own: the first node it asks may be the one that stopped answering."""
+        if self._learning is not None and not self._learning.done():
+            return
+        self._learning = self._lanes.run("learn", _initialize, cluster)
+
+
+def _send_share(cluster: redis.cluster.RedisCluster, pool: Any,
+                items: list[Sequence[Command]]) -> list[list[Any]]:
+    """One node's share of a flush (on its lane): each item's replies, an ``ASK`` followed at
+    once where nothing else in the item says to send it whole again (nothing ran)."""
+    replies = exchange({pool: [command for commands in items for command in commands]})[pool]
+    out = []
+    offset = 0
+    for commands in items:
+        mine = replies[offset:offset + len(commands)]
+        offset += len(commands)
+        if not any(isinstance(r, _AGAIN) for r in mine):  # a slot moving in: follow it
+            mine = [followed(cluster, command) if isinstance(reply, AskError) else reply
+                    for command, reply in zip(commands, mine, strict=True)]
+        out.append(mine)
+    return out
+
+
+def _address(pool: Any) -> tuple[Any, Any]:
+    """A node's lane: by its address, which outlives the pool objects of a slots update."""
+    return pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
+
+
+class _Lanes:
+    """A daemon thread per cluster node (and one that learns the slots), each running what it
+    is handed in turn: a node that stops answering holds up its own lane only, and never the
+    process's exit."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Any, queue.SimpleQueue[Any]] = {}
+
+    def run(self, lane: Any, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """``fn(*args)`` on the lane's thread; its future."""
+        future: Future[Any] = Future()
+        work = self._queues.get(lane)
+        if work is None:
+            work = self._queues[lane] = queue.SimpleQueue()
+            threading.Thread(target=_serve, args=(work,), name="api-tasks-writer-node",
+                             daemon=True).start()
+        work.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Let the lanes' threads end once they are done."""
+        for work in self._queues.values():
+            work.put(None)
+        self._queues.clear()
+
+
+def _serve(work: queue.SimpleQueue[Any]) -> None:
+    while (task := work.get()) is not None:
+        future, fn, args = task
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # handed to whoever waits on it
+                future.set_exception(err)
+
+
+def _initialize(cluster: redis.cluster.RedisCluster) -> None:
+    try:
+        cluster.nodes_manager.initialize()
+    except (redis.RedisError, RedisClusterException) as err:
+        log.debug("event writer: slots not learnt anew (%s)", err)
+
+
+class _Flight:
+    """One cluster node's share of a flush, sent and read on a thread of its own, and the
+    items of its slots that came meanwhile, to send once it lands."""
+
+    __slots__ = ("behind", "future", "items")
+
+    def __init__(self, future: Future[dict[Any, list[Any]]],
+                 items: list[tuple[int, _Item]]) -> None:
+        self.future = future
+        self.items = items
+        self.behind: list[tuple[int, _Item]] = []
+
 
 # replies that say: nothing ran, send it again once the slots are learnt anew (an ``ASK`` is
 # followed at once)
@@ -269,6 +437,8 @@ class _Held:
         self.since: dict[int, float] = {}  # when each slot was first held (its deadline)
         self.errors: dict[int, Exception] = {}  # what each slot's node last answered
         self.trying: set[int] = set()  # slots whose held items are being tried again now
+        self.flying: dict[int, Any] = {}  # slots with items in a node's share in flight: its pool
+        self.aloft: set[int] = set()  # the items in flight or waiting behind (counted in bytes)
         self.bytes = 0  # of the items held, or taken out to be tried again
         self.due = 0.0
         self.delay = 0.0
@@ -288,7 +458,7 @@ class _Held:
     def bounds(self, slot: int) -> bool:
         """Whether a job writing to this slot is bound by the bytes held (read by the
         submitting threads, while the writer may be trying the slot again)."""
-        return slot in self.slots or slot in self.trying
+        return slot in self.slots or slot in self.trying or slot in self.flying
 
     def left(self) -> float:
         """Seconds until the held items are due."""
@@ -308,7 +478,8 @@ class _Held:
     def discard(self, items: list[_Item], counted: set[int]) -> None:
         """Forget these items (their senders were told they failed), held or not (``counted``:
         the ids of those ``release`` took out, whose bytes are counted either way)."""
-        gone = {id(item): item for item in items}
+        gone = {id(item): item for item in items if id(item) not in self.aloft}  # (in flight:
+        # their bytes are freed as they land)
         for slot in list(self.slots):
             kept = deque(item for item in self.slots[slot] if id(item) not in gone)
             for item in self.slots[slot]:
@@ -349,6 +520,8 @@ class _Held:
         forgotten."""
         gone = []
         for slot in list(self.since):
+            if slot in self.flying:
+                continue  # being tried again: its deadline runs on
             if slot not in self.slots:
                 del self.since[slot]
                 self.errors.pop(slot, None)

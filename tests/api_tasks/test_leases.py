@@ -67,23 +67,34 @@ def test_a_job_another_attempt_took_is_lost_whatever_it_did_with_it(
         redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")  # claimed again
-    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [(job_id, "mine")]
     assert store.park(job_id, "another", 5.0, "requests", '{"task": "t"}')  # ... and parked
-    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [(job_id, "mine")]
     store, keys, job_id = _store(redis_client)
     redis_client.hset(keys.job(job_id), "token", "another")
     assert _finish(redis_client, store, job_id, "another") == "ok"  # ... and finished
-    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [(job_id, "mine")]
+
+
+def test_only_the_attempt_that_lost_its_job_is_lost(redis_client: redis.Redis) -> None:
+    """A job given back and delivered again to the same process has two attempts there: the
+    old one is told it lost the job, the new one holds it."""
+    store, keys, job_id = _store(redis_client)
+    _lapse(redis_client, keys, job_id)
+    assert store.restore(job_id) is Requeue.RESTORED  # as the reaper does after an outage
+    assert store.claim(job_id, "new", {}, time.time()).verdict == "run"
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", []), (job_id, "new", [])]) \
+        == [(job_id, "mine")]
 
 
 def test_a_job_given_back_or_gone_is_lost(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)  # the reaper gave its message back
     redis_client.hset(keys.job(job_id), "status", "queued")
     redis_client.hdel(keys.job(job_id), "token")
-    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [(job_id, "mine")]
     store, keys, job_id = _store(redis_client)  # its record expired or was deleted
     redis_client.delete(keys.job(job_id))
-    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [job_id]
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == [(job_id, "mine")]
 
 
 def test_a_job_cancelled_before_it_parks_is_not_parked(redis_client: redis.Redis) -> None:

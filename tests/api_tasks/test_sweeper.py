@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +26,7 @@ from api_tasks.record.scripts import script
 from config.loader import load_settings
 from config.settings import RedisSettings
 from tests.conftest import STATE_SHARDS
-from tests.support.services import RedisServer, primaries, wait_until
+from tests.support.services import RedisClusterGroup, RedisServer, primaries, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +192,53 @@ def test_a_sweep_outlives_a_failed_hand_on_of_its_token() -> None:
         assert part._thread.is_alive() and len(part.rounds) == 1
     finally:
         part.stop()
+
+
+def test_on_a_cluster_the_role_goes_on_from_a_stand_in_while_its_node_is_down(
+        tmp_path: Path) -> None:
+    """While the node serving the role answers nothing (stopped, as behind a network that
+    drops its packets), the processes ask for the first stand-in whose node answers: one of
+    them sweeps for the other shards, and the node costs them one wait, not one a tick. Once
+    it answers again, the stand-in's holder takes the role back and hands the stand-in back,
+    the others leaving it to do so."""
+    group = RedisClusterGroup(tmp_path).start()
+    settings = RedisSettings(state_url=group.cluster_url, shards=6).state()
+    client = connect(settings, socket_timeout=0.5)  # as a worker's quick client
+    keys = Keys(f"sweep{uuid.uuid4().hex[:8]}", shards=6)
+    first, second = (SweeperRole(client, keys, name) for name in ("first", "second"))
+    owner = {node.port: node for node in group.nodes}
+    role_node = owner[client.get_node_from_key(keys.sweeper()).port]
+    assert role_node.proc is not None
+    try:
+        first.tick()
+        second.tick()
+        assert first.held and not second.held
+        role_node.proc.send_signal(signal.SIGSTOP)
+        try:
+            first.tick()  # waits once for the node, then takes a stand-in
+            second.tick()
+            assert first.held and not second.held
+            stand_in = first._key
+            assert stand_in in keys.sweeper_stand_ins()
+            assert owner[client.get_node_from_key(stand_in).port] is not role_node
+            started = time.monotonic()
+            first.tick()
+            second.tick()
+            assert time.monotonic() - started < 0.5  # the node is passed over meanwhile
+            assert first.held and not second.held
+        finally:
+            role_node.proc.send_signal(signal.SIGCONT)
+
+        def back() -> bool:
+            first.tick()
+            second.tick()
+            assert not second.held  # (it leaves the role to the stand-in's holder)
+            return first._key == keys.sweeper()
+        wait_until(back, 15, "the stand-in's holder to take the role back")
+        assert first.held and client.get(keys.sweeper()) == b"first"
+        assert client.get(stand_in) is None  # handed back
+    finally:
+        first.stop()
+        second.stop()
+        client.close()
+        group.stop()
