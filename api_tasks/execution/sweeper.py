@@ -59,6 +59,7 @@ class SweeperRole(Loop):
         self._down: dict[str, threading.Thread | None] = {}
         self._back: dict[str, float] = {}
         self._lock = threading.Lock()  # a tick, or the hand-back at stop
+        self._refused_at: float | None = None  # when the role, back, was first refused
 
     @property
     def held(self) -> bool:
@@ -91,6 +92,8 @@ class SweeperRole(Loop):
                 # its node is back: a stand-in's holder takes the role again first
                 self._until = 0.0
                 return
+            if self.stopping:  # (stop gave up waiting for this tick: take nothing more)
+                return
             asked = time.monotonic()
             try:
                 ours = self._ask(key, asked)
@@ -100,12 +103,16 @@ class SweeperRole(Loop):
                 error = err
                 continue
             if key != self._key:
-                if self._roles.index(key) < self._roles.index(self._key):
-                    self._hand_back()  # an earlier one answers again: the later one goes
-                else:  # (the one before is out of reach: it lapses there on its own)
+                if self._roles.index(key) > self._roles.index(self._key):
+                    # (the one before is out of reach: it lapses there on its own)
                     log.warning("sweeper role: asked for its stand-in %s, the role's node "
                                 "being out of reach (%s)", key, error)
+                elif not ours and self._may_hold() and self._keep_stand_in(asked):
+                    return  # another token holds the role there: lapsing, or a holder
+                else:
+                    self._hand_back()  # an earlier one answers again: the later one goes
                 self._key = key
+            self._refused_at = None
             if ours:
                 self._ours_at = asked
             if ours and not self.held:
@@ -114,6 +121,21 @@ class SweeperRole(Loop):
             self._until = asked + _TTL - _MARGIN if ours else 0.0
             return
         raise error or redis.ConnectionError("no node serving the sweeper role answers")
+
+    def _keep_stand_in(self, asked: float) -> bool:
+        """The role answers again but another token holds it: keep the stand-in this
+        process holds until that token has held it for a role's TTL (one left behind lapses
+        sooner; a live holder's renewals outlast it), then leave the sweeping to its holder.
+        True while the stand-in is kept."""
+        if self._refused_at is None:
+            self._refused_at = asked
+        if asked - self._refused_at >= _TTL:
+            return False
+        ours = self._ask(self._key, asked)
+        if ours:
+            self._ours_at = asked
+        self._until = asked + _TTL - _MARGIN if ours else 0.0
+        return True
 
     def _may_hold(self) -> bool:
         return self.held or time.monotonic() - self._ours_at < _TTL

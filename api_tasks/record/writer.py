@@ -233,7 +233,7 @@ class EventWriter:
                     held, launched = self._route(cluster, work, again, now)
                     wait(launched, timeout=_STALL)  # (not for a share sent before, still out)
                     failed = failed or held
-                work, landed_failed = self._land(now)
+                work, landed_failed = self._land(now, again)
                 failed = failed or landed_failed
                 if not work:
                     break
@@ -285,8 +285,18 @@ class EventWriter:
                 shares.setdefault(pool, []).append((slot, item))
         launched = []
         for pool, items in shares.items():
-            flight = _Flight(self._lanes.run(_address(pool), _send_share, cluster, pool,
-                                             [item[0] for _, item in items]), items)
+            try:
+                future = self._lanes.run(_address(pool), _send_share, cluster, pool,
+                                         [item[0] for _, item in items])
+            except Exception as err:  # (a thread that could not start) they fail, freed
+                log.exception("event writer: a node's share not sent")
+                for slot, item in items:
+                    self._held.flying.pop(slot, None)
+                    self._held.aloft.discard(id(item))
+                    self._held.settled(item, True)
+                _fail([item for _, item in items], err)
+                continue
+            flight = _Flight(future, items)
             self._flights[pool] = flight
             flight.future.add_done_callback(self._on_landed)
             launched.append(flight.future)
@@ -297,9 +307,10 @@ class EventWriter:
             self._landed = True
             self._ready.notify()
 
-    def _land(self, now: float) -> tuple[list[tuple[int, _Item]], bool]:
+    def _land(self, now: float, again: set[int]) -> tuple[list[tuple[int, _Item]], bool]:
         """Take in the shares that landed: settle their items or hold them; what waited
-        behind them, to send next; and whether some were held."""
+        behind them, to send next; and whether some were held (``again``: the ids of the
+        items this flush took out of the held ones, forgotten as they land)."""
         nxt: list[tuple[int, _Item]] = []
         failed = False
         for pool, flight in list(self._flights.items()):
@@ -308,29 +319,32 @@ class EventWriter:
             del self._flights[pool]
             for slot, _ in (*flight.items, *flight.behind):
                 self._held.flying.pop(slot, None)
-            left = list(flight.items)  # not yet settled or held
+            done = 0  # of its items, settled or held
             try:
                 for (slot, item), mine in zip(flight.items, flight.future.result(),
                                               strict=True):
                     self._held.aloft.discard(id(item))
-                    left.pop(0)
+                    again.discard(id(item))
                     if self._held.holds(slot):  # an earlier item of its slot waits: so does
                         self._held.hold(slot, item, now, None, True)  # it (written, if it
-                        continue  # went: sent again, a stream entry is refused, a script replays)
-                    error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
-                    if error is None:
-                        _settle([item], mine)
-                        self._held.settled(item, True)
+                        # went: sent again, a stream entry is refused and a script replays)
                     else:
-                        self._held.hold(slot, item, now, error, True)
-                        failed = True
+                        error = next((r for r in mine if isinstance(r, _STILL_AGAIN)), None)
+                        if error is None:
+                            _settle([item], mine)
+                            self._held.settled(item, True)
+                        else:
+                            self._held.hold(slot, item, now, error, True)
+                            failed = True
+                    done += 1
             except Exception as err:  # (a bug) the rest fail, their bytes freed
                 log.exception("event writer: a node's share failed")
-                for _, item in (*left, *flight.behind):
+                rest = [item for _, item in flight.items[done:]]
+                for item in rest:
                     self._held.aloft.discard(id(item))
+                    again.discard(id(item))
                     self._held.settled(item, True)
-                _fail([item for _, item in (*left, *flight.behind)], err)
-                continue
+                _fail(rest, err)
             nxt += flight.behind  # (held now, if their slot's items were)
         return nxt, failed
 
