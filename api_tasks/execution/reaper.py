@@ -16,18 +16,25 @@ state taken back first (``restore``), then its message returned
 Redis servers (a duplicate message is dropped by the claim; none is lost). The same
 sweep then sends again, from the copy kept at claim, any job still running
 whose lease lapsed longer ago than that: its message is gone too.
+
+A job shard the reaper found out of reach (its Redis, or on a Redis Cluster its primary) is
+left alone for two lease periods after it answers again: its jobs' leases lapsed while
+their workers could not renew them, and the workers that still run them take them back
+meanwhile; a job whose worker died too is given back then.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from api_tasks.background import Loop, Turns, each
+from api_tasks.connections import UNAVAILABLE
 from api_tasks.job_logs import job_context, note_job
 from api_tasks.record.keys import Keys
 from api_tasks.record.leases import LeaseStore, Requeue
@@ -52,16 +59,46 @@ class Reaper(Loop):
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._return = client.register_script(script("unacked_return"))
         self._turns = Turns()  # the job shard the next backstop looks at
+        # the job shards (None: every one) found out of reach and not heard since, and when
+        # each was heard again (monotonic)
+        self._down: set[int | None] = set()
+        self._back: dict[int | None, float] = {}
+        self._failed: set[int] = set()  # the shards that failed this sweep: tried no more
 
     def tick(self) -> None:
         """One sweep, if this process sweeps for the cluster."""
         if self._sweeping():
-            self.sweep()
+            try:
+                self.sweep()
+            except UNAVAILABLE:
+                if self._redis is self._leases.redis:  # the broker's Redis holds every shard
+                    self._down.add(None)
+                raise
+
+    def _heard(self, shard: int | None) -> None:
+        """A shard (None: the one Redis) found out of reach answers again."""
+        if shard in self._down:
+            self._down.discard(shard)
+            self._back[shard] = time.monotonic()
+
+    def _settling(self, shard: int, look: Callable[[], object]) -> bool:
+        """Whether a job shard answers again too lately for its jobs' leases to count (their
+        workers may not have taken them back yet); ``look``, a read on it, tells whether one
+        found out of reach answers now (raises if not)."""
+        if shard in self._failed:
+            return True
+        if shard in self._down:
+            look()
+            self._heard(shard)
+        since = max(self._back.get(shard, -1e9), self._back.get(None, -1e9))
+        return time.monotonic() - since < 2 * self._leases.lease_ms / 1000
 
     def sweep(self, limit: int = 500) -> int:
         """One pass; returns how many jobs went back (two at once are safe: each give-back is
         one script)."""
         seconds, micros = self._redis.time()
+        self._heard(None)
+        self._failed.clear()
         cutoff = seconds + micros / 1e6 - 2 * self._leases.lease_ms / 1000
         prefix = self._keys.celery_prefix()
         tags: list[bytes] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
@@ -78,8 +115,8 @@ class Reaper(Loop):
         lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
         # one job shard a sweep, in turn: the backstop costs the same whatever the shard
         # count (a job it finds waits a few sweeps more; it is rare, and safe to wait)
-        recovered, failed = each([self._turns.next(self._keys.every_shard)],
-                                 lambda shard: self._leases.recover(shard, lapsed, limit))
+        recovered, failed = each([self._turns.next(self._keys.every_shard)], self._recover(
+            lapsed, limit))
         for job_id in (job_id for found in recovered for job_id in found):
             with job_context(job_id):  # a JSON line names its job in a field too
                 log.warning("reaper: job %s was running with no worker and no message; "
@@ -89,14 +126,36 @@ class Reaper(Loop):
             raise failed
         return given
 
+    def _recover(self, lapsed: int, limit: int) -> Callable[[int], list[str]]:
+        def visit(shard: int) -> list[str]:
+            try:
+                if self._settling(shard, lambda: self._leases.redis.exists(
+                        self._keys.running(shard))):
+                    return []
+                return self._leases.recover(shard, lapsed, limit)
+            except UNAVAILABLE:
+                self._down.add(shard)
+                self._failed.add(shard)
+                raise
+        return visit
+
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:
             payload, _exchange, queue = json.loads(raw)
             job_id = str(payload["headers"]["id"])
         except (ValueError, KeyError, TypeError):
             return False  # not a task message of ours: kombu's own restore will see to it
-        _mark_redelivered(payload)
-        outcome = self._leases.restore(job_id)  # the job's state first, then the message
+        shard = self._keys.shard(job_id)
+        try:
+            if self._settling(shard, lambda: self._leases.redis.exists(
+                    self._keys.job(job_id))):
+                return False
+            _mark_redelivered(payload)
+            outcome = self._leases.restore(job_id)  # the job's state first, then the message
+        except UNAVAILABLE:
+            self._down.add(shard)
+            self._failed.add(shard)
+            raise
         if outcome is Requeue.ALIVE:
             return False
         prefix = self._keys.celery_prefix()
