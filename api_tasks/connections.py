@@ -18,7 +18,7 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 from redis._parsers import AsyncCommandsParser, CommandsParser
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import (
     ClusterDownError,
@@ -110,18 +110,21 @@ def _primary(where: SentinelURL, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def connect(settings: RedisSettings, socket_timeout: float = BLOCK_SLICE + 10.0,
-            max_connections: int = 100) -> redis.Redis:
+            max_connections: int = 100, quick: bool = False) -> redis.Redis:
     """A client for the configured Redis (passwords, ACL users and rediss:// come in the URL;
     a sentinel:// URL follows whichever server Sentinel names the primary).
 
     The default timeout suits blocking reads (``BLOCK_SLICE``); pass a shorter one
     for a client that only makes quick calls, so a hung Redis fails it fast. The pool
     holds ``max_connections``; a thread that finds them all busy waits for one (up to
-    the socket timeout) instead of failing with "Too many connections".
+    the socket timeout) instead of failing with "Too many connections". ``quick``: on a
+    Redis Cluster, a node out of reach fails a call at once, not after redis-py's retries (a
+    round that visits every node, the watchdog's, must not wait on a dead one).
     """
     options = _options(settings, socket_timeout, max_connections)
     if (nodes := settings.cluster) is not None:
-        return _cluster(nodes, options)
+        return _cluster(nodes, {**options, "retry": Retry(NoBackoff(), 0)} if quick
+                        else options)
     where = settings.sentinel
     if where is None:
         pool: redis.BlockingConnectionPool = redis.BlockingConnectionPool.from_url(
@@ -167,7 +170,8 @@ def _cluster_options(nodes: ClusterURL, options: dict[str, Any]) -> dict[str, An
             # redis-py tries a node out of reach again for seconds; the project's own
             # retries (a claim's, the event writer's) wait for a failover, so a call to a
             # dead node fails in a fraction of a second and the others go on meanwhile
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)}
+            "retry": options.get("retry") or Retry(ExponentialWithJitterBackoff(base=0.05,
+                                                                                cap=0.5), 2)}
 
 
 class _NodeScript(Script):

@@ -67,7 +67,8 @@ class Runtime:
                                  int(worker.lease_ttl * 1000), jobs.max_crashes)
         self.writer = EventWriter(self.redis)
         # its own connection, failing fast: leases must be renewed whatever else hangs
-        quick = connect(settings.redis.state(), socket_timeout=max(worker.lease_ttl / 6, 0.5))
+        quick = connect(settings.redis.state(), socket_timeout=max(worker.lease_ttl / 6, 0.5),
+                        quick=True)
         self.watchdog = Watchdog(quick, self.keys, worker.watchdog_interval, self.leases)
         # one worker of the cluster at a time gives back dead workers' jobs, sends waiting
         # jobs again, steps batches and sends webhooks: the one holding the sweeper role

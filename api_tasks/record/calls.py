@@ -113,8 +113,11 @@ def _by_node(cluster: Any, groups: Sequence[Sequence[Call[Any]]]) -> list[list[i
     for index, group in enumerate(groups):
         key = next((k for k in (first_key(packed(call)) for call in group) if k is not None),
                    None)
-        node = "" if key is None else \
-            cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
+        try:
+            node = "" if key is None else \
+                cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
+        except (redis.RedisError, RedisClusterException):
+            node = "?"  # no node serves its slot now: these groups fail, on their own
         parts.setdefault(node, []).append(index)
     return list(parts.values())
 

@@ -4,10 +4,13 @@ client would load it on every primary, and fail while any one of them is out of 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
-from api_tasks.connections import connect, connect_async
+import pytest
+
+from api_tasks.connections import UNAVAILABLE, connect, connect_async
 from api_tasks.record.calls import SyncShell
 from api_tasks.record.scripts import sha
 from config.settings import RedisSettings
@@ -48,4 +51,28 @@ def test_scripts_run_and_load_while_a_primary_is_down(tmp_path: Path) -> None:
                    for node in alive)
     finally:
         client.close()
+        group.stop()
+
+
+
+def test_a_quick_client_fails_a_call_to_a_dead_node_at_once(tmp_path: Path) -> None:
+    """The watchdog's client (``quick``) does not retry a node out of reach: a round of lease
+    renewals over every node must not wait on a dead one while the others' leases lapse."""
+    group = RedisClusterGroup(tmp_path).start()
+    settings = RedisSettings(state_url=group.cluster_url, shards=6).state()
+    quick = connect(settings, socket_timeout=0.5, quick=True)
+    try:
+        owner = {node.port: node for node in group.nodes}
+        keys = [f"s:{{t{n}}}" for n in range(40)]
+        victim = owner[quick.get_node_from_key(keys[0]).port]
+        live = next(k for k in keys if owner[quick.get_node_from_key(k).port] is not victim)
+        victim.stop(crash=True)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(UNAVAILABLE):
+                quick.get(keys[0])
+            assert time.monotonic() - started < 0.3
+            assert quick.set(live, "1", ex=60)
+    finally:
+        quick.close()
         group.stop()

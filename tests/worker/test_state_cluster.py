@@ -46,20 +46,22 @@ def test_a_dead_primary_stops_only_its_shards_jobs_and_they_end_once_when_it_is_
         fake: FakeUpstream, spawn: Spawn, model: str, figures: Figures, tmp_path: Path) -> None:
     config = tmp_path / "cluster.yaml"  # leases shorter than the outage: renewed meanwhile
     given = yaml.safe_load(Path(worker_env["API_TASKS_CONFIG"]).read_text())
-    given["worker"] = {**given.get("worker", {}), "lease_ttl": 2, "reap_interval": 0.5}
+    # (3 s: a renewal every second, so a busy machine's pause of a second or two loses none)
+    given["worker"] = {**given.get("worker", {}), "lease_ttl": 3, "reap_interval": 0.5}
     config.write_text(yaml.safe_dump(given))
     env = {**worker_env, "REDIS_URL": broker.url, "REDIS_STATE_URL": cluster.cluster_url,
            "API_TASKS_REDIS_SHARDS": "12", "API_TASKS_PREFIX": f"cl{uuid.uuid4().hex[:6]}",
            "API_TASKS_CONFIG": str(config)}
-    fake.script(model, Reply(pieces=PIECES, delay=6))  # calls longer than two leases
+    fake.script(model, Reply(pieces=PIECES, delay=7))  # calls longer than two leases
     worker = spawn(env, "sharded", concurrency=200)  # the default
     client = Client(load_settings(env=env))
     jobs = [client.submit_chat([{"role": "user", "content": f"job {n}"}], model=model,
                                stream=n % 4 == 0) for n in range(200)]
     fake.wait_for_requests(model, 200, timeout=30)  # every one in flight
     nodes = RedisCluster.from_url(cluster.url)
-    # a node without the sweeper role's key (whose loss stops the sweeping: RELIABILITY.md),
-    # so that the reaper runs all along and would run again any job whose lease lapsed
+    # a node without the sweeper role's key (whose loss moves the sweeping to a stand-in:
+    # test_sweeper), so that the reaper runs all along and would run again any job whose
+    # lease lapsed
     sweeping = int(nodes.get_node_from_key(client.keys.sweeper()).port)
     victim = next(node for node in cluster.nodes if node.port != sweeping)
 
