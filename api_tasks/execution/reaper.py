@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -43,6 +43,7 @@ from api_tasks.record.scripts import script
 __all__ = ["Reaper"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Reaper(Loop):
@@ -126,17 +127,21 @@ class Reaper(Loop):
             raise failed
         return given
 
+    def _on_shard(self, shard: int, look: Callable[[], object], act: Callable[[], T]) -> T | None:
+        """``act()`` on a job shard, unless it answers again too lately (None then; ``look``:
+        a read on it); a shard out of reach is marked so."""
+        try:
+            return None if self._settling(shard, look) else act()
+        except UNAVAILABLE:
+            self._down.add(shard)
+            self._failed.add(shard)
+            raise
+
     def _recover(self, lapsed: int, limit: int) -> Callable[[int], list[str]]:
         def visit(shard: int) -> list[str]:
-            try:
-                if self._settling(shard, lambda: self._leases.redis.exists(
-                        self._keys.running(shard))):
-                    return []
-                return self._leases.recover(shard, lapsed, limit)
-            except UNAVAILABLE:
-                self._down.add(shard)
-                self._failed.add(shard)
-                raise
+            return self._on_shard(
+                shard, lambda: self._leases.redis.exists(self._keys.running(shard)),
+                lambda: self._leases.recover(shard, lapsed, limit)) or []
         return visit
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
@@ -145,19 +150,12 @@ class Reaper(Loop):
             job_id = str(payload["headers"]["id"])
         except (ValueError, KeyError, TypeError):
             return False  # not a task message of ours: kombu's own restore will see to it
-        shard = self._keys.shard(job_id)
-        try:
-            if self._settling(shard, lambda: self._leases.redis.exists(
-                    self._keys.job(job_id))):
-                return False
-            _mark_redelivered(payload)
-            outcome = self._leases.restore(job_id)  # the job's state first, then the message
-        except UNAVAILABLE:
-            self._down.add(shard)
-            self._failed.add(shard)
-            raise
-        if outcome is Requeue.ALIVE:
+        outcome = self._on_shard(  # the job's state first, then the message
+            self._keys.shard(job_id), lambda: self._leases.redis.exists(self._keys.job(job_id)),
+            lambda: self._leases.restore(job_id))
+        if outcome is None or outcome is Requeue.ALIVE:
             return False
+        _mark_redelivered(payload)
         prefix = self._keys.celery_prefix()
         self._return(keys=[prefix + "unacked_index", prefix + "unacked", prefix + str(queue)],
                      args=[tag, json.dumps(payload) if outcome is Requeue.RESTORED else ""])

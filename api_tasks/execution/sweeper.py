@@ -180,7 +180,7 @@ class SweeperRole(Loop):
 
     def _hand_back(self) -> None:
         """Hand back the role (or stand-in) this process holds, or may, if it does."""
-        if not (self.held or time.monotonic() - self._ours_at < _TTL):
+        if not self._may_hold():
             return
         self._until = 0.0
         try:

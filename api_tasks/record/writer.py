@@ -427,7 +427,7 @@ class _Flight:
 
     __slots__ = ("behind", "future", "items")
 
-    def __init__(self, future: Future[dict[Any, list[Any]]],
+    def __init__(self, future: Future[list[list[Any]]],
                  items: list[tuple[int, _Item]]) -> None:
         self.future = future
         self.items = items
