@@ -31,7 +31,7 @@ _UPLOAD_TTL = 3600  # pieces of an upload not yet whole expire this soon if it i
 _FORM_SLACK = 64 * 1024  # what a multipart body may add to its file: boundaries, fields
 _FIELD_BYTES = 1024  # a form field other than the file
 _FIELDS = 16  # form fields other than the file
-_PIECES_PER_READ = 8  # pieces one read of a download takes
+_PIECES_PER_READ = 2  # pieces one read of a download takes: what a download holds at a time
 _LINES_PER_READ = 1000  # lines of a batch's output file one read takes
 
 

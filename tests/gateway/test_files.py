@@ -160,6 +160,10 @@ def test_a_large_upload_and_download_pass_through_without_being_held(
         for _ in range(48):
             out.write(os.urandom(512 * 1024).hex().encode()[:1024 * 1024 - 1] + b"\n")
     sdk = _sdk(gateway)
+    # a small file first, so what the first transfer sets up once is not counted as held
+    warm = sdk.files.create(file=("warm.jsonl", b"w" * (3 << 20)), purpose="batch")
+    assert len(sdk.files.content(warm.id).content) == 3 << 20
+    sdk.files.delete(warm.id)
     before = _rss_mb(gateway.proc.pid)
     peak = [before]
 
