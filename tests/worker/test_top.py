@@ -25,9 +25,10 @@ pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "Hello"}]
 
 
-def _read(fd: int, seconds: float) -> bytes:
+def _read(fd: int, seconds: float, child: subprocess.Popen[bytes] | None = None) -> bytes:
+    """What the terminal shows for ``seconds`` (or until ``child`` exits)."""
     out, deadline = b"", time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (child is None or child.poll() is None):
         ready, _, _ = select.select([fd], [], [], 0.1)
         if ready:
             try:
@@ -56,7 +57,9 @@ def test_top_shows_the_cluster_and_quits_on_ctrl_c(worker_env: dict[str, str], s
     try:
         shown = _read(controller, 4.0).decode(errors="replace")
         child.send_signal(signal.SIGINT)
-        assert child.wait(10) == 0
+        # the terminal is still read: a child whose last frame fills it would block on it
+        _read(controller, 10.0, child)
+        assert child.wait(1) == 0
     finally:
         if child.poll() is None:
             child.kill()
