@@ -280,6 +280,23 @@ def figures() -> Figures:
     return _FIGURES
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a test process of ``pytest -n``: hand what it measured to the controlling one."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["figures"] = _FIGURES.rows
+        output["cross_slot"] = {name: keys.decode("latin-1") for name, keys in _CROSS_SLOT.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """In the controlling process of ``pytest -n``: gather what a test process measured."""
+    output = getattr(node, "workeroutput", {})
+    _FIGURES.rows.extend(tuple(row) for row in output.get("figures", ()))
+    _CROSS_SLOT.update({name: keys.encode("latin-1")
+                        for name, keys in output.get("cross_slot", {}).items()})
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _FIGURES.rows:
         terminalreporter.write_sep("-", "reliability figures (see RELIABILITY.md)")
