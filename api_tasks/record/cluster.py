@@ -8,6 +8,7 @@ whatever the load: lengths and cardinalities, no scans.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -90,13 +91,16 @@ def cluster_reader(settings: Settings, keys: Keys) -> Callable[[], dict[str, Any
     """``cluster_state`` for a process's scrapes, over a connection of their own that gives up
     quickly: a hung Redis costs a scrape the cluster's gauges only, never a job's slot."""
     clients: list[redis.Redis | None] = []
+    building = threading.Lock()  # two first scrapes at once build one pair of clients
 
     def read() -> dict[str, Any]:
-        if not clients:  # built at the first scrape: a Redis Cluster's client asks a node
-            # for the slots when built, and a process must start while Redis is away
-            clients[:] = [connect(settings.redis.state(), max_connections=2, socket_timeout=2.0),
-                          connect(settings.redis, max_connections=2, socket_timeout=2.0)
-                          if settings.redis.split else None]
+        with building:
+            if not clients:  # built at the first scrape: a Redis Cluster's client asks a
+                # node for the slots when built, and a process must start while Redis is away
+                clients[:] = [connect(settings.redis.state(), max_connections=2,
+                                      socket_timeout=2.0),
+                              connect(settings.redis, max_connections=2, socket_timeout=2.0)
+                              if settings.redis.split else None]
         client, broker = clients
         assert client is not None
         return cluster_state(client, keys, settings, broker)
