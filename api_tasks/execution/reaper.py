@@ -17,17 +17,17 @@ Redis servers (a duplicate message is dropped by the claim; none is lost). The s
 sweep then sends again, from the copy kept at claim, any job still running
 whose lease lapsed longer ago than that: its message is gone too.
 
-A job shard the reaper found out of reach (its Redis, or on a Redis Cluster its primary) is
-left alone for two lease periods after it answers again: its jobs' leases lapsed while
-their workers could not renew them, and the workers that still run them take them back
-meanwhile; a job whose worker died too is given back then.
+A lease that lapsed is left to its worker a lease period more once a sweep has seen it so
+(``lapse_seen`` in the job's record): after an outage of a job shard (its Redis, or on a Redis
+Cluster its primary) every lease on it has lapsed, and the workers still running those jobs
+take them back meanwhile. The record holds the note, so a process that takes the role after
+the outage, having seen none of it, waits all the same.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,45 +60,17 @@ class Reaper(Loop):
         self._sweeping = sweeping  # whether this process sweeps for the cluster now
         self._return = client.register_script(script("unacked_return"))
         self._turns = Turns()  # the job shard the next backstop looks at
-        # the job shards (None: every one) found out of reach and not heard since, and when
-        # each was heard again (monotonic)
-        self._down: set[int | None] = set()
-        self._back: dict[int | None, float] = {}
         self._failed: set[int] = set()  # the shards that failed this sweep: tried no more
 
     def tick(self) -> None:
         """One sweep, if this process sweeps for the cluster."""
         if self._sweeping():
-            try:
-                self.sweep()
-            except UNAVAILABLE:
-                if self._redis is self._leases.redis:  # the broker's Redis holds every shard
-                    self._down.add(None)
-                raise
-
-    def _heard(self, shard: int | None) -> None:
-        """A shard (None: the one Redis) found out of reach answers again."""
-        if shard in self._down:
-            self._down.discard(shard)
-            self._back[shard] = time.monotonic()
-
-    def _settling(self, shard: int, look: Callable[[], object]) -> bool:
-        """Whether a job shard answers again too lately for its jobs' leases to count (their
-        workers may not have taken them back yet); ``look``, a read on it, tells whether one
-        found out of reach answers now (raises if not)."""
-        if shard in self._failed:
-            return True
-        if shard in self._down:
-            look()
-            self._heard(shard)
-        since = max(self._back.get(shard, -1e9), self._back.get(None, -1e9))
-        return time.monotonic() - since < 2 * self._leases.lease_ms / 1000
+            self.sweep()
 
     def sweep(self, limit: int = 500) -> int:
         """One pass; returns how many jobs went back (two at once are safe: each give-back is
         one script)."""
         seconds, micros = self._redis.time()
-        self._heard(None)
         self._failed.clear()
         cutoff = seconds + micros / 1e6 - 2 * self._leases.lease_ms / 1000
         prefix = self._keys.celery_prefix()
@@ -127,21 +99,19 @@ class Reaper(Loop):
             raise failed
         return given
 
-    def _on_shard(self, shard: int, look: Callable[[], object], act: Callable[[], T]) -> T | None:
-        """``act()`` on a job shard, unless it answers again too lately (None then; ``look``:
-        a read on it); a shard out of reach is marked so."""
+    def _on_shard(self, shard: int, act: Callable[[], T]) -> T | None:
+        """``act()`` on a job shard, unless it failed earlier in this sweep (None then)."""
+        if shard in self._failed:
+            return None
         try:
-            return None if self._settling(shard, look) else act()
+            return act()
         except UNAVAILABLE:
-            self._down.add(shard)
             self._failed.add(shard)
             raise
 
     def _recover(self, lapsed: int, limit: int) -> Callable[[int], list[str]]:
         def visit(shard: int) -> list[str]:
-            return self._on_shard(
-                shard, lambda: self._leases.redis.exists(self._keys.running(shard)),
-                lambda: self._leases.recover(shard, lapsed, limit)) or []
+            return self._on_shard(shard, lambda: self._leases.recover(shard, lapsed, limit)) or []
         return visit
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
@@ -151,9 +121,8 @@ class Reaper(Loop):
         except (ValueError, KeyError, TypeError):
             return False  # not a task message of ours: kombu's own restore will see to it
         outcome = self._on_shard(  # the job's state first, then the message
-            self._keys.shard(job_id), lambda: self._leases.redis.exists(self._keys.job(job_id)),
-            lambda: self._leases.restore(job_id))
-        if outcome is None or outcome is Requeue.ALIVE:
+            self._keys.shard(job_id), lambda: self._leases.restore(job_id))
+        if outcome is None or outcome in (Requeue.ALIVE, Requeue.LAPSING):
             return False
         _mark_redelivered(payload)
         prefix = self._keys.celery_prefix()

@@ -80,11 +80,12 @@ class Field(StrEnum):
     UNCOUNTED = "uncounted"  # "1": cancelled while queued, its end in no worker's metrics yet
     CLAIMED = "claimed"  # the holding attempt's claim reply (JSON), for a claim retried
     LEASE_UNTIL = "lease_until"  # when the holding attempt's lease lapses unless renewed (ms)
+    LAPSE_SEEN = "lapse_seen"  # when a sweep first saw that lease lapsed (ms): taken a lease later
 
 
 # the workers' business, not the caller's: which attempt holds or ended it, what to count
 ATTEMPT_FIELDS = frozenset({Field.TOKEN, Field.ENDED_BY, Field.UNCOUNTED, Field.CLAIMED,
-                            Field.LEASE_UNTIL})
+                            Field.LEASE_UNTIL, Field.LAPSE_SEEN})
 
 
 def submit_fields(spec: JobSpec, upstream: str, queue: str) -> dict[str, str]:

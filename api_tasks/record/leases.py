@@ -81,6 +81,7 @@ class Requeue(StrEnum):
     RESTORED = "restored"  # queued again: its unacked message goes back on its queue
     RECOVERED = "recovered"  # its kept message is due to be sent again
     ALIVE = "alive"  # a live lease says it is still running: left alone
+    LAPSING = "lapsing"  # its lease lapsed lately: left to its worker a lease period more
     WAITING = "waiting"  # it waits for a limit: the delayed set holds its message to send
     GONE = "gone"  # nothing to send again (its record ended, expired or moved on)
     ENDED = "ended"  # it ended: its message is dropped
@@ -192,13 +193,13 @@ class LeaseStore:
         return bool(self._held(keys=[self.keys.job(job_id)]))
 
     def restore(self, job_id: str) -> Requeue:
-        """Take a dead worker's job back if its lease lapsed: ``RESTORED`` (its message is to
-        go back on its queue), ``ENDED`` or ``WAITING`` (to be dropped) or ``ALIVE`` (left
-        alone)."""
+        """Take a dead worker's job back if its lease lapsed a lease period ago or more, as
+        a sweep saw it: ``RESTORED`` (its message is to go back on its queue), ``ENDED`` or
+        ``WAITING`` (to be dropped), or ``ALIVE`` or ``LAPSING`` (left alone)."""
         keys, shard = self.keys, self.keys.shard(job_id)
         return Requeue(text(self._restore(
             keys=[keys.job(job_id), keys.running(shard), keys.running_messages(shard)],
-            args=[job_id])))
+            args=[job_id, self.lease_ms])))
 
     def park(self, job_id: str, token: str, wait: float, reason: str,
              message: str, turn: float | None = None, lead: float = 0.0,
@@ -286,7 +287,7 @@ class LeaseStore:
             outcome = Requeue(text(self._recover(
                 keys=[keys.running(shard), keys.job(job_id), keys.delayed(shard),
                       keys.delayed_messages(shard), keys.running_messages(shard)],
-                args=[job_id, self.queued_ttl])))
+                args=[job_id, self.queued_ttl, self.lease_ms])))
             if outcome is Requeue.RECOVERED:
                 recovered.append(job_id)
         if recovered:

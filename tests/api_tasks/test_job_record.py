@@ -76,7 +76,7 @@ def test_each_script_gets_the_helpers_it_names_and_no_line_of_them_is_lost() -> 
     assert "local function lease_holder" in claim and "local function now_ms" in claim
     held = re.search(r"local HELD = \{(.*)\}", prelude)
     assert held and set(re.findall(r"'([a-z_]+)'", held.group(1))) == {
-        Field.TOKEN, Field.LEASE_UNTIL}
+        Field.TOKEN, Field.LEASE_UNTIL, Field.LAPSE_SEEN}
 
 
 def test_views_read_what_submit_and_finish_write() -> None:

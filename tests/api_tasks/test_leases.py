@@ -32,6 +32,14 @@ def _lapse(client: redis.Redis, keys: Keys, job_id: str) -> None:
     client.hset(keys.job(job_id), "lease_until", _redis_ms(client) - 1)
 
 
+def _lapsed_long_ago(client: redis.Redis, keys: Keys, job_id: str, lease_ms: int) -> None:
+    """Its worker died a while ago: its lease lapsed, and a sweep saw it so a lease period
+    ago."""
+    now = _redis_ms(client)
+    client.hset(keys.job(job_id), mapping={"lease_until": now - 2 * lease_ms,
+                                           "lapse_seen": now - lease_ms - 1})
+
+
 def test_a_held_lease_is_renewed(redis_client: redis.Redis) -> None:
     store, keys, job_id = _store(redis_client)
     _lapse(redis_client, keys, job_id)  # while Redis was away
@@ -80,7 +88,7 @@ def test_only_the_attempt_that_lost_its_job_is_lost(redis_client: redis.Redis) -
     """A job given back and delivered again to the same process has two attempts there: the
     old one is told it lost the job, the new one holds it."""
     store, keys, job_id = _store(redis_client)
-    _lapse(redis_client, keys, job_id)
+    _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
     assert store.restore(job_id) is Requeue.RESTORED  # as the reaper does after an outage
     assert store.claim(job_id, "new", {}, time.time()).verdict == "run"
     assert store.renew(SyncShell(redis_client), [(job_id, "mine", []), (job_id, "new", [])]) \
@@ -109,10 +117,12 @@ def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
     """Running: queued again, its message to go back (a crash counted); parked for a limit:
     left to the delayed set (its old message would skip the wait); ended: dropped."""
     store, keys, job_id = _store(redis_client)
-    _lapse(redis_client, keys, job_id)
+    _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
     assert store.restore(job_id) is Requeue.RESTORED
     assert redis_client.hget(keys.job(job_id), "status") == b"queued"
     assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
+    assert redis_client.hmget(keys.job(job_id), "token", "lease_until", "lapse_seen") == [
+        None, None, None]
     assert not redis_client.zscore(keys.running(0), job_id)
     redis_client.hset(keys.job(job_id), "status", "waiting")
     assert store.restore(job_id) is Requeue.WAITING
@@ -123,12 +133,42 @@ def test_a_dead_workers_job_is_taken_back_by_what_its_record_says(
     assert store.restore(job_id) is Requeue.ALIVE
 
 
+def test_a_lapsed_lease_is_left_to_its_worker_a_lease_period_whoever_sweeps(
+        redis_client: redis.Redis) -> None:
+    """After an outage every lease on the shard has lapsed, while the workers that run those
+    jobs are about to renew them: a sweep notes the lapse in the record and takes the job only
+    a lease period later, and a sweep of another process (the role moved) reads the same
+    note."""
+    store, keys, job_id = _store(redis_client)
+    _lapse(redis_client, keys, job_id)
+    assert store.restore(job_id) is Requeue.LAPSING
+    seen = redis_client.hget(keys.job(job_id), "lapse_seen")
+    assert seen is not None and redis_client.hget(keys.job(job_id), "status") == b"running"
+    heir = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=store.lease_ms, max_crashes=3)
+    assert heir.restore(job_id) is Requeue.LAPSING
+    assert redis_client.hget(keys.job(job_id), "lapse_seen") == seen  # the first sight counts
+    shard = keys.shard(job_id)
+    redis_client.zadd(keys.running(shard), {job_id: 1})
+    assert heir.recover(shard, 10) == []  # the backstop waits as long
+    assert redis_client.zscore(keys.running(shard), job_id) == 1
+    # its worker renews: the job is its own again, and a later lapse is a new one
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
+    assert heir.restore(job_id) is Requeue.ALIVE
+    _lapse(redis_client, keys, job_id)
+    assert heir.restore(job_id) is Requeue.LAPSING
+    assert int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0) > int(seen)
+    # no renewal for a lease period after the sweep saw it: its worker is gone
+    _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
+    assert heir.restore(job_id) is Requeue.RESTORED
+    assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
+
+
 def test_the_running_index_forgets_a_job_with_nothing_to_send_again(
         redis_client: redis.Redis) -> None:
     """A job in the running index whose record is gone, or whose claim kept no message, is
     dropped from it, not a failed sweep."""
     store, keys, job_id = _store(redis_client)  # claimed with no message kept
-    _lapse(redis_client, keys, job_id)
+    _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
     shard = keys.shard(job_id)
     expired = next(other for other in (uuid.uuid4().hex for _ in range(1000))
                    if keys.shard(other) == shard)  # a job of the same shard, long gone

@@ -43,8 +43,22 @@ local function lease_holder(token, lease_until)
   return nil
 end
 
--- What a job's record holds only while an attempt runs it: its token and lease.
-local HELD = {'token', 'lease_until'}
+-- What a job's record holds only while an attempt runs it: its token and lease, and when a
+-- sweep first saw that lease lapsed (``lapsing``).
+local HELD = {'token', 'lease_until', 'lapse_seen'}
+
+-- Whether a running job whose lease lapsed is still left to its worker: a sweep that first
+-- sees the lapse notes when in the record (``lapse_seen``), and the job is taken back only
+-- once it has stayed lapsed `wait` ms since. A worker alive but kept from renewing by an
+-- outage renews it meanwhile (which moves ``lease_until`` past the note); and whichever
+-- process sweeps next knows, since the record says it.
+local function lapsing(job, lease_until, seen, wait)
+  if not seen or tonumber(seen) < tonumber(lease_until or '0') then
+    redis.call('HSET', job, 'lapse_seen', now_ms())
+    return true
+  end
+  return now_ms() - tonumber(seen) < tonumber(wait)
+end
 
 -- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, the
 -- upstream's own when its headers said its limit is lower, or slower still while other
