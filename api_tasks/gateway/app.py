@@ -90,25 +90,33 @@ class Gateway:
         self.submitter = Submitter(settings, self.store, AsyncShell(self.broker)
                                    if settings.redis.split else None)
         self.keyring = Keyring(settings.gateway)
-        self.tokens = StreamTokens(b"", settings.gateway.stream_token_ttl)
+        self._tokens: StreamTokens | None = None  # settled at start, or once Redis answers
         metrics.register_cluster(cluster_reader(settings, self.keys))  # read on a thread
 
     async def start(self) -> None:
         """Connect and load the submit's scripts now, not on the first request, then settle
-        the stream-token secret: configured, or one shared through Redis."""
+        the stream-token secret; with Redis away it serves anyway, 503s until Redis is back."""
         await anyio.to_thread.run_sync(tracing.warm)  # the SDK's imports, off the loop
         try:
             await self.submitter.enqueuer.warm()
-        except BrokerUnavailable as err:  # it serves anyway: 503s until Redis is back
-            log.warning("gateway: %s", err)
-        configured = self.settings.gateway.token_secret
-        if configured is not None:
-            secret = configured.get_secret_value().encode()
-        else:
-            name = self.keys.gateway_secret()
-            await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
-            secret = text(await self.redis.getex(name, ex=_SECRET_TTL)).encode()
-        self.tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
+            await self.stream_tokens()
+        except _UNAVAILABLE_OR_SAID as err:
+            log.warning("gateway: Redis unavailable at start (%s); serving 503s until it "
+                        "answers", reason(err))
+
+    async def stream_tokens(self) -> StreamTokens:
+        """What signs and checks stream tokens: its secret configured, or one the gateways
+        share through Redis (read at the first need once Redis answers, if not at start)."""
+        if self._tokens is None:
+            configured = self.settings.gateway.token_secret
+            if configured is not None:
+                secret = configured.get_secret_value().encode()
+            else:
+                name = self.keys.gateway_secret()
+                await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
+                secret = text(await self.redis.getex(name, ex=_SECRET_TTL)).encode()
+            self._tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
+        return self._tokens
 
     async def close(self) -> None:
         """Release the Redis connections."""
@@ -172,7 +180,8 @@ class Gateway:
             "attempts": int(info.get(Field.ATTEMPTS) or 0),
             "response": (stored or {}).get("response"), "error": (stored or {}).get("error"),
             "metadata": json.loads(info[Field.METADATA]) if info.get(Field.METADATA) else None,
-            "stream_token": self.tokens.issue(job_id, key.name) if token else None,
+            "stream_token": (await self.stream_tokens()).issue(job_id, key.name)
+            if token else None,
         }
 
 
@@ -492,7 +501,7 @@ async def job_events(request: Request) -> Response:
     info = await gateway.store.info(job_id)
     owner = info.get(Field.OWNER, "")
     if token is not None:  # a browser's EventSource cannot send a header
-        if not info or not gateway.tokens.check(token, job_id, owner):
+        if not info or not (await gateway.stream_tokens()).check(token, job_id, owner):
             raise GatewayError(404, f"no job {job_id!r}", param="id", code="job_not_found")
     else:
         await gateway.owned(gateway.key(request), job_id)

@@ -386,6 +386,39 @@ def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
         gateway.stop()
 
 
+def test_a_gateway_started_while_its_redis_is_away_serves_503s_then_jobs(
+        worker_env: dict[str, str], workdir: Path) -> None:
+    """No Redis at its start: it starts all the same (a supervisor would otherwise restart
+    it in a loop), answers 503 with Retry-After, and once Redis answers takes jobs whose
+    stream tokens, signed with the secret the gateways share, open their streams."""
+    job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
+    with contextlib.ExitStack() as stack:
+        own = RedisServer(workdir / f"gw-late-{uuid.uuid4().hex[:6]}")
+        stack.callback(own.stop)
+        env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
+        env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
+        gateway = start_gateway(env, workdir, "late-redis-gateway")
+        stack.callback(gateway.stop)
+        with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
+            down = http.post("/v1/jobs", json=job)
+            assert down.status_code == 503 and int(down.headers["retry-after"]) >= 1
+            assert down.json()["error"]["type"]
+            assert "Traceback" not in gateway.log_path.read_text(errors="replace")
+            assert http.get("/readyz").status_code == 503
+            own.start()
+            wait_until(lambda: http.post("/v1/jobs", json=job).status_code == 202, 15,
+                       "the gateway to take jobs once Redis answers")
+            made = http.post("/v1/jobs", json=job).json()
+            url = f"/v1/jobs/{made['id']}/events"
+            with httpx.stream("GET", gateway.url + url, params={"token": made["stream_token"]},
+                              timeout=30) as opened:
+                assert opened.status_code == 200  # (no worker: it waits for the first event)
+            forged = http.get(url, params={"token": made["stream_token"][:-2] + "xx"},
+                              headers={"Authorization": ""})
+            assert forged.status_code == 404
+        assert redis.Redis.from_url(own.url).exists(f"{env['API_TASKS_PREFIX']}:gateway:secret")
+
+
 def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
         worker_env: dict[str, str], workdir: Path) -> None:
     job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
