@@ -17,8 +17,9 @@ Redis servers (a duplicate message is dropped by the claim; none is lost). The s
 sweep then sends again, from the copy kept at claim, any job still running
 whose lease lapsed longer ago than that: its message is gone too.
 
-A lease that lapsed is left to its worker a lease period more once a sweep has seen it so
-(``lapse_seen`` in the job's record): after an outage of a job shard (its Redis, or on a Redis
+A lease that lapsed is left to its worker a lease period more once a sweep (or a delivery)
+has seen it so (``lapse_seen`` in the job's record), by the give-back and the backstop alike:
+after an outage of a job shard (its Redis, or on a Redis
 Cluster its primary) every lease on it has lapsed, and the workers still running those jobs
 take them back meanwhile. The record holds the note, so a process that takes the role after
 the outage, having seen none of it, waits all the same.
@@ -83,9 +84,10 @@ class Reaper(Loop):
             back, unreached = each([(tag, raw) for tag, raw in zip(tags, entries, strict=True)
                                     if raw is not None], lambda entry: self._give_back(*entry))
             given = sum(back)
-        # a running job with no lease for longer than the unacked sweep needs has no
-        # message left anywhere (a failed give-back, a lost requeue): send it again
-        lapsed = int((cutoff - 2 * self._sweep_every) * 1000)
+        # a running job with no lease for longer than the unacked sweep needs (two lease
+        # periods, one more once its lapse is seen, two sweeps) has no message left anywhere
+        # (a failed give-back, a lost requeue): send it again
+        lapsed = int((cutoff - self._leases.lease_ms / 1000 - 2 * self._sweep_every) * 1000)
         # one job shard a sweep, in turn: the backstop costs the same whatever the shard
         # count (a job it finds waits a few sweeps more; it is rare, and safe to wait)
         recovered, failed = each([self._turns.next(self._keys.every_shard)], self._recover(

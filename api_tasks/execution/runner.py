@@ -144,7 +144,11 @@ class JobRunner:
         message = spec.message_json(queue, tracing.carried(traceparent))
         fields = submit_fields(spec, upstream.name, queue)
         claim = self._claim(job_id, token, fields, upstream.name, message)
-        if claim.verdict is Verdict.BUSY:
+        # (twice: a lease that lapses between the claim and the deferral leaves the next claim
+        # busy until its holder's time to renew it is over, and that one defers)
+        for _ in range(2):
+            if claim.verdict is not Verdict.BUSY:
+                break
             # never just drop it: the holder may have given its message back but not its
             # lease (a failed give-back), and then this message is the job's only one
             if self.leases.defer(job_id, message):

@@ -270,7 +270,7 @@ class LeaseStore:
         keys, shard = self.keys, self.keys.shard(job_id)
         deferred = bool(self._defer(
             keys=[keys.job(job_id), keys.delayed(shard), keys.delayed_messages(shard)],
-            args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl]))
+            args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl, self.lease_ms]))
         if deferred:
             self.wake()
         return deferred

@@ -156,11 +156,49 @@ def test_a_lapsed_lease_is_left_to_its_worker_a_lease_period_whoever_sweeps(
     assert heir.restore(job_id) is Requeue.ALIVE
     _lapse(redis_client, keys, job_id)
     assert heir.restore(job_id) is Requeue.LAPSING
-    assert int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0) > int(seen)
+    again, lapsed_at = redis_client.hmget(keys.job(job_id), "lapse_seen", "lease_until")
+    assert int(again or 0) >= int(lapsed_at or 1 << 62)  # noted anew: after the new lapse
     # no renewal for a lease period after the sweep saw it: its worker is gone
     _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
     assert heir.restore(job_id) is Requeue.RESTORED
     assert redis_client.hget(keys.job(job_id), "crashes") == b"1"
+
+
+def test_a_delivery_leaves_a_lately_lapsed_lease_to_its_worker_and_comes_back_after(
+        redis_client: redis.Redis) -> None:
+    """A second delivery of a running job whose lease lapsed lately (an outage) does not take
+    it: it is deferred to when its worker's time to renew it is over, then claims it."""
+    store, keys, job_id = _store(redis_client)
+    _lapse(redis_client, keys, job_id)
+    assert store.claim(job_id, "second", {}, time.time()).verdict == "busy"
+    seen = int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0)
+    assert seen and store.defer(job_id, '{"task": "t"}')
+    due = redis_client.zscore(keys.delayed(keys.shard(job_id)), job_id)
+    assert due is not None and seen + store.lease_ms <= due <= seen + store.lease_ms + 1000
+    # its worker is gone: once the wait is over, a delivery claims it
+    _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
+    assert not store.defer(job_id, '{"task": "t"}')
+    assert store.claim(job_id, "second", {}, time.time()).verdict == "run"
+    assert store.held(job_id)
+
+
+def test_a_deferral_made_while_the_scheduler_sends_the_same_job_is_kept(
+        redis_client: redis.Redis) -> None:
+    """The scheduler holds a due job while it sends it, then drops the entry; the message it
+    sent may meet a lapse just seen and be deferred before that: the deferral stays."""
+    store, keys, job_id = _store(redis_client)
+    shard = keys.shard(job_id)
+    assert store.defer(job_id, '{"task": "t"}')  # a second delivery, while the lease holds
+    redis_client.zadd(keys.delayed(shard), {job_id: 1})  # ... now due
+    _lapse(redis_client, keys, job_id)
+    [(due_id, _, held)], _ = store.due(shard)
+    assert due_id == job_id
+    assert store.claim(job_id, "second", {}, time.time()).verdict == "busy"  # seen lapsed
+    assert store.defer(job_id, '{"task": "t"}')
+    store.sent(job_id, held)
+    again = redis_client.zscore(keys.delayed(shard), job_id)
+    assert again is not None and again != float(held)
+    assert redis_client.hexists(keys.delayed_messages(shard), job_id)
 
 
 def test_the_running_index_forgets_a_job_with_nothing_to_send_again(

@@ -44,14 +44,15 @@ local function lease_holder(token, lease_until)
 end
 
 -- What a job's record holds only while an attempt runs it: its token and lease, and when a
--- sweep first saw that lease lapsed (``lapsing``).
+-- sweep or a delivery first saw that lease lapsed (the helper below).
 local HELD = {'token', 'lease_until', 'lapse_seen'}
 
--- Whether a running job whose lease lapsed is still left to its worker: a sweep that first
--- sees the lapse notes when in the record (``lapse_seen``), and the job is taken back only
--- once it has stayed lapsed `wait` ms since. A worker alive but kept from renewing by an
--- outage renews it meanwhile (which moves ``lease_until`` past the note); and whichever
--- process sweeps next knows, since the record says it.
+-- Whether a running job whose lease lapsed is still left to its worker: the sweep or
+-- delivery that first sees the lapse notes when in the record (``lapse_seen``), and the job
+-- is taken (given back, sent again or claimed) only once it has stayed lapsed `wait` ms
+-- since. A worker alive but kept from renewing by an outage renews it meanwhile (which moves
+-- ``lease_until`` past the note); and whichever process looks next knows, since the record
+-- says it.
 local function lapsing(job, lease_until, seen, wait)
   if not seen or tonumber(seen) < tonumber(lease_until or '0') then
     redis.call('HSET', job, 'lapse_seen', now_ms())

@@ -4,11 +4,12 @@
 -- runs (``HELD``), and the reply too, for a claim retried; the message is kept beside it (not
 -- in it: a value that long would make the record a hash table for good), so that a job
 -- whose own message is lost can be sent again.
+-- A job whose lease lapsed lately is 'busy' too (``lapsing``).
 -- Returns {verdict, delivery, created_at, ms to a reserved turn or '',
 -- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
 -- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
 local f = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'turn_at', 'turn_on',
-                     'deliveries', 'crashes', 'claimed', 'token', 'lease_until')
+                     'deliveries', 'crashes', 'claimed', 'token', 'lease_until', 'lapse_seen')
 local s, created = f[1], f[2] or ARGV[1]
 local now = now_ms()
 local turn = f[3] and tostring(tonumber(f[3]) - now) or ''
@@ -26,6 +27,10 @@ if holder == ARGV[3] then
   return {'run', f[5] or '1', created, turn, shown, on}
 end
 if holder then return {'busy', '0', created, turn, shown, on} end
+-- a lease that lapsed lately is left to its worker a lease period (``defer`` waits as long)
+if s == 'running' and lapsing(KEYS[1], f[9], f[10], ARGV[4]) then
+  return {'busy', '0', created, turn, shown, on}
+end
 if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
 local n = tostring(tonumber(f[5] or '0') + 1)
 local verdict = 'run'
