@@ -386,6 +386,19 @@ def test_a_stream_resumes_after_an_id_keeps_alive_and_passes_a_reset_on(
         gateway.stop()
 
 
+def _on_own_redis(stack: contextlib.ExitStack, worker_env: dict[str, str], workdir: Path,
+                  name: str, own: RedisServer) -> tuple[RedisServer, dict[str, str],
+                                                        GatewayProcess]:
+    """A gateway of its own on a Redis of its own (started or not), both stopped with
+    ``stack``."""
+    stack.callback(own.stop)
+    env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
+    env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
+    gateway = start_gateway(env, workdir, name)
+    stack.callback(gateway.stop)
+    return own, env, gateway
+
+
 def test_a_gateway_started_while_its_redis_is_away_serves_503s_then_jobs(
         worker_env: dict[str, str], workdir: Path) -> None:
     """No Redis at its start: it starts all the same (a supervisor would otherwise restart
@@ -393,12 +406,8 @@ def test_a_gateway_started_while_its_redis_is_away_serves_503s_then_jobs(
     stream tokens, signed with the secret the gateways share, open their streams."""
     job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
     with contextlib.ExitStack() as stack:
-        own = RedisServer(workdir / f"gw-late-{uuid.uuid4().hex[:6]}")
-        stack.callback(own.stop)
-        env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
-        env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
-        gateway = start_gateway(env, workdir, "late-redis-gateway")
-        stack.callback(gateway.stop)
+        own, env, gateway = _on_own_redis(stack, worker_env, workdir, "late-redis-gateway",
+                                          RedisServer(workdir / f"gw-late-{uuid.uuid4().hex[:6]}"))
         with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
             down = http.post("/v1/jobs", json=job)
             assert down.status_code == 503 and int(down.headers["retry-after"]) >= 1
@@ -423,12 +432,8 @@ def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
         worker_env: dict[str, str], workdir: Path) -> None:
     job = {"url": "/v1/chat/completions", "body": {"model": "m", "messages": USER}}
     with contextlib.ExitStack() as stack:
-        own = RedisServer(workdir / f"gw-redis-{uuid.uuid4().hex[:6]}", persist=True).start()
-        stack.callback(own.stop)
-        env = {k: v for k, v in worker_env.items() if k != "REDIS_STATE_URL"}
-        env.update(REDIS_URL=own.url, API_TASKS_PREFIX=f"gw{uuid.uuid4().hex[:8]}")
-        gateway = start_gateway(env, workdir, "redis-down-gateway")
-        stack.callback(gateway.stop)
+        own, env, gateway = _on_own_redis(stack, worker_env, workdir, "redis-down-gateway", (
+            RedisServer(workdir / f"gw-redis-{uuid.uuid4().hex[:6]}", persist=True).start()))
         with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=30) as http:
             assert http.post("/v1/jobs", json=job).status_code == 202
             own.stop()
