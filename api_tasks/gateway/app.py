@@ -100,7 +100,7 @@ class Gateway:
         try:
             await self.submitter.enqueuer.warm()
             await self.stream_tokens()
-        except _UNAVAILABLE_OR_SAID as err:
+        except _UNAVAILABLE_OR_SAID as err:  # (a refused password too, as a worker waits)
             log.warning("gateway: Redis unavailable at start (%s); serving 503s until it "
                         "answers", reason(err))
 
@@ -114,7 +114,10 @@ class Gateway:
             else:
                 name = self.keys.gateway_secret()
                 await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
-                secret = text(await self.redis.getex(name, ex=_SECRET_TTL)).encode()
+                shared = await self.redis.getex(name, ex=_SECRET_TTL)
+                if shared is None:  # gone in between (a failover, a flush): a 503, not kept
+                    raise redis.ConnectionError("the stream-token secret is being settled")
+                secret = text(shared).encode()
             self._tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
         return self._tokens
 

@@ -20,6 +20,7 @@ import redis
 from starlette.testclient import TestClient
 
 from api_tasks.gateway.app import create_app
+from api_tasks.gateway.auth import StreamTokens
 from api_tasks.record.events import EVENT_FIELD, chunk_event, entry_id, final_event, reset_event
 from api_tasks.record.job_record import TERMINAL, JobStatus
 from api_tasks.record.keys import Keys
@@ -425,7 +426,8 @@ def test_a_gateway_started_while_its_redis_is_away_serves_503s_then_jobs(
             forged = http.get(url, params={"token": made["stream_token"][:-2] + "xx"},
                               headers={"Authorization": ""})
             assert forged.status_code == 404
-        assert redis.Redis.from_url(own.url).exists(f"{env['API_TASKS_PREFIX']}:gateway:secret")
+        shared = redis.Redis.from_url(own.url).get(f"{env['API_TASKS_PREFIX']}:gateway:secret")
+        assert shared and StreamTokens(shared, 3600).check(made["stream_token"], made["id"], "main")
 
 
 def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
