@@ -101,8 +101,7 @@ class Gateway:
             await self.submitter.enqueuer.warm()
             await self.stream_tokens()
         except _UNAVAILABLE_OR_SAID as err:  # (a refused password too, as a worker waits)
-            log.warning("gateway: Redis unavailable at start (%s); serving 503s until it "
-                        "answers", reason(err))
+            log.warning("gateway: serving 503s until Redis answers (%s)", reason(err))
 
     async def stream_tokens(self) -> StreamTokens:
         """What signs and checks stream tokens: its secret configured, or one the gateways
