@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -69,7 +70,8 @@ T = TypeVar("T")
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 _QUEUE_HEADER = "x-api-tasks-queue"
 _POOL = 256  # Redis connections of one gateway process
-_SECRET_TTL = 365 * 86400  # renewed by every gateway start
+_SECRET_TTL = 365 * 86400  # renewed by every gateway's reads
+_SECRET_REREAD = 60.0  # seconds a gateway signs with its copy of the shared secret unread
 _RETRY = b"retry: 1000\n\n"  # a dropped EventSource comes back within a second
 
 
@@ -91,6 +93,7 @@ class Gateway:
                                    if settings.redis.split else None)
         self.keyring = Keyring(settings.gateway)
         self._tokens: StreamTokens | None = None  # settled at start, or once Redis answers
+        self._read_at = 0.0  # when the shared secret was last read (monotonic)
         metrics.register_cluster(cluster_reader(settings, self.keys))  # read on a thread
 
     async def start(self) -> None:
@@ -103,22 +106,50 @@ class Gateway:
         except _UNAVAILABLE_OR_SAID as err:  # (a refused password too, as a worker waits)
             log.warning("gateway: serving 503s until Redis answers (%s)", reason(err))
 
-    async def stream_tokens(self) -> StreamTokens:
+    async def stream_tokens(self, again: bool = False) -> StreamTokens:
         """What signs and checks stream tokens: its secret configured, or one the gateways
-        share through Redis (read at the first need once Redis answers, if not at start)."""
-        if self._tokens is None:
-            configured = self.settings.gateway.token_secret
-            if configured is not None:
-                secret = configured.get_secret_value().encode()
-            else:
-                name = self.keys.gateway_secret()
-                await self.redis.set(name, secrets.token_hex(32), nx=True, ex=_SECRET_TTL)
-                shared = await self.redis.getex(name, ex=_SECRET_TTL)
-                if shared is None:  # gone in between (a failover, a flush): a 503, not kept
-                    raise redis.ConnectionError("the stream-token secret is being settled")
-                secret = text(shared).encode()
-            self._tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
+        share through Redis (read at the first need once Redis answers, if not at start, then
+        again every minute, or now with ``again``)."""
+        configured = self.settings.gateway.token_secret
+        if configured is not None:
+            if self._tokens is None:
+                self._tokens = StreamTokens(configured.get_secret_value().encode(),
+                                            self.settings.gateway.stream_token_ttl)
+            return self._tokens
+        if self._tokens is None or again or \
+                time.monotonic() - self._read_at > _SECRET_REREAD:
+            try:
+                secret = await self._shared_secret()
+            except UNAVAILABLE:
+                if self._tokens is None:
+                    raise
+                return self._tokens  # Redis away: the copy read last serves meanwhile
+            self._read_at = time.monotonic()
+            if self._tokens is None or secret != self._tokens.secret:
+                self._tokens = StreamTokens(secret, self.settings.gateway.stream_token_ttl)
         return self._tokens
+
+    async def _shared_secret(self) -> bytes:
+        """The secret in Redis; if it is gone (Redis lost it, or it lapsed), the one this
+        gateway signs with is put back (a new one at first), so the gateways agree again."""
+        name = self.keys.gateway_secret()
+        shared = await self.redis.getex(name, ex=_SECRET_TTL)
+        if shared is None:
+            mine = self._tokens.secret if self._tokens else secrets.token_hex(32).encode()
+            await self.redis.set(name, mine, nx=True, ex=_SECRET_TTL)
+            shared = await self.redis.getex(name, ex=_SECRET_TTL)
+            if shared is None:  # gone again in between (a failover, a flush): a 503
+                raise redis.ConnectionError("the stream-token secret is being settled")
+        return text(shared).encode()
+
+    async def token_valid(self, token: str, job_id: str, owner: str) -> bool:
+        """Whether a stream token is good: signed with the shared secret as this gateway
+        knows it, or as Redis now holds it (another gateway put it back after a loss)."""
+        tokens = await self.stream_tokens()
+        if tokens.check(token, job_id, owner):
+            return True
+        now = await self.stream_tokens(again=True)
+        return now is not tokens and now.check(token, job_id, owner)
 
     async def close(self) -> None:
         """Release the Redis connections."""
@@ -503,7 +534,7 @@ async def job_events(request: Request) -> Response:
     info = await gateway.store.info(job_id)
     owner = info.get(Field.OWNER, "")
     if token is not None:  # a browser's EventSource cannot send a header
-        if not info or not (await gateway.stream_tokens()).check(token, job_id, owner):
+        if not info or not await gateway.token_valid(token, job_id, owner):
             raise GatewayError(404, f"no job {job_id!r}", param="id", code="job_not_found")
     else:
         await gateway.owned(gateway.key(request), job_id)

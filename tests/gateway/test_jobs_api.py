@@ -426,8 +426,26 @@ def test_a_gateway_started_while_its_redis_is_away_serves_503s_then_jobs(
             forged = http.get(url, params={"token": made["stream_token"][:-2] + "xx"},
                               headers={"Authorization": ""})
             assert forged.status_code == 404
-        shared = redis.Redis.from_url(own.url).get(f"{env['API_TASKS_PREFIX']}:gateway:secret")
-        assert shared and StreamTokens(shared, 3600).check(made["stream_token"], made["id"], "main")
+            name = f"{env['API_TASKS_PREFIX']}:gateway:secret"
+            shared = redis.Redis.from_url(own.url).get(name)
+            assert shared and StreamTokens(shared, 3600).check(made["stream_token"], made["id"],
+                                                              "main")
+            # Redis lost the secret, and another gateway put a new one there: this one reads
+            # it when a token signed with it fails its copy's check, and signs with it on
+            redis.Redis.from_url(own.url).set(name, b"another-gateways-secret")
+            theirs = StreamTokens(b"another-gateways-secret", 3600).issue(made["id"], "main")
+            with httpx.stream("GET", gateway.url + url, params={"token": theirs},
+                              timeout=30) as opened:
+                assert opened.status_code == 200
+            signed = http.post("/v1/jobs", json=job).json()
+            assert StreamTokens(b"another-gateways-secret", 3600).check(
+                signed["stream_token"], signed["id"], "main")
+            # a loss with no other gateway about: this one puts back the secret it signs with
+            # when it next reads it (here, as a bad token fails)
+            redis.Redis.from_url(own.url).delete(name)
+            assert http.get(url, params={"token": theirs[:-2] + "xx"},
+                            headers={"Authorization": ""}).status_code == 404
+            assert redis.Redis.from_url(own.url).get(name) == b"another-gateways-secret"
 
 
 def test_redis_down_is_a_503_with_retry_after_and_the_gateway_serves_on(
