@@ -41,7 +41,9 @@ def _run(task: Task, kind: Kind, first: Any, params: dict[str, Any]) -> str:
     try:
         try:
             return runtime.runner.run(job_id, kind, first, params,
-                                      getattr(task.request, "traceparent", None))
+                                      getattr(task.request, "traceparent", None),
+                                      str((task.request.properties or {}).get(
+                                          "delivery_tag") or ""))
         except WorkerStopping:  # the runner gave the job back; the broker gets it again
             raise Reject("worker shutting down", requeue=True) from None
         except (redis.RedisError, TimeoutError, Reject):

@@ -10,8 +10,9 @@ took a worker to 2.4 GB. Errors from Celery's own handling of a message never
 reach this far: Celery catches them itself.
 
 Redis going away between kombu's ``BRPOP`` and its write of the unacked entry would lose
-the popped message; here it is kept and pushed back once Redis answers. ``SentinelTransport``
-is the same on the primary Redis Sentinel names.
+the popped message; here it is kept and pushed back once Redis answers. An ack whose unacked
+entry the job's finish already took out (``api_tasks.record.acks``) makes no round trip.
+``SentinelTransport`` is the same on the primary Redis Sentinel names.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any
 import redis
 import redis.sentinel
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils import json as kombu_json
+
+from api_tasks.record.acks import EARLY_ACKS
 
 __all__ = ["SentinelTransport", "Transport"]
 
@@ -68,8 +72,24 @@ class _SizedPrefixedRedis(_SizeLimit, kombu_redis.PrefixedStrictRedis):
     pass
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's unacked bookkeeping, but for the entries a job's finish took out itself."""
+
+    def ack(self, delivery_tag: Any) -> None:
+        if EARLY_ACKS.take(delivery_tag):
+            kombu_virtual.QoS.ack(self, delivery_tag)  # only forgotten here: gone from Redis
+        else:
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        EARLY_ACKS.take(delivery_tag)  # (its finish ran: nothing is left to put back)
+        super().reject(delivery_tag, requeue)
+
+
 class Channel(kombu_redis.Channel):
     """A channel whose BRPOP reader survives undecodable and oversized messages."""
+
+    QoS = QoS
 
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options, "max_message_bytes")

@@ -43,6 +43,7 @@ class Delivery:
     turn: float | None = None  # seconds to a turn reserved under its limits, if any
     turn_on: tuple[str, str | None] | None = None  # the deployment and model of that turn
     message: str = ""  # its task message as JSON, kept while it waits outside a worker
+    delivery_tag: str = ""  # kombu's, to take its unacked entry out with the finish ("": not)
     started_at: float = field(default_factory=time.time)
     calls: int = 0  # HTTP calls made so far (the result's ``attempts``)
     rate_limited: int = 0  # of those, answered 429 while that cost no attempt

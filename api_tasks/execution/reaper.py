@@ -74,12 +74,11 @@ class Reaper(Loop):
         seconds, micros = self._redis.time()
         self._failed.clear()
         cutoff = seconds + micros / 1e6 - 2 * self._leases.lease_ms / 1000
-        prefix = self._keys.celery_prefix()
         tags: list[bytes] = list(self._redis.zrangebyscore(  # type: ignore[arg-type]
-            prefix + "unacked_index", "-inf", cutoff, 0, limit))
+            self._keys.unacked_index(), "-inf", cutoff, 0, limit))
         given, unreached = 0, None
         if tags:
-            entries: list[Any] = self._redis.hmget(prefix + "unacked", tags)
+            entries: list[Any] = self._redis.hmget(self._keys.unacked(), tags)
             # a job whose shard is out of reach keeps none of the others from their turn
             back, unreached = each([(tag, raw) for tag, raw in zip(tags, entries, strict=True)
                                     if raw is not None], lambda entry: self._give_back(*entry))
@@ -128,7 +127,7 @@ class Reaper(Loop):
             return False
         _mark_redelivered(payload)
         prefix = self._keys.celery_prefix()
-        self._return(keys=[prefix + "unacked_index", prefix + "unacked", prefix + str(queue)],
+        self._return(keys=[self._keys.unacked_index(), self._keys.unacked(), prefix + str(queue)],
                      args=[tag, json.dumps(payload) if outcome is Requeue.RESTORED else ""])
         if outcome is Requeue.RESTORED:
             with job_context(job_id):

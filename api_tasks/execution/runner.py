@@ -40,6 +40,7 @@ from api_tasks.execution.tally import Tally
 from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
+from api_tasks.record.acks import EARLY_ACKS, unacked_removal
 from api_tasks.record.calls import packed
 from api_tasks.record.cluster import limit_scopes
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
@@ -102,13 +103,18 @@ class JobRunner:
         self.stopping = threading.Event()  # set when the shutdown grace is over
         self.tally = Tally()
         self.policies = {u.name: RetryPolicy(**u.retry.model_dump()) for u in settings.upstreams}
+        # kombu's unacked entries live beside the jobs' state: a finish takes its own out
+        self._acks_with_finish = not settings.redis.split
 
     def run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
-            traceparent: str | None = None) -> Outcome:
+            traceparent: str | None = None, delivery_tag: str = "") -> Outcome:
         """Run a job to its end; return its final status (or why this delivery was dropped).
-        ``traceparent``: its submit's trace, from the message's headers."""
+        ``traceparent``: its submit's trace, from the message's headers; ``delivery_tag``:
+        kombu's, whose unacked entry the finish takes out when the broker is the state's
+        Redis (``record.acks``)."""
         with job_context(job_id), tracing.job_span(job_id, kind, traceparent):
-            return self._run(job_id, kind, first, params, traceparent)
+            return self._run(job_id, kind, first, params, traceparent,
+                             delivery_tag if self._acks_with_finish else "")
 
     def _claim(self, job_id: str, token: str, fields: dict[str, str], upstream: str,
                message: str) -> Claim:
@@ -131,7 +137,7 @@ class JobRunner:
                     raise WorkerStopping(job_id) from err
 
     def _run(self, job_id: str, kind: Kind, first: Any, params: dict[str, Any],
-             traceparent: str | None) -> Outcome:
+             traceparent: str | None, delivery_tag: str) -> Outcome:
         try:
             spec = build_spec(kind, first, params, self.settings.jobs.max_request_bytes)
             upstream = resolve_upstream(self.settings, spec)
@@ -167,7 +173,7 @@ class JobRunner:
         tracing.queued(time.time() - claim.created_at, queue)
         run = Delivery(job_id, spec, upstream, claim.attempt, claim.created_at, token,
                        cooldown=claim.cooldown, queue=queue, turn=claim.turn,
-                       turn_on=claim.turn_on, message=message)
+                       turn_on=claim.turn_on, message=message, delivery_tag=delivery_tag)
         handle = CallHandle(job_id, token)
         try:
             with self.watchdog.watching(handle):  # the lease is renewed from here on
@@ -548,10 +554,14 @@ class JobRunner:
                               f"job.{status.value}", run.job_id,
                               job_event_id(run.job_id)) \
             if run.spec.notify and run.spec.owner else NO_WEBHOOKS
-        [outcome] = self.writer.write([self.leases.finish_command(
+        # kombu's ack in the same round trip (its unacked entry goes only if the finish ran)
+        acked = unacked_removal(self.store.keys, run.delivery_tag) if run.delivery_tag else []
+        outcome, *_ = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.attempt, run.published), result, fields, webhooks)],
+            entry_id(run.attempt, run.published), result, fields, webhooks), *acked],
             timeout=_WRITE_TIMEOUT)
+        if acked:
+            EARLY_ACKS.removed(run.delivery_tag)
         if outcome != b"lost" and webhooks.after:  # its deliveries' index and the sender's
             # wake-up (other slots on a Redis Cluster; lost, they cost a listing or a delay),
             # also after an "ended": the finish may have run before a lost reply; each on its

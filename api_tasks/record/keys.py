@@ -275,6 +275,14 @@ class Keys:
         """Prefix for the broker's own keys (queues, unacked messages)."""
         return f"{self.prefix}:celery:"
 
+    def unacked(self) -> str:
+        """Hash (kombu's): each delivered, unacked message by its delivery tag."""
+        return self.celery_prefix() + "unacked"
+
+    def unacked_index(self) -> str:
+        """Sorted set (kombu's): the unacked messages' delivery tags, by when delivered."""
+        return self.celery_prefix() + "unacked_index"
+
     def queue(self, lane: str) -> str:
         """List: a lane's task messages, as kombu's Redis transport keeps them (no TTL: the
         workers empty it)."""
