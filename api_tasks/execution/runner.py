@@ -555,12 +555,13 @@ class JobRunner:
                               job_event_id(run.job_id)) \
             if run.spec.notify and run.spec.owner else NO_WEBHOOKS
         # kombu's ack in the same round trip (its unacked entry goes only if the finish ran)
-        acked = unacked_removal(self.store.keys, run.delivery_tag) if run.delivery_tag else []
-        outcome, *_ = self.writer.write([self.leases.finish_command(
+        acked = [unacked_removal(self.store.keys, run.job_id, run.token, run.delivery_tag)] \
+            if run.delivery_tag else []
+        outcome, *dropped = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
             entry_id(run.attempt, run.published), result, fields, webhooks), *acked],
             timeout=_WRITE_TIMEOUT)
-        if acked:
+        if dropped == [1]:
             EARLY_ACKS.removed(run.delivery_tag)
         if outcome != b"lost" and webhooks.after:  # its deliveries' index and the sender's
             # wake-up (other slots on a Redis Cluster; lost, they cost a listing or a delay),

@@ -1,10 +1,10 @@
 """Kombu's unacked entries that a job's finish took out in its own round trip.
 
-With the broker and the state on one Redis, a job's finish also removes its message's
-unacked entry (``unacked_removal``, pipelined with the finish), so the transport's ack, which
-would remove it again in a MULTI/EXEC round trip of its own, only forgets the delivery in
-memory (``EARLY_ACKS``; ``worker/transport.py``). The entry goes only with a finish that ran:
-the two are one item of the event writer, sent in order.
+With the broker and the state on one Redis, a job's finish is followed, in the same item of
+the event writer (one round trip), by ``unacked_drop``: it takes the message's unacked entry
+out once the finish ran, as kombu's ack would, so the transport's ack, which would do it again
+in a MULTI/EXEC round trip of its own, only forgets the delivery in memory (``EARLY_ACKS``;
+``worker/transport.py``). A finish that failed leaves the entry, so a requeue finds it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import threading
 
 from api_tasks.record.exchange import Command
 from api_tasks.record.keys import Keys
+from api_tasks.record.scripts import sha
 
 __all__ = ["EARLY_ACKS", "EarlyAcks", "unacked_removal"]
 
 
-def unacked_removal(keys: Keys, delivery_tag: str) -> list[Command]:
-    """The commands of kombu's ack for one delivery (its unacked entry and index)."""
-    return [("ZREM", keys.unacked_index(), delivery_tag),
-            ("HDEL", keys.unacked(), delivery_tag)]
+def unacked_removal(keys: Keys, job_id: str, token: str, delivery_tag: str) -> Command:
+    """The command that takes a delivery's unacked entry out after its job's finish ran (by
+    its SHA1: the writer sends it whole to a Redis that lacks it); 1 if it did."""
+    return ("EVALSHA", sha("unacked_drop"), 3, keys.job(job_id), keys.unacked_index(),
+            keys.unacked(), token, delivery_tag)
 
 
 class EarlyAcks:
