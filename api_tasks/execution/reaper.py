@@ -19,10 +19,10 @@ whose lease lapsed longer ago than that: its message is gone too.
 
 A lease that lapsed is left to its worker a lease period more once a sweep (or a delivery)
 has seen it so (``lapse_seen`` in the job's record), by the give-back and the backstop alike:
-after an outage of a job shard (its Redis, or on a Redis
-Cluster its primary) every lease on it has lapsed, and the workers still running those jobs
-take them back meanwhile. The record holds the note, so a process that takes the role after
-the outage, having seen none of it, waits all the same.
+after an outage of a job shard (its Redis, or on a Redis Cluster its primary) every lease on
+it has lapsed, and the workers still running those jobs take them back meanwhile. The record
+holds the note, so a process that takes the role after the outage, having seen none of it,
+waits all the same.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class Reaper(Loop):
         lapsed = int((cutoff - self._leases.lease_ms / 1000 - 2 * self._sweep_every) * 1000)
         # one job shard a sweep, in turn: the backstop costs the same whatever the shard
         # count (a job it finds waits a few sweeps more; it is rare, and safe to wait)
-        recovered, failed = each([self._turns.next(self._keys.every_shard)], self._recover(
-            lapsed, limit))
+        recovered, failed = each([self._turns.next(self._keys.every_shard)], lambda shard: (
+            self._on_shard(shard, lambda: self._leases.recover(shard, lapsed, limit)) or []))
         for job_id in (job_id for found in recovered for job_id in found):
             with job_context(job_id):  # a JSON line names its job in a field too
                 log.warning("reaper: job %s was running with no worker and no message; "
@@ -109,11 +109,6 @@ class Reaper(Loop):
         except UNAVAILABLE:
             self._failed.add(shard)
             raise
-
-    def _recover(self, lapsed: int, limit: int) -> Callable[[int], list[str]]:
-        def visit(shard: int) -> list[str]:
-            return self._on_shard(shard, lambda: self._leases.recover(shard, lapsed, limit)) or []
-        return visit
 
     def _give_back(self, tag: bytes, raw: bytes) -> bool:
         try:

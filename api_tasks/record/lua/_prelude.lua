@@ -47,6 +47,12 @@ end
 -- sweep or a delivery first saw that lease lapsed (the helper below).
 local HELD = {'token', 'lease_until', 'lapse_seen'}
 
+-- Whether ``lapse_seen`` (`seen`) notes the lapse of the lease that ends at `lease_until`, not
+-- that of an earlier lease since renewed.
+local function lapse_noted(lease_until, seen)
+  return seen and tonumber(seen) >= tonumber(lease_until or '0') or false
+end
+
 -- Whether a running job whose lease lapsed is still left to its worker: the sweep or
 -- delivery that first sees the lapse notes when in the record (``lapse_seen``), and the job
 -- is taken (given back, sent again or claimed) only once it has stayed lapsed `wait` ms
@@ -54,7 +60,7 @@ local HELD = {'token', 'lease_until', 'lapse_seen'}
 -- ``lease_until`` past the note); and whichever process looks next knows, since the record
 -- says it.
 local function lapsing(job, lease_until, seen, wait)
-  if not seen or tonumber(seen) < tonumber(lease_until or '0') then
+  if not lapse_noted(lease_until, seen) then
     redis.call('HSET', job, 'lapse_seen', now_ms())
     return true
   end

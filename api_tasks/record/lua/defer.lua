@@ -9,7 +9,7 @@ local f = redis.call('HMGET', KEYS[1], 'token', 'lease_until', 'lapse_seen', 'st
 local due
 if lease_holder(f[1], f[2]) then
   due = tonumber(f[2])
-elseif f[4] == 'running' and f[3] and tonumber(f[3]) >= tonumber(f[2] or '0') then
+elseif f[4] == 'running' and lapse_noted(f[2], f[3]) then
   due = tonumber(f[3]) + tonumber(ARGV[5])
   if due <= now_ms() then return 0 end
 else
