@@ -150,19 +150,12 @@ class JobRunner:
         message = spec.message_json(queue, tracing.carried(traceparent))
         fields = submit_fields(spec, upstream.name, queue)
         claim = self._claim(job_id, token, fields, upstream.name, message)
-        # (twice: a lease that lapses between the claim and the deferral leaves the next claim
-        # busy until its holder's time to renew it is over, and that one defers)
-        for _ in range(2):
-            if claim.verdict is not Verdict.BUSY:
-                break
-            # never just drop it: the holder may have given its message back but not its
-            # lease (a failed give-back), and then this message is the job's only one
-            if self.leases.defer(job_id, message):
-                log.info("job %s is held by another attempt: looked at again when its lease "
-                         "lapses", job_id)
-                return Outcome.DEFERRED
-            claim = self.leases.claim(job_id, token, fields, time.time(), upstream.name,
-                                      message)
+        # held by another attempt: this message waits for that lease, never just dropped (the
+        # holder may have given its own back but not its lease: a failed give-back)
+        if claim.verdict is Verdict.DEFERRED:
+            log.info("job %s is held by another attempt: looked at again when its lease "
+                     "lapses", job_id)
+            return Outcome.DEFERRED
         if not claim.verdict.owned:
             if claim.uncounted:  # cancelled before any worker took it: its end counts here
                 self._count_end(kind.value, upstream.name, spec.model, queue,

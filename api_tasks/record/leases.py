@@ -5,8 +5,9 @@ attempt token into the job record with a lease (``lease_until``, by Redis's
 clock) that lapses unless the worker renews it. Then:
 
 - a second delivery of a finished job is dropped; one of a job whose lease
-  another token holds is deferred until that lease would lapse (never acked
-  while it may be the job's only message, as after a failed give-back);
+  another token holds is deferred by its claim until that lease would lapse
+  (never acked while it may be the job's only message, as after a failed
+  give-back);
 - only the attempt whose token is in the record may finish the job, so a
   worker that lost its job to a new attempt can't write a second result;
 - a claim retried after a lost reply finds its own token and goes on;
@@ -49,7 +50,7 @@ _RETRY_MS = 1_000  # a due job whose send failed is due again after this
 # each script's KEYS, ARGV and replies are described at the top of its file
 _CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK, _HELD = (script(name) for name in (
     "claim", "renew", "release", "restore", "park", "held"))
-_DUE, _SENT, _DEFER, _RECOVER = (script(name) for name in ("due", "sent", "defer", "recover"))
+_DUE, _SENT, _RECOVER = (script(name) for name in ("due", "sent", "recover"))
 
 
 class Parked(IntEnum):
@@ -66,7 +67,8 @@ class Verdict(StrEnum):
     RUN = "run"  # this attempt holds the job now: call the upstream
     CANCEL = "cancel"  # this attempt holds it, and it was cancelled before it started
     POISON = "poison"  # this attempt holds it, and its workers died max_crashes times
-    BUSY = "busy"  # another attempt holds its lease
+    BUSY = "busy"  # another attempt holds its lease, and this delivery kept no message
+    DEFERRED = "deferred"  # another attempt holds it: its message waits for that lease
     ENDED = "ended"  # it has ended (``Claim.ended`` says how)
 
     @property
@@ -120,7 +122,6 @@ class LeaseStore:
         self._held = client.register_script(_HELD)
         self._due = client.register_script(_DUE)
         self._sent = client.register_script(_SENT)
-        self._defer = client.register_script(_DEFER)
         self._recover = client.register_script(_RECOVER)
         self._shell = SyncShell(client)
 
@@ -129,7 +130,8 @@ class LeaseStore:
         """Take the job for attempt ``token``, unless it is finished or held.
 
         ``message`` (the task message as JSON, "" for none) is kept beside the record while
-        the job runs, so the job can be sent again if its own message is lost.
+        the job runs, so the job can be sent again if its own message is lost; for a job held
+        by another attempt, it waits in the delayed set until that lease would lapse.
         """
         keys, shard = self.keys, self.keys.shard(job_id)
         flat = [item for pair in fields.items() for item in pair]
@@ -139,14 +141,17 @@ class LeaseStore:
         cooled, replies = self._shell.run_groups([
             [command("PTTL", keys.cooldown(upstream))],
             [lua("claim", [keys.job(job_id), keys.cancel(job_id), keys.events(job_id),
-                           keys.running(shard), keys.running_messages(shard)],
+                           keys.running(shard), keys.running_messages(shard),
+                           keys.delayed(shard), keys.delayed_messages(shard)],
                  [repr(now), self.queued_ttl, token, self.lease_ms, self.max_crashes, message,
-                  job_id, *flat])]])
+                  job_id, _DEFER_MARGIN_MS, *flat])]])
         if isinstance(replies, Failed):
             raise replies.error
         cool = 0 if isinstance(cooled, Failed) else cooled[0]
         [(verdict, delivery, created, turn, shown, on, *uncounted)] = replies
         found = text(verdict)
+        if found == Verdict.DEFERRED:
+            self.wake()
         ended = found if found in TERMINAL else None
         return Claim(Verdict.ENDED if ended else Verdict(found), int(delivery), float(created),
                      max(int(cool), 0) / 1000, None if not turn else float(turn) / 1000,
@@ -261,19 +266,6 @@ class LeaseStore:
                 keys.running_messages(shard), *webhooks[0],
                 token, ttl, event, event_id, result or "", job_id, keys.channel(job_id),
                 len(fields), *fields, *webhooks[1])
-
-    def defer(self, job_id: str, message: str) -> bool:
-        """A delivery found the job held: look again when the holder's lease would lapse.
-
-        False if the lease is already gone (the caller claims again).
-        """
-        keys, shard = self.keys, self.keys.shard(job_id)
-        deferred = bool(self._defer(
-            keys=[keys.job(job_id), keys.delayed(shard), keys.delayed_messages(shard)],
-            args=[job_id, message, _DEFER_MARGIN_MS, self.queued_ttl, self.lease_ms]))
-        if deferred:
-            self.wake()
-        return deferred
 
     def recover(self, shard: int, cutoff_ms: int, limit: int = 500) -> list[str]:
         """Send again a shard's jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their

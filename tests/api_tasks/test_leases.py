@@ -13,6 +13,8 @@ from api_tasks.record.leases import LeaseStore, Parked, Requeue
 from api_tasks.record.scripts import script
 from tests.conftest import STATE_SHARDS
 
+MESSAGE = '{"task": "t"}'
+
 
 def _store(redis_client: redis.Redis) -> tuple[LeaseStore, Keys, str]:
     keys = Keys(f"lease{uuid.uuid4().hex[:6]}", shards=STATE_SHARDS)
@@ -167,19 +169,42 @@ def test_a_lapsed_lease_is_left_to_its_worker_a_lease_period_whoever_sweeps(
 def test_a_delivery_leaves_a_lately_lapsed_lease_to_its_worker_and_comes_back_after(
         redis_client: redis.Redis) -> None:
     """A second delivery of a running job whose lease lapsed lately (an outage) does not take
-    it: it is deferred to when its worker's time to renew it is over, then claims it."""
+    it: its claim defers it to when its worker's time to renew it is over; then it claims
+    it. With no message to keep, the claim only says busy."""
     store, keys, job_id = _store(redis_client)
     _lapse(redis_client, keys, job_id)
     assert store.claim(job_id, "second", {}, time.time()).verdict == "busy"
     seen = int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0)
-    assert seen and store.defer(job_id, '{"task": "t"}')
+    assert seen and redis_client.zscore(keys.delayed(keys.shard(job_id)), job_id) is None
+    assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
+    assert int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0) == seen  # first sight
     due = redis_client.zscore(keys.delayed(keys.shard(job_id)), job_id)
     assert due is not None and seen + store.lease_ms <= due <= seen + store.lease_ms + 1000
+    assert redis_client.hget(keys.delayed_messages(keys.shard(job_id)), job_id) == MESSAGE.encode()
     # its worker is gone: once the wait is over, a delivery claims it
     _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
-    assert not store.defer(job_id, '{"task": "t"}')
-    assert store.claim(job_id, "second", {}, time.time()).verdict == "run"
+    assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "run"
     assert store.held(job_id)
+
+
+def test_a_delivery_of_a_job_another_attempt_holds_waits_for_that_lease(
+        redis_client: redis.Redis) -> None:
+    """A claim that finds the lease held defers its message to when that lease would lapse,
+    in the same step: no delivery of it is ever dropped, however often the lease lapses."""
+    store, keys, job_id = _store(redis_client)
+    shard = keys.shard(job_id)
+    lease_until = int(redis_client.hget(keys.job(job_id), "lease_until") or 0)
+    assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
+    due = redis_client.zscore(keys.delayed(shard), job_id)
+    assert due is not None and lease_until < due <= lease_until + 1000
+    # the holder renews: a later delivery moves the wait along, the message kept once
+    assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
+    assert store.claim(job_id, "third", {}, time.time(), message=MESSAGE).verdict == "deferred"
+    later = redis_client.zscore(keys.delayed(shard), job_id)
+    assert later is not None and later >= due
+    assert redis_client.hlen(keys.delayed_messages(shard)) == 1
+    assert redis_client.ttl(keys.delayed(shard)) > 0
+    assert redis_client.ttl(keys.delayed_messages(shard)) > 0
 
 
 def test_a_deferral_made_while_the_scheduler_sends_the_same_job_is_kept(
@@ -188,13 +213,14 @@ def test_a_deferral_made_while_the_scheduler_sends_the_same_job_is_kept(
     sent may meet a lapse just seen and be deferred before that: the deferral stays."""
     store, keys, job_id = _store(redis_client)
     shard = keys.shard(job_id)
-    assert store.defer(job_id, '{"task": "t"}')  # a second delivery, while the lease holds
+    # a second delivery, while the lease holds
+    assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
     redis_client.zadd(keys.delayed(shard), {job_id: 1})  # ... now due
     _lapse(redis_client, keys, job_id)
     [(due_id, _, held)], _ = store.due(shard)
     assert due_id == job_id
-    assert store.claim(job_id, "second", {}, time.time()).verdict == "busy"  # seen lapsed
-    assert store.defer(job_id, '{"task": "t"}')
+    # the message it sends meets the lapse, seen just now: deferred again
+    assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
     store.sent(job_id, held)
     again = redis_client.zscore(keys.delayed(shard), job_id)
     assert again is not None and again != float(held)

@@ -1,10 +1,15 @@
--- KEYS: job, cancel, events, running index, running messages. ARGV: now, ttl, token,
--- lease_ms, max_crashes, the task message ('' = none), job id, then field/value pairs for a
--- job nobody recorded (a plain Celery client's). The lease lives in the record while the job
--- runs (``HELD``), and the reply too, for a claim retried; the message is kept beside it (not
--- in it: a value that long would make the record a hash table for good), so that a job
--- whose own message is lost can be sent again.
--- A job whose lease lapsed lately is 'busy' too (``lapsing``).
+-- KEYS: job, cancel, events, running index, running messages, delayed set, delayed messages.
+-- ARGV: now, ttl, token, lease_ms, max_crashes, the task message ('' = none), job id, the
+-- deferral's margin ms, then field/value pairs for a job nobody recorded (a plain Celery
+-- client's). The lease lives in the record while the job runs (``HELD``), and the reply too,
+-- for a claim retried; the message is kept beside it (not in it: a value that long would
+-- make the record a hash table for good), so that a job whose own message is lost can be
+-- sent again.
+-- A job held by another attempt, or whose lease lapsed lately (``lapsing``), is 'deferred':
+-- its message waits in the delayed set until that lease would lapse (or, lapsed lately,
+-- until its holder's time to renew it is over), so that a holder that gave its message back
+-- without its lease (a failed give-back) cannot leave the job with no message; 'busy' if
+-- there is no message to keep.
 -- Returns {verdict, delivery, created_at, ms to a reserved turn or '',
 -- whether the job's stream has events, the deployment and model of that turn (JSON) or '',
 -- and for an ended job '1' when this delivery is the first to see an end no worker counted}.
@@ -26,12 +31,24 @@ if holder == ARGV[3] then
   if f[7] then return cjson.decode(f[7]) end
   return {'run', f[5] or '1', created, turn, shown, on}
 end
-if holder then return {'busy', '0', created, turn, shown, on} end
--- a lease that lapsed lately is left to its worker a lease period (``defer`` waits as long)
-if s == 'running' and lapsing(KEYS[1], f[9], f[10], ARGV[4]) then
-  return {'busy', '0', created, turn, shown, on}
+local due
+if holder then
+  due = tonumber(f[9])
+-- a lease that lapsed lately is left to its worker a lease period
+elseif s == 'running' and lapsing(KEYS[1], f[9], f[10], ARGV[4]) then
+  due = (lapse_noted(f[9], f[10]) and tonumber(f[10]) or now) + tonumber(ARGV[4])
 end
-if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 8)) end
+if due then
+  if ARGV[6] == '' then return {'busy', '0', created, turn, shown, on} end
+  -- (over an entry the scheduler holds while it sends this very message: the score it moves
+  -- tells ``sent`` to keep the entry)
+  redis.call('ZADD', KEYS[6], due + tonumber(ARGV[8]), ARGV[7])
+  redis.call('HSETNX', KEYS[7], ARGV[7], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[2])
+  redis.call('EXPIRE', KEYS[7], ARGV[2])
+  return {'deferred', '0', created, turn, shown, on}
+end
+if not s then redis.call('HSET', KEYS[1], 'created_at', ARGV[1], unpack(ARGV, 9)) end
 local n = tostring(tonumber(f[5] or '0') + 1)
 local verdict = 'run'
 if redis.call('EXISTS', KEYS[2]) == 1 then verdict = 'cancel'
