@@ -6,9 +6,10 @@ process. The figures are ``INFO commandstats`` and ``INFO cpu`` deltas (commands
 Lua scripts count one each): per non-streamed job, submitted at once and each result read by
 its producer, less what the idle workers spend over the same time, in rounds that take turns
 (ours, then the bare task's) so that a drift of the machine's speed meets both alike, the
-median round kept; per relayed chunk (streamed jobs of 100 chunks, 100 at once, less a
-non-streamed job each); and per second of an idle worker. One Redis core's ceiling is one
-second over the CPU per job.
+median round kept; the same for jobs submitted each after the last one's end (the worker
+waits on BRPOP for each, where it takes a backlog off the queue many at a time); per relayed
+chunk (streamed jobs of 100 chunks, 100 at once, less a non-streamed job each); and per
+second of an idle worker. One Redis core's ceiling is one second over the CPU per job.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = ["main"]
 
 IDLE_SECONDS = 20.0
 ROUNDS = 5  # per-job rounds of each, taking turns
+ONE_BY_ONE = 100  # jobs a round of jobs submitted one after another's end
 
 
 class Meter:
@@ -102,6 +104,14 @@ def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
         sent = [post.apply_async(args=[url, payload]) for _ in range(count)]
         list(pool.map(lambda result: result.get(timeout=120), sent))
 
+    def ours_in_turn(count: int) -> None:  # each job alone: its worker waits on BRPOP
+        for _ in range(count):
+            client.submit_chat(USER, model="echo").result(timeout=120)
+
+    def bare_in_turn(count: int) -> None:
+        for _ in range(count):
+            post.apply_async(args=[url, payload]).get(timeout=120)
+
     with ThreadPoolExecutor(50) as pool, ExitStack() as bare_worker:
         with svc.worker(env, name="ours"):
             warm_up(client)
@@ -120,6 +130,12 @@ def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
             for _ in range(rounds):
                 mine.append(_per_job(meter, lambda: ours("echo", n, False), n, idle))
                 theirs.append(_per_job(meter, lambda: bare(n), n, idle))
+            alone_mine, alone_theirs = [], []
+            for _ in range(rounds):
+                alone_mine.append(_per_job(meter, lambda: ours_in_turn(ONE_BY_ONE), ONE_BY_ONE,
+                                           idle))
+                alone_theirs.append(_per_job(meter, lambda: bare_in_turn(ONE_BY_ONE),
+                                             ONE_BY_ONE, idle))
             streamed = _per_job(meter, lambda: ours(f"stream-{chunks}", streams, True),
                                 streams, idle)
         time.sleep(2)
@@ -134,7 +150,10 @@ def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
         four = _idle(meter)
     ratios = [o[1] / b[1] for o, b in zip(mine, theirs, strict=True)]
     return {"idle": alone, "bare_idle": bare_idle, "job": mine, "bare_job": theirs,
-            "ratios": ratios, "stream": streamed, "four": four}
+            "ratios": ratios, "stream": streamed, "four": four, "in_turn": alone_mine,
+            "bare_in_turn": alone_theirs,
+            "ratios_in_turn": [o[1] / b[1] for o, b in zip(alone_mine, alone_theirs,
+                                                             strict=True)]}
 
 
 def _top(calls: Counter[str], n: int, count: int = 10) -> str:
@@ -157,13 +176,21 @@ def main() -> None:
     ratio = _median(got["ratios"])
     middle = got["ratios"].index(ratio)  # the median round's commands by name
     o_calls, b_calls = mine[middle][2], theirs[middle][2]
+    alone_ratio = _median(got["ratios_in_turn"])
+    one = got["ratios_in_turn"].index(alone_ratio)
+    a_cmds, a_cpu = got["in_turn"][one][0], got["in_turn"][one][1]
+    ab_cmds, ab_cpu = got["bare_in_turn"][one][0], got["bare_in_turn"][one][1]
     s_cmds, s_cpu, _ = got["stream"]
     chunk_cmds, chunk_cpu = (s_cmds - o_cmds) / chunks, (s_cpu - o_cpu) / chunks
     o_idle, b_idle = got["idle"], got["bare_idle"]
-    print(f"ours, commands per job: {_top(o_calls, n)}")
+    print(f"ours, commands per job: {_top(o_calls, n, 16)}")
     print(f"bare Celery, commands per job: {_top(b_calls, n)}")
     print("Redis CPU per job, round by round (ours / bare): " + ", ".join(
         f"{o[1] * 1e6:.0f}/{b[1] * 1e6:.0f} us" for o, b in zip(mine, theirs, strict=True)))
+    print(f"one at a time, ours, commands per job: {_top(got['in_turn'][one][2], ONE_BY_ONE, 16)}")
+    print("one at a time, round by round (ours / bare): " + ", ".join(
+        f"{o[1] * 1e6:.0f}/{b[1] * 1e6:.0f} us"
+        for o, b in zip(got["in_turn"], got["bare_in_turn"], strict=True)))
     print(f"ours idle, commands per second: {_top(o_idle[2], int(IDLE_SECONDS))}")
     print(f"four of ours idle, commands per second: "
           f"{_top(got['four'][2], int(IDLE_SECONDS))}")
@@ -174,6 +201,9 @@ def main() -> None:
          f"{o_cpu * 1e6:.0f} us", f"{b_cpu * 1e6:.0f} us",
          f"{ratio:.2f}x (median round; target <= 1.1x)"),
         ("one Redis core's ceiling, jobs/s", f"{1 / o_cpu:,.0f}", f"{1 / b_cpu:,.0f}", "-"),
+        (f"Redis per job, one at a time ({ONE_BY_ONE} in turn, median of {rounds} rounds)",
+         f"{a_cmds:.1f} commands, {a_cpu * 1e6:.0f} us", f"{ab_cmds:.1f}, {ab_cpu * 1e6:.0f} us",
+         f"{alone_ratio:.2f}x CPU (target <= 1.1x)"),
         (f"Redis per relayed chunk ({streams} streams of {chunks} at once)",
          f"{chunk_cmds:.2f} commands, {chunk_cpu * 1e6:.1f} us CPU", "-",
          f"one core's ceiling {1 / chunk_cpu:,.0f} chunks/s" if chunk_cpu > 0 else "-"),
