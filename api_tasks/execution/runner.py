@@ -40,7 +40,7 @@ from api_tasks.execution.tally import Tally
 from api_tasks.execution.tokens import estimate_cost, reply_ceiling
 from api_tasks.execution.watchdog import Watchdog
 from api_tasks.job_logs import job_context, note_job
-from api_tasks.record.acks import EARLY_ACKS, unacked_removal
+from api_tasks.record.acks import EARLY_ACKS
 from api_tasks.record.calls import packed
 from api_tasks.record.cluster import limit_scopes
 from api_tasks.record.events import EVENT_FIELD, entry_id, final_event, reset_event
@@ -547,14 +547,12 @@ class JobRunner:
                               f"job.{status.value}", run.job_id,
                               job_event_id(run.job_id)) \
             if run.spec.notify and run.spec.owner else NO_WEBHOOKS
-        # kombu's ack in the same round trip (its unacked entry goes only if the finish ran)
-        acked = [unacked_removal(self.store.keys, run.job_id, run.token, run.delivery_tag)] \
-            if run.delivery_tag else []
-        outcome, *dropped = self.writer.write([self.leases.finish_command(
+        # kombu's ack in the same script (its unacked entry goes whenever the finish ran)
+        [outcome] = self.writer.write([self.leases.finish_command(
             run.job_id, run.token, self._ttl(run.spec), event,
-            entry_id(run.attempt, run.published), result, fields, webhooks), *acked],
-            timeout=_WRITE_TIMEOUT)
-        if dropped == [1]:
+            entry_id(run.attempt, run.published), result, fields, webhooks,
+            run.delivery_tag)], timeout=_WRITE_TIMEOUT)
+        if run.delivery_tag and outcome in (b"ok", b"ended", b"lost"):
             EARLY_ACKS.removed(run.delivery_tag)
         if outcome != b"lost" and webhooks.after:  # its deliveries' index and the sender's
             # wake-up (other slots on a Redis Cluster; lost, they cost a listing or a delay),

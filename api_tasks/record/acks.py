@@ -1,28 +1,17 @@
-"""Kombu's unacked entries that a job's finish took out in its own round trip.
+"""Kombu's unacked entries that a job's finish took out itself.
 
-With the broker and the state on one Redis, a job's finish is followed, in the same item of
-the event writer (one round trip), by ``unacked_drop``: it takes the message's unacked entry
-out once the finish ran, as kombu's ack would, so the transport's ack, which would do it again
-in a MULTI/EXEC round trip of its own, only forgets the delivery in memory (``EARLY_ACKS``;
-``worker/transport.py``). A finish that failed leaves the entry, so a requeue finds it.
+With the broker and the state on one Redis, a job's finish script (``finish.lua``) takes the
+message's unacked entry out once the finish ran, as kombu's ack would, so the transport's ack,
+which would do it again in a MULTI/EXEC round trip of its own, only forgets the delivery in
+memory (``EARLY_ACKS``; ``worker/transport.py``). A finish that did not run leaves the entry,
+so a requeue finds it.
 """
 
 from __future__ import annotations
 
 import threading
 
-from api_tasks.record.exchange import Command
-from api_tasks.record.keys import Keys
-from api_tasks.record.scripts import sha
-
-__all__ = ["EARLY_ACKS", "EarlyAcks", "unacked_removal"]
-
-
-def unacked_removal(keys: Keys, job_id: str, token: str, delivery_tag: str) -> Command:
-    """The command that takes a delivery's unacked entry out after its job's finish ran (by
-    its SHA1: the writer sends it whole to a Redis that lacks it); 1 if it did."""
-    return ("EVALSHA", sha("unacked_drop"), 3, keys.job(job_id), keys.unacked_index(),
-            keys.unacked(), token, delivery_tag)
+__all__ = ["EARLY_ACKS", "EarlyAcks"]
 
 
 class EarlyAcks:

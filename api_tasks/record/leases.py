@@ -255,17 +255,20 @@ class LeaseStore:
 
     def finish_command(self, job_id: str, token: str, ttl: int, event: str, event_id: str,
                        result: str | None, fields: list[str],
-                       webhooks: Webhooks = NO_WEBHOOKS) -> Command:
+                       webhooks: Webhooks = NO_WEBHOOKS, delivery_tag: str = "") -> Command:
         """The one atomic write that ends a job, refused unless ``token`` still owns it (and
-        queueing the ``webhooks`` of its end if it is not)."""
+        queueing the ``webhooks`` of its end if it is not); with ``delivery_tag`` (the broker
+        on the state's Redis), it takes that delivery's unacked entry out too, as kombu's ack
+        would (``record.acks``)."""
         keys, shard = self.keys, self.keys.shard(job_id)
+        acks = [keys.unacked_index(), keys.unacked()] if delivery_tag else []
         # by its SHA1: the writer sends it whole only to a Redis that lacks it; the channel
         # is no key (on a Redis Cluster a PUBLISH reaches every node from any)
-        return ("EVALSHA", sha("finish"), 5 + len(webhooks[0]), keys.job(job_id),
+        return ("EVALSHA", sha("finish"), 5 + len(acks) + len(webhooks[0]), keys.job(job_id),
                 keys.result(job_id), keys.events(job_id), keys.running(shard),
-                keys.running_messages(shard), *webhooks[0],
+                keys.running_messages(shard), *acks, *webhooks[0],
                 token, ttl, event, event_id, result or "", job_id, keys.channel(job_id),
-                len(fields), *fields, *webhooks[1])
+                delivery_tag, len(fields), *fields, *webhooks[1])
 
     def recover(self, shard: int, cutoff_ms: int, limit: int = 500) -> list[str]:
         """Send again a shard's jobs orphaned before ``cutoff_ms`` (see ``_RECOVER``); their

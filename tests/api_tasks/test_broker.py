@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 
 from api_tasks.broker import create_app, task_message
 from api_tasks.client import Client
-from api_tasks.record.acks import unacked_removal
 from api_tasks.record.keys import Keys
+from api_tasks.record.leases import LeaseStore
 from api_tasks.record.scripts import script
 from config.loader import load_settings
 from config.settings import Settings
@@ -127,29 +128,41 @@ def test_a_finish_takes_its_unacked_entry_out_and_the_ack_makes_no_round_trip(
     assert spent < jobs / 4
 
 
-def test_an_unacked_entry_stays_when_the_finish_before_it_did_not_run(
+def test_an_unacked_entry_goes_with_the_finish_only_once_it_ran(
         redis_client: redis.Redis) -> None:
-    """The entry goes only once the job ended or another attempt holds it: a finish refused
-    (out of memory, a script error) leaves this attempt holding the job, and the requeue that
-    follows must still find the message."""
+    """The finish takes its delivery's unacked entry out when it ends the job, or finds it
+    ended or held by another attempt; a finish that did not run (out of memory, a script
+    error) leaves it, so that the requeue that follows finds the message."""
     if STATE_APART:
         pytest.skip("the broker apart from the state: kombu acks on its own")
     keys, job_id, tag = Keys(f"ack{uuid.uuid4().hex[:6]}"), uuid.uuid4().hex, "tag-1"
+    store = LeaseStore(redis_client, keys, queued_ttl=60, lease_ms=5000, max_crashes=3)
 
-    def drop(token: str) -> int:
+    def delivered() -> None:
         redis_client.zadd(keys.unacked_index(), {tag: 1})
         redis_client.hset(keys.unacked(), tag, "[]")
-        return int(redis_client.execute_command(*unacked_removal(keys, job_id, token, tag)))
-    redis_client.script_load(script("unacked_drop"))
-    redis_client.hset(keys.job(job_id), mapping={"status": "running", "token": "mine"})
-    assert drop("mine") == 0  # the finish did not run: still ours
-    assert redis_client.hexists(keys.unacked(), tag) and redis_client.zscore(
-        keys.unacked_index(), tag) is not None
-    assert drop("theirs") == 1  # another attempt holds it: kombu's ack would drop it too
-    assert not redis_client.hexists(keys.unacked(), tag)
-    redis_client.hset(keys.job(job_id), "status", "succeeded")
-    assert drop("mine") == 1  # it ended
-    assert redis_client.zscore(keys.unacked_index(), tag) is None
+
+    def kept() -> bool:
+        return bool(redis_client.hexists(keys.unacked(), tag)) and redis_client.zscore(
+            keys.unacked_index(), tag) is not None
+
+    def finish(token: str) -> bytes:
+        return cast("bytes", redis_client.execute_command(*store.finish_command(
+            job_id, token, 60, "{}", "1-1", None, ["status", "succeeded"], delivery_tag=tag)))
+    redis_client.script_load(script("finish"))
+    assert store.claim(job_id, "mine", {}, time.time()).verdict == "run"
+    delivered()
+    redis_client.set(keys.events(job_id), "no stream")  # the finish's first write fails
+    with pytest.raises(redis.ResponseError):
+        finish("mine")
+    assert kept() and redis_client.hget(keys.job(job_id), "status") == b"running"
+    redis_client.delete(keys.events(job_id))
+    assert finish("theirs") == b"lost" and not kept()  # kombu's ack would drop it too
+    delivered()
+    assert finish("mine") == b"ok" and not kept()
+    assert redis_client.hget(keys.job(job_id), "status") == b"succeeded"
+    delivered()
+    assert finish("mine") == b"ended" and not kept()
 
 
 def test_a_backlog_is_taken_off_the_queue_with_its_unacked_entries_in_one_step(
