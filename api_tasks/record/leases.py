@@ -48,8 +48,8 @@ _HOLD_MS = 30_000  # a due job being sent is due again after this, should its se
 _RETRY_MS = 1_000  # a due job whose send failed is due again after this
 
 # each script's KEYS, ARGV and replies are described at the top of its file
-_CLAIM, _RENEW, _RELEASE, _RESTORE, _PARK, _HELD = (script(name) for name in (
-    "claim", "renew", "release", "restore", "park", "held"))
+_RELEASE, _RESTORE, _PARK, _HELD = (script(name) for name in (
+    "release", "restore", "park", "held"))
 _DUE, _SENT, _RECOVER = (script(name) for name in ("due", "sent", "recover"))
 
 
@@ -114,8 +114,6 @@ class LeaseStore:
         self.queued_ttl = queued_ttl
         self.lease_ms = lease_ms
         self.max_crashes = max_crashes
-        self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._restore = client.register_script(_RESTORE)
         self._park = client.register_script(_PARK)

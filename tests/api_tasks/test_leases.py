@@ -9,7 +9,7 @@ import redis
 
 from api_tasks.record.calls import SyncShell
 from api_tasks.record.keys import Keys
-from api_tasks.record.leases import LeaseStore, Parked, Requeue
+from api_tasks.record.leases import _DEFER_MARGIN_MS, LeaseStore, Parked, Requeue
 from api_tasks.record.scripts import script
 from tests.conftest import STATE_SHARDS
 
@@ -169,18 +169,26 @@ def test_a_lapsed_lease_is_left_to_its_worker_a_lease_period_whoever_sweeps(
 def test_a_delivery_leaves_a_lately_lapsed_lease_to_its_worker_and_comes_back_after(
         redis_client: redis.Redis) -> None:
     """A second delivery of a running job whose lease lapsed lately (an outage) does not take
-    it: its claim defers it to when its worker's time to renew it is over; then it claims
-    it. With no message to keep, the claim only says busy."""
+    it: its claim defers it to when its worker's time to renew it is over (counted from the
+    first sight of the lapse, its own or an earlier one); then it claims it. With no message
+    to keep, the claim only says busy."""
     store, keys, job_id = _store(redis_client)
+    shard, wait = keys.shard(job_id), store.lease_ms + _DEFER_MARGIN_MS
     _lapse(redis_client, keys, job_id)
     assert store.claim(job_id, "second", {}, time.time()).verdict == "busy"
-    seen = int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0)
-    assert seen and redis_client.zscore(keys.delayed(keys.shard(job_id)), job_id) is None
+    assert redis_client.zscore(keys.delayed(shard), job_id) is None
+    # this claim is the first to see the lapse: the wait counts from now
+    redis_client.hdel(keys.job(job_id), "lapse_seen")
     assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
-    assert int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0) == seen  # first sight
-    due = redis_client.zscore(keys.delayed(keys.shard(job_id)), job_id)
-    assert due is not None and seen + store.lease_ms <= due <= seen + store.lease_ms + 1000
-    assert redis_client.hget(keys.delayed_messages(keys.shard(job_id)), job_id) == MESSAGE.encode()
+    seen = int(redis_client.hget(keys.job(job_id), "lapse_seen") or 0)
+    assert seen and redis_client.zscore(keys.delayed(shard), job_id) == seen + wait
+    assert redis_client.hget(keys.delayed_messages(shard), job_id) == MESSAGE.encode()
+    # lapsed three seconds ago, seen two seconds ago by another: the wait counts from then
+    earlier = _redis_ms(redis_client) - 2000
+    redis_client.hset(keys.job(job_id), mapping={"lease_until": earlier - 1000,
+                                                 "lapse_seen": earlier})
+    assert store.claim(job_id, "third", {}, time.time(), message=MESSAGE).verdict == "deferred"
+    assert redis_client.zscore(keys.delayed(shard), job_id) == earlier + wait
     # its worker is gone: once the wait is over, a delivery claims it
     _lapsed_long_ago(redis_client, keys, job_id, store.lease_ms)
     assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "run"
@@ -189,20 +197,25 @@ def test_a_delivery_leaves_a_lately_lapsed_lease_to_its_worker_and_comes_back_af
 
 def test_a_delivery_of_a_job_another_attempt_holds_waits_for_that_lease(
         redis_client: redis.Redis) -> None:
-    """A claim that finds the lease held defers its message to when that lease would lapse,
-    in the same step: no delivery of it is ever dropped, however often the lease lapses."""
+    """A claim that finds the lease held defers its message to just after that lease would
+    lapse, in the same step, and wakes the scheduler: no delivery of it is ever dropped. The
+    first message kept stays; a later delivery moves the wait to the lease's new end."""
     store, keys, job_id = _store(redis_client)
     shard = keys.shard(job_id)
-    lease_until = int(redis_client.hget(keys.job(job_id), "lease_until") or 0)
+    redis_client.delete(keys.delayed_wake())
+    lease_until = _redis_ms(redis_client) + 1500
+    redis_client.hset(keys.job(job_id), "lease_until", lease_until)
     assert store.claim(job_id, "second", {}, time.time(), message=MESSAGE).verdict == "deferred"
-    due = redis_client.zscore(keys.delayed(shard), job_id)
-    assert due is not None and lease_until < due <= lease_until + 1000
-    # the holder renews: a later delivery moves the wait along, the message kept once
+    assert redis_client.zscore(keys.delayed(shard), job_id) == lease_until + _DEFER_MARGIN_MS
+    assert redis_client.llen(keys.delayed_wake()) == 1
+    # the holder renews: a later delivery moves the wait along, the first message kept
     assert store.renew(SyncShell(redis_client), [(job_id, "mine", [])]) == []
-    assert store.claim(job_id, "third", {}, time.time(), message=MESSAGE).verdict == "deferred"
-    later = redis_client.zscore(keys.delayed(shard), job_id)
-    assert later is not None and later >= due
-    assert redis_client.hlen(keys.delayed_messages(shard)) == 1
+    renewed = int(redis_client.hget(keys.job(job_id), "lease_until") or 0)
+    assert renewed > lease_until
+    assert store.claim(job_id, "third", {}, time.time(),
+                       message='{"task": "other"}').verdict == "deferred"
+    assert redis_client.zscore(keys.delayed(shard), job_id) == renewed + _DEFER_MARGIN_MS
+    assert redis_client.hget(keys.delayed_messages(shard), job_id) == MESSAGE.encode()
     assert redis_client.ttl(keys.delayed(shard)) > 0
     assert redis_client.ttl(keys.delayed_messages(shard)) > 0
 
