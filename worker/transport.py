@@ -13,7 +13,9 @@ kombu pops a message (``BRPOP``) and then writes its unacked entry, a round trip
 the write is a script (``unacked_take``) that also takes the next messages, as many as the
 prefetch has room for, off the queues and records them in the same step; while the queues
 had more, the next fetch is that script again rather than a ``BRPOP``. A backlog then costs
-one round trip a message or less, and a message is never popped without its entry.
+one round trip for many messages, and none of them is off the queue without its entry (a
+take whose reply is lost leaves them recorded: the reaper gives them back, as a dead
+worker's).
 Redis going away between kombu's ``BRPOP`` and its write of the unacked entry would lose
 the popped message; here it is kept and pushed back once Redis answers. An ack whose unacked
 entry the job's finish already took out (``api_tasks.record.acks``) makes no round trip.
