@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 # kombu's BRPOP and its write to the unacked hash (a failover, a restart). Nowhere else
 # holds them, so they go back on their queue once Redis answers again.
 _unrecorded: deque[tuple[str, Any]] = deque()
-# the most messages one take records and hands out at once: a gevent worker's throughput
-# fell with larger takes (bench.run --quick, 500 jobs: 8 at once 2.8x the bare task's, 16
-# 0.8x, 32 0.5x; a threads worker's did not), for a reason not yet found
+# the most messages one take records and hands out at once: larger takes filled a gevent
+# worker's prefetch before its fast jobs ended, and Celery's loop for green pools then waits
+# out its 2 s poll rather than waking on an ack (bench.run --quick, 500 jobs, prefetch 200:
+# 8 at once 2.8x the bare task's throughput, 32 0.5x; with a prefetch of 1000, 32 gave 1.7x)
 _TAKE_AT_ONCE = 8
 
 
