@@ -58,13 +58,16 @@ end
 -- is taken (given back, sent again or claimed) only once it has stayed lapsed `wait` ms
 -- since. A worker alive but kept from renewing by an outage renews it meanwhile (which moves
 -- ``lease_until`` past the note); and whichever process looks next knows, since the record
--- says it.
+-- says it. Returns when the lapse was first seen (ms) while the job is left to its worker,
+-- else nil.
 local function lapsing(job, lease_until, seen, wait)
   if not lapse_noted(lease_until, seen) then
-    redis.call('HSET', job, 'lapse_seen', now_ms())
-    return true
+    local now = now_ms()
+    redis.call('HSET', job, 'lapse_seen', now)
+    return now
   end
-  return now_ms() - tonumber(seen) < tonumber(wait)
+  if now_ms() - tonumber(seen) < tonumber(wait) then return tonumber(seen) end
+  return nil
 end
 
 -- A limit's interval (ms per request or token) in pacing hash `pace`: the configured one, the

@@ -34,9 +34,9 @@ end
 local due
 if holder then
   due = tonumber(f[9])
--- a lease that lapsed lately is left to its worker a lease period
-elseif s == 'running' and lapsing(KEYS[1], f[9], f[10], ARGV[4]) then
-  due = (lapse_noted(f[9], f[10]) and tonumber(f[10]) or now) + tonumber(ARGV[4])
+elseif s == 'running' then  -- a lease that lapsed lately is left to its worker a lease period
+  local seen = lapsing(KEYS[1], f[9], f[10], ARGV[4])
+  if seen then due = seen + tonumber(ARGV[4]) end
 end
 if due then
   if ARGV[6] == '' then return {'busy', '0', created, turn, shown, on} end
