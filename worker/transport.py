@@ -172,8 +172,7 @@ class Channel(kombu_redis.Channel):
     def _brpop_start(self, timeout: Any = None) -> None:
         if _unrecorded:
             self._put_back()
-        keys = self._queue_keys()
-        if not (self._more and keys) or self._no_ack:
+        if not self._more or self._no_ack or not (keys := self._queue_keys()):
             super()._brpop_start(timeout)
             return
         self._taking = self.qos.room()
@@ -253,9 +252,8 @@ class Channel(kombu_redis.Channel):
             tag, info = str(properties["delivery_tag"]), properties["delivery_info"]
             entry = kombu_json.dumps([message, info["exchange"], info["routing_key"]])
         except (KeyError, TypeError):  # not an envelope: kombu's delivery drops it
-            self.connection._deliver(message, dest)
-            return True
-        if dest in self._no_ack:
+            tag = ""
+        if not tag or dest in self._no_ack:  # kombu's own way (no entry for a no-ack queue)
             self.connection._deliver(message, dest)
             return True
         want = 0 if self._no_ack else self.qos.room() - 1
@@ -279,8 +277,13 @@ class Channel(kombu_redis.Channel):
             try:  # (redis.Redis's own: a prefixed client would prefix only the first key)
                 return redis.Redis.execute_command(client, *command)
             except redis.exceptions.NoScriptError:
-                redis.Redis.execute_command(client, "SCRIPT", "LOAD", script("unacked_take"))
+                self._load_take()
                 return redis.Redis.execute_command(client, *command)
+
+    def _load_take(self) -> None:
+        """Load ``unacked_take`` into a Redis that lacks it (restarted, or flushed)."""
+        with self.conn_or_acquire() as client:
+            client.script_load(script("unacked_take"))
 
     def _took(self, **options: Any) -> bool:
         """A take's messages, sent on the polling connection while the queues had more."""
@@ -289,8 +292,7 @@ class Channel(kombu_redis.Channel):
             taken = self._reply("EVALSHA", **options)
         except redis.ResponseError as err:
             if isinstance(err, redis.exceptions.NoScriptError):
-                with self.conn_or_acquire() as client:
-                    client.script_load(script("unacked_take"))
+                self._load_take()
             else:  # a Redis out of memory, say: nothing taken; BRPOP waits meanwhile
                 log.warning("Redis refused to take messages off the queues: %s", err)
             raise Empty() from None
