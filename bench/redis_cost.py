@@ -83,6 +83,28 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+Round = tuple[float, float, Counter[str]]
+
+
+def _in_turns(meter: Meter, ours: Callable[[], Any], bare: Callable[[], Any], n: int,
+              idle: tuple[float, float], rounds: int) -> tuple[list[Round], list[Round]]:
+    """``rounds`` per-job rounds of ours and of the bare task's (``n`` jobs each), taking
+    turns."""
+    mine: list[Round] = []
+    theirs: list[Round] = []
+    for _ in range(rounds):
+        mine.append(_per_job(meter, ours, n, idle))
+        theirs.append(_per_job(meter, bare, n, idle))
+    return mine, theirs
+
+
+def _median_round(mine: list[Round], theirs: list[Round]) -> tuple[float, int]:
+    """The median of the rounds' CPU ratios (ours over the bare task's), and its round."""
+    ratios = [o[1] / b[1] for o, b in zip(mine, theirs, strict=True)]
+    ratio = _median(ratios)
+    return ratio, ratios.index(ratio)
+
+
 def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
              rounds: int) -> dict[str, Any]:
     """Our worker's figures and the bare task's, their per-job rounds taking turns."""
@@ -126,16 +148,11 @@ def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
             time.sleep(2)
             both = _idle(meter)
             idle = (both[0], both[1])  # both idle: what each round's figure leaves out
-            mine, theirs = [], []
-            for _ in range(rounds):
-                mine.append(_per_job(meter, lambda: ours("echo", n, False), n, idle))
-                theirs.append(_per_job(meter, lambda: bare(n), n, idle))
-            alone_mine, alone_theirs = [], []
-            for _ in range(rounds):
-                alone_mine.append(_per_job(meter, lambda: ours_in_turn(ONE_BY_ONE), ONE_BY_ONE,
-                                           idle))
-                alone_theirs.append(_per_job(meter, lambda: bare_in_turn(ONE_BY_ONE),
-                                             ONE_BY_ONE, idle))
+            mine, theirs = _in_turns(meter, lambda: ours("echo", n, False), lambda: bare(n),
+                                     n, idle, rounds)
+            alone_mine, alone_theirs = _in_turns(
+                meter, lambda: ours_in_turn(ONE_BY_ONE), lambda: bare_in_turn(ONE_BY_ONE),
+                ONE_BY_ONE, idle, rounds)
             streamed = _per_job(meter, lambda: ours(f"stream-{chunks}", streams, True),
                                 streams, idle)
         time.sleep(2)
@@ -148,12 +165,9 @@ def _measure(svc: Services, n: int, streams: int, chunks: int, shards: int,
                    "four live workers")
         time.sleep(2)  # their start-up's writes done
         four = _idle(meter)
-    ratios = [o[1] / b[1] for o, b in zip(mine, theirs, strict=True)]
     return {"idle": alone, "bare_idle": bare_idle, "job": mine, "bare_job": theirs,
-            "ratios": ratios, "stream": streamed, "four": four, "in_turn": alone_mine,
-            "bare_in_turn": alone_theirs,
-            "ratios_in_turn": [o[1] / b[1] for o, b in zip(alone_mine, alone_theirs,
-                                                             strict=True)]}
+            "stream": streamed, "four": four, "in_turn": alone_mine,
+            "bare_in_turn": alone_theirs}
 
 
 def _top(calls: Counter[str], n: int, count: int = 10) -> str:
@@ -173,11 +187,9 @@ def main() -> None:
     mine, theirs = got["job"], got["bare_job"]
     o_cmds, o_cpu = _median([r[0] for r in mine]), _median([r[1] for r in mine])
     b_cmds, b_cpu = _median([r[0] for r in theirs]), _median([r[1] for r in theirs])
-    ratio = _median(got["ratios"])
-    middle = got["ratios"].index(ratio)  # the median round's commands by name
+    ratio, middle = _median_round(mine, theirs)  # the median round's commands by name
     o_calls, b_calls = mine[middle][2], theirs[middle][2]
-    alone_ratio = _median(got["ratios_in_turn"])
-    one = got["ratios_in_turn"].index(alone_ratio)
+    alone_ratio, one = _median_round(got["in_turn"], got["bare_in_turn"])
     a_cmds, a_cpu = got["in_turn"][one][0], got["in_turn"][one][1]
     ab_cmds, ab_cpu = got["bare_in_turn"][one][0], got["bare_in_turn"][one][1]
     s_cmds, s_cpu, _ = got["stream"]
